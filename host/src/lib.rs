@@ -1,0 +1,8 @@
+//! raft-host: a Raft host whose replicated state machines are sandboxed
+//! WebAssembly components.
+//!
+//! `raft` is the consensus core (pure, deterministic, no I/O). Storage, the
+//! WebAssembly runtime, the node that wires them together and the gRPC
+//! services join it as separate modules; see DESIGN.md for the data flow.
+
+pub mod raft;

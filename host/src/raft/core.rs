@@ -1,0 +1,911 @@
+//! The consensus state machine of one node.
+//!
+//! Each role has its own step function; changing role is one call to a
+//! `become_*` function, which resets all per-role state. Messages that need
+//! durable state to be correct (votes, AppendEntries acknowledgements) are
+//! queued apart from messages a leader may send before its own log is durable
+//! (thesis §10.2.1); [`Ready`] hands both out.
+
+use super::config::Config;
+use super::log::RaftLog;
+use super::log_store::{LogStore, StorageError};
+use super::progress::{Progress, ProgressState};
+use super::quorum::{JointConfig, MajorityConfig, VoteResult};
+use super::types::{
+    ConfState, Entry, EntryKind, HardState, Index, Message, MessageBody, NodeId, ReadState, Role, SoftState, Term,
+};
+use super::{ProposeError, RaftError, ReadIndexError};
+use bytes::Bytes;
+use rand_chacha::ChaCha8Rng;
+use rand_core::{RngCore, SeedableRng};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// Everything the driver must do after a batch of inputs, in this order:
+///
+/// 1. Persist `entries` (appending, after dropping any existing entries at or
+///    past the first one's index) and `hard_state`, durably (fsync).
+///    `messages` may be sent before or while this happens.
+/// 2. Send `persisted_messages`: only now, because they promise that the
+///    durable state of step 1 exists (a granted vote, an acknowledged append).
+/// 3. Apply `committed_entries` in order. They may include entries from step 1,
+///    so never before it completes.
+/// 4. Serve `read_states` once the state machine has applied their index.
+/// 5. Call [`Raft::advance`].
+///
+/// `soft_state`, when present, tells the driver that the role or the known
+/// leader changed; a driver fails its pending reads and proposals on a change
+/// of leadership, since the core drops the ones it was tracking.
+#[derive(Debug, Default)]
+pub struct Ready {
+    pub soft_state: Option<SoftState>,
+    pub hard_state: Option<HardState>,
+    pub entries: Vec<Entry>,
+    pub messages: Vec<Message>,
+    pub persisted_messages: Vec<Message>,
+    pub committed_entries: Vec<Entry>,
+    pub read_states: Vec<ReadState>,
+}
+
+/// What a `Ready` handed out, so `advance()` knows what became durable and
+/// what is being applied.
+#[derive(Debug)]
+struct ReadyMark {
+    last_entry: Option<(Index, Term)>,
+    last_committed: Option<Index>,
+}
+
+/// A ReadIndex round: a read at `index` for `requester`, safe once a quorum
+/// has acknowledged a heartbeat carrying `seq` or a later one.
+#[derive(Debug)]
+struct ReadRound {
+    seq: u64,
+    index: Index,
+    requester: NodeId,
+    ctx: u64,
+}
+
+/// Where a new proposal landed in the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Proposed {
+    pub term: Term,
+    pub first_index: Index,
+    pub last_index: Index,
+}
+
+/// One node's consensus core. See the module documentation of
+/// [`crate::raft`] for the contract with the driver.
+pub struct Raft<S: LogStore> {
+    id: NodeId,
+    config: Config,
+    term: Term,
+    vote: Option<NodeId>,
+    role: Role,
+    leader: Option<NodeId>,
+    log: RaftLog<S>,
+    voters: JointConfig,
+    learners: BTreeSet<NodeId>,
+    /// Per-member replication progress; meaningful only on a leader.
+    progress: BTreeMap<NodeId, Progress>,
+    /// Votes received in the current (pre-)election.
+    votes: BTreeMap<NodeId, bool>,
+    election_elapsed: u32,
+    heartbeat_elapsed: u32,
+    randomized_election_timeout: u32,
+    rng: ChaCha8Rng,
+    messages: Vec<Message>,
+    persisted_messages: Vec<Message>,
+    read_states: Vec<ReadState>,
+    /// Confirmation rounds in flight, oldest first (leader only).
+    read_rounds: VecDeque<ReadRound>,
+    /// Highest read round each member has acknowledged this term.
+    read_acks: BTreeMap<NodeId, u64>,
+    /// Never reset, so a response from an earlier term can never confirm a
+    /// round of a later one.
+    last_read_seq: u64,
+    /// Reads waiting for the leader's first commit of its term.
+    reads_awaiting_commit: Vec<(NodeId, u64)>,
+    /// Sizes of this leader's uncommitted proposals, by last index.
+    uncommitted: VecDeque<(Index, u64)>,
+    uncommitted_bytes: u64,
+    last_soft_state: SoftState,
+    last_hard_state: HardState,
+    pending_ready: Option<ReadyMark>,
+}
+
+impl<S: LogStore> Raft<S> {
+    /// Starts (or restarts) a node from what `store` holds. A new cluster is
+    /// bootstrapped by a store whose configuration lists the initial voters.
+    pub fn new(config: Config, store: S) -> Result<Raft<S>, RaftError> {
+        config.validate()?;
+        let (hard_state, conf) = store.initial_state()?;
+        if conf.voters.is_empty() {
+            return Err(RaftError::NoVoters);
+        }
+        let log = RaftLog::new(store, hard_state.commit, config.applied)?;
+        let mut raft = Raft {
+            id: config.id,
+            term: hard_state.term,
+            vote: hard_state.vote,
+            role: Role::Follower,
+            leader: None,
+            log,
+            voters: JointConfig::default(),
+            learners: BTreeSet::new(),
+            progress: BTreeMap::new(),
+            votes: BTreeMap::new(),
+            election_elapsed: 0,
+            heartbeat_elapsed: 0,
+            randomized_election_timeout: config.election_tick,
+            rng: ChaCha8Rng::seed_from_u64(config.seed),
+            messages: Vec::new(),
+            persisted_messages: Vec::new(),
+            read_states: Vec::new(),
+            read_rounds: VecDeque::new(),
+            read_acks: BTreeMap::new(),
+            last_read_seq: 0,
+            reads_awaiting_commit: Vec::new(),
+            uncommitted: VecDeque::new(),
+            uncommitted_bytes: 0,
+            last_soft_state: SoftState { leader: None, role: Role::Follower },
+            last_hard_state: HardState { term: hard_state.term, vote: hard_state.vote, commit: 0 },
+            pending_ready: None,
+            config,
+        };
+        raft.apply_conf_state(&conf);
+        raft.last_hard_state.commit = raft.log.committed();
+        raft.become_follower(raft.term, None);
+        Ok(raft)
+    }
+
+    // ---- Inspection -------------------------------------------------------
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    pub fn term(&self) -> Term {
+        self.term
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn leader(&self) -> Option<NodeId> {
+        self.leader
+    }
+
+    pub fn hard_state(&self) -> HardState {
+        HardState { term: self.term, vote: self.vote, commit: self.log.committed() }
+    }
+
+    pub fn soft_state(&self) -> SoftState {
+        SoftState { leader: self.leader, role: self.role }
+    }
+
+    /// The log, for status reporting and for checkers.
+    pub fn log(&self) -> &RaftLog<S> {
+        &self.log
+    }
+
+    /// The log's durable store, for drivers that keep it inside the core.
+    pub fn store_mut(&mut self) -> &mut S {
+        self.log.store_mut()
+    }
+
+    /// The current voting configuration.
+    pub fn voters(&self) -> BTreeSet<NodeId> {
+        self.voters.voters()
+    }
+
+    /// Replication progress of `id`, when this node is the leader.
+    pub fn progress(&self, id: NodeId) -> Option<&Progress> {
+        if self.role == Role::Leader { self.progress.get(&id) } else { None }
+    }
+
+    // ---- Inputs -----------------------------------------------------------
+
+    /// Advances logical time by one tick.
+    pub fn tick(&mut self) -> Result<(), RaftError> {
+        match self.role {
+            Role::Leader => self.tick_leader(),
+            _ => self.tick_election(),
+        }
+    }
+
+    /// Proposes entries (client commands) to be appended to the log. Only the
+    /// leader accepts proposals; the entries are consecutive from the returned
+    /// `first_index`, in the returned term. Being proposed is not being
+    /// committed: the driver learns that from `committed_entries`, where an
+    /// entry at the same index with another term means the proposal was lost.
+    pub fn propose(&mut self, payloads: Vec<Bytes>) -> Result<Proposed, ProposeError> {
+        if self.role != Role::Leader {
+            return Err(ProposeError::NotLeader { leader: self.leader });
+        }
+        if payloads.is_empty() {
+            return Err(ProposeError::Empty);
+        }
+        let mut bytes = 0u64;
+        for payload in &payloads {
+            let len = payload.len() as u64;
+            if len > self.config.max_entry_bytes {
+                return Err(ProposeError::TooLarge { bytes: len, max: self.config.max_entry_bytes });
+            }
+            bytes += len;
+        }
+        // An idle leader accepts one batch of any admissible size, so that a
+        // limit below one batch cannot wedge the cluster.
+        if self.uncommitted_bytes > 0 && self.uncommitted_bytes + bytes > self.config.max_uncommitted_bytes {
+            return Err(ProposeError::Busy { uncommitted_bytes: self.uncommitted_bytes, max: self.config.max_uncommitted_bytes });
+        }
+        let first_index = self.log.last_index()? + 1;
+        let entries: Vec<Entry> = payloads
+            .into_iter()
+            .enumerate()
+            .map(|(i, data)| Entry { term: self.term, index: first_index + i as u64, kind: EntryKind::Normal, data })
+            .collect();
+        let last_index = self.log.append(&entries)?;
+        self.uncommitted.push_back((last_index, bytes));
+        self.uncommitted_bytes += bytes;
+        self.broadcast_append()?;
+        Ok(Proposed { term: self.term, first_index, last_index })
+    }
+
+    /// Requests a linearizable read. A `ReadState` with the same `ctx` appears
+    /// in a later `Ready` once it is safe to serve the read at its index; on a
+    /// leadership change the request is dropped and the driver retries.
+    /// `ctx` must be unique among this node's outstanding reads.
+    pub fn read_index(&mut self, ctx: u64) -> Result<(), ReadIndexError> {
+        match self.role {
+            Role::Leader => self.handle_read_request(self.id, ctx),
+            _ => match self.leader {
+                Some(leader) => {
+                    self.send(leader, MessageBody::ReadIndex { ctx });
+                    Ok(())
+                }
+                None => Err(ReadIndexError::NoLeader),
+            },
+        }
+    }
+
+    /// Starts an election now, as if the election timeout had passed.
+    pub fn campaign(&mut self) -> Result<(), RaftError> {
+        if self.role == Role::Leader {
+            return Ok(());
+        }
+        self.start_campaign(self.config.pre_vote)
+    }
+
+    /// Processes one message from a peer.
+    pub fn step(&mut self, m: Message) -> Result<(), RaftError> {
+        self.validate(&m)?;
+        if m.term > self.term {
+            if let MessageBody::RequestVote { .. } = m.body {
+                // While a leader is known to be alive, a vote request must come
+                // from a node that cannot hear it: ignore it rather than let it
+                // depose a healthy leader.
+                let in_lease = self.config.check_quorum && self.leader.is_some() && self.election_elapsed < self.config.election_tick;
+                if in_lease {
+                    return Ok(());
+                }
+            }
+            match m.body {
+                // A pre-vote asks about a future term without entering it.
+                MessageBody::RequestVote { pre_vote: true, .. } => {}
+                // A granted pre-vote carries the future term we asked about.
+                MessageBody::RequestVoteResponse { pre_vote: true, granted: true } => {}
+                _ => {
+                    let leader = m.body.is_from_leader().then_some(m.from);
+                    self.become_follower(m.term, leader);
+                }
+            }
+        } else if m.term < self.term {
+            match m.body {
+                MessageBody::AppendEntries { .. } | MessageBody::Heartbeat { .. } => {
+                    // A stale leader: tell it our term so it steps down instead
+                    // of holding on (it may be cut off from the new leader).
+                    self.send(m.from, MessageBody::AppendEntriesResponse { success: false, index: 0, hint_index: 0, hint_term: 0 });
+                }
+                MessageBody::RequestVote { pre_vote: true, .. } => {
+                    // Without an answer a pre-candidate on an old term would keep
+                    // asking forever; our term tells it to catch up.
+                    self.send(m.from, MessageBody::RequestVoteResponse { pre_vote: true, granted: false });
+                }
+                _ => {}
+            }
+            return Ok(());
+        }
+
+        if let MessageBody::RequestVote { pre_vote, last_log_index, last_log_term } = m.body {
+            return self.handle_vote_request(m.from, m.term, pre_vote, last_log_index, last_log_term);
+        }
+        match self.role {
+            Role::Leader => self.step_leader(m),
+            Role::Candidate | Role::PreCandidate => self.step_candidate(m),
+            Role::Follower => self.step_follower(m),
+        }
+    }
+
+    // ---- Output -----------------------------------------------------------
+
+    /// Whether `ready()` has anything for the driver.
+    pub fn has_ready(&self) -> bool {
+        if self.pending_ready.is_some() {
+            return false;
+        }
+        self.soft_state() != self.last_soft_state
+            || self.hard_state() != self.last_hard_state
+            || !self.log.unstable_entries().is_empty()
+            || !self.messages.is_empty()
+            || !self.persisted_messages.is_empty()
+            || self.log.has_next_committed()
+            || !self.read_states.is_empty()
+    }
+
+    /// Collects what the driver must persist, send and apply. Must be followed
+    /// by [`Raft::advance`] before the next call.
+    pub fn ready(&mut self) -> Result<Ready, RaftError> {
+        assert!(self.pending_ready.is_none(), "ready() called twice without advance()");
+        let soft = self.soft_state();
+        let hard = self.hard_state();
+        let entries = self.log.unstable_entries().to_vec();
+        let committed_entries = self.log.next_committed(self.config.max_apply_bytes)?;
+        let ready = Ready {
+            soft_state: (soft != self.last_soft_state).then_some(soft),
+            hard_state: (hard != self.last_hard_state).then_some(hard),
+            messages: std::mem::take(&mut self.messages),
+            persisted_messages: std::mem::take(&mut self.persisted_messages),
+            read_states: std::mem::take(&mut self.read_states),
+            entries,
+            committed_entries,
+        };
+        self.last_soft_state = soft;
+        self.last_hard_state = hard;
+        self.pending_ready = Some(ReadyMark {
+            last_entry: ready.entries.last().map(|e| (e.index, e.term)),
+            last_committed: ready.committed_entries.last().map(|e| e.index),
+        });
+        Ok(ready)
+    }
+
+    /// Tells the core that the last `Ready` was processed: its entries and hard
+    /// state are durable and its committed entries are being applied.
+    pub fn advance(&mut self) -> Result<(), RaftError> {
+        let mark = self.pending_ready.take().expect("advance() called without ready()");
+        if let Some((index, term)) = mark.last_entry {
+            self.log.stable_to(index, term);
+        }
+        if let Some(index) = mark.last_committed {
+            self.log.applied_to(index);
+        }
+        if self.role == Role::Leader {
+            // The leader's own copy counts towards a quorum only once durable.
+            let persisted = self.log.persisted_index();
+            if let Some(pr) = self.progress.get_mut(&self.id) {
+                pr.maybe_update(persisted);
+            }
+            if self.maybe_commit()? {
+                self.broadcast_append()?;
+            }
+        }
+        Ok(())
+    }
+
+    // ---- Role changes -----------------------------------------------------
+
+    fn reset(&mut self, term: Term) {
+        if term != self.term {
+            assert!(term > self.term, "term moved back from {} to {term}", self.term);
+            self.term = term;
+            self.vote = None;
+        }
+        self.leader = None;
+        self.election_elapsed = 0;
+        self.heartbeat_elapsed = 0;
+        let spread = self.rng.next_u64() % u64::from(self.config.election_tick);
+        self.randomized_election_timeout = self.config.election_tick + spread as u32;
+        self.votes.clear();
+        self.read_rounds.clear();
+        self.read_acks.clear();
+        self.reads_awaiting_commit.clear();
+        self.uncommitted.clear();
+        self.uncommitted_bytes = 0;
+        let next = self.log.last_index().unwrap_or(0) + 1;
+        let (max_messages, max_bytes) = (self.config.max_inflight_messages, self.config.max_inflight_bytes);
+        self.progress = self.members().into_iter().map(|id| (id, Progress::new(next, max_messages, max_bytes))).collect();
+    }
+
+    fn become_follower(&mut self, term: Term, leader: Option<NodeId>) {
+        self.reset(term);
+        self.role = Role::Follower;
+        self.leader = leader;
+    }
+
+    fn become_pre_candidate(&mut self) {
+        assert_ne!(self.role, Role::Leader, "a leader cannot become a pre-candidate");
+        // Term and vote stay: a pre-election changes no durable state.
+        self.votes.clear();
+        self.leader = None;
+        self.role = Role::PreCandidate;
+    }
+
+    fn become_candidate(&mut self) {
+        assert_ne!(self.role, Role::Leader, "a leader cannot become a candidate");
+        self.reset(self.term + 1);
+        self.vote = Some(self.id);
+        self.role = Role::Candidate;
+    }
+
+    fn become_leader(&mut self) -> Result<(), RaftError> {
+        assert_eq!(self.role, Role::Candidate, "only a candidate becomes leader");
+        self.reset(self.term);
+        self.role = Role::Leader;
+        self.leader = Some(self.id);
+        let persisted = self.log.persisted_index();
+        if let Some(own) = self.progress.get_mut(&self.id) {
+            own.maybe_update(persisted);
+            own.become_replicate();
+            own.recent_active = true;
+        }
+        // A no-op of the new term lets the leader commit everything before it
+        // (Raft §5.4.2, §8) and serve ReadIndex.
+        let index = self.log.last_index()? + 1;
+        self.log.append(&[Entry::noop(self.term, index)])?;
+        Ok(())
+    }
+
+    fn start_campaign(&mut self, pre_vote: bool) -> Result<(), RaftError> {
+        if !self.is_promotable() {
+            return Ok(());
+        }
+        let vote_term = if pre_vote {
+            self.become_pre_candidate();
+            self.term + 1
+        } else {
+            self.become_candidate();
+            self.term
+        };
+        self.votes.insert(self.id, true);
+        match self.poll() {
+            VoteResult::Won if pre_vote => return self.start_campaign(false),
+            VoteResult::Won => {
+                self.become_leader()?;
+                return self.broadcast_append();
+            }
+            _ => {}
+        }
+        let (last_log_index, last_log_term) = (self.log.last_index()?, self.log.last_term()?);
+        for id in self.voters.voters() {
+            if id != self.id {
+                self.send_with_term(id, vote_term, MessageBody::RequestVote { pre_vote, last_log_index, last_log_term });
+            }
+        }
+        Ok(())
+    }
+
+    fn poll(&self) -> VoteResult {
+        self.voters.vote_result(|id| self.votes.get(&id).copied())
+    }
+
+    // ---- Ticks ------------------------------------------------------------
+
+    fn tick_election(&mut self) -> Result<(), RaftError> {
+        self.election_elapsed += 1;
+        if self.is_promotable() && self.election_elapsed >= self.randomized_election_timeout {
+            self.election_elapsed = 0;
+            self.start_campaign(self.config.pre_vote)?;
+        }
+        Ok(())
+    }
+
+    fn tick_leader(&mut self) -> Result<(), RaftError> {
+        self.heartbeat_elapsed += 1;
+        self.election_elapsed += 1;
+        if self.election_elapsed >= self.config.election_tick {
+            self.election_elapsed = 0;
+            if self.config.check_quorum {
+                if !self.quorum_recently_active() {
+                    self.become_follower(self.term, None);
+                    return Ok(());
+                }
+                let own = self.id;
+                for (id, pr) in self.progress.iter_mut() {
+                    pr.recent_active = *id == own;
+                }
+            }
+        }
+        if self.heartbeat_elapsed >= self.config.heartbeat_tick {
+            self.heartbeat_elapsed = 0;
+            self.broadcast_heartbeat();
+        }
+        Ok(())
+    }
+
+    fn quorum_recently_active(&self) -> bool {
+        let active = |id: NodeId| Some(id == self.id || self.progress.get(&id).is_some_and(|p| p.recent_active));
+        self.voters.vote_result(active) == VoteResult::Won
+    }
+
+    // ---- Votes ------------------------------------------------------------
+
+    fn handle_vote_request(
+        &mut self,
+        from: NodeId,
+        term: Term,
+        pre_vote: bool,
+        last_log_index: Index,
+        last_log_term: Term,
+    ) -> Result<(), RaftError> {
+        let can_vote = self.vote == Some(from)
+            || (self.vote.is_none() && self.leader.is_none())
+            || (pre_vote && term > self.term);
+        if can_vote && self.log.is_up_to_date(last_log_index, last_log_term)? {
+            // A granted pre-vote answers in the future term it was asked about.
+            self.send_with_term(from, term, MessageBody::RequestVoteResponse { pre_vote, granted: true });
+            if !pre_vote {
+                self.election_elapsed = 0;
+                self.vote = Some(from);
+            }
+        } else {
+            self.send(from, MessageBody::RequestVoteResponse { pre_vote, granted: false });
+        }
+        Ok(())
+    }
+
+    // ---- Role step functions ---------------------------------------------
+
+    fn step_candidate(&mut self, m: Message) -> Result<(), RaftError> {
+        match m.body {
+            MessageBody::RequestVoteResponse { pre_vote, granted } => {
+                let ours = pre_vote == (self.role == Role::PreCandidate);
+                let current = if pre_vote && granted { m.term == self.term + 1 } else { m.term == self.term };
+                if !ours || !current {
+                    return Ok(());
+                }
+                self.votes.insert(m.from, granted);
+                match self.poll() {
+                    VoteResult::Won if pre_vote => self.start_campaign(false)?,
+                    VoteResult::Won => {
+                        self.become_leader()?;
+                        self.broadcast_append()?;
+                    }
+                    VoteResult::Lost => self.become_follower(self.term, None),
+                    VoteResult::Pending => {}
+                }
+            }
+            MessageBody::AppendEntries { .. } | MessageBody::Heartbeat { .. } => {
+                // Someone won this term: follow it.
+                self.become_follower(m.term, Some(m.from));
+                self.step_follower(m)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn step_follower(&mut self, m: Message) -> Result<(), RaftError> {
+        match m.body {
+            MessageBody::AppendEntries { prev_log_index, prev_log_term, entries, leader_commit } => {
+                self.election_elapsed = 0;
+                self.leader = Some(m.from);
+                self.handle_append_entries(m.from, prev_log_index, prev_log_term, &entries, leader_commit)?;
+            }
+            MessageBody::Heartbeat { commit, read_seq } => {
+                self.election_elapsed = 0;
+                self.leader = Some(m.from);
+                // The leader sends at most what it knows we have; bound it by
+                // our log anyway so a bad message cannot move the commit index
+                // past entries we hold.
+                let commit = commit.min(self.log.last_index()?);
+                self.log.commit_to(commit);
+                self.send(m.from, MessageBody::HeartbeatResponse { read_seq });
+            }
+            MessageBody::ReadIndexResponse { ctx, index } => {
+                if index > 0 {
+                    self.read_states.push(ReadState { index, ctx });
+                }
+            }
+            // A ReadIndex sent to us as if we led is dropped; the requester
+            // times out and retries with the real leader.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn step_leader(&mut self, m: Message) -> Result<(), RaftError> {
+        match m.body {
+            MessageBody::AppendEntriesResponse { success, index, hint_index, hint_term } => {
+                self.handle_append_response(m.from, success, index, hint_index, hint_term)?;
+            }
+            MessageBody::HeartbeatResponse { read_seq } => {
+                let last_index = self.log.last_index()?;
+                let Some(pr) = self.progress.get_mut(&m.from) else { return Ok(()) };
+                pr.recent_active = true;
+                pr.probe_sent = false;
+                if pr.state == ProgressState::Replicate && pr.inflights.full() {
+                    pr.inflights.free_first();
+                }
+                if pr.matched < last_index {
+                    self.maybe_send_append(m.from, false)?;
+                }
+                if read_seq > 0 {
+                    let acked = self.read_acks.entry(m.from).or_insert(0);
+                    *acked = (*acked).max(read_seq);
+                    self.resolve_read_rounds();
+                }
+            }
+            MessageBody::ReadIndex { ctx } => {
+                if self.progress.contains_key(&m.from) {
+                    // A busy or not-yet-ready leader drops forwarded reads; the
+                    // follower's driver times them out and retries.
+                    let _ = self.handle_read_request(m.from, ctx);
+                }
+            }
+            MessageBody::AppendEntries { .. } | MessageBody::Heartbeat { .. } => {
+                return Err(RaftError::InvalidMessage {
+                    from: m.from,
+                    reason: format!("claims leadership of term {} which this node leads", m.term),
+                });
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    // ---- Replication ------------------------------------------------------
+
+    fn handle_append_entries(
+        &mut self,
+        leader: NodeId,
+        prev_log_index: Index,
+        prev_log_term: Term,
+        entries: &[Entry],
+        leader_commit: Index,
+    ) -> Result<(), RaftError> {
+        let committed = self.log.committed();
+        if prev_log_index < committed {
+            // Our committed prefix already covers prev; answer with it so the
+            // leader skips ahead (this message is a duplicate or delayed).
+            self.send(leader, MessageBody::AppendEntriesResponse { success: true, index: committed, hint_index: 0, hint_term: 0 });
+            return Ok(());
+        }
+        match self.log.maybe_append(prev_log_index, prev_log_term, leader_commit, entries)? {
+            Some(last_new) => {
+                self.send(leader, MessageBody::AppendEntriesResponse { success: true, index: last_new, hint_index: 0, hint_term: 0 });
+            }
+            None => {
+                // Skip back past every entry of ours that cannot match: those
+                // with a term above the leader's prev_log_term.
+                let from = prev_log_index.min(self.log.last_index()?);
+                let (hint_index, hint_term) = self.log.find_conflict_by_term(from, prev_log_term)?;
+                self.send(
+                    leader,
+                    MessageBody::AppendEntriesResponse { success: false, index: prev_log_index, hint_index, hint_term },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_append_response(
+        &mut self,
+        from: NodeId,
+        success: bool,
+        index: Index,
+        hint_index: Index,
+        hint_term: Term,
+    ) -> Result<(), RaftError> {
+        if !self.progress.contains_key(&from) {
+            return Ok(());
+        }
+        if !success {
+            // The follower's entries up to hint_index have terms at most
+            // hint_term; find where our log can match that.
+            let mut next_probe = hint_index;
+            if hint_term > 0 {
+                next_probe = self.log.find_conflict_by_term(hint_index, hint_term)?.0;
+            }
+            let pr = self.progress.get_mut(&from).expect("checked above");
+            pr.recent_active = true;
+            if pr.maybe_decrease_to(index, next_probe) {
+                if pr.state == ProgressState::Replicate {
+                    pr.become_probe();
+                }
+                self.maybe_send_append(from, true)?;
+            }
+            return Ok(());
+        }
+        let pr = self.progress.get_mut(&from).expect("checked above");
+        pr.recent_active = true;
+        let was_paused = pr.is_paused();
+        if !pr.maybe_update(index) {
+            return Ok(());
+        }
+        match pr.state {
+            ProgressState::Probe => pr.become_replicate(),
+            ProgressState::Replicate => pr.inflights.free_to(index),
+        }
+        if self.maybe_commit()? {
+            self.broadcast_append()?;
+        } else if was_paused {
+            self.maybe_send_append(from, false)?;
+        }
+        // Pipelining: fill the window with whatever is left.
+        while self.maybe_send_append(from, false)? {}
+        Ok(())
+    }
+
+    /// Sends `to` the next AppendEntries if its progress allows. With
+    /// `send_if_empty` an empty one is sent too (to carry the commit index or
+    /// probe). Returns whether a message was sent.
+    fn maybe_send_append(&mut self, to: NodeId, send_if_empty: bool) -> Result<bool, RaftError> {
+        if to == self.id {
+            return Ok(false);
+        }
+        let Some(pr) = self.progress.get(&to) else { return Ok(false) };
+        if pr.is_paused() {
+            return Ok(false);
+        }
+        let prev_log_index = pr.next - 1;
+        let prev_log_term = match self.log.term(prev_log_index) {
+            Ok(term) => term,
+            // Entries below the snapshot need InstallSnapshot, which arrives
+            // with log compaction; until then no store compacts.
+            Err(StorageError::Compacted(_)) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        let last_index = self.log.last_index()?;
+        let entries = self.log.entries(pr.next, last_index + 1, self.config.max_message_bytes)?;
+        if entries.is_empty() && !send_if_empty {
+            return Ok(false);
+        }
+        let pr = self.progress.get_mut(&to).expect("checked above");
+        match entries.last() {
+            Some(last) => pr.sent_entries(last.index, entries.iter().map(Entry::size_bytes).sum()),
+            None if pr.state == ProgressState::Probe => pr.probe_sent = true,
+            None => {}
+        }
+        let leader_commit = self.log.committed();
+        self.send(to, MessageBody::AppendEntries { prev_log_index, prev_log_term, entries, leader_commit });
+        Ok(true)
+    }
+
+    fn broadcast_append(&mut self) -> Result<(), RaftError> {
+        let ids: Vec<NodeId> = self.progress.keys().copied().filter(|&id| id != self.id).collect();
+        for id in ids {
+            self.maybe_send_append(id, true)?;
+        }
+        Ok(())
+    }
+
+    fn broadcast_heartbeat(&mut self) {
+        let committed = self.log.committed();
+        let targets: Vec<(NodeId, Index)> =
+            self.progress.iter().filter(|(id, _)| **id != self.id).map(|(id, pr)| (*id, pr.matched.min(committed))).collect();
+        for (id, commit) in targets {
+            self.send(id, MessageBody::Heartbeat { commit, read_seq: self.last_read_seq });
+        }
+    }
+
+    /// Commits the highest index a quorum has, if it is from this term.
+    fn maybe_commit(&mut self) -> Result<bool, RaftError> {
+        let quorum_index = self.voters.committed_index(|id| self.progress.get(&id).map(|p| p.matched));
+        if !self.log.maybe_commit(quorum_index, self.term)? {
+            return Ok(false);
+        }
+        let committed = self.log.committed();
+        while let Some(&(last, bytes)) = self.uncommitted.front() {
+            if last > committed {
+                break;
+            }
+            self.uncommitted.pop_front();
+            self.uncommitted_bytes -= bytes;
+        }
+        for (requester, ctx) in std::mem::take(&mut self.reads_awaiting_commit) {
+            let _ = self.handle_read_request(requester, ctx);
+        }
+        Ok(true)
+    }
+
+    // ---- ReadIndex (thesis §6.4) ----------------------------------------
+
+    fn handle_read_request(&mut self, requester: NodeId, ctx: u64) -> Result<(), ReadIndexError> {
+        debug_assert_eq!(self.role, Role::Leader);
+        if self.read_rounds.len() + self.reads_awaiting_commit.len() >= self.config.max_pending_reads {
+            return Err(ReadIndexError::Busy);
+        }
+        let committed = self.log.committed();
+        // Until the leader commits an entry of its term it does not know the
+        // latest commit index (thesis §6.4 step 1).
+        if self.log.term(committed).map_err(RaftError::from)? != self.term {
+            self.reads_awaiting_commit.push((requester, ctx));
+            return Ok(());
+        }
+        self.last_read_seq += 1;
+        self.read_rounds.push_back(ReadRound { seq: self.last_read_seq, index: committed, requester, ctx });
+        self.broadcast_heartbeat();
+        self.resolve_read_rounds();
+        Ok(())
+    }
+
+    /// Answers every round, oldest first, that a quorum has confirmed.
+    fn resolve_read_rounds(&mut self) {
+        while let Some(round) = self.read_rounds.front() {
+            let seq = round.seq;
+            let confirmed = |id: NodeId| Some(id == self.id || self.read_acks.get(&id).is_some_and(|&acked| acked >= seq));
+            if self.voters.vote_result(confirmed) != VoteResult::Won {
+                break;
+            }
+            let round = self.read_rounds.pop_front().expect("front exists");
+            if round.requester == self.id {
+                self.read_states.push(ReadState { index: round.index, ctx: round.ctx });
+            } else {
+                self.send(round.requester, MessageBody::ReadIndexResponse { ctx: round.ctx, index: round.index });
+            }
+        }
+    }
+
+    // ---- Helpers ----------------------------------------------------------
+
+    fn send(&mut self, to: NodeId, body: MessageBody) {
+        self.send_with_term(to, self.term, body);
+    }
+
+    fn send_with_term(&mut self, to: NodeId, term: Term, body: MessageBody) {
+        // Leader traffic may leave before the leader's own log is durable;
+        // everything else vouches for durable state (a vote, an acknowledged
+        // append, a term) and waits for it.
+        let immediate = body.is_from_leader() || matches!(body, MessageBody::ReadIndex { .. });
+        let message = Message { from: self.id, to, term, body };
+        if immediate { self.messages.push(message) } else { self.persisted_messages.push(message) }
+    }
+
+    fn is_promotable(&self) -> bool {
+        self.voters.contains(self.id)
+    }
+
+    fn members(&self) -> BTreeSet<NodeId> {
+        let mut members = self.voters.voters();
+        members.extend(&self.learners);
+        members
+    }
+
+    fn apply_conf_state(&mut self, conf: &ConfState) {
+        self.voters = JointConfig {
+            incoming: MajorityConfig::new(conf.voters.clone()),
+            outgoing: MajorityConfig::new(conf.voters_outgoing.clone()),
+        };
+        self.learners = conf.learners.clone();
+    }
+
+    /// Rejects messages that are malformed or not meant for us, before they
+    /// can touch any state.
+    fn validate(&self, m: &Message) -> Result<(), RaftError> {
+        let invalid = |reason: String| Err(RaftError::InvalidMessage { from: m.from, reason });
+        if m.to != self.id {
+            return invalid(format!("addressed to node {}, this is node {}", m.to, self.id));
+        }
+        if m.from == 0 || m.from == self.id {
+            return invalid(format!("bad sender id {}", m.from));
+        }
+        if let MessageBody::AppendEntries { prev_log_index, prev_log_term, entries, .. } = &m.body {
+            let mut last_term = *prev_log_term;
+            for (offset, entry) in entries.iter().enumerate() {
+                if entry.index != prev_log_index + 1 + offset as u64 {
+                    return invalid(format!("entry {offset} has index {}, expected {}", entry.index, prev_log_index + 1 + offset as u64));
+                }
+                if entry.term < last_term || entry.term > m.term {
+                    return invalid(format!("entry {} has term {} out of order (message term {})", entry.index, entry.term, m.term));
+                }
+                if entry.data.len() as u64 > self.config.max_entry_bytes {
+                    return invalid(format!("entry {} has {} bytes, above the limit of {}", entry.index, entry.data.len(), self.config.max_entry_bytes));
+                }
+                last_term = entry.term;
+            }
+            if *prev_log_term > m.term {
+                return invalid(format!("prev_log_term {prev_log_term} is above the message term {}", m.term));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,100 @@
+//! The consensus core: pure, synchronous, deterministic Raft.
+//!
+//! No I/O, no clock, no threads, no global state. Time is [`Raft::tick`];
+//! randomness (election timeouts) comes from a generator seeded by
+//! [`Config::seed`]. The same inputs in the same order always give the same
+//! outputs, which is what lets the simulator in `host/tests/simulation.rs`
+//! replay any run from its seed.
+//!
+//! # Driving the core
+//! Inputs: [`Raft::step`] (a message from a peer), [`Raft::tick`],
+//! [`Raft::propose`], [`Raft::read_index`], [`Raft::campaign`]. After any of
+//! them, while [`Raft::has_ready`], the driver takes a [`Ready`] and handles it
+//! in the order documented there:
+//!
+//! 1. persist `entries` and `hard_state` durably; `messages` may leave at once
+//!    (they are a leader's AppendEntries and heartbeats, which the thesis
+//!    §10.2.1 allows before the leader's own write completes);
+//! 2. then send `persisted_messages` (votes, append acknowledgements: each one
+//!    promises durable state);
+//! 3. then apply `committed_entries`, and serve `read_states` once applied;
+//! 4. then call [`Raft::advance`].
+//!
+//! A leader counts its own log towards a quorum only after `advance()`, so an
+//! entry is never committed on the strength of a copy that is not durable.
+//!
+//! # What is here
+//! Elections with randomized timeouts, PreVote and CheckQuorum; a no-op entry
+//! per new leader and commitment by counting current-term replicas;
+//! AppendEntries with the consistency check and fast backtracking hints;
+//! per-follower progress (probe / replicate) with a bounded in-flight window
+//! and pipelining; heartbeats carrying the commit index; ReadIndex reads.
+//! Membership changes, snapshots and leader transfer extend the same types
+//! ([`ConfState`], [`SnapshotMeta`]).
+
+mod config;
+mod core;
+mod log;
+mod log_store;
+mod progress;
+mod quorum;
+mod types;
+
+pub use self::config::{Config, ConfigError};
+pub use self::core::{Proposed, Raft, Ready};
+pub use self::log::RaftLog;
+pub use self::log_store::{LogStore, MemLogStore, StorageError};
+pub use self::progress::{Inflights, Progress, ProgressState};
+pub use self::quorum::{JointConfig, MajorityConfig, VoteResult};
+pub use self::types::{
+    ConfState, ENTRY_OVERHEAD_BYTES, Entry, EntryKind, HardState, Index, Message, MessageBody, NodeId, ReadState, Role,
+    SnapshotMeta, SoftState, Term,
+};
+
+use thiserror::Error;
+
+/// A failure of the core itself: its store failed, or a peer sent something
+/// that cannot be right. The core's state is unchanged by a rejected message.
+#[derive(Debug, Error)]
+pub enum RaftError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("the stored configuration has no voters; bootstrap the store with the initial members")]
+    NoVoters,
+    #[error("invalid message from node {from}: {reason}")]
+    InvalidMessage { from: NodeId, reason: String },
+}
+
+/// Why a proposal was refused. Nothing was appended.
+#[derive(Debug, Error)]
+pub enum ProposeError {
+    #[error("this node is not the leader (leader: {leader:?})")]
+    NotLeader { leader: Option<NodeId> },
+    #[error("an empty proposal carries nothing to replicate")]
+    Empty,
+    #[error("entry of {bytes} bytes is above the limit of {max} bytes")]
+    TooLarge { bytes: u64, max: u64 },
+    #[error("busy: {uncommitted_bytes} bytes are proposed and not yet committed (limit {max}); retry later")]
+    Busy { uncommitted_bytes: u64, max: u64 },
+    #[error(transparent)]
+    Raft(#[from] RaftError),
+}
+
+impl From<StorageError> for ProposeError {
+    fn from(e: StorageError) -> ProposeError {
+        ProposeError::Raft(RaftError::Storage(e))
+    }
+}
+
+/// Why a read request was refused.
+#[derive(Debug, Error)]
+pub enum ReadIndexError {
+    #[error("no leader is known; retry once one is elected")]
+    NoLeader,
+    #[error("busy: too many reads are waiting; retry later")]
+    Busy,
+    #[error(transparent)]
+    Raft(#[from] RaftError),
+}
