@@ -657,6 +657,10 @@ impl Sim {
                 self.start(slot)?;
             }
         }
+        // First the cluster must converge on heartbeats alone: a leader, and
+        // every node holding, committing and applying the leader's whole log.
+        // Then a new write must commit and apply everywhere.
+        let mut converged_at: Option<usize> = None;
         let mut proposed: Option<(Index, Term)> = None;
         for round in 0..LIVENESS_ROUNDS_MAX {
             for slot in 0..self.nodes.len() {
@@ -664,6 +668,23 @@ impl Sim {
             }
             self.drain_network()?;
             self.observe()?;
+            let leader_slot = (0..self.nodes.len()).find(|&s| self.nodes[s].raft.as_ref().is_some_and(|r| r.role() == Role::Leader));
+            let Some(leader_slot) = leader_slot else { continue };
+            let leader = self.nodes[leader_slot].raft.as_ref().expect("live");
+            let leader_term = leader.term();
+            if converged_at.is_none() {
+                let last = leader.log().last_index().map_err(|e| e.to_string())?;
+                let caught_up = self.nodes.iter().all(|n| {
+                    let r = n.raft.as_ref().expect("all live");
+                    r.log().last_index().ok() == Some(last) && r.log().committed() == last && n.durable.applied == last
+                });
+                if caught_up {
+                    self.log(|| format!("liveness: converged at index {last} after {round} rounds"));
+                    converged_at = Some(round);
+                } else {
+                    continue;
+                }
+            }
             if let Some((index, term)) = proposed {
                 match self.committed.get((index - 1) as usize) {
                     Some(entry) if entry.term == term => {
@@ -677,12 +698,8 @@ impl Sim {
                     None => {}
                 }
             }
-            let leader_slot = (0..self.nodes.len()).find(|&s| self.nodes[s].raft.as_ref().is_some_and(|r| r.role() == Role::Leader));
-            let leader_term = leader_slot.and_then(|s| self.nodes[s].raft.as_ref()).map(|r| r.term());
-            if let (Some(slot), Some(term)) = (leader_slot, leader_term) {
-                if proposed.is_none_or(|(_, t)| t < term) {
-                    proposed = self.propose(slot)?.or(proposed);
-                }
+            if proposed.is_none_or(|(_, t)| t < leader_term) {
+                proposed = self.propose(leader_slot)?.or(proposed);
             }
         }
         let state: Vec<String> = self
@@ -693,7 +710,8 @@ impl Sim {
                 format!("node {} {} term {} commit {} applied {} (core: {}), pending ready: {}", n.id, r.role().as_str(), r.term(), r.log().committed(), n.durable.applied, r.log().applied(), n.pending.is_some())
             })
             .collect();
-        Err(format!("liveness: no write applied everywhere within {LIVENESS_ROUNDS_MAX} rounds after healing: {state:?}"))
+        let phase = if converged_at.is_some() { "a new write was not applied everywhere" } else { "the cluster did not converge" };
+        Err(format!("liveness: {phase} within {LIVENESS_ROUNDS_MAX} rounds after healing: {state:?}"))
     }
 
     /// Delivers every message in order until the network is quiet.

@@ -626,7 +626,11 @@ impl<S: LogStore> Raft<S> {
                     pr.inflights.free_first();
                 }
                 if pr.matched < last_index {
-                    self.maybe_send_append(m.from, false)?;
+                    // Even when `next` is already past our last index (the
+                    // window looks busy with messages that may have been lost),
+                    // send: an empty append at `next - 1` makes a follower that
+                    // never got them reject, and the leader falls back to probing.
+                    self.maybe_send_append(m.from, true)?;
                 }
                 if read_seq > 0 {
                     let acked = self.read_acks.entry(m.from).or_insert(0);
