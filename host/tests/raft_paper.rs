@@ -6,8 +6,8 @@
 
 use bytes::Bytes;
 use raft_host::raft::{
-    Config, ConfState, Entry, EntryKind, HardState, Index, MemLogStore, Message, MessageBody, NodeId, ProposeError, Raft,
-    RaftError, ReadIndexError, ReadState, Role, Term,
+    ConfState, Config, Entry, EntryKind, HardState, Index, MemLogStore, Message, MessageBody, NodeId, ProposeError,
+    Raft, RaftError, ReadIndexError, ReadState, Role, Term,
 };
 use std::collections::BTreeMap;
 
@@ -201,7 +201,8 @@ fn all_servers_convert_to_follower_on_higher_term() {
                 Role::Candidate => r.campaign().expect("campaign"),
                 Role::Leader => {
                     r.campaign().expect("campaign");
-                    r.step(msg(2, 1, 1, MessageBody::RequestVoteResponse { pre_vote: false, granted: true })).expect("vote");
+                    r.step(msg(2, 1, 1, MessageBody::RequestVoteResponse { pre_vote: false, granted: true }))
+                        .expect("vote");
                 }
                 _ => {}
             }
@@ -219,7 +220,8 @@ fn all_servers_convert_to_follower_on_higher_term() {
 fn all_servers_ignore_messages_from_older_terms() {
     let mut r = node_with(config(1), &[1, 2, 3], &[1, 1], 3);
     let before = r.hard_state();
-    r.step(msg(2, 1, 2, MessageBody::RequestVote { pre_vote: false, last_log_index: 9, last_log_term: 2 })).expect("step");
+    r.step(msg(2, 1, 2, MessageBody::RequestVote { pre_vote: false, last_log_index: 9, last_log_term: 2 }))
+        .expect("step");
     r.step(msg(2, 1, 2, MessageBody::RequestVoteResponse { pre_vote: false, granted: true })).expect("step");
     let out = handle(&mut r);
     assert!(out.all().is_empty(), "stale vote traffic gets no answer");
@@ -231,9 +233,20 @@ fn all_servers_ignore_messages_from_older_terms() {
 #[test]
 fn followers_respond_to_rpcs_from_candidates_and_leaders() {
     let mut r = node(2, &[1, 2, 3]);
-    r.step(msg(1, 2, 1, MessageBody::RequestVote { pre_vote: false, last_log_index: 0, last_log_term: 0 })).expect("step");
-    r.step(msg(1, 2, 1, MessageBody::AppendEntries { prev_log_index: 0, prev_log_term: 0, entries: vec![entry(1, 1)], leader_commit: 0 }))
+    r.step(msg(1, 2, 1, MessageBody::RequestVote { pre_vote: false, last_log_index: 0, last_log_term: 0 }))
         .expect("step");
+    r.step(msg(
+        1,
+        2,
+        1,
+        MessageBody::AppendEntries {
+            prev_log_index: 0,
+            prev_log_term: 0,
+            entries: vec![entry(1, 1)],
+            leader_commit: 0,
+        },
+    ))
+    .expect("step");
     let out = handle(&mut r);
     let bodies: Vec<&MessageBody> = out.persisted_messages.iter().map(|m| &m.body).collect();
     assert!(matches!(bodies[0], MessageBody::RequestVoteResponse { granted: true, .. }));
@@ -325,8 +338,13 @@ fn candidate_becomes_follower_when_majority_rejects() {
 fn candidate_converts_to_follower_on_append_entries_from_new_leader() {
     let mut r = node(1, &[1, 2, 3]);
     r.campaign().expect("campaign");
-    r.step(msg(2, 1, 1, MessageBody::AppendEntries { prev_log_index: 0, prev_log_term: 0, entries: vec![], leader_commit: 0 }))
-        .expect("step");
+    r.step(msg(
+        2,
+        1,
+        1,
+        MessageBody::AppendEntries { prev_log_index: 0, prev_log_term: 0, entries: vec![], leader_commit: 0 },
+    ))
+    .expect("step");
     assert_eq!(r.role(), Role::Follower);
     assert_eq!(r.leader(), Some(2));
     assert_eq!(r.term(), 1);
@@ -371,7 +389,8 @@ fn leader_sends_heartbeats_during_idle_periods() {
     let r = c.node(1);
     r.tick().expect("tick");
     let out = handle(r);
-    let beats: Vec<&Message> = out.messages.iter().filter(|m| matches!(m.body, MessageBody::Heartbeat { .. })).collect();
+    let beats: Vec<&Message> =
+        out.messages.iter().filter(|m| matches!(m.body, MessageBody::Heartbeat { .. })).collect();
     assert_eq!(beats.len(), 2);
     for m in beats {
         assert_eq!(m.body, MessageBody::Heartbeat { commit: 1, read_seq: 0 }, "heartbeats carry the commit index");
@@ -455,7 +474,8 @@ fn leader_commits_entry_once_replicated_on_majority() {
     r.propose(payloads(&["x"])).expect("accepted");
     handle(&mut r);
     assert_eq!(r.log().committed(), 0, "one durable copy of three commits nothing");
-    r.step(msg(2, 1, 1, MessageBody::AppendEntriesResponse { success: true, index: 2, hint_index: 0, hint_term: 0 })).expect("ack");
+    r.step(msg(2, 1, 1, MessageBody::AppendEntriesResponse { success: true, index: 2, hint_index: 0, hint_term: 0 }))
+        .expect("ack");
     let out = handle(&mut r);
     assert_eq!(r.log().committed(), 2);
     assert_eq!(out.committed.len(), 2);
@@ -473,10 +493,12 @@ fn leader_does_not_commit_entries_from_previous_terms_by_counting_replicas() {
     r.step(msg(2, 1, 4, MessageBody::RequestVoteResponse { pre_vote: false, granted: true })).expect("vote");
     handle(&mut r);
     assert_eq!(r.role(), Role::Leader);
-    r.step(msg(2, 1, 4, MessageBody::AppendEntriesResponse { success: true, index: 2, hint_index: 0, hint_term: 0 })).expect("ack");
+    r.step(msg(2, 1, 4, MessageBody::AppendEntriesResponse { success: true, index: 2, hint_index: 0, hint_term: 0 }))
+        .expect("ack");
     handle(&mut r);
     assert_eq!(r.log().committed(), 0, "index 2 (term 2) is on a majority but from an older term");
-    r.step(msg(2, 1, 4, MessageBody::AppendEntriesResponse { success: true, index: 3, hint_index: 0, hint_term: 0 })).expect("ack");
+    r.step(msg(2, 1, 4, MessageBody::AppendEntriesResponse { success: true, index: 3, hint_index: 0, hint_term: 0 }))
+        .expect("ack");
     handle(&mut r);
     assert_eq!(r.log().committed(), 3, "committing the term-4 no-op commits everything before it");
 }
@@ -490,7 +512,8 @@ fn leader_counts_its_own_entry_only_once_durable() {
     // Take the Ready holding the no-op but do not persist it yet.
     let rd = r.ready().expect("ready");
     assert_eq!(rd.entries.len(), 1);
-    r.step(msg(2, 1, 1, MessageBody::AppendEntriesResponse { success: true, index: 1, hint_index: 0, hint_term: 0 })).expect("ack");
+    r.step(msg(2, 1, 1, MessageBody::AppendEntriesResponse { success: true, index: 1, hint_index: 0, hint_term: 0 }))
+        .expect("ack");
     assert_eq!(r.log().committed(), 0, "one follower's copy and the leader's unwritten one are not a durable majority");
     r.store_mut().append(&rd.entries);
     if let Some(hs) = rd.hard_state {
@@ -505,7 +528,8 @@ fn leader_counts_its_own_entry_only_once_durable() {
 #[test]
 fn request_vote_reply_false_if_term_less_than_current_term() {
     let mut r = node_with(config(1), &[1, 2, 3], &[], 5);
-    r.step(msg(2, 1, 4, MessageBody::RequestVote { pre_vote: false, last_log_index: 10, last_log_term: 4 })).expect("step");
+    r.step(msg(2, 1, 4, MessageBody::RequestVote { pre_vote: false, last_log_index: 10, last_log_term: 4 }))
+        .expect("step");
     assert_eq!(r.hard_state().vote, None);
     assert!(handle(&mut r).all().is_empty());
 }
@@ -513,9 +537,12 @@ fn request_vote_reply_false_if_term_less_than_current_term() {
 #[test]
 fn request_vote_granted_to_at_most_one_candidate_per_term() {
     let mut r = node(1, &[1, 2, 3]);
-    r.step(msg(2, 1, 1, MessageBody::RequestVote { pre_vote: false, last_log_index: 0, last_log_term: 0 })).expect("step");
-    r.step(msg(3, 1, 1, MessageBody::RequestVote { pre_vote: false, last_log_index: 0, last_log_term: 0 })).expect("step");
-    r.step(msg(2, 1, 1, MessageBody::RequestVote { pre_vote: false, last_log_index: 0, last_log_term: 0 })).expect("step");
+    r.step(msg(2, 1, 1, MessageBody::RequestVote { pre_vote: false, last_log_index: 0, last_log_term: 0 }))
+        .expect("step");
+    r.step(msg(3, 1, 1, MessageBody::RequestVote { pre_vote: false, last_log_index: 0, last_log_term: 0 }))
+        .expect("step");
+    r.step(msg(2, 1, 1, MessageBody::RequestVote { pre_vote: false, last_log_index: 0, last_log_term: 0 }))
+        .expect("step");
     let out = handle(&mut r);
     let answers: Vec<(NodeId, bool)> = out
         .persisted_messages
@@ -525,7 +552,11 @@ fn request_vote_granted_to_at_most_one_candidate_per_term() {
             ref other => panic!("unexpected {other:?}"),
         })
         .collect();
-    assert_eq!(answers, vec![(2, true), (3, false), (2, true)], "a repeated request from the same candidate is granted again");
+    assert_eq!(
+        answers,
+        vec![(2, true), (3, false), (2, true)],
+        "a repeated request from the same candidate is granted again"
+    );
     assert_eq!(out.hard_state.expect("vote persisted").vote, Some(2));
 }
 
@@ -541,7 +572,8 @@ fn request_vote_granted_only_if_candidate_log_is_at_least_as_up_to_date() {
     ];
     for &(last_log_index, last_log_term, want) in cases {
         let mut r = node_with(config(1), &[1, 2, 3], &[1, 2, 2], 2);
-        r.step(msg(2, 1, 3, MessageBody::RequestVote { pre_vote: false, last_log_index, last_log_term })).expect("step");
+        r.step(msg(2, 1, 3, MessageBody::RequestVote { pre_vote: false, last_log_index, last_log_term }))
+            .expect("step");
         let out = handle(&mut r);
         let granted = matches!(out.persisted_messages[0].body, MessageBody::RequestVoteResponse { granted: true, .. });
         assert_eq!(granted, want, "candidate log ({last_log_index}, {last_log_term})");
@@ -551,7 +583,8 @@ fn request_vote_granted_only_if_candidate_log_is_at_least_as_up_to_date() {
 #[test]
 fn vote_is_persisted_before_the_response_may_be_sent() {
     let mut r = node(1, &[1, 2, 3]);
-    r.step(msg(2, 1, 7, MessageBody::RequestVote { pre_vote: false, last_log_index: 0, last_log_term: 0 })).expect("step");
+    r.step(msg(2, 1, 7, MessageBody::RequestVote { pre_vote: false, last_log_index: 0, last_log_term: 0 }))
+        .expect("step");
     let rd = r.ready().expect("ready");
     assert_eq!(rd.hard_state, Some(HardState { term: 7, vote: Some(2), commit: 0 }));
     assert!(rd.messages.is_empty());
@@ -561,7 +594,12 @@ fn vote_is_persisted_before_the_response_may_be_sent() {
 // ---- AppendEntries receiver ----------------------------------------------------------
 
 fn append(prev: (Index, Term), entries: Vec<Entry>, leader_commit: Index, term: Term) -> Message {
-    msg(2, 1, term, MessageBody::AppendEntries { prev_log_index: prev.0, prev_log_term: prev.1, entries, leader_commit })
+    msg(
+        2,
+        1,
+        term,
+        MessageBody::AppendEntries { prev_log_index: prev.0, prev_log_term: prev.1, entries, leader_commit },
+    )
 }
 
 fn response(out: &Handled) -> (bool, Index) {
@@ -577,7 +615,7 @@ fn append_entries_reply_false_if_term_less_than_current_term() {
     r.step(append((1, 1), vec![entry(2, 2)], 2, 2)).expect("step");
     let out = handle(&mut r);
     assert_eq!(out.all()[0].term, 3, "the answer tells the stale leader our term");
-    assert_eq!(response(&out).0, false);
+    assert!(!response(&out).0);
     assert_eq!(r.log().last_index().expect("last"), 1);
 }
 
@@ -636,7 +674,10 @@ fn append_response_waits_until_entries_are_durable() {
     let rd = r.ready().expect("ready");
     assert_eq!(rd.entries.len(), 1);
     assert!(rd.messages.is_empty());
-    assert!(matches!(rd.persisted_messages[0].body, MessageBody::AppendEntriesResponse { success: true, index: 1, .. }));
+    assert!(matches!(
+        rd.persisted_messages[0].body,
+        MessageBody::AppendEntriesResponse { success: true, index: 1, .. }
+    ));
 }
 
 // ---- PreVote and CheckQuorum -----------------------------------------------------------
@@ -688,9 +729,12 @@ fn check_quorum_followers_ignore_vote_requests_while_the_leader_is_alive() {
     c.check_quorum = true;
     let mut r = node_with(c, &[1, 2, 3], &[], 0);
     r.step(msg(1, 2, 1, MessageBody::Heartbeat { commit: 0, read_seq: 0 })).expect("heartbeat");
-    r.step(msg(3, 2, 2, MessageBody::RequestVote { pre_vote: false, last_log_index: 5, last_log_term: 1 })).expect("step");
+    r.step(msg(3, 2, 2, MessageBody::RequestVote { pre_vote: false, last_log_index: 5, last_log_term: 1 }))
+        .expect("step");
     assert_eq!(r.term(), 1, "the request did not bump our term");
-    assert!(handle(&mut r).persisted_messages.iter().all(|m| !matches!(m.body, MessageBody::RequestVoteResponse { .. })));
+    assert!(
+        handle(&mut r).persisted_messages.iter().all(|m| !matches!(m.body, MessageBody::RequestVoteResponse { .. }))
+    );
 }
 
 // ---- ReadIndex ------------------------------------------------------------------------
@@ -718,7 +762,8 @@ fn read_index_waits_for_the_leader_to_commit_in_its_term() {
     r.read_index(7).expect("queued");
     r.step(msg(2, 1, 1, MessageBody::HeartbeatResponse { read_seq: 0 })).expect("ack");
     assert!(handle(&mut r).read_states.is_empty(), "no read before the no-op commits");
-    r.step(msg(2, 1, 1, MessageBody::AppendEntriesResponse { success: true, index: 1, hint_index: 0, hint_term: 0 })).expect("ack");
+    r.step(msg(2, 1, 1, MessageBody::AppendEntriesResponse { success: true, index: 1, hint_index: 0, hint_term: 0 }))
+        .expect("ack");
     let out = handle(&mut r);
     let round = out.messages.iter().find_map(|m| match m.body {
         MessageBody::Heartbeat { read_seq, .. } if read_seq > 0 => Some(read_seq),
@@ -785,7 +830,8 @@ fn proposals_are_refused_as_busy_past_the_uncommitted_limit() {
     let err = r.propose(vec![Bytes::from(vec![1u8; 60])]).expect_err("over the limit");
     assert!(matches!(err, ProposeError::Busy { uncommitted_bytes: 60, max: 100 }), "{err}");
     handle(&mut r);
-    r.step(msg(2, 1, 1, MessageBody::AppendEntriesResponse { success: true, index: 2, hint_index: 0, hint_term: 0 })).expect("ack");
+    r.step(msg(2, 1, 1, MessageBody::AppendEntriesResponse { success: true, index: 2, hint_index: 0, hint_term: 0 }))
+        .expect("ack");
     handle(&mut r);
     r.propose(vec![Bytes::from(vec![1u8; 60])]).expect("committing frees the budget");
 }
@@ -800,7 +846,8 @@ fn append_entries_messages_respect_the_byte_limit_and_the_inflight_window() {
     handle(&mut r);
     r.step(msg(2, 1, 1, MessageBody::RequestVoteResponse { pre_vote: false, granted: true })).expect("vote");
     handle(&mut r);
-    r.step(msg(2, 1, 1, MessageBody::AppendEntriesResponse { success: true, index: 1, hint_index: 0, hint_term: 0 })).expect("ack");
+    r.step(msg(2, 1, 1, MessageBody::AppendEntriesResponse { success: true, index: 1, hint_index: 0, hint_term: 0 }))
+        .expect("ack");
     handle(&mut r);
     // Follower 2 is now in Replicate: proposals stream until the window fills.
     for i in 0..10 {
@@ -832,7 +879,12 @@ fn malformed_messages_are_refused_without_changing_state() {
         append((1, 1), vec![entry(3, 1)], 0, 2),
         append((1, 1), vec![entry(2, 2), entry(3, 1)], 0, 2),
         append((1, 1), vec![entry(2, 5)], 0, 2),
-        append((1, 1), vec![Entry { term: 2, index: 2, kind: EntryKind::Normal, data: Bytes::from(vec![0; (4 << 20) + 1]) }], 0, 2),
+        append(
+            (1, 1),
+            vec![Entry { term: 2, index: 2, kind: EntryKind::Normal, data: Bytes::from(vec![0; (4 << 20) + 1]) }],
+            0,
+            2,
+        ),
     ];
     for m in cases {
         let err = r.step(m.clone()).expect_err("refused");
@@ -844,15 +896,28 @@ fn malformed_messages_are_refused_without_changing_state() {
 #[test]
 fn restart_recovers_term_vote_and_log_from_the_store() {
     let mut r = node(1, &[1, 2, 3]);
-    r.step(msg(2, 1, 4, MessageBody::RequestVote { pre_vote: false, last_log_index: 0, last_log_term: 0 })).expect("vote");
-    r.step(msg(2, 1, 4, MessageBody::AppendEntries { prev_log_index: 0, prev_log_term: 0, entries: vec![entry(1, 4)], leader_commit: 1 }))
-        .expect("append");
+    r.step(msg(2, 1, 4, MessageBody::RequestVote { pre_vote: false, last_log_index: 0, last_log_term: 0 }))
+        .expect("vote");
+    r.step(msg(
+        2,
+        1,
+        4,
+        MessageBody::AppendEntries {
+            prev_log_index: 0,
+            prev_log_term: 0,
+            entries: vec![entry(1, 4)],
+            leader_commit: 1,
+        },
+    ))
+    .expect("append");
     handle(&mut r);
     let store = r.store_mut().clone();
     let mut again = Raft::new(config(1), store).expect("restart");
     assert_eq!(again.hard_state(), HardState { term: 4, vote: Some(2), commit: 1 });
     assert_eq!(again.log().last_index().expect("last"), 1);
-    again.step(msg(3, 1, 4, MessageBody::RequestVote { pre_vote: false, last_log_index: 9, last_log_term: 4 })).expect("step");
+    again
+        .step(msg(3, 1, 4, MessageBody::RequestVote { pre_vote: false, last_log_index: 9, last_log_term: 4 }))
+        .expect("step");
     let out = handle(&mut again);
     assert!(
         matches!(out.persisted_messages[0].body, MessageBody::RequestVoteResponse { granted: false, .. }),

@@ -20,18 +20,18 @@
 //!   elected and a new write commits everywhere within a bounded number of
 //!   ticks.
 //!
-//! `RAFT_SIM_SEEDS=N` runs seeds 0..N (default 300), `RAFT_SIM_SEED=S` replays
+//! `RAFT_SIM_SEEDS=N` runs seeds 0..N (default 1000), `RAFT_SIM_SEED=S` replays
 //! one seed and prints its trace. A failure prints the seed and the last
 //! steps of its trace.
 
 use bytes::Bytes;
+use raft_host::raft::{
+    ConfState, Config, Entry, Index, MemLogStore, Message, NodeId, ProposeError, Raft, ReadIndexError, Ready, Role,
+    Term,
+};
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use raft_host::raft::{
-    Config, ConfState, Entry, Index, MemLogStore, Message, NodeId, ProposeError, Raft, Ready, ReadIndexError, Role,
-    Term,
-};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -156,7 +156,7 @@ impl Weights {
 impl Sim {
     fn new(seed: u64, traced: bool) -> Sim {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let size = if seed % 2 == 0 { 3 } else { 5 };
+        let size = if seed.is_multiple_of(2) { 3 } else { 5 };
         let mut config = Config::new(1);
         config.election_tick = 10;
         config.heartbeat_tick = rng.random_range(1..=3);
@@ -229,7 +229,8 @@ impl Sim {
         config.id = node.id;
         config.seed = self.rng.random();
         config.applied = node.durable.applied;
-        let raft = Raft::new(config, node.durable.store.clone()).map_err(|e| format!("node {} failed to start: {e}", node.id))?;
+        let raft = Raft::new(config, node.durable.store.clone())
+            .map_err(|e| format!("node {} failed to start: {e}", node.id))?;
         node.observed_commit = raft.log().committed();
         node.raft = Some(raft);
         Ok(())
@@ -336,13 +337,14 @@ impl Sim {
                 if other.id == id {
                     continue;
                 }
-                if let Some(&(other_term, other_hash)) = other.durable.log_hashes.get(slot_index) {
-                    if other_term == term && other_hash != hash {
-                        return Err(format!(
-                            "log matching: nodes {id} and {} both have term {term} at index {} but different prefixes",
-                            other.id, entry.index
-                        ));
-                    }
+                if let Some(&(other_term, other_hash)) = other.durable.log_hashes.get(slot_index)
+                    && other_term == term
+                    && other_hash != hash
+                {
+                    return Err(format!(
+                        "log matching: nodes {id} and {} both have term {term} at index {} but different prefixes",
+                        other.id, entry.index
+                    ));
                 }
             }
         }
@@ -535,7 +537,10 @@ impl Sim {
             }
             Action::Propose => {
                 // Clients mostly find the leader; sometimes they ask anyone.
-                let leader = live.iter().copied().find(|&s| self.nodes[s].raft.as_ref().is_some_and(|r| r.role() == Role::Leader));
+                let leader = live
+                    .iter()
+                    .copied()
+                    .find(|&s| self.nodes[s].raft.as_ref().is_some_and(|r| r.role() == Role::Leader));
                 let target = if self.rng.random_ratio(4, 5) { leader } else { live.choose(&mut self.rng).copied() };
                 if let Some(slot) = target {
                     self.propose(slot)?;
@@ -620,7 +625,10 @@ impl Sim {
         if commit < from {
             return Ok(());
         }
-        let entries = raft.log().entries(from, commit + 1, u64::MAX).map_err(|e| format!("node {}: read failed: {e}", raft.id()))?;
+        let entries = raft
+            .log()
+            .entries(from, commit + 1, u64::MAX)
+            .map_err(|e| format!("node {}: read failed: {e}", raft.id()))?;
         let (id, term) = (raft.id(), raft.term());
         for entry in entries {
             match self.committed.get((entry.index - 1) as usize) {
@@ -633,7 +641,11 @@ impl Sim {
                 Some(_) => {}
                 None => {
                     assert_eq!(entry.index as usize, self.committed.len() + 1, "commit observations are contiguous");
-                    self.committed.push(CommittedEntry { term: entry.term, data: entry.data.clone(), commit_term: term });
+                    self.committed.push(CommittedEntry {
+                        term: entry.term,
+                        data: entry.data.clone(),
+                        commit_term: term,
+                    });
                     self.stats.entries_committed += 1;
                 }
             }
@@ -668,7 +680,8 @@ impl Sim {
             }
             self.drain_network()?;
             self.observe()?;
-            let leader_slot = (0..self.nodes.len()).find(|&s| self.nodes[s].raft.as_ref().is_some_and(|r| r.role() == Role::Leader));
+            let leader_slot =
+                (0..self.nodes.len()).find(|&s| self.nodes[s].raft.as_ref().is_some_and(|r| r.role() == Role::Leader));
             let Some(leader_slot) = leader_slot else { continue };
             let leader = self.nodes[leader_slot].raft.as_ref().expect("live");
             let leader_term = leader.term();
@@ -688,7 +701,8 @@ impl Sim {
             if let Some((index, term)) = proposed {
                 match self.committed.get((index - 1) as usize) {
                     Some(entry) if entry.term == term => {
-                        if self.nodes.iter().all(|n| n.durable.applied >= index) {
+                        let applied_everywhere = self.nodes.iter().all(|n| n.durable.applied >= index);
+                        if applied_everywhere {
                             self.log(|| format!("liveness: write applied everywhere after {round} rounds"));
                             return Ok(());
                         }
@@ -707,10 +721,23 @@ impl Sim {
             .iter()
             .map(|n| {
                 let r = n.raft.as_ref().expect("all live");
-                format!("node {} {} term {} commit {} applied {} (core: {}), pending ready: {}", n.id, r.role().as_str(), r.term(), r.log().committed(), n.durable.applied, r.log().applied(), n.pending.is_some())
+                format!(
+                    "node {} {} term {} commit {} applied {} (core: {}), pending ready: {}",
+                    n.id,
+                    r.role().as_str(),
+                    r.term(),
+                    r.log().committed(),
+                    n.durable.applied,
+                    r.log().applied(),
+                    n.pending.is_some()
+                )
             })
             .collect();
-        let phase = if converged_at.is_some() { "a new write was not applied everywhere" } else { "the cluster did not converge" };
+        let phase = if converged_at.is_some() {
+            "a new write was not applied everywhere"
+        } else {
+            "the cluster did not converge"
+        };
         Err(format!("liveness: {phase} within {LIVENESS_ROUNDS_MAX} rounds after healing: {state:?}"))
     }
 
@@ -761,7 +788,8 @@ fn run_seed(seed: u64, traced: bool) -> (Result<Stats, Violation>, Option<VecDeq
         Ok(Ok(())) => Ok(sim.stats),
         Ok(Err(v)) => Err(v),
         Err(panic) => {
-            let text = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+            let text =
+                panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
             Err(format!("core panicked: {}", text.unwrap_or_else(|| "(no message)".into())))
         }
     };
@@ -799,7 +827,10 @@ fn main() {
         }
         return;
     }
-    let seeds: u64 = std::env::var("RAFT_SIM_SEEDS").ok().map(|s| s.parse().expect("RAFT_SIM_SEEDS must be an integer")).unwrap_or(300);
+    let seeds: u64 = std::env::var("RAFT_SIM_SEEDS")
+        .ok()
+        .map(|s| s.parse().expect("RAFT_SIM_SEEDS must be an integer"))
+        .unwrap_or(1000);
     let started = Instant::now();
     let next = AtomicU64::new(0);
     let violations = AtomicUsize::new(0);
@@ -807,23 +838,25 @@ fn main() {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
     std::thread::scope(|scope| {
         for _ in 0..threads {
-            scope.spawn(|| loop {
-                let seed = next.fetch_add(1, Ordering::Relaxed);
-                if seed >= seeds {
-                    break;
-                }
-                match run_seed(seed, false).0 {
-                    Ok(stats) => {
-                        let mut t = totals.lock().expect("no poisoned lock");
-                        t.proposals_accepted += stats.proposals_accepted;
-                        t.entries_committed += stats.entries_committed;
-                        t.reads_served += stats.reads_served;
-                        t.crashes += stats.crashes;
-                        t.elections += stats.elections;
+            scope.spawn(|| {
+                loop {
+                    let seed = next.fetch_add(1, Ordering::Relaxed);
+                    if seed >= seeds {
+                        break;
                     }
-                    Err(v) => {
-                        violations.fetch_add(1, Ordering::Relaxed);
-                        report_failure(seed, &v);
+                    match run_seed(seed, false).0 {
+                        Ok(stats) => {
+                            let mut t = totals.lock().expect("no poisoned lock");
+                            t.proposals_accepted += stats.proposals_accepted;
+                            t.entries_committed += stats.entries_committed;
+                            t.reads_served += stats.reads_served;
+                            t.crashes += stats.crashes;
+                            t.elections += stats.elections;
+                        }
+                        Err(v) => {
+                            violations.fetch_add(1, Ordering::Relaxed);
+                            report_failure(seed, &v);
+                        }
                     }
                 }
             });

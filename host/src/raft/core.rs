@@ -236,7 +236,10 @@ impl<S: LogStore> Raft<S> {
         // An idle leader accepts one batch of any admissible size, so that a
         // limit below one batch cannot wedge the cluster.
         if self.uncommitted_bytes > 0 && self.uncommitted_bytes + bytes > self.config.max_uncommitted_bytes {
-            return Err(ProposeError::Busy { uncommitted_bytes: self.uncommitted_bytes, max: self.config.max_uncommitted_bytes });
+            return Err(ProposeError::Busy {
+                uncommitted_bytes: self.uncommitted_bytes,
+                max: self.config.max_uncommitted_bytes,
+            });
         }
         let first_index = self.log.last_index()? + 1;
         let entries: Vec<Entry> = payloads
@@ -284,7 +287,9 @@ impl<S: LogStore> Raft<S> {
                 // While a leader is known to be alive, a vote request must come
                 // from a node that cannot hear it: ignore it rather than let it
                 // depose a healthy leader.
-                let in_lease = self.config.check_quorum && self.leader.is_some() && self.election_elapsed < self.config.election_tick;
+                let in_lease = self.config.check_quorum
+                    && self.leader.is_some()
+                    && self.election_elapsed < self.config.election_tick;
                 if in_lease {
                     return Ok(());
                 }
@@ -304,7 +309,10 @@ impl<S: LogStore> Raft<S> {
                 MessageBody::AppendEntries { .. } | MessageBody::Heartbeat { .. } => {
                     // A stale leader: tell it our term so it steps down instead
                     // of holding on (it may be cut off from the new leader).
-                    self.send(m.from, MessageBody::AppendEntriesResponse { success: false, index: 0, hint_index: 0, hint_term: 0 });
+                    self.send(
+                        m.from,
+                        MessageBody::AppendEntriesResponse { success: false, index: 0, hint_index: 0, hint_term: 0 },
+                    );
                 }
                 MessageBody::RequestVote { pre_vote: true, .. } => {
                     // Without an answer a pre-candidate on an old term would keep
@@ -412,7 +420,8 @@ impl<S: LogStore> Raft<S> {
         self.uncommitted_bytes = 0;
         let next = self.log.last_index().unwrap_or(0) + 1;
         let (max_messages, max_bytes) = (self.config.max_inflight_messages, self.config.max_inflight_bytes);
-        self.progress = self.members().into_iter().map(|id| (id, Progress::new(next, max_messages, max_bytes))).collect();
+        self.progress =
+            self.members().into_iter().map(|id| (id, Progress::new(next, max_messages, max_bytes))).collect();
     }
 
     fn become_follower(&mut self, term: Term, leader: Option<NodeId>) {
@@ -477,7 +486,11 @@ impl<S: LogStore> Raft<S> {
         let (last_log_index, last_log_term) = (self.log.last_index()?, self.log.last_term()?);
         for id in self.voters.voters() {
             if id != self.id {
-                self.send_with_term(id, vote_term, MessageBody::RequestVote { pre_vote, last_log_index, last_log_term });
+                self.send_with_term(
+                    id,
+                    vote_term,
+                    MessageBody::RequestVote { pre_vote, last_log_index, last_log_term },
+                );
             }
         }
         Ok(())
@@ -536,9 +549,8 @@ impl<S: LogStore> Raft<S> {
         last_log_index: Index,
         last_log_term: Term,
     ) -> Result<(), RaftError> {
-        let can_vote = self.vote == Some(from)
-            || (self.vote.is_none() && self.leader.is_none())
-            || (pre_vote && term > self.term);
+        let can_vote =
+            self.vote == Some(from) || (self.vote.is_none() && self.leader.is_none()) || (pre_vote && term > self.term);
         if can_vote && self.log.is_up_to_date(last_log_index, last_log_term)? {
             // A granted pre-vote answers in the future term it was asked about.
             self.send_with_term(from, term, MessageBody::RequestVoteResponse { pre_vote, granted: true });
@@ -600,10 +612,8 @@ impl<S: LogStore> Raft<S> {
                 self.log.commit_to(commit);
                 self.send(m.from, MessageBody::HeartbeatResponse { read_seq });
             }
-            MessageBody::ReadIndexResponse { ctx, index } => {
-                if index > 0 {
-                    self.read_states.push(ReadState { index, ctx });
-                }
+            MessageBody::ReadIndexResponse { ctx, index } if index > 0 => {
+                self.read_states.push(ReadState { index, ctx });
             }
             // A ReadIndex sent to us as if we led is dropped; the requester
             // times out and retries with the real leader.
@@ -638,12 +648,10 @@ impl<S: LogStore> Raft<S> {
                     self.resolve_read_rounds();
                 }
             }
-            MessageBody::ReadIndex { ctx } => {
-                if self.progress.contains_key(&m.from) {
-                    // A busy or not-yet-ready leader drops forwarded reads; the
-                    // follower's driver times them out and retries.
-                    let _ = self.handle_read_request(m.from, ctx);
-                }
+            MessageBody::ReadIndex { ctx } if self.progress.contains_key(&m.from) => {
+                // A busy or not-yet-ready leader drops forwarded reads; the
+                // follower's driver times them out and retries.
+                let _ = self.handle_read_request(m.from, ctx);
             }
             MessageBody::AppendEntries { .. } | MessageBody::Heartbeat { .. } => {
                 return Err(RaftError::InvalidMessage {
@@ -670,12 +678,18 @@ impl<S: LogStore> Raft<S> {
         if prev_log_index < committed {
             // Our committed prefix already covers prev; answer with it so the
             // leader skips ahead (this message is a duplicate or delayed).
-            self.send(leader, MessageBody::AppendEntriesResponse { success: true, index: committed, hint_index: 0, hint_term: 0 });
+            self.send(
+                leader,
+                MessageBody::AppendEntriesResponse { success: true, index: committed, hint_index: 0, hint_term: 0 },
+            );
             return Ok(());
         }
         match self.log.maybe_append(prev_log_index, prev_log_term, leader_commit, entries)? {
             Some(last_new) => {
-                self.send(leader, MessageBody::AppendEntriesResponse { success: true, index: last_new, hint_index: 0, hint_term: 0 });
+                self.send(
+                    leader,
+                    MessageBody::AppendEntriesResponse { success: true, index: last_new, hint_index: 0, hint_term: 0 },
+                );
             }
             None => {
                 // Skip back past every entry of ours that cannot match: those
@@ -784,8 +798,12 @@ impl<S: LogStore> Raft<S> {
 
     fn broadcast_heartbeat(&mut self) {
         let committed = self.log.committed();
-        let targets: Vec<(NodeId, Index)> =
-            self.progress.iter().filter(|(id, _)| **id != self.id).map(|(id, pr)| (*id, pr.matched.min(committed))).collect();
+        let targets: Vec<(NodeId, Index)> = self
+            .progress
+            .iter()
+            .filter(|(id, _)| **id != self.id)
+            .map(|(id, pr)| (*id, pr.matched.min(committed)))
+            .collect();
         for (id, commit) in targets {
             self.send(id, MessageBody::Heartbeat { commit, read_seq: self.last_read_seq });
         }
@@ -836,7 +854,8 @@ impl<S: LogStore> Raft<S> {
     fn resolve_read_rounds(&mut self) {
         while let Some(round) = self.read_rounds.front() {
             let seq = round.seq;
-            let confirmed = |id: NodeId| Some(id == self.id || self.read_acks.get(&id).is_some_and(|&acked| acked >= seq));
+            let confirmed =
+                |id: NodeId| Some(id == self.id || self.read_acks.get(&id).is_some_and(|&acked| acked >= seq));
             if self.voters.vote_result(confirmed) != VoteResult::Won {
                 break;
             }
@@ -896,13 +915,25 @@ impl<S: LogStore> Raft<S> {
             let mut last_term = *prev_log_term;
             for (offset, entry) in entries.iter().enumerate() {
                 if entry.index != prev_log_index + 1 + offset as u64 {
-                    return invalid(format!("entry {offset} has index {}, expected {}", entry.index, prev_log_index + 1 + offset as u64));
+                    return invalid(format!(
+                        "entry {offset} has index {}, expected {}",
+                        entry.index,
+                        prev_log_index + 1 + offset as u64
+                    ));
                 }
                 if entry.term < last_term || entry.term > m.term {
-                    return invalid(format!("entry {} has term {} out of order (message term {})", entry.index, entry.term, m.term));
+                    return invalid(format!(
+                        "entry {} has term {} out of order (message term {})",
+                        entry.index, entry.term, m.term
+                    ));
                 }
                 if entry.data.len() as u64 > self.config.max_entry_bytes {
-                    return invalid(format!("entry {} has {} bytes, above the limit of {}", entry.index, entry.data.len(), self.config.max_entry_bytes));
+                    return invalid(format!(
+                        "entry {} has {} bytes, above the limit of {}",
+                        entry.index,
+                        entry.data.len(),
+                        self.config.max_entry_bytes
+                    ));
                 }
                 last_term = entry.term;
             }

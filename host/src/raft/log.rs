@@ -64,7 +64,11 @@ impl<S: LogStore> RaftLog<S> {
     }
 
     pub fn last_index(&self) -> Result<Index, StorageError> {
-        if self.unstable.is_empty() { Ok(self.unstable_offset - 1) } else { Ok(self.unstable_offset + self.unstable.len() as u64 - 1) }
+        if self.unstable.is_empty() {
+            Ok(self.unstable_offset - 1)
+        } else {
+            Ok(self.unstable_offset + self.unstable.len() as u64 - 1)
+        }
     }
 
     /// The last index that is durable and still part of this log.
@@ -82,7 +86,11 @@ impl<S: LogStore> RaftLog<S> {
             return Ok(0);
         }
         if index >= self.unstable_offset {
-            return self.unstable.get((index - self.unstable_offset) as usize).map(|e| e.term).ok_or(StorageError::Unavailable(index));
+            return self
+                .unstable
+                .get((index - self.unstable_offset) as usize)
+                .map(|e| e.term)
+                .ok_or(StorageError::Unavailable(index));
         }
         self.store.term(index)
     }
@@ -145,7 +153,12 @@ impl<S: LogStore> RaftLog<S> {
     pub fn append(&mut self, entries: &[Entry]) -> Result<Index, StorageError> {
         let Some(first) = entries.first() else { return self.last_index() };
         let after = first.index - 1;
-        assert!(after >= self.committed, "appending at {} would overwrite committed index {}", first.index, self.committed);
+        assert!(
+            after >= self.committed,
+            "appending at {} would overwrite committed index {}",
+            first.index,
+            self.committed
+        );
         assert!(after <= self.last_index()?, "appending at {} leaves a gap after {}", first.index, self.last_index()?);
         if after + 1 < self.unstable_offset {
             // The new entries replace part of the durable log: they all become
@@ -177,7 +190,11 @@ impl<S: LogStore> RaftLog<S> {
         let last_new = prev_index + entries.len() as u64;
         let conflict = self.find_conflict(entries)?;
         if conflict != 0 {
-            assert!(conflict > self.committed, "entry {conflict} conflicts with the committed prefix up to {}", self.committed);
+            assert!(
+                conflict > self.committed,
+                "entry {conflict} conflicts with the committed prefix up to {}",
+                self.committed
+            );
             let skip = (conflict - prev_index - 1) as usize;
             self.append(&entries[skip..])?;
         }

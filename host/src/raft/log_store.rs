@@ -75,9 +75,19 @@ impl MemLogStore {
     pub fn append(&mut self, new: &[Entry]) {
         let Some(first) = new.first() else { return };
         let offset = self.snapshot.index + 1;
-        assert!(first.index >= offset, "append at {} would overwrite the snapshot at {}", first.index, self.snapshot.index);
+        assert!(
+            first.index >= offset,
+            "append at {} would overwrite the snapshot at {}",
+            first.index,
+            self.snapshot.index
+        );
         let keep = (first.index - offset) as usize;
-        assert!(keep <= self.entries.len(), "append at {} leaves a gap after {}", first.index, offset + self.entries.len() as u64 - 1);
+        assert!(
+            keep <= self.entries.len(),
+            "append at {} leaves a gap after {}",
+            first.index,
+            offset + self.entries.len() as u64 - 1
+        );
         self.entries.truncate(keep);
         self.entries.extend_from_slice(new);
     }

@@ -34,6 +34,7 @@
 
 mod config;
 mod core;
+mod local;
 mod log;
 mod log_store;
 mod progress;
@@ -42,6 +43,7 @@ mod types;
 
 pub use self::config::{Config, ConfigError};
 pub use self::core::{Proposed, Raft, Ready};
+pub use self::local::{AppliedState, LocalCluster};
 pub use self::log::RaftLog;
 pub use self::log_store::{LogStore, MemLogStore, StorageError};
 pub use self::progress::{Inflights, Progress, ProgressState};
