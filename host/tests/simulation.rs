@@ -873,6 +873,7 @@ fn main() {
         t.reads_served,
         t.crashes
     );
+    println!("simulation: {} passed, {violations} failed", seeds as usize - violations);
     println!("simulated {seeds} seeds, {violations} violations");
     if violations > 0 {
         std::process::exit(1);

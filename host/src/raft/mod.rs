@@ -23,6 +23,37 @@
 //! A leader counts its own log towards a quorum only after `advance()`, so an
 //! entry is never committed on the strength of a copy that is not durable.
 //!
+//! A single-member cluster, driven by hand:
+//!
+//! ```
+//! use bytes::Bytes;
+//! use raft_host::raft::{Config, ConfState, MemLogStore, Raft, Role};
+//!
+//! let store = MemLogStore::new_with_conf_state(ConfState::with_voters([1]));
+//! let mut raft = Raft::new(Config::new(1), store)?;
+//! raft.campaign()?;
+//! assert_eq!(raft.role(), Role::Leader);
+//! let proposed = raft.propose(vec![Bytes::from_static(b"hello")])?;
+//!
+//! let mut applied = Vec::new();
+//! while raft.has_ready() {
+//!     let ready = raft.ready()?;
+//!     // 1. persist (a real driver fsyncs here); `ready.messages` may leave now
+//!     raft.store_mut().append(&ready.entries);
+//!     if let Some(hard_state) = ready.hard_state {
+//!         raft.store_mut().set_hard_state(hard_state);
+//!     }
+//!     // 2. send `ready.persisted_messages` (none: there are no peers)
+//!     // 3. apply
+//!     applied.extend(ready.committed_entries.into_iter().filter(|e| !e.is_noop()));
+//!     // 4. advance
+//!     raft.advance()?;
+//! }
+//! assert_eq!(applied.len(), 1);
+//! assert_eq!(applied[0].index, proposed.first_index);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! # What is here
 //! Elections with randomized timeouts, PreVote and CheckQuorum; a no-op entry
 //! per new leader and commitment by counting current-term replicas;
