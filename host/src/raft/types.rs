@@ -181,8 +181,6 @@ pub enum MessageBody {
     /// (for example, the leader lost leadership), and the follower reports
     /// nothing, so the driver retries or times the read out.
     ReadIndexResponse { ctx: u64, index: Index },
-    /// Tells the target to campaign at once (leader transfer, thesis §3.10).
-    TimeoutNow,
 }
 
 impl MessageBody {
@@ -199,7 +197,6 @@ impl MessageBody {
             MessageBody::HeartbeatResponse { .. } => "HeartbeatResponse",
             MessageBody::ReadIndex { .. } => "ReadIndex",
             MessageBody::ReadIndexResponse { .. } => "ReadIndexResponse",
-            MessageBody::TimeoutNow => "TimeoutNow",
         }
     }
 
@@ -208,10 +205,7 @@ impl MessageBody {
     pub fn is_from_leader(&self) -> bool {
         matches!(
             self,
-            MessageBody::AppendEntries { .. }
-                | MessageBody::Heartbeat { .. }
-                | MessageBody::ReadIndexResponse { .. }
-                | MessageBody::TimeoutNow
+            MessageBody::AppendEntries { .. } | MessageBody::Heartbeat { .. } | MessageBody::ReadIndexResponse { .. }
         )
     }
 }
