@@ -6,3 +6,4 @@
 //! services join it as separate modules; see DESIGN.md for the data flow.
 
 pub mod raft;
+pub mod storage;

@@ -1,0 +1,697 @@
+//! Durable storage of one node on fjall: the Raft log, hard state and
+//! membership, the guests' replicated key-value state, client sessions and
+//! WebAssembly modules.
+//!
+//! Layout of a data directory:
+//! ```text
+//! DIR/IDENTITY   format version, cluster id, node id (checked before opening)
+//! DIR/db/        one fjall database with the keyspaces
+//!   log        index (u64 BE) -> checksummed entry
+//!   meta       hard state, membership, snapshot point, applied position
+//!   state      [len(sm)][sm][key] -> checksummed value, per state machine
+//!   sessions   client id -> checksummed session record
+//!   modules    "m" + sha256 -> component bytes; "a" + engine + sha256 -> artifact
+//! ```
+//!
+//! Rules kept here:
+//! - [`Store::persist`] writes a Ready's entries (replacing a conflicting
+//!   suffix) and hard state in one atomic batch and fdatasyncs it before
+//!   returning: group commit, one sync for the whole batch.
+//! - [`Store::apply`] writes a batch of applied entries' guest writes, the
+//!   applied position and session changes in one atomic batch, so a crash
+//!   leaves either all or none of it. It needs no sync of its own: fjall's
+//!   journal is sequential and atomic per batch, the entries it applies are
+//!   already durable in the log, and a lost tail is re-applied on restart
+//!   (deterministically) from the applied position that was lost with it.
+//! - Opening verifies every log entry's checksum, the log's contiguity and
+//!   that committed and applied positions point into it; a corrupt or
+//!   inconsistent directory is refused with an error naming the directory and
+//!   the index or key.
+
+mod codec;
+mod identity;
+
+pub use self::identity::{FORMAT_VERSION, IDENTITY_FILE, Identity};
+
+use crate::raft::{ConfState, Entry, HardState, Index, LogStore, SnapshotMeta, StorageError, Term};
+use codec::DecodeError;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
+use sha2::{Digest, Sha256};
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use thiserror::Error;
+
+const META_HARD_STATE: &[u8] = b"hard_state";
+const META_CONF_STATE: &[u8] = b"conf_state";
+const META_SNAPSHOT: &[u8] = b"snapshot";
+const META_APPLIED: &[u8] = b"applied";
+const MODULE_PREFIX: u8 = b'm';
+const ARTIFACT_PREFIX: u8 = b'a';
+
+/// Longest state machine name (it prefixes every key of its state).
+pub const STATE_MACHINE_NAME_MAX_BYTES: usize = 64;
+/// Largest guest key and value.
+pub const STATE_KEY_MAX_BYTES: usize = 4 << 10;
+pub const STATE_VALUE_MAX_BYTES: usize = 4 << 20;
+
+/// A failure of the store. Every variant names where it happened.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("database in {dir}: {source}")]
+    Db { dir: PathBuf, source: fjall::Error },
+    #[error("data directory {dir} is corrupt: {what}; restore it from a snapshot or wipe it and re-add the member")]
+    Corrupt { dir: PathBuf, what: String },
+    #[error(
+        "data directory {dir} was written by a newer raft-host (format {found}; this build reads up to {supported})"
+    )]
+    NewerFormat { dir: PathBuf, found: u32, supported: u32 },
+    #[error("data directory {dir} belongs to cluster {found:?}, not {expected:?}")]
+    WrongCluster { dir: PathBuf, found: String, expected: String },
+    #[error("data directory {dir} belongs to node {found}, not node {expected}")]
+    WrongNode { dir: PathBuf, found: u64, expected: u64 },
+    #[error("invalid identity: {0}")]
+    InvalidIdentity(String),
+    #[error("data directory {dir} holds a database but no {IDENTITY_FILE} file; refusing to guess whose it is")]
+    MissingIdentity { dir: PathBuf },
+    #[error("cannot append entries starting at index {first}: the log holds {log_first}..={log_last}")]
+    InvalidAppend { first: Index, log_first: Index, log_last: Index },
+    #[error("cannot compact the log up to {index}: {why}")]
+    InvalidCompaction { index: Index, why: &'static str },
+    #[error("store already bootstrapped with members {stored:?}, not {requested:?}")]
+    BootstrapMismatch { stored: ConfState, requested: ConfState },
+    #[error("{0}")]
+    Limit(String),
+}
+
+impl From<StoreError> for StorageError {
+    fn from(e: StoreError) -> StorageError {
+        StorageError::Other(Box::new(e))
+    }
+}
+
+/// Whether writes are synced to disk before they are acknowledged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// fdatasync before `persist` returns. The only safe mode.
+    Fsync,
+    /// No sync at all: a power loss can lose acknowledged writes and votes,
+    /// and so break Raft's guarantees. For benchmarks only.
+    UnsafeNoSync,
+}
+
+/// How to open a store.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    pub durability: Durability,
+    /// fjall background threads (flush, compaction).
+    pub worker_threads: usize,
+    /// fjall block cache.
+    pub cache_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> StoreOptions {
+        StoreOptions { durability: Durability::Fsync, worker_threads: 1, cache_bytes: 64 << 20 }
+    }
+}
+
+/// One guest write inside an apply batch; `None` deletes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateWrite {
+    pub state_machine: String,
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// Everything the apply of a run of committed entries changes, made durable
+/// atomically by [`Store::apply`].
+#[derive(Clone, Debug, Default)]
+pub struct ApplyBatch {
+    /// Index and term of the last entry of the run.
+    pub applied_index: Index,
+    pub applied_term: Term,
+    pub writes: Vec<StateWrite>,
+    /// Session records by client id; `None` expires the session.
+    pub sessions: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+/// In-memory mirror of the small, hot parts of the store.
+#[derive(Debug)]
+struct Cached {
+    first_index: Index,
+    last_index: Index,
+    snapshot: SnapshotMeta,
+    /// Term runs of the log: `(first index of the run, term)`, ascending, so
+    /// `term(i)` never reads an entry (which may be a megabyte-sized module chunk).
+    term_runs: Vec<(Index, Term)>,
+    hard_state: HardState,
+    conf_state: ConfState,
+    applied: (Index, Term),
+}
+
+impl Cached {
+    fn term(&self, index: Index) -> Option<Term> {
+        if index < self.first_index || index > self.last_index {
+            return None;
+        }
+        let run = self.term_runs.partition_point(|&(start, _)| start <= index);
+        self.term_runs.get(run.checked_sub(1)?).map(|&(_, term)| term)
+    }
+
+    fn record_appended(&mut self, entries: &[Entry]) {
+        let Some(first) = entries.first() else { return };
+        self.term_runs.retain(|&(start, _)| start < first.index);
+        for entry in entries {
+            if self.term_runs.last().is_none_or(|&(_, term)| term != entry.term) {
+                self.term_runs.push((entry.index, entry.term));
+            }
+        }
+        self.last_index = entries.last().map_or(self.last_index, |e| e.index);
+    }
+}
+
+struct Inner {
+    dir: PathBuf,
+    db: Database,
+    log: Keyspace,
+    meta: Keyspace,
+    state: Keyspace,
+    sessions: Keyspace,
+    modules: Keyspace,
+    durability: Durability,
+    cached: Mutex<Cached>,
+}
+
+/// A node's durable store. Cheap to clone; clones share the database.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("dir", &self.inner.dir).finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the data directory `dir` for `identity`, refusing
+    /// one that belongs to another node or cluster, was written by a newer
+    /// format, or is corrupt.
+    pub fn open(dir: &Path, identity: &Identity, options: &StoreOptions) -> Result<Store, StoreError> {
+        let io = |e| StoreError::Io { path: dir.to_path_buf(), source: e };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let db_dir = dir.join("db");
+        if dir.join(IDENTITY_FILE).exists() {
+            identity::check(dir, identity)?;
+        } else if db_dir.exists() {
+            return Err(StoreError::MissingIdentity { dir: dir.to_path_buf() });
+        } else {
+            identity::write(dir, identity)?;
+        }
+        if options.durability == Durability::UnsafeNoSync {
+            tracing::warn!(dir = %dir.display(), "storage runs WITHOUT fsync: a crash or power loss can lose acknowledged writes; benchmarks only");
+        }
+        let db_error = |source| StoreError::Db { dir: dir.to_path_buf(), source };
+        let db = Database::builder(&db_dir)
+            .worker_threads(options.worker_threads.max(1))
+            .cache_size(options.cache_bytes)
+            .open()
+            .map_err(db_error)?;
+        let keyspace = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(db_error);
+        let (log, meta, state, sessions, modules) =
+            (keyspace("log")?, keyspace("meta")?, keyspace("state")?, keyspace("sessions")?, keyspace("modules")?);
+        let placeholder = Cached {
+            first_index: 1,
+            last_index: 0,
+            snapshot: SnapshotMeta::default(),
+            term_runs: Vec::new(),
+            hard_state: HardState::default(),
+            conf_state: ConfState::default(),
+            applied: (0, 0),
+        };
+        let inner = Inner {
+            dir: dir.to_path_buf(),
+            db,
+            log,
+            meta,
+            state,
+            sessions,
+            modules,
+            durability: options.durability,
+            cached: Mutex::new(placeholder),
+        };
+        let recovered = inner.recover()?;
+        *inner.lock() = recovered;
+        Ok(Store { inner: Arc::new(inner) })
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Records the initial members of a new cluster. A store that already
+    /// has members accepts the same set again (a restart) and refuses another.
+    pub fn bootstrap(&self, conf: &ConfState) -> Result<(), StoreError> {
+        let mut cached = self.inner.lock();
+        if !cached.conf_state.voters.is_empty() {
+            if cached.conf_state == *conf {
+                return Ok(());
+            }
+            return Err(StoreError::BootstrapMismatch { stored: cached.conf_state.clone(), requested: conf.clone() });
+        }
+        let mut batch = self.inner.db.batch().durability(self.inner.persist_mode());
+        batch.insert(&self.inner.meta, META_CONF_STATE, codec::encode_conf_state(conf));
+        batch.commit().map_err(|e| self.inner.db_error(e))?;
+        cached.conf_state = conf.clone();
+        Ok(())
+    }
+
+    /// Makes a Ready's `entries` and `hard_state` durable in one batch and one
+    /// sync. Entries from the first one's index on replace what the log held
+    /// there; they must start inside the log or right after it.
+    pub fn persist(&self, entries: &[Entry], hard_state: Option<&HardState>) -> Result<(), StoreError> {
+        if entries.is_empty() && hard_state.is_none() {
+            return Ok(());
+        }
+        let inner = &self.inner;
+        let mut cached = inner.lock();
+        let mut batch = inner.db.batch().durability(inner.persist_mode());
+        if let Some(first) = entries.first() {
+            if first.index < cached.first_index || first.index > cached.last_index + 1 {
+                return Err(StoreError::InvalidAppend {
+                    first: first.index,
+                    log_first: cached.first_index,
+                    log_last: cached.last_index,
+                });
+            }
+            debug_assert!(entries.windows(2).all(|w| w[1].index == w[0].index + 1), "entries are contiguous");
+            let new_last = first.index + entries.len() as u64 - 1;
+            // Drop a stale suffix that the new entries do not overwrite.
+            for index in new_last + 1..=cached.last_index {
+                batch.remove(&inner.log, codec::log_key(index));
+            }
+            for entry in entries {
+                batch.insert(&inner.log, codec::log_key(entry.index), codec::encode_entry(entry));
+            }
+        }
+        if let Some(hs) = hard_state {
+            batch.insert(&inner.meta, META_HARD_STATE, codec::encode_hard_state(hs));
+        }
+        batch.commit().map_err(|e| inner.db_error(e))?;
+        cached.record_appended(entries);
+        if let Some(hs) = hard_state {
+            cached.hard_state = *hs;
+        }
+        Ok(())
+    }
+
+    /// Applies a batch atomically: guest writes, session changes and the new
+    /// applied position land together or not at all.
+    pub fn apply(&self, batch: &ApplyBatch) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let mut cached = inner.lock();
+        if batch.applied_index < cached.applied.0 {
+            return Err(StoreError::Limit(format!(
+                "applied index may not move back from {} to {}",
+                cached.applied.0, batch.applied_index
+            )));
+        }
+        let mut fjall_batch = inner.db.batch();
+        for write in &batch.writes {
+            let key = state_key(&write.state_machine, &write.key)?;
+            match &write.value {
+                Some(value) => {
+                    if value.len() > STATE_VALUE_MAX_BYTES {
+                        return Err(StoreError::Limit(format!(
+                            "value of {} bytes for a key of {:?} is above the limit of {STATE_VALUE_MAX_BYTES}",
+                            value.len(),
+                            write.state_machine
+                        )));
+                    }
+                    fjall_batch.insert(&inner.state, key, codec::encode_blob(value));
+                }
+                None => fjall_batch.remove(&inner.state, key),
+            }
+        }
+        for (client, record) in &batch.sessions {
+            match record {
+                Some(record) => fjall_batch.insert(&inner.sessions, client.clone(), codec::encode_blob(record)),
+                None => fjall_batch.remove(&inner.sessions, client.clone()),
+            }
+        }
+        fjall_batch.insert(&inner.meta, META_APPLIED, codec::encode_applied(batch.applied_index, batch.applied_term));
+        fjall_batch.commit().map_err(|e| inner.db_error(e))?;
+        cached.applied = (batch.applied_index, batch.applied_term);
+        Ok(())
+    }
+
+    /// Drops log entries up to and including `index`, which must be applied:
+    /// the state they produced is in the store, which is what a snapshot
+    /// ships. The snapshot point moves to `index`.
+    pub fn compact(&self, index: Index) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let mut cached = inner.lock();
+        if index < cached.first_index {
+            return Ok(());
+        }
+        if index > cached.applied.0 {
+            return Err(StoreError::InvalidCompaction {
+                index,
+                why: "entries past the applied index are still needed",
+            });
+        }
+        let term = cached.term(index).ok_or(StoreError::InvalidCompaction { index, why: "index is past the log" })?;
+        let snapshot = SnapshotMeta { index, term, conf_state: cached.conf_state.clone() };
+        let mut batch = inner.db.batch().durability(inner.persist_mode());
+        for i in cached.first_index..=index {
+            batch.remove(&inner.log, codec::log_key(i));
+        }
+        batch.insert(&inner.meta, META_SNAPSHOT, codec::encode_snapshot_meta(&snapshot));
+        batch.commit().map_err(|e| inner.db_error(e))?;
+        let first = index + 1;
+        let keep_from = cached.term_runs.partition_point(|&(start, _)| start <= first).saturating_sub(1);
+        cached.term_runs.drain(..keep_from);
+        if let Some(run) = cached.term_runs.first_mut() {
+            run.0 = run.0.max(first);
+        }
+        if first > cached.last_index {
+            cached.term_runs.clear();
+        }
+        cached.first_index = first;
+        cached.last_index = cached.last_index.max(index);
+        cached.snapshot = snapshot;
+        Ok(())
+    }
+
+    /// The durable hard state.
+    pub fn hard_state(&self) -> HardState {
+        self.inner.lock().hard_state
+    }
+
+    /// The durable membership.
+    pub fn conf_state(&self) -> ConfState {
+        self.inner.lock().conf_state.clone()
+    }
+
+    /// Index and term of the last applied entry.
+    pub fn applied(&self) -> (Index, Term) {
+        self.inner.lock().applied
+    }
+
+    /// A guest's value for `key`.
+    pub fn state_get(&self, state_machine: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let full_key = state_key(state_machine, key)?;
+        let value = self.inner.state.get(&full_key).map_err(|e| self.inner.db_error(e))?;
+        value.map(|v| self.inner.unseal(&v, || format!("state key {key:?} of {state_machine:?}"))).transpose()
+    }
+
+    /// A guest's keys in `[start, end)` (to the end of its state when `end`
+    /// is `None`), in order, at most `limit` of them.
+    pub fn state_scan(
+        &self,
+        state_machine: &str,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let prefix = state_key(state_machine, &[])?;
+        let low = Bound::Included(state_key(state_machine, start)?);
+        let high = match end {
+            Some(end) => Bound::Excluded(state_key(state_machine, end)?),
+            None => prefix_end(&prefix).map_or(Bound::Unbounded, Bound::Excluded),
+        };
+        let mut out = Vec::new();
+        for guard in self.inner.state.range::<Vec<u8>, _>((low, high)).take(limit) {
+            let (key, value) = guard.into_inner().map_err(|e| self.inner.db_error(e))?;
+            let user_key = key[prefix.len()..].to_vec();
+            let value = self.inner.unseal(&value, || format!("state key {user_key:?} of {state_machine:?}"))?;
+            out.push((user_key, value));
+        }
+        Ok(out)
+    }
+
+    /// A digest of a state machine's whole state (keys and values, in order),
+    /// equal on replicas that applied the same entries.
+    pub fn state_digest(&self, state_machine: &str) -> Result<[u8; 32], StoreError> {
+        let prefix = state_key(state_machine, &[])?;
+        let mut hasher = Sha256::new();
+        let snapshot = self.inner.db.snapshot();
+        for guard in snapshot.prefix(&self.inner.state, &prefix) {
+            let (key, value) = guard.into_inner().map_err(|e| self.inner.db_error(e))?;
+            let value = self.inner.unseal(&value, || format!("state key {:?}", &key[prefix.len()..]))?;
+            hasher.update((key.len() as u64).to_be_bytes());
+            hasher.update(&key);
+            hasher.update((value.len() as u64).to_be_bytes());
+            hasher.update(&value);
+        }
+        Ok(hasher.finalize().into())
+    }
+
+    /// A client's session record.
+    pub fn session_get(&self, client: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let value = self.inner.sessions.get(client).map_err(|e| self.inner.db_error(e))?;
+        value.map(|v| self.inner.unseal(&v, || format!("session {client:?}"))).transpose()
+    }
+
+    /// Stores a module's bytes under their SHA-256, returned.
+    pub fn put_module(&self, bytes: &[u8]) -> Result<[u8; 32], StoreError> {
+        let hash: [u8; 32] = Sha256::digest(bytes).into();
+        self.inner.modules.insert(module_key(&hash), bytes).map_err(|e| self.inner.db_error(e))?;
+        self.inner.db.persist(self.inner.persist_mode_or_buffer()).map_err(|e| self.inner.db_error(e))?;
+        Ok(hash)
+    }
+
+    /// A module's bytes, verified against their hash.
+    pub fn get_module(&self, hash: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError> {
+        let Some(bytes) = self.inner.modules.get(module_key(hash)).map_err(|e| self.inner.db_error(e))? else {
+            return Ok(None);
+        };
+        let actual: [u8; 32] = Sha256::digest(&bytes).into();
+        if &actual != hash {
+            return Err(self.inner.corrupt(format!("module {} does not match its hash", hex(hash))));
+        }
+        Ok(Some(bytes.to_vec()))
+    }
+
+    /// Stores a compiled artifact of module `hash` for `engine` (the engine
+    /// and its configuration, so an upgrade never loads a stale artifact).
+    pub fn put_artifact(&self, engine: &str, hash: &[u8; 32], artifact: &[u8]) -> Result<(), StoreError> {
+        self.inner
+            .modules
+            .insert(artifact_key(engine, hash), codec::encode_blob(artifact))
+            .map_err(|e| self.inner.db_error(e))
+    }
+
+    /// A compiled artifact, if cached.
+    pub fn get_artifact(&self, engine: &str, hash: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError> {
+        let value = self.inner.modules.get(artifact_key(engine, hash)).map_err(|e| self.inner.db_error(e))?;
+        value.map(|v| self.inner.unseal(&v, || format!("artifact of {} for {engine}", hex(hash)))).transpose()
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, Cached> {
+        // A panic while holding the lock leaves only cached copies of durable
+        // state behind; they stay consistent because every update happens
+        // after its batch committed.
+        self.cached.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn persist_mode(&self) -> Option<PersistMode> {
+        match self.durability {
+            Durability::Fsync => Some(PersistMode::SyncData),
+            Durability::UnsafeNoSync => None,
+        }
+    }
+
+    fn persist_mode_or_buffer(&self) -> PersistMode {
+        self.persist_mode().unwrap_or(PersistMode::Buffer)
+    }
+
+    fn db_error(&self, source: fjall::Error) -> StoreError {
+        StoreError::Db { dir: self.dir.clone(), source }
+    }
+
+    fn corrupt(&self, what: String) -> StoreError {
+        StoreError::Corrupt { dir: self.dir.clone(), what }
+    }
+
+    fn unseal(&self, value: &[u8], what: impl FnOnce() -> String) -> Result<Vec<u8>, StoreError> {
+        codec::unseal(value).map(<[u8]>::to_vec).map_err(|DecodeError(why)| self.corrupt(format!("{}: {why}", what())))
+    }
+
+    fn read_meta<T>(
+        &self,
+        key: &[u8],
+        decode: impl Fn(&[u8]) -> Result<T, DecodeError>,
+    ) -> Result<Option<T>, StoreError> {
+        let Some(value) = self.meta.get(key).map_err(|e| self.db_error(e))? else { return Ok(None) };
+        decode(&value)
+            .map(Some)
+            .map_err(|DecodeError(why)| self.corrupt(format!("meta key {:?}: {why}", String::from_utf8_lossy(key))))
+    }
+
+    /// Rebuilds the cache from disk, verifying everything it reads.
+    fn recover(&self) -> Result<Cached, StoreError> {
+        let hard_state = self.read_meta(META_HARD_STATE, codec::decode_hard_state)?.unwrap_or_default();
+        let conf_state = self.read_meta(META_CONF_STATE, codec::decode_conf_state)?.unwrap_or_default();
+        let snapshot = self.read_meta(META_SNAPSHOT, codec::decode_snapshot_meta)?.unwrap_or_default();
+        let applied = self.read_meta(META_APPLIED, codec::decode_applied)?.unwrap_or((0, 0));
+
+        let mut term_runs: Vec<(Index, Term)> = Vec::new();
+        let mut expected = snapshot.index + 1;
+        let mut last_term = snapshot.term;
+        for guard in self.log.iter() {
+            let (key, value) = guard.into_inner().map_err(|e| self.db_error(e))?;
+            let index = codec::decode_log_key(&key)
+                .map_err(|DecodeError(why)| self.corrupt(format!("log key {key:?}: {why}")))?;
+            if index != expected {
+                return Err(self.corrupt(format!("log entry {expected} is missing (found {index} next)")));
+            }
+            let entry = codec::decode_entry(index, &value)
+                .map_err(|DecodeError(why)| self.corrupt(format!("log entry {index}: {why}")))?;
+            if entry.term < last_term {
+                return Err(self.corrupt(format!("log entry {index} has term {} after term {last_term}", entry.term)));
+            }
+            if term_runs.last().is_none_or(|&(_, t)| t != entry.term) {
+                term_runs.push((index, entry.term));
+            }
+            last_term = entry.term;
+            expected += 1;
+        }
+        let last_index = expected - 1;
+        if hard_state.commit > last_index {
+            return Err(self.corrupt(format!(
+                "hard state says index {} is committed but the log ends at {last_index}: committed entries were lost",
+                hard_state.commit
+            )));
+        }
+        if applied.0 > last_index.max(snapshot.index) {
+            return Err(self.corrupt(format!("applied index {} is past the end of the log ({last_index})", applied.0)));
+        }
+        Ok(Cached { first_index: snapshot.index + 1, last_index, snapshot, term_runs, hard_state, conf_state, applied })
+    }
+}
+
+impl LogStore for Store {
+    fn initial_state(&self) -> Result<(HardState, ConfState), StorageError> {
+        let cached = self.inner.lock();
+        Ok((cached.hard_state, cached.conf_state.clone()))
+    }
+
+    fn snapshot_meta(&self) -> Result<SnapshotMeta, StorageError> {
+        Ok(self.inner.lock().snapshot.clone())
+    }
+
+    fn first_index(&self) -> Result<Index, StorageError> {
+        Ok(self.inner.lock().first_index)
+    }
+
+    fn last_index(&self) -> Result<Index, StorageError> {
+        Ok(self.inner.lock().last_index)
+    }
+
+    fn term(&self, index: Index) -> Result<Term, StorageError> {
+        let cached = self.inner.lock();
+        if index == cached.snapshot.index {
+            return Ok(cached.snapshot.term);
+        }
+        if index < cached.snapshot.index {
+            return Err(StorageError::Compacted(index));
+        }
+        cached.term(index).ok_or(StorageError::Unavailable(index))
+    }
+
+    fn entries(&self, low: Index, high: Index, max_bytes: u64) -> Result<Vec<Entry>, StorageError> {
+        {
+            let cached = self.inner.lock();
+            if low < cached.first_index {
+                return Err(StorageError::Compacted(low));
+            }
+            if high > cached.last_index + 1 {
+                return Err(StorageError::Unavailable(high - 1));
+            }
+        }
+        let mut out = Vec::new();
+        let mut total = 0u64;
+        for guard in self.inner.log.range(codec::log_key(low)..codec::log_key(high)) {
+            let (key, value) = guard.into_inner().map_err(|e| StorageError::from(self.inner.db_error(e)))?;
+            let index = codec::decode_log_key(&key).map_err(|DecodeError(why)| {
+                StorageError::from(self.inner.corrupt(format!("log key {key:?}: {why}")))
+            })?;
+            let expected = low + out.len() as u64;
+            if index != expected {
+                return Err(self.inner.corrupt(format!("log entry {expected} is missing")).into());
+            }
+            let entry = codec::decode_entry(index, &value).map_err(|DecodeError(why)| {
+                StorageError::from(self.inner.corrupt(format!("log entry {index}: {why}")))
+            })?;
+            total += entry.size_bytes();
+            if !out.is_empty() && total > max_bytes {
+                break;
+            }
+            out.push(entry);
+        }
+        if out.is_empty() && low < high {
+            return Err(self.inner.corrupt(format!("log entry {low} is missing")).into());
+        }
+        Ok(out)
+    }
+}
+
+fn state_key(state_machine: &str, key: &[u8]) -> Result<Vec<u8>, StoreError> {
+    if state_machine.is_empty() || state_machine.len() > STATE_MACHINE_NAME_MAX_BYTES {
+        return Err(StoreError::Limit(format!(
+            "state machine name {state_machine:?} must be 1 to {STATE_MACHINE_NAME_MAX_BYTES} bytes"
+        )));
+    }
+    if key.len() > STATE_KEY_MAX_BYTES {
+        return Err(StoreError::Limit(format!(
+            "key of {} bytes is above the limit of {STATE_KEY_MAX_BYTES}",
+            key.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(1 + state_machine.len() + key.len());
+    out.push(state_machine.len() as u8);
+    out.extend_from_slice(state_machine.as_bytes());
+    out.extend_from_slice(key);
+    Ok(out)
+}
+
+/// The first key after every key that starts with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+fn module_key(hash: &[u8; 32]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(33);
+    key.push(MODULE_PREFIX);
+    key.extend_from_slice(hash);
+    key
+}
+
+fn artifact_key(engine: &str, hash: &[u8; 32]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(2 + engine.len() + 32);
+    key.push(ARTIFACT_PREFIX);
+    key.push(engine.len().min(255) as u8);
+    key.extend_from_slice(&engine.as_bytes()[..engine.len().min(255)]);
+    key.extend_from_slice(hash);
+    key
+}
+
+/// Lower-case hex of a hash, for messages.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
