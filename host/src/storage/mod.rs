@@ -49,6 +49,9 @@ const META_APPLIED: &[u8] = b"applied";
 const MODULE_PREFIX: u8 = b'm';
 const ARTIFACT_PREFIX: u8 = b'a';
 
+/// Key-value pairs of a guest's state, in key order.
+pub type KeyValues = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Longest state machine name (it prefixes every key of its state).
 pub const STATE_MACHINE_NAME_MAX_BYTES: usize = 64;
 /// Largest guest key and value.
@@ -81,7 +84,7 @@ pub enum StoreError {
     #[error("cannot compact the log up to {index}: {why}")]
     InvalidCompaction { index: Index, why: &'static str },
     #[error("store already bootstrapped with members {stored:?}, not {requested:?}")]
-    BootstrapMismatch { stored: ConfState, requested: ConfState },
+    BootstrapMismatch { stored: Box<ConfState>, requested: Box<ConfState> },
     #[error("{0}")]
     Limit(String),
 }
@@ -262,7 +265,10 @@ impl Store {
             if cached.conf_state == *conf {
                 return Ok(());
             }
-            return Err(StoreError::BootstrapMismatch { stored: cached.conf_state.clone(), requested: conf.clone() });
+            return Err(StoreError::BootstrapMismatch {
+                stored: Box::new(cached.conf_state.clone()),
+                requested: Box::new(conf.clone()),
+            });
         }
         let mut batch = self.inner.db.batch().durability(self.inner.persist_mode());
         batch.insert(&self.inner.meta, META_CONF_STATE, codec::encode_conf_state(conf));
@@ -418,7 +424,7 @@ impl Store {
         start: &[u8],
         end: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<KeyValues, StoreError> {
         let prefix = state_key(state_machine, &[])?;
         let low = Bound::Included(state_key(state_machine, start)?);
         let high = match end {

@@ -1,0 +1,434 @@
+//! Tests of the fjall store: against an in-memory model (proptest), across
+//! reopen, against bad identities, and against corrupted and truncated data
+//! directories. The crash test with real killed processes is in
+//! `storage_crash.rs`.
+
+use bytes::Bytes;
+use proptest::prelude::*;
+use raft_host::raft::{ConfState, Entry, EntryKind, HardState, Index, LogStore, MemLogStore, StorageError, Term};
+use raft_host::storage::{ApplyBatch, Durability, Identity, StateWrite, Store, StoreError, StoreOptions};
+use std::path::{Path, PathBuf};
+
+fn identity() -> Identity {
+    Identity::new("test-cluster", 1)
+}
+
+fn options() -> StoreOptions {
+    // The model test reopens hundreds of times; syncing adds nothing to what
+    // it checks (crash durability is the crash test's job).
+    StoreOptions { durability: Durability::UnsafeNoSync, ..StoreOptions::default() }
+}
+
+fn open(dir: &Path) -> Store {
+    Store::open(dir, &identity(), &options()).expect("store opens")
+}
+
+fn entry(index: Index, term: Term, size: usize) -> Entry {
+    let data = Bytes::from((0..size).map(|i| (index as usize + i) as u8).collect::<Vec<u8>>());
+    Entry { term, index, kind: if index.is_multiple_of(7) { EntryKind::ConfChange } else { EntryKind::Normal }, data }
+}
+
+// ---- Model-based property test ----------------------------------------------
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// Append `count` entries of `term` starting `back` entries before the end
+    /// (0 = right after the last entry), replacing what follows.
+    Append {
+        back: u64,
+        count: u64,
+        term_step: u64,
+        size: usize,
+    },
+    /// Apply up to `back` entries before the last.
+    Apply {
+        back: u64,
+    },
+    /// Compact up to `back` entries before the applied index.
+    Compact {
+        back: u64,
+    },
+    HardState {
+        term: Term,
+        commit_back: u64,
+    },
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        5 => (0u64..6, 1u64..8, 0u64..2, 0usize..300).prop_map(|(back, count, term_step, size)| Op::Append { back, count, term_step, size }),
+        2 => (0u64..5).prop_map(|back| Op::Apply { back }),
+        1 => (0u64..5).prop_map(|back| Op::Compact { back }),
+        1 => (0u64..4, 0u64..4).prop_map(|(term, commit_back)| Op::HardState { term, commit_back }),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+/// The model: a MemLogStore (already trusted by the core's tests) plus the
+/// applied index and a compaction point.
+struct Model {
+    log: MemLogStore,
+    first: Index,
+    applied: Index,
+    hard_state: HardState,
+}
+
+impl Model {
+    fn last(&self) -> Index {
+        self.first - 1 + self.log.all_entries().iter().filter(|e| e.index >= self.first).count() as u64
+    }
+
+    fn term(&self, index: Index) -> Option<Term> {
+        self.log.all_entries().iter().find(|e| e.index == index).map(|e| e.term)
+    }
+}
+
+fn check_same(store: &Store, model: &Model) -> Result<(), TestCaseError> {
+    let (first, last) = (model.first, model.last());
+    prop_assert_eq!(store.first_index().expect("first"), first);
+    prop_assert_eq!(store.last_index().expect("last"), last);
+    prop_assert_eq!(store.hard_state(), model.hard_state);
+    prop_assert_eq!(store.applied().0, model.applied);
+    for index in first..=last {
+        prop_assert_eq!(store.term(index).expect("term"), model.term(index).expect("model term"), "term of {}", index);
+    }
+    prop_assert!(matches!(store.term(last + 1), Err(StorageError::Unavailable(_))));
+    if first > 1 {
+        prop_assert!(matches!(store.term(first - 2), Err(StorageError::Compacted(_))) || first == 1);
+        prop_assert!(matches!(store.entries(first - 1, last + 1, u64::MAX), Err(StorageError::Compacted(_))));
+    }
+    if first <= last {
+        let got = store.entries(first, last + 1, u64::MAX).expect("entries");
+        let want: Vec<Entry> = model.log.all_entries().iter().filter(|e| e.index >= first).cloned().collect();
+        prop_assert_eq!(&got, &want);
+        // A byte budget returns a non-empty prefix within the budget.
+        let budget = 200;
+        let bounded = store.entries(first, last + 1, budget).expect("bounded entries");
+        prop_assert!(!bounded.is_empty());
+        prop_assert_eq!(&bounded[..], &want[..bounded.len()]);
+        let bytes: u64 = bounded.iter().map(Entry::size_bytes).sum();
+        prop_assert!(bounded.len() == 1 || bytes <= budget);
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn store_matches_the_in_memory_model(ops in prop::collection::vec(op(), 1..40)) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = open(dir.path());
+        let mut model = Model { log: MemLogStore::default(), first: 1, applied: 0, hard_state: HardState::default() };
+        let mut term = 1;
+        for op in ops {
+            match op {
+                Op::Append { back, count, term_step, size } => {
+                    let last = model.last();
+                    // Raft never rewrites committed entries (nor anything before the snapshot).
+                    let start = (last + 1).saturating_sub(back).max(model.hard_state.commit + 1).max(model.first);
+                    term += term_step;
+                    let entries: Vec<Entry> = (start..start + count).map(|i| entry(i, term, size)).collect();
+                    store.persist(&entries, None).expect("persist");
+                    model.log.append(&entries);
+                }
+                Op::Apply { back } => {
+                    let to = model.last().saturating_sub(back).max(model.applied);
+                    if to > model.applied {
+                        let term = model.term(to).expect("applied entry exists");
+                        store.apply(&ApplyBatch { applied_index: to, applied_term: term, ..ApplyBatch::default() }).expect("apply");
+                        model.applied = to;
+                        // Applied entries are committed.
+                        model.hard_state.commit = model.hard_state.commit.max(to);
+                        store.persist(&[], Some(&model.hard_state)).expect("hard state");
+                    }
+                }
+                Op::Compact { back } => {
+                    let to = model.applied.saturating_sub(back);
+                    if to >= model.first {
+                        store.compact(to).expect("compact");
+                        model.first = to + 1;
+                    }
+                }
+                Op::HardState { term: t, commit_back } => {
+                    let commit = model.last().saturating_sub(commit_back).max(model.hard_state.commit).max(model.applied);
+                    model.hard_state = HardState { term: model.hard_state.term + t, vote: Some(1 + t), commit };
+                    store.persist(&[], Some(&model.hard_state)).expect("hard state");
+                }
+                Op::Reopen => {
+                    drop(store);
+                    store = open(dir.path());
+                }
+            }
+            check_same(&store, &model)?;
+        }
+        drop(store);
+        check_same(&open(dir.path()), &model)?;
+    }
+}
+
+// ---- Ordinary tests ---------------------------------------------------------------
+
+#[test]
+fn persist_replaces_a_conflicting_suffix_and_refuses_gaps() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    store.persist(&[entry(1, 1, 4), entry(2, 1, 4), entry(3, 1, 4), entry(4, 1, 4)], None).expect("append");
+    store.persist(&[entry(3, 2, 4)], None).expect("replace from 3");
+    assert_eq!(store.last_index().expect("last"), 3);
+    assert_eq!(store.term(3).expect("term"), 2);
+    let err = store.persist(&[entry(9, 2, 4)], None).expect_err("gap");
+    assert!(matches!(err, StoreError::InvalidAppend { first: 9, log_first: 1, log_last: 3 }), "{err}");
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.last_index().expect("last"), 3, "index 4 stayed deleted across reopen");
+}
+
+#[test]
+fn apply_batches_are_atomic_and_scoped_by_state_machine() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    store
+        .persist(&[entry(1, 1, 4), entry(2, 1, 4)], Some(&HardState { term: 1, vote: Some(1), commit: 2 }))
+        .expect("persist");
+    let write = |sm: &str, k: &str, v: Option<&str>| StateWrite {
+        state_machine: sm.into(),
+        key: k.as_bytes().to_vec(),
+        value: v.map(|v| v.as_bytes().to_vec()),
+    };
+    store
+        .apply(&ApplyBatch {
+            applied_index: 2,
+            applied_term: 1,
+            writes: vec![write("kv", "a", Some("1")), write("kv", "b", Some("2")), write("bank", "a", Some("100"))],
+            sessions: vec![(b"client-7".to_vec(), Some(b"seq 3".to_vec()))],
+        })
+        .expect("apply");
+    assert_eq!(store.state_get("kv", b"a").expect("get"), Some(b"1".to_vec()));
+    assert_eq!(store.state_get("bank", b"a").expect("get"), Some(b"100".to_vec()));
+    let kv = store.state_scan("kv", b"", None, 10).expect("scan");
+    assert_eq!(
+        kv,
+        vec![(b"a".to_vec(), b"1".to_vec()), (b"b".to_vec(), b"2".to_vec())],
+        "no key of bank leaks into kv"
+    );
+    assert_eq!(store.state_scan("kv", b"a", Some(b"b"), 10).expect("scan").len(), 1);
+    assert_eq!(store.state_scan("kv", b"", None, 1).expect("scan").len(), 1);
+    assert_eq!(store.session_get(b"client-7").expect("session"), Some(b"seq 3".to_vec()));
+    let digest = store.state_digest("kv").expect("digest");
+    store
+        .apply(&ApplyBatch {
+            applied_index: 2,
+            applied_term: 1,
+            writes: vec![write("kv", "b", None)],
+            sessions: vec![],
+        })
+        .expect("delete");
+    assert_ne!(store.state_digest("kv").expect("digest"), digest);
+    let err =
+        store.apply(&ApplyBatch { applied_index: 1, applied_term: 1, ..ApplyBatch::default() }).expect_err("back");
+    assert!(matches!(err, StoreError::Limit(_)), "{err}");
+    let err = store.state_get("", b"a").expect_err("empty name");
+    assert!(matches!(err, StoreError::Limit(_)), "{err}");
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.applied(), (2, 1));
+    assert_eq!(store.state_get("kv", b"b").expect("get"), None);
+}
+
+#[test]
+fn bootstrap_records_members_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let conf = ConfState::with_voters([1, 2, 3]);
+    store.bootstrap(&conf).expect("bootstrap");
+    store.bootstrap(&conf).expect("same members again is a restart");
+    let err = store.bootstrap(&ConfState::with_voters([1, 2])).expect_err("other members");
+    assert!(matches!(err, StoreError::BootstrapMismatch { .. }), "{err}");
+    drop(store);
+    assert_eq!(open(dir.path()).conf_state(), conf);
+}
+
+#[test]
+fn modules_and_artifacts_are_stored_by_content_hash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let module = vec![0x00, 0x61, 0x73, 0x6d, 1, 2, 3];
+    let hash = store.put_module(&module).expect("put");
+    assert_eq!(store.get_module(&hash).expect("get"), Some(module));
+    assert_eq!(store.get_module(&[0; 32]).expect("get"), None);
+    store.put_artifact("wasmtime-48/cfg1", &hash, b"compiled").expect("put artifact");
+    assert_eq!(store.get_artifact("wasmtime-48/cfg1", &hash).expect("get"), Some(b"compiled".to_vec()));
+    assert_eq!(store.get_artifact("wasmtime-49/cfg1", &hash).expect("get"), None, "another engine never sees it");
+}
+
+#[test]
+fn compaction_keeps_the_tail_and_survives_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let entries: Vec<Entry> = (1..=10).map(|i| entry(i, 1 + i / 4, 8)).collect();
+    store.persist(&entries, Some(&HardState { term: 3, vote: None, commit: 10 })).expect("persist");
+    let err = store.compact(5).expect_err("not applied yet");
+    assert!(matches!(err, StoreError::InvalidCompaction { .. }), "{err}");
+    store.apply(&ApplyBatch { applied_index: 8, applied_term: 3, ..ApplyBatch::default() }).expect("apply");
+    store.compact(6).expect("compact");
+    assert_eq!(store.first_index().expect("first"), 7);
+    assert_eq!(store.term(6).expect("snapshot term"), 2);
+    assert!(matches!(store.term(5), Err(StorageError::Compacted(5))));
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!((store.first_index().expect("first"), store.last_index().expect("last")), (7, 10));
+    assert_eq!(store.snapshot_meta().expect("meta").index, 6);
+    assert_eq!(store.entries(7, 11, u64::MAX).expect("tail"), entries[6..].to_vec());
+}
+
+#[test]
+fn wrong_node_wrong_cluster_and_missing_identity_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    drop(open(dir.path()));
+    let err = Store::open(dir.path(), &Identity::new("test-cluster", 2), &options()).expect_err("other node");
+    assert!(matches!(err, StoreError::WrongNode { found: 1, expected: 2, .. }), "{err}");
+    let err = Store::open(dir.path(), &Identity::new("other", 1), &options()).expect_err("other cluster");
+    assert!(matches!(err, StoreError::WrongCluster { .. }), "{err}");
+    assert!(err.to_string().contains(&dir.path().display().to_string()), "the error names the directory: {err}");
+    std::fs::remove_file(dir.path().join("IDENTITY")).expect("remove");
+    let err = Store::open(dir.path(), &identity(), &options()).expect_err("no identity");
+    assert!(matches!(err, StoreError::MissingIdentity { .. }), "{err}");
+}
+
+// ---- Corruption -----------------------------------------------------------------
+
+/// A data directory with some log, state and hard state, closed cleanly.
+fn populated_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path(), &identity(), &StoreOptions::default()).expect("open");
+    for batch in 0..20u64 {
+        let entries: Vec<Entry> = (batch * 10 + 1..=batch * 10 + 10).map(|i| entry(i, 1, 100)).collect();
+        store.persist(&entries, Some(&HardState { term: 1, vote: Some(1), commit: batch * 10 + 10 })).expect("persist");
+        let writes = vec![StateWrite {
+            state_machine: "kv".into(),
+            key: batch.to_be_bytes().to_vec(),
+            value: Some(vec![7; 64]),
+        }];
+        store
+            .apply(&ApplyBatch { applied_index: batch * 10 + 10, applied_term: 1, writes, sessions: vec![] })
+            .expect("apply");
+    }
+    dir
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).expect("readable dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if std::fs::metadata(&path).map(|m| m.len() > 0).unwrap_or(false) {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for file in files_under(from) {
+        let target = to.join(file.strip_prefix(from).expect("under"));
+        std::fs::create_dir_all(target.parent().expect("parent")).expect("mkdir");
+        std::fs::copy(&file, &target).expect("copy");
+    }
+}
+
+/// Everything a reopened store says about its contents, to compare an
+/// undamaged copy with one that opened despite damage.
+/// Everything compared between an undamaged and a damaged copy.
+type Contents = (Vec<Entry>, HardState, (Index, Term), [u8; 32]);
+
+fn contents(store: &Store) -> Result<Contents, String> {
+    let (first, last) =
+        (store.first_index().map_err(|e| e.to_string())?, store.last_index().map_err(|e| e.to_string())?);
+    let entries = store.entries(first, last + 1, u64::MAX).map_err(|e| e.to_string())?;
+    let digest = store.state_digest("kv").map_err(|e| e.to_string())?;
+    Ok((entries, store.hard_state(), store.applied(), digest))
+}
+
+/// Damages a copy of the directory with `damage`, reopens it, and requires a
+/// clear error or the exact original contents: never a panic, never other data.
+fn reopen_damaged(original: &Path, expected: &Contents, damage: impl Fn(&Path)) -> Outcome {
+    let copy = tempfile::tempdir().expect("tempdir");
+    copy_dir(original, copy.path());
+    damage(copy.path());
+    let result = std::panic::catch_unwind(|| match Store::open(copy.path(), &identity(), &options()) {
+        Ok(store) => match contents(&store) {
+            Ok(found) => Outcome::Opened { same: &found == expected },
+            Err(e) => Outcome::Refused(e),
+        },
+        Err(e) => Outcome::Refused(e.to_string()),
+    });
+    result.unwrap_or(Outcome::Panicked)
+}
+
+#[derive(Debug)]
+enum Outcome {
+    Refused(String),
+    Opened { same: bool },
+    Panicked,
+}
+
+#[test]
+fn flipped_bytes_in_any_file_give_an_error_or_the_original_data() {
+    let original = populated_dir();
+    let expected = contents(&Store::open(original.path(), &identity(), &options()).expect("open")).expect("contents");
+    let mut refused = 0;
+    for file in files_under(original.path()) {
+        let len = std::fs::metadata(&file).expect("meta").len();
+        for position in [0, len / 3, len / 2, len - 1] {
+            let relative = file.strip_prefix(original.path()).expect("under").to_path_buf();
+            let outcome = reopen_damaged(original.path(), &expected, |dir| {
+                let path = dir.join(&relative);
+                let mut bytes = std::fs::read(&path).expect("read");
+                bytes[position as usize] ^= 0x5a;
+                std::fs::write(&path, bytes).expect("write");
+            });
+            match outcome {
+                Outcome::Refused(message) => {
+                    refused += 1;
+                    assert!(!message.is_empty());
+                }
+                Outcome::Opened { same: true } => {}
+                Outcome::Opened { same: false } => {
+                    panic!("flipping byte {position} of {} silently changed the data", relative.display())
+                }
+                Outcome::Panicked => panic!("flipping byte {position} of {} panicked", relative.display()),
+            }
+        }
+    }
+    assert!(refused > 0, "at least some damage must be detected");
+}
+
+#[test]
+fn truncated_files_give_an_error_or_the_original_data() {
+    let original = populated_dir();
+    let expected = contents(&Store::open(original.path(), &identity(), &options()).expect("open")).expect("contents");
+    for file in files_under(original.path()) {
+        let relative = file.strip_prefix(original.path()).expect("under").to_path_buf();
+        let len = std::fs::metadata(&file).expect("meta").len();
+        for keep in [0, len / 2, len.saturating_sub(1)] {
+            let outcome = reopen_damaged(original.path(), &expected, |dir| {
+                let f = std::fs::OpenOptions::new().write(true).open(dir.join(&relative)).expect("open");
+                f.set_len(keep).expect("truncate");
+            });
+            match outcome {
+                Outcome::Refused(_) | Outcome::Opened { same: true } => {}
+                Outcome::Opened { same: false } => {
+                    panic!("truncating {} to {keep} bytes silently changed the data", relative.display())
+                }
+                Outcome::Panicked => panic!("truncating {} to {keep} bytes panicked", relative.display()),
+            }
+        }
+    }
+}
