@@ -432,3 +432,64 @@ fn truncated_files_give_an_error_or_the_original_data() {
         }
     }
 }
+
+// ---- The core on the fjall store ---------------------------------------------------
+
+/// Drives a single-member core over the store like the node will: persist,
+/// apply (one guest key per entry), advance.
+fn drive(raft: &mut raft_host::raft::Raft<Store>, store: &Store) -> u64 {
+    let mut applied = 0;
+    while raft.has_ready() {
+        let ready = raft.ready().expect("ready");
+        store.persist(&ready.entries, ready.hard_state.as_ref()).expect("persist");
+        if let Some(last) = ready.committed_entries.last() {
+            let writes = ready
+                .committed_entries
+                .iter()
+                .filter(|e| !e.is_noop())
+                .map(|e| StateWrite {
+                    state_machine: "kv".into(),
+                    key: e.data.to_vec(),
+                    value: Some(e.index.to_be_bytes().to_vec()),
+                })
+                .collect::<Vec<_>>();
+            applied += writes.len() as u64;
+            store
+                .apply(&ApplyBatch { applied_index: last.index, applied_term: last.term, writes, sessions: vec![] })
+                .expect("apply");
+        }
+        raft.advance().expect("advance");
+    }
+    applied
+}
+
+#[test]
+fn the_core_runs_on_the_store_and_restarts_from_it_without_reapplying() {
+    use raft_host::raft::{Config, Raft, Role};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path(), &identity(), &StoreOptions::default()).expect("open");
+    store.bootstrap(&ConfState::with_voters([1])).expect("bootstrap");
+    let mut raft = Raft::new(Config::new(1), store.clone()).expect("core starts");
+    raft.campaign().expect("campaign");
+    drive(&mut raft, &store);
+    for i in 0..50u32 {
+        raft.propose(vec![Bytes::from(format!("key-{i:03}"))]).expect("propose");
+    }
+    assert_eq!(drive(&mut raft, &store), 50);
+    let term = raft.term();
+    drop(raft);
+    drop(store);
+
+    let store = Store::open(dir.path(), &identity(), &StoreOptions::default()).expect("reopen");
+    let mut config = Config::new(1);
+    config.applied = store.applied().0;
+    let mut raft = Raft::new(config, store.clone()).expect("core restarts");
+    assert_eq!(raft.term(), term, "the term survived");
+    assert_eq!(raft.log().last_index().expect("last"), 51);
+    assert_eq!(drive(&mut raft, &store), 0, "nothing is applied twice after a restart");
+    raft.campaign().expect("campaign");
+    assert_eq!(raft.role(), Role::Leader);
+    raft.propose(vec![Bytes::from_static(b"after-restart")]).expect("propose");
+    assert_eq!(drive(&mut raft, &store), 1);
+    assert_eq!(store.state_scan("kv", b"", None, 1000).expect("scan").len(), 51);
+}
