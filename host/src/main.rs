@@ -38,6 +38,15 @@ struct DemoArgs {
 const ELECTION_TICKS_MAX: u32 = 1_000;
 
 fn main() {
+    // Logs go to stderr, filtered by RUST_LOG (default: info), so warnings
+    // from the library (for example a store opened without fsync) are seen.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => demo(&args),
