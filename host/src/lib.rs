@@ -6,4 +6,5 @@
 //! services join it as separate modules; see DESIGN.md for the data flow.
 
 pub mod raft;
+pub mod runtime;
 pub mod storage;

@@ -1,0 +1,73 @@
+//! Test fixture: misbehaves on command, to prove the host survives it.
+//! Commands (plain text): `loop`, `alloc` (grow memory without bound),
+//! `recurse`, `trap` (panic), `write-then-fail`, `write-then-trap`, `ok`
+//! (writes `ok` = `yes`), `entropy` (replies with time and random numbers);
+//! query `read` (value of `ok`), `write` (tries to write from a query).
+
+use raft_guest::{StateMachine, context, kv};
+use std::hint::black_box;
+
+struct Hostile;
+
+#[inline(never)]
+fn recurse(depth: u64) -> u64 {
+    // black_box keeps the optimizer from turning this into a loop.
+    black_box(recurse(black_box(depth + 1))) + 1
+}
+
+impl StateMachine for Hostile {
+    fn apply(command: &[u8]) -> Result<Vec<u8>, String> {
+        match command {
+            b"loop" => loop {
+                black_box(());
+            },
+            b"alloc" => {
+                // Reserve without touching: memory grows fast and cheaply, so
+                // the memory ceiling (not the fuel budget) stops it.
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(Vec::with_capacity(16 << 20));
+                    black_box(&hoard);
+                }
+            }
+            b"recurse" => Ok(recurse(0).to_le_bytes().to_vec()),
+            b"trap" => panic!("the guest panicked on purpose"),
+            b"write-then-fail" => {
+                kv::set(b"ghost", b"should not exist")?;
+                Err("failed after writing".into())
+            }
+            b"write-then-trap" => {
+                kv::set(b"ghost", b"should not exist")?;
+                panic!("trapped after writing")
+            }
+            b"ok" => {
+                kv::set(b"ok", b"yes")?;
+                Ok(b"fine".to_vec())
+            }
+            b"entropy" => {
+                let entry = context::entry();
+                let reply = format!(
+                    "index={} term={} now={} random={},{}",
+                    entry.index,
+                    entry.term,
+                    context::now_ms(),
+                    context::random_u64(),
+                    context::random_u64()
+                );
+                kv::set(format!("entropy/{}", entry.index).as_bytes(), reply.as_bytes())?;
+                Ok(reply.into_bytes())
+            }
+            other => Err(format!("unknown command {:?}", String::from_utf8_lossy(other))),
+        }
+    }
+
+    fn query(request: &[u8]) -> Result<Vec<u8>, String> {
+        match request {
+            b"read" => Ok(kv::get(b"ok").unwrap_or_default()),
+            b"write" => kv::set(b"sneaky", b"write").map(|()| b"wrote".to_vec()),
+            other => Err(format!("unknown query {:?}", String::from_utf8_lossy(other))),
+        }
+    }
+}
+
+raft_guest::export!(Hostile);

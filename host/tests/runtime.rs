@@ -1,0 +1,226 @@
+//! The WebAssembly runtime against real guests built from `guests/`: the kv,
+//! counter and bank examples, hostile guests, modules that must be refused,
+//! transactional applies, and determinism across instance reuse.
+
+use raft_host::runtime::{CallError, EntryInfo, Limits, LoadError, Machine, Runtime};
+use raft_host::storage::{ApplyBatch, Durability, Identity, Store, StoreOptions};
+use std::sync::Arc;
+
+struct Harness {
+    machine: Machine,
+    store: Store,
+    next_index: u64,
+    _dir: tempfile::TempDir,
+}
+
+fn limits() -> Limits {
+    // A smaller fuel budget keeps the runaway-loop tests quick.
+    Limits { fuel_per_call: 20_000_000, memory_bytes: 32 << 20, ..Limits::default() }
+}
+
+fn harness_with(runtime: Arc<Runtime>, bytes: &[u8], name: &str) -> Harness {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = StoreOptions { durability: Durability::UnsafeNoSync, ..StoreOptions::default() };
+    let store = Store::open(dir.path(), &Identity::new("rt", 1), &options).expect("store");
+    let module = runtime.load(bytes).expect("module loads");
+    Harness { machine: Machine::new(runtime, module, name, store.clone()), store, next_index: 1, _dir: dir }
+}
+
+fn harness(bytes: &[u8]) -> Harness {
+    harness_with(Arc::new(Runtime::new(limits()).expect("runtime")), bytes, "sm")
+}
+
+fn entry(index: u64) -> EntryInfo {
+    EntryInfo { index, term: 1, timestamp_ms: 1_700_000_000_000 + index * 10 }
+}
+
+impl Harness {
+    /// Applies commands as one batch and makes the writes durable.
+    fn apply_all(&mut self, commands: &[&[u8]]) -> Vec<Result<Vec<u8>, CallError>> {
+        let batch: Vec<(EntryInfo, &[u8])> =
+            commands.iter().enumerate().map(|(i, c)| (entry(self.next_index + i as u64), *c)).collect();
+        let (outcomes, writes) = self.machine.apply_batch(&batch).expect("runtime works");
+        let last = self.next_index + commands.len() as u64 - 1;
+        self.store
+            .apply(&ApplyBatch { applied_index: last, applied_term: 1, writes, sessions: vec![] })
+            .expect("store");
+        self.next_index = last + 1;
+        outcomes
+    }
+
+    fn apply(&mut self, command: &str) -> Result<String, CallError> {
+        let outcome = self.apply_all(&[command.as_bytes()]).remove(0);
+        outcome.map(|bytes| String::from_utf8(bytes).expect("utf-8 reply"))
+    }
+
+    fn query(&mut self, request: &str) -> Result<String, CallError> {
+        let at = entry(self.next_index - 1);
+        let outcome = self.machine.query(at, request.as_bytes()).expect("runtime works");
+        outcome.map(|bytes| String::from_utf8(bytes).expect("utf-8 reply"))
+    }
+}
+
+#[test]
+fn kv_guest_puts_gets_deletes_and_compares_and_swaps() {
+    let mut h = harness(raft_guests::KV);
+    assert_eq!(h.apply(r#"{"op":"put","key":"a","value":"1"}"#).unwrap(), r#"{"previous":null}"#);
+    assert_eq!(h.apply(r#"{"op":"put","key":"a","value":"2"}"#).unwrap(), r#"{"previous":"1"}"#);
+    assert_eq!(h.query(r#"{"op":"get","key":"a"}"#).unwrap(), r#"{"value":"2"}"#);
+    assert_eq!(h.query(r#"{"op":"get","key":"zz"}"#).unwrap(), r#"{"value":null}"#);
+    assert_eq!(
+        h.apply(r#"{"op":"cas","key":"a","expected":"1","value":"3"}"#).unwrap(),
+        r#"{"ok":false,"current":"2"}"#
+    );
+    assert_eq!(h.apply(r#"{"op":"cas","key":"a","expected":"2","value":"3"}"#).unwrap(), r#"{"ok":true}"#);
+    assert_eq!(h.apply(r#"{"op":"cas","key":"new","expected":null,"value":"x"}"#).unwrap(), r#"{"ok":true}"#);
+    for (k, v) in [("b", "B"), ("c", "C"), ("d", "D")] {
+        h.apply(&format!(r#"{{"op":"put","key":"{k}","value":"{v}"}}"#)).unwrap();
+    }
+    assert_eq!(
+        h.query(r#"{"op":"range","start":"b","end":"d","limit":10}"#).unwrap(),
+        r#"{"items":[{"key":"b","value":"B"},{"key":"c","value":"C"}]}"#
+    );
+    assert_eq!(
+        h.query(r#"{"op":"range","start":"a","end":null,"limit":2}"#).unwrap(),
+        r#"{"items":[{"key":"a","value":"3"},{"key":"b","value":"B"}]}"#
+    );
+    assert_eq!(h.apply(r#"{"op":"delete","key":"a"}"#).unwrap(), r#"{"deleted":true}"#);
+    assert_eq!(h.apply(r#"{"op":"delete","key":"a"}"#).unwrap(), r#"{"deleted":false}"#);
+    let err = h.apply(r#"{"op":"explode"}"#).unwrap_err();
+    assert!(matches!(&err, CallError::Returned(m) if m.starts_with("invalid JSON")), "{err}");
+    assert_eq!(h.store.state_get("sm", b"b").unwrap(), Some(b"B".to_vec()), "state lives in the host's store");
+}
+
+#[test]
+fn later_entries_of_a_batch_see_earlier_writes_and_failed_ones_write_nothing() {
+    let mut h = harness(raft_guests::KV);
+    let outcomes = h.apply_all(&[
+        br#"{"op":"put","key":"k","value":"1"}"#,
+        br#"{"op":"cas","key":"k","expected":"1","value":"2"}"#,
+        br#"not json"#,
+        br#"{"op":"put","key":"k","value":"3"}"#,
+    ]);
+    assert_eq!(outcomes[1].as_deref().unwrap(), br#"{"ok":true}"#, "the cas saw the put of the same batch");
+    assert!(outcomes[2].is_err());
+    assert_eq!(outcomes[3].as_deref().unwrap(), br#"{"previous":"2"}"#);
+    assert_eq!(h.store.applied().0, 4);
+}
+
+#[test]
+fn counter_and_bank_keep_their_invariants() {
+    let mut counter = harness(raft_guests::COUNTER);
+    assert_eq!(counter.apply(r#"{"op":"add","by":5}"#).unwrap(), "5");
+    assert_eq!(counter.apply(r#"{"op":"add","by":-7}"#).unwrap(), "-2");
+    assert_eq!(counter.query(r#"{"op":"get"}"#).unwrap(), "-2");
+    assert!(counter.apply(&format!(r#"{{"op":"add","by":{}}}"#, i64::MAX)).is_ok());
+    assert!(counter.apply(r#"{"op":"add","by":9}"#).unwrap_err().to_string().contains("overflows"));
+
+    let mut bank = harness(raft_guests::BANK);
+    bank.apply(r#"{"op":"open","account":"alice"}"#).unwrap();
+    bank.apply(r#"{"op":"open","account":"bob"}"#).unwrap();
+    assert!(bank.apply(r#"{"op":"open","account":"bob"}"#).is_err());
+    bank.apply(r#"{"op":"deposit","account":"alice","amount":100}"#).unwrap();
+    assert_eq!(
+        bank.apply(r#"{"op":"transfer","from":"alice","to":"bob","amount":30}"#).unwrap(),
+        r#"{"from":70,"to":30}"#
+    );
+    let err = bank.apply(r#"{"op":"transfer","from":"bob","to":"alice","amount":31}"#).unwrap_err();
+    assert!(err.to_string().contains("insufficient funds"), "{err}");
+    assert_eq!(bank.query(r#"{"op":"total"}"#).unwrap(), r#"{"total":100,"accounts":2}"#);
+    assert_eq!(bank.query(r#"{"op":"balance","account":"bob"}"#).unwrap(), r#"{"balance":30}"#);
+}
+
+#[test]
+fn hostile_guests_fail_cleanly_write_nothing_and_the_next_command_succeeds() {
+    let mut h = harness(raft_guests::HOSTILE);
+    assert_eq!(h.apply("ok").expect("a healthy guest"), "fine");
+    let cases: &[(&str, fn(&CallError) -> bool)] = &[
+        ("loop", |e| *e == CallError::OutOfFuel),
+        ("alloc", |e| matches!(e, CallError::OutOfMemory(_))),
+        ("recurse", |e| matches!(e, CallError::Trapped(m) if m.contains("stack"))),
+        ("trap", |e| matches!(e, CallError::Trapped(_))),
+        ("write-then-fail", |e| matches!(e, CallError::Returned(m) if m == "failed after writing")),
+        ("write-then-trap", |e| matches!(e, CallError::Trapped(_))),
+    ];
+    for (command, expected) in cases {
+        let before = h.machine.instantiations();
+        let err = h.apply(command).expect_err(command);
+        assert!(expected(&err), "{command}: unexpected {err:?}");
+        assert_eq!(h.store.state_get("sm", b"ghost").unwrap(), None, "{command} left a write behind");
+        assert_eq!(h.apply("ok").expect("a healthy command right after"), "fine", "after {command}");
+        if !matches!(err, CallError::Returned(_)) {
+            assert_eq!(h.machine.instantiations(), before + 1, "{command}: the instance was re-created");
+        }
+    }
+    let err = h.query("write").expect_err("queries are read-only");
+    assert!(err.to_string().contains("read-only"), "{err}");
+    assert_eq!(h.query("read").unwrap(), "yes");
+}
+
+#[test]
+fn modules_that_do_not_fit_are_refused_with_the_reason() {
+    let runtime = Runtime::new(limits()).expect("runtime");
+    let err = runtime.load(raft_guests::EXTRA_IMPORT).err().expect("extra import refused");
+    assert!(
+        matches!(&err, LoadError::UnsupportedImports(names) if names.iter().any(|n| n.contains("steal-secrets"))),
+        "{err}"
+    );
+    let err = runtime.load(raft_guests::OTHER_WORLD).err().expect("other world refused");
+    assert!(matches!(err, LoadError::WrongWorld(_)), "{err}");
+    // The smallest valid core module: magic and version 1.
+    let err = runtime.load(b"\0asm\x01\0\0\0").err().expect("core module refused");
+    assert!(matches!(&err, LoadError::NotAComponent(m) if m.contains("core WebAssembly module")), "{err}");
+    let err = runtime.load(b"#!/bin/sh\necho hi\n").err().expect("garbage refused");
+    assert!(matches!(err, LoadError::NotAComponent(_)), "{err}");
+    let mut truncated = raft_guests::KV.to_vec();
+    truncated.truncate(truncated.len() / 2);
+    assert!(matches!(runtime.load(&truncated).err().expect("truncated refused"), LoadError::Compile(_)));
+    let small = Runtime::new(Limits { module_bytes: 1000, ..limits() }).expect("runtime");
+    let err = small.load(raft_guests::KV).err().expect("oversized refused");
+    assert!(matches!(err, LoadError::TooLarge { max: 1000, .. }), "{err}");
+    assert!(runtime.load(raft_guests::KV).is_ok(), "the runtime is unaffected by what it refused");
+}
+
+#[test]
+fn the_same_commands_give_identical_replies_and_state_whatever_the_instance_reuse() {
+    let commands: Vec<&str> = vec![
+        "ok",
+        "entropy",
+        "loop",
+        "entropy",
+        "trap",
+        "alloc",
+        "write-then-fail",
+        "entropy",
+        "ok",
+        "recurse",
+        "entropy",
+    ];
+    let runtime = Arc::new(Runtime::new(limits()).expect("runtime"));
+    let mut long_lived = harness_with(runtime.clone(), raft_guests::HOSTILE, "sm");
+    let mut fresh_each_time =
+        harness_with(Arc::new(Runtime::new(limits()).expect("runtime")), raft_guests::HOSTILE, "sm");
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for command in &commands {
+        a.push(long_lived.apply(command));
+        fresh_each_time.machine.reset_instance();
+        b.push(fresh_each_time.apply(command));
+    }
+    assert_eq!(a, b, "replies differ between instance strategies");
+    assert_eq!(long_lived.store.state_digest("sm").unwrap(), fresh_each_time.store.state_digest("sm").unwrap());
+    let entropy = a[1].as_ref().expect("entropy reply");
+    assert!(entropy.contains("now=1700000000020"), "time comes from the entry: {entropy}");
+    assert_ne!(a[1], a[3], "each entry has its own randomness");
+    assert!(fresh_each_time.machine.instantiations() > long_lived.machine.instantiations());
+}
+
+#[test]
+fn state_machines_do_not_see_each_others_keys() {
+    let runtime = Arc::new(Runtime::new(limits()).expect("runtime"));
+    let mut kv = harness_with(runtime.clone(), raft_guests::KV, "kv");
+    let module = runtime.load(raft_guests::KV).expect("cached module");
+    let mut other = Machine::new(runtime, module, "other", kv.store.clone());
+    kv.apply(r#"{"op":"put","key":"secret","value":"1"}"#).unwrap();
+    let reply = other.query(entry(1), br#"{"op":"get","key":"secret"}"#).expect("runtime").expect("query");
+    assert_eq!(reply, br#"{"value":null}"#);
+}
