@@ -32,7 +32,9 @@ fn native_put(store: &Store, overlay: &mut BTreeMap<Vec<u8>, Option<Vec<u8>>>, c
 }
 
 fn commands(count: usize) -> Vec<Vec<u8>> {
-    (0..count).map(|i| format!(r#"{{"op":"put","key":"key-{:06}","value":"{}"}}"#, i % 10_000, "v".repeat(64)).into_bytes()).collect()
+    (0..count)
+        .map(|i| format!(r#"{{"op":"put","key":"key-{:06}","value":"{}"}}"#, i % 10_000, "v".repeat(64)).into_bytes())
+        .collect()
 }
 
 fn main() {
@@ -48,7 +50,10 @@ fn main() {
     let mut machine = Machine::new(runtime, module, "kv", store.clone());
     let pool = commands(4096);
 
-    println!("{:<28} {:>12} {:>12} {:>12} {:>10}", "apply path", "wasm ns/cmd", "native ns/cmd", "wasm cmd/s", "wasm/native");
+    println!(
+        "{:<28} {:>12} {:>12} {:>12} {:>10}",
+        "apply path", "wasm ns/cmd", "native ns/cmd", "wasm cmd/s", "wasm/native"
+    );
     for batch in [1usize, 64] {
         let mut index = 1u64;
         let (mut wasm_count, wasm_started) = (0u64, Instant::now());
@@ -56,7 +61,10 @@ fn main() {
             let chunk: Vec<(EntryInfo, &[u8])> = (0..batch)
                 .map(|i| {
                     index += 1;
-                    (EntryInfo { index, term: 1, timestamp_ms: index }, pool[(index as usize + i) % pool.len()].as_slice())
+                    (
+                        EntryInfo { index, term: 1, timestamp_ms: index },
+                        pool[(index as usize + i) % pool.len()].as_slice(),
+                    )
                 })
                 .collect();
             let (outcomes, _writes) = machine.apply_batch(&chunk).expect("runtime works");

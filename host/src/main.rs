@@ -20,6 +20,16 @@ enum Command {
     /// in-memory network): elects a leader, writes, crashes the leader,
     /// re-elects, restarts the old leader and checks every replica converged.
     Demo(DemoArgs),
+    /// Checks that a WebAssembly component fits the raft:host/state-machine
+    /// world and compiles under the host's limits, as a deploy would, and
+    /// prints its hash and size. Without a path, checks the built-in kv guest.
+    Validate(ValidateArgs),
+}
+
+#[derive(Args)]
+struct ValidateArgs {
+    /// The component (.wasm) to check.
+    path: Option<std::path::PathBuf>,
 }
 
 #[derive(Args)]
@@ -50,6 +60,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => demo(&args),
+        Command::Validate(args) => validate(&args),
     };
     if let Err(error) = result {
         eprintln!("raft-host: {error:#}");
@@ -89,6 +100,26 @@ fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         cluster.tick().context("catching up")?;
     }
     report(&cluster)
+}
+
+fn validate(args: &ValidateArgs) -> anyhow::Result<()> {
+    let (name, bytes) = match &args.path {
+        Some(path) => {
+            let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            (path.display().to_string(), bytes)
+        }
+        None => ("built-in kv guest".to_string(), raft_guests::KV.to_vec()),
+    };
+    let runtime = raft_host::runtime::Runtime::new(raft_host::runtime::Limits::default())?;
+    let started = Instant::now();
+    let module = runtime.load(&bytes).with_context(|| format!("{name} cannot be deployed"))?;
+    println!(
+        "{name}: fits raft:host/state-machine; {} bytes; sha256 {}; compiled in {:.0} ms",
+        module.size_bytes(),
+        raft_host::storage::hex(&module.hash()),
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(())
 }
 
 fn elect(cluster: &mut LocalCluster) -> anyhow::Result<u64> {

@@ -1,7 +1,7 @@
 //! Test fixture: misbehaves on command, to prove the host survives it.
 //! Commands (plain text): `loop`, `alloc` (grow memory without bound),
 //! `recurse`, `trap` (panic), `write-then-fail`, `write-then-trap`, `ok`
-//! (writes `ok` = `yes`), `entropy` (replies with time and random numbers);
+//! (writes `ok` = `yes`), `print` (200 KB to stdout), `entropy` (replies with time and random numbers);
 //! query `read` (value of `ok`), `write` (tries to write from a query).
 
 use raft_guest::{StateMachine, context, kv};
@@ -39,6 +39,15 @@ impl StateMachine for Hostile {
             b"write-then-trap" => {
                 kv::set(b"ghost", b"should not exist")?;
                 panic!("trapped after writing")
+            }
+            b"print" => {
+                // About 200 KB through WASI stdout and stderr: the host
+                // must accept it all, on every replica alike.
+                for line in 0..2_000 {
+                    println!("line {line} {}", "x".repeat(90));
+                }
+                eprintln!("done printing");
+                Ok(b"printed".to_vec())
             }
             b"ok" => {
                 kv::set(b"ok", b"yes")?;

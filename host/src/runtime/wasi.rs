@@ -2,18 +2,19 @@
 //! std, Python, JavaScript). Nothing ambient reaches the guest: no files
 //! (no preopens), no sockets, no environment, no arguments, empty stdin;
 //! both clocks read the timestamp of the entry being applied; both random
-//! sources draw from a generator seeded by the entry; stdout and stderr
-//! accept every write and discard it. (A stream that can fail when full would
-//! be nondeterministic: instances are re-created at different moments on
-//! different nodes. Guests log through `context.log`, which reaches the
-//! host's log.)
+//! sources draw from a generator seeded by the entry; stdout and stderr are
+//! forwarded line by line to the host's log. The output streams never fail
+//! and never block: a stream that could fail when full would make replicas
+//! diverge, since instances are re-created at different moments on
+//! different nodes. Bytes past a bounded line buffer are dropped instead.
 
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use wasmtime_wasi::p2::pipe::SinkOutputStream;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder};
 
 /// What the guest may observe about "now" and "random", set before each call
@@ -120,8 +121,8 @@ impl rand_core_wasi::TryRng for EntryRandom {
 /// Builds the virtual WASI context of one instance.
 pub fn build(entropy: &EntryEntropy) -> WasiCtx {
     WasiCtxBuilder::new()
-        .stdout(SinkOutputStream)
-        .stderr(SinkOutputStream)
+        .stdout(LogStream::new("stdout"))
+        .stderr(LogStream::new("stderr"))
         .wall_clock(EntryWallClock(entropy.clone()))
         .monotonic_clock(EntryMonotonicClock(entropy.clone()))
         .secure_random(EntryRandom(entropy.clone()))
@@ -132,4 +133,71 @@ pub fn build(entropy: &EntryEntropy) -> WasiCtx {
         .allow_ip_name_lookup(false)
         .socket_addr_check(|_, _| Box::pin(async { false }))
         .build()
+}
+
+/// Longest line kept from a guest's stdout or stderr; the rest of a longer
+/// line is dropped.
+const OUTPUT_LINE_MAX_BYTES: usize = 4096;
+
+/// A guest's stdout or stderr: complete lines go to the host's log.
+#[derive(Clone)]
+struct LogStream {
+    name: &'static str,
+    line: Arc<Mutex<Vec<u8>>>,
+}
+
+impl LogStream {
+    fn new(name: &'static str) -> LogStream {
+        LogStream { name, line: Arc::new(Mutex::new(Vec::new())) }
+    }
+
+    fn accept(&self, bytes: &[u8]) {
+        let mut line = self.line.lock().unwrap_or_else(|p| p.into_inner());
+        for &byte in bytes {
+            if byte == b'\n' {
+                tracing::info!(stream = self.name, line = %String::from_utf8_lossy(&line), "guest output");
+                line.clear();
+            } else if line.len() < OUTPUT_LINE_MAX_BYTES {
+                line.push(byte);
+            }
+        }
+    }
+}
+
+impl IsTerminal for LogStream {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for LogStream {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        // Only WASIp3 guests use this path, and the host links WASIp2 only.
+        Box::new(tokio::io::sink())
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl OutputStream for LogStream {
+    fn write(&mut self, bytes: bytes::Bytes) -> Result<(), StreamError> {
+        self.accept(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), StreamError> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> Result<usize, StreamError> {
+        Ok(64 << 10)
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for LogStream {
+    async fn ready(&mut self) {}
 }
