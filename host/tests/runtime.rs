@@ -134,7 +134,8 @@ fn counter_and_bank_keep_their_invariants() {
 fn hostile_guests_fail_cleanly_write_nothing_and_the_next_command_succeeds() {
     let mut h = harness(raft_guests::HOSTILE);
     assert_eq!(h.apply("ok").expect("a healthy guest"), "fine");
-    let cases: &[(&str, fn(&CallError) -> bool)] = &[
+    type Expectation = fn(&CallError) -> bool;
+    let cases: &[(&str, Expectation)] = &[
         ("loop", |e| *e == CallError::OutOfFuel),
         ("alloc", |e| matches!(e, CallError::OutOfMemory(_))),
         ("recurse", |e| matches!(e, CallError::Trapped(m) if m.contains("stack"))),

@@ -307,7 +307,7 @@ impl Machine {
             }
             outcomes.push(outcome);
         }
-        Ok((outcomes, self.into_writes(batch)))
+        Ok((outcomes, self.writes_of(batch)))
     }
 
     /// Answers a read at the last applied entry `at`. Writes are refused.
@@ -328,11 +328,11 @@ impl Machine {
         let (outcome, writes) =
             self.call(at, true, CallKind::Migrate, &mut none, |b, s| b.call_migrate(s, previous))?;
         let outcome = outcome.and_then(|r| r.map_err(CallError::Returned));
-        let writes = if outcome.is_ok() { self.into_writes(writes) } else { Vec::new() };
+        let writes = if outcome.is_ok() { self.writes_of(writes) } else { Vec::new() };
         Ok((outcome, writes))
     }
 
-    fn into_writes(&self, overlay: Overlay) -> Vec<StateWrite> {
+    fn writes_of(&self, overlay: Overlay) -> Vec<StateWrite> {
         overlay.into_iter().map(|(key, value)| StateWrite { state_machine: self.name.clone(), key, value }).collect()
     }
 
