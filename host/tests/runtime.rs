@@ -160,6 +160,20 @@ fn hostile_guests_fail_cleanly_write_nothing_and_the_next_command_succeeds() {
 }
 
 #[test]
+fn a_guest_that_cannot_even_instantiate_fails_each_entry_not_the_node() {
+    // A memory ceiling below the guest's initial memory: instantiation itself
+    // fails, the same way on every node, so it is that entry's error.
+    let runtime = Arc::new(Runtime::new(Limits { memory_bytes: 64 << 10, ..limits() }).expect("runtime"));
+    let mut h = harness_with(runtime, raft_guests::KV, "sm");
+    for _ in 0..2 {
+        let err = h.apply(r#"{"op":"put","key":"a","value":"1"}"#).expect_err("cannot instantiate");
+        assert!(matches!(err, CallError::OutOfMemory(_)), "{err:?}");
+    }
+    assert_eq!(h.store.state_get("sm", b"a").unwrap(), None);
+    assert_eq!(h.store.applied().0, 2, "the entries were applied (as errors), so the log moves on");
+}
+
+#[test]
 fn modules_that_do_not_fit_are_refused_with_the_reason() {
     let runtime = Runtime::new(limits()).expect("runtime");
     let err = runtime.load(raft_guests::EXTRA_IMPORT).err().expect("extra import refused");

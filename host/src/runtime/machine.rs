@@ -336,38 +336,46 @@ impl Machine {
         overlay.into_iter().map(|(key, value)| StateWrite { state_machine: self.name.clone(), key, value }).collect()
     }
 
-    fn instance(&mut self) -> Result<&mut Instance, RuntimeError> {
-        if self.instance.is_none() {
-            let state = GuestState {
-                wasi: wasi::build(&self.entropy),
-                table: ResourceTable::new(),
-                limiter: Limiter { limits: self.runtime.limits.clone(), refused: None },
-                call: CallContext {
-                    store: self.store.clone(),
-                    state_machine: self.name.clone(),
-                    limits: self.runtime.limits.clone(),
-                    batch: Overlay::new(),
-                    current: Overlay::new(),
-                    writable: false,
-                    entry: EntryInfo { index: 0, term: 0, timestamp_ms: 0 },
-                    entropy: self.entropy.clone(),
-                    store_failure: None,
-                },
-            };
-            let mut store = wasmtime::Store::new(&self.runtime.engine, state);
-            store.limiter(|state| &mut state.limiter);
-            store.set_fuel(self.runtime.limits.fuel_per_call).map_err(|e| RuntimeError::Engine(e.to_string()))?;
-            // Instantiation runs guest start code: it is bounded by the same
-            // fuel and limits, and a failure here is the module's fault.
-            let bindings = self.module.pre.instantiate(&mut store);
-            let bindings = match bindings {
-                Ok(b) => b,
-                Err(e) => return Err(RuntimeError::Engine(format!("instantiating the state machine failed: {e:#}"))),
-            };
-            self.instantiations += 1;
-            self.instance = Some(Instance { store, bindings });
+    /// A fresh instance, its context already set to `entry`. Instantiation
+    /// runs guest start code under the same fuel and limits as a call; its
+    /// failure is the module's, identical on every node, so it is reported
+    /// as that entry's error rather than failing the node.
+    fn create_instance(
+        &mut self,
+        entry: EntryInfo,
+        writable: bool,
+    ) -> Result<Result<Instance, CallError>, RuntimeError> {
+        let state = GuestState {
+            wasi: wasi::build(&self.entropy),
+            table: ResourceTable::new(),
+            limiter: Limiter { limits: self.runtime.limits.clone(), refused: None },
+            call: CallContext {
+                store: self.store.clone(),
+                state_machine: self.name.clone(),
+                limits: self.runtime.limits.clone(),
+                batch: Overlay::new(),
+                current: Overlay::new(),
+                writable,
+                entry,
+                entropy: self.entropy.clone(),
+                store_failure: None,
+            },
+        };
+        let mut store = wasmtime::Store::new(&self.runtime.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        store.set_fuel(self.runtime.limits.fuel_per_call).map_err(|e| RuntimeError::Engine(e.to_string()))?;
+        match self.module.pre.instantiate(&mut store) {
+            Ok(bindings) => {
+                self.instantiations += 1;
+                Ok(Ok(Instance { store, bindings }))
+            }
+            Err(error) => {
+                if let Some(failure) = store.data_mut().call.store_failure.take() {
+                    return Err(RuntimeError::Store(failure));
+                }
+                Ok(Err(classify(&error, store.data_mut().limiter.refused.take())))
+            }
         }
-        Ok(self.instance.as_mut().expect("just created"))
     }
 
     /// One guest call with fresh fuel, the entry's context and an empty
@@ -382,7 +390,16 @@ impl Machine {
     ) -> Result<(Result<R, CallError>, Overlay), RuntimeError> {
         self.entropy.enter(entry.index, entry.term, entry.timestamp_ms, kind as u8);
         let fuel = self.runtime.limits.fuel_per_call;
-        let instance = self.instance()?;
+        if self.instance.is_none() {
+            match self.create_instance(entry, writable)? {
+                Ok(instance) => self.instance = Some(instance),
+                Err(failure) => {
+                    tracing::warn!(state_machine = %self.name, index = entry.index, error = %failure, "instantiating the guest failed");
+                    return Ok((Err(failure), Overlay::new()));
+                }
+            }
+        }
+        let instance = self.instance.as_mut().expect("created above");
         {
             let call = &mut instance.store.data_mut().call;
             call.entry = entry;
