@@ -6,5 +6,6 @@
 //! services join it as separate modules; see DESIGN.md for the data flow.
 
 pub mod raft;
+pub mod rpc;
 pub mod runtime;
 pub mod storage;

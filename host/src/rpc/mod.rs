@@ -1,0 +1,232 @@
+//! gRPC surfaces and the conversions between their protobuf types and the
+//! consensus core's own. Everything that arrives from the network is checked
+//! here before the core sees it: the cluster id, the sender, the receiver,
+//! and every field's shape.
+
+/// Types and service stubs generated from `proto/raft.proto`.
+pub mod pb {
+    tonic::include_proto!("raft.v1");
+}
+
+use crate::raft::{Entry, EntryKind, Message, MessageBody, NodeId};
+use bytes::Bytes;
+use std::collections::BTreeSet;
+use thiserror::Error;
+
+/// Most messages one envelope may carry.
+pub const MESSAGES_PER_ENVELOPE_MAX: usize = 4096;
+
+/// Why an incoming envelope was refused. Nothing in it reached the core.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum EnvelopeError {
+    #[error("message from cluster {found:?}, this is cluster {expected:?}")]
+    WrongCluster { found: String, expected: String },
+    #[error("message from node {0}, which is not a member of this cluster")]
+    UnknownSender(NodeId),
+    #[error("message for node {found}, this is node {expected}")]
+    WrongReceiver { found: NodeId, expected: NodeId },
+    #[error("envelope carries {0} messages, above the limit of {MESSAGES_PER_ENVELOPE_MAX}")]
+    TooManyMessages(usize),
+    #[error("message {position} of the envelope has no body")]
+    EmptyMessage { position: usize },
+}
+
+/// Wraps messages from `from` to `to` for the wire.
+pub fn seal_envelope(cluster_id: &str, from: NodeId, to: NodeId, messages: &[Message]) -> pb::Envelope {
+    pb::Envelope {
+        cluster_id: cluster_id.to_string(),
+        from,
+        to,
+        messages: messages.iter().map(message_to_pb).collect(),
+    }
+}
+
+/// Checks an incoming envelope against this node and its cluster, and turns
+/// it into core messages.
+pub fn open_envelope(
+    envelope: pb::Envelope,
+    cluster_id: &str,
+    me: NodeId,
+    members: &BTreeSet<NodeId>,
+) -> Result<Vec<Message>, EnvelopeError> {
+    if envelope.cluster_id != cluster_id {
+        return Err(EnvelopeError::WrongCluster { found: envelope.cluster_id, expected: cluster_id.to_string() });
+    }
+    if envelope.to != me {
+        return Err(EnvelopeError::WrongReceiver { found: envelope.to, expected: me });
+    }
+    if envelope.from == me || !members.contains(&envelope.from) {
+        return Err(EnvelopeError::UnknownSender(envelope.from));
+    }
+    if envelope.messages.len() > MESSAGES_PER_ENVELOPE_MAX {
+        return Err(EnvelopeError::TooManyMessages(envelope.messages.len()));
+    }
+    let (from, to) = (envelope.from, envelope.to);
+    envelope
+        .messages
+        .into_iter()
+        .enumerate()
+        .map(|(position, m)| message_from_pb(m, from, to).ok_or(EnvelopeError::EmptyMessage { position }))
+        .collect()
+}
+
+fn entry_to_pb(entry: &Entry) -> pb::Entry {
+    pb::Entry {
+        term: entry.term,
+        index: entry.index,
+        kind: match entry.kind {
+            EntryKind::Normal => pb::EntryKind::Normal,
+            EntryKind::ConfChange => pb::EntryKind::ConfChange,
+        } as i32,
+        data: entry.data.to_vec(),
+    }
+}
+
+fn entry_from_pb(entry: pb::Entry) -> Entry {
+    // Unknown kinds cannot come from a member of the same version; reading
+    // them as data keeps them inert rather than trusted as membership.
+    let kind = match pb::EntryKind::try_from(entry.kind) {
+        Ok(pb::EntryKind::ConfChange) => EntryKind::ConfChange,
+        _ => EntryKind::Normal,
+    };
+    Entry { term: entry.term, index: entry.index, kind, data: Bytes::from(entry.data) }
+}
+
+/// A core message as a protobuf message (sender and receiver go on the envelope).
+pub fn message_to_pb(message: &Message) -> pb::Message {
+    use pb::message::Body;
+    let body = match &message.body {
+        MessageBody::RequestVote { pre_vote, last_log_index, last_log_term } => Body::RequestVote(pb::RequestVote {
+            pre_vote: *pre_vote,
+            last_log_index: *last_log_index,
+            last_log_term: *last_log_term,
+        }),
+        MessageBody::RequestVoteResponse { pre_vote, granted } => {
+            Body::RequestVoteResponse(pb::RequestVoteResponse { pre_vote: *pre_vote, granted: *granted })
+        }
+        MessageBody::AppendEntries { prev_log_index, prev_log_term, entries, leader_commit } => {
+            Body::AppendEntries(pb::AppendEntries {
+                prev_log_index: *prev_log_index,
+                prev_log_term: *prev_log_term,
+                entries: entries.iter().map(entry_to_pb).collect(),
+                leader_commit: *leader_commit,
+            })
+        }
+        MessageBody::AppendEntriesResponse { success, index, hint_index, hint_term } => {
+            Body::AppendEntriesResponse(pb::AppendEntriesResponse {
+                success: *success,
+                index: *index,
+                hint_index: *hint_index,
+                hint_term: *hint_term,
+            })
+        }
+        MessageBody::Heartbeat { commit, read_seq } => {
+            Body::Heartbeat(pb::Heartbeat { commit: *commit, read_seq: *read_seq })
+        }
+        MessageBody::HeartbeatResponse { read_seq } => {
+            Body::HeartbeatResponse(pb::HeartbeatResponse { read_seq: *read_seq })
+        }
+        MessageBody::ReadIndex { ctx } => Body::ReadIndex(pb::ReadIndex { ctx: *ctx }),
+        MessageBody::ReadIndexResponse { ctx, index } => {
+            Body::ReadIndexResponse(pb::ReadIndexResponse { ctx: *ctx, index: *index })
+        }
+    };
+    pb::Message { term: message.term, body: Some(body) }
+}
+
+/// A protobuf message from the envelope's sender to its receiver as a core
+/// message; `None` when it has no body. The core validates the rest (entry
+/// contiguity, terms, sizes) before touching any state.
+pub fn message_from_pb(message: pb::Message, from: NodeId, to: NodeId) -> Option<Message> {
+    use pb::message::Body;
+    let body = match message.body? {
+        Body::RequestVote(v) => MessageBody::RequestVote {
+            pre_vote: v.pre_vote,
+            last_log_index: v.last_log_index,
+            last_log_term: v.last_log_term,
+        },
+        Body::RequestVoteResponse(v) => MessageBody::RequestVoteResponse { pre_vote: v.pre_vote, granted: v.granted },
+        Body::AppendEntries(a) => MessageBody::AppendEntries {
+            prev_log_index: a.prev_log_index,
+            prev_log_term: a.prev_log_term,
+            entries: a.entries.into_iter().map(entry_from_pb).collect(),
+            leader_commit: a.leader_commit,
+        },
+        Body::AppendEntriesResponse(a) => MessageBody::AppendEntriesResponse {
+            success: a.success,
+            index: a.index,
+            hint_index: a.hint_index,
+            hint_term: a.hint_term,
+        },
+        Body::Heartbeat(h) => MessageBody::Heartbeat { commit: h.commit, read_seq: h.read_seq },
+        Body::HeartbeatResponse(h) => MessageBody::HeartbeatResponse { read_seq: h.read_seq },
+        Body::ReadIndex(r) => MessageBody::ReadIndex { ctx: r.ctx },
+        Body::ReadIndexResponse(r) => MessageBody::ReadIndexResponse { ctx: r.ctx, index: r.index },
+    };
+    Some(Message { from, to, term: message.term, body })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message as _;
+
+    fn samples() -> Vec<Message> {
+        let entry = |index, kind| Entry { term: 3, index, kind, data: Bytes::from_static(b"cmd") };
+        let bodies = vec![
+            MessageBody::RequestVote { pre_vote: true, last_log_index: 9, last_log_term: 2 },
+            MessageBody::RequestVoteResponse { pre_vote: false, granted: true },
+            MessageBody::AppendEntries {
+                prev_log_index: 4,
+                prev_log_term: 2,
+                entries: vec![entry(5, EntryKind::Normal), entry(6, EntryKind::ConfChange)],
+                leader_commit: 4,
+            },
+            MessageBody::AppendEntriesResponse { success: false, index: 4, hint_index: 3, hint_term: 1 },
+            MessageBody::Heartbeat { commit: 7, read_seq: 12 },
+            MessageBody::HeartbeatResponse { read_seq: 12 },
+            MessageBody::ReadIndex { ctx: 99 },
+            MessageBody::ReadIndexResponse { ctx: 99, index: 41 },
+        ];
+        bodies.into_iter().map(|body| Message { from: 2, to: 1, term: 3, body }).collect()
+    }
+
+    #[test]
+    fn every_message_kind_survives_the_wire() {
+        let messages = samples();
+        let envelope = seal_envelope("c1", 2, 1, &messages);
+        let bytes = envelope.encode_to_vec();
+        let decoded = pb::Envelope::decode(bytes.as_slice()).expect("decodes");
+        let members: BTreeSet<NodeId> = [1, 2, 3].into();
+        assert_eq!(open_envelope(decoded, "c1", 1, &members), Ok(messages));
+    }
+
+    #[test]
+    fn envelopes_from_elsewhere_are_refused() {
+        let members: BTreeSet<NodeId> = [1, 2, 3].into();
+        let sealed = |cluster: &str, from, to| seal_envelope(cluster, from, to, &samples()[..1]);
+        assert!(matches!(
+            open_envelope(sealed("other", 2, 1), "c1", 1, &members),
+            Err(EnvelopeError::WrongCluster { .. })
+        ));
+        assert_eq!(open_envelope(sealed("c1", 9, 1), "c1", 1, &members), Err(EnvelopeError::UnknownSender(9)));
+        assert_eq!(open_envelope(sealed("c1", 1, 1), "c1", 1, &members), Err(EnvelopeError::UnknownSender(1)));
+        assert_eq!(
+            open_envelope(sealed("c1", 2, 3), "c1", 1, &members),
+            Err(EnvelopeError::WrongReceiver { found: 3, expected: 1 })
+        );
+        let mut empty = sealed("c1", 2, 1);
+        empty.messages.push(pb::Message { term: 1, body: None });
+        assert_eq!(open_envelope(empty, "c1", 1, &members), Err(EnvelopeError::EmptyMessage { position: 1 }));
+        let mut flood = sealed("c1", 2, 1);
+        flood.messages = vec![flood.messages[0].clone(); MESSAGES_PER_ENVELOPE_MAX + 1];
+        assert!(matches!(open_envelope(flood, "c1", 1, &members), Err(EnvelopeError::TooManyMessages(_))));
+    }
+
+    #[test]
+    fn garbage_bytes_are_a_decode_error_not_a_panic() {
+        for garbage in [&b"\xff\xff\xff\xff"[..], b"\x0a\x05ab", b"\x22\x02\x08"] {
+            assert!(pb::Envelope::decode(garbage).is_err(), "{garbage:?}");
+        }
+    }
+}
