@@ -77,6 +77,18 @@ fn handle(r: &mut Raft<MemLogStore>) -> Handled {
     out
 }
 
+/// Makes `r` (a follower) the leader of the next term on its own vote and
+/// `voter`'s, persisting its candidacy first as a driver would. The no-op of
+/// the new term is left in the next Ready, unpersisted.
+fn win_election(r: &mut Raft<MemLogStore>, voter: NodeId) {
+    r.campaign().expect("campaign");
+    handle(r);
+    let term = r.term();
+    r.step(msg(voter, r.id(), term, MessageBody::RequestVoteResponse { pre_vote: false, granted: true }))
+        .expect("vote");
+    assert_eq!(r.role(), Role::Leader, "node {} should have won term {term}", r.id());
+}
+
 fn msg(from: NodeId, to: NodeId, term: Term, body: MessageBody) -> Message {
     Message { from, to, term, body }
 }
@@ -443,9 +455,7 @@ fn leader_decrements_next_index_on_rejection_and_retries() {
     let voters = [1, 2, 3];
     let mut leader = node_with(config(1), &voters, &[1, 1, 3, 3, 3], 3);
     let mut follower = node_with(config(2), &voters, &[1, 1, 2, 2, 2, 2], 3);
-    leader.campaign().expect("campaign");
-    handle(&mut leader);
-    leader.step(msg(3, 1, 4, MessageBody::RequestVoteResponse { pre_vote: false, granted: true })).expect("vote");
+    win_election(&mut leader, 3);
     let mut rounds = 0;
     let mut to_follower: Vec<Message> = handle(&mut leader).all().into_iter().filter(|m| m.to == 2).collect();
     while !to_follower.is_empty() {
@@ -467,9 +477,7 @@ fn leader_decrements_next_index_on_rejection_and_retries() {
 #[test]
 fn leader_commits_entry_once_replicated_on_majority() {
     let mut r = node(1, &[1, 2, 3]);
-    r.campaign().expect("campaign");
-    handle(&mut r);
-    r.step(msg(2, 1, 1, MessageBody::RequestVoteResponse { pre_vote: false, granted: true })).expect("vote");
+    win_election(&mut r, 2);
     handle(&mut r);
     r.propose(payloads(&["x"])).expect("accepted");
     handle(&mut r);
@@ -488,9 +496,7 @@ fn leader_does_not_commit_entries_from_previous_terms_by_counting_replicas() {
     // its own term is replicated on a majority.
     let voters = [1, 2, 3];
     let mut r = node_with(config(1), &voters, &[1, 2], 3);
-    r.campaign().expect("campaign");
-    handle(&mut r);
-    r.step(msg(2, 1, 4, MessageBody::RequestVoteResponse { pre_vote: false, granted: true })).expect("vote");
+    win_election(&mut r, 2);
     handle(&mut r);
     assert_eq!(r.role(), Role::Leader);
     r.step(msg(2, 1, 4, MessageBody::AppendEntriesResponse { success: true, index: 2, hint_index: 0, hint_term: 0 }))
@@ -506,9 +512,7 @@ fn leader_does_not_commit_entries_from_previous_terms_by_counting_replicas() {
 #[test]
 fn leader_counts_its_own_entry_only_once_durable() {
     let mut r = node(1, &[1, 2, 3]);
-    r.campaign().expect("campaign");
-    handle(&mut r);
-    r.step(msg(2, 1, 1, MessageBody::RequestVoteResponse { pre_vote: false, granted: true })).expect("vote");
+    win_election(&mut r, 2);
     // Take the Ready holding the no-op but do not persist it yet.
     let rd = r.ready().expect("ready");
     assert_eq!(rd.entries.len(), 1);
@@ -755,9 +759,7 @@ fn read_index_is_served_only_after_a_quorum_confirms_leadership() {
 #[test]
 fn read_index_waits_for_the_leader_to_commit_in_its_term() {
     let mut r = node(1, &[1, 2, 3]);
-    r.campaign().expect("campaign");
-    handle(&mut r);
-    r.step(msg(2, 1, 1, MessageBody::RequestVoteResponse { pre_vote: false, granted: true })).expect("vote");
+    win_election(&mut r, 2);
     handle(&mut r);
     r.read_index(7).expect("queued");
     r.step(msg(2, 1, 1, MessageBody::HeartbeatResponse { read_seq: 0 })).expect("ack");
@@ -822,9 +824,7 @@ fn proposals_are_refused_as_busy_past_the_uncommitted_limit() {
     cfg.max_uncommitted_bytes = 100;
     cfg.max_entry_bytes = 100;
     let mut r = node_with(cfg, &[1, 2, 3], &[], 0);
-    r.campaign().expect("campaign");
-    handle(&mut r);
-    r.step(msg(2, 1, 1, MessageBody::RequestVoteResponse { pre_vote: false, granted: true })).expect("vote");
+    win_election(&mut r, 2);
     handle(&mut r);
     r.propose(vec![Bytes::from(vec![1u8; 60])]).expect("first batch fits");
     let err = r.propose(vec![Bytes::from(vec![1u8; 60])]).expect_err("over the limit");
@@ -842,9 +842,7 @@ fn append_entries_messages_respect_the_byte_limit_and_the_inflight_window() {
     cfg.max_message_bytes = 100;
     cfg.max_inflight_messages = 2;
     let mut r = node_with(cfg, &[1, 2], &[], 0);
-    r.campaign().expect("campaign");
-    handle(&mut r);
-    r.step(msg(2, 1, 1, MessageBody::RequestVoteResponse { pre_vote: false, granted: true })).expect("vote");
+    win_election(&mut r, 2);
     handle(&mut r);
     r.step(msg(2, 1, 1, MessageBody::AppendEntriesResponse { success: true, index: 1, hint_index: 0, hint_term: 0 }))
         .expect("ack");
