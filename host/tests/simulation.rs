@@ -46,6 +46,9 @@ const TRACE_LINES_SHOWN: usize = 80;
 struct Durable {
     /// (term, prefix hash) of each durable log entry, index i at slot i - 1.
     log_hashes: Vec<(Term, u64)>,
+    /// The store a (re)start opens: the bootstrap store, then a copy of the
+    /// core's store taken at each crash. While the node runs, its core holds
+    /// the live one.
     store: MemLogStore,
     applied: Index,
 }
@@ -238,7 +241,11 @@ impl Sim {
 
     fn crash(&mut self, slot: usize) {
         let node = &mut self.nodes[slot];
-        node.raft = None;
+        // The core's store only ever receives persisted writes (in
+        // `finish_ready`), so it is exactly what survives the crash.
+        if let Some(mut raft) = node.raft.take() {
+            node.durable.store = raft.store_mut().clone();
+        }
         node.pending = None;
         self.stats.crashes += 1;
         let id = node.id;
@@ -282,7 +289,6 @@ impl Sim {
         let raft = node.raft.as_mut().expect("pending ready implies a live node");
         if let Some(hs) = ready.hard_state {
             raft.store_mut().set_hard_state(hs);
-            node.durable.store.set_hard_state(hs);
         }
         self.in_flight.append(&mut ready.persisted_messages);
         for entry in &ready.committed_entries {
@@ -318,7 +324,6 @@ impl Sim {
             let node = &mut self.nodes[slot];
             let raft = node.raft.as_mut().expect("live");
             raft.store_mut().append(entries);
-            node.durable.store.append(entries);
             let first = entries[0].index as usize;
             node.durable.log_hashes.truncate(first - 1);
             for entry in entries {
