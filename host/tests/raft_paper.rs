@@ -741,6 +741,46 @@ fn check_quorum_followers_ignore_vote_requests_while_the_leader_is_alive() {
     );
 }
 
+// ---- Lease reads ----------------------------------------------------------------------
+
+#[test]
+fn lease_read_needs_check_quorum_a_current_term_commit_and_a_fresh_quorum() {
+    let mut without = Cluster::new(3, false, false);
+    without.elect(1);
+    assert_eq!(without.node(1).lease_read_index(), None, "no lease without CheckQuorum");
+
+    let mut c = Cluster::new(3, false, true);
+    c.elect(1);
+    let committed = c.node(1).log().committed();
+    assert_eq!(c.node(1).lease_read_index(), Some(committed), "a fresh quorum acked the no-op");
+    assert_eq!(c.node(2).lease_read_index(), None, "followers hold no lease");
+
+    // Cut the leader off: after half an election timeout without acks its
+    // lease is gone, well before CheckQuorum would depose it.
+    c.isolated = vec![2, 3];
+    c.tick_all(5);
+    assert_eq!(c.node(1).role(), Role::Leader);
+    assert_eq!(c.node(1).lease_read_index(), None, "a stale quorum gives no lease");
+    c.isolated.clear();
+    c.tick_all(1);
+    assert_eq!(c.node(1).lease_read_index(), Some(committed), "acks renew the lease");
+}
+
+#[test]
+fn paused_apply_holds_back_committed_entries_but_not_replication() {
+    let mut c = Cluster::new(3, false, false);
+    c.elect(1);
+    c.node(1).set_apply_paused(true);
+    let proposed = c.node(1).propose(payloads(&["a", "b"])).expect("propose");
+    c.settle();
+    assert_eq!(c.node(1).log().committed(), proposed.last_index, "commit continues while apply is paused");
+    assert!(c.committed[&1].iter().all(|e| e.index < proposed.first_index), "nothing new handed out");
+    assert!(c.committed[&2].iter().any(|e| e.index == proposed.last_index), "followers apply as usual");
+    c.node(1).set_apply_paused(false);
+    c.settle();
+    assert!(c.committed[&1].iter().any(|e| e.index == proposed.last_index), "resumed apply hands them out");
+}
+
 // ---- ReadIndex ------------------------------------------------------------------------
 
 #[test]

@@ -110,6 +110,10 @@ pub struct Raft<S: LogStore> {
     last_soft_state: SoftState,
     last_hard_state: HardState,
     pending_ready: Option<ReadyMark>,
+    /// Ticks since this node started; never reset (lease reads compare it).
+    ticks: u64,
+    /// The driver's apply queue is full: hand out no committed entries.
+    apply_paused: bool,
 }
 
 impl<S: LogStore> Raft<S> {
@@ -149,6 +153,8 @@ impl<S: LogStore> Raft<S> {
             last_soft_state: SoftState { leader: None, role: Role::Follower },
             last_hard_state: HardState { term: hard_state.term, vote: hard_state.vote, commit: 0 },
             pending_ready: None,
+            ticks: 0,
+            apply_paused: false,
             config,
         };
         raft.apply_conf_state(&conf);
@@ -207,6 +213,7 @@ impl<S: LogStore> Raft<S> {
 
     /// Advances logical time by one tick.
     pub fn tick(&mut self) -> Result<(), RaftError> {
+        self.ticks += 1;
         match self.role {
             Role::Leader => self.tick_leader(),
             _ => self.tick_election(),
@@ -269,6 +276,39 @@ impl<S: LogStore> Raft<S> {
                 None => Err(ReadIndexError::NoLeader),
             },
         }
+    }
+
+    /// The index a lease read may be served at without a ReadIndex round, or
+    /// `None` when this node holds no lease: it must be the leader, have
+    /// committed an entry of its term, run with CheckQuorum (so followers
+    /// refuse to elect anyone else while they hear from it), and have heard
+    /// from a quorum within half an election timeout. The other half is the
+    /// margin for message delay and clock drift between members, which a
+    /// lease read trusts to be smaller; a ReadIndex read trusts nothing.
+    pub fn lease_read_index(&self) -> Option<Index> {
+        if self.role != Role::Leader || !self.config.check_quorum {
+            return None;
+        }
+        let committed = self.log.committed();
+        if self.log.term(committed).ok()? != self.term {
+            return None;
+        }
+        let window = u64::from(self.config.election_tick / 2).max(1);
+        let fresh = |id: NodeId| {
+            Some(
+                id == self.id
+                    || self.progress.get(&id).and_then(|p| p.last_heard_tick).is_some_and(|t| self.ticks - t < window),
+            )
+        };
+        (self.voters.vote_result(fresh) == VoteResult::Won).then_some(committed)
+    }
+
+    /// Pauses (or resumes) handing out committed entries, for a driver whose
+    /// apply queue is full. Everything else (persisting, messages, commit)
+    /// continues, so the cluster stays healthy while this node's state
+    /// machine catches up.
+    pub fn set_apply_paused(&mut self, paused: bool) {
+        self.apply_paused = paused;
     }
 
     /// Starts an election now, as if the election timeout had passed.
@@ -346,7 +386,7 @@ impl<S: LogStore> Raft<S> {
             || !self.log.unstable_entries().is_empty()
             || !self.messages.is_empty()
             || !self.persisted_messages.is_empty()
-            || self.log.has_next_committed()
+            || (!self.apply_paused && self.log.has_next_committed())
             || !self.read_states.is_empty()
     }
 
@@ -357,7 +397,8 @@ impl<S: LogStore> Raft<S> {
         let soft = self.soft_state();
         let hard = self.hard_state();
         let entries = self.log.unstable_entries().to_vec();
-        let committed_entries = self.log.next_committed(self.config.max_apply_bytes)?;
+        let committed_entries =
+            if self.apply_paused { Vec::new() } else { self.log.next_committed(self.config.max_apply_bytes)? };
         let ready = Ready {
             soft_state: (soft != self.last_soft_state).then_some(soft),
             hard_state: (hard != self.last_hard_state).then_some(hard),
@@ -623,6 +664,9 @@ impl<S: LogStore> Raft<S> {
     }
 
     fn step_leader(&mut self, m: Message) -> Result<(), RaftError> {
+        if let Some(pr) = self.progress.get_mut(&m.from) {
+            pr.last_heard_tick = Some(self.ticks);
+        }
         match m.body {
             MessageBody::AppendEntriesResponse { success, index, hint_index, hint_term } => {
                 self.handle_append_response(m.from, success, index, hint_index, hint_term)?;
