@@ -42,7 +42,7 @@ impl Harness {
         let (outcomes, writes) = self.machine.apply_batch(&batch).expect("runtime works");
         let last = self.next_index + commands.len() as u64 - 1;
         self.store
-            .apply(&ApplyBatch { applied_index: last, applied_term: 1, writes, sessions: vec![] })
+            .apply(&ApplyBatch { applied_index: last, applied_term: 1, clock_ms: 0, writes, sessions: vec![] })
             .expect("store");
         self.next_index = last + 1;
         outcomes

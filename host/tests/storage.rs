@@ -201,6 +201,7 @@ fn apply_batches_are_atomic_and_scoped_by_state_machine() {
         .apply(&ApplyBatch {
             applied_index: 2,
             applied_term: 1,
+            clock_ms: 1_700_000_000_000,
             writes: vec![write("kv", "a", Some("1")), write("kv", "b", Some("2")), write("bank", "a", Some("100"))],
             sessions: vec![(b"client-7".to_vec(), Some(b"seq 3".to_vec()))],
         })
@@ -216,11 +217,14 @@ fn apply_batches_are_atomic_and_scoped_by_state_machine() {
     assert_eq!(store.state_scan("kv", b"a", Some(b"b"), 10).expect("scan").len(), 1);
     assert_eq!(store.state_scan("kv", b"", None, 1).expect("scan").len(), 1);
     assert_eq!(store.session_get(b"client-7").expect("session"), Some(b"seq 3".to_vec()));
+    assert_eq!(store.session_scan().expect("sessions"), vec![(b"client-7".to_vec(), b"seq 3".to_vec())]);
+    assert_eq!(store.apply_clock_ms().expect("clock"), 1_700_000_000_000);
     let digest = store.state_digest("kv").expect("digest");
     store
         .apply(&ApplyBatch {
             applied_index: 2,
             applied_term: 1,
+            clock_ms: 1_700_000_000_000,
             writes: vec![write("kv", "b", None)],
             sessions: vec![],
         })
@@ -312,7 +316,13 @@ fn populated_dir() -> tempfile::TempDir {
             value: Some(vec![7; 64]),
         }];
         store
-            .apply(&ApplyBatch { applied_index: batch * 10 + 10, applied_term: 1, writes, sessions: vec![] })
+            .apply(&ApplyBatch {
+                applied_index: batch * 10 + 10,
+                applied_term: 1,
+                clock_ms: 0,
+                writes,
+                sessions: vec![],
+            })
             .expect("apply");
     }
     dir
@@ -455,7 +465,13 @@ fn drive(raft: &mut raft_host::raft::Raft<Store>, store: &Store) -> u64 {
                 .collect::<Vec<_>>();
             applied += writes.len() as u64;
             store
-                .apply(&ApplyBatch { applied_index: last.index, applied_term: last.term, writes, sessions: vec![] })
+                .apply(&ApplyBatch {
+                    applied_index: last.index,
+                    applied_term: last.term,
+                    clock_ms: 0,
+                    writes,
+                    sessions: vec![],
+                })
                 .expect("apply");
         }
         raft.advance().expect("advance");

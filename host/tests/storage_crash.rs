@@ -66,6 +66,7 @@ fn child(dir: &Path) {
             .apply(&ApplyBatch {
                 applied_index: last,
                 applied_term: entries[entries.len() - 1].term,
+                clock_ms: last,
                 writes,
                 sessions: vec![],
             })

@@ -46,6 +46,7 @@ const META_HARD_STATE: &[u8] = b"hard_state";
 const META_CONF_STATE: &[u8] = b"conf_state";
 const META_SNAPSHOT: &[u8] = b"snapshot";
 const META_APPLIED: &[u8] = b"applied";
+const META_APPLY_CLOCK: &[u8] = b"apply_clock";
 const MODULE_PREFIX: u8 = b'm';
 const ARTIFACT_PREFIX: u8 = b'a';
 
@@ -136,6 +137,9 @@ pub struct ApplyBatch {
     /// Index and term of the last entry of the run.
     pub applied_index: Index,
     pub applied_term: Term,
+    /// The replicated clock after the run: the latest entry timestamp seen,
+    /// so that the time guests observe never goes back, across restarts too.
+    pub clock_ms: u64,
     pub writes: Vec<StateWrite>,
     /// Session records by client id; `None` expires the session.
     pub sessions: Vec<(Vec<u8>, Option<Vec<u8>>)>,
@@ -186,6 +190,9 @@ struct Inner {
     modules: Keyspace,
     durability: Durability,
     cached: Mutex<Cached>,
+    /// Serializes writers of the log, so `cached` can be unlocked while a
+    /// batch syncs: the core keeps reading terms and entries during an fsync.
+    log_writer: Mutex<()>,
 }
 
 /// A node's durable store. Cheap to clone; clones share the database.
@@ -246,6 +253,7 @@ impl Store {
             modules,
             durability: options.durability,
             cached: Mutex::new(placeholder),
+            log_writer: Mutex::new(()),
         };
         let recovered = inner.recover()?;
         *inner.lock() = recovered;
@@ -285,20 +293,20 @@ impl Store {
             return Ok(());
         }
         let inner = &self.inner;
-        let mut cached = inner.lock();
+        let _writer = inner.log_writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (log_first, log_last) = {
+            let cached = inner.lock();
+            (cached.first_index, cached.last_index)
+        };
         let mut batch = inner.db.batch().durability(inner.persist_mode());
         if let Some(first) = entries.first() {
-            if first.index < cached.first_index || first.index > cached.last_index + 1 {
-                return Err(StoreError::InvalidAppend {
-                    first: first.index,
-                    log_first: cached.first_index,
-                    log_last: cached.last_index,
-                });
+            if first.index < log_first || first.index > log_last + 1 {
+                return Err(StoreError::InvalidAppend { first: first.index, log_first, log_last });
             }
             debug_assert!(entries.windows(2).all(|w| w[1].index == w[0].index + 1), "entries are contiguous");
             let new_last = first.index + entries.len() as u64 - 1;
             // Drop a stale suffix that the new entries do not overwrite.
-            for index in new_last + 1..=cached.last_index {
+            for index in new_last + 1..=log_last {
                 batch.remove(&inner.log, codec::log_key(index));
             }
             for entry in entries {
@@ -308,7 +316,9 @@ impl Store {
         if let Some(hs) = hard_state {
             batch.insert(&inner.meta, META_HARD_STATE, codec::encode_hard_state(hs));
         }
+        // The sync happens here, without holding `cached`.
         batch.commit().map_err(|e| inner.db_error(e))?;
+        let mut cached = inner.lock();
         cached.record_appended(entries);
         if let Some(hs) = hard_state {
             cached.hard_state = *hs;
@@ -351,6 +361,7 @@ impl Store {
             }
         }
         fjall_batch.insert(&inner.meta, META_APPLIED, codec::encode_applied(batch.applied_index, batch.applied_term));
+        fjall_batch.insert(&inner.meta, META_APPLY_CLOCK, codec::encode_blob(&batch.clock_ms.to_be_bytes()));
         fjall_batch.commit().map_err(|e| inner.db_error(e))?;
         cached.applied = (batch.applied_index, batch.applied_term);
         Ok(())
@@ -361,6 +372,7 @@ impl Store {
     /// ships. The snapshot point moves to `index`.
     pub fn compact(&self, index: Index) -> Result<(), StoreError> {
         let inner = &self.inner;
+        let _writer = inner.log_writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut cached = inner.lock();
         if index < cached.first_index {
             return Ok(());
@@ -407,6 +419,28 @@ impl Store {
     /// Index and term of the last applied entry.
     pub fn applied(&self) -> (Index, Term) {
         self.inner.lock().applied
+    }
+
+    /// The replicated clock as of the applied index (see [`ApplyBatch::clock_ms`]).
+    pub fn apply_clock_ms(&self) -> Result<u64, StoreError> {
+        let Some(value) = self.inner.meta.get(META_APPLY_CLOCK).map_err(|e| self.inner.db_error(e))? else {
+            return Ok(0);
+        };
+        let bytes = self.inner.unseal(&value, || "the apply clock".to_string())?;
+        let bytes: [u8; 8] =
+            bytes.try_into().map_err(|_| self.inner.corrupt("the apply clock is not 8 bytes".into()))?;
+        Ok(u64::from_be_bytes(bytes))
+    }
+
+    /// Every client session, in client id order (read once when a node starts).
+    pub fn session_scan(&self) -> Result<KeyValues, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.inner.sessions.iter() {
+            let (key, value) = guard.into_inner().map_err(|e| self.inner.db_error(e))?;
+            let value = self.inner.unseal(&value, || format!("session {:?}", &key[..]))?;
+            out.push((key.to_vec(), value));
+        }
+        Ok(out)
     }
 
     /// A guest's value for `key`.
