@@ -2,7 +2,7 @@
 //! in pure Rust, so no `protoc` is needed on the machine.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["../proto/raft.proto"];
+    let protos = ["../proto/raft.proto", "../proto/entry.proto", "../proto/client.proto"];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

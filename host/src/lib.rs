@@ -5,6 +5,8 @@
 //! WebAssembly runtime, the node that wires them together and the gRPC
 //! services join it as separate modules; see DESIGN.md for the data flow.
 
+pub mod client;
+pub mod node;
 pub mod raft;
 pub mod rpc;
 pub mod runtime;

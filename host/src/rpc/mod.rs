@@ -3,10 +3,22 @@
 //! here before the core sees it: the cluster id, the sender, the receiver,
 //! and every field's shape.
 
-/// Types and service stubs generated from `proto/raft.proto`.
+/// Types and service stubs generated from `proto/raft.proto` (peers) and
+/// `proto/entry.proto` (what log entries carry).
 pub mod pb {
     tonic::include_proto!("raft.v1");
 }
+
+/// Types and service stubs of the public client API, `proto/client.proto`.
+pub mod client_pb {
+    tonic::include_proto!("raft.client.v1");
+}
+
+mod client_service;
+mod peer_service;
+
+pub use self::client_service::{ClientService, LEADER_ADDR_KEY, LEADER_ID_KEY, status_of};
+pub use self::peer_service::PeerService;
 
 use crate::raft::{Entry, EntryKind, Message, MessageBody, NodeId};
 use bytes::Bytes;

@@ -1,0 +1,158 @@
+//! `raft-host write`, `read` and `status`: a client of a running cluster.
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use raft_host::client::{ClusterClient, Consistency, outcome_of};
+use raft_host::rpc::client_pb::StatusResponse;
+use serde_json::json;
+use std::io::Write as _;
+
+#[derive(Args)]
+pub struct Target {
+    /// Members to talk to (host:port), comma-separated or repeated; the
+    /// client finds the leader among them.
+    #[arg(long = "addr", env = "RAFT_HOST_ADDR", value_delimiter = ',', default_value = "127.0.0.1:7001")]
+    addresses: Vec<String>,
+    /// Give up retrying after this many seconds.
+    #[arg(long, env = "RAFT_HOST_TIMEOUT_SECS", default_value_t = 30)]
+    timeout_secs: u64,
+}
+
+impl Target {
+    fn client(&self) -> anyhow::Result<ClusterClient> {
+        let mut client = ClusterClient::new(self.addresses.clone())?;
+        client.deadline = std::time::Duration::from_secs(self.timeout_secs);
+        Ok(client)
+    }
+}
+
+#[derive(Args)]
+pub struct WriteArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The state machine that applies the command.
+    #[arg(long = "sm", env = "RAFT_HOST_SM", default_value = "kv")]
+    state_machine: String,
+    /// The command, in the state machine's format (for kv, JSON such as
+    /// '{"op":"put","key":"a","value":"1"}').
+    command: String,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ConsistencyArg {
+    Linearizable,
+    Lease,
+    Stale,
+}
+
+#[derive(Args)]
+pub struct ReadArgs {
+    #[command(flatten)]
+    target: Target,
+    #[arg(long = "sm", env = "RAFT_HOST_SM", default_value = "kv")]
+    state_machine: String,
+    /// linearizable (a quorum round), lease (the leader's lease) or stale
+    /// (whatever the member has applied).
+    #[arg(long, value_enum, default_value = "linearizable")]
+    consistency: ConsistencyArg,
+    /// The query, in the state machine's format (for kv, '{"op":"get","key":"a"}').
+    query: String,
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn write(args: WriteArgs) -> anyhow::Result<()> {
+    let runtime = super::runtime()?;
+    let response = runtime.block_on(async {
+        let mut client = args.target.client()?;
+        client.write(&args.state_machine, args.command.into_bytes()).await.context("write failed")
+    })?;
+    print_outcome(outcome_of(response.outcome))
+}
+
+pub fn read(args: ReadArgs) -> anyhow::Result<()> {
+    let consistency = match args.consistency {
+        ConsistencyArg::Linearizable => Consistency::Linearizable,
+        ConsistencyArg::Lease => Consistency::Lease,
+        ConsistencyArg::Stale => Consistency::Stale,
+    };
+    let runtime = super::runtime()?;
+    let response = runtime.block_on(async {
+        let mut client = args.target.client()?;
+        client.read(&args.state_machine, args.query.into_bytes(), consistency).await.context("read failed")
+    })?;
+    print_outcome(outcome_of(response.outcome))
+}
+
+fn print_outcome(outcome: Result<Vec<u8>, String>) -> anyhow::Result<()> {
+    match outcome {
+        Ok(bytes) => {
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(&bytes)?;
+            if bytes.last() != Some(&b'\n') {
+                stdout.write_all(b"\n")?;
+            }
+            Ok(())
+        }
+        Err(message) => bail!("the state machine refused: {message}"),
+    }
+}
+
+pub fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let runtime = super::runtime()?;
+    let status = runtime.block_on(async { args.target.client()?.status().await.context("status failed") })?;
+    if args.json {
+        println!("{}", status_json(&status));
+    } else {
+        print_status(&status);
+    }
+    Ok(())
+}
+
+/// The status as one JSON object.
+pub fn status_json(s: &StatusResponse) -> serde_json::Value {
+    json!({
+        "cluster_id": s.cluster_id,
+        "id": s.id,
+        "role": s.role,
+        "term": s.term,
+        "leader_id": (s.leader_id != 0).then_some(s.leader_id),
+        "leader_address": (!s.leader_address.is_empty()).then_some(&s.leader_address),
+        "commit_index": s.commit_index,
+        "applied_index": s.applied_index,
+        "last_log_index": s.last_log_index,
+        "members": s.members.iter().map(|m| json!({"id": m.id, "address": m.address, "kind": m.kind})).collect::<Vec<_>>(),
+        "state_machines": s.state_machines.iter().map(|m| json!({
+            "name": m.name, "module_hash": m.module_hash, "state_digest": m.state_digest,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_status(s: &StatusResponse) {
+    let leader =
+        if s.leader_id == 0 { "none known".to_string() } else { format!("{} at {}", s.leader_id, s.leader_address) };
+    println!("member {} of cluster {:?}: {} in term {}", s.id, s.cluster_id, s.role, s.term);
+    println!("leader: {leader}");
+    println!(
+        "log: last index {}, commit index {}, applied index {}",
+        s.last_log_index, s.commit_index, s.applied_index
+    );
+    for m in &s.members {
+        println!("member {}: {} ({})", m.id, m.address, m.kind);
+    }
+    for m in &s.state_machines {
+        println!(
+            "state machine {}: module {}, state digest {}",
+            m.name,
+            m.module_hash.get(..16).unwrap_or(&m.module_hash),
+            m.state_digest
+        );
+    }
+}

@@ -1,0 +1,79 @@
+//! The command line: parse, call the library, print. Every flag of `serve`
+//! can also come from an environment variable (`RAFT_HOST_*`) or a TOML
+//! config file (`--config`); a flag beats the environment, which beats the
+//! file, which beats the default.
+
+mod client;
+mod demo;
+mod serve;
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "raft-host", version, about = "A Raft host whose state machines are WebAssembly components")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs one member of a cluster; peers and clients use the same port.
+    Serve(Box<serve::ServeArgs>),
+    /// Runs a local cluster (three members by default) with the built-in
+    /// state machines, data in a temporary directory, and prints how to
+    /// talk to it. Stops on Ctrl-C.
+    Dev(serve::DevArgs),
+    /// Replicates a command and prints the state machine's answer.
+    Write(client::WriteArgs),
+    /// Answers a query and prints the state machine's answer.
+    Read(client::ReadArgs),
+    /// Prints a member's view of the cluster.
+    Status(client::StatusArgs),
+    /// Runs a cluster of the consensus core in this process (in-memory log,
+    /// in-memory network): elects a leader, writes, crashes the leader,
+    /// re-elects, restarts the old leader and checks every replica converged.
+    Demo(DemoArgs),
+    /// Checks that a WebAssembly component fits the raft:host/state-machine
+    /// world and compiles under the host's limits, as a deploy would, and
+    /// prints its hash and size. Without a path, checks the built-in kv guest.
+    Validate(ValidateArgs),
+}
+
+#[derive(Args)]
+pub struct ValidateArgs {
+    /// The component (.wasm) to check.
+    path: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Members in the cluster (1 to 7).
+    #[arg(long, env = "RAFT_DEMO_NODES", default_value_t = 3)]
+    nodes: u64,
+    /// Writes to commit in total (half before the crash, half after).
+    #[arg(long, env = "RAFT_DEMO_WRITES", default_value_t = 10_000)]
+    writes: u64,
+    /// Seed of the election timeouts; the same seed replays the same run.
+    #[arg(long, env = "RAFT_DEMO_SEED", default_value_t = 1)]
+    seed: u64,
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve::serve(*args),
+        Command::Dev(args) => serve::dev(args),
+        Command::Write(args) => client::write(args),
+        Command::Read(args) => client::read(args),
+        Command::Status(args) => client::status(args),
+        Command::Demo(args) => demo::demo(&args),
+        Command::Validate(args) => demo::validate(&args),
+    }
+}
+
+/// A tokio runtime for a command.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}

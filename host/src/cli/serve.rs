@@ -1,0 +1,252 @@
+//! `raft-host serve` (one member) and `raft-host dev` (a local cluster).
+
+use anyhow::{Context, bail};
+use clap::Args;
+use raft_host::node::{Node, NodeConfig, RunningNode};
+use raft_host::raft::NodeId;
+use raft_host::storage::Durability;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Flags of `serve`. Each is optional here so that a value from the config
+/// file can fill what neither a flag nor the environment gave.
+#[derive(Args, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ServeArgs {
+    /// A TOML file with any of these settings (kebab-case keys, for example
+    /// `id = 1`, `listen = "127.0.0.1:7001"`, `peer = ["2=127.0.0.1:7002"]`).
+    #[arg(long, env = "RAFT_HOST_CONFIG")]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// This member's id (a positive number, unique in the cluster).
+    #[arg(long, env = "RAFT_HOST_ID")]
+    id: Option<NodeId>,
+    /// The cluster's name; members of other clusters are refused.
+    #[arg(long, env = "RAFT_HOST_CLUSTER")]
+    cluster: Option<String>,
+    /// Address to serve peers and clients on.
+    #[arg(long, env = "RAFT_HOST_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Address the others reach this member at (default: --listen).
+    #[arg(long, env = "RAFT_HOST_ADVERTISE")]
+    advertise: Option<String>,
+    /// Another member, as ID=HOST:PORT; repeat for each (or comma-separate).
+    #[arg(long = "peer", env = "RAFT_HOST_PEERS", value_delimiter = ',')]
+    #[serde(default)]
+    peer: Vec<String>,
+    /// Where this member keeps its log and state.
+    #[arg(long, env = "RAFT_HOST_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Length of one tick in milliseconds (default 100).
+    #[arg(long, env = "RAFT_HOST_TICK_MS")]
+    tick_ms: Option<u64>,
+    /// Election timeout in ticks (default 10; the actual one is randomized
+    /// between this and twice this).
+    #[arg(long, env = "RAFT_HOST_ELECTION_TICKS")]
+    election_ticks: Option<u32>,
+    /// Heartbeat interval in ticks (default 1).
+    #[arg(long, env = "RAFT_HOST_HEARTBEAT_TICKS")]
+    heartbeat_ticks: Option<u32>,
+    /// Largest command or query in bytes (default 1 MiB).
+    #[arg(long, env = "RAFT_HOST_MAX_COMMAND_BYTES")]
+    max_command_bytes: Option<usize>,
+    /// Seconds a client request may wait for its answer (default 10).
+    #[arg(long, env = "RAFT_HOST_REQUEST_TIMEOUT_SECS")]
+    request_timeout_secs: Option<u64>,
+    /// Do not fsync. A crash can lose acknowledged writes and break Raft's
+    /// guarantees: for benchmarks only.
+    #[arg(long, env = "RAFT_HOST_UNSAFE_NO_FSYNC")]
+    unsafe_no_fsync: Option<bool>,
+}
+
+impl ServeArgs {
+    /// Fills what the command line and environment left unset from `file`.
+    fn merge(mut self, file: ServeArgs) -> ServeArgs {
+        self.id = self.id.or(file.id);
+        self.cluster = self.cluster.or(file.cluster);
+        self.listen = self.listen.or(file.listen);
+        self.advertise = self.advertise.or(file.advertise);
+        if self.peer.is_empty() {
+            self.peer = file.peer;
+        }
+        self.data_dir = self.data_dir.or(file.data_dir);
+        self.tick_ms = self.tick_ms.or(file.tick_ms);
+        self.election_ticks = self.election_ticks.or(file.election_ticks);
+        self.heartbeat_ticks = self.heartbeat_ticks.or(file.heartbeat_ticks);
+        self.max_command_bytes = self.max_command_bytes.or(file.max_command_bytes);
+        self.request_timeout_secs = self.request_timeout_secs.or(file.request_timeout_secs);
+        self.unsafe_no_fsync = self.unsafe_no_fsync.or(file.unsafe_no_fsync);
+        self
+    }
+
+    /// The member's configuration, or what is missing or wrong.
+    fn node_config(self) -> anyhow::Result<NodeConfig> {
+        let args = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                let file: ServeArgs =
+                    toml::from_str(&text).with_context(|| format!("config file {}", path.display()))?;
+                self.merge(file)
+            }
+            None => self,
+        };
+        let id = args.id.context("--id is required (or RAFT_HOST_ID, or `id` in the config file)")?;
+        let listen = args.listen.context("--listen is required, for example --listen 127.0.0.1:7001")?;
+        let data_dir = args.data_dir.context("--data-dir is required")?;
+        let mut config = NodeConfig::new(id, args.cluster.unwrap_or_else(|| "raft-host".to_string()), listen, data_dir);
+        if let Some(advertise) = args.advertise {
+            config.advertise = advertise;
+        }
+        config.peers = parse_peers(&args.peer)?;
+        if let Some(ms) = args.tick_ms {
+            config.tick = Duration::from_millis(ms);
+        }
+        config.election_ticks = args.election_ticks.unwrap_or(config.election_ticks);
+        config.heartbeat_ticks = args.heartbeat_ticks.unwrap_or(config.heartbeat_ticks);
+        config.max_command_bytes = args.max_command_bytes.unwrap_or(config.max_command_bytes);
+        if let Some(secs) = args.request_timeout_secs {
+            config.request_timeout = Duration::from_secs(secs);
+        }
+        if args.unsafe_no_fsync == Some(true) {
+            config.durability = Durability::UnsafeNoSync;
+        }
+        Ok(config)
+    }
+}
+
+/// `ID=HOST:PORT` pairs.
+fn parse_peers(specs: &[String]) -> anyhow::Result<BTreeMap<NodeId, String>> {
+    let mut peers = BTreeMap::new();
+    for spec in specs {
+        let (id, address) = spec.split_once('=').with_context(|| format!("--peer {spec:?}: expected ID=HOST:PORT"))?;
+        let id: NodeId = id.trim().parse().with_context(|| format!("--peer {spec:?}: {id:?} is not a member id"))?;
+        if id == 0 {
+            bail!("--peer {spec:?}: member ids start at 1");
+        }
+        if !address.contains(':') {
+            bail!("--peer {spec:?}: expected HOST:PORT after the '='");
+        }
+        if peers.insert(id, address.trim().to_string()).is_some() {
+            bail!("--peer lists member {id} twice");
+        }
+    }
+    Ok(peers)
+}
+
+pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.node_config()?;
+    let runtime = super::runtime()?;
+    runtime.block_on(async {
+        let node = Node::start(config).await?;
+        run_until_signal(vec![node]).await
+    })
+}
+
+#[derive(Args)]
+pub struct DevArgs {
+    /// Members to run (1, 3 or 5).
+    #[arg(long, env = "RAFT_DEV_NODES", default_value_t = 3)]
+    nodes: u64,
+    /// Port of the first member; the others take the next ones.
+    #[arg(long, env = "RAFT_DEV_PORT", default_value_t = 7001)]
+    port: u16,
+    /// Keep data here (one folder per member) instead of a temporary
+    /// directory that is removed on exit.
+    #[arg(long, env = "RAFT_DEV_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+pub fn dev(args: DevArgs) -> anyhow::Result<()> {
+    if ![1, 3, 5].contains(&args.nodes) {
+        bail!("--nodes must be 1, 3 or 5, got {}", args.nodes);
+    }
+    let temporary = match &args.data_dir {
+        Some(_) => None,
+        None => Some(
+            tempfile::Builder::new().prefix("raft-host-dev-").tempdir().context("creating a temporary directory")?,
+        ),
+    };
+    let root: &Path = match (&args.data_dir, &temporary) {
+        (Some(dir), _) => dir,
+        (None, Some(temporary)) => temporary.path(),
+        (None, None) => unreachable!("one of them is set"),
+    };
+    let ids: Vec<NodeId> = (1..=args.nodes).collect();
+    let address = |id: NodeId| format!("127.0.0.1:{}", u64::from(args.port) + id - 1);
+    let mut configs = Vec::new();
+    for &id in &ids {
+        let listen: SocketAddr = address(id).parse().context("the port range does not fit")?;
+        let mut config = NodeConfig::new(id, "raft-host-dev", listen, root.join(format!("node-{id}")));
+        config.peers = ids.iter().filter(|&&peer| peer != id).map(|&peer| (peer, address(peer))).collect();
+        configs.push(config);
+    }
+    let addresses: Vec<String> = ids.iter().map(|&id| address(id)).collect();
+    let runtime = super::runtime()?;
+    runtime.block_on(async {
+        let mut nodes = Vec::new();
+        for config in configs {
+            nodes.push(Node::start(config).await?);
+        }
+        let all = addresses.join(",");
+        println!("raft-host dev: {} member(s) on {all}, data in {}", ids.len(), root.display());
+        println!("state machines: kv (JSON commands), counter");
+        println!("try, from another terminal:");
+        println!("  raft-host write --addr {all} '{{\"op\":\"put\",\"key\":\"a\",\"value\":\"1\"}}'");
+        println!("  raft-host read --addr {all} '{{\"op\":\"get\",\"key\":\"a\"}}'");
+        println!("  raft-host status --addr {}", addresses[0]);
+        println!("(cargo run --release -p raft-host -- <command> works the same; Ctrl-C stops the cluster)");
+        run_until_signal(nodes).await
+    })
+}
+
+/// Serves until SIGINT or SIGTERM (or a member fails), then stops every
+/// member gracefully: stop accepting, finish in-flight work, flush.
+async fn run_until_signal(nodes: Vec<RunningNode>) -> anyhow::Result<()> {
+    let stopping = futures_any(nodes.iter().map(RunningNode::stopping).collect());
+    tokio::select! {
+        signal = shutdown_signal() => {
+            let name = signal?;
+            tracing::info!(signal = name, "stopping");
+        }
+        () = stopping => tracing::warn!("a member stopped on its own; stopping the others"),
+    }
+    for node in &nodes {
+        node.shutdown();
+    }
+    let mut first_error = None;
+    for node in nodes {
+        if let Err(error) = node.wait().await {
+            tracing::error!(%error, "member failed");
+            first_error.get_or_insert(error);
+        }
+    }
+    match first_error {
+        Some(error) => Err(error.into()),
+        None => Ok(()),
+    }
+}
+
+/// Resolves when any of `futures` does.
+async fn futures_any(futures: Vec<impl std::future::Future<Output = ()> + Send + 'static>) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    for future in futures {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            future.await;
+            let _ = tx.send(()).await;
+        });
+    }
+    drop(tx);
+    let _ = rx.recv().await;
+}
+
+async fn shutdown_signal() -> anyhow::Result<&'static str> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => { result?; Ok("SIGINT") }
+        _ = terminate.recv() => Ok("SIGTERM"),
+    }
+}

@@ -1,0 +1,251 @@
+//! A client of a raft-host cluster, as the CLI and the tests use it.
+//!
+//! It knows several member addresses, sends to the one it believes leads,
+//! follows "not the leader" answers to the leader they name, moves on to the
+//! next member when one is down, and backs off when the cluster is busy.
+//! Writes carry a client id and sequence number, so a retry after a lost
+//! answer is applied once (the member answers it from the session table).
+
+use crate::rpc::client_pb::{
+    self, ReadRequest, ReadResponse, StatusRequest, StatusResponse, WriteRequest, WriteResponse,
+    client_client::ClientClient,
+};
+use crate::rpc::{LEADER_ADDR_KEY, client_pb::outcome};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use thiserror::Error;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// Largest request or answer this client sends or accepts.
+const MESSAGE_BYTES_MAX: usize = 16 << 20;
+
+/// Why a request failed for good.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("invalid address {address:?}: {reason}")]
+    InvalidAddress { address: String, reason: String },
+    #[error("no member address given")]
+    NoAddress,
+    /// The cluster refused the request itself; retrying will not help.
+    #[error("{message}")]
+    Refused { code: Code, message: String },
+    /// Retrying did not succeed before the deadline.
+    #[error("gave up after {attempts} attempts in {elapsed:?}: {last}")]
+    GaveUp { attempts: u32, elapsed: Duration, last: String },
+}
+
+impl ClientError {
+    /// The gRPC code of a refusal, if this is one.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            ClientError::Refused { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// Read consistency, as the client asks for it.
+pub use crate::rpc::client_pb::Consistency;
+
+/// A state machine's answer.
+pub type Outcome = Result<Vec<u8>, String>;
+
+/// Turns the wire outcome into a `Result`.
+pub fn outcome_of(outcome: Option<client_pb::Outcome>) -> Outcome {
+    match outcome.and_then(|o| o.result) {
+        Some(outcome::Result::Ok(bytes)) => Ok(bytes),
+        Some(outcome::Result::Error(message)) => Err(message),
+        None => Err("the member sent no outcome".to_string()),
+    }
+}
+
+/// A client of one cluster.
+pub struct ClusterClient {
+    addresses: Vec<String>,
+    channels: Vec<Option<ClientClient<Channel>>>,
+    /// The member tried first.
+    current: usize,
+    client_id: Vec<u8>,
+    next_sequence: u64,
+    /// How long one call keeps retrying.
+    pub deadline: Duration,
+}
+
+impl ClusterClient {
+    /// A client of the members at `addresses` (host:port), with a fresh
+    /// random client id.
+    pub fn new(addresses: Vec<String>) -> Result<ClusterClient, ClientError> {
+        if addresses.is_empty() {
+            return Err(ClientError::NoAddress);
+        }
+        for address in &addresses {
+            endpoint(address)?;
+        }
+        let channels = addresses.iter().map(|_| None).collect();
+        Ok(ClusterClient {
+            addresses,
+            channels,
+            current: 0,
+            client_id: random_client_id(),
+            next_sequence: 1,
+            deadline: Duration::from_secs(30),
+        })
+    }
+
+    /// This client's id (writes carry it with their sequence number).
+    pub fn client_id(&self) -> &[u8] {
+        &self.client_id
+    }
+
+    /// Replicates `command` on `state_machine` and returns the response,
+    /// retrying (with the same sequence number) until the deadline.
+    pub async fn write(&mut self, state_machine: &str, command: Vec<u8>) -> Result<WriteResponse, ClientError> {
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        let request = WriteRequest {
+            state_machine: state_machine.to_string(),
+            command,
+            client_id: self.client_id.clone(),
+            sequence,
+        };
+        self.write_request(request).await
+    }
+
+    /// Sends a prepared write (any client id and sequence), with retries.
+    pub async fn write_request(&mut self, request: WriteRequest) -> Result<WriteResponse, ClientError> {
+        self.retry(|mut client| {
+            let request = request.clone();
+            async move { client.write(request).await.map(tonic::Response::into_inner) }
+        })
+        .await
+    }
+
+    /// Answers `query` on `state_machine` with the given consistency.
+    pub async fn read(
+        &mut self,
+        state_machine: &str,
+        query: Vec<u8>,
+        consistency: Consistency,
+    ) -> Result<ReadResponse, ClientError> {
+        let request = ReadRequest { state_machine: state_machine.to_string(), query, consistency: consistency.into() };
+        self.retry(|mut client| {
+            let request = request.clone();
+            async move { client.read(request).await.map(tonic::Response::into_inner) }
+        })
+        .await
+    }
+
+    /// The status of the first member that answers, trying each once.
+    pub async fn status(&mut self) -> Result<StatusResponse, ClientError> {
+        let mut last = String::new();
+        for offset in 0..self.addresses.len() {
+            let at = (self.current + offset) % self.addresses.len();
+            match self.status_of(at).await {
+                Ok(status) => return Ok(status),
+                Err(error) => last = format!("{}: {error}", self.addresses[at]),
+            }
+        }
+        Err(ClientError::GaveUp { attempts: self.addresses.len() as u32, elapsed: Duration::ZERO, last })
+    }
+
+    /// The status of the member at position `at` of the address list.
+    pub async fn status_of(&mut self, at: usize) -> Result<StatusResponse, ClientError> {
+        let mut client = self.channel(at)?;
+        let call = tokio::time::timeout(Duration::from_secs(5), client.status(StatusRequest {})).await;
+        match call {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) => Err(ClientError::Refused { code: status.code(), message: status.message().to_string() }),
+            Err(_) => {
+                Err(ClientError::GaveUp { attempts: 1, elapsed: Duration::from_secs(5), last: "timed out".into() })
+            }
+        }
+    }
+
+    fn channel(&mut self, at: usize) -> Result<ClientClient<Channel>, ClientError> {
+        if self.channels[at].is_none() {
+            let channel = endpoint(&self.addresses[at])?.connect_lazy();
+            let client = ClientClient::new(channel)
+                .max_decoding_message_size(MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(MESSAGE_BYTES_MAX);
+            self.channels[at] = Some(client);
+        }
+        Ok(self.channels[at].clone().expect("set above"))
+    }
+
+    /// Calls `call` on the current member until it succeeds, fails for
+    /// good, or the deadline passes; follows leader hints and moves on from
+    /// members that do not answer.
+    async fn retry<T, F, Fut>(&mut self, call: F) -> Result<T, ClientError>
+    where
+        F: Fn(ClientClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let started = Instant::now();
+        let mut attempts = 0;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            attempts += 1;
+            let client = self.channel(self.current)?;
+            let status = match tokio::time::timeout(Duration::from_secs(15), call(client)).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(status)) => status,
+                Err(_) => Status::deadline_exceeded("no answer within 15s"),
+            };
+            let last = format!("{}: {}", self.addresses[self.current], status.message());
+            match status.code() {
+                Code::Unavailable | Code::Unknown | Code::Cancelled => {
+                    match status.metadata().get(LEADER_ADDR_KEY).and_then(|v| v.to_str().ok()) {
+                        Some(leader) => self.prefer(leader)?,
+                        None => self.current = (self.current + 1) % self.addresses.len(),
+                    }
+                }
+                // Busy, or the outcome of a write is unknown: retry (with the
+                // same sequence number) after a pause.
+                Code::ResourceExhausted | Code::Aborted | Code::DeadlineExceeded => {}
+                code => return Err(ClientError::Refused { code, message: status.message().to_string() }),
+            }
+            if started.elapsed() >= self.deadline {
+                return Err(ClientError::GaveUp { attempts, elapsed: started.elapsed(), last });
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    fn prefer(&mut self, address: &str) -> Result<(), ClientError> {
+        match self.addresses.iter().position(|a| a == address) {
+            Some(at) => self.current = at,
+            None => {
+                endpoint(address)?;
+                self.addresses.push(address.to_string());
+                self.channels.push(None);
+                self.current = self.addresses.len() - 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn endpoint(address: &str) -> Result<Endpoint, ClientError> {
+    let invalid = |reason: String| ClientError::InvalidAddress { address: address.to_string(), reason };
+    if address.contains("://") || !address.contains(':') {
+        return Err(invalid("expected host:port, for example 127.0.0.1:7001".into()));
+    }
+    Endpoint::from_shared(format!("http://{address}"))
+        .map(|e| e.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true))
+        .map_err(|e| invalid(e.to_string()))
+}
+
+/// A client id unique enough across processes: time, process id and a
+/// counter, hashed.
+fn random_client_id() -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let mut hasher = Sha256::new();
+    hasher.update(nanos.to_be_bytes());
+    hasher.update(std::process::id().to_be_bytes());
+    hasher.update(COUNTER.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+    hasher.finalize()[..16].to_vec()
+}

@@ -1,0 +1,406 @@
+//! The apply task: committed entries in, guest calls, one store batch per run
+//! of entries, answers out.
+//!
+//! It runs on its own thread (guest calls are synchronous and CPU-bound) and
+//! takes its work from a channel the core task feeds in log order. Every
+//! decision here depends only on the entries (their order, their bytes, the
+//! leader's timestamps), never on this node's clock or batch boundaries, so
+//! every replica ends in the same state at the same index.
+
+use super::sessions::{Admission, Sessions, session_reply};
+use super::{ReadReply, RequestError, WriteReply};
+use crate::raft::{Entry, EntryKind, Index, Term};
+use crate::rpc::pb::{self, entry_payload, session_reply::Result as ReplyResult};
+use crate::runtime::{EntryInfo, Machine, RuntimeError};
+use crate::storage::{ApplyBatch, Store, StoreError, hex};
+use prost::Message as _;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use thiserror::Error;
+use tokio::sync::{Notify, oneshot};
+
+/// Work for the apply task.
+pub enum ApplyMsg {
+    /// A client waits for the entry proposed at `index` in `term`.
+    Await { index: Index, term: Term, reply: oneshot::Sender<Result<WriteReply, RequestError>> },
+    /// Committed entries, in log order, and their size for back-pressure.
+    Committed { entries: Vec<Entry>, bytes: u64 },
+    /// Serve a query once `index` is applied (0: at once, a stale read).
+    Read(ReadJob),
+    /// This node stopped being the leader: proposals still waiting may be
+    /// committed by the next leader or lost; their clients retry.
+    LeadershipLost,
+    /// Report applied index and state digests.
+    Status(oneshot::Sender<Result<ApplyStatus, RequestError>>),
+}
+
+/// A read waiting for its index.
+pub struct ReadJob {
+    pub index: Index,
+    pub state_machine: String,
+    pub query: Vec<u8>,
+    pub reply: oneshot::Sender<Result<ReadReply, RequestError>>,
+}
+
+/// The apply side of a member's status, taken at one applied index.
+#[derive(Clone, Debug)]
+pub struct ApplyStatus {
+    pub applied_index: Index,
+    pub state_machines: Vec<MachineStatus>,
+}
+
+/// One state machine's module and a digest of its state.
+#[derive(Clone, Debug)]
+pub struct MachineStatus {
+    pub name: String,
+    pub module_hash: String,
+    pub state_digest: String,
+}
+
+/// Progress the core task watches: how far apply got, and how many handed
+/// out bytes are still waiting (the core pauses handing out past a limit).
+#[derive(Default)]
+pub struct ApplyProgress {
+    pub applied_index: AtomicU64,
+    pub backlog_bytes: AtomicU64,
+    /// Woken after every applied batch.
+    pub applied: Notify,
+}
+
+/// A failure that stops the node: the store failed or the engine (not a
+/// guest) broke. Replying to clients cannot continue safely after it.
+#[derive(Debug, Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+}
+
+/// One client write waiting in the current run.
+struct RunItem {
+    index: Index,
+    term: Term,
+    info: EntryInfo,
+    command: Vec<u8>,
+    client: Vec<u8>,
+    sequence: u64,
+}
+
+/// A write's result, sent once the run that decided it is durable.
+struct Decided {
+    index: Index,
+    term: Term,
+    result: Result<WriteReply, RequestError>,
+}
+
+/// The apply task's state.
+pub struct Applier {
+    store: Store,
+    machines: BTreeMap<String, Machine>,
+    sessions: Sessions,
+    /// Index and term of the last applied entry.
+    applied: (Index, Term),
+    /// The replicated clock: the latest entry timestamp applied.
+    clock_ms: u64,
+    waiters: BTreeMap<Index, (Term, oneshot::Sender<Result<WriteReply, RequestError>>)>,
+    reads: BTreeMap<Index, Vec<ReadJob>>,
+    progress: Arc<ApplyProgress>,
+    /// Writes of the current run, all for `run_machine`.
+    run: Vec<RunItem>,
+    run_machine: Option<String>,
+    /// `(client, sequence)` of the run's writes, to catch a retry of a write
+    /// in the same run (it must see that write's answer, not apply twice).
+    run_keys: HashSet<(Vec<u8>, u64)>,
+    decided: Vec<Decided>,
+}
+
+impl Applier {
+    /// The apply state of `store` as of its applied index.
+    pub fn new(
+        store: Store,
+        machines: BTreeMap<String, Machine>,
+        sessions: Sessions,
+        progress: Arc<ApplyProgress>,
+    ) -> Result<Applier, StoreError> {
+        let applied = store.applied();
+        let clock_ms = store.apply_clock_ms()?;
+        progress.applied_index.store(applied.0, Ordering::Release);
+        Ok(Applier {
+            store,
+            machines,
+            sessions,
+            applied,
+            clock_ms,
+            waiters: BTreeMap::new(),
+            reads: BTreeMap::new(),
+            progress,
+            run: Vec::new(),
+            run_machine: None,
+            run_keys: HashSet::new(),
+            decided: Vec::new(),
+        })
+    }
+
+    /// Runs until the channel closes (the core task stopped) or a fatal error.
+    pub fn run(mut self, inbox: mpsc::Receiver<ApplyMsg>) -> Result<(), ApplyError> {
+        while let Ok(message) = inbox.recv() {
+            self.handle(message)?;
+        }
+        self.fail_waiters(|| RequestError::ShuttingDown);
+        Ok(())
+    }
+
+    /// Handles one message.
+    pub fn handle(&mut self, message: ApplyMsg) -> Result<(), ApplyError> {
+        match message {
+            ApplyMsg::Await { index, term, reply } => {
+                if index <= self.applied.0 {
+                    // Cannot happen in order, but never leave a client hanging.
+                    let _ = reply.send(Err(RequestError::OutcomeUnknown(format!(
+                        "entry {index} was applied before its client started waiting"
+                    ))));
+                } else {
+                    self.waiters.insert(index, (term, reply));
+                }
+            }
+            ApplyMsg::Committed { entries, bytes } => {
+                let result = self.apply_entries(entries);
+                self.progress.backlog_bytes.fetch_sub(bytes, Ordering::AcqRel);
+                self.progress.applied_index.store(self.applied.0, Ordering::Release);
+                self.progress.applied.notify_one();
+                result?;
+                self.serve_due_reads()?;
+            }
+            ApplyMsg::Read(job) => {
+                if job.index <= self.applied.0 {
+                    self.serve_read(job)?;
+                } else {
+                    self.reads.entry(job.index).or_default().push(job);
+                }
+            }
+            ApplyMsg::LeadershipLost => {
+                self.fail_waiters(|| {
+                    RequestError::OutcomeUnknown("leadership changed before the write committed".into())
+                });
+            }
+            ApplyMsg::Status(reply) => {
+                let _ = reply.send(self.status().map_err(|e| RequestError::Internal(e.to_string())));
+            }
+        }
+        Ok(())
+    }
+
+    fn fail_waiters(&mut self, error: impl Fn() -> RequestError) {
+        for (_, (_, reply)) in std::mem::take(&mut self.waiters) {
+            let _ = reply.send(Err(error()));
+        }
+    }
+
+    /// Applies committed entries in order. Consecutive writes to one state
+    /// machine go to the guest in one batch and to the store in one atomic
+    /// write with their session records and the applied position.
+    fn apply_entries(&mut self, entries: Vec<Entry>) -> Result<(), ApplyError> {
+        for entry in entries {
+            if entry.index <= self.applied.0 {
+                continue;
+            }
+            let position = (entry.index, entry.term);
+            match decode_command(&entry) {
+                Some((timestamp_ms, command)) => {
+                    self.clock_ms = self.clock_ms.max(timestamp_ms);
+                    self.sessions.expire(self.clock_ms);
+                    self.admit(position, command)?;
+                }
+                None => {
+                    if entry.kind == EntryKind::Normal && !entry.is_noop() {
+                        tracing::warn!(index = entry.index, "skipping an entry this version cannot decode");
+                    }
+                }
+            }
+            // The position moves with every entry; it is written with the
+            // next flush, so a crash re-applies from the last durable one.
+            self.applied = position;
+        }
+        self.flush()
+    }
+
+    fn admit(&mut self, (index, term): (Index, Term), command: pb::Command) -> Result<(), ApplyError> {
+        let key = (command.client_id.clone(), command.sequence);
+        let other_machine = self.run_machine.as_deref().is_some_and(|m| m != command.state_machine);
+        if other_machine || (!key.0.is_empty() && self.run_keys.contains(&key)) {
+            // The position so far belongs to the run being flushed.
+            self.flush()?;
+        }
+        let info = EntryInfo { index, term, timestamp_ms: self.clock_ms };
+        if !command.client_id.is_empty() {
+            match self.sessions.admit(&command.client_id, command.sequence) {
+                Admission::Apply => {}
+                Admission::Duplicate(reply) => {
+                    let result = Ok(reply_from_session(reply));
+                    self.decided.push(Decided { index, term, result });
+                    return Ok(());
+                }
+                Admission::Expired { highest } => {
+                    let result = Err(RequestError::SessionExpired { sequence: command.sequence, highest });
+                    self.decided.push(Decided { index, term, result });
+                    return Ok(());
+                }
+            }
+        }
+        if !self.machines.contains_key(&command.state_machine) {
+            let outcome = Err(format!("no state machine named {:?}", command.state_machine));
+            self.finish_write(index, term, &command.client_id, command.sequence, outcome);
+            return Ok(());
+        }
+        self.run_machine = Some(command.state_machine);
+        if !key.0.is_empty() {
+            self.run_keys.insert(key);
+        }
+        self.run.push(RunItem {
+            index,
+            term,
+            info,
+            command: command.command,
+            client: command.client_id,
+            sequence: command.sequence,
+        });
+        Ok(())
+    }
+
+    fn finish_write(
+        &mut self,
+        index: Index,
+        term: Term,
+        client: &[u8],
+        sequence: u64,
+        outcome: Result<Vec<u8>, String>,
+    ) {
+        if !client.is_empty() {
+            self.sessions.record(client, session_reply(sequence, index, term, &outcome), self.clock_ms);
+        }
+        self.decided.push(Decided { index, term, result: Ok(WriteReply { outcome, index, term }) });
+    }
+
+    /// Runs the current run through its guest, makes its effects, the
+    /// session changes and the applied position durable in one batch, then
+    /// answers the clients.
+    fn flush(&mut self) -> Result<(), ApplyError> {
+        let mut writes = Vec::new();
+        if let Some(name) = self.run_machine.take() {
+            let run = std::mem::take(&mut self.run);
+            self.run_keys.clear();
+            if let Some(machine) = self.machines.get_mut(&name) {
+                let commands: Vec<(EntryInfo, &[u8])> = run.iter().map(|i| (i.info, i.command.as_slice())).collect();
+                let (outcomes, run_writes) = machine.apply_batch(&commands)?;
+                writes = run_writes;
+                for (item, outcome) in run.iter().zip(outcomes) {
+                    let outcome = outcome.map_err(|e| e.to_string());
+                    self.finish_write(item.index, item.term, &item.client, item.sequence, outcome);
+                }
+            }
+        }
+        if self.applied.0 > self.store.applied().0 || !writes.is_empty() {
+            self.store.apply(&ApplyBatch {
+                applied_index: self.applied.0,
+                applied_term: self.applied.1,
+                clock_ms: self.clock_ms,
+                writes,
+                sessions: self.sessions.take_changes(),
+            })?;
+        }
+        self.answer_writes();
+        Ok(())
+    }
+
+    fn answer_writes(&mut self) {
+        for decided in std::mem::take(&mut self.decided) {
+            if let Some((term, reply)) = self.waiters.remove(&decided.index) {
+                let result = if term == decided.term {
+                    decided.result
+                } else {
+                    Err(RequestError::OutcomeUnknown(format!(
+                        "another leader's entry took index {} of the write",
+                        decided.index
+                    )))
+                };
+                let _ = reply.send(result);
+            }
+        }
+        // Waiters at applied indexes that held no write of theirs (a new
+        // leader's no-op took the slot).
+        let applied = self.applied.0;
+        while let Some(entry) = self.waiters.first_entry() {
+            if *entry.key() > applied {
+                break;
+            }
+            let (index, (_, reply)) = entry.remove_entry();
+            let _ = reply.send(Err(RequestError::OutcomeUnknown(format!(
+                "another leader's entry took index {index} of the write"
+            ))));
+        }
+    }
+
+    fn serve_due_reads(&mut self) -> Result<(), ApplyError> {
+        while let Some(entry) = self.reads.first_entry() {
+            if *entry.key() > self.applied.0 {
+                break;
+            }
+            for job in entry.remove() {
+                self.serve_read(job)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn serve_read(&mut self, job: ReadJob) -> Result<(), ApplyError> {
+        let Some(machine) = self.machines.get_mut(&job.state_machine) else {
+            let _ = job.reply.send(Err(RequestError::UnknownStateMachine(job.state_machine)));
+            return Ok(());
+        };
+        let at = EntryInfo { index: self.applied.0, term: self.applied.1, timestamp_ms: self.clock_ms };
+        let outcome = machine.query(at, &job.query)?.map_err(|e| e.to_string());
+        let _ = job.reply.send(Ok(ReadReply { outcome, index: self.applied.0 }));
+        Ok(())
+    }
+
+    fn status(&self) -> Result<ApplyStatus, StoreError> {
+        let mut state_machines = Vec::new();
+        for (name, machine) in &self.machines {
+            state_machines.push(MachineStatus {
+                name: name.clone(),
+                module_hash: hex(&machine.module_hash()),
+                state_digest: hex(&self.store.state_digest(name)?),
+            });
+        }
+        Ok(ApplyStatus { applied_index: self.applied.0, state_machines })
+    }
+}
+
+/// The entry's timestamp and client command, if it carries one.
+fn decode_command(entry: &Entry) -> Option<(u64, pb::Command)> {
+    if entry.kind != EntryKind::Normal || entry.is_noop() {
+        return None;
+    }
+    let payload = pb::EntryPayload::decode(entry.data.as_ref()).ok()?;
+    match payload.kind? {
+        entry_payload::Kind::Command(command) => Some((payload.timestamp_ms, command)),
+    }
+}
+
+fn reply_from_session(reply: pb::SessionReply) -> WriteReply {
+    let outcome = match reply.result {
+        Some(ReplyResult::Ok(bytes)) => Ok(bytes),
+        Some(ReplyResult::Error(message)) => Err(message),
+        None => Err("the stored answer is empty".to_string()),
+    };
+    WriteReply { outcome, index: reply.index, term: reply.term }
+}
+
+/// Encodes a client command as entry data, stamped with the leader's clock.
+pub fn encode_command(timestamp_ms: u64, command: pb::Command) -> bytes::Bytes {
+    let payload = pb::EntryPayload { timestamp_ms, kind: Some(entry_payload::Kind::Command(command)) };
+    bytes::Bytes::from(payload.encode_to_vec())
+}

@@ -1,0 +1,438 @@
+//! The core task: the only owner of the consensus core.
+//!
+//! It waits on its inbox, the ticker, the end of an fsync and apply progress,
+//! and after each wake-up drains its inbox without waiting (so a burst of
+//! client writes becomes one proposal, one append, one fsync) and then hands
+//! out `Ready`s. At most one `Ready` is being persisted at a time; the core
+//! keeps stepping meanwhile, which the Ready contract allows.
+
+use super::apply::{ApplyMsg, ApplyProgress, ReadJob};
+use super::peers::Peers;
+use super::{Consistency, NodeConfig, NodeError, ReadReply, RequestError, WriteReply};
+use crate::raft::{Entry, Index, Message, NodeId, ProposeError, Raft, ReadIndexError, ReadState, Role, Term};
+use crate::rpc::pb;
+use crate::storage::{Store, StoreError};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// Messages a core task takes at most per wake-up before handling a Ready,
+/// so that ticks and fsync completions are never starved by a flood.
+const DRAIN_MAX: usize = 4096;
+
+/// Work for the core task.
+pub(crate) enum CoreMsg {
+    Peer(Vec<Message>),
+    Propose { command: pb::Command, reply: oneshot::Sender<Result<WriteReply, RequestError>> },
+    Read(ReadRequest),
+    Status(oneshot::Sender<CoreStatus>),
+}
+
+pub(crate) struct ReadRequest {
+    pub state_machine: String,
+    pub query: Vec<u8>,
+    pub consistency: Consistency,
+    pub reply: oneshot::Sender<Result<ReadReply, RequestError>>,
+}
+
+/// Role, term and leader as this member sees them; what `Watch` streams.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeadershipView {
+    pub role: Role,
+    pub term: Term,
+    pub leader: Option<NodeId>,
+}
+
+/// The consensus side of a member's status.
+#[derive(Clone, Debug)]
+pub struct CoreStatus {
+    pub role: Role,
+    pub term: Term,
+    pub leader: Option<NodeId>,
+    pub commit_index: Index,
+    pub last_log_index: Index,
+    pub voters: BTreeSet<NodeId>,
+}
+
+/// How the services reach the core task.
+#[derive(Clone)]
+pub struct CoreHandle {
+    tx: mpsc::Sender<CoreMsg>,
+    leadership: watch::Receiver<LeadershipView>,
+    request_timeout: Duration,
+}
+
+impl CoreHandle {
+    /// Hands peer messages to the core, waiting for room (back-pressure on
+    /// the sending peer's lane).
+    pub(crate) async fn deliver(&self, messages: Vec<Message>) -> Result<(), RequestError> {
+        self.tx.send(CoreMsg::Peer(messages)).await.map_err(|_| RequestError::ShuttingDown)
+    }
+
+    /// Proposes a client command and waits for its outcome.
+    pub(crate) async fn write(&self, command: pb::Command) -> Result<WriteReply, RequestError> {
+        let (reply, answer) = oneshot::channel();
+        self.offer(CoreMsg::Propose { command, reply })?;
+        self.wait(answer).await?
+    }
+
+    /// A linearizable or lease read, through the core.
+    pub(crate) async fn read(
+        &self,
+        state_machine: String,
+        query: Vec<u8>,
+        consistency: Consistency,
+    ) -> Result<ReadReply, RequestError> {
+        let (reply, answer) = oneshot::channel();
+        self.offer(CoreMsg::Read(ReadRequest { state_machine, query, consistency, reply }))?;
+        self.wait(answer).await?
+    }
+
+    /// The core's status.
+    pub async fn status(&self) -> Result<CoreStatus, RequestError> {
+        let (reply, answer) = oneshot::channel();
+        self.offer(CoreMsg::Status(reply))?;
+        self.wait(answer).await
+    }
+
+    /// Follows role, term and leader changes.
+    pub fn leadership(&self) -> watch::Receiver<LeadershipView> {
+        self.leadership.clone()
+    }
+
+    fn offer(&self, message: CoreMsg) -> Result<(), RequestError> {
+        self.tx.try_send(message).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => RequestError::Busy("the consensus inbox is full".into()),
+            mpsc::error::TrySendError::Closed(_) => RequestError::ShuttingDown,
+        })
+    }
+
+    async fn wait<T>(&self, answer: oneshot::Receiver<T>) -> Result<T, RequestError> {
+        match tokio::time::timeout(self.request_timeout, answer).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(_)) => Err(RequestError::ShuttingDown),
+            Err(_) => Err(RequestError::Timeout(self.request_timeout)),
+        }
+    }
+}
+
+/// A read waiting for its ReadIndex round.
+struct PendingRead {
+    state_machine: String,
+    query: Vec<u8>,
+    reply: oneshot::Sender<Result<ReadReply, RequestError>>,
+    deadline: Instant,
+}
+
+/// What is left of a Ready once its entries and hard state went to disk.
+struct AfterPersist {
+    persisted_messages: Vec<Message>,
+    committed_entries: Vec<Entry>,
+    read_states: Vec<ReadState>,
+}
+
+pub(crate) struct CoreTask {
+    raft: Raft<Store>,
+    store: Store,
+    config: Arc<NodeConfig>,
+    peers: Peers,
+    apply: std::sync::mpsc::Sender<ApplyMsg>,
+    progress: Arc<ApplyProgress>,
+    leadership: watch::Sender<LeadershipView>,
+    reads: HashMap<u64, PendingRead>,
+    next_read_ctx: u64,
+    /// The last timestamp stamped into an entry; stamps never go back.
+    last_stamp_ms: u64,
+    proposals: Vec<(pb::Command, oneshot::Sender<Result<WriteReply, RequestError>>)>,
+}
+
+impl CoreTask {
+    /// The task and the handle services use to reach it.
+    pub(crate) fn new(
+        raft: Raft<Store>,
+        store: Store,
+        config: Arc<NodeConfig>,
+        peers: Peers,
+        apply: std::sync::mpsc::Sender<ApplyMsg>,
+        progress: Arc<ApplyProgress>,
+        inbox_capacity: usize,
+    ) -> (CoreTask, CoreHandle, mpsc::Receiver<CoreMsg>) {
+        let view = LeadershipView { role: raft.role(), term: raft.term(), leader: raft.leader() };
+        let (leadership, leadership_rx) = watch::channel(view);
+        let (tx, rx) = mpsc::channel(inbox_capacity);
+        let handle = CoreHandle { tx, leadership: leadership_rx, request_timeout: config.request_timeout };
+        let task = CoreTask {
+            raft,
+            store,
+            config,
+            peers,
+            apply,
+            progress,
+            leadership,
+            reads: HashMap::new(),
+            next_read_ctx: 0,
+            last_stamp_ms: 0,
+            proposals: Vec::new(),
+        };
+        (task, handle, rx)
+    }
+
+    /// Runs until `shutdown` turns true or a fatal error. On shutdown it
+    /// finishes the Ready being persisted (so what was acknowledged to peers
+    /// is durable and committed entries reach the apply task) and returns.
+    pub(crate) async fn run(
+        mut self,
+        mut inbox: mpsc::Receiver<CoreMsg>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), NodeError> {
+        let mut ticker = tokio::time::interval(self.config.tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let progress = self.progress.clone();
+        let mut persisting: Option<(AfterPersist, JoinHandle<Result<(), StoreError>>)> = None;
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => break,
+                done = async { (&mut persisting.as_mut().expect("guarded").1).await }, if persisting.is_some() => {
+                    let (rest, _) = persisting.take().expect("guarded");
+                    done.map_err(|_| NodeError::TaskLost("storage"))??;
+                    self.after_persist(rest)?;
+                }
+                _ = ticker.tick() => {
+                    self.raft.tick()?;
+                    self.expire_reads();
+                }
+                message = inbox.recv() => {
+                    let Some(message) = message else { break };
+                    self.handle(message)?;
+                    for _ in 0..DRAIN_MAX {
+                        match inbox.try_recv() {
+                            Ok(message) => self.handle(message)?,
+                            Err(_) => break,
+                        }
+                    }
+                    self.propose_gathered()?;
+                }
+                _ = progress.applied.notified() => {}
+            }
+            let backlog = self.progress.backlog_bytes.load(Ordering::Acquire);
+            self.raft.set_apply_paused(backlog >= self.config.max_apply_backlog_bytes);
+            while persisting.is_none() && self.raft.has_ready() {
+                let ready = self.raft.ready()?;
+                if let Some(soft) = ready.soft_state {
+                    self.on_leadership_change(soft.role, soft.leader);
+                }
+                self.publish_leadership();
+                self.peers.send(ready.messages);
+                let rest = AfterPersist {
+                    persisted_messages: ready.persisted_messages,
+                    committed_entries: ready.committed_entries,
+                    read_states: ready.read_states,
+                };
+                if ready.entries.is_empty() && ready.hard_state.is_none() {
+                    self.after_persist(rest)?;
+                } else {
+                    let store = self.store.clone();
+                    let (entries, hard_state) = (ready.entries, ready.hard_state);
+                    let write = tokio::task::spawn_blocking(move || store.persist(&entries, hard_state.as_ref()));
+                    persisting = Some((rest, write));
+                }
+            }
+        }
+        if let Some((rest, write)) = persisting {
+            write.await.map_err(|_| NodeError::TaskLost("storage"))??;
+            self.after_persist(rest)?;
+        }
+        self.fail_proposals(|| RequestError::ShuttingDown);
+        for (_, read) in self.reads.drain() {
+            let _ = read.reply.send(Err(RequestError::ShuttingDown));
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, message: CoreMsg) -> Result<(), NodeError> {
+        match message {
+            CoreMsg::Peer(messages) => {
+                for message in messages {
+                    if let Err(error) = self.raft.step(message) {
+                        match error {
+                            crate::raft::RaftError::InvalidMessage { from, reason } => {
+                                tracing::warn!(from, %reason, "dropped an invalid message from a peer");
+                            }
+                            fatal => return Err(fatal.into()),
+                        }
+                    }
+                }
+            }
+            CoreMsg::Propose { command, reply } => self.proposals.push((command, reply)),
+            CoreMsg::Read(request) => self.start_read(request)?,
+            CoreMsg::Status(reply) => {
+                let _ = reply.send(CoreStatus {
+                    role: self.raft.role(),
+                    term: self.raft.term(),
+                    leader: self.raft.leader(),
+                    commit_index: self.raft.log().committed(),
+                    last_log_index: self.raft.log().last_index()?,
+                    voters: self.raft.voters(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Proposes every write gathered in this wake-up as one batch: one
+    /// append, one fsync, one AppendEntries per follower.
+    fn propose_gathered(&mut self) -> Result<(), NodeError> {
+        if self.proposals.is_empty() {
+            return Ok(());
+        }
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let stamp = now_ms.max(self.last_stamp_ms);
+        let proposals = std::mem::take(&mut self.proposals);
+        let payloads =
+            proposals.iter().map(|(command, _)| super::apply::encode_command(stamp, command.clone())).collect();
+        match self.raft.propose(payloads) {
+            Ok(proposed) => {
+                self.last_stamp_ms = stamp;
+                for (offset, (_, reply)) in proposals.into_iter().enumerate() {
+                    let index = proposed.first_index + offset as u64;
+                    self.send_apply(ApplyMsg::Await { index, term: proposed.term, reply })?;
+                }
+                Ok(())
+            }
+            Err(error) => {
+                let refusal = match error {
+                    ProposeError::NotLeader { leader } => self.not_leader(leader),
+                    ProposeError::Busy { .. } => RequestError::Busy(error.to_string()),
+                    ProposeError::TooLarge { .. } | ProposeError::Empty => RequestError::Invalid(error.to_string()),
+                    ProposeError::Raft(fatal) => return Err(fatal.into()),
+                };
+                for (_, reply) in proposals {
+                    let _ = reply.send(Err(refusal.clone()));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn not_leader(&self, leader: Option<NodeId>) -> RequestError {
+        let leader = leader.filter(|&id| id != self.config.id);
+        RequestError::NotLeader {
+            leader: leader.and_then(|id| self.config.address_of(id).map(|addr| (id, addr.to_string()))),
+        }
+    }
+
+    fn start_read(&mut self, request: ReadRequest) -> Result<(), NodeError> {
+        if request.consistency == Consistency::Lease {
+            if self.raft.role() != Role::Leader {
+                let _ = request.reply.send(Err(self.not_leader(self.raft.leader())));
+                return Ok(());
+            }
+            if let Some(index) = self.raft.lease_read_index() {
+                return self.send_apply(ApplyMsg::Read(ReadJob {
+                    index,
+                    state_machine: request.state_machine,
+                    query: request.query,
+                    reply: request.reply,
+                }));
+            }
+            // No lease right now (a new leader, or acks are late): a ReadIndex
+            // round gives the same guarantee, a round trip later.
+        }
+        self.next_read_ctx += 1;
+        let ctx = self.next_read_ctx;
+        match self.raft.read_index(ctx) {
+            Ok(()) => {
+                let deadline = Instant::now() + self.config.request_timeout;
+                let pending = PendingRead {
+                    state_machine: request.state_machine,
+                    query: request.query,
+                    reply: request.reply,
+                    deadline,
+                };
+                self.reads.insert(ctx, pending);
+            }
+            Err(ReadIndexError::NoLeader) => {
+                let _ = request.reply.send(Err(RequestError::NoLeader));
+            }
+            Err(ReadIndexError::Busy) => {
+                let _ = request.reply.send(Err(RequestError::Busy("too many reads are waiting".into())));
+            }
+            Err(ReadIndexError::Raft(fatal)) => return Err(fatal.into()),
+        }
+        Ok(())
+    }
+
+    fn expire_reads(&mut self) {
+        let now = Instant::now();
+        let timeout = self.config.request_timeout;
+        self.reads.retain(|_, read| {
+            if read.deadline > now {
+                return true;
+            }
+            // The sender may be gone already (the service timed out first).
+            let (reply, _) = oneshot::channel();
+            let reply = std::mem::replace(&mut read.reply, reply);
+            let _ = reply.send(Err(RequestError::Timeout(timeout)));
+            false
+        });
+    }
+
+    /// Steps 2-5 of the Ready contract, once step 1 (persist) is done.
+    fn after_persist(&mut self, rest: AfterPersist) -> Result<(), NodeError> {
+        self.peers.send(rest.persisted_messages);
+        if !rest.committed_entries.is_empty() {
+            let bytes: u64 = rest.committed_entries.iter().map(Entry::size_bytes).sum();
+            self.progress.backlog_bytes.fetch_add(bytes, Ordering::AcqRel);
+            self.send_apply(ApplyMsg::Committed { entries: rest.committed_entries, bytes })?;
+        }
+        for state in rest.read_states {
+            if let Some(read) = self.reads.remove(&state.ctx) {
+                self.send_apply(ApplyMsg::Read(ReadJob {
+                    index: state.index,
+                    state_machine: read.state_machine,
+                    query: read.query,
+                    reply: read.reply,
+                }))?;
+            }
+        }
+        self.raft.advance()?;
+        Ok(())
+    }
+
+    /// The core drops its ReadIndex rounds and a new leader may overwrite
+    /// uncommitted proposals: fail what waits on them, so clients retry.
+    fn on_leadership_change(&mut self, role: Role, leader: Option<NodeId>) {
+        let was = self.leadership.borrow().clone();
+        tracing::info!(node = self.config.id, role = role.as_str(), leader = ?leader, term = self.raft.term(), "leadership changed");
+        for (_, read) in self.reads.drain() {
+            let _ = read.reply.send(Err(RequestError::LeadershipChanged));
+        }
+        if was.role == Role::Leader && role != Role::Leader {
+            // Best effort: if the apply task is gone the node is stopping anyway.
+            let _ = self.apply.send(ApplyMsg::LeadershipLost);
+        }
+    }
+
+    fn publish_leadership(&self) {
+        let view = LeadershipView { role: self.raft.role(), term: self.raft.term(), leader: self.raft.leader() };
+        self.leadership.send_if_modified(|current| {
+            let changed = *current != view;
+            *current = view;
+            changed
+        });
+    }
+
+    fn fail_proposals(&mut self, error: impl Fn() -> RequestError) {
+        for (_, reply) in self.proposals.drain(..) {
+            let _ = reply.send(Err(error()));
+        }
+    }
+
+    fn send_apply(&self, message: ApplyMsg) -> Result<(), NodeError> {
+        self.apply.send(message).map_err(|_| NodeError::TaskLost("apply"))
+    }
+}

@@ -1,0 +1,222 @@
+//! Starting and stopping a member: open the store, load the state machines,
+//! start the tasks, serve gRPC on one port for peers and clients.
+
+use super::apply::{Applier, ApplyProgress};
+use super::core::CoreTask;
+use super::peers::{PEER_MESSAGE_BYTES_MAX, Peers};
+use super::sessions::Sessions;
+use super::{NodeConfig, NodeError};
+use crate::raft::{ConfState, Config, ENTRY_OVERHEAD_BYTES, NodeId, Raft};
+use crate::rpc::client_pb::client_server::ClientServer;
+use crate::rpc::pb::raft_peer_server::RaftPeerServer;
+use crate::rpc::{ClientService, PeerService};
+use crate::runtime::{Machine, Runtime};
+use crate::storage::{Identity, Store, StoreOptions, hex};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+/// The state machines every member runs, built into the binary (deploying
+/// others through the log is the hot-deploy work).
+pub const BUILT_IN_STATE_MACHINES: &[(&str, &[u8])] = &[("kv", raft_guests::KV), ("counter", raft_guests::COUNTER)];
+
+/// Messages the core's inbox holds; past it clients get "busy" and peers wait.
+const CORE_INBOX_CAPACITY: usize = 16_384;
+
+/// Starts members.
+pub struct Node;
+
+/// A started member. Dropping it does not stop it; call
+/// [`RunningNode::shutdown`] and then [`RunningNode::wait`].
+pub struct RunningNode {
+    local_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    server: JoinHandle<Result<(), NodeError>>,
+    core: JoinHandle<Result<(), NodeError>>,
+    apply: std::thread::JoinHandle<Result<(), super::apply::ApplyError>>,
+}
+
+impl Node {
+    /// Opens the member's data directory (creating and bootstrapping it on
+    /// first start), loads the state machines, binds the listen address and
+    /// starts every task. Must run inside a tokio runtime.
+    pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
+        validate(&config)?;
+        let config = Arc::new(config);
+        let identity = Identity::new(config.cluster_id.clone(), config.id);
+        let options = StoreOptions { durability: config.durability, ..StoreOptions::default() };
+        let store = {
+            let dir = config.data_dir.clone();
+            tokio::task::spawn_blocking(move || Store::open(&dir, &identity, &options))
+                .await
+                .map_err(|_| NodeError::TaskLost("store open"))??
+        };
+        let voters: BTreeSet<NodeId> = config.peers.keys().copied().chain([config.id]).collect();
+        store.bootstrap(&ConfState::with_voters(voters.iter().copied()))?;
+
+        let runtime = Arc::new(Runtime::new(config.limits.clone())?);
+        let mut machines = BTreeMap::new();
+        for &(name, bytes) in BUILT_IN_STATE_MACHINES {
+            let module = {
+                let runtime = runtime.clone();
+                tokio::task::spawn_blocking(move || runtime.load(bytes))
+                    .await
+                    .map_err(|_| NodeError::TaskLost("module load"))?
+                    .map_err(|source| NodeError::Module { name: name.to_string(), source })?
+            };
+            tracing::info!(state_machine = name, module = %hex(&module.hash()), "state machine loaded");
+            machines.insert(name.to_string(), Machine::new(runtime.clone(), module, name, store.clone()));
+        }
+        let names: BTreeSet<String> = machines.keys().cloned().collect();
+        let sessions = Sessions::load(config.sessions, store.session_scan()?)?;
+
+        let mut raft_config = Config::new(config.id);
+        raft_config.election_tick = config.election_ticks;
+        raft_config.heartbeat_tick = config.heartbeat_ticks;
+        raft_config.applied = store.applied().0;
+        raft_config.max_entry_bytes = raft_config.max_entry_bytes.max(config.max_command_bytes as u64 + 4096);
+        raft_config.max_uncommitted_bytes = raft_config.max_uncommitted_bytes.max(raft_config.max_entry_bytes);
+        // Members restarting together must not draw the same timeouts.
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        raft_config.seed = config.id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ nanos;
+        debug_assert!(raft_config.max_message_bytes + ENTRY_OVERHEAD_BYTES < PEER_MESSAGE_BYTES_MAX as u64);
+        let raft = Raft::new(raft_config, store.clone())?;
+        tracing::info!(
+            node = config.id,
+            cluster = %config.cluster_id,
+            term = raft.term(),
+            commit = raft.log().committed(),
+            applied = store.applied().0,
+            "member starting"
+        );
+
+        let progress = Arc::new(ApplyProgress::default());
+        let applier = Applier::new(store.clone(), machines, sessions, progress.clone())?;
+        let (apply_tx, apply_rx) = std::sync::mpsc::channel();
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let apply_shutdown = shutdown.clone();
+        let apply = std::thread::Builder::new()
+            .name(format!("apply-{}", config.id))
+            .spawn(move || {
+                let result = applier.run(apply_rx);
+                if let Err(error) = &result {
+                    tracing::error!(%error, "the apply task failed; stopping the member");
+                    let _ = apply_shutdown.send(true);
+                }
+                result
+            })
+            .map_err(|_| NodeError::TaskLost("apply thread spawn"))?;
+
+        let call_timeout = config.tick * config.election_ticks;
+        let peers =
+            Peers::start(&config.cluster_id, config.id, &config.peers, call_timeout).map_err(NodeError::Config)?;
+        let (core_task, core, inbox) =
+            CoreTask::new(raft, store, config.clone(), peers, apply_tx.clone(), progress, CORE_INBOX_CAPACITY);
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| NodeError::Listen { addr: config.listen, source })?;
+        let local_addr = listener.local_addr().map_err(|source| NodeError::Listen { addr: config.listen, source })?;
+
+        let core_shutdown = shutdown.clone();
+        let core_handle = tokio::spawn({
+            let rx = shutdown_rx.clone();
+            async move {
+                let result = core_task.run(inbox, rx).await;
+                if let Err(error) = &result {
+                    tracing::error!(%error, "the consensus task failed; stopping the member");
+                }
+                // Whatever ended the core ends the member.
+                let _ = core_shutdown.send(true);
+                result
+            }
+        });
+
+        let peer_service = PeerService::new(config.cluster_id.clone(), config.id, voters, core.clone());
+        let client_service =
+            ClientService::new(config.clone(), core.clone(), apply_tx, names).map_err(NodeError::Config)?;
+        let client_limit = config.max_command_bytes + (64 << 10);
+        let mut server_shutdown = shutdown_rx;
+        let server = tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(
+                    RaftPeerServer::new(peer_service)
+                        .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
+                        .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX),
+                )
+                .add_service(
+                    ClientServer::new(client_service)
+                        .max_decoding_message_size(client_limit)
+                        .max_encoding_message_size(client_limit),
+                )
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                    let _ = server_shutdown.wait_for(|stop| *stop).await;
+                })
+                .await
+                .map_err(NodeError::from)
+        });
+        tracing::info!(node = config.id, address = %local_addr, "serving peers and clients");
+        Ok(RunningNode { local_addr, shutdown, server, core: core_handle, apply })
+    }
+}
+
+impl RunningNode {
+    /// The bound address (useful when listening on port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Asks every task to stop: the server stops accepting, the core
+    /// finishes its in-flight write, the apply task applies what it was
+    /// handed.
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// A future that resolves when the member starts stopping, from a
+    /// shutdown request or a fatal error.
+    pub fn stopping(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.shutdown.subscribe();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    }
+
+    /// Waits until every task has stopped; the first failure, if any.
+    pub async fn wait(self) -> Result<(), NodeError> {
+        let server = self.server.await.map_err(|_| NodeError::TaskLost("server"))?;
+        let core = self.core.await.map_err(|_| NodeError::TaskLost("consensus"))?;
+        let apply = tokio::task::spawn_blocking(move || self.apply.join())
+            .await
+            .map_err(|_| NodeError::TaskLost("apply"))?
+            .map_err(|_| NodeError::TaskLost("apply"))?;
+        core?;
+        apply?;
+        server?;
+        Ok(())
+    }
+}
+
+fn validate(config: &NodeConfig) -> Result<(), NodeError> {
+    let fail = |reason: String| Err(NodeError::Config(reason));
+    if config.id == 0 {
+        return fail("--id must be a positive number".into());
+    }
+    if config.peers.contains_key(&config.id) {
+        return fail(format!("--peer lists this member's own id {}", config.id));
+    }
+    if config.cluster_id.is_empty() || config.cluster_id.len() > 128 {
+        return fail("the cluster id must be 1 to 128 bytes".into());
+    }
+    if config.election_ticks <= config.heartbeat_ticks {
+        return fail("the election timeout must be longer than the heartbeat interval".into());
+    }
+    if config.tick.is_zero() {
+        return fail("the tick must be longer than zero".into());
+    }
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! The client session table: exactly-once writes (Raft thesis §6.3).
+//!
+//! A client that names itself (a client id) numbers its writes. The apply
+//! task remembers the answers to each client's latest writes, so a retry of a
+//! write that was already applied gets the first answer back instead of being
+//! applied again. Everything here is decided by applied entries only (their
+//! order and leader timestamps), so every replica keeps the same table and
+//! expires the same sessions at the same index.
+
+use crate::rpc::pb::{SessionRecord, SessionReply, session_reply};
+use prost::Message as _;
+use std::collections::{BTreeSet, HashMap};
+
+/// Answers kept per client: a client may have this many writes in flight
+/// and still retry any of them.
+pub const REPLIES_PER_SESSION: u64 = 32;
+
+/// What to do with a client's write.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Not seen before: apply it.
+    Apply,
+    /// Applied before: answer with this, apply nothing.
+    Duplicate(SessionReply),
+    /// So old that its answer is no longer kept; it may or may not have been
+    /// applied, and it is not applied now.
+    Expired { highest: u64 },
+}
+
+/// Lifetime and size bounds of the table. Identical on every member (they
+/// decide which retries are answered).
+#[derive(Clone, Copy, Debug)]
+pub struct SessionLimits {
+    /// A session unused for this long (by entry time) is dropped.
+    pub ttl_ms: u64,
+    /// Sessions kept at most; past it the least recently used one goes.
+    pub max_sessions: usize,
+}
+
+impl Default for SessionLimits {
+    fn default() -> SessionLimits {
+        SessionLimits { ttl_ms: 3_600_000, max_sessions: 100_000 }
+    }
+}
+
+/// The table, kept in memory and mirrored to the store by the apply task.
+pub struct Sessions {
+    limits: SessionLimits,
+    records: HashMap<Vec<u8>, SessionRecord>,
+    /// `(last_used_ms, client id)`, to find the least recently used session.
+    by_age: BTreeSet<(u64, Vec<u8>)>,
+    /// Changes since the last `take_changes`: the record, or `None` for a
+    /// dropped session.
+    changed: HashMap<Vec<u8>, Option<SessionRecord>>,
+}
+
+/// A stored session record that does not decode.
+#[derive(Debug, thiserror::Error)]
+#[error("session record of client {client:?} does not decode: {source}")]
+pub struct SessionDecodeError {
+    client: Vec<u8>,
+    source: prost::DecodeError,
+}
+
+impl Sessions {
+    /// The table as stored (`(client id, encoded record)` pairs).
+    pub fn load(limits: SessionLimits, stored: Vec<(Vec<u8>, Vec<u8>)>) -> Result<Sessions, SessionDecodeError> {
+        let mut sessions = Sessions {
+            limits,
+            records: HashMap::with_capacity(stored.len()),
+            by_age: BTreeSet::new(),
+            changed: HashMap::new(),
+        };
+        for (client, bytes) in stored {
+            let record = SessionRecord::decode(bytes.as_slice())
+                .map_err(|source| SessionDecodeError { client: client.clone(), source })?;
+            sessions.by_age.insert((record.last_used_ms, client.clone()));
+            sessions.records.insert(client, record);
+        }
+        Ok(sessions)
+    }
+
+    /// How many sessions are kept.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Whether no session is kept.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// Decides about write `sequence` of `client`.
+    pub fn admit(&self, client: &[u8], sequence: u64) -> Admission {
+        let Some(record) = self.records.get(client) else { return Admission::Apply };
+        if let Some(reply) = record.replies.iter().find(|r| r.sequence == sequence) {
+            return Admission::Duplicate(reply.clone());
+        }
+        if sequence + REPLIES_PER_SESSION <= record.highest_sequence {
+            return Admission::Expired { highest: record.highest_sequence };
+        }
+        Admission::Apply
+    }
+
+    /// Records the answer to a write that was just applied, at entry time `now_ms`.
+    pub fn record(&mut self, client: &[u8], reply: SessionReply, now_ms: u64) {
+        if !self.records.contains_key(client) && self.records.len() >= self.limits.max_sessions {
+            self.evict_oldest();
+        }
+        let record = self.records.entry(client.to_vec()).or_default();
+        self.by_age.remove(&(record.last_used_ms, client.to_vec()));
+        record.last_used_ms = record.last_used_ms.max(now_ms);
+        record.highest_sequence = record.highest_sequence.max(reply.sequence);
+        record.replies.push(reply);
+        let floor = record.highest_sequence.saturating_sub(REPLIES_PER_SESSION);
+        record.replies.retain(|r| r.sequence > floor);
+        record.replies.sort_by_key(|r| r.sequence);
+        self.by_age.insert((record.last_used_ms, client.to_vec()));
+        self.changed.insert(client.to_vec(), Some(record.clone()));
+    }
+
+    /// Drops sessions idle for longer than the lifetime, as of entry time
+    /// `now_ms`. The apply task calls it at every command entry, so every
+    /// replica drops the same sessions at the same index. Cheap when nothing
+    /// is due: it looks at the oldest session only.
+    pub fn expire(&mut self, now_ms: u64) {
+        let horizon = now_ms.saturating_sub(self.limits.ttl_ms);
+        while let Some((last_used, _)) = self.by_age.first() {
+            if *last_used >= horizon {
+                break;
+            }
+            self.evict_oldest();
+        }
+    }
+
+    fn evict_oldest(&mut self) {
+        if let Some((_, client)) = self.by_age.pop_first() {
+            self.records.remove(&client);
+            self.changed.insert(client, None);
+        }
+    }
+
+    /// The changes to write to the store with the applied entries that made
+    /// them, encoded.
+    pub fn take_changes(&mut self) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        let mut changes: Vec<_> =
+            self.changed.drain().map(|(client, record)| (client, record.map(|r| r.encode_to_vec()))).collect();
+        changes.sort_by(|a, b| a.0.cmp(&b.0));
+        changes
+    }
+}
+
+/// A reply for the session table.
+pub fn session_reply(sequence: u64, index: u64, term: u64, outcome: &Result<Vec<u8>, String>) -> SessionReply {
+    let result = match outcome {
+        Ok(bytes) => session_reply::Result::Ok(bytes.clone()),
+        Err(message) => session_reply::Result::Error(message.clone()),
+    };
+    SessionReply { sequence, index, term, result: Some(result) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(ttl_ms: u64, max_sessions: usize) -> SessionLimits {
+        SessionLimits { ttl_ms, max_sessions }
+    }
+
+    #[test]
+    fn a_retry_gets_the_first_answer() {
+        let mut s = Sessions::load(SessionLimits::default(), Vec::new()).expect("empty");
+        assert_eq!(s.admit(b"c", 1), Admission::Apply);
+        let reply = session_reply(1, 10, 2, &Ok(b"first".to_vec()));
+        s.record(b"c", reply.clone(), 1000);
+        assert_eq!(s.admit(b"c", 1), Admission::Duplicate(reply));
+        assert_eq!(s.admit(b"c", 2), Admission::Apply);
+        assert_eq!(s.admit(b"other", 1), Admission::Apply);
+    }
+
+    #[test]
+    fn writes_may_complete_out_of_order_within_the_window() {
+        let mut s = Sessions::load(SessionLimits::default(), Vec::new()).expect("empty");
+        s.record(b"c", session_reply(5, 1, 1, &Ok(Vec::new())), 0);
+        assert_eq!(s.admit(b"c", 3), Admission::Apply, "an earlier write still in flight applies");
+        s.record(b"c", session_reply(40, 2, 1, &Ok(Vec::new())), 0);
+        assert_eq!(s.admit(b"c", 3), Admission::Expired { highest: 40 });
+        assert!(matches!(s.admit(b"c", 5), Admission::Expired { .. }), "its answer fell out of the window");
+    }
+
+    #[test]
+    fn sessions_expire_by_entry_time_and_by_count() {
+        let mut s = Sessions::load(limits(1000, 2), Vec::new()).expect("empty");
+        s.record(b"a", session_reply(1, 1, 1, &Ok(Vec::new())), 0);
+        s.record(b"b", session_reply(1, 2, 1, &Ok(Vec::new())), 500);
+        s.expire(1200);
+        assert_eq!(s.len(), 1, "a idled past the lifetime");
+        assert_eq!(s.admit(b"a", 1), Admission::Apply);
+        s.record(b"c", session_reply(1, 3, 1, &Ok(Vec::new())), 1300);
+        s.record(b"d", session_reply(1, 4, 1, &Ok(Vec::new())), 1400);
+        assert_eq!(s.len(), 2, "the least recently used went at the limit");
+        assert_eq!(s.admit(b"b", 1), Admission::Apply);
+        let changes = s.take_changes();
+        assert!(changes.iter().any(|(c, r)| c == b"a" && r.is_none()));
+        assert!(changes.iter().any(|(c, r)| c == b"d" && r.is_some()));
+    }
+
+    #[test]
+    fn the_table_survives_a_reload() {
+        let mut s = Sessions::load(SessionLimits::default(), Vec::new()).expect("empty");
+        let reply = session_reply(7, 3, 1, &Err("no".into()));
+        s.record(b"c", reply.clone(), 9);
+        let stored: Vec<_> = s.take_changes().into_iter().map(|(c, r)| (c, r.expect("kept"))).collect();
+        let reloaded = Sessions::load(SessionLimits::default(), stored).expect("decodes");
+        assert_eq!(reloaded.admit(b"c", 7), Admission::Duplicate(reply));
+        assert!(Sessions::load(SessionLimits::default(), vec![(b"x".to_vec(), vec![0xff, 0xff])]).is_err());
+    }
+}
