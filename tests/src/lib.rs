@@ -1,0 +1,317 @@
+//! A harness for end-to-end tests: real `raft-host serve` processes on free
+//! loopback ports, each with its own temporary data directory and log file.
+//!
+//! Every process is killed when its [`Cluster`] is dropped, so a failing
+//! test leaves nothing running; every wait has a deadline.
+
+use raft_host::client::{ClusterClient, Consistency, outcome_of};
+use raft_host::rpc::client_pb::StatusResponse;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `raft-host` binary under test: `RAFT_HOST_BIN`, or the one cargo
+/// built next to this test's executable. `cargo test --workspace` builds it
+/// fresh; `cargo test -p raft-host-e2e` alone does not (build it first).
+pub fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("RAFT_HOST_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+    let binary = profile_dir.join("raft-host");
+    assert!(
+        binary.exists(),
+        "{} is missing: build it first (cargo build --release -p raft-host) or set RAFT_HOST_BIN",
+        binary.display()
+    );
+    binary
+}
+
+/// A free loopback port (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// How a member gets its settings: flags, environment variables, or a
+/// config file. The harness uses all three, so each is exercised.
+#[derive(Clone, Copy, Debug)]
+pub enum Settings {
+    Flags,
+    Environment,
+    ConfigFile,
+}
+
+/// One member: its id, address, data directory, and process when running.
+pub struct Member {
+    pub id: u64,
+    pub address: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    settings: Settings,
+    process: Option<Child>,
+}
+
+/// A cluster of `raft-host serve` processes.
+pub struct Cluster {
+    pub cluster_id: String,
+    pub members: Vec<Member>,
+    /// Kept for its lifetime: data directories and logs live here.
+    root: tempfile::TempDir,
+    /// Extra flags for every member.
+    extra: Vec<String>,
+}
+
+/// The tick the tests run with: short, so elections take well under a second.
+pub const TICK_MS: u64 = 50;
+
+impl Cluster {
+    /// Starts `size` members of cluster `cluster_id`.
+    pub fn start(size: u64, cluster_id: &str) -> Cluster {
+        Cluster::start_with(size, cluster_id, &[])
+    }
+
+    /// Starts `size` members with extra `serve` flags.
+    pub fn start_with(size: u64, cluster_id: &str, extra: &[&str]) -> Cluster {
+        let root = tempfile::Builder::new().prefix("raft-e2e-").tempdir().expect("temporary directory");
+        let members = (1..=size)
+            .map(|id| {
+                let settings = match id % 3 {
+                    1 => Settings::ConfigFile,
+                    2 => Settings::Environment,
+                    _ => Settings::Flags,
+                };
+                Member {
+                    id,
+                    address: format!("127.0.0.1:{}", free_port()),
+                    data_dir: root.path().join(format!("node-{id}")),
+                    log: root.path().join(format!("node-{id}.log")),
+                    settings,
+                    process: None,
+                }
+            })
+            .collect();
+        let mut cluster = Cluster {
+            cluster_id: cluster_id.to_string(),
+            members,
+            root,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        for id in 1..=size {
+            cluster.spawn(id);
+        }
+        cluster
+    }
+
+    fn member(&self, id: u64) -> &Member {
+        self.members.iter().find(|m| m.id == id).expect("member exists")
+    }
+
+    fn member_mut(&mut self, id: u64) -> &mut Member {
+        self.members.iter_mut().find(|m| m.id == id).expect("member exists")
+    }
+
+    /// Starts (or restarts) member `id` with its data directory.
+    pub fn spawn(&mut self, id: u64) {
+        let peers: Vec<String> =
+            self.members.iter().filter(|m| m.id != id).map(|m| format!("{}={}", m.id, m.address)).collect();
+        let cluster_id = self.cluster_id.clone();
+        let extra = self.extra.clone();
+        let config_path = self.root.path().join(format!("node-{id}.toml"));
+        let member = self.member_mut(id);
+        assert!(member.process.is_none(), "member {id} is already running");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&member.log).expect("log file");
+        let mut command = Command::new(binary());
+        command.arg("serve").env("RUST_LOG", "info").stdout(Stdio::null()).stderr(log);
+        let tick = TICK_MS.to_string();
+        match member.settings {
+            Settings::Flags => {
+                command.args(["--id", &id.to_string(), "--cluster", &cluster_id, "--listen", &member.address]).args([
+                    "--data-dir",
+                    member.data_dir.to_str().expect("utf-8 path"),
+                    "--tick-ms",
+                    &tick,
+                ]);
+                for peer in &peers {
+                    command.args(["--peer", peer]);
+                }
+            }
+            Settings::Environment => {
+                command
+                    .env("RAFT_HOST_ID", id.to_string())
+                    .env("RAFT_HOST_CLUSTER", &cluster_id)
+                    .env("RAFT_HOST_LISTEN", &member.address)
+                    .env("RAFT_HOST_DATA_DIR", &member.data_dir)
+                    .env("RAFT_HOST_PEERS", peers.join(","))
+                    .env("RAFT_HOST_TICK_MS", &tick);
+            }
+            Settings::ConfigFile => {
+                let quoted: Vec<String> = peers.iter().map(|p| format!("{p:?}")).collect();
+                let toml = format!(
+                    "id = {id}\ncluster = {cluster_id:?}\nlisten = {:?}\ndata-dir = {:?}\ntick-ms = {tick}\npeer = [{}]\n",
+                    member.address,
+                    member.data_dir.to_str().expect("utf-8 path"),
+                    quoted.join(", ")
+                );
+                std::fs::write(&config_path, toml).expect("config file");
+                command.args(["--config", config_path.to_str().expect("utf-8 path")]);
+            }
+        }
+        command.args(&extra);
+        member.process = Some(command.spawn().expect("raft-host starts"));
+    }
+
+    /// Kills member `id` with SIGKILL (no chance to flush anything).
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut process) = self.member_mut(id).process.take() {
+            let _ = process.kill();
+            let _ = process.wait();
+        }
+    }
+
+    /// Sends SIGTERM to member `id` and returns its exit status, waiting at
+    /// most `limit`.
+    pub fn terminate(&mut self, id: u64, limit: Duration) -> Option<std::process::ExitStatus> {
+        let mut process = self.member_mut(id).process.take()?;
+        let pid = process.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = process.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = process.kill();
+        let _ = process.wait();
+        None
+    }
+
+    /// Addresses of the running members.
+    pub fn addresses(&self) -> Vec<String> {
+        self.members.iter().filter(|m| m.process.is_some()).map(|m| m.address.clone()).collect()
+    }
+
+    /// The address of member `id`.
+    pub fn address(&self, id: u64) -> String {
+        self.member(id).address.clone()
+    }
+
+    /// A client of every running member.
+    pub fn client(&self) -> ClusterClient {
+        ClusterClient::new(self.addresses()).expect("client")
+    }
+
+    /// A client of member `id` alone.
+    pub fn client_of(&self, id: u64) -> ClusterClient {
+        ClusterClient::new(vec![self.address(id)]).expect("client")
+    }
+
+    /// The status of member `id`, if it answers.
+    pub async fn status(&self, id: u64) -> Option<StatusResponse> {
+        let mut client = self.client_of(id);
+        client.status_of(0).await.ok()
+    }
+
+    /// Waits until the running members agree on a leader among them; returns its id.
+    pub async fn leader(&self, within: Duration) -> u64 {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut seen = Vec::new();
+            for member in self.members.iter().filter(|m| m.process.is_some()) {
+                if let Some(status) = self.status(member.id).await {
+                    seen.push(status.leader_id);
+                }
+            }
+            let running: Vec<u64> = self.members.iter().filter(|m| m.process.is_some()).map(|m| m.id).collect();
+            let agreed = seen.len() == running.len() && seen.iter().all(|&l| l == seen[0]);
+            if agreed && running.contains(&seen[0]) {
+                return seen[0];
+            }
+            assert!(Instant::now() < deadline, "no agreed leader within {within:?} (seen {seen:?})\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every running member applied the same index, and returns
+    /// their statuses taken at that point.
+    pub async fn converged(&self, within: Duration) -> Vec<StatusResponse> {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut statuses = Vec::new();
+            for member in self.members.iter().filter(|m| m.process.is_some()) {
+                if let Some(status) = self.status(member.id).await {
+                    statuses.push(status);
+                }
+            }
+            let running = self.members.iter().filter(|m| m.process.is_some()).count();
+            let same_index = statuses.windows(2).all(|w| w[0].applied_index == w[1].applied_index);
+            let caught_up = statuses.iter().all(|s| s.applied_index == s.commit_index);
+            if statuses.len() == running && same_index && caught_up {
+                return statuses;
+            }
+            let seen: Vec<_> = statuses.iter().map(|s| (s.id, s.applied_index, s.commit_index)).collect();
+            assert!(Instant::now() < deadline, "members did not converge within {within:?}: {seen:?}\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Every member's log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for member in &self.members {
+            let text = std::fs::read_to_string(&member.log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            out.push_str(&format!("--- member {} ({}) ---\n", member.id, member.log.display()));
+            for line in tail.into_iter().rev() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// The log of member `id`.
+    pub fn log_of(&self, id: u64) -> String {
+        std::fs::read_to_string(&self.member(id).log).unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for member in &mut self.members {
+            if let Some(mut process) = member.process.take() {
+                let _ = process.kill();
+                let _ = process.wait();
+            }
+        }
+    }
+}
+
+/// A kv put command.
+pub fn put(key: &str, value: &str) -> Vec<u8> {
+    format!(r#"{{"op":"put","key":"{key}","value":"{value}"}}"#).into_bytes()
+}
+
+/// A kv get query.
+pub fn get(key: &str) -> Vec<u8> {
+    format!(r#"{{"op":"get","key":"{key}"}}"#).into_bytes()
+}
+
+/// The value a kv get returned (None when the key is missing).
+pub async fn read_value(client: &mut ClusterClient, key: &str, consistency: Consistency) -> Option<String> {
+    let response = client.read("kv", get(key), consistency).await.expect("read");
+    let bytes = outcome_of(response.outcome).expect("the guest answers gets");
+    let value: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON answer");
+    value["value"].as_str().map(str::to_string)
+}
+
+/// Runs a future on a fresh runtime, bounded by `limit` (a hung cluster
+/// fails the test instead of hanging CI).
+pub fn run<F: std::future::Future<Output = ()>>(limit: Duration, test: F) {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        tokio::time::timeout(limit, test).await.expect("the test finished within its time limit");
+    });
+}
