@@ -4,7 +4,7 @@
 //! graceful stop.
 
 use raft_host::client::{ClusterClient, Consistency, outcome_of};
-use raft_host::rpc::client_pb::WriteRequest;
+use raft_host::rpc::client_pb::{WatchRequest, WriteRequest, client_client::ClientClient};
 use raft_host::rpc::pb::{Envelope, Message, RequestVote, message::Body, raft_peer_client::RaftPeerClient};
 use raft_host_e2e::{Cluster, binary, put, read_value, run};
 use std::collections::BTreeMap;
@@ -41,6 +41,17 @@ fn writes_through_every_member_survive_a_leader_kill_and_all_replicas_agree() {
             assert_eq!(read_value(&mut client, "m3-19", Consistency::Linearizable).await.as_deref(), Some("19"));
         }
 
+        // A client following leadership through Watch on a follower.
+        let watcher_id = (1..=3).find(|&id| id != first_leader).expect("a follower");
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.address(watcher_id)))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        let mut events = ClientClient::new(channel).watch(WatchRequest {}).await.expect("watch").into_inner();
+        let current = events.message().await.expect("stream").expect("the current view comes first");
+        assert_eq!(current.leader_id, first_leader);
+
         // SIGKILL the leader; a new one takes over within seconds.
         cluster.kill(first_leader);
         let killed_at = Instant::now();
@@ -49,6 +60,13 @@ fn writes_through_every_member_survive_a_leader_kill_and_all_replicas_agree() {
         assert_ne!(second_leader, first_leader);
         assert!(failover < Duration::from_secs(10), "failover took {failover:?}");
         eprintln!("new leader {second_leader} {failover:?} after the kill");
+        loop {
+            let event = events.message().await.expect("stream").expect("the stream stays open");
+            if event.leader_id == second_leader {
+                assert_eq!(event.leader_address, cluster.address(second_leader));
+                break;
+            }
+        }
 
         let mut client = cluster.client();
         for n in 0..30 {
