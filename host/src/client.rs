@@ -115,7 +115,7 @@ impl ClusterClient {
     pub async fn write_request(&mut self, request: WriteRequest) -> Result<WriteResponse, ClientError> {
         self.retry(|mut client| {
             let request = request.clone();
-            async move { client.write(request).await.map(tonic::Response::into_inner) }
+            async move { client.write(request).await }
         })
         .await
     }
@@ -130,7 +130,7 @@ impl ClusterClient {
         let request = ReadRequest { state_machine: state_machine.to_string(), query, consistency: consistency.into() };
         self.retry(|mut client| {
             let request = request.clone();
-            async move { client.read(request).await.map(tonic::Response::into_inner) }
+            async move { client.read(request).await }
         })
         .await
     }
@@ -173,12 +173,12 @@ impl ClusterClient {
     }
 
     /// Calls `call` on the current member until it succeeds, fails for
-    /// good, or the deadline passes; follows leader hints and moves on from
-    /// members that do not answer.
+    /// good, or the deadline passes; follows leader hints (on refusals and on
+    /// forwarded answers) and moves on from members that do not answer.
     async fn retry<T, F, Fut>(&mut self, call: F) -> Result<T, ClientError>
     where
         F: Fn(ClientClient<Channel>) -> Fut,
-        Fut: std::future::Future<Output = Result<T, Status>>,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let started = Instant::now();
         let mut attempts = 0;
@@ -187,7 +187,14 @@ impl ClusterClient {
             attempts += 1;
             let client = self.channel(self.current)?;
             let status = match tokio::time::timeout(Duration::from_secs(15), call(client)).await {
-                Ok(Ok(value)) => return Ok(value),
+                Ok(Ok(response)) => {
+                    // A follower that forwarded the request names the leader.
+                    if let Some(leader) = response.metadata().get(LEADER_ADDR_KEY).and_then(|v| v.to_str().ok()) {
+                        let leader = leader.to_string();
+                        self.prefer(&leader)?;
+                    }
+                    return Ok(response.into_inner());
+                }
                 Ok(Err(status)) => status,
                 Err(_) => Status::deadline_exceeded("no answer within 15s"),
             };

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 /// The state machines every member runs, built into the binary (deploying
 /// others through the log is the hot-deploy work).
@@ -153,7 +153,9 @@ impl Node {
                         .max_decoding_message_size(client_limit)
                         .max_encoding_message_size(client_limit),
                 )
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                // The builder's nodelay applies only to listeners it binds itself;
+                // without it, small answers wait out delayed ACKs (~40 ms).
+                .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async move {
                     let _ = server_shutdown.wait_for(|stop| *stop).await;
                 })
                 .await

@@ -110,9 +110,12 @@ impl ClientService {
         Ok(())
     }
 
-    fn forward_target(&self, error: &RequestError, forwarded: bool) -> Option<ClientClient<Channel>> {
+    /// The leader to forward to, and its address for the client to use next time.
+    fn forward_target(&self, error: &RequestError, forwarded: bool) -> Option<(ClientClient<Channel>, String)> {
         match error {
-            RequestError::NotLeader { leader: Some((id, _)) } if !forwarded => self.leaders.get(id).cloned(),
+            RequestError::NotLeader { leader: Some((id, address)) } if !forwarded => {
+                self.leaders.get(id).cloned().map(|client| (client, address.clone()))
+            }
             _ => None,
         }
     }
@@ -129,6 +132,15 @@ impl ClientService {
 
 fn is_forwarded<T>(request: &Request<T>) -> bool {
     request.metadata().contains_key(FORWARDED_KEY)
+}
+
+/// Tells the client, on a forwarded answer, where the leader is, so its
+/// next request skips the extra hop.
+fn with_leader<T>(mut response: Response<T>, address: &str) -> Response<T> {
+    if let Ok(value) = address.parse() {
+        response.metadata_mut().insert(LEADER_ADDR_KEY, value);
+    }
+    response
 }
 
 fn forwarded<T>(message: T) -> Request<T> {
@@ -217,7 +229,7 @@ impl Client for ClientService {
                 term: reply.term,
             })),
             Err(error) => match self.forward_target(&error, was_forwarded) {
-                Some(mut leader) => leader.write(forwarded(write)).await,
+                Some((mut leader, address)) => leader.write(forwarded(write)).await.map(|r| with_leader(r, &address)),
                 None => Err(status_of(error)),
             },
         }
@@ -251,7 +263,7 @@ impl Client for ClientService {
                 Ok(Response::new(ReadResponse { outcome: Some(outcome_pb(reply.outcome)), index: reply.index }))
             }
             Err(error) => match self.forward_target(&error, was_forwarded) {
-                Some(mut leader) => leader.read(forwarded(read)).await,
+                Some((mut leader, address)) => leader.read(forwarded(read)).await.map(|r| with_leader(r, &address)),
                 None => Err(status_of(error)),
             },
         }

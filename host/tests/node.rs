@@ -1,0 +1,87 @@
+//! A member run in this process through the library: back-pressure and the
+//! refusal of a data directory that belongs to another member.
+
+use raft_host::client::{ClientError, ClusterClient, Consistency, outcome_of};
+use raft_host::node::{Node, NodeConfig, NodeError};
+use raft_host::storage::StoreError;
+use std::time::Duration;
+use tonic::Code;
+
+fn single_member(dir: &std::path::Path) -> NodeConfig {
+    let mut config = NodeConfig::new(1, "in-process", "127.0.0.1:0".parse().expect("address"), dir.to_path_buf());
+    config.tick = Duration::from_millis(10);
+    config
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime")
+}
+
+#[test]
+fn a_full_member_answers_busy_and_the_client_gives_up_with_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    runtime().block_on(async {
+        let mut config = single_member(dir.path());
+        config.max_pending_requests = 0;
+        let node = Node::start(config).await.expect("starts");
+        let mut client = ClusterClient::new(vec![node.local_addr().to_string()]).expect("client");
+        client.deadline = Duration::from_millis(300);
+        let error = client.write("kv", br#"{"op":"put","key":"a","value":"1"}"#.to_vec()).await.expect_err("busy");
+        match &error {
+            ClientError::GaveUp { attempts, last, .. } => {
+                assert!(*attempts > 1, "busy is retried");
+                assert!(last.contains("busy"), "{last}");
+            }
+            other => panic!("expected retries to run out, got {other}"),
+        }
+        node.shutdown();
+        node.wait().await.expect("clean stop");
+    });
+}
+
+#[test]
+fn a_single_member_serves_writes_and_keeps_them_across_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = runtime();
+    let first = rt.block_on(async {
+        let node = Node::start(single_member(dir.path())).await.expect("starts");
+        let mut client = ClusterClient::new(vec![node.local_addr().to_string()]).expect("client");
+        let put = client.write("kv", br#"{"op":"put","key":"a","value":"1"}"#.to_vec()).await.expect("write");
+        assert_eq!(outcome_of(put.outcome), Ok(br#"{"previous":null}"#.to_vec()));
+        let status = client.status().await.expect("status");
+        assert_eq!(status.role, "leader");
+        node.shutdown();
+        node.wait().await.expect("clean stop");
+        status
+    });
+    rt.block_on(async {
+        let node = Node::start(single_member(dir.path())).await.expect("restarts");
+        let mut client = ClusterClient::new(vec![node.local_addr().to_string()]).expect("client");
+        let read = client.read("kv", br#"{"op":"get","key":"a"}"#.to_vec(), Consistency::Linearizable).await;
+        assert_eq!(outcome_of(read.expect("read").outcome), Ok(br#"{"value":"1"}"#.to_vec()));
+        let status = client.status().await.expect("status");
+        let digest = |s: &raft_host::rpc::client_pb::StatusResponse| s.state_machines.clone();
+        assert_eq!(digest(&status), digest(&first), "nothing was applied twice or lost");
+        assert!(status.term > first.term, "a restart elects anew");
+        // Requests the service refuses before the core sees them.
+        let refused = client.write("kv", vec![b'x'; (1 << 20) + 1]).await.expect_err("too large");
+        assert_eq!(refused.code(), Some(Code::InvalidArgument));
+        node.shutdown();
+        node.wait().await.expect("clean stop");
+    });
+    // The same directory as another member, or of another cluster: refused.
+    rt.block_on(async {
+        let mut other = single_member(dir.path());
+        other.id = 2;
+        let error = Node::start(other).await.err().expect("refused");
+        assert!(matches!(error, NodeError::Store(StoreError::WrongNode { .. })), "{error}");
+        let mut other = single_member(dir.path());
+        other.cluster_id = "elsewhere".into();
+        let error = Node::start(other).await.err().expect("refused");
+        assert!(matches!(error, NodeError::Store(StoreError::WrongCluster { .. })), "{error}");
+        let mut grown = single_member(dir.path());
+        grown.peers.insert(2, "127.0.0.1:1".into());
+        let error = Node::start(grown).await.err().expect("refused");
+        assert!(matches!(error, NodeError::Store(StoreError::BootstrapMismatch { .. })), "{error}");
+    });
+}
