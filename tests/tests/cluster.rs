@@ -275,7 +275,7 @@ fn a_member_of_another_cluster_is_refused_and_cannot_disturb_this_one() {
 }
 
 #[test]
-fn sigterm_stops_a_member_gracefully_and_status_speaks_json() {
+fn the_cli_writes_reads_reports_and_benchmarks_and_sigterm_stops_a_member_gracefully() {
     run(LIMIT, async {
         let mut cluster = Cluster::start(3, "e2e-stop");
         let leader = cluster.leader(SETTLE).await;
@@ -304,6 +304,20 @@ fn sigterm_stops_a_member_gracefully_and_status_speaks_json() {
         assert_eq!(refused.status.code(), Some(1));
         let stderr = String::from_utf8_lossy(&refused.stderr);
         assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+
+        // The benchmark tool: closed-loop clients, figures as JSON, errors counted.
+        let bench =
+            cli(&["bench", "--addr", &all, "--clients", "4", "--duration-secs", "1", "--read-ratio", "0.5", "--json"]);
+        assert!(bench.status.success(), "{}", String::from_utf8_lossy(&bench.stderr));
+        let figures = value_of(&bench.stdout);
+        assert_eq!(figures["errors"], 0, "{figures}");
+        assert!(figures["writes_per_sec"].as_f64().is_some_and(|w| w > 0.0), "{figures}");
+        assert!(figures["read_latency"]["p99_us"].as_u64().is_some_and(|p| p > 0), "{figures}");
+        let unreachable = format!("127.0.0.1:{}", raft_host_e2e::free_port());
+        let bench = cli(&["bench", "--addr", &unreachable, "--clients", "1", "--duration-secs", "1", "--json"]);
+        let figures = value_of(&bench.stdout);
+        assert!(figures["errors"].as_u64().is_some_and(|e| e > 0), "failures are counted: {figures}");
+        assert!(figures["first_error"].as_str().is_some_and(|e| e.contains("connect")), "{figures}");
 
         // SIGTERM: the member finishes what it does and exits 0.
         let follower = (1..=3).find(|&id| id != leader).expect("a follower");

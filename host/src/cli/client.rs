@@ -8,7 +8,7 @@ use serde_json::json;
 use std::io::Write as _;
 
 #[derive(Args)]
-pub struct Target {
+pub(super) struct Target {
     /// Members to talk to (host:port), comma-separated or repeated; the
     /// client finds the leader among them.
     #[arg(long = "addr", env = "RAFT_HOST_ADDR", value_delimiter = ',', default_value = "127.0.0.1:7001")]
@@ -19,7 +19,7 @@ pub struct Target {
 }
 
 impl Target {
-    fn client(&self) -> anyhow::Result<ClusterClient> {
+    pub(super) fn client(&self) -> anyhow::Result<ClusterClient> {
         let mut client = ClusterClient::new(self.addresses.clone())?;
         client.deadline = std::time::Duration::from_secs(self.timeout_secs);
         Ok(client)
@@ -39,7 +39,7 @@ pub struct WriteArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum ConsistencyArg {
+pub(super) enum ConsistencyArg {
     Linearizable,
     Lease,
     Stale,
@@ -77,12 +77,18 @@ pub fn write(args: WriteArgs) -> anyhow::Result<()> {
     print_outcome(outcome_of(response.outcome))
 }
 
+impl From<ConsistencyArg> for Consistency {
+    fn from(arg: ConsistencyArg) -> Consistency {
+        match arg {
+            ConsistencyArg::Linearizable => Consistency::Linearizable,
+            ConsistencyArg::Lease => Consistency::Lease,
+            ConsistencyArg::Stale => Consistency::Stale,
+        }
+    }
+}
+
 pub fn read(args: ReadArgs) -> anyhow::Result<()> {
-    let consistency = match args.consistency {
-        ConsistencyArg::Linearizable => Consistency::Linearizable,
-        ConsistencyArg::Lease => Consistency::Lease,
-        ConsistencyArg::Stale => Consistency::Stale,
-    };
+    let consistency = args.consistency.into();
     let runtime = super::runtime()?;
     let response = runtime.block_on(async {
         let mut client = args.target.client()?;

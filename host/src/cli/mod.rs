@@ -3,6 +3,7 @@
 //! config file (`--config`); a flag beats the environment, which beats the
 //! file, which beats the default.
 
+mod bench;
 mod client;
 mod demo;
 mod serve;
@@ -31,6 +32,9 @@ enum Command {
     Read(client::ReadArgs),
     /// Prints a member's view of the cluster.
     Status(client::StatusArgs),
+    /// Closed-loop clients against a running cluster: throughput, errors
+    /// and latency percentiles (with --disk, the disk's fdatasync too).
+    Bench(bench::BenchArgs),
     /// Runs a cluster of the consensus core in this process (in-memory log,
     /// in-memory network): elects a leader, writes, crashes the leader,
     /// re-elects, restarts the old leader and checks every replica converged.
@@ -68,6 +72,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Write(args) => client::write(args),
         Command::Read(args) => client::read(args),
         Command::Status(args) => client::status(args),
+        Command::Bench(args) => bench::bench(args),
         Command::Demo(args) => demo::demo(&args),
         Command::Validate(args) => demo::validate(&args),
     }

@@ -1,0 +1,277 @@
+//! `raft-host bench`: closed-loop clients over real gRPC against a running
+//! cluster. Each client sends its next request when the last is answered;
+//! every answer's latency goes into a histogram, every failure is counted
+//! and shown.
+
+use super::client::{ConsistencyArg, Target};
+use anyhow::{Context, bail};
+use clap::Args;
+use hdrhistogram::Histogram;
+use raft_host::client::{ClusterClient, outcome_of};
+use serde_json::json;
+use std::io::{IsTerminal, Write as _};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The state machine to drive (kv commands are generated).
+    #[arg(long = "sm", default_value = "kv")]
+    state_machine: String,
+    /// Concurrent closed-loop clients.
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// How long to run, in seconds.
+    #[arg(long, default_value_t = 10)]
+    duration_secs: u64,
+    /// Bytes per written value.
+    #[arg(long, default_value_t = 256)]
+    value_size: usize,
+    /// Distinct keys written and read.
+    #[arg(long, default_value_t = 100_000)]
+    keys: u64,
+    /// Fraction of requests that are reads (0 to 1).
+    #[arg(long, default_value_t = 0.0)]
+    read_ratio: f64,
+    /// Consistency of the reads.
+    #[arg(long, value_enum, default_value = "linearizable")]
+    consistency: ConsistencyArg,
+    /// Also measure this disk's own fdatasync latency, with a file in this
+    /// directory, so write latency can be read against the physical floor.
+    #[arg(long)]
+    disk: Option<PathBuf>,
+    /// Print one JSON object instead of a report.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What one client saw.
+struct ClientResult {
+    writes: Histogram<u64>,
+    reads: Histogram<u64>,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    if args.clients == 0 || args.duration_secs == 0 {
+        bail!("--clients and --duration-secs must be at least 1");
+    }
+    if !(0.0..=1.0).contains(&args.read_ratio) {
+        bail!("--read-ratio must be between 0 and 1, got {}", args.read_ratio);
+    }
+    let disk = args.disk.as_deref().map(measure_fdatasync).transpose()?;
+    let runtime = super::runtime()?;
+    let duration = Duration::from_secs(args.duration_secs);
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let results = runtime.block_on(async {
+        let mut tasks = Vec::new();
+        for id in 0..args.clients {
+            let mut client = args.target.client()?;
+            // No retries: a failure is counted, never hidden by a retry.
+            client.deadline = Duration::ZERO;
+            let ctx = ClientContext {
+                id: id as u64,
+                state_machine: args.state_machine.clone(),
+                value: "v".repeat(args.value_size),
+                keys: args.keys.max(1),
+                read_ratio: args.read_ratio,
+                consistency: args.consistency.into(),
+                done: done.clone(),
+                failed: failed.clone(),
+                stop: stop.clone(),
+            };
+            tasks.push(tokio::spawn(run_client(client, ctx)));
+        }
+        let progress = std::io::stderr().is_terminal() && !args.json;
+        while started.elapsed() < duration {
+            tokio::time::sleep(Duration::from_millis(500).min(duration.saturating_sub(started.elapsed()))).await;
+            if progress {
+                let secs = started.elapsed().as_secs_f64();
+                let ops = done.load(Ordering::Relaxed);
+                eprint!(
+                    "\r{secs:5.1}s  {ops} ok ({:.0}/s)  {} errors",
+                    ops as f64 / secs.max(1e-9),
+                    failed.load(Ordering::Relaxed)
+                );
+                let _ = std::io::stderr().flush();
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        if progress {
+            eprintln!();
+        }
+        let mut results = Vec::new();
+        for task in tasks {
+            results.push(task.await.context("a client task failed")??);
+        }
+        anyhow::Ok(results)
+    })?;
+    let elapsed = started.elapsed().as_secs_f64();
+    report(&args, &results, elapsed, disk)
+}
+
+struct ClientContext {
+    id: u64,
+    state_machine: String,
+    value: String,
+    keys: u64,
+    read_ratio: f64,
+    consistency: raft_host::client::Consistency,
+    done: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+async fn run_client(mut client: ClusterClient, ctx: ClientContext) -> anyhow::Result<ClientResult> {
+    let histogram = || Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).context("histogram bounds");
+    let mut result = ClientResult { writes: histogram()?, reads: histogram()?, errors: 0, first_error: None };
+    // A per-client xorshift: cheap, and reproducible for a given client id.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ (ctx.id + 1).wrapping_mul(0xff51_afd7_ed55_8ccd);
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    while !ctx.stop.load(Ordering::Relaxed) {
+        let key = format!("k{}", next() % ctx.keys);
+        let is_read = (next() % 1_000_000) as f64 / 1_000_000.0 < ctx.read_ratio;
+        let began = Instant::now();
+        let outcome = if is_read {
+            let query = format!(r#"{{"op":"get","key":"{key}"}}"#).into_bytes();
+            client.read(&ctx.state_machine, query, ctx.consistency).await.map(|r| outcome_of(r.outcome))
+        } else {
+            let command = format!(r#"{{"op":"put","key":"{key}","value":"{}"}}"#, ctx.value).into_bytes();
+            client.write(&ctx.state_machine, command).await.map(|r| outcome_of(r.outcome))
+        };
+        let micros = began.elapsed().as_micros() as u64;
+        let error = match outcome {
+            Ok(Ok(_)) => None,
+            Ok(Err(refused)) => Some(format!("the state machine refused: {refused}")),
+            Err(error) => Some(error.to_string()),
+        };
+        match error {
+            None => {
+                let histogram = if is_read { &mut result.reads } else { &mut result.writes };
+                histogram.saturating_record(micros.max(1));
+                ctx.done.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(error) => {
+                result.errors += 1;
+                result.first_error.get_or_insert(error);
+                ctx.failed.fetch_add(1, Ordering::Relaxed);
+                // Do not spin on a cluster that refuses everything.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    Ok(result)
+}
+
+/// fdatasync latency of the disk holding `dir`: 256-byte appends, each
+/// followed by a sync, as a log would do.
+fn measure_fdatasync(dir: &std::path::Path) -> anyhow::Result<Histogram<u64>> {
+    let mut file = tempfile::tempfile_in(dir).with_context(|| format!("creating a file in {}", dir.display()))?;
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3).context("histogram bounds")?;
+    let record = [0x5au8; 256];
+    let started = Instant::now();
+    while histogram.len() < 2_000 && started.elapsed() < Duration::from_secs(5) {
+        let began = Instant::now();
+        file.write_all(&record)?;
+        file.sync_data()?;
+        histogram.saturating_record((began.elapsed().as_micros() as u64).max(1));
+    }
+    Ok(histogram)
+}
+
+fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
+    if h.is_empty() {
+        return serde_json::Value::Null;
+    }
+    json!({
+        "count": h.len(),
+        "p50_us": h.value_at_quantile(0.50),
+        "p90_us": h.value_at_quantile(0.90),
+        "p99_us": h.value_at_quantile(0.99),
+        "p999_us": h.value_at_quantile(0.999),
+        "max_us": h.max(),
+    })
+}
+
+fn report(
+    args: &BenchArgs,
+    results: &[ClientResult],
+    elapsed: f64,
+    disk: Option<Histogram<u64>>,
+) -> anyhow::Result<()> {
+    let mut writes = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).context("histogram bounds")?;
+    let mut reads = writes.clone();
+    let mut errors = 0;
+    let mut first_error = None;
+    for result in results {
+        writes.add(&result.writes).context("merging histograms")?;
+        reads.add(&result.reads).context("merging histograms")?;
+        errors += result.errors;
+        if first_error.is_none() {
+            first_error.clone_from(&result.first_error);
+        }
+    }
+    let summary = json!({
+        "clients": args.clients,
+        "duration_secs": elapsed,
+        "value_size": args.value_size,
+        "read_ratio": args.read_ratio,
+        "writes_per_sec": writes.len() as f64 / elapsed,
+        "reads_per_sec": reads.len() as f64 / elapsed,
+        "errors": errors,
+        "first_error": first_error,
+        "write_latency": percentiles(&writes),
+        "read_latency": percentiles(&reads),
+        "disk_fdatasync": disk.as_ref().map(percentiles),
+    });
+    if args.json {
+        println!("{summary}");
+        return Ok(());
+    }
+    println!(
+        "{} clients for {elapsed:.1} s, {} B values, read ratio {}",
+        args.clients, args.value_size, args.read_ratio
+    );
+    let line = |name: &str, h: &Histogram<u64>| {
+        if h.is_empty() {
+            return;
+        }
+        println!(
+            "{name:>6}: {:>9.0}/s   p50 {:>7} µs  p90 {:>7} µs  p99 {:>7} µs  p99.9 {:>7} µs  max {:>7} µs",
+            h.len() as f64 / elapsed,
+            h.value_at_quantile(0.5),
+            h.value_at_quantile(0.9),
+            h.value_at_quantile(0.99),
+            h.value_at_quantile(0.999),
+            h.max()
+        );
+    };
+    line("writes", &writes);
+    line("reads", &reads);
+    if let Some(disk) = &disk {
+        println!(
+            "  disk: fdatasync p50 {} µs, p99 {} µs ({} syncs)",
+            disk.value_at_quantile(0.5),
+            disk.value_at_quantile(0.99),
+            disk.len()
+        );
+    }
+    match first_error {
+        Some(error) => println!("errors: {errors} (first: {error})"),
+        None => println!("errors: 0"),
+    }
+    Ok(())
+}
