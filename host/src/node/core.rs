@@ -111,11 +111,17 @@ impl CoreHandle {
     }
 
     async fn wait<T>(&self, answer: oneshot::Receiver<T>) -> Result<T, RequestError> {
-        match tokio::time::timeout(self.request_timeout, answer).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(_)) => Err(RequestError::ShuttingDown),
-            Err(_) => Err(RequestError::Timeout(self.request_timeout)),
-        }
+        await_answer(self.request_timeout, answer).await
+    }
+}
+
+/// Waits at most `limit` for a task's answer; a dropped sender means the
+/// task is gone, which only happens when the member stops.
+pub(crate) async fn await_answer<T>(limit: Duration, answer: oneshot::Receiver<T>) -> Result<T, RequestError> {
+    match tokio::time::timeout(limit, answer).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(_)) => Err(RequestError::ShuttingDown),
+        Err(_) => Err(RequestError::Timeout(limit)),
     }
 }
 
@@ -291,13 +297,12 @@ impl CoreTask {
         }
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let stamp = now_ms.max(self.last_stamp_ms);
-        let proposals = std::mem::take(&mut self.proposals);
-        let payloads =
-            proposals.iter().map(|(command, _)| super::apply::encode_command(stamp, command.clone())).collect();
+        let (commands, replies): (Vec<_>, Vec<_>) = std::mem::take(&mut self.proposals).into_iter().unzip();
+        let payloads = commands.into_iter().map(|command| super::apply::encode_command(stamp, command)).collect();
         match self.raft.propose(payloads) {
             Ok(proposed) => {
                 self.last_stamp_ms = stamp;
-                for (offset, (_, reply)) in proposals.into_iter().enumerate() {
+                for (offset, reply) in replies.into_iter().enumerate() {
                     let index = proposed.first_index + offset as u64;
                     self.send_apply(ApplyMsg::Await { index, term: proposed.term, reply })?;
                 }
@@ -310,7 +315,7 @@ impl CoreTask {
                     ProposeError::TooLarge { .. } | ProposeError::Empty => RequestError::Invalid(error.to_string()),
                     ProposeError::Raft(fatal) => return Err(fatal.into()),
                 };
-                for (_, reply) in proposals {
+                for reply in replies {
                     let _ = reply.send(Err(refusal.clone()));
                 }
                 Ok(())

@@ -23,6 +23,7 @@ mod core;
 mod peers;
 pub mod sessions;
 
+pub(crate) use self::core::await_answer;
 pub use self::core::{CoreHandle, CoreStatus, LeadershipView};
 pub use self::peers::peer_channel;
 

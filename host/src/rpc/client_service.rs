@@ -12,7 +12,7 @@ use super::client_pb::{
 };
 use super::pb;
 use crate::node::apply::{ApplyMsg, ReadJob};
-use crate::node::{Consistency, CoreHandle, LeadershipView, NodeConfig, ReadReply, RequestError};
+use crate::node::{Consistency, CoreHandle, LeadershipView, NodeConfig, ReadReply, RequestError, await_answer};
 use crate::raft::NodeId;
 use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
@@ -250,11 +250,7 @@ impl Client for ClientService {
         let result = match consistency {
             Consistency::Stale => {
                 let answer = self.stale_read(read.state_machine.clone(), read.query.clone());
-                match tokio::time::timeout(self.config.request_timeout, answer).await {
-                    Ok(Ok(result)) => result,
-                    Ok(Err(_)) => Err(RequestError::ShuttingDown),
-                    Err(_) => Err(RequestError::Timeout(self.config.request_timeout)),
-                }
+                await_answer(self.config.request_timeout, answer).await.and_then(|result| result)
             }
             _ => self.core.read(read.state_machine.clone(), read.query.clone(), consistency).await,
         };
@@ -277,11 +273,7 @@ impl Client for ClientService {
             .unwrap_or_else(|p| p.into_inner())
             .send(ApplyMsg::Status(reply))
             .map_err(|_| status_of(RequestError::ShuttingDown))?;
-        let applied = match tokio::time::timeout(self.config.request_timeout, answer).await {
-            Ok(Ok(result)) => result.map_err(status_of)?,
-            Ok(Err(_)) => return Err(status_of(RequestError::ShuttingDown)),
-            Err(_) => return Err(status_of(RequestError::Timeout(self.config.request_timeout))),
-        };
+        let applied = await_answer(self.config.request_timeout, answer).await.and_then(|r| r).map_err(status_of)?;
         let members = core
             .voters
             .iter()
