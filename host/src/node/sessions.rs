@@ -9,7 +9,7 @@
 
 use crate::rpc::pb::{SessionRecord, SessionReply, session_reply};
 use prost::Message as _;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 /// Answers kept per client: a client may have this many writes in flight
 /// and still retry any of them.
@@ -49,9 +49,9 @@ pub struct Sessions {
     records: HashMap<Vec<u8>, SessionRecord>,
     /// `(last_used_ms, client id)`, to find the least recently used session.
     by_age: BTreeSet<(u64, Vec<u8>)>,
-    /// Changes since the last `take_changes`: the record, or `None` for a
-    /// dropped session.
-    changed: HashMap<Vec<u8>, Option<SessionRecord>>,
+    /// Clients whose session changed (or was dropped) since the last
+    /// `take_changes`; their records are encoded once, when taken.
+    changed: HashSet<Vec<u8>>,
 }
 
 /// A stored session record that does not decode.
@@ -69,7 +69,7 @@ impl Sessions {
             limits,
             records: HashMap::with_capacity(stored.len()),
             by_age: BTreeSet::new(),
-            changed: HashMap::new(),
+            changed: HashSet::new(),
         };
         for (client, bytes) in stored {
             let record = SessionRecord::decode(bytes.as_slice())
@@ -116,7 +116,7 @@ impl Sessions {
         record.replies.retain(|r| r.sequence > floor);
         record.replies.sort_by_key(|r| r.sequence);
         self.by_age.insert((record.last_used_ms, client.to_vec()));
-        self.changed.insert(client.to_vec(), Some(record.clone()));
+        self.changed.insert(client.to_vec());
     }
 
     /// Drops sessions idle for longer than the lifetime, as of entry time
@@ -136,15 +136,21 @@ impl Sessions {
     fn evict_oldest(&mut self) {
         if let Some((_, client)) = self.by_age.pop_first() {
             self.records.remove(&client);
-            self.changed.insert(client, None);
+            self.changed.insert(client);
         }
     }
 
     /// The changes to write to the store with the applied entries that made
     /// them, encoded.
     pub fn take_changes(&mut self) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
-        let mut changes: Vec<_> =
-            self.changed.drain().map(|(client, record)| (client, record.map(|r| r.encode_to_vec()))).collect();
+        let mut changes: Vec<_> = self
+            .changed
+            .drain()
+            .map(|client| {
+                let record = self.records.get(&client).map(|r| r.encode_to_vec());
+                (client, record)
+            })
+            .collect();
         changes.sort_by(|a, b| a.0.cmp(&b.0));
         changes
     }
