@@ -318,14 +318,7 @@ impl Applier {
     fn answer_writes(&mut self) {
         for decided in std::mem::take(&mut self.decided) {
             if let Some((term, reply)) = self.waiters.remove(&decided.index) {
-                let result = if term == decided.term {
-                    decided.result
-                } else {
-                    Err(RequestError::OutcomeUnknown(format!(
-                        "another leader's entry took index {} of the write",
-                        decided.index
-                    )))
-                };
+                let result = if term == decided.term { decided.result } else { Err(slot_taken(decided.index)) };
                 let _ = reply.send(result);
             }
         }
@@ -337,9 +330,7 @@ impl Applier {
                 break;
             }
             let (index, (_, reply)) = entry.remove_entry();
-            let _ = reply.send(Err(RequestError::OutcomeUnknown(format!(
-                "another leader's entry took index {index} of the write"
-            ))));
+            let _ = reply.send(Err(slot_taken(index)));
         }
     }
 
@@ -377,6 +368,11 @@ impl Applier {
         }
         Ok(ApplyStatus { applied_index: self.applied.0, state_machines })
     }
+}
+
+/// A waiting write lost its log index to another leader's entry.
+fn slot_taken(index: Index) -> RequestError {
+    RequestError::OutcomeUnknown(format!("another leader's entry took index {index} of the write"))
 }
 
 /// The entry's timestamp and client command, if it carries one.
