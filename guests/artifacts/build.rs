@@ -13,6 +13,7 @@ use std::process::Command;
 const GUESTS: &[(&str, &str)] = &[
     ("kv", "kv_guest"),
     ("counter", "counter_guest"),
+    ("counter-v2", "counter_v2_guest"),
     ("bank", "bank_guest"),
     ("hostile", "hostile_guest"),
     ("other-world", "other_world_guest"),

@@ -7,7 +7,8 @@
 //! answer is applied once (the member answers it from the session table).
 
 use crate::rpc::client_pb::{
-    self, ReadRequest, ReadResponse, StatusRequest, StatusResponse, WriteRequest, WriteResponse,
+    self, ActivateRequest, ActivateResponse, DeployProgress, DeployRequest, ModulesRequest, ModulesResponse,
+    ReadRequest, ReadResponse, StatusRequest, StatusResponse, WriteRequest, WriteResponse,
     client_client::ClientClient,
 };
 use crate::rpc::{LEADER_ADDR_KEY, client_pb::outcome};
@@ -18,6 +19,10 @@ use tonic::{Code, Status};
 
 /// Largest request or answer this client sends or accepts.
 const MESSAGE_BYTES_MAX: usize = 16 << 20;
+/// How long one call may take before it counts as lost.
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Module bytes per message of a deploy stream.
+const DEPLOY_MESSAGE_BYTES: usize = 256 << 10;
 
 /// Why a request failed for good.
 #[derive(Debug, Error)]
@@ -135,6 +140,75 @@ impl ClusterClient {
         .await
     }
 
+    /// Deploys `module` for `state_machine` through the leader, and with
+    /// `activate` switches to it. `on_progress` sees every progress message;
+    /// the last one ("activated" or "staged") is returned. A deploy cut off
+    /// by a change of leader is sent again to the new one: chunks already
+    /// committed are recognized by the module's hash.
+    pub async fn deploy(
+        &mut self,
+        state_machine: &str,
+        module: &[u8],
+        activate: bool,
+        mut on_progress: impl FnMut(&DeployProgress),
+    ) -> Result<DeployProgress, ClientError> {
+        let started = Instant::now();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let mut messages: Vec<DeployRequest> = module
+                .chunks(DEPLOY_MESSAGE_BYTES)
+                .map(|data| DeployRequest { data: data.to_vec(), ..DeployRequest::default() })
+                .collect();
+            if let Some(first) = messages.first_mut() {
+                first.state_machine = state_machine.to_string();
+                first.total_bytes = module.len() as u64;
+                first.no_activate = !activate;
+            }
+            let mut client = self.channel(self.current)?;
+            let status = match client.deploy(tokio_stream::iter(messages)).await {
+                Ok(response) => {
+                    let mut stream = response.into_inner();
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(progress)) => {
+                                on_progress(&progress);
+                                if progress.phase == "activated" || progress.phase == "staged" {
+                                    return Ok(progress);
+                                }
+                            }
+                            Ok(None) => break Status::unavailable("the deploy stream ended without a result"),
+                            Err(status) => break status,
+                        }
+                    }
+                }
+                Err(status) => status,
+            };
+            let last = format!("{}: {}", self.addresses[self.current], status.message());
+            self.route(&status)?;
+            if started.elapsed() >= self.deadline {
+                return Err(ClientError::GaveUp { attempts, elapsed: started.elapsed(), last });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Switches `state_machine` to its stored version `module_hash` (hex).
+    pub async fn activate(&mut self, state_machine: &str, module_hash: &str) -> Result<ActivateResponse, ClientError> {
+        let request = ActivateRequest { state_machine: state_machine.to_string(), module_hash: module_hash.to_string() };
+        self.retry(|mut client| {
+            let request = request.clone();
+            async move { client.activate(request).await }
+        })
+        .await
+    }
+
+    /// Every state machine's versions, as the first member that answers has
+    /// applied them.
+    pub async fn modules(&mut self) -> Result<ModulesResponse, ClientError> {
+        self.retry(|mut client| async move { client.modules(ModulesRequest {}).await }).await
+    }
+
     /// The status of the first member that answers, trying each once.
     pub async fn status(&mut self) -> Result<StatusResponse, ClientError> {
         let mut last = String::new();
@@ -186,7 +260,7 @@ impl ClusterClient {
         loop {
             attempts += 1;
             let client = self.channel(self.current)?;
-            let status = match tokio::time::timeout(Duration::from_secs(15), call(client)).await {
+            let status = match tokio::time::timeout(CALL_TIMEOUT, call(client)).await {
                 Ok(Ok(response)) => {
                     // A follower that forwarded the request names the leader.
                     if let Some(leader) = response.metadata().get(LEADER_ADDR_KEY).and_then(|v| v.to_str().ok()) {
@@ -196,26 +270,33 @@ impl ClusterClient {
                     return Ok(response.into_inner());
                 }
                 Ok(Err(status)) => status,
-                Err(_) => Status::deadline_exceeded("no answer within 15s"),
+                Err(_) => Status::deadline_exceeded(format!("no answer within {CALL_TIMEOUT:?}")),
             };
             let last = format!("{}: {}", self.addresses[self.current], status.message());
-            match status.code() {
-                Code::Unavailable | Code::Unknown | Code::Cancelled => {
-                    match status.metadata().get(LEADER_ADDR_KEY).and_then(|v| v.to_str().ok()) {
-                        Some(leader) => self.prefer(leader)?,
-                        None => self.current = (self.current + 1) % self.addresses.len(),
-                    }
-                }
-                // Busy, or the outcome of a write is unknown: retry (with the
-                // same sequence number) after a pause.
-                Code::ResourceExhausted | Code::Aborted | Code::DeadlineExceeded => {}
-                code => return Err(ClientError::Refused { code, message: status.message().to_string() }),
-            }
+            self.route(&status)?;
             if started.elapsed() >= self.deadline {
                 return Err(ClientError::GaveUp { attempts, elapsed: started.elapsed(), last });
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// Where to try next after `status`: the leader it names, the next
+    /// member, or the same one after a pause; an error if retrying cannot help.
+    fn route(&mut self, status: &Status) -> Result<(), ClientError> {
+        match status.code() {
+            Code::Unavailable | Code::Unknown | Code::Cancelled => {
+                match status.metadata().get(LEADER_ADDR_KEY).and_then(|v| v.to_str().ok()) {
+                    Some(leader) => self.prefer(leader)?,
+                    None => self.current = (self.current + 1) % self.addresses.len(),
+                }
+                Ok(())
+            }
+            // Busy, or the outcome of a write is unknown: retry (with the
+            // same sequence number) after a pause.
+            Code::ResourceExhausted | Code::Aborted | Code::DeadlineExceeded => Ok(()),
+            code => Err(ClientError::Refused { code, message: status.message().to_string() }),
         }
     }
 

@@ -5,6 +5,9 @@
 pub const KV: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kv_guest.wasm"));
 /// A counter: `{"op":"add","by":N}`, query `{"op":"get"}`.
 pub const COUNTER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/counter_guest.wasm"));
+/// Version 2 of the counter: answers carry `"version":2`; its migrate hook
+/// records the version it replaced and refuses a negative count.
+pub const COUNTER_V2: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/counter_v2_guest.wasm"));
 /// Accounts, deposits and transfers that never overdraw and conserve money.
 pub const BANK: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/bank_guest.wasm"));
 /// Test fixture: loops, allocates without bound, recurses without bound,

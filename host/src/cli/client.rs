@@ -138,6 +138,8 @@ pub fn status_json(s: &StatusResponse) -> serde_json::Value {
         "state_machines": s.state_machines.iter().map(|m| json!({
             "name": m.name, "module_hash": m.module_hash, "state_digest": m.state_digest,
         })).collect::<Vec<_>>(),
+        "modules_compiled": s.modules_compiled,
+        "modules_loaded_from_cache": s.modules_loaded_from_cache,
     })
 }
 
@@ -153,6 +155,10 @@ fn print_status(s: &StatusResponse) {
     for m in &s.members {
         println!("member {}: {} ({})", m.id, m.address, m.kind);
     }
+    println!(
+        "modules since start: {} compiled, {} loaded from the compiled cache",
+        s.modules_compiled, s.modules_loaded_from_cache
+    );
     for m in &s.state_machines {
         println!(
             "state machine {}: module {}, state digest {}",

@@ -6,6 +6,7 @@
 mod bench;
 mod client;
 mod demo;
+mod modules;
 mod serve;
 
 use clap::{Args, Parser, Subcommand};
@@ -32,6 +33,16 @@ enum Command {
     Read(client::ReadArgs),
     /// Prints a member's view of the cluster.
     Status(client::StatusArgs),
+    /// Uploads a state machine module (a WebAssembly component) to a running
+    /// cluster through the log, and activates it once every live member has
+    /// compiled it; every replica switches at the same log index.
+    Deploy(modules::DeployArgs),
+    /// Lists every state machine's versions: hash, size, where it was
+    /// deployed and last activated, and which one is active.
+    Modules(modules::ModulesArgs),
+    /// Switches a state machine to one of its stored versions (a rollback
+    /// is an activation of the older hash).
+    Activate(modules::ActivateArgs),
     /// Closed-loop clients against a running cluster: throughput, errors
     /// and latency percentiles (with --disk, the disk's fdatasync too).
     Bench(bench::BenchArgs),
@@ -72,6 +83,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Write(args) => client::write(args),
         Command::Read(args) => client::read(args),
         Command::Status(args) => client::status(args),
+        Command::Deploy(args) => modules::deploy(args),
+        Command::Modules(args) => modules::modules(args),
+        Command::Activate(args) => modules::activate(args),
         Command::Bench(args) => bench::bench(args),
         Command::Demo(args) => demo::demo(&args),
         Command::Validate(args) => demo::validate(&args),

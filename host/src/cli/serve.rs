@@ -56,6 +56,14 @@ pub struct ServeArgs {
     /// Seconds a client request may wait for its answer (default 10).
     #[arg(long, env = "RAFT_HOST_REQUEST_TIMEOUT_SECS")]
     request_timeout_secs: Option<u64>,
+    /// Largest state machine module a deploy accepts, in bytes (default 64
+    /// MiB). Must be the same on every member.
+    #[arg(long, env = "RAFT_HOST_MAX_MODULE_BYTES")]
+    max_module_bytes: Option<usize>,
+    /// Seconds a deploy waits for every live member to compile a module
+    /// before it gives up activating it (default 300).
+    #[arg(long, env = "RAFT_HOST_MODULE_READY_TIMEOUT_SECS")]
+    module_ready_timeout_secs: Option<u64>,
     /// Do not fsync. A crash can lose acknowledged writes and break Raft's
     /// guarantees: for benchmarks only.
     #[arg(long, env = "RAFT_HOST_UNSAFE_NO_FSYNC")]
@@ -78,6 +86,8 @@ impl ServeArgs {
         self.heartbeat_ticks = self.heartbeat_ticks.or(file.heartbeat_ticks);
         self.max_command_bytes = self.max_command_bytes.or(file.max_command_bytes);
         self.request_timeout_secs = self.request_timeout_secs.or(file.request_timeout_secs);
+        self.max_module_bytes = self.max_module_bytes.or(file.max_module_bytes);
+        self.module_ready_timeout_secs = self.module_ready_timeout_secs.or(file.module_ready_timeout_secs);
         self.unsafe_no_fsync = self.unsafe_no_fsync.or(file.unsafe_no_fsync);
         self
     }
@@ -109,6 +119,10 @@ impl ServeArgs {
         config.max_command_bytes = args.max_command_bytes.unwrap_or(config.max_command_bytes);
         if let Some(secs) = args.request_timeout_secs {
             config.request_timeout = Duration::from_secs(secs);
+        }
+        config.limits.module_bytes = args.max_module_bytes.unwrap_or(config.limits.module_bytes);
+        if let Some(secs) = args.module_ready_timeout_secs {
+            config.module_ready_timeout = Duration::from_secs(secs);
         }
         if args.unsafe_no_fsync == Some(true) {
             config.durability = Durability::UnsafeNoSync;

@@ -7,12 +7,14 @@
 //! leader's timestamps), never on this node's clock or batch boundaries, so
 //! every replica ends in the same state at the same index.
 
+use super::modules::{ModuleRegistry, Ranges, assemble, check_name};
 use super::sessions::{Admission, Sessions, session_reply};
 use super::{ReadReply, RequestError, WriteReply};
 use crate::raft::{Entry, EntryKind, Index, Term};
 use crate::rpc::pb::{self, entry_payload, session_reply::Result as ReplyResult};
 use crate::runtime::{EntryInfo, Machine, RuntimeError};
-use crate::storage::{ApplyBatch, Store, StoreError, hex};
+use crate::storage::{ApplyBatch, ModuleKey, StateWrite, Store, StoreError, hex};
+use sha2::{Digest, Sha256};
 use prost::Message as _;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -99,6 +101,7 @@ struct Decided {
 /// The apply task's state.
 pub struct Applier {
     store: Store,
+    registry: Arc<ModuleRegistry>,
     machines: BTreeMap<String, Machine>,
     sessions: Sessions,
     /// Index and term of the last applied entry.
@@ -115,12 +118,18 @@ pub struct Applier {
     /// in the same run (it must see that write's answer, not apply twice).
     run_keys: HashSet<(Vec<u8>, u64)>,
     decided: Vec<Decided>,
+    /// Writes and module records of a deploy entry, for the next flush.
+    pending_writes: Vec<StateWrite>,
+    module_changes: Vec<(ModuleKey, Option<Vec<u8>>)>,
+    /// Modules completed by the last flush, to compile once it is durable.
+    completed_modules: Vec<[u8; 32]>,
 }
 
 impl Applier {
     /// The apply state of `store` as of its applied index.
     pub fn new(
         store: Store,
+        registry: Arc<ModuleRegistry>,
         machines: BTreeMap<String, Machine>,
         sessions: Sessions,
         progress: Arc<ApplyProgress>,
@@ -128,8 +137,10 @@ impl Applier {
         let applied = store.applied();
         let clock_ms = store.apply_clock_ms()?;
         progress.applied_index.store(applied.0, Ordering::Release);
+        registry.set_names(machines.keys().cloned().collect());
         Ok(Applier {
             store,
+            registry,
             machines,
             sessions,
             applied,
@@ -141,6 +152,9 @@ impl Applier {
             run_machine: None,
             run_keys: HashSet::new(),
             decided: Vec::new(),
+            pending_writes: Vec::new(),
+            module_changes: Vec::new(),
+            completed_modules: Vec::new(),
         })
     }
 
@@ -208,11 +222,15 @@ impl Applier {
                 continue;
             }
             let position = (entry.index, entry.term);
-            match decode_command(&entry) {
-                Some((timestamp_ms, command)) => {
+            match decode_entry(&entry) {
+                Some((timestamp_ms, kind)) => {
                     self.clock_ms = self.clock_ms.max(timestamp_ms);
                     self.sessions.expire(self.clock_ms);
-                    self.admit(position, command)?;
+                    match kind {
+                        entry_payload::Kind::Command(command) => self.admit(position, command)?,
+                        entry_payload::Kind::ModuleChunk(chunk) => self.apply_chunk(position, chunk)?,
+                        entry_payload::Kind::Activate(activate) => self.apply_activation(position, activate)?,
+                    }
                 }
                 None => {
                     if entry.kind == EntryKind::Normal && !entry.is_noop() {
@@ -302,17 +320,146 @@ impl Applier {
                 }
             }
         }
-        if self.applied.0 > self.store.applied().0 || !writes.is_empty() {
+        writes.append(&mut self.pending_writes);
+        let modules = std::mem::take(&mut self.module_changes);
+        if self.applied.0 > self.store.applied().0 || !writes.is_empty() || !modules.is_empty() {
             self.store.apply(&ApplyBatch {
                 applied_index: self.applied.0,
                 applied_term: self.applied.1,
                 clock_ms: self.clock_ms,
                 writes,
                 sessions: self.sessions.take_changes(),
+                modules,
             })?;
+        }
+        for hash in std::mem::take(&mut self.completed_modules) {
+            self.registry.prepare_in_background(hash);
         }
         self.answer_writes();
         Ok(())
+    }
+
+    /// A chunk of a module being deployed: stored with the applied position;
+    /// the chunk that completes the module also verifies it against its hash
+    /// and records it as a version of its state machine.
+    fn apply_chunk(&mut self, (index, term): (Index, Term), chunk: pb::ModuleChunk) -> Result<(), ApplyError> {
+        self.flush()?;
+        let outcome = self.store_chunk(index, chunk);
+        self.applied = (index, term);
+        self.decided.push(Decided { index, term, result: Ok(WriteReply { outcome, index, term }) });
+        self.flush()
+    }
+
+    fn store_chunk(&mut self, index: Index, chunk: pb::ModuleChunk) -> Result<Vec<u8>, String> {
+        let hash: [u8; 32] = chunk.hash.as_slice().try_into().map_err(|_| "a module hash is 32 bytes".to_string())?;
+        check_name(&chunk.state_machine)?;
+        let limit = self.registry.runtime().limits().module_bytes as u64;
+        if chunk.total_bytes > limit {
+            return Err(format!("module of {} bytes is above the limit of {limit} bytes", chunk.total_bytes));
+        }
+        let end = chunk.offset.checked_add(chunk.data.len() as u64).filter(|&end| end <= chunk.total_bytes);
+        let Some(end) = end else {
+            return Err(format!("chunk at {} runs past the module's {} bytes", chunk.offset, chunk.total_bytes));
+        };
+        let mut upload = self.registry.upload(&hash).map_err(|e| e.to_string())?.unwrap_or(pb::ModuleUpload {
+            state_machine: chunk.state_machine.clone(),
+            total_bytes: chunk.total_bytes,
+            ..pb::ModuleUpload::default()
+        });
+        if upload.complete {
+            return Ok(b"stored".to_vec());
+        }
+        if upload.total_bytes != chunk.total_bytes {
+            return Err(format!(
+                "module {} is being uploaded with {} bytes, not {}",
+                hex(&hash),
+                upload.total_bytes,
+                chunk.total_bytes
+            ));
+        }
+        let mut received = Ranges::from_pb(&upload.received);
+        received.add(chunk.offset, end);
+        if !received.covers(upload.total_bytes) {
+            upload.received = received.to_pb();
+            self.module_changes.push((ModuleKey::Upload(hash), Some(upload.encode_to_vec())));
+            self.module_changes.push((ModuleKey::Chunk { hash, offset: chunk.offset }, Some(chunk.data)));
+            return Ok(b"received".to_vec());
+        }
+        let stored = self.store.module_chunks(&hash).map_err(|e| e.to_string())?;
+        let offsets: Vec<u64> = stored.iter().map(|(offset, _)| *offset).collect();
+        let whole = assemble(upload.total_bytes, stored, Some((chunk.offset, &chunk.data)));
+        if whole.as_deref().is_none_or(|bytes| Sha256::digest(bytes).as_slice() != hash) {
+            // Every replica holds the same chunks, so every replica drops them.
+            for offset in offsets {
+                self.module_changes.push((ModuleKey::Chunk { hash, offset }, None));
+            }
+            self.module_changes.push((ModuleKey::Upload(hash), None));
+            return Err(format!("the uploaded bytes do not match module hash {}; upload it again", hex(&hash)));
+        }
+        upload.received = received.to_pb();
+        upload.complete = true;
+        upload.complete_index = index;
+        let version = pb::ModuleVersion { size_bytes: upload.total_bytes, deploy_index: index, activated_index: 0 };
+        let name = upload.state_machine.clone();
+        self.module_changes.push((ModuleKey::Chunk { hash, offset: chunk.offset }, Some(chunk.data)));
+        self.module_changes.push((ModuleKey::Upload(hash), Some(upload.encode_to_vec())));
+        self.module_changes.push((ModuleKey::Version { name, hash }, Some(version.encode_to_vec())));
+        self.completed_modules.push(hash);
+        tracing::info!(module = %hex(&hash), bytes = version.size_bytes, index, "module upload complete");
+        Ok(b"complete".to_vec())
+    }
+
+    /// Switches a state machine to a stored version. Entries before this one
+    /// ran on the old version (the run is flushed first); the new version's
+    /// migrate hook runs inside this entry, and if it fails the old version
+    /// stays, on every replica alike.
+    fn apply_activation(&mut self, (index, term): (Index, Term), activate: pb::Activate) -> Result<(), ApplyError> {
+        self.flush()?;
+        let info = EntryInfo { index, term, timestamp_ms: self.clock_ms };
+        let outcome = self.activate(info, activate)?;
+        self.applied = (index, term);
+        self.decided.push(Decided { index, term, result: Ok(WriteReply { outcome, index, term }) });
+        self.flush()
+    }
+
+    /// The outcome is the previous version's hash (hex; empty for a new
+    /// state machine) or why the activation failed.
+    fn activate(&mut self, info: EntryInfo, activate: pb::Activate) -> Result<Result<Vec<u8>, String>, ApplyError> {
+        let Ok(hash) = <[u8; 32]>::try_from(activate.hash.as_slice()) else {
+            return Ok(Err("a module hash is 32 bytes".into()));
+        };
+        let name = activate.state_machine;
+        if let Err(why) = check_name(&name) {
+            return Ok(Err(why));
+        }
+        let previous = self.machines.get(&name).map(Machine::module_hash);
+        if previous == Some(hash) {
+            return Ok(Ok(hex(&hash).into_bytes()));
+        }
+        let Some(bytes) = self.registry.bytes(&hash)? else {
+            return Ok(Err(format!("no module {} is stored in this cluster; deploy it first", hex(&hash))));
+        };
+        let module = match self.registry.load(&bytes) {
+            Ok(module) => module,
+            Err(error) => return Ok(Err(format!("module {} cannot run: {error}", hex(&hash)))),
+        };
+        let mut machine = Machine::new(self.registry.runtime().clone(), module, name.clone(), self.store.clone());
+        if let Some(previous) = previous {
+            let (result, writes) = machine.migrate(info, &hex(&previous))?;
+            if let Err(error) = result {
+                tracing::warn!(state_machine = %name, module = %hex(&hash), index = info.index, %error, "activation failed in migrate");
+                return Ok(Err(format!("the migrate hook of module {} refused: {error}", hex(&hash))));
+            }
+            self.pending_writes.extend(writes);
+        }
+        let mut version = self.registry.version_record(&name, &hash)?;
+        version.activated_index = info.index;
+        self.module_changes.push((ModuleKey::Version { name: name.clone(), hash }, Some(version.encode_to_vec())));
+        self.module_changes.push((ModuleKey::Active(name.clone()), Some(hash.to_vec())));
+        tracing::info!(state_machine = %name, module = %hex(&hash), previous = %previous.map(|p| hex(&p)).unwrap_or_default(), index = info.index, "state machine version activated");
+        self.machines.insert(name, machine);
+        self.registry.set_names(self.machines.keys().cloned().collect());
+        Ok(Ok(previous.map(|p| hex(&p)).unwrap_or_default().into_bytes()))
     }
 
     fn answer_writes(&mut self) {
@@ -375,15 +522,13 @@ fn slot_taken(index: Index) -> RequestError {
     RequestError::OutcomeUnknown(format!("another leader's entry took index {index} of the write"))
 }
 
-/// The entry's timestamp and client command, if it carries one.
-fn decode_command(entry: &Entry) -> Option<(u64, pb::Command)> {
+/// The entry's timestamp and what it carries, if it is the node's.
+fn decode_entry(entry: &Entry) -> Option<(u64, entry_payload::Kind)> {
     if entry.kind != EntryKind::Normal || entry.is_noop() {
         return None;
     }
     let payload = pb::EntryPayload::decode(entry.data.as_ref()).ok()?;
-    match payload.kind? {
-        entry_payload::Kind::Command(command) => Some((payload.timestamp_ms, command)),
-    }
+    Some((payload.timestamp_ms, payload.kind?))
 }
 
 fn reply_from_session(reply: pb::SessionReply) -> WriteReply {
@@ -395,8 +540,8 @@ fn reply_from_session(reply: pb::SessionReply) -> WriteReply {
     WriteReply { outcome, index: reply.index, term: reply.term }
 }
 
-/// Encodes a client command as entry data, stamped with the leader's clock.
-pub fn encode_command(timestamp_ms: u64, command: pb::Command) -> bytes::Bytes {
-    let payload = pb::EntryPayload { timestamp_ms, kind: Some(entry_payload::Kind::Command(command)) };
+/// Encodes what an entry carries, stamped with the leader's clock.
+pub fn encode_payload(timestamp_ms: u64, kind: entry_payload::Kind) -> bytes::Bytes {
+    let payload = pb::EntryPayload { timestamp_ms, kind: Some(kind) };
     bytes::Bytes::from(payload.encode_to_vec())
 }

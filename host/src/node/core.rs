@@ -26,7 +26,7 @@ const DRAIN_MAX: usize = 4096;
 /// Work for the core task.
 pub(crate) enum CoreMsg {
     Peer(Vec<Message>),
-    Propose { command: pb::Command, reply: oneshot::Sender<Result<WriteReply, RequestError>> },
+    Propose { kind: pb::entry_payload::Kind, reply: oneshot::Sender<Result<WriteReply, RequestError>> },
     Read(ReadRequest),
     Status(oneshot::Sender<CoreStatus>),
 }
@@ -74,8 +74,14 @@ impl CoreHandle {
 
     /// Proposes a client command and waits for its outcome.
     pub(crate) async fn write(&self, command: pb::Command) -> Result<WriteReply, RequestError> {
+        self.propose(pb::entry_payload::Kind::Command(command)).await
+    }
+
+    /// Proposes an entry (a command, a module chunk, an activation) and waits
+    /// until it is applied here.
+    pub(crate) async fn propose(&self, kind: pb::entry_payload::Kind) -> Result<WriteReply, RequestError> {
         let (reply, answer) = oneshot::channel();
-        self.offer(CoreMsg::Propose { command, reply })?;
+        self.offer(CoreMsg::Propose { kind, reply })?;
         self.wait(answer).await?
     }
 
@@ -152,7 +158,7 @@ pub(crate) struct CoreTask {
     next_read_ctx: u64,
     /// The last timestamp stamped into an entry; stamps never go back.
     last_stamp_ms: u64,
-    proposals: Vec<(pb::Command, oneshot::Sender<Result<WriteReply, RequestError>>)>,
+    proposals: Vec<(pb::entry_payload::Kind, oneshot::Sender<Result<WriteReply, RequestError>>)>,
 }
 
 impl CoreTask {
@@ -273,7 +279,7 @@ impl CoreTask {
                     }
                 }
             }
-            CoreMsg::Propose { command, reply } => self.proposals.push((command, reply)),
+            CoreMsg::Propose { kind, reply } => self.proposals.push((kind, reply)),
             CoreMsg::Read(request) => self.start_read(request)?,
             CoreMsg::Status(reply) => {
                 let _ = reply.send(CoreStatus {
@@ -297,8 +303,8 @@ impl CoreTask {
         }
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let stamp = now_ms.max(self.last_stamp_ms);
-        let (commands, replies): (Vec<_>, Vec<_>) = std::mem::take(&mut self.proposals).into_iter().unzip();
-        let payloads = commands.into_iter().map(|command| super::apply::encode_command(stamp, command)).collect();
+        let (kinds, replies): (Vec<_>, Vec<_>) = std::mem::take(&mut self.proposals).into_iter().unzip();
+        let payloads = kinds.into_iter().map(|kind| super::apply::encode_payload(stamp, kind)).collect();
         match self.raft.propose(payloads) {
             Ok(proposed) => {
                 self.last_stamp_ms = stamp;

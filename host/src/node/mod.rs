@@ -20,6 +20,8 @@
 
 pub mod apply;
 mod core;
+pub mod deploy;
+pub mod modules;
 mod peers;
 pub mod sessions;
 
@@ -70,6 +72,9 @@ pub struct NodeConfig {
     /// past it the core stops handing out more (replication goes on).
     pub max_apply_backlog_bytes: u64,
     pub sessions: sessions::SessionLimits,
+    /// How long a deploy waits for every live member to compile a module
+    /// before it activates it.
+    pub module_ready_timeout: Duration,
 }
 
 impl NodeConfig {
@@ -93,6 +98,7 @@ impl NodeConfig {
             request_timeout: Duration::from_secs(10),
             max_apply_backlog_bytes: 64 << 20,
             sessions: sessions::SessionLimits::default(),
+            module_ready_timeout: Duration::from_secs(300),
         }
     }
 
@@ -115,7 +121,7 @@ pub enum NodeError {
     Raft(#[from] crate::raft::RaftError),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
-    #[error("built-in state machine {name:?}: {source}")]
+    #[error("state machine {name:?}: {source}")]
     Module { name: String, source: LoadError },
     #[error("session table: {0}")]
     Sessions(#[from] sessions::SessionDecodeError),
@@ -156,6 +162,11 @@ pub enum RequestError {
     Timeout(Duration),
     #[error("this member is shutting down")]
     ShuttingDown,
+    /// The cluster decided against the request (an activation whose
+    /// migrate hook failed, a module a member refused); retrying as is will
+    /// not help.
+    #[error("{0}")]
+    Rejected(String),
     #[error("internal error: {0}")]
     Internal(String),
 }

@@ -3,6 +3,8 @@
 
 use super::apply::{Applier, ApplyProgress};
 use super::core::CoreTask;
+use super::deploy::Deployer;
+use super::modules::{BuiltIn, ModuleRegistry};
 use super::peers::{PEER_MESSAGE_BYTES_MAX, Peers};
 use super::sessions::Sessions;
 use super::{NodeConfig, NodeError};
@@ -20,9 +22,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
-/// The state machines every member runs, built into the binary (deploying
-/// others through the log is the hot-deploy work).
-pub const BUILT_IN_STATE_MACHINES: &[(&str, &[u8])] = &[("kv", raft_guests::KV), ("counter", raft_guests::COUNTER)];
+/// The state machines every member starts with, built into the binary;
+/// deploys through the log add others and replace these.
+pub const BUILT_IN_STATE_MACHINES: &[BuiltIn] =
+    &[BuiltIn { name: "kv", bytes: raft_guests::KV }, BuiltIn { name: "counter", bytes: raft_guests::COUNTER }];
 
 /// Messages the core's inbox holds; past it clients get "busy" and peers wait.
 const CORE_INBOX_CAPACITY: usize = 16_384;
@@ -59,19 +62,17 @@ impl Node {
         store.bootstrap(&ConfState::with_voters(voters.iter().copied()))?;
 
         let runtime = Arc::new(Runtime::new(config.limits.clone())?);
-        let mut machines = BTreeMap::new();
-        for &(name, bytes) in BUILT_IN_STATE_MACHINES {
-            let module = {
-                let runtime = runtime.clone();
-                tokio::task::spawn_blocking(move || runtime.load(bytes))
-                    .await
-                    .map_err(|_| NodeError::TaskLost("module load"))?
-                    .map_err(|source| NodeError::Module { name: name.to_string(), source })?
-            };
-            tracing::info!(state_machine = name, module = %hex(&module.hash()), "state machine loaded");
-            machines.insert(name.to_string(), Machine::new(runtime.clone(), module, name, store.clone()));
+        let registry = Arc::new(ModuleRegistry::new(runtime.clone(), store.clone(), BUILT_IN_STATE_MACHINES));
+        let stale = store.drop_stale_artifacts(runtime.engine_key())?;
+        if stale > 0 {
+            tracing::info!(artifacts = stale, "dropped modules compiled by another engine version");
         }
-        let names: BTreeSet<String> = machines.keys().cloned().collect();
+        let machines = {
+            let (registry, store) = (registry.clone(), store.clone());
+            tokio::task::spawn_blocking(move || load_active(&registry, &store))
+                .await
+                .map_err(|_| NodeError::TaskLost("module load"))??
+        };
         let sessions = Sessions::load(config.sessions, store.session_scan()?)?;
 
         let mut raft_config = Config::new(config.id);
@@ -95,7 +96,7 @@ impl Node {
         );
 
         let progress = Arc::new(ApplyProgress::default());
-        let applier = Applier::new(store.clone(), machines, sessions, progress.clone())?;
+        let applier = Applier::new(store.clone(), registry.clone(), machines, sessions, progress.clone())?;
         let (apply_tx, apply_rx) = std::sync::mpsc::channel();
         let (shutdown, shutdown_rx) = watch::channel(false);
         let apply_shutdown = shutdown.clone();
@@ -135,9 +136,12 @@ impl Node {
             }
         });
 
-        let peer_service = PeerService::new(config.cluster_id.clone(), config.id, voters, core.clone());
-        let client_service =
-            ClientService::new(config.clone(), core.clone(), apply_tx, names).map_err(NodeError::Config)?;
+        let peer_service =
+            PeerService::new(config.cluster_id.clone(), config.id, voters, core.clone(), registry.clone());
+        let deployer = Deployer::new(config.clone(), core.clone(), registry.clone(), config.module_ready_timeout)
+            .map_err(NodeError::Config)?;
+        let client_service = ClientService::new(config.clone(), core.clone(), apply_tx, registry, deployer)
+            .map_err(NodeError::Config)?;
         let client_limit = config.max_command_bytes + (64 << 10);
         let mut server_shutdown = shutdown_rx;
         let server = tokio::spawn(async move {
@@ -201,6 +205,24 @@ impl RunningNode {
         server?;
         Ok(())
     }
+}
+
+/// The version each state machine runs, loaded (from the compiled cache
+/// when it was compiled before).
+fn load_active(registry: &ModuleRegistry, store: &Store) -> Result<BTreeMap<String, Machine>, NodeError> {
+    let mut machines = BTreeMap::new();
+    for (name, hash) in registry.active_versions()? {
+        let bytes = registry.bytes(&hash)?.ok_or_else(|| {
+            NodeError::Store(crate::storage::StoreError::Corrupt {
+                dir: store.dir().to_path_buf(),
+                what: format!("module {} of the active version of {name:?} is missing", hex(&hash)),
+            })
+        })?;
+        let module = registry.load(&bytes).map_err(|source| NodeError::Module { name: name.clone(), source })?;
+        tracing::info!(state_machine = %name, module = %hex(&module.hash()), "state machine loaded");
+        machines.insert(name.clone(), Machine::new(registry.runtime().clone(), module, name, store.clone()));
+    }
+    Ok(machines)
 }
 
 fn validate(config: &NodeConfig) -> Result<(), NodeError> {

@@ -7,22 +7,26 @@
 
 use super::client_pb::client_server::Client;
 use super::client_pb::{
-    self, LeadershipEvent, Member, ReadRequest, ReadResponse, StateMachineStatus, StatusRequest, StatusResponse,
-    WatchRequest, WriteRequest, WriteResponse, client_client::ClientClient, outcome,
+    self, ActivateRequest, ActivateResponse, DeployProgress, DeployRequest, LeadershipEvent, Member,
+    ModuleVersionInfo, ModulesRequest, ModulesResponse, ReadRequest, ReadResponse, StateMachineStatus,
+    StatusRequest, StatusResponse, WatchRequest, WriteRequest, WriteResponse, client_client::ClientClient, outcome,
 };
 use super::pb;
 use crate::node::apply::{ApplyMsg, ReadJob};
+use crate::node::deploy::{DeployStep, Deployer};
+use crate::node::modules::{ModuleRegistry, check_name, parse_hash};
 use crate::node::{Consistency, CoreHandle, LeadershipView, NodeConfig, ReadReply, RequestError, await_answer};
-use crate::raft::NodeId;
-use std::collections::{BTreeMap, BTreeSet};
+use crate::raft::{NodeId, Role};
+use crate::storage::hex;
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::oneshot;
-use tokio_stream::{Stream, StreamExt, wrappers::WatchStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream, wrappers::WatchStream};
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 /// Metadata key naming the leader's id on a "not the leader" error.
 pub const LEADER_ID_KEY: &str = "raft-leader-id";
@@ -38,7 +42,8 @@ pub struct ClientService {
     config: Arc<NodeConfig>,
     core: CoreHandle,
     apply: Mutex<std::sync::mpsc::Sender<ApplyMsg>>,
-    state_machines: BTreeSet<String>,
+    registry: Arc<ModuleRegistry>,
+    deployer: Arc<Deployer>,
     leaders: BTreeMap<NodeId, ClientClient<Channel>>,
     pending: Arc<AtomicUsize>,
 }
@@ -57,7 +62,8 @@ impl ClientService {
         config: Arc<NodeConfig>,
         core: CoreHandle,
         apply: std::sync::mpsc::Sender<ApplyMsg>,
-        state_machines: BTreeSet<String>,
+        registry: Arc<ModuleRegistry>,
+        deployer: Deployer,
     ) -> Result<ClientService, String> {
         let mut leaders = BTreeMap::new();
         for (&id, address) in &config.peers {
@@ -70,7 +76,8 @@ impl ClientService {
             config,
             core,
             apply: Mutex::new(apply),
-            state_machines,
+            registry,
+            deployer: Arc::new(deployer),
             leaders,
             pending: Arc::new(AtomicUsize::new(0)),
         })
@@ -88,13 +95,18 @@ impl ClientService {
         Ok(guard)
     }
 
-    fn check_state_machine(&self, name: &str) -> Result<(), Status> {
+    /// A name is checked against the active versions only where they are
+    /// certain to be current for this request: on the leader, for writes
+    /// (a follower may not have applied an activation yet, and forwards).
+    /// Reads of an unknown name are refused by the apply task.
+    fn check_state_machine(&self, name: &str, write: bool) -> Result<(), Status> {
         if name.is_empty() {
             return Err(Status::invalid_argument(
                 "state_machine is empty; name the state machine (for example \"kv\")",
             ));
         }
-        if !self.state_machines.contains(name) {
+        let leads = self.core.leadership().borrow().role == Role::Leader;
+        if write && leads && !self.registry.is_known(name) {
             return Err(status_of(RequestError::UnknownStateMachine(name.to_string())));
         }
         Ok(())
@@ -172,7 +184,7 @@ pub fn status_of(error: RequestError) -> Status {
         }
         RequestError::Busy(_) => Status::resource_exhausted(message),
         RequestError::Invalid(_) | RequestError::UnknownStateMachine(_) => Status::invalid_argument(message),
-        RequestError::SessionExpired { .. } => Status::failed_precondition(message),
+        RequestError::SessionExpired { .. } | RequestError::Rejected(_) => Status::failed_precondition(message),
         RequestError::OutcomeUnknown(_) => Status::aborted(message),
         RequestError::Timeout(_) => Status::deadline_exceeded(message),
         RequestError::Internal(_) => Status::internal(message),
@@ -198,13 +210,87 @@ fn event_of(view: &LeadershipView, config: &NodeConfig) -> LeadershipEvent {
 }
 
 type WatchEvents = Pin<Box<dyn Stream<Item = Result<LeadershipEvent, Status>> + Send>>;
+type DeployEvents = Pin<Box<dyn Stream<Item = Result<DeployProgress, Status>> + Send>>;
+
+/// Progress messages queued for a deploy's client; past it, progress is
+/// dropped (the final message never is).
+const DEPLOY_PROGRESS_QUEUE: usize = 256;
+
+fn progress_of(step: DeployStep) -> DeployProgress {
+    match step {
+        DeployStep::Validated { hash } => {
+            DeployProgress { phase: "validated".into(), module_hash: hex(&hash), ..DeployProgress::default() }
+        }
+        DeployStep::Replicating { done, total } => {
+            DeployProgress { phase: "replicating".into(), done, total, ..DeployProgress::default() }
+        }
+        DeployStep::Compiling { ready, members } => DeployProgress {
+            phase: "compiling".into(),
+            done: ready as u64,
+            total: members as u64,
+            ..DeployProgress::default()
+        },
+    }
+}
+
+fn unreachable_detail(unreachable: &[NodeId]) -> String {
+    if unreachable.is_empty() {
+        return String::new();
+    }
+    let ids: Vec<String> = unreachable.iter().map(ToString::to_string).collect();
+    format!("members {} did not answer; they compile it when they catch up", ids.join(", "))
+}
+
+impl ClientService {
+    /// Reads a deploy's bytes from the stream: the first message names the
+    /// state machine and the size, which is checked before any byte is kept.
+    async fn receive_module(&self, stream: &mut Streaming<DeployRequest>) -> Result<(String, Vec<u8>, bool), Status> {
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the deploy stream is empty; send the module"))?;
+        check_name(&first.state_machine).map_err(Status::invalid_argument)?;
+        let limit = self.registry.runtime().limits().module_bytes as u64;
+        if first.total_bytes > limit {
+            return Err(Status::invalid_argument(format!(
+                "module refused: module of {} bytes is above the limit of {limit} bytes",
+                first.total_bytes
+            )));
+        }
+        if first.total_bytes == 0 {
+            return Err(Status::invalid_argument("total_bytes is 0; a module is not empty"));
+        }
+        let total = first.total_bytes as usize;
+        let mut bytes = Vec::with_capacity(total);
+        let mut data = first.data;
+        loop {
+            if bytes.len() + data.len() > total {
+                return Err(Status::invalid_argument(format!("the stream carries more than the {total} bytes announced")));
+            }
+            bytes.extend_from_slice(&data);
+            if bytes.len() == total {
+                break;
+            }
+            data = match stream.message().await? {
+                Some(next) => next.data,
+                None => {
+                    return Err(Status::invalid_argument(format!(
+                        "the stream ended after {} of the {total} bytes announced",
+                        bytes.len()
+                    )));
+                }
+            };
+        }
+        Ok((first.state_machine, bytes, !first.no_activate))
+    }
+}
 
 #[tonic::async_trait]
 impl Client for ClientService {
     async fn write(&self, request: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
         let was_forwarded = is_forwarded(&request);
         let write = request.into_inner();
-        self.check_state_machine(&write.state_machine)?;
+        self.check_state_machine(&write.state_machine, true)?;
         self.check_size("command", write.command.len())?;
         if write.client_id.len() > CLIENT_ID_MAX_BYTES {
             return Err(Status::invalid_argument(format!(
@@ -238,7 +324,7 @@ impl Client for ClientService {
     async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadResponse>, Status> {
         let was_forwarded = is_forwarded(&request);
         let read = request.into_inner();
-        self.check_state_machine(&read.state_machine)?;
+        self.check_state_machine(&read.state_machine, false)?;
         self.check_size("query", read.query.len())?;
         let consistency = match client_pb::Consistency::try_from(read.consistency) {
             Ok(client_pb::Consistency::Linearizable) => Consistency::Linearizable,
@@ -288,6 +374,7 @@ impl Client for ClientService {
             .into_iter()
             .map(|m| StateMachineStatus { name: m.name, module_hash: m.module_hash, state_digest: m.state_digest })
             .collect();
+        let (modules_compiled, modules_loaded_from_cache) = self.registry.runtime().load_counts();
         Ok(Response::new(StatusResponse {
             cluster_id: self.config.cluster_id.clone(),
             id: self.config.id,
@@ -300,7 +387,75 @@ impl Client for ClientService {
             last_log_index: core.last_log_index,
             members,
             state_machines,
+            modules_compiled,
+            modules_loaded_from_cache,
         }))
+    }
+
+    type DeployStream = DeployEvents;
+
+    async fn deploy(&self, request: Request<Streaming<DeployRequest>>) -> Result<Response<Self::DeployStream>, Status> {
+        self.deployer.check_leader().map_err(status_of)?;
+        let mut stream = request.into_inner();
+        let (name, bytes, activate) = self.receive_module(&mut stream).await?;
+        let (tx, rx) = mpsc::channel(DEPLOY_PROGRESS_QUEUE);
+        let received = DeployProgress {
+            phase: "received".into(),
+            done: bytes.len() as u64,
+            total: bytes.len() as u64,
+            ..DeployProgress::default()
+        };
+        let _ = tx.try_send(Ok(received));
+        let deployer = self.deployer.clone();
+        tokio::spawn(async move {
+            let progress = |step| {
+                let _ = tx.try_send(Ok(progress_of(step)));
+            };
+            let last = match deployer.deploy(&name, bytes, activate, progress).await {
+                Ok((hash, Some(activated))) => Ok(DeployProgress {
+                    phase: "activated".into(),
+                    module_hash: hex(&hash),
+                    index: activated.index,
+                    detail: unreachable_detail(&activated.unreachable),
+                    ..DeployProgress::default()
+                }),
+                Ok((hash, None)) => {
+                    Ok(DeployProgress { phase: "staged".into(), module_hash: hex(&hash), ..DeployProgress::default() })
+                }
+                Err(error) => Err(status_of(error)),
+            };
+            let _ = tx.send(last).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn activate(&self, request: Request<ActivateRequest>) -> Result<Response<ActivateResponse>, Status> {
+        let request = request.into_inner();
+        check_name(&request.state_machine).map_err(Status::invalid_argument)?;
+        let hash = parse_hash(&request.module_hash).map_err(Status::invalid_argument)?;
+        let activated = self.deployer.activate(&request.state_machine, hash).await.map_err(status_of)?;
+        Ok(Response::new(ActivateResponse {
+            index: activated.index,
+            previous_hash: activated.previous.map(|h| hex(&h)).unwrap_or_default(),
+            unreachable: activated.unreachable,
+        }))
+    }
+
+    async fn modules(&self, _request: Request<ModulesRequest>) -> Result<Response<ModulesResponse>, Status> {
+        let versions = self.registry.versions().map_err(|e| Status::internal(e.to_string()))?;
+        let versions = versions
+            .into_iter()
+            .map(|v| ModuleVersionInfo {
+                state_machine: v.name,
+                module_hash: hex(&v.hash),
+                size_bytes: v.size_bytes,
+                deploy_index: v.deploy_index,
+                activated_index: v.activated_index,
+                active: v.active,
+                built_in: v.built_in,
+            })
+            .collect();
+        Ok(Response::new(ModulesResponse { versions }))
     }
 
     type WatchStream = WatchEvents;

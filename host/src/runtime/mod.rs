@@ -18,8 +18,10 @@ mod wasi;
 
 pub use self::machine::{ApplyOutcome, CallError, EntryInfo, Machine};
 
+use crate::storage::{Store, hex};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use thiserror::Error;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine};
@@ -77,8 +79,9 @@ impl Default for Limits {
     }
 }
 
-/// Why a module was refused. Nothing was loaded.
-#[derive(Debug, Error)]
+/// Why a module was refused. Nothing was loaded. Each reason depends only on
+/// the bytes and the engine, so every member refuses the same module alike.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum LoadError {
     #[error("module of {bytes} bytes is above the limit of {max} bytes")]
     TooLarge { bytes: usize, max: usize },
@@ -132,12 +135,31 @@ const PROVIDED_IMPORT_PREFIXES: &[&str] = &[
     "wasi:sockets/",
 ];
 
-/// The engine, the linker and a cache of compiled modules.
+/// A module's load, shared by everyone who asks for the same bytes: the
+/// first caller compiles, the others wait for its result.
+type LoadSlot = Arc<OnceLock<Result<Arc<Module>, LoadError>>>;
+
+/// Where a module stands in this runtime.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LoadState {
+    /// Nobody asked for it yet.
+    Unknown,
+    /// Being compiled or loaded from the compiled cache.
+    Loading,
+    Ready,
+    Refused(LoadError),
+}
+
+/// The engine, the linker and a cache of compiled modules (in memory, and
+/// on disk in the store when one is given).
 pub struct Runtime {
     engine: Engine,
     linker: Linker<GuestState>,
     limits: Limits,
-    modules: Mutex<HashMap<[u8; 32], Arc<Module>>>,
+    engine_key: String,
+    modules: Mutex<HashMap<[u8; 32], LoadSlot>>,
+    compiled: AtomicU64,
+    from_cache: AtomicU64,
 }
 
 impl Runtime {
@@ -156,26 +178,119 @@ impl Runtime {
         StateMachine::add_to_linker::<_, HasSelf<GuestState>>(&mut linker, |state| state)
             .map_err(|e| RuntimeError::Engine(e.to_string()))?;
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| RuntimeError::Engine(e.to_string()))?;
-        Ok(Runtime { engine, linker, limits, modules: Mutex::new(HashMap::new()) })
+        let engine_key = engine_key(&engine);
+        Ok(Runtime {
+            engine,
+            linker,
+            limits,
+            engine_key,
+            modules: Mutex::new(HashMap::new()),
+            compiled: AtomicU64::new(0),
+            from_cache: AtomicU64::new(0),
+        })
     }
 
     pub fn limits(&self) -> &Limits {
         &self.limits
     }
 
-    /// Validates and compiles `bytes`, or returns the cached module of the
+    /// Names this engine and its configuration in the compiled cache: an
+    /// artifact is only ever loaded by the engine that made it.
+    pub fn engine_key(&self) -> &str {
+        &self.engine_key
+    }
+
+    /// Modules compiled, and modules loaded from the compiled cache instead,
+    /// since this runtime started.
+    pub fn load_counts(&self) -> (u64, u64) {
+        (self.compiled.load(Ordering::Relaxed), self.from_cache.load(Ordering::Relaxed))
+    }
+
+    /// Validates and compiles `bytes`, or returns the loaded module of the
     /// same content.
     pub fn load(&self, bytes: &[u8]) -> Result<Arc<Module>, LoadError> {
+        self.load_cached(bytes, None)
+    }
+
+    /// Like [`Runtime::load`], and with a `cache` store it first tries the
+    /// artifact compiled earlier (a restart never recompiles) and saves a
+    /// fresh compilation there. A failure to use the cache is logged and
+    /// falls back to compiling: the cache only saves time.
+    pub fn load_cached(&self, bytes: &[u8], cache: Option<&Store>) -> Result<Arc<Module>, LoadError> {
         use sha2::Digest;
         if bytes.len() > self.limits.module_bytes {
             return Err(LoadError::TooLarge { bytes: bytes.len(), max: self.limits.module_bytes });
         }
         let hash: [u8; 32] = sha2::Sha256::digest(bytes).into();
-        if let Some(module) = self.cached(&hash) {
-            return Ok(module);
+        let slot = self.slot(&hash);
+        slot.get_or_init(|| self.compile(hash, bytes, cache)).clone()
+    }
+
+    /// Where module `hash` stands.
+    pub fn state(&self, hash: &[u8; 32]) -> LoadState {
+        let slot = self.modules.lock().unwrap_or_else(|p| p.into_inner()).get(hash).cloned();
+        match slot {
+            None => LoadState::Unknown,
+            Some(slot) => match slot.get() {
+                None => LoadState::Loading,
+                Some(Ok(_)) => LoadState::Ready,
+                Some(Err(error)) => LoadState::Refused(error.clone()),
+            },
         }
+    }
+
+    fn slot(&self, hash: &[u8; 32]) -> LoadSlot {
+        self.modules.lock().unwrap_or_else(|p| p.into_inner()).entry(*hash).or_default().clone()
+    }
+
+    fn compile(&self, hash: [u8; 32], bytes: &[u8], cache: Option<&Store>) -> Result<Arc<Module>, LoadError> {
         check_component_header(bytes)?;
+        let started = std::time::Instant::now();
+        if let Some(component) = cache.and_then(|store| self.cached_component(store, &hash)) {
+            self.from_cache.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(module = %hex(&hash), elapsed_ms = started.elapsed().as_millis() as u64, "module loaded from the compiled cache");
+            return self.prepare(hash, bytes.len(), &component);
+        }
         let component = Component::new(&self.engine, bytes).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        self.compiled.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(module = %hex(&hash), bytes = bytes.len(), elapsed_ms = started.elapsed().as_millis() as u64, "module compiled");
+        let module = self.prepare(hash, bytes.len(), &component)?;
+        if let Some(store) = cache {
+            match component.serialize() {
+                Ok(artifact) => {
+                    if let Err(error) = store.put_artifact(&self.engine_key, &hash, &artifact) {
+                        tracing::warn!(module = %hex(&hash), %error, "could not save the compiled module");
+                    }
+                }
+                Err(error) => tracing::warn!(module = %hex(&hash), %error, "could not serialize the compiled module"),
+            }
+        }
+        Ok(module)
+    }
+
+    fn cached_component(&self, store: &Store, hash: &[u8; 32]) -> Option<Component> {
+        let artifact = match store.get_artifact(&self.engine_key, hash) {
+            Ok(artifact) => artifact?,
+            Err(error) => {
+                tracing::warn!(module = %hex(hash), %error, "the compiled cache is unreadable; compiling again");
+                return None;
+            }
+        };
+        // SAFETY: the artifact was produced by `Component::serialize` of an
+        // engine with this engine key, and written to this member's own
+        // store, whose values carry checksums that were verified on read;
+        // wasmtime further checks the engine and version it was made for.
+        match unsafe { Component::deserialize(&self.engine, &artifact) } {
+            Ok(component) => Some(component),
+            Err(error) => {
+                tracing::warn!(module = %hex(hash), error = %format!("{error:#}"), "a compiled artifact does not load; compiling again");
+                None
+            }
+        }
+    }
+
+    /// Checks a compiled component's imports and exports against the world.
+    fn prepare(&self, hash: [u8; 32], size_bytes: usize, component: &Component) -> Result<Arc<Module>, LoadError> {
         let unsupported: Vec<String> = component
             .component_type()
             .imports(&self.engine)
@@ -187,17 +302,32 @@ impl Runtime {
         }
         let instance_pre = self
             .linker
-            .instantiate_pre(&component)
+            .instantiate_pre(component)
             .map_err(|e| LoadError::UnsupportedImports(vec![format!("{e:#}")]))?;
         let pre = StateMachinePre::new(instance_pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
-        let module = Arc::new(Module { hash, size_bytes: bytes.len(), pre });
-        self.modules.lock().unwrap_or_else(|p| p.into_inner()).insert(hash, module.clone());
-        Ok(module)
+        Ok(Arc::new(Module { hash, size_bytes, pre }))
     }
+}
 
-    fn cached(&self, hash: &[u8; 32]) -> Option<Arc<Module>> {
-        self.modules.lock().unwrap_or_else(|p| p.into_inner()).get(hash).cloned()
+/// `wasmtime-<digest of the engine's compatibility hash>`.
+fn engine_key(engine: &Engine) -> String {
+    use sha2::Digest;
+    use std::hash::{Hash, Hasher};
+    struct Sha(sha2::Sha256);
+    impl Hasher for Sha {
+        fn finish(&self) -> u64 {
+            0
+        }
+        fn write(&mut self, bytes: &[u8]) {
+            self.0.update(bytes);
+        }
     }
+    let mut hasher = Sha(sha2::Sha256::new());
+    engine.precompile_compatibility_hash().hash(&mut hasher);
+    let digest = hasher.0.finalize();
+    // wasmtime's compatibility hash covers its version and every setting
+    // that changes generated code.
+    format!("wasmtime-{}", &hex(&digest)[..16])
 }
 
 /// A clear refusal for core modules and other non-components, before the

@@ -10,7 +10,8 @@
 //!   meta       hard state, membership, snapshot point, applied position
 //!   state      [len(sm)][sm][key] -> checksummed value, per state machine
 //!   sessions   client id -> checksummed session record
-//!   modules    "m" + sha256 -> component bytes; "a" + engine + sha256 -> artifact
+//!   modules    module chunks, upload and version records, active versions
+//!              (replicated); compiled artifacts (local): see [`modules`]
 //! ```
 //!
 //! Rules kept here:
@@ -30,8 +31,10 @@
 
 mod codec;
 mod identity;
+mod modules;
 
 pub use self::identity::{FORMAT_VERSION, IDENTITY_FILE, Identity};
+pub use self::modules::{ModuleKey, StoredVersion};
 
 use crate::raft::{ConfState, Entry, HardState, Index, LogStore, SnapshotMeta, StorageError, Term};
 use codec::DecodeError;
@@ -47,8 +50,6 @@ const META_CONF_STATE: &[u8] = b"conf_state";
 const META_SNAPSHOT: &[u8] = b"snapshot";
 const META_APPLIED: &[u8] = b"applied";
 const META_APPLY_CLOCK: &[u8] = b"apply_clock";
-const MODULE_PREFIX: u8 = b'm';
-const ARTIFACT_PREFIX: u8 = b'a';
 
 /// Key-value pairs of a guest's state, in key order.
 pub type KeyValues = Vec<(Vec<u8>, Vec<u8>)>;
@@ -143,6 +144,8 @@ pub struct ApplyBatch {
     pub writes: Vec<StateWrite>,
     /// Session records by client id; `None` expires the session.
     pub sessions: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// Module chunks and records (deploys and activations); `None` deletes.
+    pub modules: Vec<(ModuleKey, Option<Vec<u8>>)>,
 }
 
 /// In-memory mirror of the small, hot parts of the store.
@@ -360,6 +363,12 @@ impl Store {
                 None => fjall_batch.remove(&inner.sessions, client.clone()),
             }
         }
+        for (key, value) in &batch.modules {
+            match value {
+                Some(value) => fjall_batch.insert(&inner.modules, key.encode()?, codec::encode_blob(value)),
+                None => fjall_batch.remove(&inner.modules, key.encode()?),
+            }
+        }
         fjall_batch.insert(&inner.meta, META_APPLIED, codec::encode_applied(batch.applied_index, batch.applied_term));
         fjall_batch.insert(&inner.meta, META_APPLY_CLOCK, codec::encode_blob(&batch.clock_ms.to_be_bytes()));
         fjall_batch.commit().map_err(|e| inner.db_error(e))?;
@@ -497,41 +506,6 @@ impl Store {
         let value = self.inner.sessions.get(client).map_err(|e| self.inner.db_error(e))?;
         value.map(|v| self.inner.unseal(&v, || format!("session {client:?}"))).transpose()
     }
-
-    /// Stores a module's bytes under their SHA-256, returned.
-    pub fn put_module(&self, bytes: &[u8]) -> Result<[u8; 32], StoreError> {
-        let hash: [u8; 32] = Sha256::digest(bytes).into();
-        self.inner.modules.insert(module_key(&hash), bytes).map_err(|e| self.inner.db_error(e))?;
-        self.inner.db.persist(self.inner.persist_mode_or_buffer()).map_err(|e| self.inner.db_error(e))?;
-        Ok(hash)
-    }
-
-    /// A module's bytes, verified against their hash.
-    pub fn get_module(&self, hash: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError> {
-        let Some(bytes) = self.inner.modules.get(module_key(hash)).map_err(|e| self.inner.db_error(e))? else {
-            return Ok(None);
-        };
-        let actual: [u8; 32] = Sha256::digest(&bytes).into();
-        if &actual != hash {
-            return Err(self.inner.corrupt(format!("module {} does not match its hash", hex(hash))));
-        }
-        Ok(Some(bytes.to_vec()))
-    }
-
-    /// Stores a compiled artifact of module `hash` for `engine` (the engine
-    /// and its configuration, so an upgrade never loads a stale artifact).
-    pub fn put_artifact(&self, engine: &str, hash: &[u8; 32], artifact: &[u8]) -> Result<(), StoreError> {
-        self.inner
-            .modules
-            .insert(artifact_key(engine, hash), codec::encode_blob(artifact))
-            .map_err(|e| self.inner.db_error(e))
-    }
-
-    /// A compiled artifact, if cached.
-    pub fn get_artifact(&self, engine: &str, hash: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError> {
-        let value = self.inner.modules.get(artifact_key(engine, hash)).map_err(|e| self.inner.db_error(e))?;
-        value.map(|v| self.inner.unseal(&v, || format!("artifact of {} for {engine}", hex(hash)))).transpose()
-    }
 }
 
 impl Inner {
@@ -547,10 +521,6 @@ impl Inner {
             Durability::Fsync => Some(PersistMode::SyncData),
             Durability::UnsafeNoSync => None,
         }
-    }
-
-    fn persist_mode_or_buffer(&self) -> PersistMode {
-        self.persist_mode().unwrap_or(PersistMode::Buffer)
     }
 
     fn db_error(&self, source: fjall::Error) -> StoreError {
@@ -713,22 +683,6 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
         }
     }
     None
-}
-
-fn module_key(hash: &[u8; 32]) -> Vec<u8> {
-    let mut key = Vec::with_capacity(33);
-    key.push(MODULE_PREFIX);
-    key.extend_from_slice(hash);
-    key
-}
-
-fn artifact_key(engine: &str, hash: &[u8; 32]) -> Vec<u8> {
-    let mut key = Vec::with_capacity(2 + engine.len() + 32);
-    key.push(ARTIFACT_PREFIX);
-    key.push(engine.len().min(255) as u8);
-    key.extend_from_slice(&engine.as_bytes()[..engine.len().min(255)]);
-    key.extend_from_slice(hash);
-    key
 }
 
 /// Lower-case hex of a hash, for messages.

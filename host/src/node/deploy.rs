@@ -1,0 +1,261 @@
+//! Deploying and activating modules, as the leader does it (DESIGN.md, "Hot
+//! deploy"): validate and compile the module first, so a bad one is refused
+//! before anything is committed; replicate its bytes through the log in
+//! chunks; wait until every live member has compiled it; then commit the
+//! small activation entry, which every replica applies at the same index.
+
+use super::modules::{MODULE_CHUNK_BYTES, ModuleRegistry, check_name};
+use super::{CoreHandle, NodeConfig, RequestError};
+use crate::raft::{NodeId, Role};
+use crate::rpc::pb::{self, ModuleState, entry_payload, raft_peer_client::RaftPeerClient};
+use crate::storage::hex;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+/// How long one member may take to answer whether it has a module.
+const STATUS_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often members are asked again while they compile.
+const READY_POLL: Duration = Duration::from_millis(100);
+/// A member that has not answered for this long counts as down: the deploy
+/// goes on without it (it compiles the module when it catches up).
+const UNREACHABLE_AFTER: Duration = Duration::from_secs(3);
+
+/// A step of a deploy, reported to the client as it happens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeployStep {
+    /// The module is valid and compiled here.
+    Validated { hash: [u8; 32] },
+    /// `done` of `total` bytes are committed.
+    Replicating { done: u64, total: u64 },
+    /// `ready` of `members` live members have compiled it.
+    Compiling { ready: usize, members: usize },
+}
+
+/// The end of an activation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Activated {
+    pub index: u64,
+    /// The version that ran before (none for a new state machine).
+    pub previous: Option<[u8; 32]>,
+    /// Members that did not answer; they compile it when they catch up.
+    pub unreachable: Vec<NodeId>,
+}
+
+/// Deploys and activates modules on behalf of clients; used on the leader.
+pub struct Deployer {
+    config: Arc<NodeConfig>,
+    core: CoreHandle,
+    registry: Arc<ModuleRegistry>,
+    peers: BTreeMap<NodeId, RaftPeerClient<Channel>>,
+    /// How long every live member together may take to compile a module.
+    ready_timeout: Duration,
+}
+
+impl Deployer {
+    pub fn new(
+        config: Arc<NodeConfig>,
+        core: CoreHandle,
+        registry: Arc<ModuleRegistry>,
+        ready_timeout: Duration,
+    ) -> Result<Deployer, String> {
+        let mut peers = BTreeMap::new();
+        for (&id, address) in &config.peers {
+            peers.insert(id, RaftPeerClient::new(super::peer_channel(address)?));
+        }
+        Ok(Deployer { config, core, registry, peers, ready_timeout })
+    }
+
+    /// Refuses unless this member leads: deploys and activations are
+    /// decided in one place, and the client is told where that is.
+    pub fn check_leader(&self) -> Result<(), RequestError> {
+        let view = self.core.leadership().borrow().clone();
+        if view.role == Role::Leader {
+            return Ok(());
+        }
+        match view.leader {
+            Some(id) => Err(RequestError::NotLeader {
+                leader: self.config.address_of(id).map(|addr| (id, addr.to_string())),
+            }),
+            None => Err(RequestError::NoLeader),
+        }
+    }
+
+    /// Deploys `bytes` for state machine `name` and, if `activate`, switches
+    /// to it. Steps are reported through `progress` as they happen.
+    pub async fn deploy(
+        &self,
+        name: &str,
+        bytes: Vec<u8>,
+        activate: bool,
+        progress: impl Fn(DeployStep),
+    ) -> Result<([u8; 32], Option<Activated>), RequestError> {
+        self.check_leader()?;
+        check_name(name).map_err(RequestError::Invalid)?;
+        let hash: [u8; 32] = Sha256::digest(&bytes).into();
+        let bytes = Arc::new(bytes);
+        {
+            let (registry, bytes) = (self.registry.clone(), bytes.clone());
+            tokio::task::spawn_blocking(move || registry.load(&bytes))
+                .await
+                .map_err(|_| RequestError::Internal("the module check stopped".into()))?
+                .map_err(|e| RequestError::Invalid(format!("module refused: {e}")))?;
+        }
+        progress(DeployStep::Validated { hash });
+        self.replicate(name, hash, &bytes, &progress).await?;
+        if !activate {
+            self.wait_ready(hash, &progress).await?;
+            return Ok((hash, None));
+        }
+        let activated = self.activate_with(name, hash, &progress).await?;
+        Ok((hash, Some(activated)))
+    }
+
+    /// Switches state machine `name` to the stored version `hash`.
+    pub async fn activate(&self, name: &str, hash: [u8; 32]) -> Result<Activated, RequestError> {
+        self.activate_with(name, hash, &|_| {}).await
+    }
+
+    async fn activate_with(
+        &self,
+        name: &str,
+        hash: [u8; 32],
+        progress: &impl Fn(DeployStep),
+    ) -> Result<Activated, RequestError> {
+        self.check_leader()?;
+        check_name(name).map_err(RequestError::Invalid)?;
+        if !self.registry.is_stored(&hash).map_err(internal)? {
+            return Err(RequestError::Invalid(format!(
+                "no module {} is stored in this cluster; deploy it first (raft-host modules lists what is)",
+                hex(&hash)
+            )));
+        }
+        let unreachable = self.wait_ready(hash, progress).await?;
+        let activate = pb::Activate { state_machine: name.to_string(), hash: hash.to_vec() };
+        let reply = self.core.propose(entry_payload::Kind::Activate(activate)).await?;
+        match reply.outcome {
+            Ok(previous) => {
+                let previous = String::from_utf8_lossy(&previous);
+                let previous = if previous.is_empty() { None } else { super::modules::parse_hash(&previous).ok() };
+                Ok(Activated { index: reply.index, previous, unreachable })
+            }
+            Err(why) => Err(RequestError::Rejected(format!("the activation at index {} failed: {why}", reply.index))),
+        }
+    }
+
+    /// Proposes the module's chunks that are not committed yet, in order.
+    async fn replicate(
+        &self,
+        name: &str,
+        hash: [u8; 32],
+        bytes: &[u8],
+        progress: &impl Fn(DeployStep),
+    ) -> Result<(), RequestError> {
+        let total = bytes.len() as u64;
+        if self.registry.is_stored(&hash).map_err(internal)? {
+            progress(DeployStep::Replicating { done: total, total });
+            return Ok(());
+        }
+        for (number, chunk) in bytes.chunks(MODULE_CHUNK_BYTES).enumerate() {
+            let offset = (number * MODULE_CHUNK_BYTES) as u64;
+            let entry = pb::ModuleChunk {
+                state_machine: name.to_string(),
+                hash: hash.to_vec(),
+                total_bytes: total,
+                offset,
+                data: chunk.to_vec(),
+            };
+            let reply = self.core.propose(entry_payload::Kind::ModuleChunk(entry)).await?;
+            if let Err(why) = reply.outcome {
+                return Err(RequestError::Rejected(format!("chunk at {offset} was refused: {why}")));
+            }
+            progress(DeployStep::Replicating { done: offset + chunk.len() as u64, total });
+        }
+        Ok(())
+    }
+
+    /// Waits until this member and every peer that answers has compiled
+    /// `hash`; returns the peers that did not answer.
+    async fn wait_ready(&self, hash: [u8; 32], progress: &impl Fn(DeployStep)) -> Result<Vec<NodeId>, RequestError> {
+        let deadline = Instant::now() + self.ready_timeout;
+        let mut waiting: BTreeMap<NodeId, Option<RaftPeerClient<Channel>>> =
+            self.peers.iter().map(|(&id, client)| (id, Some(client.clone()))).collect();
+        waiting.insert(self.config.id, None);
+        let members = waiting.len();
+        let mut unreachable = Vec::new();
+        let mut silent_since: BTreeMap<NodeId, Instant> = BTreeMap::new();
+        let mut reported = usize::MAX;
+        loop {
+            let mut still = BTreeMap::new();
+            for (id, client) in waiting {
+                let answer = match &client {
+                    None => self.registry.status(&hash).map_err(internal).map(Some)?,
+                    Some(client) => self.ask(client.clone(), id, hash).await,
+                };
+                if answer.is_some() {
+                    silent_since.remove(&id);
+                }
+                match answer {
+                    None if silent_since.entry(id).or_insert_with(Instant::now).elapsed() >= UNREACHABLE_AFTER => {
+                        tracing::warn!(member = id, module = %hex(&hash), "member did not answer; it will compile the module when it catches up");
+                        unreachable.push(id);
+                    }
+                    Some((ModuleState::Ready, _)) => {}
+                    Some((ModuleState::Failed, why)) => {
+                        return Err(RequestError::Rejected(format!(
+                            "member {id} refused module {}: {why}",
+                            hex(&hash)
+                        )));
+                    }
+                    // Still compiling or catching up, or silent for a moment.
+                    Some(_) | None => {
+                        still.insert(id, client);
+                    }
+                }
+            }
+            waiting = still;
+            let ready = members - waiting.len() - unreachable.len();
+            if ready != reported {
+                progress(DeployStep::Compiling { ready, members: members - unreachable.len() });
+                reported = ready;
+            }
+            if waiting.is_empty() {
+                return Ok(unreachable);
+            }
+            if Instant::now() >= deadline {
+                let late: Vec<String> = waiting.keys().map(ToString::to_string).collect();
+                return Err(RequestError::Rejected(format!(
+                    "members {} have not compiled module {} within {:?}; it stays stored, activate it later",
+                    late.join(", "),
+                    hex(&hash),
+                    self.ready_timeout
+                )));
+            }
+            tokio::time::sleep(READY_POLL).await;
+        }
+    }
+
+    /// One member's answer about `hash`; `None` if it does not answer.
+    async fn ask(
+        &self,
+        mut client: RaftPeerClient<Channel>,
+        id: NodeId,
+        hash: [u8; 32],
+    ) -> Option<(ModuleState, String)> {
+        let request = pb::ModuleStatusRequest {
+            cluster_id: self.config.cluster_id.clone(),
+            from: self.config.id,
+            to: id,
+            hash: hash.to_vec(),
+        };
+        let reply = tokio::time::timeout(STATUS_CALL_TIMEOUT, client.module_status(request)).await.ok()?.ok()?;
+        let reply = reply.into_inner();
+        Some((ModuleState::try_from(reply.state).unwrap_or(ModuleState::Absent), reply.error))
+    }
+}
+
+fn internal(error: crate::storage::StoreError) -> RequestError {
+    RequestError::Internal(error.to_string())
+}
