@@ -2,7 +2,7 @@
 //! counter and bank examples, hostile guests, modules that must be refused,
 //! transactional applies, and determinism across instance reuse.
 
-use raft_host::runtime::{CallError, EntryInfo, Limits, LoadError, Machine, Runtime};
+use raft_host::runtime::{CallError, EntryInfo, Limits, LoadError, LoadState, Machine, Runtime};
 use raft_host::storage::{ApplyBatch, Durability, Identity, Store, StoreOptions};
 use std::sync::Arc;
 
@@ -42,7 +42,7 @@ impl Harness {
         let (outcomes, writes) = self.machine.apply_batch(&batch).expect("runtime works");
         let last = self.next_index + commands.len() as u64 - 1;
         self.store
-            .apply(&ApplyBatch { applied_index: last, applied_term: 1, clock_ms: 0, writes, sessions: vec![] })
+            .apply(&ApplyBatch { applied_index: last, applied_term: 1, clock_ms: 0, writes, ..ApplyBatch::default() })
             .expect("store");
         self.next_index = last + 1;
         outcomes
@@ -239,4 +239,33 @@ fn state_machines_do_not_see_each_others_keys() {
     kv.apply(r#"{"op":"put","key":"secret","value":"1"}"#).unwrap();
     let reply = other.query(entry(1), br#"{"op":"get","key":"secret"}"#).expect("runtime").expect("query");
     assert_eq!(reply, br#"{"value":null}"#);
+}
+
+#[test]
+fn a_compiled_module_is_cached_on_disk_and_a_new_runtime_loads_it_without_compiling() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = StoreOptions { durability: Durability::UnsafeNoSync, ..StoreOptions::default() };
+    let store = Store::open(dir.path(), &Identity::new("rt", 1), &options).expect("store");
+
+    let first = Arc::new(Runtime::new(limits()).expect("runtime"));
+    let module = first.load_cached(raft_guests::COUNTER, Some(&store)).expect("compiles");
+    assert_eq!(first.load_counts(), (1, 0), "compiled once");
+    first.load_cached(raft_guests::COUNTER, Some(&store)).expect("loaded");
+    assert_eq!(first.load_counts(), (1, 0), "the second load is the same module, in memory");
+    assert_eq!(first.state(&module.hash()), LoadState::Ready);
+    assert_eq!(first.state(&[0; 32]), LoadState::Unknown);
+
+    // A restarted member: a new engine of the same configuration.
+    let second = Arc::new(Runtime::new(limits()).expect("runtime"));
+    assert_eq!(second.engine_key(), first.engine_key());
+    let cached = second.load_cached(raft_guests::COUNTER, Some(&store)).expect("loads from the cache");
+    assert_eq!(second.load_counts(), (0, 1), "loaded from the compiled cache, not compiled");
+    let mut machine = Machine::new(second.clone(), cached, "counter", store.clone());
+    let (outcomes, _) = machine.apply_batch(&[(entry(1), br#"{"op":"add","by":3}"#.as_slice())]).expect("runtime");
+    assert_eq!(outcomes, vec![Ok(b"3".to_vec())], "the cached module runs");
+
+    // A refusal is remembered too: every caller gets the same reason.
+    let refused = second.load_cached(raft_guests::OTHER_WORLD, Some(&store)).expect_err("wrong world");
+    let again = second.load_cached(raft_guests::OTHER_WORLD, Some(&store)).expect_err("wrong world");
+    assert_eq!(refused, again);
 }

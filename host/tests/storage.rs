@@ -6,7 +6,7 @@
 use bytes::Bytes;
 use proptest::prelude::*;
 use raft_host::raft::{ConfState, Entry, EntryKind, HardState, Index, LogStore, MemLogStore, StorageError, Term};
-use raft_host::storage::{ApplyBatch, Durability, Identity, StateWrite, Store, StoreError, StoreOptions};
+use raft_host::storage::{ApplyBatch, Durability, Identity, ModuleKey, StateWrite, Store, StoreError, StoreOptions};
 use std::path::{Path, PathBuf};
 
 fn identity() -> Identity {
@@ -204,6 +204,7 @@ fn apply_batches_are_atomic_and_scoped_by_state_machine() {
             clock_ms: 1_700_000_000_000,
             writes: vec![write("kv", "a", Some("1")), write("kv", "b", Some("2")), write("bank", "a", Some("100"))],
             sessions: vec![(b"client-7".to_vec(), Some(b"seq 3".to_vec()))],
+            modules: vec![],
         })
         .expect("apply");
     assert_eq!(store.state_get("kv", b"a").expect("get"), Some(b"1".to_vec()));
@@ -227,6 +228,7 @@ fn apply_batches_are_atomic_and_scoped_by_state_machine() {
             clock_ms: 1_700_000_000_000,
             writes: vec![write("kv", "b", None)],
             sessions: vec![],
+            modules: vec![],
         })
         .expect("delete");
     assert_ne!(store.state_digest("kv").expect("digest"), digest);
@@ -255,16 +257,42 @@ fn bootstrap_records_members_once() {
 }
 
 #[test]
-fn modules_and_artifacts_are_stored_by_content_hash() {
+fn module_records_land_with_the_apply_batch_and_artifacts_are_per_engine() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path());
-    let module = vec![0x00, 0x61, 0x73, 0x6d, 1, 2, 3];
-    let hash = store.put_module(&module).expect("put");
-    assert_eq!(store.get_module(&hash).expect("get"), Some(module));
-    assert_eq!(store.get_module(&[0; 32]).expect("get"), None);
-    store.put_artifact("wasmtime-48/cfg1", &hash, b"compiled").expect("put artifact");
-    assert_eq!(store.get_artifact("wasmtime-48/cfg1", &hash).expect("get"), Some(b"compiled".to_vec()));
-    assert_eq!(store.get_artifact("wasmtime-49/cfg1", &hash).expect("get"), None, "another engine never sees it");
+    let hash = [7u8; 32];
+    let batch = ApplyBatch {
+        applied_index: 0,
+        modules: vec![
+            (ModuleKey::Chunk { hash, offset: 4 }, Some(b"5678".to_vec())),
+            (ModuleKey::Chunk { hash, offset: 0 }, Some(b"1234".to_vec())),
+            (ModuleKey::Upload(hash), Some(b"upload record".to_vec())),
+            (ModuleKey::Version { name: "kv".into(), hash }, Some(b"version record".to_vec())),
+            (ModuleKey::Active("kv".into()), Some(hash.to_vec())),
+        ],
+        ..ApplyBatch::default()
+    };
+    store.apply(&batch).expect("apply");
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.module_chunks(&hash).expect("chunks"), vec![(0, b"1234".to_vec()), (4, b"5678".to_vec())]);
+    assert_eq!(store.module_chunks(&[0; 32]).expect("chunks"), vec![]);
+    assert_eq!(store.module_record(&ModuleKey::Upload(hash)).expect("upload"), Some(b"upload record".to_vec()));
+    let versions = store.module_versions().expect("versions");
+    assert_eq!(versions.len(), 1);
+    assert_eq!((versions[0].name.as_str(), versions[0].hash), ("kv", hash));
+    assert_eq!(store.active_modules().expect("active"), vec![("kv".to_string(), hash)]);
+
+    let deleting = ApplyBatch { modules: vec![(ModuleKey::Chunk { hash, offset: 4 }, None)], ..ApplyBatch::default() };
+    store.apply(&deleting).expect("apply");
+    assert_eq!(store.module_chunks(&hash).expect("chunks").len(), 1);
+
+    store.put_artifact("wasmtime-aaaa", &hash, b"compiled").expect("put artifact");
+    store.put_artifact("wasmtime-bbbb", &hash, b"older").expect("put artifact");
+    assert_eq!(store.get_artifact("wasmtime-aaaa", &hash).expect("get"), Some(b"compiled".to_vec()));
+    assert_eq!(store.drop_stale_artifacts("wasmtime-aaaa").expect("drop"), 1);
+    assert_eq!(store.get_artifact("wasmtime-bbbb", &hash).expect("get"), None, "another engine's artifact is gone");
+    assert_eq!(store.get_artifact("wasmtime-aaaa", &hash).expect("get"), Some(b"compiled".to_vec()));
 }
 
 #[test]
@@ -322,6 +350,7 @@ fn populated_dir() -> tempfile::TempDir {
                 clock_ms: 0,
                 writes,
                 sessions: vec![],
+                modules: vec![],
             })
             .expect("apply");
     }
@@ -471,6 +500,7 @@ fn drive(raft: &mut raft_host::raft::Raft<Store>, store: &Store) -> u64 {
                     clock_ms: 0,
                     writes,
                     sessions: vec![],
+                    modules: vec![],
                 })
                 .expect("apply");
         }

@@ -69,6 +69,7 @@ fn child(dir: &Path) {
                 clock_ms: last,
                 writes,
                 sessions: vec![],
+                modules: vec![],
             })
             .expect("apply");
         applied = last;

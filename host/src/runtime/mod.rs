@@ -111,6 +111,12 @@ pub struct Module {
     pre: StateMachinePre<GuestState>,
 }
 
+impl std::fmt::Debug for Module {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Module").field("hash", &hex(&self.hash)).field("size_bytes", &self.size_bytes).finish()
+    }
+}
+
 impl Module {
     /// SHA-256 of the component bytes.
     pub fn hash(&self) -> [u8; 32] {
