@@ -8,8 +8,7 @@
 
 use crate::rpc::client_pb::{
     self, ActivateRequest, ActivateResponse, DeployProgress, DeployRequest, ModulesRequest, ModulesResponse,
-    ReadRequest, ReadResponse, StatusRequest, StatusResponse, WriteRequest, WriteResponse,
-    client_client::ClientClient,
+    ReadRequest, ReadResponse, StatusRequest, StatusResponse, WriteRequest, WriteResponse, client_client::ClientClient,
 };
 use crate::rpc::{LEADER_ADDR_KEY, client_pb::outcome};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -195,7 +194,8 @@ impl ClusterClient {
 
     /// Switches `state_machine` to its stored version `module_hash` (hex).
     pub async fn activate(&mut self, state_machine: &str, module_hash: &str) -> Result<ActivateResponse, ClientError> {
-        let request = ActivateRequest { state_machine: state_machine.to_string(), module_hash: module_hash.to_string() };
+        let request =
+            ActivateRequest { state_machine: state_machine.to_string(), module_hash: module_hash.to_string() };
         self.retry(|mut client| {
             let request = request.clone();
             async move { client.activate(request).await }

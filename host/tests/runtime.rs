@@ -176,23 +176,23 @@ fn a_guest_that_cannot_even_instantiate_fails_each_entry_not_the_node() {
 #[test]
 fn modules_that_do_not_fit_are_refused_with_the_reason() {
     let runtime = Runtime::new(limits()).expect("runtime");
-    let err = runtime.load(raft_guests::EXTRA_IMPORT).err().expect("extra import refused");
+    let err = runtime.load(raft_guests::EXTRA_IMPORT).expect_err("extra import refused");
     assert!(
         matches!(&err, LoadError::UnsupportedImports(names) if names.iter().any(|n| n.contains("steal-secrets"))),
         "{err}"
     );
-    let err = runtime.load(raft_guests::OTHER_WORLD).err().expect("other world refused");
+    let err = runtime.load(raft_guests::OTHER_WORLD).expect_err("other world refused");
     assert!(matches!(err, LoadError::WrongWorld(_)), "{err}");
     // The smallest valid core module: magic and version 1.
-    let err = runtime.load(b"\0asm\x01\0\0\0").err().expect("core module refused");
+    let err = runtime.load(b"\0asm\x01\0\0\0").expect_err("core module refused");
     assert!(matches!(&err, LoadError::NotAComponent(m) if m.contains("core WebAssembly module")), "{err}");
-    let err = runtime.load(b"#!/bin/sh\necho hi\n").err().expect("garbage refused");
+    let err = runtime.load(b"#!/bin/sh\necho hi\n").expect_err("garbage refused");
     assert!(matches!(err, LoadError::NotAComponent(_)), "{err}");
     let mut truncated = raft_guests::KV.to_vec();
     truncated.truncate(truncated.len() / 2);
-    assert!(matches!(runtime.load(&truncated).err().expect("truncated refused"), LoadError::Compile(_)));
+    assert!(matches!(runtime.load(&truncated).expect_err("truncated refused"), LoadError::Compile(_)));
     let small = Runtime::new(Limits { module_bytes: 1000, ..limits() }).expect("runtime");
-    let err = small.load(raft_guests::KV).err().expect("oversized refused");
+    let err = small.load(raft_guests::KV).expect_err("oversized refused");
     assert!(matches!(err, LoadError::TooLarge { max: 1000, .. }), "{err}");
     assert!(runtime.load(raft_guests::KV).is_ok(), "the runtime is unaffected by what it refused");
 }

@@ -43,18 +43,24 @@ async fn assert_replicas_agree(cluster: &Cluster) -> Vec<StatusResponse> {
     for status in &statuses[1..] {
         let first = &statuses[0];
         let digests = |s: &StatusResponse| {
-            s.state_machines.iter().map(|m| (m.name.clone(), m.module_hash.clone(), m.state_digest.clone())).collect::<Vec<_>>()
+            s.state_machines
+                .iter()
+                .map(|m| (m.name.clone(), m.module_hash.clone(), m.state_digest.clone()))
+                .collect::<Vec<_>>()
         };
         assert_eq!(digests(status), digests(first), "members {} and {} differ", status.id, first.id);
     }
     statuses
 }
 
+/// Answers with their log index, and failures, as a writer saw them.
+type Seen = (Vec<(u64, Vec<u8>)>, Vec<String>);
+
 /// Clients that add 1 to the counter until told to stop; every answer is
 /// kept with its log index, every failure counted.
 struct Writers {
     stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<(Vec<(u64, Vec<u8>)>, Vec<String>)>>,
+    tasks: Vec<tokio::task::JoinHandle<Seen>>,
 }
 
 impl Writers {
@@ -82,7 +88,7 @@ impl Writers {
         Writers { stop, tasks }
     }
 
-    async fn finish(self) -> (Vec<(u64, Vec<u8>)>, Vec<String>) {
+    async fn finish(self) -> Seen {
         self.stop.store(true, Ordering::Relaxed);
         let (mut answers, mut failures) = (Vec::new(), Vec::new());
         for task in self.tasks {
@@ -236,7 +242,11 @@ fn state_machines_side_by_side_a_failed_migrate_and_the_cli() {
         let address = cluster.addresses().join(",");
         let cli = |args: &[&str]| {
             let output = std::process::Command::new(binary()).args(args).output().expect("raft-host runs");
-            (output.status.success(), String::from_utf8_lossy(&output.stdout).to_string(), String::from_utf8_lossy(&output.stderr).to_string())
+            (
+                output.status.success(),
+                String::from_utf8_lossy(&output.stdout).to_string(),
+                String::from_utf8_lossy(&output.stderr).to_string(),
+            )
         };
         let dir = tempfile::tempdir().expect("tempdir");
         let kv_path = dir.path().join("kv.wasm");
@@ -245,7 +255,8 @@ fn state_machines_side_by_side_a_failed_migrate_and_the_cli() {
         std::fs::write(&v2_path, raft_guests::COUNTER_V2).expect("write module");
 
         // A second kv, deployed under a new name with the CLI, keeps its own keys.
-        let (ok, out, err) = cli(&["deploy", "--addr", &address, "--name", "inventory", kv_path.to_str().expect("path")]);
+        let (ok, out, err) =
+            cli(&["deploy", "--addr", &address, "--name", "inventory", kv_path.to_str().expect("path")]);
         assert!(ok, "deploy failed: {err}");
         assert!(out.contains("active at index"), "{out}");
         client.write("kv", put("a", "from-kv")).await.expect("write kv");
@@ -253,7 +264,8 @@ fn state_machines_side_by_side_a_failed_migrate_and_the_cli() {
         client.write("inventory", put("only-here", "x")).await.expect("write inventory");
         for (name, expected) in [("kv", "from-kv"), ("inventory", "from-inventory")] {
             let read = client.read(name, raft_host_e2e::get("a"), Consistency::Linearizable).await.expect("read");
-            let value: serde_json::Value = serde_json::from_slice(&outcome_of(read.outcome).expect("get")).expect("json");
+            let value: serde_json::Value =
+                serde_json::from_slice(&outcome_of(read.outcome).expect("get")).expect("json");
             assert_eq!(value["value"], expected, "{name}");
         }
         let range = br#"{"op":"range","start":"","end":null,"limit":100}"#.to_vec();
@@ -274,7 +286,8 @@ fn state_machines_side_by_side_a_failed_migrate_and_the_cli() {
 
         // Stage without activating, list, then activate by a hash prefix.
         client.write("counter", br#"{"op":"add","by":10}"#.to_vec()).await.expect("write");
-        let (ok, out, err) = cli(&["deploy", "--addr", &address, "--name", "counter", "--no-activate", v2_path.to_str().expect("path")]);
+        let (ok, out, err) =
+            cli(&["deploy", "--addr", &address, "--name", "counter", "--no-activate", v2_path.to_str().expect("path")]);
         assert!(ok && out.contains("stored and compiled"), "{out}{err}");
         let (ok, out, err) = cli(&["modules", "--addr", &address, "--json"]);
         assert!(ok, "{err}");
@@ -295,6 +308,28 @@ fn state_machines_side_by_side_a_failed_migrate_and_the_cli() {
         assert_eq!(counter_reply(&outcome_of(answer.outcome).expect("add")), (7, 2));
         let (ok, _, err) = cli(&["activate", "--addr", &address, "--name", "counter", "--hash", "0000"]);
         assert!(!ok && err.contains("at least 8 hex digits"), "{err}");
+        assert_replicas_agree(&cluster).await;
+
+        // The deploy benchmark runs against a live cluster and reports figures.
+        let (ok, out, err) = cli(&[
+            "bench-deploy",
+            "--addr",
+            &address,
+            "--sizes-mb",
+            "1",
+            "--clients",
+            "2",
+            "--steady-secs",
+            "1",
+            "--json",
+        ]);
+        assert!(ok, "bench-deploy failed: {err}");
+        let figures: serde_json::Value = serde_json::from_str(&out).expect("bench-deploy --json");
+        assert_eq!(figures["errors"], 0, "{figures}");
+        let deploy = &figures["deploys"][0];
+        assert!(deploy["module_bytes"].as_u64().expect("bytes") >= 1 << 20, "{figures}");
+        assert!(deploy["active_on_all_members_ms"].as_u64().is_some(), "{figures}");
+        assert!(figures["steady"]["p99_us"].as_u64().is_some(), "{figures}");
         assert_replicas_agree(&cluster).await;
     });
 }

@@ -12,7 +12,7 @@ use serde_json::json;
 use std::io::{IsTerminal, Write as _};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 #[derive(Args)]
@@ -49,12 +49,13 @@ pub struct BenchArgs {
     json: bool,
 }
 
-/// What one client saw.
-struct ClientResult {
-    writes: Histogram<u64>,
-    reads: Histogram<u64>,
-    errors: u64,
-    first_error: Option<String>,
+/// What one client saw. Writes are kept per phase (a number the driver of
+/// the run sets, such as "during a deploy"); a plain bench has one phase.
+pub(super) struct ClientResult {
+    pub writes: Vec<Histogram<u64>>,
+    pub reads: Histogram<u64>,
+    pub errors: u64,
+    pub first_error: Option<String>,
 }
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
@@ -87,6 +88,8 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 done: done.clone(),
                 failed: failed.clone(),
                 stop: stop.clone(),
+                phase: Arc::new(AtomicUsize::new(0)),
+                phases: 1,
             };
             tasks.push(tokio::spawn(run_client(client, ctx)));
         }
@@ -118,21 +121,29 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     report(&args, &results, elapsed, disk)
 }
 
-struct ClientContext {
-    id: u64,
-    state_machine: String,
-    value: String,
-    keys: u64,
-    read_ratio: f64,
-    consistency: raft_host::client::Consistency,
-    done: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
+pub(super) struct ClientContext {
+    pub id: u64,
+    pub state_machine: String,
+    pub value: String,
+    pub keys: u64,
+    pub read_ratio: f64,
+    pub consistency: raft_host::client::Consistency,
+    pub done: Arc<AtomicU64>,
+    pub failed: Arc<AtomicU64>,
+    pub stop: Arc<AtomicBool>,
+    /// The phase each write's latency is recorded under, below `phases`.
+    pub phase: Arc<AtomicUsize>,
+    pub phases: usize,
 }
 
-async fn run_client(mut client: ClusterClient, ctx: ClientContext) -> anyhow::Result<ClientResult> {
-    let histogram = || Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).context("histogram bounds");
-    let mut result = ClientResult { writes: histogram()?, reads: histogram()?, errors: 0, first_error: None };
+/// A histogram of microseconds up to a minute.
+pub(super) fn latency_histogram() -> anyhow::Result<Histogram<u64>> {
+    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).context("histogram bounds")
+}
+
+pub(super) async fn run_client(mut client: ClusterClient, ctx: ClientContext) -> anyhow::Result<ClientResult> {
+    let writes = (0..ctx.phases.max(1)).map(|_| latency_histogram()).collect::<anyhow::Result<Vec<_>>>()?;
+    let mut result = ClientResult { writes, reads: latency_histogram()?, errors: 0, first_error: None };
     // A per-client xorshift: cheap, and reproducible for a given client id.
     let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ (ctx.id + 1).wrapping_mul(0xff51_afd7_ed55_8ccd);
     let mut next = move || {
@@ -145,6 +156,7 @@ async fn run_client(mut client: ClusterClient, ctx: ClientContext) -> anyhow::Re
         let key = format!("k{}", next() % ctx.keys);
         let is_read = (next() % 1_000_000) as f64 / 1_000_000.0 < ctx.read_ratio;
         let began = Instant::now();
+        let phase = ctx.phase.load(Ordering::Relaxed).min(result.writes.len() - 1);
         let outcome = if is_read {
             let query = format!(r#"{{"op":"get","key":"{key}"}}"#).into_bytes();
             client.read(&ctx.state_machine, query, ctx.consistency).await.map(|r| outcome_of(r.outcome))
@@ -160,7 +172,7 @@ async fn run_client(mut client: ClusterClient, ctx: ClientContext) -> anyhow::Re
         };
         match error {
             None => {
-                let histogram = if is_read { &mut result.reads } else { &mut result.writes };
+                let histogram = if is_read { &mut result.reads } else { &mut result.writes[phase] };
                 histogram.saturating_record(micros.max(1));
                 ctx.done.fetch_add(1, Ordering::Relaxed);
             }
@@ -192,7 +204,7 @@ fn measure_fdatasync(dir: &std::path::Path) -> anyhow::Result<Histogram<u64>> {
     Ok(histogram)
 }
 
-fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
+pub(super) fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
     if h.is_empty() {
         return serde_json::Value::Null;
     }
@@ -212,12 +224,14 @@ fn report(
     elapsed: f64,
     disk: Option<Histogram<u64>>,
 ) -> anyhow::Result<()> {
-    let mut writes = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).context("histogram bounds")?;
+    let mut writes = latency_histogram()?;
     let mut reads = writes.clone();
     let mut errors = 0;
     let mut first_error = None;
     for result in results {
-        writes.add(&result.writes).context("merging histograms")?;
+        for phase in &result.writes {
+            writes.add(phase).context("merging histograms")?;
+        }
         reads.add(&result.reads).context("merging histograms")?;
         errors += result.errors;
         if first_error.is_none() {

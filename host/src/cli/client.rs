@@ -19,6 +19,11 @@ pub(super) struct Target {
 }
 
 impl Target {
+    /// How many member addresses were given.
+    pub(super) fn len(&self) -> usize {
+        self.addresses.len()
+    }
+
     pub(super) fn client(&self) -> anyhow::Result<ClusterClient> {
         let mut client = ClusterClient::new(self.addresses.clone())?;
         client.deadline = std::time::Duration::from_secs(self.timeout_secs);

@@ -4,6 +4,7 @@
 //! file, which beats the default.
 
 mod bench;
+mod bench_deploy;
 mod client;
 mod demo;
 mod modules;
@@ -46,6 +47,10 @@ enum Command {
     /// Closed-loop clients against a running cluster: throughput, errors
     /// and latency percentiles (with --disk, the disk's fdatasync too).
     Bench(bench::BenchArgs),
+    /// Hot deploys under write load: time until a 1 MB and a 30 MB module
+    /// are active on every member, and write latency during the switch
+    /// against steady state.
+    BenchDeploy(bench_deploy::BenchDeployArgs),
     /// Runs a cluster of the consensus core in this process (in-memory log,
     /// in-memory network): elects a leader, writes, crashes the leader,
     /// re-elects, restarts the old leader and checks every replica converged.
@@ -87,6 +92,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Modules(args) => modules::modules(args),
         Command::Activate(args) => modules::activate(args),
         Command::Bench(args) => bench::bench(args),
+        Command::BenchDeploy(args) => bench_deploy::bench_deploy(args),
         Command::Demo(args) => demo::demo(&args),
         Command::Validate(args) => demo::validate(&args),
     }

@@ -120,7 +120,8 @@ pub fn modules(args: ModulesArgs) -> anyhow::Result<()> {
     }
     println!("{:<16} {:<16} {:>10} {:>8} {:>10}  active", "state machine", "module", "bytes", "deployed", "activated");
     for v in &versions.versions {
-        let deployed = if v.built_in && v.deploy_index == 0 { "built-in".to_string() } else { v.deploy_index.to_string() };
+        let deployed =
+            if v.built_in && v.deploy_index == 0 { "built-in".to_string() } else { v.deploy_index.to_string() };
         println!(
             "{:<16} {:<16} {:>10} {:>8} {:>10}  {}",
             v.state_machine,

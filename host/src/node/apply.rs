@@ -14,9 +14,9 @@ use crate::raft::{Entry, EntryKind, Index, Term};
 use crate::rpc::pb::{self, entry_payload, session_reply::Result as ReplyResult};
 use crate::runtime::{EntryInfo, Machine, RuntimeError};
 use crate::storage::{ApplyBatch, ModuleKey, StateWrite, Store, StoreError, hex};
-use sha2::{Digest, Sha256};
 use prost::Message as _;
-use std::collections::{BTreeMap, HashSet};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -123,6 +123,10 @@ pub struct Applier {
     module_changes: Vec<(ModuleKey, Option<Vec<u8>>)>,
     /// Modules completed by the last flush, to compile once it is durable.
     completed_modules: Vec<[u8; 32]>,
+    /// Uploads whose chunks arrived in order so far: the next offset and the
+    /// hash of the bytes before it, so completing a module does not read
+    /// it back (after a restart, or out of order, it is read back instead).
+    hashing: HashMap<[u8; 32], (u64, Sha256)>,
 }
 
 impl Applier {
@@ -155,6 +159,7 @@ impl Applier {
             pending_writes: Vec::new(),
             module_changes: Vec::new(),
             completed_modules: Vec::new(),
+            hashing: HashMap::new(),
         })
     }
 
@@ -379,18 +384,24 @@ impl Applier {
         }
         let mut received = Ranges::from_pb(&upload.received);
         received.add(chunk.offset, end);
+        self.hash_in_order(hash, chunk.offset, &chunk.data);
         if !received.covers(upload.total_bytes) {
             upload.received = received.to_pb();
             self.module_changes.push((ModuleKey::Upload(hash), Some(upload.encode_to_vec())));
             self.module_changes.push((ModuleKey::Chunk { hash, offset: chunk.offset }, Some(chunk.data)));
             return Ok(b"received".to_vec());
         }
-        let stored = self.store.module_chunks(&hash).map_err(|e| e.to_string())?;
-        let offsets: Vec<u64> = stored.iter().map(|(offset, _)| *offset).collect();
-        let whole = assemble(upload.total_bytes, stored, Some((chunk.offset, &chunk.data)));
-        if whole.as_deref().is_none_or(|bytes| Sha256::digest(bytes).as_slice() != hash) {
+        let matches = match self.hashing.remove(&hash) {
+            Some((next, hasher)) if next == upload.total_bytes => hasher.finalize().as_slice() == hash,
+            _ => {
+                let stored = self.store.module_chunks(&hash).map_err(|e| e.to_string())?;
+                let whole = assemble(upload.total_bytes, stored, Some((chunk.offset, &chunk.data)));
+                whole.is_some_and(|bytes| Sha256::digest(bytes).as_slice() == hash)
+            }
+        };
+        if !matches {
             // Every replica holds the same chunks, so every replica drops them.
-            for offset in offsets {
+            for (offset, _) in self.store.module_chunks(&hash).map_err(|e| e.to_string())? {
                 self.module_changes.push((ModuleKey::Chunk { hash, offset }, None));
             }
             self.module_changes.push((ModuleKey::Upload(hash), None));
@@ -407,6 +418,23 @@ impl Applier {
         self.completed_modules.push(hash);
         tracing::info!(module = %hex(&hash), bytes = version.size_bytes, index, "module upload complete");
         Ok(b"complete".to_vec())
+    }
+
+    /// Feeds a chunk to its upload's running hash if it continues it.
+    fn hash_in_order(&mut self, hash: [u8; 32], offset: u64, data: &[u8]) {
+        if offset == 0 {
+            self.hashing.insert(hash, (0, Sha256::new()));
+        }
+        match self.hashing.get_mut(&hash) {
+            Some((next, hasher)) if *next == offset => {
+                hasher.update(data);
+                *next += data.len() as u64;
+            }
+            Some(_) => {
+                self.hashing.remove(&hash);
+            }
+            None => {}
+        }
     }
 
     /// Switches a state machine to a stored version. Entries before this one
@@ -436,10 +464,22 @@ impl Applier {
         if previous == Some(hash) {
             return Ok(Ok(hex(&hash).into_bytes()));
         }
-        let Some(bytes) = self.registry.bytes(&hash)? else {
+        // Whether the module is stored is decided by the log alone; only then
+        // may the copy compiled ahead of time stand in for reading it back.
+        if !self.registry.is_stored(&hash)? {
             return Ok(Err(format!("no module {} is stored in this cluster; deploy it first", hex(&hash))));
+        }
+        let loaded = match self.registry.runtime().loaded(&hash) {
+            Some(module) => Ok(module),
+            None => {
+                let bytes = self.registry.bytes(&hash)?.ok_or_else(|| StoreError::Corrupt {
+                    dir: self.store.dir().to_path_buf(),
+                    what: format!("module {} is recorded complete but its bytes are missing", hex(&hash)),
+                })?;
+                self.registry.load(&bytes)
+            }
         };
-        let module = match self.registry.load(&bytes) {
+        let module = match loaded {
             Ok(module) => module,
             Err(error) => return Ok(Err(format!("module {} cannot run: {error}", hex(&hash)))),
         };

@@ -76,9 +76,9 @@ impl Deployer {
             return Ok(());
         }
         match view.leader {
-            Some(id) => Err(RequestError::NotLeader {
-                leader: self.config.address_of(id).map(|addr| (id, addr.to_string())),
-            }),
+            Some(id) => {
+                Err(RequestError::NotLeader { leader: self.config.address_of(id).map(|addr| (id, addr.to_string())) })
+            }
             None => Err(RequestError::NoLeader),
         }
     }

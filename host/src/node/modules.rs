@@ -241,10 +241,18 @@ impl ModuleRegistry {
                 .map_err(|e| self.damaged(format!("version record {} of {name:?} does not decode: {e}", hex(hash))));
         }
         if let Some(built_in) = self.built_ins.get(hash) {
-            return Ok(pb::ModuleVersion { size_bytes: built_in.bytes.len() as u64, deploy_index: 0, activated_index: 0 });
+            return Ok(pb::ModuleVersion {
+                size_bytes: built_in.bytes.len() as u64,
+                deploy_index: 0,
+                activated_index: 0,
+            });
         }
         let upload = self.upload(hash)?.unwrap_or_default();
-        Ok(pb::ModuleVersion { size_bytes: upload.total_bytes, deploy_index: upload.complete_index, activated_index: 0 })
+        Ok(pb::ModuleVersion {
+            size_bytes: upload.total_bytes,
+            deploy_index: upload.complete_index,
+            activated_index: 0,
+        })
     }
 }
 

@@ -7,9 +7,9 @@
 
 use super::client_pb::client_server::Client;
 use super::client_pb::{
-    self, ActivateRequest, ActivateResponse, DeployProgress, DeployRequest, LeadershipEvent, Member,
-    ModuleVersionInfo, ModulesRequest, ModulesResponse, ReadRequest, ReadResponse, StateMachineStatus,
-    StatusRequest, StatusResponse, WatchRequest, WriteRequest, WriteResponse, client_client::ClientClient, outcome,
+    self, ActivateRequest, ActivateResponse, DeployProgress, DeployRequest, LeadershipEvent, Member, ModuleVersionInfo,
+    ModulesRequest, ModulesResponse, ReadRequest, ReadResponse, StateMachineStatus, StatusRequest, StatusResponse,
+    WatchRequest, WriteRequest, WriteResponse, client_client::ClientClient, outcome,
 };
 use super::pb;
 use crate::node::apply::{ApplyMsg, ReadJob};
@@ -265,7 +265,9 @@ impl ClientService {
         let mut data = first.data;
         loop {
             if bytes.len() + data.len() > total {
-                return Err(Status::invalid_argument(format!("the stream carries more than the {total} bytes announced")));
+                return Err(Status::invalid_argument(format!(
+                    "the stream carries more than the {total} bytes announced"
+                )));
             }
             bytes.extend_from_slice(&data);
             if bytes.len() == total {

@@ -1,9 +1,7 @@
 //! The server side of the peer protocol.
 
 use super::pb::raft_peer_server::RaftPeer;
-use super::pb::{
-    DeliverReply, Envelope, InstallSnapshotReply, ModuleStatusReply, ModuleStatusRequest, SnapshotChunk,
-};
+use super::pb::{DeliverReply, Envelope, InstallSnapshotReply, ModuleStatusReply, ModuleStatusRequest, SnapshotChunk};
 use super::{EnvelopeError, open_envelope};
 use crate::node::CoreHandle;
 use crate::node::modules::ModuleRegistry;
@@ -42,7 +40,9 @@ impl PeerService {
 
 fn refusal(error: EnvelopeError) -> Status {
     match error {
-        EnvelopeError::WrongCluster { .. } | EnvelopeError::UnknownSender(_) => Status::permission_denied(error.to_string()),
+        EnvelopeError::WrongCluster { .. } | EnvelopeError::UnknownSender(_) => {
+            Status::permission_denied(error.to_string())
+        }
         _ => Status::invalid_argument(error.to_string()),
     }
 }

@@ -232,6 +232,12 @@ impl Runtime {
         slot.get_or_init(|| self.compile(hash, bytes, cache)).clone()
     }
 
+    /// Module `hash` if it is loaded already (no bytes needed).
+    pub fn loaded(&self, hash: &[u8; 32]) -> Option<Arc<Module>> {
+        let slot = self.modules.lock().unwrap_or_else(|p| p.into_inner()).get(hash).cloned()?;
+        slot.get().and_then(|result| result.as_ref().ok().cloned())
+    }
+
     /// Where module `hash` stands.
     pub fn state(&self, hash: &[u8; 32]) -> LoadState {
         let slot = self.modules.lock().unwrap_or_else(|p| p.into_inner()).get(hash).cloned();
