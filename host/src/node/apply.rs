@@ -23,6 +23,9 @@ use std::sync::mpsc;
 use thiserror::Error;
 use tokio::sync::{Notify, oneshot};
 
+/// Largest module an upload may announce, whatever the members' settings.
+const MODULE_BYTES_HARD_MAX: u64 = 1 << 30;
+
 /// Work for the apply task.
 pub enum ApplyMsg {
     /// A client waits for the entry proposed at `index` in `term`.
@@ -358,9 +361,13 @@ impl Applier {
     fn store_chunk(&mut self, index: Index, chunk: pb::ModuleChunk) -> Result<Vec<u8>, String> {
         let hash: [u8; 32] = chunk.hash.as_slice().try_into().map_err(|_| "a module hash is 32 bytes".to_string())?;
         check_name(&chunk.state_machine)?;
-        let limit = self.registry.runtime().limits().module_bytes as u64;
-        if chunk.total_bytes > limit {
-            return Err(format!("module of {} bytes is above the limit of {limit} bytes", chunk.total_bytes));
+        // The configurable limit was the leader's to enforce; what applies
+        // here must not depend on this member's settings.
+        if chunk.total_bytes > MODULE_BYTES_HARD_MAX {
+            return Err(format!(
+                "module of {} bytes is above the limit of {MODULE_BYTES_HARD_MAX} bytes",
+                chunk.total_bytes
+            ));
         }
         let end = chunk.offset.checked_add(chunk.data.len() as u64).filter(|&end| end <= chunk.total_bytes);
         let Some(end) = end else {

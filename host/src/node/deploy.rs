@@ -98,7 +98,7 @@ impl Deployer {
         let bytes = Arc::new(bytes);
         {
             let (registry, bytes) = (self.registry.clone(), bytes.clone());
-            tokio::task::spawn_blocking(move || registry.load(&bytes))
+            tokio::task::spawn_blocking(move || registry.validate(&bytes))
                 .await
                 .map_err(|_| RequestError::Internal("the module check stopped".into()))?
                 .map_err(|e| RequestError::Invalid(format!("module refused: {e}")))?;

@@ -137,9 +137,17 @@ impl ModuleRegistry {
         }
     }
 
-    /// Loads (compiles, or takes from the compiled cache) `bytes`.
+    /// Loads (compiles, or takes from the compiled cache) a module the
+    /// cluster holds.
     pub fn load(&self, bytes: &[u8]) -> Result<Arc<Module>, LoadError> {
         self.runtime.load_cached(bytes, Some(&self.store))
+    }
+
+    /// Checks a new module the way a deploy does (size limit included) and
+    /// compiles it into the cache.
+    pub fn validate(&self, bytes: &[u8]) -> Result<Arc<Module>, LoadError> {
+        self.runtime.check_size(bytes.len())?;
+        self.load(bytes)
     }
 
     /// Where module `hash` stands on this member. A module that is stored but

@@ -213,20 +213,31 @@ impl Runtime {
     }
 
     /// Validates and compiles `bytes`, or returns the loaded module of the
-    /// same content.
+    /// same content. Refuses modules above the size limit.
     pub fn load(&self, bytes: &[u8]) -> Result<Arc<Module>, LoadError> {
+        self.check_size(bytes.len())?;
         self.load_cached(bytes, None)
     }
 
-    /// Like [`Runtime::load`], and with a `cache` store it first tries the
-    /// artifact compiled earlier (a restart never recompiles) and saves a
-    /// fresh compilation there. A failure to use the cache is logged and
-    /// falls back to compiling: the cache only saves time.
+    /// Refuses a new module above this runtime's size limit.
+    pub fn check_size(&self, bytes: usize) -> Result<(), LoadError> {
+        if bytes > self.limits.module_bytes {
+            return Err(LoadError::TooLarge { bytes, max: self.limits.module_bytes });
+        }
+        Ok(())
+    }
+
+    /// Validates and compiles `bytes` like [`Runtime::load`], and with a
+    /// `cache` store first tries the artifact compiled earlier (a restart
+    /// never recompiles) and saves a fresh compilation there. A failure to
+    /// use the cache is logged and falls back to compiling: the cache only
+    /// saves time.
+    ///
+    /// No size limit applies here: this also loads modules the cluster
+    /// already accepted, and whether one runs must not depend on a member's
+    /// own settings. New modules go through [`Runtime::check_size`] first.
     pub fn load_cached(&self, bytes: &[u8], cache: Option<&Store>) -> Result<Arc<Module>, LoadError> {
         use sha2::Digest;
-        if bytes.len() > self.limits.module_bytes {
-            return Err(LoadError::TooLarge { bytes: bytes.len(), max: self.limits.module_bytes });
-        }
         let hash: [u8; 32] = sha2::Sha256::digest(bytes).into();
         let slot = self.slot(&hash);
         slot.get_or_init(|| self.compile(hash, bytes, cache)).clone()
