@@ -315,3 +315,34 @@ pub fn run<F: std::future::Future<Output = ()>>(limit: Duration, test: F) {
         tokio::time::timeout(limit, test).await.expect("the test finished within its time limit");
     });
 }
+
+/// A guest built by its own language's toolchain: `guests/DIR/build.sh`
+/// installs the pinned toolchain (pip, npm) on first use and writes `FILE`
+/// into a directory under the target directory. Tests running at once wait
+/// for one build; an unchanged guest is not rebuilt.
+pub fn polyglot_guest(dir: &str, file: &str) -> Vec<u8> {
+    let repository = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repository root").to_path_buf();
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test>
+    let target = exe.ancestors().nth(3).expect("inside the target directory").to_path_buf();
+    let out = target.join("polyglot-guests");
+    std::fs::create_dir_all(&out).expect("output directory");
+    let script = repository.join("guests").join(dir).join("build.sh");
+    let started = Instant::now();
+    let output = Command::new("flock")
+        .arg(out.join(".lock"))
+        .arg("bash")
+        .arg(&script)
+        .arg(&out)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(
+        output.status.success(),
+        "{} failed:\n{}{}",
+        script.display(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    eprintln!("{dir}: ready after {:.1?}", started.elapsed());
+    std::fs::read(out.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"))
+}

@@ -60,6 +60,10 @@ pub fn validate(args: &ValidateArgs) -> anyhow::Result<()> {
         raft_host::storage::hex(&module.hash()),
         started.elapsed().as_secs_f64() * 1e3
     );
+    println!("imports (served by the host, WASI by its virtual, deterministic WASI):");
+    for import in module.imports() {
+        println!("  {import}");
+    }
     Ok(())
 }
 

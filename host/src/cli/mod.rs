@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_deploy;
+mod bench_guest;
 mod client;
 mod demo;
 mod modules;
@@ -51,6 +52,9 @@ enum Command {
     /// are active on every member, and write latency during the switch
     /// against steady state.
     BenchDeploy(bench_deploy::BenchDeployArgs),
+    /// What a state machine module costs: size, first compile, load from
+    /// the compiled cache, and apply calls/s next to the built-in Rust kv.
+    BenchGuest(bench_guest::BenchGuestArgs),
     /// Runs a cluster of the consensus core in this process (in-memory log,
     /// in-memory network): elects a leader, writes, crashes the leader,
     /// re-elects, restarts the old leader and checks every replica converged.
@@ -93,6 +97,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Activate(args) => modules::activate(args),
         Command::Bench(args) => bench::bench(args),
         Command::BenchDeploy(args) => bench_deploy::bench_deploy(args),
+        Command::BenchGuest(args) => bench_guest::bench_guest(args),
         Command::Demo(args) => demo::demo(&args),
         Command::Validate(args) => demo::validate(&args),
     }

@@ -108,6 +108,7 @@ pub enum RuntimeError {
 pub struct Module {
     hash: [u8; 32],
     size_bytes: usize,
+    imports: Vec<String>,
     pre: StateMachinePre<GuestState>,
 }
 
@@ -125,6 +126,11 @@ impl Module {
 
     pub fn size_bytes(&self) -> usize {
         self.size_bytes
+    }
+
+    /// The interfaces the component imports (ours and WASI's), by name.
+    pub fn imports(&self) -> &[String] {
+        &self.imports
     }
 }
 
@@ -314,11 +320,12 @@ impl Runtime {
 
     /// Checks a compiled component's imports and exports against the world.
     fn prepare(&self, hash: [u8; 32], size_bytes: usize, component: &Component) -> Result<Arc<Module>, LoadError> {
-        let unsupported: Vec<String> = component
-            .component_type()
-            .imports(&self.engine)
-            .map(|(name, _)| name.to_string())
+        let imports: Vec<String> =
+            component.component_type().imports(&self.engine).map(|(name, _)| name.to_string()).collect();
+        let unsupported: Vec<String> = imports
+            .iter()
             .filter(|name| !PROVIDED_IMPORT_PREFIXES.iter().any(|prefix| name.starts_with(prefix)))
+            .cloned()
             .collect();
         if !unsupported.is_empty() {
             return Err(LoadError::UnsupportedImports(unsupported));
@@ -328,7 +335,7 @@ impl Runtime {
             .instantiate_pre(component)
             .map_err(|e| LoadError::UnsupportedImports(vec![format!("{e:#}")]))?;
         let pre = StateMachinePre::new(instance_pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
-        Ok(Arc::new(Module { hash, size_bytes, pre }))
+        Ok(Arc::new(Module { hash, size_bytes, imports, pre }))
     }
 }
 
