@@ -221,6 +221,17 @@ fn apply_batches_are_atomic_and_scoped_by_state_machine() {
     assert_eq!(store.session_scan().expect("sessions"), vec![(b"client-7".to_vec(), b"seq 3".to_vec())]);
     assert_eq!(store.apply_clock_ms().expect("clock"), 1_700_000_000_000);
     let digest = store.state_digest("kv").expect("digest");
+    assert_ne!(store.state_digest("bank").expect("digest"), digest);
+    store
+        .apply(&ApplyBatch {
+            applied_index: 2,
+            applied_term: 1,
+            clock_ms: 1_700_000_000_000,
+            writes: vec![write("kv-copy", "a", Some("1")), write("kv-copy", "b", Some("2"))],
+            ..ApplyBatch::default()
+        })
+        .expect("apply");
+    assert_eq!(store.state_digest("kv-copy").expect("digest"), digest, "the same pairs under another name");
     store
         .apply(&ApplyBatch {
             applied_index: 2,

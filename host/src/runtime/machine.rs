@@ -257,6 +257,7 @@ enum CallKind {
     Apply = 1,
     Query = 2,
     Migrate = 3,
+    WarmUp = 4,
 }
 
 impl Machine {
@@ -345,6 +346,47 @@ impl Machine {
         entry: EntryInfo,
         writable: bool,
     ) -> Result<Result<Instance, CallError>, RuntimeError> {
+        let mut instance = match self.instantiate_plain(entry, writable)? {
+            Ok(instance) => instance,
+            Err(failure) => return Ok(Err(failure)),
+        };
+        if !self.warm_up(&mut instance, entry, writable)? {
+            // A guest that traps on an empty query does so on every replica;
+            // it runs without the warm-up, alike everywhere.
+            return self.instantiate_plain(entry, writable);
+        }
+        Ok(Ok(instance))
+    }
+
+    /// Calls `query` with an empty request on a fresh instance, under a
+    /// fixed context (entry 0, its own random seed), and throws the answer
+    /// away. Language runtimes initialize lazily on their first call (CPython
+    /// draws random bytes there); without this, the first real call of a
+    /// fresh instance would see another random sequence than the same call
+    /// on a replica whose instance is older. Returns false if it trapped.
+    fn warm_up(&mut self, instance: &mut Instance, entry: EntryInfo, writable: bool) -> Result<bool, RuntimeError> {
+        let fixed = EntryInfo { index: 0, term: 0, timestamp_ms: 0 };
+        self.entropy.enter(0, 0, 0, CallKind::WarmUp as u8);
+        {
+            let call = &mut instance.store.data_mut().call;
+            call.entry = fixed;
+            call.writable = false;
+        }
+        instance.store.set_fuel(self.runtime.limits.fuel_per_call).map_err(|e| RuntimeError::Engine(e.to_string()))?;
+        let result = instance.bindings.call_query(&mut instance.store, &[]);
+        let data = instance.store.data_mut();
+        if let Some(failure) = data.call.store_failure.take() {
+            return Err(RuntimeError::Store(failure));
+        }
+        data.call.entry = entry;
+        data.call.writable = writable;
+        data.call.current.clear();
+        data.limiter.refused = None;
+        Ok(result.is_ok())
+    }
+
+    /// A wasmtime store for a new instance, with its limits and fuel.
+    fn new_store(&self, entry: EntryInfo, writable: bool) -> Result<wasmtime::Store<GuestState>, RuntimeError> {
         let state = GuestState {
             wasi: wasi::build(&self.entropy),
             table: ResourceTable::new(),
@@ -364,6 +406,15 @@ impl Machine {
         let mut store = wasmtime::Store::new(&self.runtime.engine, state);
         store.limiter(|state| &mut state.limiter);
         store.set_fuel(self.runtime.limits.fuel_per_call).map_err(|e| RuntimeError::Engine(e.to_string()))?;
+        Ok(store)
+    }
+
+    fn instantiate_plain(
+        &mut self,
+        entry: EntryInfo,
+        writable: bool,
+    ) -> Result<Result<Instance, CallError>, RuntimeError> {
+        let mut store = self.new_store(entry, writable)?;
         match self.module.pre.instantiate(&mut store) {
             Ok(bindings) => {
                 self.instantiations += 1;
@@ -392,7 +443,14 @@ impl Machine {
         let fuel = self.runtime.limits.fuel_per_call;
         if self.instance.is_none() {
             match self.create_instance(entry, writable)? {
-                Ok(instance) => self.instance = Some(instance),
+                Ok(instance) => {
+                    // Start code may draw random numbers or read the clock
+                    // (a language runtime seeding itself); the call must
+                    // see the same sequence as on a replica whose instance
+                    // is older, so it starts over from the entry's seed.
+                    self.entropy.enter(entry.index, entry.term, entry.timestamp_ms, kind as u8);
+                    self.instance = Some(instance);
+                }
                 Err(failure) => {
                     tracing::warn!(state_machine = %self.name, index = entry.index, error = %failure, "instantiating the guest failed");
                     return Ok((Err(failure), Overlay::new()));

@@ -484,17 +484,20 @@ impl Store {
         Ok(out)
     }
 
-    /// A digest of a state machine's whole state (keys and values, in order),
-    /// equal on replicas that applied the same entries.
+    /// A digest of a state machine's whole state (its own keys, without the
+    /// name that prefixes them in the store, and values, in order): equal on
+    /// replicas that applied the same entries, and equal for two state
+    /// machines that hold the same pairs.
     pub fn state_digest(&self, state_machine: &str) -> Result<[u8; 32], StoreError> {
         let prefix = state_key(state_machine, &[])?;
         let mut hasher = Sha256::new();
         let snapshot = self.inner.db.snapshot();
         for guard in snapshot.prefix(&self.inner.state, &prefix) {
             let (key, value) = guard.into_inner().map_err(|e| self.inner.db_error(e))?;
-            let value = self.inner.unseal(&value, || format!("state key {:?}", &key[prefix.len()..]))?;
-            hasher.update((key.len() as u64).to_be_bytes());
-            hasher.update(&key);
+            let user_key = &key[prefix.len()..];
+            let value = self.inner.unseal(&value, || format!("state key {user_key:?}"))?;
+            hasher.update((user_key.len() as u64).to_be_bytes());
+            hasher.update(user_key);
             hasher.update((value.len() as u64).to_be_bytes());
             hasher.update(&value);
         }

@@ -1,0 +1,143 @@
+//! Guests written in Python and JavaScript, built by their own toolchains
+//! (componentize-py, componentize-js) with no manual step, deployed through
+//! the ordinary deploy path into a 3-member cluster of real processes.
+
+use raft_host::client::{ClusterClient, Consistency, outcome_of};
+use raft_host::rpc::client_pb::StatusResponse;
+use raft_host_e2e::{Cluster, polyglot_guest, run};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const LIMIT: Duration = Duration::from_secs(600);
+const SETTLE: Duration = Duration::from_secs(60);
+
+fn digest_of<'a>(status: &'a StatusResponse, name: &str) -> &'a str {
+    let machine = status.state_machines.iter().find(|m| m.name == name);
+    &machine.unwrap_or_else(|| panic!("member {} runs no {name}", status.id)).state_digest
+}
+
+/// Every running member applied the same index with the same digests.
+async fn converged_and_equal(cluster: &Cluster) -> Vec<StatusResponse> {
+    let statuses = cluster.converged(SETTLE).await;
+    for status in &statuses[1..] {
+        assert_eq!(status.state_machines, statuses[0].state_machines, "members {} and {}", status.id, statuses[0].id);
+    }
+    statuses
+}
+
+async fn write(client: &mut ClusterClient, name: &str, command: &str) -> Result<String, String> {
+    let response = client.write(name, command.as_bytes().to_vec()).await.expect("write reaches the cluster");
+    outcome_of(response.outcome).map(|bytes| String::from_utf8(bytes).expect("UTF-8 answer"))
+}
+
+async fn read(client: &mut ClusterClient, name: &str, query: &str) -> Result<String, String> {
+    let response = client
+        .read(name, query.as_bytes().to_vec(), Consistency::Linearizable)
+        .await
+        .expect("read reaches the cluster");
+    outcome_of(response.outcome).map(|bytes| String::from_utf8(bytes).expect("UTF-8 answer"))
+}
+
+#[test]
+fn a_python_kv_answers_like_the_rust_kv_and_sees_only_the_entry() {
+    let module = polyglot_guest("python-kv", "python_kv.wasm");
+    run(LIMIT, async move {
+        let mut cluster = Cluster::start(3, "e2e-python");
+        cluster.leader(SETTLE).await;
+        let mut client = cluster.client();
+        let deployed = client.deploy("pykv", &module, true, |_| {}).await.expect("deploy the Python guest");
+        assert_eq!(deployed.phase, "activated");
+
+        // The same commands to the Rust kv and to the Python kv: the same answers.
+        let commands = [
+            r#"{"op":"put","key":"a","value":"1"}"#,
+            r#"{"op":"put","key":"a","value":"2"}"#,
+            r#"{"op":"put","key":"ünï \"quoted\"","value":"line\nbreak\ttab é ☃"}"#,
+            r#"{"op":"cas","key":"a","expected":"2","value":"3"}"#,
+            r#"{"op":"cas","key":"a","expected":"2","value":"4"}"#,
+            r#"{"op":"cas","key":"new","expected":null,"value":"x"}"#,
+            r#"{"op":"delete","key":"a"}"#,
+            r#"{"op":"delete","key":"a"}"#,
+            r#"{"op":"put","key":"b","value":""}"#,
+        ];
+        for command in commands {
+            let rust = write(&mut client, "kv", command).await;
+            let python = write(&mut client, "pykv", command).await;
+            assert_eq!(python, rust, "{command}");
+            assert!(rust.is_ok(), "{command}: {rust:?}");
+        }
+        for bad in [r#"{"op":"put","key":"a"}"#, r#"{"op":"nope"}"#, "not json", r#"{"op":"put","key":"a","value":1}"#]
+        {
+            assert!(write(&mut client, "kv", bad).await.is_err(), "kv refuses {bad}");
+            assert!(write(&mut client, "pykv", bad).await.is_err(), "pykv refuses {bad}");
+        }
+        let queries = [
+            r#"{"op":"get","key":"a"}"#,
+            r#"{"op":"get","key":"ünï \"quoted\""}"#,
+            r#"{"op":"range","start":"","end":null,"limit":100}"#,
+            r#"{"op":"range","start":"b","end":"z","limit":1}"#,
+        ];
+        for query in queries {
+            assert_eq!(read(&mut client, "pykv", query).await, read(&mut client, "kv", query).await, "{query}");
+        }
+        let statuses = converged_and_equal(&cluster).await;
+        assert_eq!(digest_of(&statuses[0], "pykv"), digest_of(&statuses[0], "kv"), "the same state, byte for byte");
+
+        // Time and randomness come from the entry: a member that applies the
+        // entries later (it was down) computes the same answers.
+        let leader = cluster.leader(SETTLE).await;
+        let late = (1..=3).find(|&id| id != leader).expect("a follower");
+        cluster.kill(late);
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_millis() as i64;
+        let mut randoms = Vec::new();
+        for n in 0..3 {
+            let answer = write(&mut client, "pykv", &format!(r#"{{"op":"clock","key":"clock-{n}"}}"#)).await;
+            let answer: serde_json::Value = serde_json::from_str(&answer.expect("clock")).expect("JSON");
+            let time_ms = answer["time_ms"].as_i64().expect("time_ms");
+            assert!((time_ms - now_ms).abs() < 60_000, "time.time() is the leader's stamp: {time_ms} vs {now_ms}");
+            randoms.push(answer["random"].as_u64().expect("random"));
+        }
+        randoms.dedup();
+        assert_eq!(randoms.len(), 3, "each entry draws its own random number");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        cluster.spawn(late);
+        converged_and_equal(&cluster).await;
+
+        // Nothing ambient: no environment, no files, no sockets.
+        let sandbox = read(&mut client, "pykv", r#"{"op":"sandbox"}"#).await.expect("sandbox");
+        let sandbox: serde_json::Value = serde_json::from_str(&sandbox).expect("JSON");
+        assert_eq!(sandbox["environ"], serde_json::json!([]), "{sandbox}");
+        for probe in ["read_file", "list_root", "write_file", "socket"] {
+            assert_ne!(sandbox[probe], "allowed", "{probe}: {sandbox}");
+        }
+    });
+}
+
+#[test]
+fn a_javascript_counter_replaces_the_rust_counter_in_place_and_back() {
+    let module = polyglot_guest("js-counter", "js_counter.wasm");
+    run(LIMIT, async move {
+        let cluster = Cluster::start(3, "e2e-javascript");
+        cluster.leader(SETTLE).await;
+        let mut client = cluster.client();
+        let rust_counter = {
+            let status = cluster.status(1).await.expect("status");
+            status.state_machines.iter().find(|m| m.name == "counter").expect("counter").module_hash.clone()
+        };
+        assert_eq!(write(&mut client, "counter", r#"{"op":"add","by":5}"#).await.as_deref(), Ok("5"));
+
+        let deployed = client.deploy("counter", &module, true, |_| {}).await.expect("deploy the JavaScript guest");
+        assert_eq!(deployed.phase, "activated");
+        assert_eq!(write(&mut client, "counter", r#"{"op":"add","by":2}"#).await.as_deref(), Ok("7"));
+        assert_eq!(read(&mut client, "counter", r#"{"op":"get"}"#).await.as_deref(), Ok("7"));
+        let refused = write(&mut client, "counter", r#"{"op":"sub","by":1}"#).await;
+        assert!(refused.as_ref().is_err_and(|e| e.contains("unknown variant")), "{refused:?}");
+        let big = write(&mut client, "counter", r#"{"op":"add","by":9007199254740991}"#).await;
+        assert_eq!(big.as_deref(), Ok("9007199254740998"), "64-bit arithmetic, not doubles");
+        converged_and_equal(&cluster).await;
+
+        // Back to the Rust counter, which reads the state JavaScript wrote.
+        client.activate("counter", &rust_counter).await.expect("roll back to the Rust counter");
+        assert_eq!(write(&mut client, "counter", r#"{"op":"add","by":-9007199254740991}"#).await.as_deref(), Ok("7"));
+        converged_and_equal(&cluster).await;
+    });
+}
