@@ -14,7 +14,9 @@ if [[ -f "$out/js_counter.wasm" && -f "$stamp" && "$(cat "$stamp")" == "$inputs"
 fi
 cd "$here"
 if [[ ! -x node_modules/.bin/componentize-js ]]; then
-    npm ci --no-audit --no-fund --loglevel=error
+    # `npm ci` refuses this lock file (npm leaves out other platforms'
+    # optional binaries); `install` with it installs the same versions.
+    npm install --no-audit --no-fund --no-save --loglevel=error
 fi
 # http and fetch-event would import wasi:http, which the host does not
 # provide; stdio, clocks and random stay and are served by its virtual WASI.
