@@ -352,42 +352,49 @@ impl Applier {
     /// and records it as a version of its state machine.
     fn apply_chunk(&mut self, (index, term): (Index, Term), chunk: pb::ModuleChunk) -> Result<(), ApplyError> {
         self.flush()?;
-        let outcome = self.store_chunk(index, chunk);
+        let outcome = self.store_chunk(index, chunk)?;
         self.applied = (index, term);
         self.decided.push(Decided { index, term, result: Ok(WriteReply { outcome, index, term }) });
         self.flush()
     }
 
-    fn store_chunk(&mut self, index: Index, chunk: pb::ModuleChunk) -> Result<Vec<u8>, String> {
-        let hash: [u8; 32] = chunk.hash.as_slice().try_into().map_err(|_| "a module hash is 32 bytes".to_string())?;
-        check_name(&chunk.state_machine)?;
+    /// The chunk's outcome (refusals are decided by the entries alone, so
+    /// every replica decides alike); a store failure is this member's, and
+    /// fatal.
+    fn store_chunk(&mut self, index: Index, chunk: pb::ModuleChunk) -> Result<Result<Vec<u8>, String>, StoreError> {
+        let Ok(hash) = <[u8; 32]>::try_from(chunk.hash.as_slice()) else {
+            return Ok(Err("a module hash is 32 bytes".to_string()));
+        };
+        if let Err(why) = check_name(&chunk.state_machine) {
+            return Ok(Err(why));
+        }
         // The configurable limit was the leader's to enforce; what applies
         // here must not depend on this member's settings.
         if chunk.total_bytes > MODULE_BYTES_HARD_MAX {
-            return Err(format!(
+            return Ok(Err(format!(
                 "module of {} bytes is above the limit of {MODULE_BYTES_HARD_MAX} bytes",
                 chunk.total_bytes
-            ));
+            )));
         }
         let end = chunk.offset.checked_add(chunk.data.len() as u64).filter(|&end| end <= chunk.total_bytes);
         let Some(end) = end else {
-            return Err(format!("chunk at {} runs past the module's {} bytes", chunk.offset, chunk.total_bytes));
+            return Ok(Err(format!("chunk at {} runs past the module's {} bytes", chunk.offset, chunk.total_bytes)));
         };
-        let mut upload = self.registry.upload(&hash).map_err(|e| e.to_string())?.unwrap_or(pb::ModuleUpload {
+        let mut upload = self.registry.upload(&hash)?.unwrap_or(pb::ModuleUpload {
             state_machine: chunk.state_machine.clone(),
             total_bytes: chunk.total_bytes,
             ..pb::ModuleUpload::default()
         });
         if upload.complete {
-            return Ok(b"stored".to_vec());
+            return Ok(Ok(b"stored".to_vec()));
         }
         if upload.total_bytes != chunk.total_bytes {
-            return Err(format!(
+            return Ok(Err(format!(
                 "module {} is being uploaded with {} bytes, not {}",
                 hex(&hash),
                 upload.total_bytes,
                 chunk.total_bytes
-            ));
+            )));
         }
         let mut received = Ranges::from_pb(&upload.received);
         received.add(chunk.offset, end);
@@ -396,23 +403,23 @@ impl Applier {
             upload.received = received.to_pb();
             self.module_changes.push((ModuleKey::Upload(hash), Some(upload.encode_to_vec())));
             self.module_changes.push((ModuleKey::Chunk { hash, offset: chunk.offset }, Some(chunk.data)));
-            return Ok(b"received".to_vec());
+            return Ok(Ok(b"received".to_vec()));
         }
         let matches = match self.hashing.remove(&hash) {
             Some((next, hasher)) if next == upload.total_bytes => hasher.finalize().as_slice() == hash,
             _ => {
-                let stored = self.store.module_chunks(&hash).map_err(|e| e.to_string())?;
+                let stored = self.store.module_chunks(&hash)?;
                 let whole = assemble(upload.total_bytes, stored, Some((chunk.offset, &chunk.data)));
                 whole.is_some_and(|bytes| Sha256::digest(bytes).as_slice() == hash)
             }
         };
         if !matches {
             // Every replica holds the same chunks, so every replica drops them.
-            for (offset, _) in self.store.module_chunks(&hash).map_err(|e| e.to_string())? {
+            for (offset, _) in self.store.module_chunks(&hash)? {
                 self.module_changes.push((ModuleKey::Chunk { hash, offset }, None));
             }
             self.module_changes.push((ModuleKey::Upload(hash), None));
-            return Err(format!("the uploaded bytes do not match module hash {}; upload it again", hex(&hash)));
+            return Ok(Err(format!("the uploaded bytes do not match module hash {}; upload it again", hex(&hash))));
         }
         upload.received = received.to_pb();
         upload.complete = true;
@@ -424,7 +431,7 @@ impl Applier {
         self.module_changes.push((ModuleKey::Version { name, hash }, Some(version.encode_to_vec())));
         self.completed_modules.push(hash);
         tracing::info!(module = %hex(&hash), bytes = version.size_bytes, index, "module upload complete");
-        Ok(b"complete".to_vec())
+        Ok(Ok(b"complete".to_vec()))
     }
 
     /// Feeds a chunk to its upload's running hash if it continues it.
