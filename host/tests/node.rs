@@ -85,3 +85,55 @@ fn a_single_member_serves_writes_and_keeps_them_across_a_restart() {
         assert!(matches!(error, NodeError::Store(StoreError::BootstrapMismatch { .. })), "{error}");
     });
 }
+
+/// `GET path` over plain HTTP/1.0; the status line and the body.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes()).await.expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    let (head, body) = response.split_once("\r\n\r\n").expect("a complete response");
+    (head.lines().next().unwrap_or_default().to_string(), body.to_string())
+}
+
+#[test]
+fn metrics_are_served_in_the_prometheus_text_format() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    runtime().block_on(async {
+        let mut config = single_member(dir.path());
+        config.metrics_listen = Some("127.0.0.1:0".parse().expect("address"));
+        let node = Node::start(config).await.expect("starts");
+        let metrics = node.metrics_addr().expect("metrics are served");
+        let mut client = ClusterClient::new(vec![node.local_addr().to_string()]).expect("client");
+        for n in 0..3 {
+            client
+                .write("kv", format!(r#"{{"op":"put","key":"k{n}","value":"v"}}"#).into_bytes())
+                .await
+                .expect("write");
+        }
+        client.write("nope", b"{}".to_vec()).await.expect_err("unknown state machine");
+        let (status, body) = http_get(metrics, "/metrics").await;
+        assert!(status.contains("200"), "{status}");
+        let value = |line_start: &str| -> u64 {
+            let line =
+                body.lines().find(|l| l.starts_with(line_start)).unwrap_or_else(|| panic!("{line_start}: {body}"));
+            line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{line}"))
+        };
+        assert_eq!(value("raft_host_role{role=\"leader\"}"), 1);
+        assert_eq!(value("raft_host_leader_id "), 1);
+        assert!(value("raft_host_applied_index ") >= 4, "three writes and the leader's no-op");
+        assert_eq!(value("raft_host_client_requests_total{method=\"write\",code=\"Ok\"}"), 3);
+        assert_eq!(value("raft_host_client_requests_total{method=\"write\",code=\"InvalidArgument\"}"), 1);
+        assert!(body.contains("raft_host_state_machine_info{name=\"kv\",module=\""), "{body}");
+        for line in body.lines().filter(|l| !l.starts_with('#')) {
+            let (name, value) = line.rsplit_once(' ').expect("name and value");
+            assert!(name.starts_with("raft_host_"), "{line}");
+            value.parse::<f64>().unwrap_or_else(|_| panic!("not a number: {line}"));
+        }
+        let (status, _) = http_get(metrics, "/elsewhere").await;
+        assert!(status.contains("404"), "{status}");
+        node.shutdown();
+        node.wait().await.expect("clean stop");
+    });
+}

@@ -64,6 +64,9 @@ pub struct ServeArgs {
     /// before it gives up activating it (default 300).
     #[arg(long, env = "RAFT_HOST_MODULE_READY_TIMEOUT_SECS")]
     module_ready_timeout_secs: Option<u64>,
+    /// Serve Prometheus metrics over HTTP at this address (path /metrics).
+    #[arg(long, env = "RAFT_HOST_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Do not fsync. A crash can lose acknowledged writes and break Raft's
     /// guarantees: for benchmarks only.
     #[arg(long, env = "RAFT_HOST_UNSAFE_NO_FSYNC")]
@@ -88,6 +91,7 @@ impl ServeArgs {
         self.request_timeout_secs = self.request_timeout_secs.or(file.request_timeout_secs);
         self.max_module_bytes = self.max_module_bytes.or(file.max_module_bytes);
         self.module_ready_timeout_secs = self.module_ready_timeout_secs.or(file.module_ready_timeout_secs);
+        self.metrics_listen = self.metrics_listen.or(file.metrics_listen);
         self.unsafe_no_fsync = self.unsafe_no_fsync.or(file.unsafe_no_fsync);
         self
     }
@@ -124,6 +128,7 @@ impl ServeArgs {
         if let Some(secs) = args.module_ready_timeout_secs {
             config.module_ready_timeout = Duration::from_secs(secs);
         }
+        config.metrics_listen = args.metrics_listen;
         if args.unsafe_no_fsync == Some(true) {
             config.durability = Durability::UnsafeNoSync;
         }
@@ -195,6 +200,9 @@ pub fn dev(args: DevArgs) -> anyhow::Result<()> {
         let listen: SocketAddr = address(id).parse().context("the port range does not fit")?;
         let mut config = NodeConfig::new(id, "raft-host-dev", listen, root.join(format!("node-{id}")));
         config.peers = ids.iter().filter(|&&peer| peer != id).map(|&peer| (peer, address(peer))).collect();
+        // Metrics 1000 ports above the member's (8001, 8002, ... by default).
+        let metrics_port = u16::try_from(u64::from(listen.port()) + 1000).context("the metrics port does not fit")?;
+        config.metrics_listen = Some(SocketAddr::new(listen.ip(), metrics_port));
         configs.push(config);
     }
     let addresses: Vec<String> = ids.iter().map(|&id| address(id)).collect();
@@ -211,6 +219,9 @@ pub fn dev(args: DevArgs) -> anyhow::Result<()> {
         println!("  raft-host write --addr {all} '{{\"op\":\"put\",\"key\":\"a\",\"value\":\"1\"}}'");
         println!("  raft-host read --addr {all} '{{\"op\":\"get\",\"key\":\"a\"}}'");
         println!("  raft-host status --addr {}", addresses[0]);
+        if let Some(metrics) = nodes.first().and_then(RunningNode::metrics_addr) {
+            println!("  curl http://{metrics}/metrics   (each member's metrics: its port + 1000)");
+        }
         println!("(cargo run --release -p raft-host -- <command> works the same; Ctrl-C stops the cluster)");
         run_until_signal(nodes).await
     })

@@ -75,6 +75,8 @@ pub struct NodeConfig {
     /// How long a deploy waits for every live member to compile a module
     /// before it activates it.
     pub module_ready_timeout: Duration,
+    /// Where to serve Prometheus metrics over HTTP (`/metrics`), if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl NodeConfig {
@@ -99,6 +101,7 @@ impl NodeConfig {
             max_apply_backlog_bytes: 64 << 20,
             sessions: sessions::SessionLimits::default(),
             module_ready_timeout: Duration::from_secs(300),
+            metrics_listen: None,
         }
     }
 

@@ -37,6 +37,7 @@ pub struct Node;
 /// [`RunningNode::shutdown`] and then [`RunningNode::wait`].
 pub struct RunningNode {
     local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<Result<(), NodeError>>,
     core: JoinHandle<Result<(), NodeError>>,
@@ -140,8 +141,25 @@ impl Node {
             PeerService::new(config.cluster_id.clone(), config.id, voters, core.clone(), registry.clone());
         let deployer = Deployer::new(config.clone(), core.clone(), registry.clone(), config.module_ready_timeout)
             .map_err(NodeError::Config)?;
-        let client_service = ClientService::new(config.clone(), core.clone(), apply_tx, registry, deployer)
-            .map_err(NodeError::Config)?;
+        let client_service = Arc::new(
+            ClientService::new(config.clone(), core.clone(), apply_tx, registry, deployer)
+                .map_err(NodeError::Config)?,
+        );
+        let metrics_addr = match config.metrics_listen {
+            Some(addr) => {
+                let listener =
+                    tokio::net::TcpListener::bind(addr).await.map_err(|source| NodeError::Listen { addr, source })?;
+                let bound = listener.local_addr().map_err(|source| NodeError::Listen { addr, source })?;
+                let mut stop = shutdown_rx.clone();
+                let stopped = async move {
+                    let _ = stop.wait_for(|stop| *stop).await;
+                };
+                tokio::spawn(crate::rpc::metrics::serve(listener, client_service.clone(), stopped));
+                tracing::info!(address = %bound, "serving metrics at /metrics");
+                Some(bound)
+            }
+            None => None,
+        };
         let client_limit = config.max_command_bytes + (64 << 10);
         let mut server_shutdown = shutdown_rx;
         let server = tokio::spawn(async move {
@@ -153,7 +171,7 @@ impl Node {
                         .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX),
                 )
                 .add_service(
-                    ClientServer::new(client_service)
+                    ClientServer::from_arc(client_service)
                         .max_decoding_message_size(client_limit)
                         .max_encoding_message_size(client_limit),
                 )
@@ -166,7 +184,7 @@ impl Node {
                 .map_err(NodeError::from)
         });
         tracing::info!(node = config.id, address = %local_addr, "serving peers and clients");
-        Ok(RunningNode { local_addr, shutdown, server, core: core_handle, apply })
+        Ok(RunningNode { local_addr, metrics_addr, shutdown, server, core: core_handle, apply })
     }
 }
 
@@ -174,6 +192,11 @@ impl RunningNode {
     /// The bound address (useful when listening on port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Where metrics are served, if they are.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Asks every task to stop: the server stops accepting, the core

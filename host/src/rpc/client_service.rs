@@ -11,6 +11,7 @@ use super::client_pb::{
     ModulesRequest, ModulesResponse, ReadRequest, ReadResponse, StateMachineStatus, StatusRequest, StatusResponse,
     WatchRequest, WriteRequest, WriteResponse, client_client::ClientClient, outcome,
 };
+use super::metrics::{Method, MetricsSource, RequestCounters};
 use super::pb;
 use crate::node::apply::{ApplyMsg, ReadJob};
 use crate::node::deploy::{DeployStep, Deployer};
@@ -44,6 +45,7 @@ pub struct ClientService {
     apply: Mutex<std::sync::mpsc::Sender<ApplyMsg>>,
     registry: Arc<ModuleRegistry>,
     deployer: Arc<Deployer>,
+    counters: RequestCounters,
     leaders: BTreeMap<NodeId, ClientClient<Channel>>,
     pending: Arc<AtomicUsize>,
 }
@@ -78,6 +80,7 @@ impl ClientService {
             apply: Mutex::new(apply),
             registry,
             deployer: Arc::new(deployer),
+            counters: RequestCounters::default(),
             leaders,
             pending: Arc::new(AtomicUsize::new(0)),
         })
@@ -287,9 +290,8 @@ impl ClientService {
     }
 }
 
-#[tonic::async_trait]
-impl Client for ClientService {
-    async fn write(&self, request: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
+impl ClientService {
+    async fn handle_write(&self, request: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
         let was_forwarded = is_forwarded(&request);
         let write = request.into_inner();
         self.check_state_machine(&write.state_machine, true)?;
@@ -323,7 +325,7 @@ impl Client for ClientService {
         }
     }
 
-    async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadResponse>, Status> {
+    async fn handle_read(&self, request: Request<ReadRequest>) -> Result<Response<ReadResponse>, Status> {
         let was_forwarded = is_forwarded(&request);
         let read = request.into_inner();
         self.check_state_machine(&read.state_machine, false)?;
@@ -353,7 +355,8 @@ impl Client for ClientService {
         }
     }
 
-    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    /// This member's status, as `Status` and the metrics report it.
+    pub async fn status_now(&self) -> Result<StatusResponse, Status> {
         let core = self.core.status().await.map_err(status_of)?;
         let (reply, answer) = oneshot::channel();
         self.apply
@@ -377,7 +380,7 @@ impl Client for ClientService {
             .map(|m| StateMachineStatus { name: m.name, module_hash: m.module_hash, state_digest: m.state_digest })
             .collect();
         let (modules_compiled, modules_loaded_from_cache) = self.registry.runtime().load_counts();
-        Ok(Response::new(StatusResponse {
+        Ok(StatusResponse {
             cluster_id: self.config.cluster_id.clone(),
             id: self.config.id,
             role: core.role.as_str().to_string(),
@@ -391,9 +394,35 @@ impl Client for ClientService {
             state_machines,
             modules_compiled,
             modules_loaded_from_cache,
-        }))
+        })
+    }
+}
+
+impl MetricsSource for ClientService {
+    async fn render(&self) -> Result<String, String> {
+        let status = self.status_now().await.map_err(|status| status.message().to_string())?;
+        let pending = self.pending.load(Ordering::Relaxed) as u64;
+        Ok(super::metrics::render(&status, &self.counters, pending))
+    }
+}
+
+#[tonic::async_trait]
+impl Client for ClientService {
+    async fn write(&self, request: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
+        let result = self.handle_write(request).await;
+        self.counters.count(Method::Write, result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok));
+        result
     }
 
+    async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadResponse>, Status> {
+        let result = self.handle_read(request).await;
+        self.counters.count(Method::Read, result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok));
+        result
+    }
+
+    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        self.status_now().await.map(Response::new)
+    }
     type DeployStream = DeployEvents;
 
     async fn deploy(&self, request: Request<Streaming<DeployRequest>>) -> Result<Response<Self::DeployStream>, Status> {

@@ -15,6 +15,7 @@ pub mod client_pb {
 }
 
 mod client_service;
+pub mod metrics;
 mod peer_service;
 
 pub use self::client_service::{ClientService, LEADER_ADDR_KEY, LEADER_ID_KEY, status_of};

@@ -1,0 +1,154 @@
+//! Metrics in the Prometheus text format (version 0.0.4), served over plain
+//! HTTP at `/metrics` on `--metrics-listen`. Gauges (term, indexes, role,
+//! modules) are read from the member's status when scraped; counters
+//! (client requests by method and gRPC code) are kept by the client service.
+
+use super::client_pb::StatusResponse;
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tonic::Code;
+
+/// Client API methods that are counted.
+#[derive(Clone, Copy, Debug)]
+pub enum Method {
+    Write = 0,
+    Read = 1,
+}
+
+const METHODS: [&str; 2] = ["write", "read"];
+/// gRPC codes 0 (OK) to 16.
+const CODES: usize = 17;
+
+/// Counters of the client API.
+pub struct RequestCounters {
+    by_method_and_code: [[AtomicU64; CODES]; 2],
+}
+
+impl Default for RequestCounters {
+    fn default() -> RequestCounters {
+        RequestCounters { by_method_and_code: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))) }
+    }
+}
+
+impl RequestCounters {
+    /// Counts one answered request.
+    pub fn count(&self, method: Method, code: Code) {
+        let code = (code as usize).min(CODES - 1);
+        self.by_method_and_code[method as usize][code].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The text exposition of a member's metrics.
+pub fn render(status: &StatusResponse, counters: &RequestCounters, pending: u64) -> String {
+    let mut out = String::with_capacity(4096);
+    let mut gauge = |name: &str, help: &str, value: u64| {
+        let _ =
+            writeln!(out, "# HELP raft_host_{name} {help}\n# TYPE raft_host_{name} gauge\nraft_host_{name} {value}");
+    };
+    gauge("term", "Current Raft term.", status.term);
+    gauge("leader_id", "Id of the leader this member knows (0: none).", status.leader_id);
+    gauge("commit_index", "Highest log index known to be committed.", status.commit_index);
+    gauge("applied_index", "Highest log index applied to the state machines.", status.applied_index);
+    gauge("last_log_index", "Index of the last entry in this member's log.", status.last_log_index);
+    gauge("members", "Members of the cluster configuration.", status.members.len() as u64);
+    gauge("requests_pending", "Client requests waiting for an answer.", pending);
+    let _ = writeln!(out, "# HELP raft_host_role Role of this member (1 for the current one).");
+    let _ = writeln!(out, "# TYPE raft_host_role gauge");
+    for role in ["follower", "pre-candidate", "candidate", "leader"] {
+        let _ = writeln!(out, "raft_host_role{{role=\"{role}\"}} {}", u64::from(status.role == role));
+    }
+    let mut counter = |name: &str, help: &str, value: u64| {
+        let _ =
+            writeln!(out, "# HELP raft_host_{name} {help}\n# TYPE raft_host_{name} counter\nraft_host_{name} {value}");
+    };
+    counter("modules_compiled_total", "Modules compiled since this process started.", status.modules_compiled);
+    counter(
+        "modules_loaded_from_cache_total",
+        "Modules loaded from the compiled cache instead of compiled.",
+        status.modules_loaded_from_cache,
+    );
+    let _ = writeln!(out, "# HELP raft_host_state_machine_info Active module of each state machine.");
+    let _ = writeln!(out, "# TYPE raft_host_state_machine_info gauge");
+    for machine in &status.state_machines {
+        let _ = writeln!(
+            out,
+            "raft_host_state_machine_info{{name=\"{}\",module=\"{}\"}} 1",
+            escape(&machine.name),
+            escape(&machine.module_hash)
+        );
+    }
+    let _ = writeln!(out, "# HELP raft_host_client_requests_total Client requests answered, by method and gRPC code.");
+    let _ = writeln!(out, "# TYPE raft_host_client_requests_total counter");
+    for (m, method) in METHODS.iter().enumerate() {
+        for code in 0..CODES {
+            let value = counters.by_method_and_code[m][code].load(Ordering::Relaxed);
+            if value > 0 || code == 0 {
+                let code = format!("{:?}", Code::from(code as i32));
+                let _ = writeln!(out, "raft_host_client_requests_total{{method=\"{method}\",code=\"{code}\"}} {value}");
+            }
+        }
+    }
+    out
+}
+
+/// A label value with `\`, `"` and newlines escaped.
+fn escape(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Where the metrics server gets a fresh exposition for each scrape.
+pub trait MetricsSource: Send + Sync + 'static {
+    fn render(&self) -> impl std::future::Future<Output = Result<String, String>> + Send;
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+pub async fn serve<S: MetricsSource>(
+    listener: tokio::net::TcpListener,
+    source: std::sync::Arc<S>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) {
+    use http_body_util::Full;
+    use hyper::{Request, Response, StatusCode, body::Incoming, header};
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "metrics: accept failed");
+                    continue;
+                }
+            },
+        };
+        let source = source.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let source = source.clone();
+                async move {
+                    let response = if request.uri().path() != "/metrics" {
+                        Response::builder()
+                            .status(StatusCode::NOT_FOUND)
+                            .body(Full::new(bytes::Bytes::from_static(b"metrics are at /metrics\n")))
+                    } else {
+                        match source.render().await {
+                            Ok(text) => Response::builder()
+                                .header(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
+                                .body(Full::new(bytes::Bytes::from(text))),
+                            Err(error) => Response::builder()
+                                .status(StatusCode::SERVICE_UNAVAILABLE)
+                                .body(Full::new(bytes::Bytes::from(format!("{error}\n")))),
+                        }
+                    };
+                    Ok::<_, Infallible>(response.unwrap_or_else(|_| Response::new(Full::new(bytes::Bytes::new()))))
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(error) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
+                tracing::debug!(%peer, %error, "metrics connection ended with an error");
+            }
+        });
+    }
+}
