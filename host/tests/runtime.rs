@@ -264,8 +264,19 @@ fn a_compiled_module_is_cached_on_disk_and_a_new_runtime_loads_it_without_compil
     let (outcomes, _) = machine.apply_batch(&[(entry(1), br#"{"op":"add","by":3}"#.as_slice())]).expect("runtime");
     assert_eq!(outcomes, vec![Ok(b"3".to_vec())], "the cached module runs");
 
+    // A version nothing runs is forgotten; loading it again takes the cache.
+    second.forget(&hash_of(raft_guests::COUNTER));
+    assert_eq!(second.state(&hash_of(raft_guests::COUNTER)), LoadState::Unknown);
+    second.load_cached(raft_guests::COUNTER, Some(&store)).expect("loads again");
+    assert_eq!(second.load_counts(), (0, 2), "from the cache again");
+
     // A refusal is remembered too: every caller gets the same reason.
     let refused = second.load_cached(raft_guests::OTHER_WORLD, Some(&store)).expect_err("wrong world");
     let again = second.load_cached(raft_guests::OTHER_WORLD, Some(&store)).expect_err("wrong world");
     assert_eq!(refused, again);
+}
+
+fn hash_of(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
 }

@@ -511,7 +511,11 @@ impl Applier {
         self.module_changes.push((ModuleKey::Version { name: name.clone(), hash }, Some(version.encode_to_vec())));
         self.module_changes.push((ModuleKey::Active(name.clone()), Some(hash.to_vec())));
         tracing::info!(state_machine = %name, module = %hex(&hash), previous = %previous.map(|p| hex(&p)).unwrap_or_default(), index = info.index, "state machine version activated");
-        self.machines.insert(name, machine);
+        let replaced = self.machines.insert(name, machine).map(|old| old.module_hash());
+        if let Some(old) = replaced.filter(|old| self.machines.values().all(|m| m.module_hash() != *old)) {
+            // Its compiled code is cached on disk; a rollback reloads it fast.
+            self.registry.runtime().forget(&old);
+        }
         self.registry.set_names(self.machines.keys().cloned().collect());
         Ok(Ok(previous.map(|p| hex(&p)).unwrap_or_default().into_bytes()))
     }

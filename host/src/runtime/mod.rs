@@ -249,6 +249,17 @@ impl Runtime {
         slot.get_or_init(|| self.compile(hash, bytes, cache)).clone()
     }
 
+    /// Drops this runtime's copy of a loaded module (machines that run it
+    /// keep theirs): a version nothing runs any more need not hold memory,
+    /// and loading it again comes from the compiled cache. A module still
+    /// loading is left alone.
+    pub fn forget(&self, hash: &[u8; 32]) {
+        let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+        if modules.get(hash).is_some_and(|slot| slot.get().is_some()) {
+            modules.remove(hash);
+        }
+    }
+
     /// Module `hash` if it is loaded already (no bytes needed).
     pub fn loaded(&self, hash: &[u8; 32]) -> Option<Arc<Module>> {
         let slot = self.modules.lock().unwrap_or_else(|p| p.into_inner()).get(hash).cloned()?;
