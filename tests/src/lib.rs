@@ -257,6 +257,20 @@ impl Cluster {
         }
     }
 
+    /// Waits as [`Cluster::converged`] does, then asserts that every member
+    /// runs the same modules with the same state digests.
+    pub async fn agreed(&self, within: Duration) -> Vec<StatusResponse> {
+        let statuses = self.converged(within).await;
+        for status in &statuses[1..] {
+            assert_eq!(
+                status.state_machines, statuses[0].state_machines,
+                "members {} and {} differ",
+                status.id, statuses[0].id
+            );
+        }
+        statuses
+    }
+
     /// Every member's log, for failure messages.
     pub fn logs(&self) -> String {
         let mut out = String::new();

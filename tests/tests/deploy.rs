@@ -37,22 +37,6 @@ fn module_of<'a>(status: &'a StatusResponse, name: &str) -> &'a str {
     &machine.unwrap_or_else(|| panic!("member {} runs no {name}", status.id)).module_hash
 }
 
-/// Every running member applied the same index with the same digests.
-async fn assert_replicas_agree(cluster: &Cluster) -> Vec<StatusResponse> {
-    let statuses = cluster.converged(SETTLE).await;
-    for status in &statuses[1..] {
-        let first = &statuses[0];
-        let digests = |s: &StatusResponse| {
-            s.state_machines
-                .iter()
-                .map(|m| (m.name.clone(), m.module_hash.clone(), m.state_digest.clone()))
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(digests(status), digests(first), "members {} and {} differ", status.id, first.id);
-    }
-    statuses
-}
-
 /// Answers with their log index, and failures, as a writer saw them.
 type Seen = (Vec<(u64, Vec<u8>)>, Vec<String>);
 
@@ -173,7 +157,7 @@ fn deploy_and_rollback_under_writes_switch_every_replica_at_one_index() {
         eprintln!("writes answered: {by_v1_before} by v1, {by_v2} by v2, {by_v1_after} by v1 again");
         assert!(by_v1_before > 0 && by_v2 > 0 && by_v1_after > 0, "writes ran through both switches");
 
-        let statuses = assert_replicas_agree(&cluster).await;
+        let statuses = cluster.agreed(SETTLE).await;
         assert!(statuses.iter().all(|s| module_of(s, "counter") == v1), "every member is back on v1");
         let mut check = cluster.client();
         let read = check.read("counter", br#"{"op":"get"}"#.to_vec(), Consistency::Linearizable).await.expect("read");
@@ -186,7 +170,7 @@ fn deploy_and_rollback_under_writes_switch_every_replica_at_one_index() {
         let restarted = (1..=3).find(|&id| id != current_leader).expect("a follower");
         cluster.kill(restarted);
         cluster.spawn(restarted);
-        let statuses = assert_replicas_agree(&cluster).await;
+        let statuses = cluster.agreed(SETTLE).await;
         let status = statuses.iter().find(|s| s.id == restarted).expect("restarted member");
         assert_eq!(module_of(status, "counter"), v2);
         assert_eq!(status.modules_compiled, 0, "a restart compiles nothing");
@@ -201,7 +185,7 @@ fn bad_modules_are_refused_before_anything_is_committed() {
         let leader = cluster.leader(SETTLE).await;
         let mut client = cluster.client();
         client.write("kv", put("before", "1")).await.expect("write");
-        let before = assert_replicas_agree(&cluster).await;
+        let before = cluster.agreed(SETTLE).await;
 
         let core_module = b"\0asm\x01\0\0\0".to_vec();
         let truncated = raft_guests::KV[..raft_guests::KV.len() / 2].to_vec();
@@ -224,7 +208,7 @@ fn bad_modules_are_refused_before_anything_is_committed() {
         assert!(error.to_string().contains("deploy it first"), "{error}");
 
         // Nothing reached the log, and the cluster serves as before.
-        let after = assert_replicas_agree(&cluster).await;
+        let after = cluster.agreed(SETTLE).await;
         assert_eq!(after[0].last_log_index, before[0].last_log_index, "nothing was committed");
         let modules = client.modules().await.expect("modules");
         assert!(modules.versions.iter().all(|v| v.built_in), "only the built-ins: {:?}", modules.versions);
@@ -282,7 +266,7 @@ fn state_machines_side_by_side_a_failed_migrate_and_the_cli() {
         assert!(error.to_string().contains("negative count"), "{error}");
         let answer = client.write("counter", add_one()).await.expect("write");
         assert_eq!(outcome_of(answer.outcome).expect("add"), b"-4", "v1 still answers");
-        assert_replicas_agree(&cluster).await;
+        cluster.agreed(SETTLE).await;
 
         // Stage without activating, list, then activate by a hash prefix.
         client.write("counter", br#"{"op":"add","by":10}"#.to_vec()).await.expect("write");
@@ -308,7 +292,7 @@ fn state_machines_side_by_side_a_failed_migrate_and_the_cli() {
         assert_eq!(counter_reply(&outcome_of(answer.outcome).expect("add")), (7, 2));
         let (ok, _, err) = cli(&["activate", "--addr", &address, "--name", "counter", "--hash", "0000"]);
         assert!(!ok && err.contains("at least 8 hex digits"), "{err}");
-        assert_replicas_agree(&cluster).await;
+        cluster.agreed(SETTLE).await;
 
         // The deploy benchmark runs against a live cluster and reports figures.
         let (ok, out, err) = cli(&[
@@ -330,6 +314,6 @@ fn state_machines_side_by_side_a_failed_migrate_and_the_cli() {
         assert!(deploy["module_bytes"].as_u64().expect("bytes") >= 1 << 20, "{figures}");
         assert!(deploy["active_on_all_members_ms"].as_u64().is_some(), "{figures}");
         assert!(figures["steady"]["p99_us"].as_u64().is_some(), "{figures}");
-        assert_replicas_agree(&cluster).await;
+        cluster.agreed(SETTLE).await;
     });
 }

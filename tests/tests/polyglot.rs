@@ -15,15 +15,6 @@ fn digest_of<'a>(status: &'a StatusResponse, name: &str) -> &'a str {
     &machine.unwrap_or_else(|| panic!("member {} runs no {name}", status.id)).state_digest
 }
 
-/// Every running member applied the same index with the same digests.
-async fn converged_and_equal(cluster: &Cluster) -> Vec<StatusResponse> {
-    let statuses = cluster.converged(SETTLE).await;
-    for status in &statuses[1..] {
-        assert_eq!(status.state_machines, statuses[0].state_machines, "members {} and {}", status.id, statuses[0].id);
-    }
-    statuses
-}
-
 async fn write(client: &mut ClusterClient, name: &str, command: &str) -> Result<String, String> {
     let response = client.write(name, command.as_bytes().to_vec()).await.expect("write reaches the cluster");
     outcome_of(response.outcome).map(|bytes| String::from_utf8(bytes).expect("UTF-8 answer"))
@@ -79,7 +70,7 @@ fn a_python_kv_answers_like_the_rust_kv_and_sees_only_the_entry() {
         for query in queries {
             assert_eq!(read(&mut client, "pykv", query).await, read(&mut client, "kv", query).await, "{query}");
         }
-        let statuses = converged_and_equal(&cluster).await;
+        let statuses = cluster.agreed(SETTLE).await;
         assert_eq!(digest_of(&statuses[0], "pykv"), digest_of(&statuses[0], "kv"), "the same state, byte for byte");
 
         // Time and randomness come from the entry: a member that applies the
@@ -100,7 +91,7 @@ fn a_python_kv_answers_like_the_rust_kv_and_sees_only_the_entry() {
         assert_eq!(randoms.len(), 3, "each entry draws its own random number");
         tokio::time::sleep(Duration::from_millis(1500)).await;
         cluster.spawn(late);
-        converged_and_equal(&cluster).await;
+        cluster.agreed(SETTLE).await;
 
         // Nothing ambient: no environment, no files, no sockets.
         let sandbox = read(&mut client, "pykv", r#"{"op":"sandbox"}"#).await.expect("sandbox");
@@ -133,11 +124,11 @@ fn a_javascript_counter_replaces_the_rust_counter_in_place_and_back() {
         assert!(refused.as_ref().is_err_and(|e| e.contains("unknown variant")), "{refused:?}");
         let big = write(&mut client, "counter", r#"{"op":"add","by":9007199254740991}"#).await;
         assert_eq!(big.as_deref(), Ok("9007199254740998"), "64-bit arithmetic, not doubles");
-        converged_and_equal(&cluster).await;
+        cluster.agreed(SETTLE).await;
 
         // Back to the Rust counter, which reads the state JavaScript wrote.
         client.activate("counter", &rust_counter).await.expect("roll back to the Rust counter");
         assert_eq!(write(&mut client, "counter", r#"{"op":"add","by":-9007199254740991}"#).await.as_deref(), Ok("7"));
-        converged_and_equal(&cluster).await;
+        cluster.agreed(SETTLE).await;
     });
 }
