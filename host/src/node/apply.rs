@@ -350,9 +350,20 @@ impl Applier {
     /// A chunk of a module being deployed: stored with the applied position;
     /// the chunk that completes the module also verifies it against its hash
     /// and records it as a version of its state machine.
-    fn apply_chunk(&mut self, (index, term): (Index, Term), chunk: pb::ModuleChunk) -> Result<(), ApplyError> {
+    fn apply_chunk(&mut self, position: (Index, Term), chunk: pb::ModuleChunk) -> Result<(), ApplyError> {
+        self.apply_alone(position, |applier| Ok(applier.store_chunk(position.0, chunk)?))
+    }
+
+    /// Applies an entry in a batch of its own: what came before is made
+    /// durable first, and the entry's outcome and changes land with its
+    /// position.
+    fn apply_alone(
+        &mut self,
+        (index, term): (Index, Term),
+        decide: impl FnOnce(&mut Self) -> Result<Result<Vec<u8>, String>, ApplyError>,
+    ) -> Result<(), ApplyError> {
         self.flush()?;
-        let outcome = self.store_chunk(index, chunk)?;
+        let outcome = decide(self)?;
         self.applied = (index, term);
         self.decided.push(Decided { index, term, result: Ok(WriteReply { outcome, index, term }) });
         self.flush()
@@ -456,12 +467,8 @@ impl Applier {
     /// migrate hook runs inside this entry, and if it fails the old version
     /// stays, on every replica alike.
     fn apply_activation(&mut self, (index, term): (Index, Term), activate: pb::Activate) -> Result<(), ApplyError> {
-        self.flush()?;
         let info = EntryInfo { index, term, timestamp_ms: self.clock_ms };
-        let outcome = self.activate(info, activate)?;
-        self.applied = (index, term);
-        self.decided.push(Decided { index, term, result: Ok(WriteReply { outcome, index, term }) });
-        self.flush()
+        self.apply_alone((index, term), |applier| applier.activate(info, activate))
     }
 
     /// The outcome is the previous version's hash (hex; empty for a new
