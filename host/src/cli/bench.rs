@@ -226,18 +226,13 @@ fn report(
 ) -> anyhow::Result<()> {
     let mut writes = latency_histogram()?;
     let mut reads = writes.clone();
-    let mut errors = 0;
-    let mut first_error = None;
     for result in results {
         for phase in &result.writes {
             writes.add(phase).context("merging histograms")?;
         }
         reads.add(&result.reads).context("merging histograms")?;
-        errors += result.errors;
-        if first_error.is_none() {
-            first_error.clone_from(&result.first_error);
-        }
     }
+    let (errors, first_error) = errors_of(results);
     let summary = json!({
         "clients": args.clients,
         "duration_secs": elapsed,
@@ -283,9 +278,20 @@ fn report(
             disk.len()
         );
     }
+    print_errors(errors, first_error.as_deref());
+    Ok(())
+}
+
+/// Failures over every client: how many, and the first one seen.
+pub(super) fn errors_of(results: &[ClientResult]) -> (u64, Option<String>) {
+    let errors = results.iter().map(|r| r.errors).sum();
+    (errors, results.iter().find_map(|r| r.first_error.clone()))
+}
+
+/// The closing line of a report: the failures, never hidden.
+pub(super) fn print_errors(errors: u64, first_error: Option<&str>) {
     match first_error {
         Some(error) => println!("errors: {errors} (first: {error})"),
         None => println!("errors: 0"),
     }
-    Ok(())
 }

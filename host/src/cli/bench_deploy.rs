@@ -5,7 +5,7 @@
 //! has its own hash and the guest behaves the same) is deployed for `kv`
 //! and activated, and the writes during the deploy are measured apart.
 
-use super::bench::{ClientContext, latency_histogram, percentiles, run_client};
+use super::bench::{ClientContext, errors_of, latency_histogram, percentiles, print_errors, run_client};
 use super::client::Target;
 use anyhow::{Context, bail};
 use clap::Args;
@@ -121,16 +121,12 @@ pub fn bench_deploy(args: BenchDeployArgs) -> anyhow::Result<()> {
     })?;
 
     let mut per_phase: Vec<Histogram<u64>> = (0..phases).map(|_| latency_histogram()).collect::<Result<_, _>>()?;
-    let (mut errors, mut first_error) = (0, None);
     for result in &results {
         for (merged, phase) in per_phase.iter_mut().zip(&result.writes) {
             merged.add(phase).context("merging histograms")?;
         }
-        errors += result.errors;
-        if first_error.is_none() {
-            first_error.clone_from(&result.first_error);
-        }
     }
+    let (errors, first_error) = errors_of(&results);
     let rows: Vec<serde_json::Value> = deploys
         .iter()
         .zip(&per_phase[1..])
@@ -174,10 +170,7 @@ pub fn bench_deploy(args: BenchDeployArgs) -> anyhow::Result<()> {
             during.len()
         );
     }
-    match first_error {
-        Some(error) => println!("errors: {errors} (first: {error})"),
-        None => println!("errors: 0"),
-    }
+    print_errors(errors, first_error.as_deref());
     Ok(())
 }
 
