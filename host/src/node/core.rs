@@ -109,6 +109,11 @@ impl CoreHandle {
         self.leadership.clone()
     }
 
+    /// Role, term and leader as of now, without subscribing.
+    pub fn current_leadership(&self) -> LeadershipView {
+        self.leadership.borrow().clone()
+    }
+
     fn offer(&self, message: CoreMsg) -> Result<(), RequestError> {
         self.tx.try_send(message).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => RequestError::Busy("the consensus inbox is full".into()),

@@ -71,7 +71,7 @@ impl Deployer {
     /// Refuses unless this member leads: deploys and activations are
     /// decided in one place, and the client is told where that is.
     pub fn check_leader(&self) -> Result<(), RequestError> {
-        let view = self.core.leadership().borrow().clone();
+        let view = self.core.current_leadership();
         if view.role == Role::Leader {
             return Ok(());
         }

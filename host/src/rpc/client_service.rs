@@ -108,7 +108,7 @@ impl ClientService {
                 "state_machine is empty; name the state machine (for example \"kv\")",
             ));
         }
-        let leads = self.core.leadership().borrow().role == Role::Leader;
+        let leads = self.core.current_leadership().role == Role::Leader;
         if write && leads && !self.registry.is_known(name) {
             return Err(status_of(RequestError::UnknownStateMachine(name.to_string())));
         }
