@@ -5,7 +5,11 @@
 //! dropped; links are cut (symmetrically or one way); nodes crash between
 //! receiving a `Ready` and finishing it, losing everything not yet persisted,
 //! and restart from their durable store; clients propose writes and
-//! linearizable reads throughout. After every step the checker verifies:
+//! linearizable reads throughout. Members compact their logs at random, so
+//! lagging followers catch up by snapshot; the leader adds learners, promotes
+//! and removes members one at a time (each cluster has two spare nodes that
+//! start outside it), hands leadership over, and nodes go offline for
+//! maintenance and come back. After every step the checker verifies:
 //!
 //! - election safety: at most one leader per term;
 //! - log matching: two durable logs with the same term at an index are equal
@@ -16,9 +20,11 @@
 //!   earlier term (so every acknowledged write is in every later leader's log);
 //! - ReadIndex linearizability: a read's index covers every write committed
 //!   before the read was requested;
-//! - liveness: once the network heals and every node is up, a leader is
-//!   elected and a new write commits everywhere within a bounded number of
-//!   ticks.
+//! - snapshots: an installed snapshot's point is a committed entry;
+//! - liveness: once the network heals and every member is up and online, a
+//!   leader is elected and a new write commits on every member within a
+//!   bounded number of ticks (nodes outside the committed configuration are
+//!   stopped, as an operator would).
 //!
 //! `RAFT_SIM_SEEDS=N` runs seeds 0..N (default 1000), `RAFT_SIM_SEED=S` replays
 //! one seed and prints its trace. A failure prints the seed and the last
@@ -26,8 +32,8 @@
 
 use bytes::Bytes;
 use raft_host::raft::{
-    ConfState, Config, Entry, Index, MemLogStore, Message, NodeId, ProposeError, Raft, ReadIndexError, Ready, Role,
-    Term,
+    ConfChange, ConfChangeEntry, ConfChangeKind, ConfState, Config, Entry, EntryKind, Index, LogStore, MemLogStore, Message,
+    MessageBody, NodeId, ProposeError, Raft, ReadIndexError, Ready, Role, SnapshotMeta, Term,
 };
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
@@ -41,6 +47,7 @@ use std::time::Instant;
 const CHAOS_STEPS: usize = 20_000;
 const LIVENESS_ROUNDS_MAX: usize = 400;
 const TRACE_LINES_SHOWN: usize = 80;
+const SPARE_NODES: u64 = 2;
 
 /// A node's durable state, which survives crashes.
 struct Durable {
@@ -69,6 +76,7 @@ struct SimNode {
 #[derive(Clone)]
 struct CommittedEntry {
     term: Term,
+    kind: EntryKind,
     data: Bytes,
     commit_term: Term,
 }
@@ -86,6 +94,7 @@ struct Sim {
     /// Chance that an input reaches a node whose last `Ready` is unfinished.
     overlap_percent: u32,
     leaders: BTreeMap<Term, NodeId>,
+    initial_conf: ConfState,
     committed: Vec<CommittedEntry>,
     next_payload: u64,
     next_read_ctx: u64,
@@ -103,6 +112,8 @@ struct Stats {
     reads_served: u64,
     crashes: u64,
     elections: u64,
+    snapshots_installed: u64,
+    conf_changes_applied: u64,
 }
 
 type Violation = String;
@@ -118,6 +129,10 @@ enum Action {
     Crash,
     Restart,
     Network,
+    Compact,
+    ConfChange,
+    Transfer,
+    Offline,
 }
 
 /// Per-seed action weights ("swarm testing"): each seed stresses a different
@@ -139,6 +154,10 @@ impl Weights {
             (Action::Crash, rng.random_range(0..15)),
             (Action::Restart, rng.random_range(2..30)),
             (Action::Network, rng.random_range(1..20)),
+            (Action::Compact, rng.random_range(0..30)),
+            (Action::ConfChange, rng.random_range(0..12)),
+            (Action::Transfer, rng.random_range(0..6)),
+            (Action::Offline, rng.random_range(0..6)),
         ];
         let total = table.iter().map(|(_, w)| w).sum();
         Weights { table, total }
@@ -168,20 +187,26 @@ impl Sim {
         config.max_inflight_messages = rng.random_range(1..=8);
         config.max_inflight_bytes = rng.random_range(200..4000);
         config.max_apply_bytes = rng.random_range(40..400);
-        config.max_entry_bytes = 64;
+        // Room for a membership change naming all seven nodes.
+        config.max_entry_bytes = 128;
         config.max_uncommitted_bytes = 2048;
         config.max_pending_reads = 16;
         config.pre_vote = rng.random_ratio(3, 4);
         config.check_quorum = rng.random_ratio(3, 4);
         let voters = ConfState::with_voters(1..=size);
-        let nodes = (1..=size)
+        // Two spare nodes start outside the configuration, to be added.
+        let nodes = (1..=size + SPARE_NODES)
             .map(|id| SimNode {
                 id,
                 raft: None,
                 pending: None,
                 durable: Durable {
                     log_hashes: Vec::new(),
-                    store: MemLogStore::new_with_conf_state(voters.clone()),
+                    store: MemLogStore::new_with_conf_state(if id <= size {
+                        voters.clone()
+                    } else {
+                        ConfState::default()
+                    }),
                     applied: 0,
                 },
                 observed_commit: 0,
@@ -198,6 +223,7 @@ impl Sim {
             weights: Weights::draw(&mut rng),
             overlap_percent: *[0, 30, 90].choose(&mut rng).expect("non-empty"),
             leaders: BTreeMap::new(),
+            initial_conf: voters.clone(),
             committed: Vec::new(),
             next_payload: 0,
             next_read_ctx: 0,
@@ -207,7 +233,7 @@ impl Sim {
             rng,
             stats: Stats::default(),
         };
-        for slot in 0..size as usize {
+        for slot in 0..(size + SPARE_NODES) as usize {
             sim.start(slot).expect("fresh nodes start");
         }
         let c = sim.config_template.clone();
@@ -282,6 +308,9 @@ impl Sim {
     fn finish_ready(&mut self, slot: usize) -> Result<(), Violation> {
         let Some(mut ready) = self.nodes[slot].pending.take() else { return Ok(()) };
         let id = self.nodes[slot].id;
+        if let Some(snapshot) = ready.snapshot.take() {
+            self.install_snapshot(slot, snapshot)?;
+        }
         if !ready.entries.is_empty() {
             self.persist_entries(slot, &ready.entries)?;
         }
@@ -356,6 +385,42 @@ impl Sim {
         Ok(())
     }
 
+    /// Step 0 of a Ready: the snapshot's data replaces the state machine (here:
+    /// the applied prefix) and the whole log.
+    fn install_snapshot(&mut self, slot: usize, snapshot: SnapshotMeta) -> Result<(), Violation> {
+        let id = self.nodes[slot].id;
+        let Some(known) = self.committed.get((snapshot.index - 1) as usize) else {
+            return Err(format!("node {id}: installed a snapshot at {} which no node has committed", snapshot.index));
+        };
+        if known.term != snapshot.term {
+            return Err(format!(
+                "snapshot safety: node {id} installed a snapshot at {} with term {} but term {} was committed there",
+                snapshot.index, snapshot.term, known.term
+            ));
+        }
+        let hashes = self.canonical_hashes(snapshot.index);
+        self.log(|| format!("install snapshot at {id}: ({}, {})", snapshot.index, snapshot.term));
+        let node = &mut self.nodes[slot];
+        node.durable.log_hashes = hashes;
+        node.durable.applied = snapshot.index;
+        node.raft.as_mut().expect("live").store_mut().install_snapshot(snapshot);
+        self.stats.snapshots_installed += 1;
+        Ok(())
+    }
+
+    /// Prefix hashes of the committed log up to `index`, as `persist_entries`
+    /// computes them.
+    fn canonical_hashes(&self, index: Index) -> Vec<(Term, u64)> {
+        let mut out = Vec::with_capacity(index as usize);
+        for (offset, known) in self.committed.iter().take(index as usize).enumerate() {
+            let prev = out.last().map_or(0, |&(_, h)| h);
+            let mut hasher = DefaultHasher::new();
+            (prev, known.term, offset as Index + 1, &known.data[..]).hash(&mut hasher);
+            out.push((known.term, hasher.finish()));
+        }
+        out
+    }
+
     fn apply(&mut self, slot: usize, entry: &Entry) -> Result<(), Violation> {
         let node = &mut self.nodes[slot];
         if entry.index != node.durable.applied + 1 {
@@ -371,6 +436,12 @@ impl Sim {
             ));
         }
         node.durable.applied = entry.index;
+        if entry.kind == EntryKind::ConfChange {
+            let raft = node.raft.as_mut().expect("live");
+            let change = ConfChangeEntry::decode(&entry.data).map_err(|e| format!("bad conf change: {e}"))?;
+            raft.store_mut().set_conf_state(change.conf);
+            self.stats.conf_changes_applied += 1;
+        }
         Ok(())
     }
 
@@ -387,20 +458,56 @@ impl Sim {
         self.finish_ready(slot)
     }
 
-    fn deliver(&mut self, message: Message) -> Result<(), Violation> {
+    fn deliver(&mut self, mut message: Message) -> Result<(), Violation> {
         if self.cut.contains(&(message.from, message.to)) {
             self.log(|| format!("cut   {} -> {} {}", message.from, message.to, message.body.name()));
-            return Ok(());
+            return self.report_snapshot(&message, false);
         }
         let slot = self.slot_of(message.to);
         if self.nodes[slot].raft.is_none() {
-            return Ok(());
+            return self.report_snapshot(&message, false);
+        }
+        if let MessageBody::InstallSnapshot { snapshot } = &mut message.body
+            && let Some(later) = self.later_snapshot_point(message.from, snapshot.index)
+        {
+            // A driver may ship any later applied point of the sender.
+            *snapshot = later;
         }
         self.before_input(slot)?;
         self.log(|| format!("deliver {} -> {} t{} {:?}", message.from, message.to, message.term, short(&message)));
         let to = message.to;
         let raft = self.nodes[slot].raft.as_mut().expect("live");
-        raft.step(message).map_err(|e| format!("node {to}: step failed: {e}"))?;
+        raft.step(message.clone()).map_err(|e| format!("node {to}: step failed: {e}"))?;
+        self.take_ready(slot)?;
+        self.report_snapshot(&message, true)
+    }
+
+    /// The sender's current applied point, sometimes, when it is past `index`.
+    fn later_snapshot_point(&mut self, sender: NodeId, index: Index) -> Option<SnapshotMeta> {
+        if !self.rng.random_bool(0.5) {
+            return None;
+        }
+        let node = &self.nodes[self.slot_of(sender)];
+        let applied = node.durable.applied;
+        let raft = node.raft.as_ref()?;
+        if applied <= index {
+            return None;
+        }
+        let term = self.committed.get((applied - 1) as usize)?.term;
+        let (_, conf_state) = raft.log().store().initial_state().ok()?;
+        Some(SnapshotMeta { index: applied, term, conf_state })
+    }
+
+    /// Tells the sender of a snapshot that its stream ended (`_delivered`
+    /// says how, for the trace; the core treats both alike).
+    fn report_snapshot(&mut self, message: &Message, _delivered: bool) -> Result<(), Violation> {
+        if !matches!(message.body, MessageBody::InstallSnapshot { .. }) {
+            return Ok(());
+        }
+        let slot = self.slot_of(message.from);
+        let Some(raft) = self.nodes[slot].raft.as_mut() else { return Ok(()) };
+        let from = message.from;
+        raft.report_snapshot(message.to).map_err(|e| format!("node {from}: report failed: {e}"))?;
         self.take_ready(slot)
     }
 
@@ -430,7 +537,7 @@ impl Sim {
                 self.log(|| format!("propose at {id}: {}..={} in term {}", p.first_index, p.last_index, p.term));
                 Some((p.last_index, p.term))
             }
-            Err(ProposeError::NotLeader { .. } | ProposeError::Busy { .. }) => None,
+            Err(ProposeError::NotLeader { .. } | ProposeError::Busy { .. } | ProposeError::Transferring { .. }) => None,
             Err(e) => return Err(format!("node {id}: proposal failed unexpectedly: {e}")),
         };
         self.take_ready(slot)?;
@@ -504,7 +611,7 @@ impl Sim {
 
     /// Picks a message, mostly among the oldest (so most traffic is roughly
     /// in order) but sometimes anywhere (reordering, long delays).
-    fn pick_message(&mut self) -> Option<Message> {
+    fn pick_message(&mut self) -> Option<Result<Message, Violation>> {
         if self.in_flight.is_empty() {
             return None;
         }
@@ -517,9 +624,13 @@ impl Sim {
         };
         if self.rng.random_range(0..100) < self.drop_percent {
             self.log(|| format!("drop  {} -> {} {}", message.from, message.to, message.body.name()));
+            // A lost snapshot stream fails at its sender.
+            if let Err(v) = self.report_snapshot(&message, false) {
+                return Some(Err(v));
+            }
             return None;
         }
-        Some(message)
+        Some(Ok(message))
     }
 
     fn chaos_step(&mut self) -> Result<(), Violation> {
@@ -527,7 +638,7 @@ impl Sim {
         match self.weights.pick(&mut self.rng) {
             Action::Deliver => {
                 if let Some(m) = self.pick_message() {
-                    self.deliver(m)?;
+                    self.deliver(m?)?;
                 }
             }
             Action::Tick => {
@@ -570,8 +681,96 @@ impl Sim {
                 }
             }
             Action::Network => self.change_network(),
+            Action::Compact => {
+                if let Some(&slot) = live.choose(&mut self.rng) {
+                    self.compact(slot);
+                }
+            }
+            Action::ConfChange => self.change_membership()?,
+            Action::Transfer => {
+                let leader = live.iter().copied().find(|&s| self.is_leader(s));
+                if let Some(slot) = leader {
+                    self.before_input(slot)?;
+                    let voters: Vec<NodeId> = self.nodes[slot].raft.as_ref().expect("live").voters().into_iter().collect();
+                    if let Some(&to) = voters.choose(&mut self.rng) {
+                        let raft = self.nodes[slot].raft.as_mut().expect("live");
+                        let from = raft.id();
+                        match raft.transfer_leader(to) {
+                            Ok(()) => self.log(|| format!("transfer leadership {from} -> {to}")),
+                            Err(ProposeError::NotLeader { .. }) => {}
+                            Err(e) => return Err(format!("node {from}: transfer failed unexpectedly: {e}")),
+                        }
+                        self.take_ready(slot)?;
+                    }
+                }
+            }
+            Action::Offline => {
+                if let Some(&slot) = live.choose(&mut self.rng) {
+                    self.before_input(slot)?;
+                    let raft = self.nodes[slot].raft.as_mut().expect("live");
+                    let (id, offline) = (raft.id(), !raft.is_offline());
+                    raft.set_offline(offline).map_err(|e| format!("node {id}: set_offline failed: {e}"))?;
+                    self.log(|| format!("node {id} {}", if offline { "offline" } else { "online" }));
+                    self.take_ready(slot)?;
+                }
+            }
         }
         self.observe()
+    }
+
+    fn is_leader(&self, slot: usize) -> bool {
+        self.nodes[slot].raft.as_ref().is_some_and(|r| r.role() == Role::Leader)
+    }
+
+    /// Compacts a node's log up to what it has applied.
+    fn compact(&mut self, slot: usize) {
+        let node = &mut self.nodes[slot];
+        let applied = node.durable.applied;
+        let Some(raft) = node.raft.as_mut() else { return };
+        let store = raft.store_mut();
+        let first = store.first_index().unwrap_or(1);
+        // The store's membership is the one as of `applied`; compacting
+        // elsewhere would record another point's membership.
+        if applied < first {
+            return;
+        }
+        let (_, conf) = store.initial_state().expect("in-memory store");
+        store.compact(applied, conf);
+        let id = node.id;
+        self.log(|| format!("compact {id} to {applied}"));
+    }
+
+    /// Proposes a random membership change at the leader.
+    fn change_membership(&mut self) -> Result<(), Violation> {
+        let live = self.live_slots();
+        let Some(slot) = live.iter().copied().find(|&s| self.is_leader(s)) else { return Ok(()) };
+        self.before_input(slot)?;
+        let raft = self.nodes[slot].raft.as_ref().expect("live");
+        let conf = raft.conf_state();
+        let everyone: Vec<NodeId> = self.nodes.iter().map(|n| n.id).collect();
+        let outside: Vec<NodeId> = everyone.iter().copied().filter(|id| !conf.members().contains(id)).collect();
+        let learners: Vec<NodeId> = conf.learners.iter().copied().collect();
+        let members: Vec<NodeId> = conf.members().into_iter().collect();
+        let change = match self.rng.random_range(0..3) {
+            0 => outside.choose(&mut self.rng).map(|&node| (ConfChangeKind::AddLearner, node)),
+            1 => learners.choose(&mut self.rng).map(|&node| (ConfChangeKind::Promote, node)),
+            _ => members.choose(&mut self.rng).map(|&node| (ConfChangeKind::Remove, node)),
+        };
+        let Some((kind, node)) = change else { return Ok(()) };
+        let raft = self.nodes[slot].raft.as_mut().expect("live");
+        let id = raft.id();
+        match raft.propose_conf_change(ConfChange { kind, node, context: Bytes::new() }) {
+            Ok(p) => self.log(|| format!("propose at {id}: {kind:?} {node} at {}", p.last_index)),
+            Err(
+                ProposeError::NotLeader { .. }
+                | ProposeError::Busy { .. }
+                | ProposeError::Transferring { .. }
+                | ProposeError::ConfChangePending(_)
+                | ProposeError::InvalidConfChange(_),
+            ) => {}
+            Err(e) => return Err(format!("node {id}: conf change failed unexpectedly: {e}")),
+        }
+        self.take_ready(slot)
     }
 
     // ---- Checks ------------------------------------------------------------
@@ -605,11 +804,13 @@ impl Sim {
     fn check_leader_completeness(&self, slot: usize) -> Result<(), Violation> {
         let raft = self.nodes[slot].raft.as_ref().expect("live");
         let term = raft.term();
+        // Compacted entries were applied, and applying checks each of them.
+        let first = raft.log().first_index().map_err(|e| e.to_string())?;
         for (offset, known) in self.committed.iter().enumerate() {
-            if known.commit_term >= term {
+            let index = offset as Index + 1;
+            if known.commit_term >= term || index < first {
                 continue;
             }
-            let index = offset as Index + 1;
             let held = raft.log().entries(index, index + 1, u64::MAX).ok().and_then(|mut v| v.pop());
             if held.as_ref().is_none_or(|e| e.term != known.term || e.data != known.data) {
                 return Err(format!(
@@ -626,9 +827,31 @@ impl Sim {
     fn observe_commit(&mut self, slot: usize) -> Result<(), Violation> {
         let raft = self.nodes[slot].raft.as_ref().expect("live");
         let commit = raft.log().committed();
-        let from = self.nodes[slot].observed_commit + 1;
+        let mut from = self.nodes[slot].observed_commit + 1;
         if commit < from {
             return Ok(());
+        }
+        let first = raft.log().first_index().map_err(|e| e.to_string())?;
+        if from < first {
+            // The commit index jumped over a snapshot: its point must be an
+            // entry already known to be committed with the same term.
+            let snapshot = raft.log().snapshot_meta().map_err(|e| e.to_string())?;
+            match self.committed.get((snapshot.index - 1) as usize) {
+                Some(known) if known.term == snapshot.term => {}
+                _ => {
+                    return Err(format!(
+                        "snapshot safety: node {} holds snapshot ({}, {}) which is not a committed entry",
+                        raft.id(),
+                        snapshot.index,
+                        snapshot.term
+                    ));
+                }
+            }
+            from = first;
+            if commit < from {
+                self.nodes[slot].observed_commit = commit;
+                return Ok(());
+            }
         }
         let entries = raft
             .log()
@@ -648,6 +871,7 @@ impl Sim {
                     assert_eq!(entry.index as usize, self.committed.len() + 1, "commit observations are contiguous");
                     self.committed.push(CommittedEntry {
                         term: entry.term,
+                        kind: entry.kind,
                         data: entry.data.clone(),
                         commit_term: term,
                     });
@@ -668,19 +892,17 @@ impl Sim {
         self.drop_percent = 0;
         self.duplicate_percent = 0;
         self.overlap_percent = 0;
-        self.log(|| "liveness: heal network, restart all".to_string());
-        for slot in 0..self.nodes.len() {
-            if self.nodes[slot].raft.is_none() {
-                self.start(slot)?;
-            }
-        }
+        self.log(|| "liveness: heal network, restart all members, all online".to_string());
+        self.restart_members()?;
         // First the cluster must converge on heartbeats alone: a leader, and
         // every node holding, committing and applying the leader's whole log.
         // Then a new write must commit and apply everywhere.
         let mut converged_at: Option<usize> = None;
         let mut proposed: Option<(Index, Term)> = None;
         for round in 0..LIVENESS_ROUNDS_MAX {
-            for slot in 0..self.nodes.len() {
+            // A change committed meanwhile may add or remove members.
+            self.restart_members()?;
+            for slot in self.live_slots() {
                 self.tick(slot)?;
             }
             self.drain_network()?;
@@ -692,8 +914,8 @@ impl Sim {
             let leader_term = leader.term();
             if converged_at.is_none() {
                 let last = leader.log().last_index().map_err(|e| e.to_string())?;
-                let caught_up = self.nodes.iter().all(|n| {
-                    let r = n.raft.as_ref().expect("all live");
+                let caught_up = self.nodes.iter().filter(|n| n.raft.is_some()).all(|n| {
+                    let r = n.raft.as_ref().expect("live");
                     r.log().last_index().ok() == Some(last) && r.log().committed() == last && n.durable.applied == last
                 });
                 if caught_up {
@@ -706,7 +928,8 @@ impl Sim {
             if let Some((index, term)) = proposed {
                 match self.committed.get((index - 1) as usize) {
                     Some(entry) if entry.term == term => {
-                        let applied_everywhere = self.nodes.iter().all(|n| n.durable.applied >= index);
+                        let applied_everywhere =
+                            self.nodes.iter().filter(|n| n.raft.is_some()).all(|n| n.durable.applied >= index);
                         if applied_everywhere {
                             self.log(|| format!("liveness: write applied everywhere after {round} rounds"));
                             return Ok(());
@@ -724,8 +947,9 @@ impl Sim {
         let state: Vec<String> = self
             .nodes
             .iter()
+            .filter(|n| n.raft.is_some())
             .map(|n| {
-                let r = n.raft.as_ref().expect("all live");
+                let r = n.raft.as_ref().expect("live");
                 format!(
                     "node {} {} term {} commit {} applied {} (core: {}), pending ready: {}",
                     n.id,
@@ -744,6 +968,57 @@ impl Sim {
             "the cluster did not converge"
         };
         Err(format!("liveness: {phase} within {LIVENESS_ROUNDS_MAX} rounds after healing: {state:?}"))
+    }
+
+    /// The configuration after every committed membership change, and the
+    /// index of the last one.
+    fn committed_conf(&self) -> (ConfState, Index) {
+        let mut conf = self.initial_conf.clone();
+        let mut last_change = 0;
+        for (offset, entry) in self.committed.iter().enumerate() {
+            if entry.kind != EntryKind::ConfChange {
+                continue;
+            }
+            if let Ok(change) = ConfChangeEntry::decode(&entry.data) {
+                conf = change.conf;
+                last_change = offset as Index + 1;
+            }
+        }
+        (conf, last_change)
+    }
+
+    /// Runs every member of the committed configuration, all online. A node
+    /// outside it is stopped once every member has applied the last change,
+    /// as an operator retires a removed node only after the rest of the
+    /// cluster took the change in (until then its vote may still count for
+    /// members that do not know the change committed).
+    fn restart_members(&mut self) -> Result<(), Violation> {
+        let (conf, last_change) = self.committed_conf();
+        let members = conf.members();
+        let settled = self
+            .nodes
+            .iter()
+            .filter(|n| members.contains(&n.id))
+            .all(|n| n.raft.is_some() && n.durable.applied >= last_change);
+        for slot in 0..self.nodes.len() {
+            let id = self.nodes[slot].id;
+            match (members.contains(&id), self.nodes[slot].raft.is_some()) {
+                // A node outside the configuration runs until the change
+                // that removed it is applied everywhere.
+                (true, false) | (false, false) if !settled || members.contains(&id) => self.start(slot)?,
+                (false, true) if settled => {
+                    self.log(|| format!("liveness: stop {id}, which is not a member"));
+                    self.crash(slot);
+                }
+                _ => {}
+            }
+            if let Some(raft) = self.nodes[slot].raft.as_mut()
+                && raft.is_offline()
+            {
+                raft.set_offline(false).map_err(|e| format!("node {id}: set_offline failed: {e}"))?;
+            }
+        }
+        Ok(())
     }
 
     /// Delivers every message in order until the network is quiet.
@@ -857,6 +1132,8 @@ fn main() {
                             t.reads_served += stats.reads_served;
                             t.crashes += stats.crashes;
                             t.elections += stats.elections;
+                            t.snapshots_installed += stats.snapshots_installed;
+                            t.conf_changes_applied += stats.conf_changes_applied;
                         }
                         Err(v) => {
                             violations.fetch_add(1, Ordering::Relaxed);
@@ -870,13 +1147,15 @@ fn main() {
     let t = totals.into_inner().expect("no poisoned lock");
     let violations = violations.into_inner();
     println!(
-        "{} s: {} elections, {} proposals accepted, {} entries committed, {} reads served, {} crashes",
+        "{} s: {} elections, {} proposals accepted, {} entries committed, {} reads served, {} crashes, {} snapshots installed, {} membership changes applied",
         started.elapsed().as_secs_f64().round(),
         t.elections,
         t.proposals_accepted,
         t.entries_committed,
         t.reads_served,
-        t.crashes
+        t.crashes,
+        t.snapshots_installed,
+        t.conf_changes_applied
     );
     println!("simulation: {} passed, {violations} failed", seeds as usize - violations);
     println!("simulated {seeds} seeds, {violations} violations");

@@ -227,7 +227,12 @@ fn a_member_of_another_cluster_is_refused_and_cannot_disturb_this_one() {
         let mut peer = RaftPeerClient::new(channel);
         let vote = Message {
             term: 1_000,
-            body: Some(Body::RequestVote(RequestVote { pre_vote: false, last_log_index: 1_000, last_log_term: 999 })),
+            body: Some(Body::RequestVote(RequestVote {
+                pre_vote: false,
+                last_log_index: 1_000,
+                last_log_term: 999,
+                transfer: false,
+            })),
         };
         let envelope = |cluster_id: &str, from| Envelope {
             cluster_id: cluster_id.into(),

@@ -322,8 +322,14 @@ impl CoreTask {
             Err(error) => {
                 let refusal = match error {
                     ProposeError::NotLeader { leader } => self.not_leader(leader),
-                    ProposeError::Busy { .. } => RequestError::Busy(error.to_string()),
-                    ProposeError::TooLarge { .. } | ProposeError::Empty => RequestError::Invalid(error.to_string()),
+                    ProposeError::Busy { .. } | ProposeError::Transferring { .. } => {
+                        RequestError::Busy(error.to_string())
+                    }
+                    ProposeError::TooLarge { .. }
+                    | ProposeError::Empty
+                    | ProposeError::ConfChangePending(_)
+                    | ProposeError::InvalidConfChange(_)
+                    | ProposeError::InvalidTransfer(_) => RequestError::Invalid(error.to_string()),
                     ProposeError::Raft(fatal) => return Err(fatal.into()),
                 };
                 for reply in replies {

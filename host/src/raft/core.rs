@@ -12,7 +12,8 @@ use super::log_store::{LogStore, StorageError};
 use super::progress::{Progress, ProgressState};
 use super::quorum::{JointConfig, MajorityConfig, VoteResult};
 use super::types::{
-    ConfState, Entry, EntryKind, HardState, Index, Message, MessageBody, NodeId, ReadState, Role, SoftState, Term,
+    ConfChange, ConfChangeEntry, ConfState, Entry, EntryKind, HardState, Index, Message, MessageBody, NodeId, ReadState, Role,
+    SnapshotMeta, SoftState, Term,
 };
 use super::{ProposeError, RaftError, ReadIndexError};
 use bytes::Bytes;
@@ -22,6 +23,10 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// Everything the driver must do after a batch of inputs, in this order:
 ///
+/// 0. Install `snapshot`, when present: replace the state machine with the
+///    snapshot's data (staged by the driver when it arrived), drop the whole
+///    log, and record the snapshot point as applied, durably. The entries
+///    that follow continue the log after it.
 /// 1. Persist `entries` (appending, after dropping any existing entries at or
 ///    past the first one's index) and `hard_state`, durably (fsync).
 ///    `messages` may be sent before or while this happens.
@@ -38,6 +43,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 #[derive(Debug, Default)]
 pub struct Ready {
     pub soft_state: Option<SoftState>,
+    pub snapshot: Option<SnapshotMeta>,
     pub hard_state: Option<HardState>,
     pub entries: Vec<Entry>,
     pub messages: Vec<Message>,
@@ -52,6 +58,9 @@ pub struct Ready {
 struct ReadyMark {
     last_entry: Option<(Index, Term)>,
     last_committed: Option<Index>,
+    snapshot: Option<Index>,
+    /// Membership changes among the committed entries, applied in `advance`.
+    conf_changes: Vec<Bytes>,
 }
 
 /// A ReadIndex round: a read at `index` for `requester`, safe once a quorum
@@ -114,6 +123,21 @@ pub struct Raft<S: LogStore> {
     ticks: u64,
     /// The driver's apply queue is full: hand out no committed entries.
     apply_paused: bool,
+    /// Index of the last membership change in the log (leader only): the
+    /// next one waits until it is applied.
+    pending_conf_index: Index,
+    /// The member leadership is being handed to, and ticks since it started.
+    lead_transferee: Option<NodeId>,
+    transfer_elapsed: u32,
+    /// Taken offline for maintenance: neither votes nor campaigns.
+    offline: bool,
+    /// This leader applied its own removal: it accepts nothing new and
+    /// steps down once every voter holds its whole log.
+    removed: bool,
+    /// A change removing this leader is in its log: it takes no new writes,
+    /// so that its log never ends up longer than every remaining voter's
+    /// (they could not then win without its vote, which it would refuse).
+    removal_pending: bool,
 }
 
 impl<S: LogStore> Raft<S> {
@@ -121,10 +145,9 @@ impl<S: LogStore> Raft<S> {
     /// bootstrapped by a store whose configuration lists the initial voters.
     pub fn new(config: Config, store: S) -> Result<Raft<S>, RaftError> {
         config.validate()?;
+        // A node with no configuration yet (one that is joining) follows
+        // whoever leads and never campaigns until it is made a voter.
         let (hard_state, conf) = store.initial_state()?;
-        if conf.voters.is_empty() {
-            return Err(RaftError::NoVoters);
-        }
         let log = RaftLog::new(store, hard_state.commit, config.applied)?;
         let mut raft = Raft {
             id: config.id,
@@ -155,6 +178,12 @@ impl<S: LogStore> Raft<S> {
             pending_ready: None,
             ticks: 0,
             apply_paused: false,
+            pending_conf_index: 0,
+            lead_transferee: None,
+            transfer_elapsed: 0,
+            offline: false,
+            removed: false,
+            removal_pending: false,
             config,
         };
         raft.apply_conf_state(&conf);
@@ -204,6 +233,26 @@ impl<S: LogStore> Raft<S> {
         self.voters.voters()
     }
 
+    /// The current configuration: voters and learners, as of the last
+    /// applied membership change.
+    pub fn conf_state(&self) -> ConfState {
+        ConfState {
+            voters: self.voters.incoming.voters().clone(),
+            voters_outgoing: self.voters.outgoing.voters().clone(),
+            learners: self.learners.clone(),
+        }
+    }
+
+    /// Whether this node is offline for maintenance.
+    pub fn is_offline(&self) -> bool {
+        self.offline
+    }
+
+    /// The member leadership is being handed to, if a transfer is under way.
+    pub fn lead_transferee(&self) -> Option<NodeId> {
+        self.lead_transferee
+    }
+
     /// Replication progress of `id`, when this node is the leader.
     pub fn progress(&self, id: NodeId) -> Option<&Progress> {
         if self.role == Role::Leader { self.progress.get(&id) } else { None }
@@ -226,11 +275,15 @@ impl<S: LogStore> Raft<S> {
     /// committed: the driver learns that from `committed_entries`, where an
     /// entry at the same index with another term means the proposal was lost.
     pub fn propose(&mut self, payloads: Vec<Bytes>) -> Result<Proposed, ProposeError> {
-        if self.role != Role::Leader {
-            return Err(ProposeError::NotLeader { leader: self.leader });
+        if self.role != Role::Leader || self.removed || self.removal_pending {
+            let leaving = self.removed || self.removal_pending;
+            return Err(ProposeError::NotLeader { leader: self.leader.filter(|_| !leaving) });
         }
         if payloads.is_empty() {
             return Err(ProposeError::Empty);
+        }
+        if let Some(to) = self.lead_transferee {
+            return Err(ProposeError::Transferring { to });
         }
         let mut bytes = 0u64;
         for payload in &payloads {
@@ -254,11 +307,113 @@ impl<S: LogStore> Raft<S> {
             .enumerate()
             .map(|(i, data)| Entry { term: self.term, index: first_index + i as u64, kind: EntryKind::Normal, data })
             .collect();
+        self.append_proposed(entries, bytes)
+    }
+
+    fn append_proposed(&mut self, entries: Vec<Entry>, bytes: u64) -> Result<Proposed, ProposeError> {
+        let first_index = entries.first().map_or(0, |e| e.index);
         let last_index = self.log.append(&entries)?;
         self.uncommitted.push_back((last_index, bytes));
         self.uncommitted_bytes += bytes;
         self.broadcast_append()?;
         Ok(Proposed { term: self.term, first_index, last_index })
+    }
+
+    /// Proposes one membership change (see [`ConfChange`] for the rules).
+    /// Refused, with nothing appended, when this node does not lead, when it
+    /// has not yet committed an entry of its term, while an earlier change is
+    /// not applied, during a leader transfer, or when the change does not fit
+    /// the current configuration.
+    pub fn propose_conf_change(&mut self, change: ConfChange) -> Result<Proposed, ProposeError> {
+        if self.role != Role::Leader || self.removed {
+            return Err(ProposeError::NotLeader { leader: self.leader.filter(|_| !self.removed) });
+        }
+        if let Some(to) = self.lead_transferee {
+            return Err(ProposeError::Transferring { to });
+        }
+        if self.log.term(self.log.committed())? != self.term {
+            return Err(ProposeError::ConfChangePending(
+                "this leader has not yet committed an entry of its term".to_string(),
+            ));
+        }
+        if self.pending_conf_index > self.log.applied() {
+            return Err(ProposeError::ConfChangePending(format!(
+                "the membership change at index {} is not applied yet",
+                self.pending_conf_index
+            )));
+        }
+        let conf = self.conf_state().apply_change(&change).map_err(ProposeError::InvalidConfChange)?;
+        let removes_self = !conf.voters.contains(&self.id);
+        let data = ConfChangeEntry { change, conf }.encode();
+        let bytes = data.len() as u64;
+        if bytes > self.config.max_entry_bytes {
+            return Err(ProposeError::TooLarge { bytes, max: self.config.max_entry_bytes });
+        }
+        let index = self.log.last_index()? + 1;
+        let entry = Entry { term: self.term, index, kind: EntryKind::ConfChange, data };
+        let proposed = self.append_proposed(vec![entry], bytes)?;
+        self.pending_conf_index = proposed.last_index;
+        self.removal_pending = removes_self;
+        Ok(proposed)
+    }
+
+    /// Hands leadership to voter `to`: proposals are refused meanwhile, the
+    /// leader brings `to` up to date, then tells it to campaign at once
+    /// (TimeoutNow, thesis §3.10). A transfer that has not completed within
+    /// an election timeout is abandoned and the leader carries on.
+    pub fn transfer_leader(&mut self, to: NodeId) -> Result<(), ProposeError> {
+        if self.role != Role::Leader {
+            return Err(ProposeError::NotLeader { leader: self.leader });
+        }
+        if to == self.id {
+            return Ok(());
+        }
+        if !self.voters.contains(to) {
+            return Err(ProposeError::InvalidTransfer(format!("node {to} is not a voter and cannot lead")));
+        }
+        self.lead_transferee = Some(to);
+        self.transfer_elapsed = 0;
+        // Stop counting the lease from the old election: the transfer has its
+        // own timeout.
+        if self.progress.get(&to).is_some_and(|pr| Some(pr.matched) == self.log.last_index().ok()) {
+            self.send(to, MessageBody::TimeoutNow);
+        } else {
+            self.maybe_send_append(to, true)?;
+        }
+        Ok(())
+    }
+
+    /// Takes this node offline for maintenance (or brings it back): offline
+    /// it keeps following the log but neither votes nor campaigns. A leader
+    /// taken offline hands leadership to its most up-to-date voter first.
+    pub fn set_offline(&mut self, offline: bool) -> Result<(), RaftError> {
+        self.offline = offline;
+        if offline && self.role != Role::Follower {
+            if self.role == Role::Leader {
+                self.hand_over()?;
+            }
+            self.become_follower(self.term, None);
+        }
+        Ok(())
+    }
+
+    /// The driver finished (or failed) sending the snapshot it was asked to
+    /// send to `to`.
+    /// Either way the leader goes back to probing once it hears from the
+    /// follower (its acknowledgement of the snapshot, or its next heartbeat
+    /// reply), and sends another snapshot if the follower still needs one.
+    pub fn report_snapshot(&mut self, to: NodeId) -> Result<(), RaftError> {
+        let Some(pr) = self.progress.get_mut(&to) else { return Ok(()) };
+        if !matches!(pr.state, ProgressState::Snapshot { .. }) {
+            return Ok(());
+        }
+        pr.become_probe();
+        // Wait for the follower's acknowledgement, or after a failure for
+        // the next heartbeat reply, before probing again: a delivered
+        // snapshot is not followed by a second one, and an unreachable
+        // follower is not sent one snapshot after another.
+        pr.probe_sent = true;
+        Ok(())
     }
 
     /// Requests a linearizable read. A `ReadState` with the same `ctx` appears
@@ -323,7 +478,7 @@ impl<S: LogStore> Raft<S> {
     pub fn step(&mut self, m: Message) -> Result<(), RaftError> {
         self.validate(&m)?;
         if m.term > self.term {
-            if let MessageBody::RequestVote { .. } = m.body {
+            if let MessageBody::RequestVote { transfer: false, .. } = m.body {
                 // While a leader is known to be alive, a vote request must come
                 // from a node that cannot hear it: ignore it rather than let it
                 // depose a healthy leader.
@@ -364,7 +519,7 @@ impl<S: LogStore> Raft<S> {
             return Ok(());
         }
 
-        if let MessageBody::RequestVote { pre_vote, last_log_index, last_log_term } = m.body {
+        if let MessageBody::RequestVote { pre_vote, last_log_index, last_log_term, .. } = m.body {
             return self.handle_vote_request(m.from, m.term, pre_vote, last_log_index, last_log_term);
         }
         match self.role {
@@ -382,6 +537,7 @@ impl<S: LogStore> Raft<S> {
             return false;
         }
         self.soft_state() != self.last_soft_state
+            || self.log.unstable_snapshot().is_some()
             || self.hard_state() != self.last_hard_state
             || !self.log.unstable_entries().is_empty()
             || !self.messages.is_empty()
@@ -401,6 +557,7 @@ impl<S: LogStore> Raft<S> {
             if self.apply_paused { Vec::new() } else { self.log.next_committed(self.config.max_apply_bytes)? };
         let ready = Ready {
             soft_state: (soft != self.last_soft_state).then_some(soft),
+            snapshot: self.log.unstable_snapshot().cloned(),
             hard_state: (hard != self.last_hard_state).then_some(hard),
             messages: std::mem::take(&mut self.messages),
             persisted_messages: std::mem::take(&mut self.persisted_messages),
@@ -413,6 +570,13 @@ impl<S: LogStore> Raft<S> {
         self.pending_ready = Some(ReadyMark {
             last_entry: ready.entries.last().map(|e| (e.index, e.term)),
             last_committed: ready.committed_entries.last().map(|e| e.index),
+            snapshot: ready.snapshot.as_ref().map(|s| s.index),
+            conf_changes: ready
+                .committed_entries
+                .iter()
+                .filter(|e| e.kind == EntryKind::ConfChange)
+                .map(|e| e.data.clone())
+                .collect(),
         });
         Ok(ready)
     }
@@ -421,11 +585,17 @@ impl<S: LogStore> Raft<S> {
     /// state are durable and its committed entries are being applied.
     pub fn advance(&mut self) -> Result<(), RaftError> {
         let mark = self.pending_ready.take().expect("advance() called without ready()");
+        if let Some(index) = mark.snapshot {
+            self.log.stable_snapshot_to(index);
+        }
         if let Some((index, term)) = mark.last_entry {
             self.log.stable_to(index, term);
         }
         if let Some(index) = mark.last_committed {
             self.log.applied_to(index);
+        }
+        for data in mark.conf_changes {
+            self.apply_conf_change(&data)?;
         }
         if self.role == Role::Leader {
             // The leader's own copy counts towards a quorum only once durable.
@@ -454,6 +624,10 @@ impl<S: LogStore> Raft<S> {
         let spread = self.rng.next_u64() % u64::from(self.config.election_tick);
         self.randomized_election_timeout = self.config.election_tick + spread as u32;
         self.votes.clear();
+        self.removed = false;
+        self.removal_pending = false;
+        self.lead_transferee = None;
+        self.transfer_elapsed = 0;
         self.read_rounds.clear();
         self.read_acks.clear();
         self.reads_awaiting_commit.clear();
@@ -497,6 +671,10 @@ impl<S: LogStore> Raft<S> {
             own.become_replicate();
             own.recent_active = true;
         }
+        // Any membership change still in the log must be applied before the
+        // next one is proposed; the log's end is a safe upper bound for it.
+        self.pending_conf_index = self.log.last_index()?;
+        self.removal_pending = self.unapplied_change_removes_self()?;
         // A no-op of the new term lets the leader commit everything before it
         // (Raft §5.4.2, §8) and serve ReadIndex.
         let index = self.log.last_index()? + 1;
@@ -505,7 +683,11 @@ impl<S: LogStore> Raft<S> {
     }
 
     fn start_campaign(&mut self, pre_vote: bool) -> Result<(), RaftError> {
-        if !self.is_promotable() {
+        self.campaign_with(pre_vote, false)
+    }
+
+    fn campaign_with(&mut self, pre_vote: bool, transfer: bool) -> Result<(), RaftError> {
+        if !self.is_promotable() || self.offline {
             return Ok(());
         }
         let vote_term = if pre_vote {
@@ -517,7 +699,7 @@ impl<S: LogStore> Raft<S> {
         };
         self.votes.insert(self.id, true);
         match self.poll() {
-            VoteResult::Won if pre_vote => return self.start_campaign(false),
+            VoteResult::Won if pre_vote => return self.campaign_with(false, transfer),
             VoteResult::Won => {
                 self.become_leader()?;
                 return self.broadcast_append();
@@ -530,7 +712,7 @@ impl<S: LogStore> Raft<S> {
                 self.send_with_term(
                     id,
                     vote_term,
-                    MessageBody::RequestVote { pre_vote, last_log_index, last_log_term },
+                    MessageBody::RequestVote { pre_vote, last_log_index, last_log_term, transfer },
                 );
             }
         }
@@ -545,7 +727,7 @@ impl<S: LogStore> Raft<S> {
 
     fn tick_election(&mut self) -> Result<(), RaftError> {
         self.election_elapsed += 1;
-        if self.is_promotable() && self.election_elapsed >= self.randomized_election_timeout {
+        if self.is_promotable() && !self.offline && self.election_elapsed >= self.randomized_election_timeout {
             self.election_elapsed = 0;
             self.start_campaign(self.config.pre_vote)?;
         }
@@ -555,6 +737,14 @@ impl<S: LogStore> Raft<S> {
     fn tick_leader(&mut self) -> Result<(), RaftError> {
         self.heartbeat_elapsed += 1;
         self.election_elapsed += 1;
+        if self.lead_transferee.is_some() {
+            self.transfer_elapsed += 1;
+            if self.transfer_elapsed >= self.config.election_tick {
+                // The target did not take over in time: keep leading.
+                self.lead_transferee = None;
+                self.transfer_elapsed = 0;
+            }
+        }
         if self.election_elapsed >= self.config.election_tick {
             self.election_elapsed = 0;
             if self.config.check_quorum {
@@ -592,7 +782,7 @@ impl<S: LogStore> Raft<S> {
     ) -> Result<(), RaftError> {
         let can_vote =
             self.vote == Some(from) || (self.vote.is_none() && self.leader.is_none()) || (pre_vote && term > self.term);
-        if can_vote && self.log.is_up_to_date(last_log_index, last_log_term)? {
+        if can_vote && !self.offline && self.log.is_up_to_date(last_log_index, last_log_term)? {
             // A granted pre-vote answers in the future term it was asked about.
             self.send_with_term(from, term, MessageBody::RequestVoteResponse { pre_vote, granted: true });
             if !pre_vote {
@@ -626,7 +816,7 @@ impl<S: LogStore> Raft<S> {
                     VoteResult::Pending => {}
                 }
             }
-            MessageBody::AppendEntries { .. } | MessageBody::Heartbeat { .. } => {
+            MessageBody::AppendEntries { .. } | MessageBody::Heartbeat { .. } | MessageBody::InstallSnapshot { .. } => {
                 // Someone won this term: follow it.
                 self.become_follower(m.term, Some(m.from));
                 self.step_follower(m)?;
@@ -655,6 +845,17 @@ impl<S: LogStore> Raft<S> {
             }
             MessageBody::ReadIndexResponse { ctx, index } if index > 0 => {
                 self.read_states.push(ReadState { index, ctx });
+            }
+            MessageBody::InstallSnapshot { snapshot } => {
+                self.election_elapsed = 0;
+                self.leader = Some(m.from);
+                self.handle_snapshot(m.from, snapshot)?;
+            }
+            MessageBody::TimeoutNow => {
+                // The leader hands over: campaign now, without a pre-vote (the
+                // leader vouches that we are up to date) and past the voters'
+                // lease, which the leader's own request lifts.
+                self.campaign_with(false, true)?;
             }
             // A ReadIndex sent to us as if we led is dropped; the requester
             // times out and retries with the real leader.
@@ -697,7 +898,10 @@ impl<S: LogStore> Raft<S> {
                 // follower's driver times them out and retries.
                 let _ = self.handle_read_request(m.from, ctx);
             }
-            MessageBody::AppendEntries { .. } | MessageBody::Heartbeat { .. } => {
+            MessageBody::AppendEntries { .. }
+            | MessageBody::Heartbeat { .. }
+            | MessageBody::InstallSnapshot { .. }
+            | MessageBody::TimeoutNow => {
                 return Err(RaftError::InvalidMessage {
                     from: m.from,
                     reason: format!("claims leadership of term {} which this node leads", m.term),
@@ -749,6 +953,32 @@ impl<S: LogStore> Raft<S> {
         Ok(())
     }
 
+    /// A leader's snapshot, staged by the driver. Installed only when it
+    /// carries what this log lacks; either way the leader learns how far our
+    /// log now reaches.
+    fn handle_snapshot(&mut self, leader: NodeId, snapshot: SnapshotMeta) -> Result<(), RaftError> {
+        let committed = self.log.committed();
+        let index = snapshot.index;
+        if index <= committed {
+            // Stale or duplicate: what we have already covers it.
+            self.send(
+                leader,
+                MessageBody::AppendEntriesResponse { success: true, index: committed, hint_index: 0, hint_term: 0 },
+            );
+            return Ok(());
+        }
+        if self.log.matches(index, snapshot.term)? {
+            // Our log already holds the snapshot's last entry, so it holds
+            // everything before it too (log matching): just commit.
+            self.log.commit_to(index);
+        } else {
+            self.apply_conf_state(&snapshot.conf_state);
+            self.log.restore(snapshot);
+        }
+        self.send(leader, MessageBody::AppendEntriesResponse { success: true, index, hint_index: 0, hint_term: 0 });
+        Ok(())
+    }
+
     fn handle_append_response(
         &mut self,
         from: NodeId,
@@ -786,6 +1016,16 @@ impl<S: LogStore> Raft<S> {
         match pr.state {
             ProgressState::Probe => pr.become_replicate(),
             ProgressState::Replicate => pr.inflights.free_to(index),
+            ProgressState::Snapshot { pending } => {
+                // Installed (this acknowledges the snapshot's index or later),
+                // or caught up by other means: the log can take over.
+                if index >= pending {
+                    pr.become_replicate();
+                }
+            }
+        }
+        if self.lead_transferee == Some(from) && Some(index) == self.log.last_index().ok() {
+            self.send(from, MessageBody::TimeoutNow);
         }
         if self.maybe_commit()? {
             self.broadcast_append()?;
@@ -794,7 +1034,7 @@ impl<S: LogStore> Raft<S> {
         }
         // Pipelining: fill the window with whatever is left.
         while self.maybe_send_append(from, false)? {}
-        Ok(())
+        self.maybe_step_down_removed()
     }
 
     /// Sends `to` the next AppendEntries if its progress allows. With
@@ -811,13 +1051,15 @@ impl<S: LogStore> Raft<S> {
         let prev_log_index = pr.next - 1;
         let prev_log_term = match self.log.term(prev_log_index) {
             Ok(term) => term,
-            // Entries below the snapshot need InstallSnapshot, which arrives
-            // with log compaction; until then no store compacts.
-            Err(StorageError::Compacted(_)) => return Ok(false),
+            Err(StorageError::Compacted(_)) => return self.send_snapshot(to),
             Err(e) => return Err(e.into()),
         };
         let last_index = self.log.last_index()?;
-        let entries = self.log.entries(pr.next, last_index + 1, self.config.max_message_bytes)?;
+        let entries = match self.log.entries(pr.next, last_index + 1, self.config.max_message_bytes) {
+            Ok(entries) => entries,
+            Err(StorageError::Compacted(_)) => return self.send_snapshot(to),
+            Err(e) => return Err(e.into()),
+        };
         if entries.is_empty() && !send_if_empty {
             return Ok(false);
         }
@@ -829,6 +1071,16 @@ impl<S: LogStore> Raft<S> {
         }
         let leader_commit = self.log.committed();
         self.send(to, MessageBody::AppendEntries { prev_log_index, prev_log_term, entries, leader_commit });
+        Ok(true)
+    }
+
+    /// The follower needs entries that are compacted: ask the driver to send
+    /// a snapshot, and send nothing else until it reports back.
+    fn send_snapshot(&mut self, to: NodeId) -> Result<bool, RaftError> {
+        let snapshot = self.log.snapshot_meta()?;
+        let Some(pr) = self.progress.get_mut(&to) else { return Ok(false) };
+        pr.become_snapshot(snapshot.index);
+        self.send(to, MessageBody::InstallSnapshot { snapshot });
         Ok(true)
     }
 
@@ -925,6 +1177,103 @@ impl<S: LogStore> Raft<S> {
         let immediate = body.is_from_leader() || matches!(body, MessageBody::ReadIndex { .. });
         let message = Message { from: self.id, to, term, body };
         if immediate { self.messages.push(message) } else { self.persisted_messages.push(message) }
+    }
+
+    /// Applies a committed membership change: adopts the configuration it
+    /// carries. (An undecodable one cannot come from a leader of this
+    /// version; it is skipped here exactly as every driver skips it.)
+    fn apply_conf_change(&mut self, data: &[u8]) -> Result<(), RaftError> {
+        let Ok(entry) = ConfChangeEntry::decode(data) else { return Ok(()) };
+        self.apply_conf_state(&entry.conf);
+        if self.lead_transferee.is_some_and(|to| !self.voters.contains(to)) {
+            self.lead_transferee = None;
+        }
+        if self.role != Role::Leader {
+            return Ok(());
+        }
+        let members = self.members();
+        self.progress.retain(|id, _| members.contains(id));
+        let next_index = self.log.last_index()? + 1;
+        let (max_messages, max_bytes) = (self.config.max_inflight_messages, self.config.max_inflight_bytes);
+        for id in members {
+            self.progress.entry(id).or_insert_with(|| {
+                let mut pr = Progress::new(next_index, max_messages, max_bytes);
+                // Newcomers count as active until the next CheckQuorum round.
+                pr.recent_active = true;
+                pr
+            });
+        }
+        if !self.voters.contains(self.id) {
+            // Removed. The remaining voters may not know yet that the change
+            // committed, and until they apply it they need our vote; so keep
+            // leading (without counting ourselves) until every voter holds
+            // our whole log, then hand over (thesis §4.2.2).
+            self.removed = true;
+            self.broadcast_append()?;
+            return self.maybe_step_down_removed();
+        }
+        // A smaller quorum may commit more; a newcomer needs the log.
+        self.maybe_commit()?;
+        self.broadcast_append()?;
+        Ok(())
+    }
+
+    /// Whether a membership change in the log past the applied index removes
+    /// this node.
+    fn unapplied_change_removes_self(&self) -> Result<bool, RaftError> {
+        let mut index = self.log.applied() + 1;
+        let last = self.log.last_index()?;
+        while index <= last {
+            let entries = self.log.entries(index, last + 1, self.config.max_message_bytes)?;
+            for entry in &entries {
+                if entry.kind == EntryKind::ConfChange
+                    && let Ok(change) = ConfChangeEntry::decode(&entry.data)
+                    && !change.conf.voters.contains(&self.id)
+                {
+                    return Ok(true);
+                }
+            }
+            index += entries.len().max(1) as u64;
+        }
+        Ok(false)
+    }
+
+    /// A removed leader steps down once every voter holds its whole log:
+    /// any of them can then win, with or without our vote.
+    fn maybe_step_down_removed(&mut self) -> Result<(), RaftError> {
+        if !self.removed || self.role != Role::Leader {
+            return Ok(());
+        }
+        let last_index = self.log.last_index()?;
+        let caught_up = self
+            .voters
+            .voters()
+            .iter()
+            .all(|id| self.progress.get(id).is_some_and(|pr| pr.matched == last_index));
+        if caught_up && self.log.committed() == last_index {
+            self.hand_over()?;
+            self.become_follower(self.term, None);
+        }
+        Ok(())
+    }
+
+    /// Tells the voter whose log matches ours furthest to campaign now, if
+    /// one holds our whole log (otherwise it could not win anyway).
+    fn hand_over(&mut self) -> Result<(), RaftError> {
+        // Followers may not know yet that the change removing us committed;
+        // without that they would wait for our vote in the old configuration.
+        self.broadcast_heartbeat();
+        let last_index = self.log.last_index()?;
+        let best = self
+            .progress
+            .iter()
+            .filter(|(id, pr)| **id != self.id && self.voters.contains(**id) && pr.matched == last_index)
+            .map(|(id, _)| *id)
+            .next();
+        if let Some(to) = best {
+            self.send(to, MessageBody::TimeoutNow);
+        }
+        Ok(())
     }
 
     fn is_promotable(&self) -> bool {

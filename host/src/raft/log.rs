@@ -7,7 +7,7 @@
 //! `unstable_offset` are stale (about to be overwritten) and never read.
 
 use super::log_store::{LogStore, StorageError, take_within_bytes};
-use super::types::{Entry, Index, Term};
+use super::types::{Entry, Index, SnapshotMeta, Term};
 
 /// The log as the consensus core sees it.
 pub struct RaftLog<S: LogStore> {
@@ -18,6 +18,9 @@ pub struct RaftLog<S: LogStore> {
     committed: Index,
     /// Highest index handed to the driver to apply.
     applied: Index,
+    /// A snapshot this log was restored from that the driver has not yet
+    /// installed: the log starts right after it.
+    unstable_snapshot: Option<SnapshotMeta>,
 }
 
 impl<S: LogStore> RaftLog<S> {
@@ -36,6 +39,7 @@ impl<S: LogStore> RaftLog<S> {
             unstable_offset: last + 1,
             committed,
             applied: applied.max(snapshot_index),
+            unstable_snapshot: None,
         })
     }
 
@@ -60,7 +64,47 @@ impl<S: LogStore> RaftLog<S> {
 
     /// Index of the first entry still available (after the snapshot).
     pub fn first_index(&self) -> Result<Index, StorageError> {
-        self.store.first_index()
+        match &self.unstable_snapshot {
+            Some(snapshot) => Ok(snapshot.index + 1),
+            None => self.store.first_index(),
+        }
+    }
+
+    /// The snapshot to ship to a follower that needs compacted entries.
+    pub fn snapshot_meta(&self) -> Result<SnapshotMeta, StorageError> {
+        match &self.unstable_snapshot {
+            Some(snapshot) => Ok(snapshot.clone()),
+            None => self.store.snapshot_meta(),
+        }
+    }
+
+    /// A restored snapshot the driver has yet to install.
+    pub fn unstable_snapshot(&self) -> Option<&SnapshotMeta> {
+        self.unstable_snapshot.as_ref()
+    }
+
+    /// Replaces the whole log with `snapshot`: everything up to its index is
+    /// committed and applied, and the log continues after it. The driver
+    /// installs the snapshot's data before anything that follows.
+    pub fn restore(&mut self, snapshot: SnapshotMeta) {
+        assert!(
+            snapshot.index > self.committed,
+            "restoring snapshot {} would move the commit index {} back",
+            snapshot.index,
+            self.committed
+        );
+        self.unstable.clear();
+        self.unstable_offset = snapshot.index + 1;
+        self.committed = snapshot.index;
+        self.applied = snapshot.index;
+        self.unstable_snapshot = Some(snapshot);
+    }
+
+    /// Marks the restored snapshot at `index` as installed by the driver.
+    pub fn stable_snapshot_to(&mut self, index: Index) {
+        if self.unstable_snapshot.as_ref().is_some_and(|s| s.index == index) {
+            self.unstable_snapshot = None;
+        }
     }
 
     pub fn last_index(&self) -> Result<Index, StorageError> {
@@ -84,6 +128,14 @@ impl<S: LogStore> RaftLog<S> {
     pub fn term(&self, index: Index) -> Result<Term, StorageError> {
         if index == 0 {
             return Ok(0);
+        }
+        if let Some(snapshot) = &self.unstable_snapshot {
+            if index == snapshot.index {
+                return Ok(snapshot.term);
+            }
+            if index < snapshot.index {
+                return Err(StorageError::Compacted(index));
+            }
         }
         if index >= self.unstable_offset {
             return self
@@ -120,6 +172,9 @@ impl<S: LogStore> RaftLog<S> {
         let last = self.last_index()?;
         if high > last + 1 {
             return Err(StorageError::Unavailable(high - 1));
+        }
+        if low < self.first_index()? {
+            return Err(StorageError::Compacted(low));
         }
         let mut out = Vec::new();
         if low < self.unstable_offset {

@@ -48,6 +48,8 @@ pub trait LogStore {
 #[derive(Clone, Debug, Default)]
 pub struct MemLogStore {
     hard_state: HardState,
+    /// The membership as of the applied index (what a restart starts from).
+    conf_state: ConfState,
     snapshot: SnapshotMeta,
     /// `entries[i]` has index `snapshot.index + 1 + i`.
     entries: Vec<Entry>,
@@ -56,7 +58,36 @@ pub struct MemLogStore {
 impl MemLogStore {
     /// A new, empty store for a node of a cluster bootstrapped with `conf`.
     pub fn new_with_conf_state(conf: ConfState) -> MemLogStore {
-        MemLogStore { snapshot: SnapshotMeta { conf_state: conf, ..SnapshotMeta::default() }, ..MemLogStore::default() }
+        MemLogStore {
+            conf_state: conf.clone(),
+            snapshot: SnapshotMeta { conf_state: conf, ..SnapshotMeta::default() },
+            ..MemLogStore::default()
+        }
+    }
+
+    /// Makes the membership after an applied change durable.
+    pub fn set_conf_state(&mut self, conf: ConfState) {
+        self.conf_state = conf;
+    }
+
+    /// Drops entries up to and including `index`, which the driver has
+    /// applied while the membership was `conf`: the snapshot point moves there.
+    pub fn compact(&mut self, index: Index, conf: ConfState) {
+        if index <= self.snapshot.index {
+            return;
+        }
+        let term = self.term(index).expect("compacting inside the log");
+        let drop = (index - self.snapshot.index) as usize;
+        self.entries.drain(..drop);
+        self.snapshot = SnapshotMeta { index, term, conf_state: conf };
+    }
+
+    /// Replaces the whole log by a snapshot received from the leader.
+    pub fn install_snapshot(&mut self, snapshot: SnapshotMeta) {
+        self.entries.clear();
+        self.conf_state = snapshot.conf_state.clone();
+        self.hard_state.commit = self.hard_state.commit.max(snapshot.index);
+        self.snapshot = snapshot;
     }
 
     /// Makes `hard_state` durable.
@@ -100,7 +131,7 @@ impl MemLogStore {
 
 impl LogStore for MemLogStore {
     fn initial_state(&self) -> Result<(HardState, ConfState), StorageError> {
-        Ok((self.hard_state, self.snapshot.conf_state.clone()))
+        Ok((self.hard_state, self.conf_state.clone()))
     }
 
     fn snapshot_meta(&self) -> Result<SnapshotMeta, StorageError> {

@@ -80,7 +80,7 @@ pub use self::log_store::{LogStore, MemLogStore, StorageError};
 pub use self::progress::{Inflights, Progress, ProgressState};
 pub use self::quorum::{JointConfig, MajorityConfig, VoteResult};
 pub use self::types::{
-    ConfState, ENTRY_OVERHEAD_BYTES, Entry, EntryKind, HardState, Index, Message, MessageBody, NodeId, ReadState, Role,
+    ConfChange, ConfChangeEntry, ConfChangeKind, ConfState, ENTRY_OVERHEAD_BYTES, Entry, EntryKind, HardState, Index, Message, MessageBody, NodeId, ReadState, Role,
     SnapshotMeta, SoftState, Term,
 };
 
@@ -94,8 +94,6 @@ pub enum RaftError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Storage(#[from] StorageError),
-    #[error("the stored configuration has no voters; bootstrap the store with the initial members")]
-    NoVoters,
     #[error("invalid message from node {from}: {reason}")]
     InvalidMessage { from: NodeId, reason: String },
 }
@@ -109,6 +107,14 @@ pub enum ProposeError {
     Empty,
     #[error("entry of {bytes} bytes is above the limit of {max} bytes")]
     TooLarge { bytes: u64, max: u64 },
+    #[error("leadership is being transferred to node {to}; retry shortly")]
+    Transferring { to: NodeId },
+    #[error("another membership change is in progress: {0}; retry once it is applied")]
+    ConfChangePending(String),
+    #[error("invalid membership change: {0}")]
+    InvalidConfChange(String),
+    #[error("invalid leader transfer: {0}")]
+    InvalidTransfer(String),
     #[error("busy: {uncommitted_bytes} bytes are proposed and not yet committed (limit {max}); retry later")]
     Busy { uncommitted_bytes: u64, max: u64 },
     #[error(transparent)]

@@ -1,12 +1,13 @@
 //! The leader's view of each follower: how far its log is known to match, what
 //! to send next, and how much is in flight.
 //!
-//! A follower is in one of two states. In `Probe` the leader does not know
+//! A follower is in one of three states. In `Probe` the leader does not know
 //! where the logs diverge, so it sends one AppendEntries at a time and waits
 //! for the answer (or the next heartbeat). In `Replicate` the logs are known to
 //! match up to `matched`, so the leader streams entries optimistically,
-//! bounded by the in-flight window. (A third state, sending a snapshot, joins
-//! with log compaction.)
+//! bounded by the in-flight window. In `Snapshot` the follower needs entries
+//! the leader has compacted; a snapshot is on its way and nothing else is
+//! sent until it is installed or reported failed.
 
 use super::types::Index;
 use std::collections::VecDeque;
@@ -16,6 +17,8 @@ use std::collections::VecDeque;
 pub enum ProgressState {
     Probe,
     Replicate,
+    /// A snapshot of at least this index is being sent.
+    Snapshot { pending: Index },
 }
 
 /// Bounded window of AppendEntries sent but not yet acknowledged, each
@@ -125,11 +128,20 @@ impl Progress {
         self.inflights.reset();
     }
 
+    /// A snapshot of at least `pending` is being sent; nothing else goes out
+    /// until it lands or fails.
+    pub fn become_snapshot(&mut self, pending: Index) {
+        self.state = ProgressState::Snapshot { pending };
+        self.probe_sent = false;
+        self.inflights.reset();
+    }
+
     /// Whether the leader should hold back AppendEntries with new entries.
     pub fn is_paused(&self) -> bool {
         match self.state {
             ProgressState::Probe => self.probe_sent,
             ProgressState::Replicate => self.inflights.full(),
+            ProgressState::Snapshot { .. } => true,
         }
     }
 
@@ -141,6 +153,7 @@ impl Progress {
                 self.inflights.add(last_index, bytes);
             }
             ProgressState::Probe => self.probe_sent = true,
+            ProgressState::Snapshot { .. } => {}
         }
     }
 
@@ -168,6 +181,9 @@ impl Progress {
             }
             self.next = self.matched + 1;
             return true;
+        }
+        if matches!(self.state, ProgressState::Snapshot { .. }) {
+            return false;
         }
         // In Probe only the rejection of the message just sent counts.
         if self.next == 0 || self.next - 1 != rejected {

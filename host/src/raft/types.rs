@@ -22,8 +22,8 @@ pub type Index = u64;
 pub enum EntryKind {
     /// Application data; an empty payload is a leader's no-op.
     Normal,
-    /// A membership change (encoded by the driver; applied through the core once
-    /// membership changes land).
+    /// A membership change: `data` is a [`ConfChange`] in the core's own
+    /// encoding. It takes effect on every member when it is applied.
     ConfChange,
 }
 
@@ -94,6 +94,139 @@ impl ConfState {
     pub fn members(&self) -> BTreeSet<NodeId> {
         self.voters.iter().chain(&self.voters_outgoing).chain(&self.learners).copied().collect()
     }
+
+    /// The configuration after `change`, or why it cannot be made. Every
+    /// member runs this same function on the same entries, so a refused
+    /// change is refused everywhere and leaves the configuration unchanged.
+    pub fn apply_change(&self, change: &ConfChange) -> Result<ConfState, String> {
+        let mut next = self.clone();
+        let id = change.node;
+        match change.kind {
+            ConfChangeKind::AddLearner => {
+                if self.members().contains(&id) {
+                    return Err(format!("node {id} is already a member"));
+                }
+                next.learners.insert(id);
+            }
+            ConfChangeKind::Promote => {
+                if self.voters.contains(&id) {
+                    return Err(format!("node {id} is already a voter"));
+                }
+                if !next.learners.remove(&id) {
+                    return Err(format!("node {id} is not a learner; add it as a learner first"));
+                }
+                next.voters.insert(id);
+            }
+            ConfChangeKind::Remove => {
+                if !next.voters.remove(&id) && !next.learners.remove(&id) {
+                    return Err(format!("node {id} is not a member"));
+                }
+                if next.voters.is_empty() {
+                    return Err(format!("removing node {id} would leave no voters"));
+                }
+            }
+        }
+        Ok(next)
+    }
+}
+
+/// What a membership change does to one member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConfChangeKind {
+    /// Adds a non-voting member that receives the log (and snapshots) and
+    /// catches up before it is promoted.
+    AddLearner,
+    /// Makes a learner a voter.
+    Promote,
+    /// Removes a voter or a learner.
+    Remove,
+}
+
+/// One membership change, as an operator asks for it.
+///
+/// Changes are one member at a time (thesis §4.1): any two majorities of
+/// configurations that differ by one voter overlap, so no joint phase is
+/// needed. A change takes effect when it is applied, and a leader proposes the
+/// next one only after the previous one is applied and after it has committed
+/// an entry of its own term (the fix to single-server changes from the
+/// raft-dev list, 2015).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ConfChange {
+    pub kind: ConfChangeKind,
+    pub node: NodeId,
+    /// Opaque to the core: the driver puts what other members need to reach
+    /// the node (its address) here.
+    pub context: Bytes,
+}
+
+/// What an [`EntryKind::ConfChange`] entry carries: the change and the whole
+/// configuration it results in. Applying the entry adopts that configuration
+/// as is, so a member that replays the log from any starting point (a node
+/// that joined with no configuration at all) ends with the same one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfChangeEntry {
+    pub change: ConfChange,
+    pub conf: ConfState,
+}
+
+impl ConfChangeEntry {
+    /// The entry payload: kind (1 byte), node id (8 bytes BE), the three
+    /// member lists (count u32 BE, then ids), then the context.
+    pub fn encode(&self) -> Bytes {
+        let ids = self.conf.voters.len() + self.conf.voters_outgoing.len() + self.conf.learners.len();
+        let mut out = Vec::with_capacity(21 + 8 * ids + self.change.context.len());
+        out.push(match self.change.kind {
+            ConfChangeKind::AddLearner => 1,
+            ConfChangeKind::Promote => 2,
+            ConfChangeKind::Remove => 3,
+        });
+        out.extend_from_slice(&self.change.node.to_be_bytes());
+        for set in [&self.conf.voters, &self.conf.voters_outgoing, &self.conf.learners] {
+            out.extend_from_slice(&(set.len() as u32).to_be_bytes());
+            for id in set {
+                out.extend_from_slice(&id.to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&self.change.context);
+        Bytes::from(out)
+    }
+
+    /// Decodes a payload written by [`ConfChangeEntry::encode`].
+    pub fn decode(data: &[u8]) -> Result<ConfChangeEntry, String> {
+        let mut rest = data;
+        let mut take = |n: usize| -> Result<&[u8], String> {
+            if rest.len() < n {
+                return Err(format!("membership change of {} bytes is truncated", data.len()));
+            }
+            let (head, tail) = rest.split_at(n);
+            rest = tail;
+            Ok(head)
+        };
+        let kind = match take(1)?[0] {
+            1 => ConfChangeKind::AddLearner,
+            2 => ConfChangeKind::Promote,
+            3 => ConfChangeKind::Remove,
+            other => return Err(format!("unknown membership change kind {other}")),
+        };
+        let read_u64 = |bytes: &[u8]| bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+        let node = read_u64(take(8)?);
+        if node == 0 {
+            return Err("membership change names node 0".to_string());
+        }
+        let mut sets = [BTreeSet::new(), BTreeSet::new(), BTreeSet::new()];
+        for set in &mut sets {
+            let count = read_u64(take(4)?) as usize;
+            for _ in 0..count {
+                set.insert(read_u64(take(8)?));
+            }
+        }
+        let [voters, voters_outgoing, learners] = sets;
+        let context = Bytes::copy_from_slice(rest);
+        Ok(ConfChangeEntry {
+            change: ConfChange { kind, node, context },
+            conf: ConfState { voters, voters_outgoing, learners },
+        })
+    }
 }
 
 /// Where a snapshot cuts the log: everything up to and including `index` is in
@@ -157,8 +290,10 @@ pub struct Message {
 /// The message kinds of the protocol.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MessageBody {
-    /// A vote or pre-vote request (Raft §5.2, thesis §9.6).
-    RequestVote { pre_vote: bool, last_log_index: Index, last_log_term: Term },
+    /// A vote or pre-vote request (Raft §5.2, thesis §9.6). `transfer` marks
+    /// the election a leader asked for (TimeoutNow): voters grant it even
+    /// while they still hear from that leader.
+    RequestVote { pre_vote: bool, last_log_index: Index, last_log_term: Term, transfer: bool },
     /// The answer to a vote or pre-vote request.
     RequestVoteResponse { pre_vote: bool, granted: bool },
     /// Log replication (Raft §5.3). `entries` continue the log right after
@@ -181,6 +316,14 @@ pub enum MessageBody {
     /// (for example, the leader lost leadership), and the follower reports
     /// nothing, so the driver retries or times the read out.
     ReadIndexResponse { ctx: u64, index: Index },
+    /// The follower needs entries the leader has compacted: it installs a
+    /// snapshot instead. The leader's core names the earliest point that
+    /// will do (its compaction point); the driver ships its state at that
+    /// point or any later applied point, and the receiving driver hands the
+    /// core this message, with the shipped point, once the data is staged.
+    InstallSnapshot { snapshot: SnapshotMeta },
+    /// A leader hands over leadership: the receiver campaigns at once.
+    TimeoutNow,
 }
 
 impl MessageBody {
@@ -197,6 +340,8 @@ impl MessageBody {
             MessageBody::HeartbeatResponse { .. } => "HeartbeatResponse",
             MessageBody::ReadIndex { .. } => "ReadIndex",
             MessageBody::ReadIndexResponse { .. } => "ReadIndexResponse",
+            MessageBody::InstallSnapshot { .. } => "InstallSnapshot",
+            MessageBody::TimeoutNow => "TimeoutNow",
         }
     }
 
@@ -205,7 +350,11 @@ impl MessageBody {
     pub fn is_from_leader(&self) -> bool {
         matches!(
             self,
-            MessageBody::AppendEntries { .. } | MessageBody::Heartbeat { .. } | MessageBody::ReadIndexResponse { .. }
+            MessageBody::AppendEntries { .. }
+                | MessageBody::Heartbeat { .. }
+                | MessageBody::ReadIndexResponse { .. }
+                | MessageBody::InstallSnapshot { .. }
+                | MessageBody::TimeoutNow
         )
     }
 }

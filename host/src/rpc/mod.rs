@@ -21,7 +21,7 @@ mod peer_service;
 pub use self::client_service::{ClientService, LEADER_ADDR_KEY, LEADER_ID_KEY, status_of};
 pub use self::peer_service::PeerService;
 
-use crate::raft::{Entry, EntryKind, Message, MessageBody, NodeId};
+use crate::raft::{ConfState, Entry, EntryKind, Message, MessageBody, NodeId, SnapshotMeta};
 use bytes::Bytes;
 use std::collections::BTreeSet;
 use thiserror::Error;
@@ -109,11 +109,14 @@ fn entry_from_pb(entry: pb::Entry) -> Entry {
 pub fn message_to_pb(message: &Message) -> pb::Message {
     use pb::message::Body;
     let body = match &message.body {
-        MessageBody::RequestVote { pre_vote, last_log_index, last_log_term } => Body::RequestVote(pb::RequestVote {
-            pre_vote: *pre_vote,
-            last_log_index: *last_log_index,
-            last_log_term: *last_log_term,
-        }),
+        MessageBody::RequestVote { pre_vote, last_log_index, last_log_term, transfer } => {
+            Body::RequestVote(pb::RequestVote {
+                pre_vote: *pre_vote,
+                last_log_index: *last_log_index,
+                last_log_term: *last_log_term,
+                transfer: *transfer,
+            })
+        }
         MessageBody::RequestVoteResponse { pre_vote, granted } => {
             Body::RequestVoteResponse(pb::RequestVoteResponse { pre_vote: *pre_vote, granted: *granted })
         }
@@ -143,6 +146,8 @@ pub fn message_to_pb(message: &Message) -> pb::Message {
         MessageBody::ReadIndexResponse { ctx, index } => {
             Body::ReadIndexResponse(pb::ReadIndexResponse { ctx: *ctx, index: *index })
         }
+        MessageBody::InstallSnapshot { snapshot } => Body::InstallSnapshot(snapshot_meta_to_pb(snapshot)),
+        MessageBody::TimeoutNow => Body::TimeoutNow(pb::TimeoutNow {}),
     };
     pb::Message { term: message.term, body: Some(body) }
 }
@@ -157,6 +162,7 @@ pub fn message_from_pb(message: pb::Message, from: NodeId, to: NodeId) -> Option
             pre_vote: v.pre_vote,
             last_log_index: v.last_log_index,
             last_log_term: v.last_log_term,
+            transfer: v.transfer,
         },
         Body::RequestVoteResponse(v) => MessageBody::RequestVoteResponse { pre_vote: v.pre_vote, granted: v.granted },
         Body::AppendEntries(a) => MessageBody::AppendEntries {
@@ -175,8 +181,42 @@ pub fn message_from_pb(message: pb::Message, from: NodeId, to: NodeId) -> Option
         Body::HeartbeatResponse(h) => MessageBody::HeartbeatResponse { read_seq: h.read_seq },
         Body::ReadIndex(r) => MessageBody::ReadIndex { ctx: r.ctx },
         Body::ReadIndexResponse(r) => MessageBody::ReadIndexResponse { ctx: r.ctx, index: r.index },
+        Body::InstallSnapshot(meta) => MessageBody::InstallSnapshot { snapshot: snapshot_meta_from_pb(meta) },
+        Body::TimeoutNow(_) => MessageBody::TimeoutNow,
     };
     Some(Message { from, to, term: message.term, body })
+}
+
+/// A snapshot point as protobuf.
+pub fn snapshot_meta_to_pb(meta: &SnapshotMeta) -> pb::SnapshotMeta {
+    pb::SnapshotMeta { index: meta.index, term: meta.term, conf_state: Some(conf_state_to_pb(&meta.conf_state)) }
+}
+
+/// A snapshot point from protobuf; a missing configuration reads as empty.
+pub fn snapshot_meta_from_pb(meta: pb::SnapshotMeta) -> SnapshotMeta {
+    SnapshotMeta {
+        index: meta.index,
+        term: meta.term,
+        conf_state: meta.conf_state.map(conf_state_from_pb).unwrap_or_default(),
+    }
+}
+
+/// A configuration as protobuf.
+pub fn conf_state_to_pb(conf: &ConfState) -> pb::ConfState {
+    pb::ConfState {
+        voters: conf.voters.iter().copied().collect(),
+        voters_outgoing: conf.voters_outgoing.iter().copied().collect(),
+        learners: conf.learners.iter().copied().collect(),
+    }
+}
+
+/// A configuration from protobuf.
+pub fn conf_state_from_pb(conf: pb::ConfState) -> ConfState {
+    ConfState {
+        voters: conf.voters.into_iter().collect(),
+        voters_outgoing: conf.voters_outgoing.into_iter().collect(),
+        learners: conf.learners.into_iter().collect(),
+    }
 }
 
 #[cfg(test)]
@@ -187,7 +227,7 @@ mod tests {
     fn samples() -> Vec<Message> {
         let entry = |index, kind| Entry { term: 3, index, kind, data: Bytes::from_static(b"cmd") };
         let bodies = vec![
-            MessageBody::RequestVote { pre_vote: true, last_log_index: 9, last_log_term: 2 },
+            MessageBody::RequestVote { pre_vote: true, last_log_index: 9, last_log_term: 2, transfer: true },
             MessageBody::RequestVoteResponse { pre_vote: false, granted: true },
             MessageBody::AppendEntries {
                 prev_log_index: 4,
@@ -200,6 +240,18 @@ mod tests {
             MessageBody::HeartbeatResponse { read_seq: 12 },
             MessageBody::ReadIndex { ctx: 99 },
             MessageBody::ReadIndexResponse { ctx: 99, index: 41 },
+            MessageBody::InstallSnapshot {
+                snapshot: SnapshotMeta {
+                    index: 40,
+                    term: 2,
+                    conf_state: ConfState {
+                        voters: [1, 2, 3].into(),
+                        voters_outgoing: BTreeSet::new(),
+                        learners: [4].into(),
+                    },
+                },
+            },
+            MessageBody::TimeoutNow,
         ];
         bodies.into_iter().map(|body| Message { from: 2, to: 1, term: 3, body }).collect()
     }
