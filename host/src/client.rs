@@ -7,8 +7,10 @@
 //! answer is applied once (the member answers it from the session table).
 
 use crate::rpc::client_pb::{
-    self, ActivateRequest, ActivateResponse, DeployProgress, DeployRequest, ModulesRequest, ModulesResponse,
-    ReadRequest, ReadResponse, StatusRequest, StatusResponse, WriteRequest, WriteResponse, client_client::ClientClient,
+    self, ActivateRequest, ActivateResponse, ChangeMembershipRequest, DeployProgress, DeployRequest, MembersRequest,
+    MembersResponse, MembershipChange, ModulesRequest, ModulesResponse, ReadRequest, ReadResponse, SetOfflineRequest,
+    SetOfflineResponse, StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse, WriteRequest,
+    WriteResponse, client_client::ClientClient,
 };
 use crate::rpc::{LEADER_ADDR_KEY, client_pb::outcome};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -207,6 +209,43 @@ impl ClusterClient {
     /// applied them.
     pub async fn modules(&mut self) -> Result<ModulesResponse, ClientError> {
         self.retry(|mut client| async move { client.modules(ModulesRequest {}).await }).await
+    }
+
+    /// The members as the first member that answers has applied them.
+    pub async fn members(&mut self) -> Result<MembersResponse, ClientError> {
+        self.retry(|mut client| async move { client.members(MembersRequest {}).await }).await
+    }
+
+    /// Adds a learner, promotes one, or removes a member, at the leader;
+    /// retries while another change is being applied.
+    pub async fn change_membership(
+        &mut self,
+        change: MembershipChange,
+        id: u64,
+        address: &str,
+    ) -> Result<MembersResponse, ClientError> {
+        let request = ChangeMembershipRequest { change: change as i32, id, address: address.to_string() };
+        self.retry(|mut client| {
+            let request = request.clone();
+            async move { client.change_membership(request).await }
+        })
+        .await
+    }
+
+    /// Hands leadership to voter `to`; answers once it leads.
+    pub async fn transfer_leader(&mut self, to: u64) -> Result<TransferLeaderResponse, ClientError> {
+        self.retry(|mut client| async move { client.transfer_leader(TransferLeaderRequest { to }).await }).await
+    }
+
+    /// Takes the member at position `at` of the address list offline for
+    /// maintenance, or back online.
+    pub async fn set_offline(&mut self, at: usize, offline: bool) -> Result<SetOfflineResponse, ClientError> {
+        let mut client = self.channel(at)?;
+        match tokio::time::timeout(CALL_TIMEOUT, client.set_offline(SetOfflineRequest { offline })).await {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) => Err(ClientError::Refused { code: status.code(), message: status.message().to_string() }),
+            Err(_) => Err(ClientError::GaveUp { attempts: 1, elapsed: CALL_TIMEOUT, last: "timed out".into() }),
+        }
     }
 
     /// The status of the first member that answers, trying each once.

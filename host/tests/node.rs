@@ -79,10 +79,16 @@ fn a_single_member_serves_writes_and_keeps_them_across_a_restart() {
         other.cluster_id = "elsewhere".into();
         let error = Node::start(other).await.err().expect("refused");
         assert!(matches!(error, NodeError::Store(StoreError::WrongCluster { .. })), "{error}");
+        // Once bootstrapped, the store decides the membership (changes go
+        // through the log), not the --peer flags of a restart.
         let mut grown = single_member(dir.path());
         grown.peers.insert(2, "127.0.0.1:1".into());
-        let error = Node::start(grown).await.err().expect("refused");
-        assert!(matches!(error, NodeError::Store(StoreError::BootstrapMismatch { .. })), "{error}");
+        let node = Node::start(grown).await.expect("starts with its stored membership");
+        let mut client = ClusterClient::new(vec![node.local_addr().to_string()]).expect("client");
+        let members = client.members().await.expect("members");
+        assert_eq!(members.members.iter().map(|m| m.id).collect::<Vec<_>>(), vec![1]);
+        node.shutdown();
+        node.wait().await.expect("clean stop");
     });
 }
 
@@ -126,6 +132,9 @@ fn metrics_are_served_in_the_prometheus_text_format() {
         assert_eq!(value("raft_host_client_requests_total{method=\"write\",code=\"Ok\"}"), 3);
         assert_eq!(value("raft_host_client_requests_total{method=\"write\",code=\"InvalidArgument\"}"), 1);
         assert!(body.contains("raft_host_state_machine_info{name=\"kv\",module=\""), "{body}");
+        assert_eq!(value("raft_host_offline "), 0);
+        assert_eq!(value("raft_host_learners "), 0);
+        assert_eq!(value("raft_host_snapshot_index "), 0, "nothing compacted yet");
         for line in body.lines().filter(|l| !l.starts_with('#')) {
             let (name, value) = line.rsplit_once(' ').expect("name and value");
             assert!(name.starts_with("raft_host_"), "{line}");

@@ -4,8 +4,8 @@
 
 use bytes::Bytes;
 use raft_host::raft::{
-    ConfChange, ConfChangeEntry, ConfChangeKind, ConfState, Config, Entry, EntryKind, LogStore, MemLogStore,
-    Message, MessageBody, NodeId, ProposeError, Raft, Role,
+    ConfChange, ConfChangeEntry, ConfChangeKind, ConfState, Config, Entry, EntryKind, LogStore, MemLogStore, Message,
+    MessageBody, NodeId, ProposeError, Raft, Role,
 };
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -226,8 +226,11 @@ fn one_membership_change_at_a_time_and_only_valid_ones() {
     let mut single = Cluster::new(1, 2);
     single.node(1).campaign().expect("campaign");
     assert_eq!(single.node(1).role(), Role::Leader);
-    let early =
-        single.node(1).propose_conf_change(ConfChange { kind: ConfChangeKind::AddLearner, node: 2, context: Bytes::new() });
+    let early = single.node(1).propose_conf_change(ConfChange {
+        kind: ConfChangeKind::AddLearner,
+        node: 2,
+        context: Bytes::new(),
+    });
     assert!(matches!(early, Err(ProposeError::ConfChangePending(_))), "{early:?}");
     single.settle();
     single.change(ConfChangeKind::AddLearner, 2).expect("allowed after the no-op commits");
@@ -242,7 +245,8 @@ fn one_membership_change_at_a_time_and_only_valid_ones() {
     // a second change before the first is applied is refused.
     c.isolated.extend([2, 3]);
     let leader = c.node(1);
-    leader.propose_conf_change(ConfChange { kind: ConfChangeKind::AddLearner, node: 4, context: Bytes::new() })
+    leader
+        .propose_conf_change(ConfChange { kind: ConfChangeKind::AddLearner, node: 4, context: Bytes::new() })
         .expect("first change proposed");
     let second =
         leader.propose_conf_change(ConfChange { kind: ConfChangeKind::AddLearner, node: 5, context: Bytes::new() });

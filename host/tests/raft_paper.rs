@@ -232,8 +232,13 @@ fn all_servers_convert_to_follower_on_higher_term() {
 fn all_servers_ignore_messages_from_older_terms() {
     let mut r = node_with(config(1), &[1, 2, 3], &[1, 1], 3);
     let before = r.hard_state();
-    r.step(msg(2, 1, 2, MessageBody::RequestVote { pre_vote: false, last_log_index: 9, last_log_term: 2, transfer: false }))
-        .expect("step");
+    r.step(msg(
+        2,
+        1,
+        2,
+        MessageBody::RequestVote { pre_vote: false, last_log_index: 9, last_log_term: 2, transfer: false },
+    ))
+    .expect("step");
     r.step(msg(2, 1, 2, MessageBody::RequestVoteResponse { pre_vote: false, granted: true })).expect("step");
     let out = handle(&mut r);
     assert!(out.all().is_empty(), "stale vote traffic gets no answer");
@@ -245,8 +250,13 @@ fn all_servers_ignore_messages_from_older_terms() {
 #[test]
 fn followers_respond_to_rpcs_from_candidates_and_leaders() {
     let mut r = node(2, &[1, 2, 3]);
-    r.step(msg(1, 2, 1, MessageBody::RequestVote { pre_vote: false, last_log_index: 0, last_log_term: 0, transfer: false }))
-        .expect("step");
+    r.step(msg(
+        1,
+        2,
+        1,
+        MessageBody::RequestVote { pre_vote: false, last_log_index: 0, last_log_term: 0, transfer: false },
+    ))
+    .expect("step");
     r.step(msg(
         1,
         2,
@@ -319,7 +329,10 @@ fn candidate_increments_term_votes_for_itself_and_requests_votes() {
     assert_eq!(targets, vec![2, 3]);
     for m in &out.persisted_messages {
         assert_eq!(m.term, 3);
-        assert_eq!(m.body, MessageBody::RequestVote { pre_vote: false, last_log_index: 2, last_log_term: 2, transfer: false });
+        assert_eq!(
+            m.body,
+            MessageBody::RequestVote { pre_vote: false, last_log_index: 2, last_log_term: 2, transfer: false }
+        );
     }
     assert!(out.messages.is_empty(), "vote requests wait until the self-vote is durable");
 }
@@ -532,8 +545,13 @@ fn leader_counts_its_own_entry_only_once_durable() {
 #[test]
 fn request_vote_reply_false_if_term_less_than_current_term() {
     let mut r = node_with(config(1), &[1, 2, 3], &[], 5);
-    r.step(msg(2, 1, 4, MessageBody::RequestVote { pre_vote: false, last_log_index: 10, last_log_term: 4, transfer: false }))
-        .expect("step");
+    r.step(msg(
+        2,
+        1,
+        4,
+        MessageBody::RequestVote { pre_vote: false, last_log_index: 10, last_log_term: 4, transfer: false },
+    ))
+    .expect("step");
     assert_eq!(r.hard_state().vote, None);
     assert!(handle(&mut r).all().is_empty());
 }
@@ -541,12 +559,27 @@ fn request_vote_reply_false_if_term_less_than_current_term() {
 #[test]
 fn request_vote_granted_to_at_most_one_candidate_per_term() {
     let mut r = node(1, &[1, 2, 3]);
-    r.step(msg(2, 1, 1, MessageBody::RequestVote { pre_vote: false, last_log_index: 0, last_log_term: 0, transfer: false }))
-        .expect("step");
-    r.step(msg(3, 1, 1, MessageBody::RequestVote { pre_vote: false, last_log_index: 0, last_log_term: 0, transfer: false }))
-        .expect("step");
-    r.step(msg(2, 1, 1, MessageBody::RequestVote { pre_vote: false, last_log_index: 0, last_log_term: 0, transfer: false }))
-        .expect("step");
+    r.step(msg(
+        2,
+        1,
+        1,
+        MessageBody::RequestVote { pre_vote: false, last_log_index: 0, last_log_term: 0, transfer: false },
+    ))
+    .expect("step");
+    r.step(msg(
+        3,
+        1,
+        1,
+        MessageBody::RequestVote { pre_vote: false, last_log_index: 0, last_log_term: 0, transfer: false },
+    ))
+    .expect("step");
+    r.step(msg(
+        2,
+        1,
+        1,
+        MessageBody::RequestVote { pre_vote: false, last_log_index: 0, last_log_term: 0, transfer: false },
+    ))
+    .expect("step");
     let out = handle(&mut r);
     let answers: Vec<(NodeId, bool)> = out
         .persisted_messages
@@ -576,8 +609,13 @@ fn request_vote_granted_only_if_candidate_log_is_at_least_as_up_to_date() {
     ];
     for &(last_log_index, last_log_term, want) in cases {
         let mut r = node_with(config(1), &[1, 2, 3], &[1, 2, 2], 2);
-        r.step(msg(2, 1, 3, MessageBody::RequestVote { pre_vote: false, last_log_index, last_log_term, transfer: false }))
-            .expect("step");
+        r.step(msg(
+            2,
+            1,
+            3,
+            MessageBody::RequestVote { pre_vote: false, last_log_index, last_log_term, transfer: false },
+        ))
+        .expect("step");
         let out = handle(&mut r);
         let granted = matches!(out.persisted_messages[0].body, MessageBody::RequestVoteResponse { granted: true, .. });
         assert_eq!(granted, want, "candidate log ({last_log_index}, {last_log_term})");
@@ -587,8 +625,13 @@ fn request_vote_granted_only_if_candidate_log_is_at_least_as_up_to_date() {
 #[test]
 fn vote_is_persisted_before_the_response_may_be_sent() {
     let mut r = node(1, &[1, 2, 3]);
-    r.step(msg(2, 1, 7, MessageBody::RequestVote { pre_vote: false, last_log_index: 0, last_log_term: 0, transfer: false }))
-        .expect("step");
+    r.step(msg(
+        2,
+        1,
+        7,
+        MessageBody::RequestVote { pre_vote: false, last_log_index: 0, last_log_term: 0, transfer: false },
+    ))
+    .expect("step");
     let rd = r.ready().expect("ready");
     assert_eq!(rd.hard_state, Some(HardState { term: 7, vote: Some(2), commit: 0 }));
     assert!(rd.messages.is_empty());
@@ -733,8 +776,13 @@ fn check_quorum_followers_ignore_vote_requests_while_the_leader_is_alive() {
     c.check_quorum = true;
     let mut r = node_with(c, &[1, 2, 3], &[], 0);
     r.step(msg(1, 2, 1, MessageBody::Heartbeat { commit: 0, read_seq: 0 })).expect("heartbeat");
-    r.step(msg(3, 2, 2, MessageBody::RequestVote { pre_vote: false, last_log_index: 5, last_log_term: 1, transfer: false }))
-        .expect("step");
+    r.step(msg(
+        3,
+        2,
+        2,
+        MessageBody::RequestVote { pre_vote: false, last_log_index: 5, last_log_term: 1, transfer: false },
+    ))
+    .expect("step");
     assert_eq!(r.term(), 1, "the request did not bump our term");
     assert!(
         handle(&mut r).persisted_messages.iter().all(|m| !matches!(m.body, MessageBody::RequestVoteResponse { .. }))
@@ -934,8 +982,13 @@ fn malformed_messages_are_refused_without_changing_state() {
 #[test]
 fn restart_recovers_term_vote_and_log_from_the_store() {
     let mut r = node(1, &[1, 2, 3]);
-    r.step(msg(2, 1, 4, MessageBody::RequestVote { pre_vote: false, last_log_index: 0, last_log_term: 0, transfer: false }))
-        .expect("vote");
+    r.step(msg(
+        2,
+        1,
+        4,
+        MessageBody::RequestVote { pre_vote: false, last_log_index: 0, last_log_term: 0, transfer: false },
+    ))
+    .expect("vote");
     r.step(msg(
         2,
         1,
@@ -954,7 +1007,12 @@ fn restart_recovers_term_vote_and_log_from_the_store() {
     assert_eq!(again.hard_state(), HardState { term: 4, vote: Some(2), commit: 1 });
     assert_eq!(again.log().last_index().expect("last"), 1);
     again
-        .step(msg(3, 1, 4, MessageBody::RequestVote { pre_vote: false, last_log_index: 9, last_log_term: 4, transfer: false }))
+        .step(msg(
+            3,
+            1,
+            4,
+            MessageBody::RequestVote { pre_vote: false, last_log_index: 9, last_log_term: 4, transfer: false },
+        ))
         .expect("step");
     let out = handle(&mut again);
     assert!(

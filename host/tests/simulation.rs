@@ -32,8 +32,8 @@
 
 use bytes::Bytes;
 use raft_host::raft::{
-    ConfChange, ConfChangeEntry, ConfChangeKind, ConfState, Config, Entry, EntryKind, Index, LogStore, MemLogStore, Message,
-    MessageBody, NodeId, ProposeError, Raft, ReadIndexError, Ready, Role, SnapshotMeta, Term,
+    ConfChange, ConfChangeEntry, ConfChangeKind, ConfState, Config, Entry, EntryKind, Index, LogStore, MemLogStore,
+    Message, MessageBody, NodeId, ProposeError, Raft, ReadIndexError, Ready, Role, SnapshotMeta, Term,
 };
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
@@ -691,7 +691,8 @@ impl Sim {
                 let leader = live.iter().copied().find(|&s| self.is_leader(s));
                 if let Some(slot) = leader {
                     self.before_input(slot)?;
-                    let voters: Vec<NodeId> = self.nodes[slot].raft.as_ref().expect("live").voters().into_iter().collect();
+                    let voters: Vec<NodeId> =
+                        self.nodes[slot].raft.as_ref().expect("live").voters().into_iter().collect();
                     if let Some(&to) = voters.choose(&mut self.rng) {
                         let raft = self.nodes[slot].raft.as_mut().expect("live");
                         let from = raft.id();

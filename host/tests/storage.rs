@@ -6,7 +6,10 @@
 use bytes::Bytes;
 use proptest::prelude::*;
 use raft_host::raft::{ConfState, Entry, EntryKind, HardState, Index, LogStore, MemLogStore, StorageError, Term};
-use raft_host::storage::{ApplyBatch, Durability, Identity, ModuleKey, StateWrite, Store, StoreError, StoreOptions};
+use raft_host::storage::{
+    ApplyBatch, Durability, Identity, ModuleKey, StagingStart, StateWrite, Store, StoreError, StoreOptions,
+};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 fn identity() -> Identity {
@@ -205,6 +208,7 @@ fn apply_batches_are_atomic_and_scoped_by_state_machine() {
             writes: vec![write("kv", "a", Some("1")), write("kv", "b", Some("2")), write("bank", "a", Some("100"))],
             sessions: vec![(b"client-7".to_vec(), Some(b"seq 3".to_vec()))],
             modules: vec![],
+            membership: None,
         })
         .expect("apply");
     assert_eq!(store.state_get("kv", b"a").expect("get"), Some(b"1".to_vec()));
@@ -240,6 +244,7 @@ fn apply_batches_are_atomic_and_scoped_by_state_machine() {
             writes: vec![write("kv", "b", None)],
             sessions: vec![],
             modules: vec![],
+            membership: None,
         })
         .expect("delete");
     assert_ne!(store.state_digest("kv").expect("digest"), digest);
@@ -255,16 +260,37 @@ fn apply_batches_are_atomic_and_scoped_by_state_machine() {
 }
 
 #[test]
-fn bootstrap_records_members_once() {
+fn bootstrap_records_members_once_and_membership_changes_land_with_their_batch() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path());
     let conf = ConfState::with_voters([1, 2, 3]);
-    store.bootstrap(&conf).expect("bootstrap");
-    store.bootstrap(&conf).expect("same members again is a restart");
-    let err = store.bootstrap(&ConfState::with_voters([1, 2])).expect_err("other members");
-    assert!(matches!(err, StoreError::BootstrapMismatch { .. }), "{err}");
+    let addresses: BTreeMap<u64, String> = (1..=3).map(|id| (id, format!("127.0.0.1:700{id}"))).collect();
+    store.bootstrap(&conf, &addresses).expect("bootstrap");
+    // A restart with other flags keeps what the store holds: membership
+    // changes, not the command line, decide it from then on.
+    store.bootstrap(&ConfState::with_voters([1, 2]), &BTreeMap::new()).expect("restart");
+    assert_eq!(store.conf_state(), conf);
+    assert_eq!(store.member_addresses().expect("addresses"), addresses);
+    let grown = ConfState { learners: [4].into(), ..conf.clone() };
+    let mut grown_addresses = addresses.clone();
+    grown_addresses.insert(4, "127.0.0.1:7004".into());
+    store.persist(&[entry(1, 1, 8)], None).expect("persist");
+    store
+        .apply(&ApplyBatch {
+            applied_index: 1,
+            applied_term: 1,
+            membership: Some((grown.clone(), grown_addresses.clone())),
+            ..ApplyBatch::default()
+        })
+        .expect("apply");
     drop(store);
-    assert_eq!(open(dir.path()).conf_state(), conf);
+    let store = open(dir.path());
+    assert_eq!(store.conf_state(), grown);
+    assert_eq!(store.member_addresses().expect("addresses"), grown_addresses);
+    assert!(!store.offline().expect("offline"));
+    store.set_offline(true).expect("set");
+    drop(store);
+    assert!(open(dir.path()).offline().expect("offline"), "maintenance mode survives a restart");
 }
 
 #[test]
@@ -362,6 +388,7 @@ fn populated_dir() -> tempfile::TempDir {
                 writes,
                 sessions: vec![],
                 modules: vec![],
+                membership: None,
             })
             .expect("apply");
     }
@@ -512,6 +539,7 @@ fn drive(raft: &mut raft_host::raft::Raft<Store>, store: &Store) -> u64 {
                     writes,
                     sessions: vec![],
                     modules: vec![],
+                    membership: None,
                 })
                 .expect("apply");
         }
@@ -525,7 +553,7 @@ fn the_core_runs_on_the_store_and_restarts_from_it_without_reapplying() {
     use raft_host::raft::{Config, Raft, Role};
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(dir.path(), &identity(), &StoreOptions::default()).expect("open");
-    store.bootstrap(&ConfState::with_voters([1])).expect("bootstrap");
+    store.bootstrap(&ConfState::with_voters([1]), &BTreeMap::new()).expect("bootstrap");
     let mut raft = Raft::new(Config::new(1), store.clone()).expect("core starts");
     raft.campaign().expect("campaign");
     drive(&mut raft, &store);
@@ -549,4 +577,93 @@ fn the_core_runs_on_the_store_and_restarts_from_it_without_reapplying() {
     raft.propose(vec![Bytes::from_static(b"after-restart")]).expect("propose");
     assert_eq!(drive(&mut raft, &store), 1);
     assert_eq!(store.state_scan("kv", b"", None, 1000).expect("scan").len(), 51);
+}
+
+fn kv_write(key: &str, value: Option<&str>) -> StateWrite {
+    StateWrite { state_machine: "kv".into(), key: key.as_bytes().to_vec(), value: value.map(|v| v.as_bytes().to_vec()) }
+}
+
+#[test]
+fn a_snapshot_moves_the_replicated_state_at_one_point_and_leaves_local_artifacts() {
+    let (leader_dir, follower_dir) = (tempfile::tempdir().expect("tempdir"), tempfile::tempdir().expect("tempdir"));
+    let leader = open(leader_dir.path());
+    let conf = ConfState::with_voters([1, 2, 3]);
+    let addresses: BTreeMap<u64, String> = (1..=3).map(|id| (id, format!("h:{id}"))).collect();
+    leader.bootstrap(&conf, &addresses).expect("bootstrap");
+    leader.persist(&(1..=4).map(|i| entry(i, 1, 8)).collect::<Vec<_>>(), None).expect("persist");
+    let hash = [9u8; 32];
+    leader
+        .apply(&ApplyBatch {
+            applied_index: 3,
+            applied_term: 1,
+            clock_ms: 1234,
+            writes: vec![kv_write("a", Some("1")), kv_write("b", Some("2"))],
+            sessions: vec![(b"client".to_vec(), Some(b"session".to_vec()))],
+            modules: vec![(ModuleKey::Active("kv".into()), Some(hash.to_vec()))],
+            membership: Some((conf.clone(), addresses.clone())),
+        })
+        .expect("apply");
+    leader.put_artifact("engine", &hash, b"leader's compiled code").expect("artifact");
+    let reader = leader.snapshot_reader().expect("reader");
+    let digest_at_view = leader.state_digest("kv").expect("digest");
+    // Writes after the view was taken are not in it.
+    leader
+        .apply(&ApplyBatch {
+            applied_index: 4,
+            applied_term: 1,
+            writes: vec![kv_write("c", Some("3"))],
+            ..ApplyBatch::default()
+        })
+        .expect("apply");
+    assert_eq!((reader.meta().index, reader.meta().term), (3, 1));
+    let mut chunks = Vec::new();
+    reader
+        .for_each_chunk(48, |chunk| {
+            chunks.push(chunk);
+            true
+        })
+        .expect("stream");
+    assert!(chunks.len() > 3, "a small chunk size splits the stream: {} chunks", chunks.len());
+
+    let follower = open(follower_dir.path());
+    follower.bootstrap(&conf, &addresses).expect("bootstrap");
+    follower.persist(&[entry(1, 1, 8), entry(2, 1, 8)], None).expect("persist");
+    follower
+        .apply(&ApplyBatch {
+            applied_index: 1,
+            applied_term: 1,
+            writes: vec![kv_write("z", Some("old"))],
+            ..ApplyBatch::default()
+        })
+        .expect("apply");
+    follower.put_artifact("engine", &hash, b"follower's compiled code").expect("artifact");
+    let StagingStart::Fresh(mut staging) = follower.begin_staging(reader.meta().clone()).expect("begin") else {
+        panic!("nothing was staged before");
+    };
+    assert!(staging.write_chunk(&chunks[0][..chunks[0].len() - 1]).is_err(), "a cut record is refused");
+    for chunk in &chunks {
+        staging.write_chunk(chunk).expect("stage");
+    }
+    let meta = staging.finish().expect("complete");
+    assert!(matches!(follower.begin_staging(meta.clone()).expect("again"), StagingStart::AlreadyStaged(_)));
+    follower.install_snapshot(&meta).expect("install");
+    let check = |store: &Store| {
+        assert_eq!(store.state_get("kv", b"a").expect("get"), Some(b"1".to_vec()));
+        assert_eq!(store.state_get("kv", b"z").expect("get"), None, "the follower's own state is replaced");
+        assert_eq!(store.state_get("kv", b"c").expect("get"), None, "written after the view");
+        assert_eq!(store.session_get(b"client").expect("session"), Some(b"session".to_vec()));
+        assert_eq!(store.active_modules().expect("active"), vec![("kv".to_string(), hash)]);
+        assert_eq!(store.get_artifact("engine", &hash).expect("artifact"), Some(b"follower's compiled code".to_vec()));
+        assert_eq!(store.applied(), (3, 1));
+        assert_eq!(store.apply_clock_ms().expect("clock"), 1234);
+        assert_eq!((store.first_index().expect("first"), store.last_index().expect("last")), (4, 3));
+        assert_eq!(store.term(3).expect("term"), 1);
+        assert_eq!(store.conf_state(), conf);
+        assert_eq!(store.member_addresses().expect("addresses"), addresses);
+        assert_eq!(store.state_digest("kv").expect("digest"), digest_at_view);
+    };
+    check(&follower);
+    drop(follower);
+    check(&open(follower_dir.path()));
+    assert!(leader.install_snapshot(&meta).is_err(), "only a staged snapshot installs");
 }

@@ -70,6 +70,7 @@ fn child(dir: &Path) {
                 writes,
                 sessions: vec![],
                 modules: vec![],
+                membership: None,
             })
             .expect("apply");
         applied = last;

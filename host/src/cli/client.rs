@@ -145,17 +145,20 @@ pub fn status_json(s: &StatusResponse) -> serde_json::Value {
         })).collect::<Vec<_>>(),
         "modules_compiled": s.modules_compiled,
         "modules_loaded_from_cache": s.modules_loaded_from_cache,
+        "offline": s.offline,
+        "snapshot_index": s.snapshot_index,
     })
 }
 
 fn print_status(s: &StatusResponse) {
     let leader =
         if s.leader_id == 0 { "none known".to_string() } else { format!("{} at {}", s.leader_id, s.leader_address) };
-    println!("member {} of cluster {:?}: {} in term {}", s.id, s.cluster_id, s.role, s.term);
+    let offline = if s.offline { " (OFFLINE for maintenance: neither votes nor campaigns)" } else { "" };
+    println!("member {} of cluster {:?}: {} in term {}{offline}", s.id, s.cluster_id, s.role, s.term);
     println!("leader: {leader}");
     println!(
-        "log: last index {}, commit index {}, applied index {}",
-        s.last_log_index, s.commit_index, s.applied_index
+        "log: last index {}, commit index {}, applied index {}, compacted up to {}",
+        s.last_log_index, s.commit_index, s.applied_index, s.snapshot_index
     );
     for m in &s.members {
         println!("member {}: {} ({})", m.id, m.address, m.kind);

@@ -8,6 +8,7 @@ mod bench_deploy;
 mod bench_guest;
 mod client;
 mod demo;
+mod members;
 mod modules;
 mod serve;
 
@@ -45,6 +46,17 @@ enum Command {
     /// Switches a state machine to one of its stored versions (a rollback
     /// is an activation of the older hash).
     Activate(modules::ActivateArgs),
+    /// Lists the members, or adds a learner, promotes one to voter, or
+    /// removes a member, one change at a time through the log.
+    Members(members::MembersArgs),
+    /// Hands leadership to another voter once it holds the whole log.
+    TransferLeader(members::TransferLeaderArgs),
+    /// Takes a member offline for maintenance: it keeps following the log
+    /// but neither votes nor campaigns (a leader hands over first).
+    /// Survives restarts.
+    Offline(members::MaintenanceArgs),
+    /// Brings a member back from maintenance.
+    Online(members::MaintenanceArgs),
     /// Closed-loop clients against a running cluster: throughput, errors
     /// and latency percentiles (with --disk, the disk's fdatasync too).
     Bench(bench::BenchArgs),
@@ -95,6 +107,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Deploy(args) => modules::deploy(args),
         Command::Modules(args) => modules::modules(args),
         Command::Activate(args) => modules::activate(args),
+        Command::Members(args) => members::members(args),
+        Command::TransferLeader(args) => members::transfer_leader(args),
+        Command::Offline(args) => members::set_offline(args, true),
+        Command::Online(args) => members::set_offline(args, false),
         Command::Bench(args) => bench::bench(args),
         Command::BenchDeploy(args) => bench_deploy::bench_deploy(args),
         Command::BenchGuest(args) => bench_guest::bench_guest(args),

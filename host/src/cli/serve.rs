@@ -71,6 +71,22 @@ pub struct ServeArgs {
     /// guarantees: for benchmarks only.
     #[arg(long, env = "RAFT_HOST_UNSAFE_NO_FSYNC")]
     unsafe_no_fsync: Option<bool>,
+    /// Join a running cluster through this member (host:port) instead of
+    /// bootstrapping one with --peer: start empty, be added as a learner,
+    /// catch up (from the log or a snapshot), then be promoted to voter.
+    #[arg(long, env = "RAFT_HOST_JOIN")]
+    join: Option<String>,
+    /// With --join: stay a learner (promote later with `members promote`).
+    #[arg(long, env = "RAFT_HOST_JOIN_AS_LEARNER")]
+    join_as_learner: Option<bool>,
+    /// Compact the log once it holds this many applied entries beyond the
+    /// kept tail (default 10000).
+    #[arg(long, env = "RAFT_HOST_SNAPSHOT_THRESHOLD_ENTRIES")]
+    snapshot_threshold_entries: Option<u64>,
+    /// Applied entries kept after a compaction for followers slightly
+    /// behind (default 1000); further behind, they get a snapshot.
+    #[arg(long, env = "RAFT_HOST_SNAPSHOT_KEEP_ENTRIES")]
+    snapshot_keep_entries: Option<u64>,
 }
 
 impl ServeArgs {
@@ -93,6 +109,10 @@ impl ServeArgs {
         self.module_ready_timeout_secs = self.module_ready_timeout_secs.or(file.module_ready_timeout_secs);
         self.metrics_listen = self.metrics_listen.or(file.metrics_listen);
         self.unsafe_no_fsync = self.unsafe_no_fsync.or(file.unsafe_no_fsync);
+        self.join = self.join.or(file.join);
+        self.join_as_learner = self.join_as_learner.or(file.join_as_learner);
+        self.snapshot_threshold_entries = self.snapshot_threshold_entries.or(file.snapshot_threshold_entries);
+        self.snapshot_keep_entries = self.snapshot_keep_entries.or(file.snapshot_keep_entries);
         self
     }
 
@@ -132,6 +152,14 @@ impl ServeArgs {
         if args.unsafe_no_fsync == Some(true) {
             config.durability = Durability::UnsafeNoSync;
         }
+        if args.join.is_some() && !config.peers.is_empty() {
+            bail!("--join and --peer do not go together: --peer bootstraps a new cluster, --join enters a running one");
+        }
+        config.join = args.join;
+        config.join_as_learner = args.join_as_learner == Some(true);
+        config.snapshot_threshold_entries =
+            args.snapshot_threshold_entries.unwrap_or(config.snapshot_threshold_entries);
+        config.snapshot_keep_entries = args.snapshot_keep_entries.unwrap_or(config.snapshot_keep_entries);
         Ok(config)
     }
 }
@@ -237,6 +265,13 @@ async fn run_until_signal(nodes: Vec<RunningNode>) -> anyhow::Result<()> {
             tracing::info!(signal = name, "stopping");
         }
         () = stopping => tracing::warn!("a member stopped on its own; stopping the others"),
+    }
+    if nodes.len() == 1 {
+        // A leader that is asked to stop hands over first, so the cluster
+        // does not wait out an election timeout.
+        for node in &nodes {
+            node.hand_over_leadership().await;
+        }
     }
     for node in &nodes {
         node.shutdown();

@@ -7,10 +7,11 @@
 //! leader's timestamps), never on this node's clock or batch boundaries, so
 //! every replica ends in the same state at the same index.
 
+use super::members::{Members, Membership, decode_addresses};
 use super::modules::{ModuleRegistry, Ranges, assemble, check_name};
-use super::sessions::{Admission, Sessions, session_reply};
-use super::{ReadReply, RequestError, WriteReply};
-use crate::raft::{Entry, EntryKind, Index, Term};
+use super::sessions::{Admission, SessionLimits, Sessions, session_reply};
+use super::{NodeError, ReadReply, RequestError, WriteReply};
+use crate::raft::{ConfChangeEntry, Entry, EntryKind, Index, SnapshotMeta, Term};
 use crate::rpc::pb::{self, entry_payload, session_reply::Result as ReplyResult};
 use crate::runtime::{EntryInfo, Machine, RuntimeError};
 use crate::storage::{ApplyBatch, ModuleKey, StateWrite, Store, StoreError, hex};
@@ -39,6 +40,9 @@ pub enum ApplyMsg {
     LeadershipLost,
     /// Report applied index and state digests.
     Status(oneshot::Sender<Result<ApplyStatus, RequestError>>),
+    /// Replace the state with the staged snapshot (after applying what came
+    /// before it), then report.
+    InstallSnapshot { snapshot: SnapshotMeta, done: oneshot::Sender<Result<(), StoreError>> },
 }
 
 /// A read waiting for its index.
@@ -82,6 +86,8 @@ pub enum ApplyError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    #[error("after installing a snapshot: {0}")]
+    Reload(String),
 }
 
 /// One client write waiting in the current run.
@@ -130,6 +136,10 @@ pub struct Applier {
     /// hash of the bytes before it, so completing a module does not read
     /// it back (after a restart, or out of order, it is read back instead).
     hashing: HashMap<[u8; 32], (u64, Sha256)>,
+    members: Arc<Members>,
+    /// A membership change applied in this run, for the next flush.
+    pending_membership: Option<Membership>,
+    session_limits: SessionLimits,
 }
 
 impl Applier {
@@ -138,8 +148,9 @@ impl Applier {
         store: Store,
         registry: Arc<ModuleRegistry>,
         machines: BTreeMap<String, Machine>,
-        sessions: Sessions,
+        (sessions, session_limits): (Sessions, SessionLimits),
         progress: Arc<ApplyProgress>,
+        members: Arc<Members>,
     ) -> Result<Applier, StoreError> {
         let applied = store.applied();
         let clock_ms = store.apply_clock_ms()?;
@@ -163,6 +174,9 @@ impl Applier {
             module_changes: Vec::new(),
             completed_modules: Vec::new(),
             hashing: HashMap::new(),
+            members,
+            pending_membership: None,
+            session_limits,
         })
     }
 
@@ -211,7 +225,37 @@ impl Applier {
             ApplyMsg::Status(reply) => {
                 let _ = reply.send(self.status().map_err(|e| RequestError::Internal(e.to_string())));
             }
+            ApplyMsg::InstallSnapshot { snapshot, done } => {
+                let result = self.install_snapshot(&snapshot);
+                let _ = done.send(match &result {
+                    Ok(()) => Ok(()),
+                    Err(error) => Err(StoreError::Limit(error.to_string())),
+                });
+                result?;
+                self.serve_due_reads()?;
+            }
         }
+        Ok(())
+    }
+
+    /// Replaces this member's state with the leader's snapshot and reloads
+    /// everything kept in memory from the store.
+    fn install_snapshot(&mut self, snapshot: &SnapshotMeta) -> Result<(), ApplyError> {
+        self.flush()?;
+        self.store.install_snapshot(snapshot)?;
+        let reload = |e: NodeError| ApplyError::Reload(e.to_string());
+        self.machines = super::server::load_active(&self.registry, &self.store).map_err(reload)?;
+        self.registry.set_names(self.machines.keys().cloned().collect());
+        self.sessions = Sessions::load(self.session_limits, self.store.session_scan()?)
+            .map_err(|e| ApplyError::Reload(e.to_string()))?;
+        self.applied = (snapshot.index, snapshot.term);
+        self.clock_ms = self.store.apply_clock_ms()?;
+        self.hashing.clear();
+        self.fail_waiters(|| RequestError::OutcomeUnknown("this member installed a snapshot from the leader".into()));
+        self.members.publish(Membership { conf: self.store.conf_state(), addresses: self.store.member_addresses()? });
+        self.progress.applied_index.store(self.applied.0, Ordering::Release);
+        self.progress.applied.notify_one();
+        tracing::info!(index = snapshot.index, term = snapshot.term, "snapshot installed");
         Ok(())
     }
 
@@ -230,6 +274,10 @@ impl Applier {
                 continue;
             }
             let position = (entry.index, entry.term);
+            if entry.kind == EntryKind::ConfChange {
+                self.apply_conf_change(position, &entry.data)?;
+                continue;
+            }
             match decode_entry(&entry) {
                 Some((timestamp_ms, kind)) => {
                     self.clock_ms = self.clock_ms.max(timestamp_ms);
@@ -330,6 +378,7 @@ impl Applier {
         }
         writes.append(&mut self.pending_writes);
         let modules = std::mem::take(&mut self.module_changes);
+        let membership = self.pending_membership.take();
         if self.applied.0 > self.store.applied().0 || !writes.is_empty() || !modules.is_empty() {
             self.store.apply(&ApplyBatch {
                 applied_index: self.applied.0,
@@ -338,13 +387,34 @@ impl Applier {
                 writes,
                 sessions: self.sessions.take_changes(),
                 modules,
+                membership: membership.as_ref().map(|m| (m.conf.clone(), m.addresses.clone())),
             })?;
+        }
+        if let Some(membership) = membership {
+            self.members.publish(membership);
         }
         for hash in std::mem::take(&mut self.completed_modules) {
             self.registry.prepare_in_background(hash);
         }
         self.answer_writes();
         Ok(())
+    }
+
+    /// A membership change: the configuration and addresses it carries
+    /// become this member's, durably with its position. An entry this
+    /// version cannot decode changes nothing, on every member alike.
+    fn apply_conf_change(&mut self, position: (Index, Term), data: &[u8]) -> Result<(), ApplyError> {
+        self.apply_alone(position, |applier| {
+            Ok(match ConfChangeEntry::decode(data) {
+                Ok(entry) => {
+                    tracing::info!(change = ?entry.change.kind, node = entry.change.node, index = position.0, "membership change applied");
+                    applier.pending_membership =
+                        Some(Membership { conf: entry.conf, addresses: decode_addresses(&entry.change.context) });
+                    Ok(Vec::new())
+                }
+                Err(why) => Err(why),
+            })
+        })
     }
 
     /// A chunk of a module being deployed: stored with the applied position;

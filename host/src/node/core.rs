@@ -7,12 +7,16 @@
 //! keeps stepping meanwhile, which the Ready contract allows.
 
 use super::apply::{ApplyMsg, ApplyProgress, ReadJob};
+use super::members::Members;
 use super::peers::Peers;
 use super::{Consistency, NodeConfig, NodeError, ReadReply, RequestError, WriteReply};
-use crate::raft::{Entry, Index, Message, NodeId, ProposeError, Raft, ReadIndexError, ReadState, Role, Term};
+use crate::raft::{
+    ConfChange, ConfState, Entry, Index, LogStore, Message, NodeId, ProposeError, Raft, ReadIndexError, ReadState,
+    Role, Term,
+};
 use crate::rpc::pb;
 use crate::storage::{Store, StoreError};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -26,7 +30,26 @@ const DRAIN_MAX: usize = 4096;
 /// Work for the core task.
 pub(crate) enum CoreMsg {
     Peer(Vec<Message>),
-    Propose { kind: pb::entry_payload::Kind, reply: oneshot::Sender<Result<WriteReply, RequestError>> },
+    Propose {
+        kind: pb::entry_payload::Kind,
+        reply: oneshot::Sender<Result<WriteReply, RequestError>>,
+    },
+    ConfChange {
+        change: ConfChange,
+        reply: oneshot::Sender<Result<WriteReply, RequestError>>,
+    },
+    TransferLeader {
+        to: NodeId,
+        reply: oneshot::Sender<Result<(), RequestError>>,
+    },
+    SetOffline {
+        offline: bool,
+        reply: oneshot::Sender<Result<(), RequestError>>,
+    },
+    /// A snapshot stream to `to` ended (delivered or not).
+    SnapshotSent {
+        to: NodeId,
+    },
     Read(ReadRequest),
     Status(oneshot::Sender<CoreStatus>),
 }
@@ -54,7 +77,13 @@ pub struct CoreStatus {
     pub leader: Option<NodeId>,
     pub commit_index: Index,
     pub last_log_index: Index,
+    /// The index the log starts after.
+    pub snapshot_index: Index,
     pub voters: BTreeSet<NodeId>,
+    pub conf: ConfState,
+    pub offline: bool,
+    /// How far each member's log is known to match (on the leader).
+    pub matched: BTreeMap<NodeId, Index>,
 }
 
 /// How the services reach the core task.
@@ -94,6 +123,28 @@ impl CoreHandle {
     ) -> Result<ReadReply, RequestError> {
         let (reply, answer) = oneshot::channel();
         self.offer(CoreMsg::Read(ReadRequest { state_machine, query, consistency, reply }))?;
+        self.wait(answer).await?
+    }
+
+    /// Proposes a membership change and waits until it is applied here.
+    pub(crate) async fn change_membership(&self, change: ConfChange) -> Result<WriteReply, RequestError> {
+        let (reply, answer) = oneshot::channel();
+        self.offer(CoreMsg::ConfChange { change, reply })?;
+        self.wait(answer).await?
+    }
+
+    /// Starts handing leadership to `to` (the caller watches leadership to
+    /// see it complete).
+    pub(crate) async fn transfer_leader(&self, to: NodeId) -> Result<(), RequestError> {
+        let (reply, answer) = oneshot::channel();
+        self.offer(CoreMsg::TransferLeader { to, reply })?;
+        self.wait(answer).await?
+    }
+
+    /// Takes this member offline for maintenance, or back online.
+    pub(crate) async fn set_offline(&self, offline: bool) -> Result<(), RequestError> {
+        let (reply, answer) = oneshot::channel();
+        self.offer(CoreMsg::SetOffline { offline, reply })?;
         self.wait(answer).await?
     }
 
@@ -156,6 +207,9 @@ pub(crate) struct CoreTask {
     store: Store,
     config: Arc<NodeConfig>,
     peers: Peers,
+    members: Arc<Members>,
+    /// A log compaction is running on a blocking thread.
+    compacting: Option<JoinHandle<Result<(), StoreError>>>,
     apply: std::sync::mpsc::Sender<ApplyMsg>,
     progress: Arc<ApplyProgress>,
     leadership: watch::Sender<LeadershipView>,
@@ -167,25 +221,30 @@ pub(crate) struct CoreTask {
 }
 
 impl CoreTask {
-    /// The task and the handle services use to reach it.
+    /// The task and the handle services use to reach it; `inbox` is the
+    /// channel the handle and the peer lanes feed.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         raft: Raft<Store>,
         store: Store,
         config: Arc<NodeConfig>,
         peers: Peers,
+        members: Arc<Members>,
         apply: std::sync::mpsc::Sender<ApplyMsg>,
         progress: Arc<ApplyProgress>,
-        inbox_capacity: usize,
+        inbox: (mpsc::Sender<CoreMsg>, mpsc::Receiver<CoreMsg>),
     ) -> (CoreTask, CoreHandle, mpsc::Receiver<CoreMsg>) {
         let view = LeadershipView { role: raft.role(), term: raft.term(), leader: raft.leader() };
         let (leadership, leadership_rx) = watch::channel(view);
-        let (tx, rx) = mpsc::channel(inbox_capacity);
+        let (tx, rx) = inbox;
         let handle = CoreHandle { tx, leadership: leadership_rx, request_timeout: config.request_timeout };
         let task = CoreTask {
             raft,
             store,
             config,
             peers,
+            members,
+            compacting: None,
             apply,
             progress,
             leadership,
@@ -221,6 +280,7 @@ impl CoreTask {
                 _ = ticker.tick() => {
                     self.raft.tick()?;
                     self.expire_reads();
+                    self.maybe_compact()?;
                 }
                 message = inbox.recv() => {
                     let Some(message) = message else { break };
@@ -249,7 +309,29 @@ impl CoreTask {
                     committed_entries: ready.committed_entries,
                     read_states: ready.read_states,
                 };
-                if ready.entries.is_empty() && ready.hard_state.is_none() {
+                if let Some(snapshot) = ready.snapshot {
+                    // Step 0: the apply task installs the staged snapshot in
+                    // log order (after what it was handed before), then the
+                    // entries that continue the log are persisted.
+                    tracing::info!(
+                        index = snapshot.index,
+                        term = snapshot.term,
+                        "installing a snapshot from the leader"
+                    );
+                    let (done, installed) = oneshot::channel();
+                    self.send_apply(ApplyMsg::InstallSnapshot { snapshot, done })?;
+                    let store = self.store.clone();
+                    let (entries, hard_state) = (ready.entries, ready.hard_state);
+                    let write = tokio::spawn(async move {
+                        installed.await.map_err(|_| {
+                            StoreError::Limit("the apply task stopped during a snapshot install".into())
+                        })??;
+                        tokio::task::spawn_blocking(move || store.persist(&entries, hard_state.as_ref()))
+                            .await
+                            .map_err(|_| StoreError::Limit("the storage thread was lost".into()))?
+                    });
+                    persisting = Some((rest, write));
+                } else if ready.entries.is_empty() && ready.hard_state.is_none() {
                     self.after_persist(rest)?;
                 } else {
                     let store = self.store.clone();
@@ -285,6 +367,36 @@ impl CoreTask {
                 }
             }
             CoreMsg::Propose { kind, reply } => self.proposals.push((kind, reply)),
+            CoreMsg::ConfChange { change, reply } => {
+                // Writes gathered so far go first, in their own batch.
+                self.propose_gathered()?;
+                match self.raft.propose_conf_change(change) {
+                    Ok(proposed) => {
+                        self.send_apply(ApplyMsg::Await { index: proposed.last_index, term: proposed.term, reply })?
+                    }
+                    Err(error) => {
+                        let _ = reply.send(Err(self.refusal(error)?));
+                    }
+                }
+            }
+            CoreMsg::TransferLeader { to, reply } => {
+                let outcome = match self.raft.transfer_leader(to) {
+                    Ok(()) => Ok(()),
+                    Err(error) => Err(self.refusal(error)?),
+                };
+                let _ = reply.send(outcome);
+            }
+            CoreMsg::SetOffline { offline, reply } => {
+                // A tiny synced write, inline: it is rare, and the member is
+                // being serviced anyway.
+                let outcome = self.store.set_offline(offline).map_err(|e| RequestError::Internal(e.to_string()));
+                if outcome.is_ok() {
+                    self.raft.set_offline(offline)?;
+                    tracing::info!(node = self.config.id, offline, "maintenance mode changed");
+                }
+                let _ = reply.send(outcome);
+            }
+            CoreMsg::SnapshotSent { to } => self.raft.report_snapshot(to)?,
             CoreMsg::Read(request) => self.start_read(request)?,
             CoreMsg::Status(reply) => {
                 let _ = reply.send(CoreStatus {
@@ -293,7 +405,17 @@ impl CoreTask {
                     leader: self.raft.leader(),
                     commit_index: self.raft.log().committed(),
                     last_log_index: self.raft.log().last_index()?,
+                    snapshot_index: self.raft.log().first_index()? - 1,
                     voters: self.raft.voters(),
+                    conf: self.raft.conf_state(),
+                    offline: self.raft.is_offline(),
+                    matched: self
+                        .raft
+                        .conf_state()
+                        .members()
+                        .into_iter()
+                        .filter_map(|id| Some((id, self.raft.progress(id)?.matched)))
+                        .collect(),
                 });
             }
         }
@@ -320,18 +442,7 @@ impl CoreTask {
                 Ok(())
             }
             Err(error) => {
-                let refusal = match error {
-                    ProposeError::NotLeader { leader } => self.not_leader(leader),
-                    ProposeError::Busy { .. } | ProposeError::Transferring { .. } => {
-                        RequestError::Busy(error.to_string())
-                    }
-                    ProposeError::TooLarge { .. }
-                    | ProposeError::Empty
-                    | ProposeError::ConfChangePending(_)
-                    | ProposeError::InvalidConfChange(_)
-                    | ProposeError::InvalidTransfer(_) => RequestError::Invalid(error.to_string()),
-                    ProposeError::Raft(fatal) => return Err(fatal.into()),
-                };
+                let refusal = self.refusal(error)?;
                 for reply in replies {
                     let _ = reply.send(Err(refusal.clone()));
                 }
@@ -340,11 +451,51 @@ impl CoreTask {
         }
     }
 
+    /// What a client is told when the core refuses a proposal; a failure of
+    /// the core itself is fatal for the member instead.
+    fn refusal(&self, error: ProposeError) -> Result<RequestError, NodeError> {
+        Ok(match error {
+            ProposeError::NotLeader { leader } => self.not_leader(leader),
+            ProposeError::Busy { .. } | ProposeError::Transferring { .. } => RequestError::Busy(error.to_string()),
+            ProposeError::ConfChangePending(_) => RequestError::Busy(error.to_string()),
+            ProposeError::TooLarge { .. }
+            | ProposeError::Empty
+            | ProposeError::InvalidConfChange(_)
+            | ProposeError::InvalidTransfer(_) => RequestError::Invalid(error.to_string()),
+            ProposeError::Raft(fatal) => return Err(fatal.into()),
+        })
+    }
+
+    /// Compacts the log once it holds more applied entries than the
+    /// threshold, keeping a tail for followers that are a little behind
+    /// (they catch up from the log; further behind, by snapshot).
+    fn maybe_compact(&mut self) -> Result<(), NodeError> {
+        if let Some(running) = &self.compacting {
+            if !running.is_finished() {
+                return Ok(());
+            }
+            if let Some(running) = self.compacting.take()
+                && let Some(Err(error)) = finished_result(running)
+            {
+                return Err(error.into());
+            }
+        }
+        let applied = self.store.applied().0;
+        let first = self.store.first_index()?;
+        let keep = self.config.snapshot_keep_entries;
+        if applied < first + self.config.snapshot_threshold_entries + keep {
+            return Ok(());
+        }
+        let upto = applied - keep;
+        let store = self.store.clone();
+        tracing::debug!(upto, "compacting the log");
+        self.compacting = Some(tokio::task::spawn_blocking(move || store.compact(upto)));
+        Ok(())
+    }
+
     fn not_leader(&self, leader: Option<NodeId>) -> RequestError {
         let leader = leader.filter(|&id| id != self.config.id);
-        RequestError::NotLeader {
-            leader: leader.and_then(|id| self.config.address_of(id).map(|addr| (id, addr.to_string()))),
-        }
+        RequestError::NotLeader { leader: leader.and_then(|id| self.members.address_of(id).map(|addr| (id, addr))) }
     }
 
     fn start_read(&mut self, request: ReadRequest) -> Result<(), NodeError> {
@@ -456,5 +607,16 @@ impl CoreTask {
 
     fn send_apply(&self, message: ApplyMsg) -> Result<(), NodeError> {
         self.apply.send(message).map_err(|_| NodeError::TaskLost("apply"))
+    }
+}
+
+/// The result of a task that `is_finished()`, without awaiting it.
+fn finished_result<T>(handle: JoinHandle<T>) -> Option<T> {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+    let mut handle = std::pin::pin!(handle);
+    match handle.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(Ok(value)) => Some(value),
+        _ => None,
     }
 }

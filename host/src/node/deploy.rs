@@ -4,6 +4,7 @@
 //! chunks; wait until every live member has compiled it; then commit the
 //! small activation entry, which every replica applies at the same index.
 
+use super::members::Members;
 use super::modules::{MODULE_CHUNK_BYTES, ModuleRegistry, check_name};
 use super::{CoreHandle, NodeConfig, RequestError};
 use crate::raft::{NodeId, Role};
@@ -49,7 +50,7 @@ pub struct Deployer {
     config: Arc<NodeConfig>,
     core: CoreHandle,
     registry: Arc<ModuleRegistry>,
-    peers: BTreeMap<NodeId, RaftPeerClient<Channel>>,
+    members: Arc<Members>,
     /// How long every live member together may take to compile a module.
     ready_timeout: Duration,
 }
@@ -59,13 +60,10 @@ impl Deployer {
         config: Arc<NodeConfig>,
         core: CoreHandle,
         registry: Arc<ModuleRegistry>,
+        members: Arc<Members>,
         ready_timeout: Duration,
-    ) -> Result<Deployer, String> {
-        let mut peers = BTreeMap::new();
-        for (&id, address) in &config.peers {
-            peers.insert(id, RaftPeerClient::new(super::peer_channel(address)?));
-        }
-        Ok(Deployer { config, core, registry, peers, ready_timeout })
+    ) -> Deployer {
+        Deployer { config, core, registry, members, ready_timeout }
     }
 
     /// Refuses unless this member leads: deploys and activations are
@@ -76,9 +74,7 @@ impl Deployer {
             return Ok(());
         }
         match view.leader {
-            Some(id) => {
-                Err(RequestError::NotLeader { leader: self.config.address_of(id).map(|addr| (id, addr.to_string())) })
-            }
+            Some(id) => Err(RequestError::NotLeader { leader: self.members.address_of(id).map(|addr| (id, addr)) }),
             None => Err(RequestError::NoLeader),
         }
     }
@@ -180,8 +176,17 @@ impl Deployer {
     /// `hash`; returns the peers that did not answer.
     async fn wait_ready(&self, hash: [u8; 32], progress: &impl Fn(DeployStep)) -> Result<Vec<NodeId>, RequestError> {
         let deadline = Instant::now() + self.ready_timeout;
-        let mut waiting: BTreeMap<NodeId, Option<RaftPeerClient<Channel>>> =
-            self.peers.iter().map(|(&id, client)| (id, Some(client.clone()))).collect();
+        // Every current member, learners included: each runs the module once
+        // it is activated.
+        let mut waiting: BTreeMap<NodeId, Option<RaftPeerClient<Channel>>> = self
+            .members
+            .current()
+            .conf
+            .members()
+            .into_iter()
+            .filter(|&id| id != self.config.id)
+            .map(|id| (id, self.members.channel(id).ok().map(RaftPeerClient::new)))
+            .collect();
         waiting.insert(self.config.id, None);
         let members = waiting.len();
         let mut unreachable = Vec::new();
@@ -191,7 +196,8 @@ impl Deployer {
             let mut still = BTreeMap::new();
             for (id, client) in waiting {
                 let answer = match &client {
-                    None => self.registry.status(&hash).map_err(internal).map(Some)?,
+                    None if id == self.config.id => self.registry.status(&hash).map_err(internal).map(Some)?,
+                    None => None,
                     Some(client) => self.ask(client.clone(), id, hash).await,
                 };
                 if answer.is_some() {

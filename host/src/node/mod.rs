@@ -21,6 +21,8 @@
 pub mod apply;
 mod core;
 pub mod deploy;
+mod join;
+pub mod members;
 pub mod modules;
 mod peers;
 pub mod sessions;
@@ -50,7 +52,9 @@ pub struct NodeConfig {
     /// The address other members and clients use for this one (defaults to
     /// `listen`).
     pub advertise: String,
-    /// The other members of the initial cluster and their addresses.
+    /// The other members of the initial cluster and their addresses (the
+    /// first start records them; afterwards membership changes through the
+    /// log, and these only add to the address book).
     pub peers: BTreeMap<NodeId, String>,
     pub data_dir: PathBuf,
     /// One tick of the consensus core's clock.
@@ -77,6 +81,18 @@ pub struct NodeConfig {
     pub module_ready_timeout: Duration,
     /// Where to serve Prometheus metrics over HTTP (`/metrics`), if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Applied entries the log holds before it is compacted (the applied
+    /// state is the snapshot a follower too far behind receives).
+    pub snapshot_threshold_entries: u64,
+    /// Applied entries kept after a compaction, so followers a little
+    /// behind catch up from the log rather than by snapshot.
+    pub snapshot_keep_entries: u64,
+    /// Join a running cluster through this member (host:port) instead of
+    /// bootstrapping one: start with no configuration, ask to be added as a
+    /// learner, catch up, then ask to be promoted.
+    pub join: Option<String>,
+    /// With `join`: stay a learner (promote later with `members promote`).
+    pub join_as_learner: bool,
 }
 
 impl NodeConfig {
@@ -102,12 +118,11 @@ impl NodeConfig {
             sessions: sessions::SessionLimits::default(),
             module_ready_timeout: Duration::from_secs(300),
             metrics_listen: None,
+            snapshot_threshold_entries: 10_000,
+            snapshot_keep_entries: 1_000,
+            join: None,
+            join_as_learner: false,
         }
-    }
-
-    /// The address of member `id` (this one included).
-    pub fn address_of(&self, id: NodeId) -> Option<&str> {
-        if id == self.id { Some(&self.advertise) } else { self.peers.get(&id).map(String::as_str) }
     }
 }
 

@@ -8,13 +8,23 @@
 //! than grow: Raft resends what matters (the leader probes, heartbeats
 //! repeat, candidates ask again). A failing peer is retried with backoff on
 //! a lazily reconnecting channel.
+//!
+//! Lanes start on first use, to whichever address the member book holds,
+//! so members added later are reached without a restart. A snapshot the
+//! core asks for goes on a stream of its own (at most one per peer), read
+//! from a consistent view of the store while writes go on; the core hears
+//! when it ends.
 
-use crate::raft::{Message, MessageBody, NodeId};
+use super::core::CoreMsg;
+use super::members::Members;
+use crate::raft::{Message, MessageBody, NodeId, Term};
 use crate::rpc::pb::raft_peer_client::RaftPeerClient;
-use crate::rpc::{MESSAGES_PER_ENVELOPE_MAX, seal_envelope};
-use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Duration;
+use crate::rpc::{MESSAGES_PER_ENVELOPE_MAX, pb, seal_envelope, snapshot_meta_to_pb};
+use crate::storage::Store;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 
@@ -26,51 +36,94 @@ const ENVELOPE_BYTES_MAX: u64 = 16 << 20;
 pub const PEER_MESSAGE_BYTES_MAX: usize = 64 << 20;
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Record bytes per snapshot chunk.
+const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+/// Chunks read ahead of the network.
+const SNAPSHOT_READ_AHEAD: usize = 4;
+/// How long one snapshot stream may take before it is abandoned.
+const SNAPSHOT_STREAM_TIMEOUT: Duration = Duration::from_secs(600);
 
 struct Lanes {
+    address: String,
     control: mpsc::Sender<Message>,
     data: mpsc::Sender<Message>,
 }
 
 /// The sending side of every peer's lanes.
 pub struct Peers {
+    cluster_id: Arc<str>,
+    me: NodeId,
+    call_timeout: Duration,
+    members: Arc<Members>,
     lanes: BTreeMap<NodeId, Lanes>,
+    store: Store,
+    core: mpsc::Sender<CoreMsg>,
+    /// Peers a snapshot is being streamed to.
+    snapshots: Arc<Mutex<BTreeSet<NodeId>>>,
 }
 
 impl Peers {
-    /// Starts the lanes to every peer in `addresses` (id -> host:port).
-    pub fn start(
+    /// Lanes to the members in `members`' book, started on first use.
+    pub fn new(
         cluster_id: &str,
-        me: NodeId,
-        addresses: &BTreeMap<NodeId, String>,
+        members: Arc<Members>,
         call_timeout: Duration,
-    ) -> Result<Peers, String> {
-        let cluster_id: Arc<str> = Arc::from(cluster_id);
-        let mut lanes = BTreeMap::new();
-        for (&id, address) in addresses {
-            let channel = peer_channel(address)?;
-            let mut peer_lanes = Vec::new();
+        store: Store,
+        core: mpsc::Sender<CoreMsg>,
+    ) -> Peers {
+        Peers {
+            cluster_id: Arc::from(cluster_id),
+            me: members.me(),
+            call_timeout,
+            members,
+            lanes: BTreeMap::new(),
+            store,
+            core,
+            snapshots: Arc::new(Mutex::new(BTreeSet::new())),
+        }
+    }
+
+    /// The lanes to `id`, started (or restarted on a new address) as needed.
+    fn lanes_to(&mut self, id: NodeId) -> Option<&Lanes> {
+        let address = self.members.address_of(id)?;
+        if self.lanes.get(&id).is_none_or(|lanes| lanes.address != address) {
+            let channel = match peer_channel(&address) {
+                Ok(channel) => channel,
+                Err(error) => {
+                    tracing::warn!(peer = id, %error, "cannot reach a member at its address");
+                    return None;
+                }
+            };
+            let mut senders = Vec::new();
             for lane in ["control", "data"] {
                 let (tx, rx) = mpsc::channel(LANE_CAPACITY);
-                let client = RaftPeerClient::new(channel.clone())
-                    .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX)
-                    .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX);
-                let sender = LaneSender { cluster_id: cluster_id.clone(), me, peer: id, lane, client, call_timeout };
+                let sender = LaneSender {
+                    cluster_id: self.cluster_id.clone(),
+                    me: self.me,
+                    peer: id,
+                    lane,
+                    client: peer_client(channel.clone()),
+                    call_timeout: self.call_timeout,
+                };
                 tokio::spawn(sender.run(rx));
-                peer_lanes.push(tx);
+                senders.push(tx);
             }
-            let data = peer_lanes.pop().expect("two lanes");
-            let control = peer_lanes.pop().expect("two lanes");
-            lanes.insert(id, Lanes { control, data });
+            let data = senders.pop()?;
+            let control = senders.pop()?;
+            self.lanes.insert(id, Lanes { address, control, data });
         }
-        Ok(Peers { lanes })
+        self.lanes.get(&id)
     }
 
     /// Queues messages for their peers; drops what does not fit.
-    pub fn send(&self, messages: Vec<Message>) {
+    pub fn send(&mut self, messages: Vec<Message>) {
         for message in messages {
-            let Some(lanes) = self.lanes.get(&message.to) else {
-                tracing::debug!(to = message.to, "no lane to an unknown member; message dropped");
+            if let MessageBody::InstallSnapshot { .. } = message.body {
+                self.send_snapshot(message.to, message.term);
+                continue;
+            }
+            let Some(lanes) = self.lanes_to(message.to) else {
+                tracing::debug!(to = message.to, "no address for this member; message dropped");
                 continue;
             };
             let lane = match &message.body {
@@ -82,6 +135,104 @@ impl Peers {
             }
         }
     }
+}
+
+impl Peers {
+    /// Streams this member's state to `to`, unless a stream to it is
+    /// already running; the core hears when it ends either way.
+    fn send_snapshot(&mut self, to: NodeId, term: Term) {
+        if !self.snapshots.lock().unwrap_or_else(|p| p.into_inner()).insert(to) {
+            return;
+        }
+        let channel = self.members.channel(to);
+        let (store, core, running) = (self.store.clone(), self.core.clone(), self.snapshots.clone());
+        let (cluster_id, me) = (self.cluster_id.to_string(), self.me);
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let outcome = match channel {
+                Ok(channel) => stream_snapshot(store, peer_client(channel), cluster_id, me, to, term).await,
+                Err(error) => Err(error),
+            };
+            match outcome {
+                Ok((index, bytes)) => {
+                    tracing::info!(peer = to, index, bytes, seconds = started.elapsed().as_secs_f64(), "snapshot sent")
+                }
+                Err(error) => tracing::warn!(peer = to, %error, "snapshot not delivered; the leader retries"),
+            }
+            running.lock().unwrap_or_else(|p| p.into_inner()).remove(&to);
+            let _ = core.send(CoreMsg::SnapshotSent { to }).await;
+        });
+    }
+}
+
+/// Reads a consistent view of the store on a blocking thread and streams it
+/// to `to` in checksummed chunks. Returns the snapshot's index and size.
+async fn stream_snapshot(
+    store: Store,
+    mut client: RaftPeerClient<Channel>,
+    cluster_id: String,
+    me: NodeId,
+    to: NodeId,
+    term: Term,
+) -> Result<(u64, u64), String> {
+    let (tx, rx) = mpsc::channel::<pb::SnapshotChunk>(SNAPSHOT_READ_AHEAD);
+    let reader = tokio::task::spawn_blocking(move || -> Result<(u64, u64), String> {
+        let reader = store.snapshot_reader().map_err(|e| e.to_string())?;
+        let meta = snapshot_meta_to_pb(reader.meta());
+        let index = meta.index;
+        let mut digest = Sha256::new();
+        let mut offset = 0u64;
+        let mut delivered = true;
+        let chunk = |data: Vec<u8>, offset: u64, meta: Option<pb::SnapshotMeta>| pb::SnapshotChunk {
+            cluster_id: cluster_id.clone(),
+            from: me,
+            to,
+            term,
+            meta,
+            total_bytes: 0,
+            offset,
+            checksum: crc32fast::hash(&data),
+            data,
+            last: false,
+            digest: Vec::new(),
+        };
+        reader
+            .for_each_chunk(SNAPSHOT_CHUNK_BYTES, |data| {
+                digest.update(&data);
+                let len = data.len() as u64;
+                let first = (offset == 0).then(|| meta.clone());
+                delivered = tx.blocking_send(chunk(data, offset, first)).is_ok();
+                offset += len;
+                delivered
+            })
+            .map_err(|e| e.to_string())?;
+        if !delivered {
+            return Err("the stream closed early".to_string());
+        }
+        let mut last = chunk(Vec::new(), offset, (offset == 0).then(|| meta.clone()));
+        last.last = true;
+        last.digest = digest.finalize().to_vec();
+        tx.blocking_send(last).map_err(|_| "the stream closed early".to_string())?;
+        Ok((index, offset))
+    });
+    let call = client.install_snapshot(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let reply = tokio::time::timeout(SNAPSHOT_STREAM_TIMEOUT, call)
+        .await
+        .map_err(|_| format!("no answer within {SNAPSHOT_STREAM_TIMEOUT:?}"))?
+        .map_err(|status| status.message().to_string());
+    let read = reader.await.map_err(|_| "the snapshot reader was lost".to_string())?;
+    let accepted = reply?.into_inner().accepted;
+    let (index, bytes) = read?;
+    if !accepted {
+        return Err("the member declined the snapshot".to_string());
+    }
+    Ok((index, bytes))
+}
+
+fn peer_client(channel: Channel) -> RaftPeerClient<Channel> {
+    RaftPeerClient::new(channel)
+        .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX)
+        .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
 }
 
 /// A lazily connecting channel to `address` (host:port).

@@ -4,6 +4,7 @@
 use super::apply::{Applier, ApplyProgress};
 use super::core::CoreTask;
 use super::deploy::Deployer;
+use super::members::{Members, Membership};
 use super::modules::{BuiltIn, ModuleRegistry};
 use super::peers::{PEER_MESSAGE_BYTES_MAX, Peers};
 use super::sessions::Sessions;
@@ -36,6 +37,9 @@ pub struct Node;
 /// A started member. Dropping it does not stop it; call
 /// [`RunningNode::shutdown`] and then [`RunningNode::wait`].
 pub struct RunningNode {
+    id: NodeId,
+    core_handle: super::CoreHandle,
+    transfer_limit: std::time::Duration,
     local_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
@@ -59,8 +63,18 @@ impl Node {
                 .await
                 .map_err(|_| NodeError::TaskLost("store open"))??
         };
-        let voters: BTreeSet<NodeId> = config.peers.keys().copied().chain([config.id]).collect();
-        store.bootstrap(&ConfState::with_voters(voters.iter().copied()))?;
+        if config.join.is_none() {
+            let voters: BTreeSet<NodeId> = config.peers.keys().copied().chain([config.id]).collect();
+            let mut addresses = config.peers.clone();
+            addresses.insert(config.id, config.advertise.clone());
+            store.bootstrap(&ConfState::with_voters(voters), &addresses)?;
+        }
+        let members = Members::new(
+            config.id,
+            config.advertise.clone(),
+            Membership { conf: store.conf_state(), addresses: store.member_addresses()? },
+            &config.peers,
+        );
 
         let runtime = Arc::new(Runtime::new(config.limits.clone())?);
         let registry = Arc::new(ModuleRegistry::new(runtime.clone(), store.clone(), BUILT_IN_STATE_MACHINES));
@@ -86,7 +100,14 @@ impl Node {
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
         raft_config.seed = config.id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ nanos;
         debug_assert!(raft_config.max_message_bytes + ENTRY_OVERHEAD_BYTES < PEER_MESSAGE_BYTES_MAX as u64);
-        let raft = Raft::new(raft_config, store.clone())?;
+        let mut raft = Raft::new(raft_config, store.clone())?;
+        if store.offline()? {
+            raft.set_offline(true)?;
+            tracing::warn!(
+                node = config.id,
+                "starting offline for maintenance: this member neither votes nor campaigns"
+            );
+        }
         tracing::info!(
             node = config.id,
             cluster = %config.cluster_id,
@@ -97,7 +118,14 @@ impl Node {
         );
 
         let progress = Arc::new(ApplyProgress::default());
-        let applier = Applier::new(store.clone(), registry.clone(), machines, sessions, progress.clone())?;
+        let applier = Applier::new(
+            store.clone(),
+            registry.clone(),
+            machines,
+            (sessions, config.sessions),
+            progress.clone(),
+            members.clone(),
+        )?;
         let (apply_tx, apply_rx) = std::sync::mpsc::channel();
         let (shutdown, shutdown_rx) = watch::channel(false);
         let apply_shutdown = shutdown.clone();
@@ -114,10 +142,18 @@ impl Node {
             .map_err(|_| NodeError::TaskLost("apply thread spawn"))?;
 
         let call_timeout = config.tick * config.election_ticks;
-        let peers =
-            Peers::start(&config.cluster_id, config.id, &config.peers, call_timeout).map_err(NodeError::Config)?;
-        let (core_task, core, inbox) =
-            CoreTask::new(raft, store, config.clone(), peers, apply_tx.clone(), progress, CORE_INBOX_CAPACITY);
+        let (core_tx, core_rx) = tokio::sync::mpsc::channel(CORE_INBOX_CAPACITY);
+        let peers = Peers::new(&config.cluster_id, members.clone(), call_timeout, store.clone(), core_tx.clone());
+        let (core_task, core, inbox) = CoreTask::new(
+            raft,
+            store.clone(),
+            config.clone(),
+            peers,
+            members.clone(),
+            apply_tx.clone(),
+            progress,
+            (core_tx, core_rx),
+        );
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| NodeError::Listen { addr: config.listen, source })?;
@@ -138,13 +174,11 @@ impl Node {
         });
 
         let peer_service =
-            PeerService::new(config.cluster_id.clone(), config.id, voters, core.clone(), registry.clone());
-        let deployer = Deployer::new(config.clone(), core.clone(), registry.clone(), config.module_ready_timeout)
-            .map_err(NodeError::Config)?;
-        let client_service = Arc::new(
-            ClientService::new(config.clone(), core.clone(), apply_tx, registry, deployer)
-                .map_err(NodeError::Config)?,
-        );
+            PeerService::new(config.cluster_id.clone(), members.clone(), core.clone(), registry.clone(), store.clone());
+        let deployer =
+            Deployer::new(config.clone(), core.clone(), registry.clone(), members.clone(), config.module_ready_timeout);
+        let client_service =
+            Arc::new(ClientService::new(config.clone(), core.clone(), apply_tx, registry, deployer, members.clone()));
         let metrics_addr = match config.metrics_listen {
             Some(addr) => {
                 let listener =
@@ -184,7 +218,23 @@ impl Node {
                 .map_err(NodeError::from)
         });
         tracing::info!(node = config.id, address = %local_addr, "serving peers and clients");
-        Ok(RunningNode { local_addr, metrics_addr, shutdown, server, core: core_handle, apply })
+        if let Some(join) = config.join.clone()
+            && !members.current().conf.members().contains(&config.id)
+        {
+            let stop = shutdown.subscribe();
+            tokio::spawn(super::join::join(config.clone(), members.clone(), join, stop));
+        }
+        Ok(RunningNode {
+            id: config.id,
+            core_handle: core,
+            transfer_limit: config.tick * config.election_ticks * 2,
+            local_addr,
+            metrics_addr,
+            shutdown,
+            server,
+            core: core_handle,
+            apply,
+        })
     }
 }
 
@@ -197,6 +247,33 @@ impl RunningNode {
     /// Where metrics are served, if they are.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// If this member leads, hands leadership to the voter whose log is
+    /// furthest along and waits (at most two election timeouts) until it
+    /// has. Best effort: stopping goes on regardless.
+    pub async fn hand_over_leadership(&self) {
+        let Ok(status) = self.core_handle.status().await else { return };
+        if status.role != crate::raft::Role::Leader {
+            return;
+        }
+        let target = status
+            .matched
+            .iter()
+            .filter(|(id, _)| **id != self.id && status.conf.voters.contains(id))
+            .max_by_key(|(_, matched)| **matched)
+            .map(|(id, _)| *id);
+        let Some(to) = target else { return };
+        tracing::info!(node = self.id, to, "handing leadership over before stopping");
+        if self.core_handle.transfer_leader(to).await.is_err() {
+            return;
+        }
+        let mut leadership = self.core_handle.leadership();
+        let moved =
+            tokio::time::timeout(self.transfer_limit, leadership.wait_for(|v| v.role != crate::raft::Role::Leader));
+        if moved.await.is_err() {
+            tracing::warn!(node = self.id, to, "leadership did not move in time; stopping anyway");
+        }
     }
 
     /// Asks every task to stop: the server stops accepting, the core
@@ -232,7 +309,7 @@ impl RunningNode {
 
 /// The version each state machine runs, loaded (from the compiled cache
 /// when it was compiled before).
-fn load_active(registry: &ModuleRegistry, store: &Store) -> Result<BTreeMap<String, Machine>, NodeError> {
+pub(crate) fn load_active(registry: &ModuleRegistry, store: &Store) -> Result<BTreeMap<String, Machine>, NodeError> {
     let mut machines = BTreeMap::new();
     for (name, hash) in registry.active_versions()? {
         let bytes = registry.bytes(&hash)?.ok_or_else(|| {

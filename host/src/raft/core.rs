@@ -12,8 +12,8 @@ use super::log_store::{LogStore, StorageError};
 use super::progress::{Progress, ProgressState};
 use super::quorum::{JointConfig, MajorityConfig, VoteResult};
 use super::types::{
-    ConfChange, ConfChangeEntry, ConfState, Entry, EntryKind, HardState, Index, Message, MessageBody, NodeId, ReadState, Role,
-    SnapshotMeta, SoftState, Term,
+    ConfChange, ConfChangeEntry, ConfState, Entry, EntryKind, HardState, Index, Message, MessageBody, NodeId,
+    ReadState, Role, SnapshotMeta, SoftState, Term,
 };
 use super::{ProposeError, RaftError, ReadIndexError};
 use bytes::Bytes;
@@ -1245,11 +1245,8 @@ impl<S: LogStore> Raft<S> {
             return Ok(());
         }
         let last_index = self.log.last_index()?;
-        let caught_up = self
-            .voters
-            .voters()
-            .iter()
-            .all(|id| self.progress.get(id).is_some_and(|pr| pr.matched == last_index));
+        let caught_up =
+            self.voters.voters().iter().all(|id| self.progress.get(id).is_some_and(|pr| pr.matched == last_index));
         if caught_up && self.log.committed() == last_index {
             self.hand_over()?;
             self.become_follower(self.term, None);

@@ -80,8 +80,8 @@ pub use self::log_store::{LogStore, MemLogStore, StorageError};
 pub use self::progress::{Inflights, Progress, ProgressState};
 pub use self::quorum::{JointConfig, MajorityConfig, VoteResult};
 pub use self::types::{
-    ConfChange, ConfChangeEntry, ConfChangeKind, ConfState, ENTRY_OVERHEAD_BYTES, Entry, EntryKind, HardState, Index, Message, MessageBody, NodeId, ReadState, Role,
-    SnapshotMeta, SoftState, Term,
+    ConfChange, ConfChangeEntry, ConfChangeKind, ConfState, ENTRY_OVERHEAD_BYTES, Entry, EntryKind, HardState, Index,
+    Message, MessageBody, NodeId, ReadState, Role, SnapshotMeta, SoftState, Term,
 };
 
 use thiserror::Error;

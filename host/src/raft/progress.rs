@@ -18,7 +18,9 @@ pub enum ProgressState {
     Probe,
     Replicate,
     /// A snapshot of at least this index is being sent.
-    Snapshot { pending: Index },
+    Snapshot {
+        pending: Index,
+    },
 }
 
 /// Bounded window of AppendEntries sent but not yet acknowledged, each

@@ -7,19 +7,21 @@
 
 use super::client_pb::client_server::Client;
 use super::client_pb::{
-    self, ActivateRequest, ActivateResponse, DeployProgress, DeployRequest, LeadershipEvent, Member, ModuleVersionInfo,
-    ModulesRequest, ModulesResponse, ReadRequest, ReadResponse, StateMachineStatus, StatusRequest, StatusResponse,
-    WatchRequest, WriteRequest, WriteResponse, client_client::ClientClient, outcome,
+    self, ActivateRequest, ActivateResponse, ChangeMembershipRequest, DeployProgress, DeployRequest, LeadershipEvent,
+    Member, MembersRequest, MembersResponse, MembershipChange, ModuleVersionInfo, ModulesRequest, ModulesResponse,
+    ReadRequest, ReadResponse, SetOfflineRequest, SetOfflineResponse, StateMachineStatus, StatusRequest,
+    StatusResponse, TransferLeaderRequest, TransferLeaderResponse, WatchRequest, WriteRequest, WriteResponse,
+    client_client::ClientClient, outcome,
 };
 use super::metrics::{Method, MetricsSource, RequestCounters};
 use super::pb;
 use crate::node::apply::{ApplyMsg, ReadJob};
 use crate::node::deploy::{DeployStep, Deployer};
+use crate::node::members::{Members, Membership, encode_addresses};
 use crate::node::modules::{ModuleRegistry, check_name, parse_hash};
 use crate::node::{Consistency, CoreHandle, LeadershipView, NodeConfig, ReadReply, RequestError, await_answer};
-use crate::raft::{NodeId, Role};
+use crate::raft::{ConfChange, ConfChangeKind, NodeId, Role};
 use crate::storage::hex;
-use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -46,9 +48,12 @@ pub struct ClientService {
     registry: Arc<ModuleRegistry>,
     deployer: Arc<Deployer>,
     counters: RequestCounters,
-    leaders: BTreeMap<NodeId, ClientClient<Channel>>,
+    members: Arc<Members>,
     pending: Arc<AtomicUsize>,
 }
+
+/// A learner may be promoted once its log is this close to the leader's.
+const PROMOTE_LAG_MAX: u64 = 1_000;
 
 /// Counts a request as pending for as long as it lives.
 struct Pending(Arc<AtomicUsize>);
@@ -66,24 +71,18 @@ impl ClientService {
         apply: std::sync::mpsc::Sender<ApplyMsg>,
         registry: Arc<ModuleRegistry>,
         deployer: Deployer,
-    ) -> Result<ClientService, String> {
-        let mut leaders = BTreeMap::new();
-        for (&id, address) in &config.peers {
-            let client = ClientClient::new(crate::node::peer_channel(address)?)
-                .max_decoding_message_size(config.max_command_bytes + (64 << 10))
-                .max_encoding_message_size(config.max_command_bytes + (64 << 10));
-            leaders.insert(id, client);
-        }
-        Ok(ClientService {
+        members: Arc<Members>,
+    ) -> ClientService {
+        ClientService {
             config,
             core,
             apply: Mutex::new(apply),
             registry,
             deployer: Arc::new(deployer),
             counters: RequestCounters::default(),
-            leaders,
+            members,
             pending: Arc::new(AtomicUsize::new(0)),
-        })
+        }
     }
 
     fn admit(&self) -> Result<Pending, Status> {
@@ -129,7 +128,11 @@ impl ClientService {
     fn forward_target(&self, error: &RequestError, forwarded: bool) -> Option<(ClientClient<Channel>, String)> {
         match error {
             RequestError::NotLeader { leader: Some((id, address)) } if !forwarded => {
-                self.leaders.get(id).cloned().map(|client| (client, address.clone()))
+                let channel = self.members.channel(*id).ok()?;
+                let limit = self.config.max_command_bytes + (64 << 10);
+                let client =
+                    ClientClient::new(channel).max_decoding_message_size(limit).max_encoding_message_size(limit);
+                Some((client, address.clone()))
             }
             _ => None,
         }
@@ -203,13 +206,21 @@ fn outcome_pb(outcome: Result<Vec<u8>, String>) -> client_pb::Outcome {
     }
 }
 
-fn event_of(view: &LeadershipView, config: &NodeConfig) -> LeadershipEvent {
+fn event_of(view: &LeadershipView, members: &Members) -> LeadershipEvent {
     LeadershipEvent {
         role: view.role.as_str().to_string(),
         term: view.term,
         leader_id: view.leader.unwrap_or(0),
-        leader_address: view.leader.and_then(|id| config.address_of(id)).unwrap_or_default().to_string(),
+        leader_address: view.leader.and_then(|id| members.address_of(id)).unwrap_or_default(),
     }
+}
+
+fn members_pb(membership: &Membership) -> Vec<Member> {
+    membership
+        .list()
+        .into_iter()
+        .map(|(id, role, address)| Member { id, address, kind: role.as_str().to_string() })
+        .collect()
 }
 
 type WatchEvents = Pin<Box<dyn Stream<Item = Result<LeadershipEvent, Status>> + Send>>;
@@ -365,15 +376,7 @@ impl ClientService {
             .send(ApplyMsg::Status(reply))
             .map_err(|_| status_of(RequestError::ShuttingDown))?;
         let applied = await_answer(self.config.request_timeout, answer).await.and_then(|r| r).map_err(status_of)?;
-        let members = core
-            .voters
-            .iter()
-            .map(|&id| Member {
-                id,
-                address: self.config.address_of(id).unwrap_or_default().to_string(),
-                kind: "voter".to_string(),
-            })
-            .collect();
+        let members = members_pb(&self.members.current());
         let state_machines = applied
             .state_machines
             .into_iter()
@@ -386,7 +389,7 @@ impl ClientService {
             role: core.role.as_str().to_string(),
             term: core.term,
             leader_id: core.leader.unwrap_or(0),
-            leader_address: core.leader.and_then(|id| self.config.address_of(id)).unwrap_or_default().to_string(),
+            leader_address: core.leader.and_then(|id| self.members.address_of(id)).unwrap_or_default(),
             commit_index: core.commit_index,
             applied_index: applied.applied_index,
             last_log_index: core.last_log_index,
@@ -394,6 +397,8 @@ impl ClientService {
             state_machines,
             modules_compiled,
             modules_loaded_from_cache,
+            offline: core.offline,
+            snapshot_index: core.snapshot_index,
         })
     }
 }
@@ -492,8 +497,105 @@ impl Client for ClientService {
     type WatchStream = WatchEvents;
 
     async fn watch(&self, _request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        let config = self.config.clone();
-        let events = WatchStream::new(self.core.leadership()).map(move |view| Ok(event_of(&view, &config)));
+        let members = self.members.clone();
+        let events = WatchStream::new(self.core.leadership()).map(move |view| Ok(event_of(&view, &members)));
         Ok(Response::new(Box::pin(events)))
     }
+
+    async fn members(&self, _request: Request<MembersRequest>) -> Result<Response<MembersResponse>, Status> {
+        Ok(Response::new(MembersResponse { members: members_pb(&self.members.current()), index: 0 }))
+    }
+
+    async fn change_membership(
+        &self,
+        request: Request<ChangeMembershipRequest>,
+    ) -> Result<Response<MembersResponse>, Status> {
+        self.deployer.check_leader().map_err(status_of)?;
+        let request = request.into_inner();
+        let id = request.id;
+        if id == 0 {
+            return Err(Status::invalid_argument("member id 0 is not valid; ids start at 1"));
+        }
+        let mut addresses = self.members.current().addresses;
+        let kind = match MembershipChange::try_from(request.change) {
+            Ok(MembershipChange::AddLearner) => {
+                check_address(&request.address)?;
+                addresses.insert(id, request.address.clone());
+                ConfChangeKind::AddLearner
+            }
+            Ok(MembershipChange::Promote) => {
+                self.check_caught_up(id).await?;
+                ConfChangeKind::Promote
+            }
+            Ok(MembershipChange::Remove) => {
+                addresses.remove(&id);
+                ConfChangeKind::Remove
+            }
+            _ => return Err(Status::invalid_argument("change must be ADD_LEARNER, PROMOTE or REMOVE")),
+        };
+        let change = ConfChange { kind, node: id, context: encode_addresses(&addresses) };
+        let reply = self.core.change_membership(change).await.map_err(status_of)?;
+        if let Err(why) = reply.outcome {
+            return Err(Status::failed_precondition(why));
+        }
+        Ok(Response::new(MembersResponse { members: members_pb(&self.members.current()), index: reply.index }))
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let to = request.into_inner().to;
+        let mut leadership = self.core.leadership();
+        let done = |view: &LeadershipView| view.leader == Some(to) && view.term > 0;
+        if done(&leadership.borrow()) {
+            let view = leadership.borrow().clone();
+            return Ok(Response::new(TransferLeaderResponse { leader_id: to, term: view.term }));
+        }
+        self.deployer.check_leader().map_err(status_of)?;
+        self.core.transfer_leader(to).await.map_err(status_of)?;
+        // The core gives up after an election timeout; wait a little longer.
+        let limit = self.config.tick * self.config.election_ticks * 2;
+        match tokio::time::timeout(limit, leadership.wait_for(|view| done(view))).await {
+            Ok(Ok(view)) => Ok(Response::new(TransferLeaderResponse { leader_id: to, term: view.term })),
+            _ => Err(Status::deadline_exceeded(format!(
+                "member {to} did not take over within {limit:?}; is it up and caught up?"
+            ))),
+        }
+    }
+
+    async fn set_offline(&self, request: Request<SetOfflineRequest>) -> Result<Response<SetOfflineResponse>, Status> {
+        let offline = request.into_inner().offline;
+        self.core.set_offline(offline).await.map_err(status_of)?;
+        Ok(Response::new(SetOfflineResponse { offline }))
+    }
+}
+
+impl ClientService {
+    /// A learner is promoted only once the leader's log reaches it.
+    async fn check_caught_up(&self, id: NodeId) -> Result<(), Status> {
+        let core = self.core.status().await.map_err(status_of)?;
+        if !core.conf.learners.contains(&id) {
+            return Ok(()); // the core refuses it with the precise reason
+        }
+        let matched = core.matched.get(&id).copied().unwrap_or(0);
+        if matched + PROMOTE_LAG_MAX < core.last_log_index {
+            return Err(Status::failed_precondition(format!(
+                "learner {id} is behind: it holds the log up to {matched} of {}; promote it once it catches up",
+                core.last_log_index
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A member address must be host:port.
+fn check_address(address: &str) -> Result<(), Status> {
+    let valid = address.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if !valid || address.contains("://") {
+        return Err(Status::invalid_argument(format!(
+            "member address {address:?} must be host:port, for example 127.0.0.1:7004"
+        )));
+    }
+    Ok(())
 }

@@ -53,6 +53,13 @@ pub fn render(status: &StatusResponse, counters: &RequestCounters, pending: u64)
     gauge("applied_index", "Highest log index applied to the state machines.", status.applied_index);
     gauge("last_log_index", "Index of the last entry in this member's log.", status.last_log_index);
     gauge("members", "Members of the cluster configuration.", status.members.len() as u64);
+    gauge(
+        "learners",
+        "Members that receive the log without voting.",
+        status.members.iter().filter(|m| m.kind == "learner").count() as u64,
+    );
+    gauge("snapshot_index", "Index the log starts after (its compaction point).", status.snapshot_index);
+    gauge("offline", "1 while this member is offline for maintenance.", u64::from(status.offline));
     gauge("requests_pending", "Client requests waiting for an answer.", pending);
     let _ = writeln!(out, "# HELP raft_host_role Role of this member (1 for the current one).");
     let _ = writeln!(out, "# TYPE raft_host_role gauge");

@@ -42,6 +42,8 @@ pub enum EnvelopeError {
     TooManyMessages(usize),
     #[error("message {position} of the envelope has no body")]
     EmptyMessage { position: usize },
+    #[error("message {position} of the envelope is a snapshot without its data; snapshots travel by InstallSnapshot")]
+    SnapshotOutsideStream { position: usize },
 }
 
 /// Wraps messages from `from` to `to` for the wire.
@@ -79,7 +81,15 @@ pub fn open_envelope(
         .messages
         .into_iter()
         .enumerate()
-        .map(|(position, m)| message_from_pb(m, from, to).ok_or(EnvelopeError::EmptyMessage { position }))
+        .map(|(position, m)| {
+            let message = message_from_pb(m, from, to).ok_or(EnvelopeError::EmptyMessage { position })?;
+            // Only the snapshot stream may hand the core a snapshot: it
+            // stages the data first.
+            if let MessageBody::InstallSnapshot { .. } = message.body {
+                return Err(EnvelopeError::SnapshotOutsideStream { position });
+            }
+            Ok(message)
+        })
         .collect()
 }
 
@@ -259,11 +269,28 @@ mod tests {
     #[test]
     fn every_message_kind_survives_the_wire() {
         let messages = samples();
-        let envelope = seal_envelope("c1", 2, 1, &messages);
+        for message in &messages {
+            let back = message_from_pb(message_to_pb(message), message.from, message.to);
+            assert_eq!(back.as_ref(), Some(message));
+        }
+        let in_envelopes: Vec<Message> =
+            messages.into_iter().filter(|m| !matches!(m.body, MessageBody::InstallSnapshot { .. })).collect();
+        let envelope = seal_envelope("c1", 2, 1, &in_envelopes);
         let bytes = envelope.encode_to_vec();
         let decoded = pb::Envelope::decode(bytes.as_slice()).expect("decodes");
         let members: BTreeSet<NodeId> = [1, 2, 3].into();
-        assert_eq!(open_envelope(decoded, "c1", 1, &members), Ok(messages));
+        assert_eq!(open_envelope(decoded, "c1", 1, &members), Ok(in_envelopes));
+    }
+
+    #[test]
+    fn a_snapshot_message_outside_its_stream_is_refused() {
+        let snapshot = samples().into_iter().find(|m| matches!(m.body, MessageBody::InstallSnapshot { .. }));
+        let envelope = seal_envelope("c1", 2, 1, &[snapshot.expect("sample")]);
+        let members: BTreeSet<NodeId> = [1, 2, 3].into();
+        assert_eq!(
+            open_envelope(envelope, "c1", 1, &members),
+            Err(EnvelopeError::SnapshotOutsideStream { position: 0 })
+        );
     }
 
     #[test]

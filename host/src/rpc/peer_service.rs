@@ -2,12 +2,15 @@
 
 use super::pb::raft_peer_server::RaftPeer;
 use super::pb::{DeliverReply, Envelope, InstallSnapshotReply, ModuleStatusReply, ModuleStatusRequest, SnapshotChunk};
-use super::{EnvelopeError, open_envelope};
+use super::{EnvelopeError, open_envelope, snapshot_meta_from_pb};
 use crate::node::CoreHandle;
+use crate::node::members::Members;
 use crate::node::modules::ModuleRegistry;
-use crate::raft::NodeId;
-use std::collections::BTreeSet;
+use crate::raft::{Message, MessageBody, NodeId};
+use crate::storage::{Staging, StagingStart, Store, StoreError};
+use sha2::{Digest, Sha256};
 use std::sync::Arc;
+use std::time::Instant;
 use tonic::{Request, Response, Status, Streaming};
 
 /// Checks every envelope against this member and its cluster, then hands
@@ -15,26 +18,105 @@ use tonic::{Request, Response, Status, Streaming};
 pub struct PeerService {
     cluster_id: String,
     me: NodeId,
-    members: BTreeSet<NodeId>,
+    members: Arc<Members>,
     core: CoreHandle,
     registry: Arc<ModuleRegistry>,
+    store: Store,
+    /// One snapshot is received at a time.
+    receiving: tokio::sync::Mutex<()>,
 }
 
 impl PeerService {
     pub fn new(
         cluster_id: String,
-        me: NodeId,
-        members: BTreeSet<NodeId>,
+        members: Arc<Members>,
         core: CoreHandle,
         registry: Arc<ModuleRegistry>,
+        store: Store,
     ) -> PeerService {
-        PeerService { cluster_id, me, members, core, registry }
+        let me = members.me();
+        PeerService { cluster_id, me, members, core, registry, store, receiving: tokio::sync::Mutex::new(()) }
     }
 
     /// Checks who is asking, as an envelope with no messages would be.
     fn check_sender(&self, cluster_id: String, from: NodeId, to: NodeId) -> Result<(), Status> {
         let envelope = Envelope { cluster_id, from, to, messages: Vec::new() };
-        open_envelope(envelope, &self.cluster_id, self.me, &self.members).map(|_| ()).map_err(refusal)
+        open_envelope(envelope, &self.cluster_id, self.me, &self.members.known_ids()).map(|_| ()).map_err(refusal)
+    }
+
+    /// Receives, verifies and stages a snapshot stream; returns the message
+    /// that hands it to the core.
+    async fn receive_snapshot(&self, mut stream: Streaming<SnapshotChunk>) -> Result<Message, Status> {
+        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        self.check_sender(first.cluster_id.clone(), first.from, first.to)?;
+        let (from, term) = (first.from, first.term);
+        let meta = first.meta.clone().map(snapshot_meta_from_pb).ok_or_else(|| {
+            Status::invalid_argument("the first snapshot chunk must carry the snapshot's index, term and membership")
+        })?;
+        let started = Instant::now();
+        let store = self.store.clone();
+        let header = meta.clone();
+        let mut staging = match blocking(move || store.begin_staging(header)).await? {
+            StagingStart::Fresh(staging) => staging,
+            StagingStart::AlreadyStaged(meta) => {
+                // A retry of a snapshot waiting for its install: hand it over
+                // again without receiving (and so without disturbing) it.
+                return Ok(Message { from, to: self.me, term, body: MessageBody::InstallSnapshot { snapshot: meta } });
+            }
+        };
+        let mut digest = Sha256::new();
+        let mut expected_offset = 0u64;
+        let mut chunk = first;
+        loop {
+            if chunk.from != from || chunk.term != term {
+                return Err(Status::invalid_argument("a snapshot stream changed sender or term midway"));
+            }
+            if chunk.offset != expected_offset {
+                return Err(Status::invalid_argument(format!(
+                    "snapshot chunk at offset {} where {expected_offset} was expected",
+                    chunk.offset
+                )));
+            }
+            if crc32fast::hash(&chunk.data) != chunk.checksum {
+                return Err(Status::data_loss(format!("snapshot chunk at offset {} fails its checksum", chunk.offset)));
+            }
+            digest.update(&chunk.data);
+            expected_offset += chunk.data.len() as u64;
+            let last = chunk.last;
+            let (data, received_digest) = (chunk.data, chunk.digest);
+            staging = blocking(move || staging.write_chunk(&data).map(|()| staging)).await?;
+            if last {
+                if digest.finalize().as_slice() != received_digest.as_slice() {
+                    return Err(Status::data_loss("the snapshot's SHA-256 does not match its data"));
+                }
+                break;
+            }
+            chunk = stream
+                .message()
+                .await?
+                .ok_or_else(|| Status::invalid_argument("the snapshot stream ended before its last chunk"))?;
+        }
+        let meta = blocking(move || Staging::finish(staging)).await?;
+        tracing::info!(
+            from,
+            index = meta.index,
+            term = meta.term,
+            bytes = expected_offset,
+            seconds = started.elapsed().as_secs_f64(),
+            "snapshot received and staged"
+        );
+        Ok(Message { from, to: self.me, term, body: MessageBody::InstallSnapshot { snapshot: meta } })
+    }
+}
+
+/// Runs a store call on a blocking thread; its failure is this member's.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, Status> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(Status::internal(error.to_string())),
+        Err(_) => Err(Status::internal("a storage thread was lost")),
     }
 }
 
@@ -51,7 +133,8 @@ fn refusal(error: EnvelopeError) -> Status {
 impl RaftPeer for PeerService {
     async fn deliver(&self, request: Request<Envelope>) -> Result<Response<DeliverReply>, Status> {
         let peer = request.remote_addr();
-        let messages = open_envelope(request.into_inner(), &self.cluster_id, self.me, &self.members).map_err(|e| {
+        let known = self.members.known_ids();
+        let messages = open_envelope(request.into_inner(), &self.cluster_id, self.me, &known).map_err(|e| {
             tracing::warn!(remote = ?peer, error = %e, "refused a peer envelope");
             refusal(e)
         })?;
@@ -73,10 +156,16 @@ impl RaftPeer for PeerService {
 
     async fn install_snapshot(
         &self,
-        _request: Request<Streaming<SnapshotChunk>>,
+        request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<InstallSnapshotReply>, Status> {
-        Err(Status::unimplemented(
-            "this member does not accept snapshots yet (raft-host log compaction is not enabled)",
-        ))
+        let Ok(_receiving) = self.receiving.try_lock() else {
+            return Err(Status::unavailable("another snapshot is being received; retry"));
+        };
+        let remote = request.remote_addr();
+        let message = self.receive_snapshot(request.into_inner()).await.inspect_err(|status| {
+            tracing::warn!(remote = ?remote, error = %status.message(), "refused a snapshot stream");
+        })?;
+        self.core.deliver(vec![message]).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(InstallSnapshotReply { accepted: true }))
     }
 }

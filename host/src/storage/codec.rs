@@ -190,6 +190,40 @@ pub fn decode_applied(value: &[u8]) -> Result<(Index, Term), DecodeError> {
     Ok((index, term))
 }
 
+/// The members' addresses: `[count u64]` then `[id u64][len u64][address]`.
+pub fn encode_members(members: &std::collections::BTreeMap<NodeId, String>) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(members.len() as u64).to_be_bytes());
+    for (id, address) in members {
+        body.extend_from_slice(&id.to_be_bytes());
+        body.extend_from_slice(&(address.len() as u64).to_be_bytes());
+        body.extend_from_slice(address.as_bytes());
+    }
+    seal(body)
+}
+
+pub fn decode_members(value: &[u8]) -> Result<std::collections::BTreeMap<NodeId, String>, DecodeError> {
+    let mut r = Reader(unseal(value)?);
+    let count = r.u64()?;
+    if count > 4096 {
+        return Err(DecodeError("implausibly many members"));
+    }
+    let mut members = std::collections::BTreeMap::new();
+    for _ in 0..count {
+        let id = r.u64()?;
+        let len = r.u64()? as usize;
+        if len > r.0.len() {
+            return Err(DecodeError("value ends early"));
+        }
+        let (address, rest) = r.0.split_at(len);
+        r.0 = rest;
+        let address = String::from_utf8(address.to_vec()).map_err(|_| DecodeError("address is not UTF-8"))?;
+        members.insert(id, address);
+    }
+    r.finish()?;
+    Ok(members)
+}
+
 /// Checksummed opaque value (guest state, sessions, artifacts).
 pub fn encode_blob(value: &[u8]) -> Vec<u8> {
     seal(value.to_vec())
@@ -225,6 +259,9 @@ mod tests {
         let meta = SnapshotMeta { index: 10, term: 2, conf_state: conf };
         assert_eq!(decode_snapshot_meta(&encode_snapshot_meta(&meta)), Ok(meta));
         assert_eq!(decode_applied(&encode_applied(8, 3)), Ok((8, 3)));
+        let members: std::collections::BTreeMap<NodeId, String> =
+            [(1, "127.0.0.1:7001".to_string()), (4, "[::1]:7004".to_string())].into();
+        assert_eq!(decode_members(&encode_members(&members)), Ok(members));
         let mut bad = encode_applied(8, 3);
         bad[0] ^= 1;
         assert!(decode_applied(&bad).is_err());

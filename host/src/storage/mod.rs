@@ -12,6 +12,7 @@
 //!   sessions   client id -> checksummed session record
 //!   modules    module chunks, upload and version records, active versions
 //!              (replicated); compiled artifacts (local): see [`modules`]
+//!   staging    a snapshot being received (see [`snapshot`])
 //! ```
 //!
 //! Rules kept here:
@@ -32,14 +33,17 @@
 mod codec;
 mod identity;
 mod modules;
+mod snapshot;
 
 pub use self::identity::{FORMAT_VERSION, IDENTITY_FILE, Identity};
 pub use self::modules::{ModuleKey, StoredVersion};
+pub use self::snapshot::{SnapshotReader, Staging, StagingStart};
 
-use crate::raft::{ConfState, Entry, HardState, Index, LogStore, SnapshotMeta, StorageError, Term};
+use crate::raft::{ConfState, Entry, HardState, Index, LogStore, NodeId, SnapshotMeta, StorageError, Term};
 use codec::DecodeError;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -50,6 +54,10 @@ const META_CONF_STATE: &[u8] = b"conf_state";
 const META_SNAPSHOT: &[u8] = b"snapshot";
 const META_APPLIED: &[u8] = b"applied";
 const META_APPLY_CLOCK: &[u8] = b"apply_clock";
+/// The members' addresses (replicated with the membership).
+const META_MEMBERS: &[u8] = b"members";
+/// This member is offline for maintenance (local, not replicated).
+const META_OFFLINE: &[u8] = b"offline";
 
 /// Key-value pairs of a guest's state, in key order.
 pub type KeyValues = Vec<(Vec<u8>, Vec<u8>)>;
@@ -85,8 +93,6 @@ pub enum StoreError {
     InvalidAppend { first: Index, log_first: Index, log_last: Index },
     #[error("cannot compact the log up to {index}: {why}")]
     InvalidCompaction { index: Index, why: &'static str },
-    #[error("store already bootstrapped with members {stored:?}, not {requested:?}")]
-    BootstrapMismatch { stored: Box<ConfState>, requested: Box<ConfState> },
     #[error("{0}")]
     Limit(String),
 }
@@ -146,6 +152,8 @@ pub struct ApplyBatch {
     pub sessions: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     /// Module chunks and records (deploys and activations); `None` deletes.
     pub modules: Vec<(ModuleKey, Option<Vec<u8>>)>,
+    /// The membership and its addresses after a membership change.
+    pub membership: Option<(ConfState, BTreeMap<NodeId, String>)>,
 }
 
 /// In-memory mirror of the small, hot parts of the store.
@@ -191,6 +199,7 @@ struct Inner {
     state: Keyspace,
     sessions: Keyspace,
     modules: Keyspace,
+    staging: Keyspace,
     durability: Durability,
     cached: Mutex<Cached>,
     /// Serializes writers of the log, so `cached` can be unlocked while a
@@ -235,8 +244,14 @@ impl Store {
             .open()
             .map_err(db_error)?;
         let keyspace = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(db_error);
-        let (log, meta, state, sessions, modules) =
-            (keyspace("log")?, keyspace("meta")?, keyspace("state")?, keyspace("sessions")?, keyspace("modules")?);
+        let (log, meta, state, sessions, modules, staging) = (
+            keyspace("log")?,
+            keyspace("meta")?,
+            keyspace("state")?,
+            keyspace("sessions")?,
+            keyspace("modules")?,
+            keyspace("staging")?,
+        );
         let placeholder = Cached {
             first_index: 1,
             last_index: 0,
@@ -254,13 +269,27 @@ impl Store {
             state,
             sessions,
             modules,
+            staging,
             durability: options.durability,
             cached: Mutex::new(placeholder),
             log_writer: Mutex::new(()),
         };
         let recovered = inner.recover()?;
         *inner.lock() = recovered;
-        Ok(Store { inner: Arc::new(inner) })
+        let store = Store { inner: Arc::new(inner) };
+        let installing = store.inner.read_meta(snapshot::META_INSTALLING, codec::decode_snapshot_meta)?;
+        match installing {
+            Some(meta) => {
+                tracing::warn!(dir = %dir.display(), index = meta.index, "finishing a snapshot install interrupted by a crash");
+                store.finish_install(&meta)?;
+            }
+            None => {
+                // A partly received snapshot is useless after a restart: the
+                // leader sends a fresh one.
+                store.inner.staging.clear().map_err(db_error)?;
+            }
+        }
+        Ok(store)
     }
 
     /// The data directory.
@@ -268,24 +297,52 @@ impl Store {
         &self.inner.dir
     }
 
-    /// Records the initial members of a new cluster. A store that already
-    /// has members accepts the same set again (a restart) and refuses another.
-    pub fn bootstrap(&self, conf: &ConfState) -> Result<(), StoreError> {
+    /// Records the initial members of a new cluster and their addresses. A
+    /// store that already has members keeps them: on a restart, and once
+    /// membership changes have moved on from the initial set, the store
+    /// knows better than the command line.
+    pub fn bootstrap(&self, conf: &ConfState, addresses: &BTreeMap<NodeId, String>) -> Result<(), StoreError> {
         let mut cached = self.inner.lock();
-        if !cached.conf_state.voters.is_empty() {
-            if cached.conf_state == *conf {
-                return Ok(());
+        if !cached.conf_state.voters.is_empty() || cached.applied.0 > 0 {
+            if cached.conf_state != *conf {
+                tracing::warn!(
+                    dir = %self.inner.dir.display(),
+                    stored = ?cached.conf_state,
+                    flags = ?conf,
+                    "the stored membership differs from --peer; the store wins (change members with `raft-host members`)"
+                );
             }
-            return Err(StoreError::BootstrapMismatch {
-                stored: Box::new(cached.conf_state.clone()),
-                requested: Box::new(conf.clone()),
-            });
+            return Ok(());
         }
         let mut batch = self.inner.db.batch().durability(self.inner.persist_mode());
         batch.insert(&self.inner.meta, META_CONF_STATE, codec::encode_conf_state(conf));
+        batch.insert(&self.inner.meta, META_MEMBERS, codec::encode_members(addresses));
         batch.commit().map_err(|e| self.inner.db_error(e))?;
         cached.conf_state = conf.clone();
         Ok(())
+    }
+
+    /// The members' addresses as of the applied index (empty for a member
+    /// that has not joined yet).
+    pub fn member_addresses(&self) -> Result<BTreeMap<NodeId, String>, StoreError> {
+        Ok(self.inner.read_meta(META_MEMBERS, codec::decode_members)?.unwrap_or_default())
+    }
+
+    /// Whether this member was taken offline for maintenance.
+    pub fn offline(&self) -> Result<bool, StoreError> {
+        Ok(self.inner.meta.get(META_OFFLINE).map_err(|e| self.inner.db_error(e))?.is_some())
+    }
+
+    /// Records (durably) whether this member is offline for maintenance.
+    pub fn set_offline(&self, offline: bool) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let mut batch = inner.db.batch().durability(inner.persist_mode());
+        if offline {
+            batch.insert(&inner.meta, META_OFFLINE, codec::encode_blob(b"1"));
+        } else {
+            batch.remove(&inner.meta, META_OFFLINE);
+        }
+        batch.commit().map_err(|e| inner.db_error(e))
     }
 
     /// Makes a Ready's `entries` and `hard_state` durable in one batch and one
@@ -369,10 +426,17 @@ impl Store {
                 None => fjall_batch.remove(&inner.modules, key.encode()?),
             }
         }
+        if let Some((conf, addresses)) = &batch.membership {
+            fjall_batch.insert(&inner.meta, META_CONF_STATE, codec::encode_conf_state(conf));
+            fjall_batch.insert(&inner.meta, META_MEMBERS, codec::encode_members(addresses));
+        }
         fjall_batch.insert(&inner.meta, META_APPLIED, codec::encode_applied(batch.applied_index, batch.applied_term));
         fjall_batch.insert(&inner.meta, META_APPLY_CLOCK, codec::encode_blob(&batch.clock_ms.to_be_bytes()));
         fjall_batch.commit().map_err(|e| inner.db_error(e))?;
         cached.applied = (batch.applied_index, batch.applied_term);
+        if let Some((conf, _)) = &batch.membership {
+            cached.conf_state = conf.clone();
+        }
         Ok(())
     }
 

@@ -160,6 +160,12 @@ impl Store {
     }
 }
 
+/// Whether a key of the modules keyspace is replicated (and so belongs in a
+/// snapshot) rather than this member's compiled cache.
+pub(super) fn is_replicated(key: &[u8]) -> bool {
+    matches!(key.first(), Some(&(CHUNK_PREFIX | UPLOAD_PREFIX | VERSION_PREFIX | ACTIVE_PREFIX)))
+}
+
 fn artifact_engine_prefix(engine: &str) -> Vec<u8> {
     let engine = &engine.as_bytes()[..engine.len().min(255)];
     let mut out = Vec::with_capacity(1 + engine.len());

@@ -1,0 +1,113 @@
+//! Joining a running cluster (`raft-host serve --join ADDR`).
+//!
+//! The new member starts with no configuration, so it neither campaigns nor
+//! counts anywhere. It asks the cluster (through any member; the client
+//! follows the leader) to add it as a learner, learns the members'
+//! addresses from the answer, and is then caught up by the leader, from the
+//! log or by snapshot. Once its applied index is close to the cluster's
+//! commit index it asks to be promoted to voter (unless told to stay a
+//! learner), so the cluster never counts on a voter that is far behind.
+
+use super::NodeConfig;
+use super::members::Members;
+use crate::client::{ClientError, ClusterClient};
+use crate::rpc::client_pb::{MembersResponse, MembershipChange};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tonic::Code;
+
+/// A learner this close to the commit index is caught up enough to vote.
+const CAUGHT_UP_ENTRIES: u64 = 100;
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
+
+/// Runs the join until it is done or the member stops.
+pub(super) async fn join(config: Arc<NodeConfig>, members: Arc<Members>, through: String, stop: watch::Receiver<bool>) {
+    let joined = async {
+        add_as_learner(&config, &members, &through).await;
+        if !config.join_as_learner {
+            wait_until_caught_up(&config, &through).await;
+            promote(&config, &through).await;
+        }
+    };
+    let mut stop = stop;
+    tokio::select! {
+        _ = joined => {}
+        _ = stop.wait_for(|stop| *stop) => {}
+    }
+}
+
+async fn add_as_learner(config: &NodeConfig, members: &Members, through: &str) {
+    loop {
+        let outcome = match ClusterClient::new(vec![through.to_string()]) {
+            Ok(mut client) => {
+                let added = client.change_membership(MembershipChange::AddLearner, config.id, &config.advertise).await;
+                match added {
+                    // Already a member: a restart in the middle of joining.
+                    Err(ClientError::Refused { code: Code::InvalidArgument, ref message })
+                        if message.contains("already") =>
+                    {
+                        client.members().await
+                    }
+                    other => other,
+                }
+            }
+            Err(error) => Err(error),
+        };
+        match outcome {
+            Ok(response) => {
+                members.learn(&addresses(&response));
+                tracing::info!(node = config.id, through, "added to the cluster as a learner; catching up");
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(node = config.id, through, %error, "cannot join yet; retrying");
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+        }
+    }
+}
+
+async fn wait_until_caught_up(config: &NodeConfig, through: &str) {
+    loop {
+        let cluster = status_at(through).await;
+        let own = status_at(&config.advertise).await;
+        if let (Some(cluster), Some(own)) = (cluster, own)
+            && own.applied_index + CAUGHT_UP_ENTRIES >= cluster.commit_index
+        {
+            return;
+        }
+        tokio::time::sleep(RETRY_PAUSE / 2).await;
+    }
+}
+
+async fn status_at(address: &str) -> Option<crate::rpc::client_pb::StatusResponse> {
+    ClusterClient::new(vec![address.to_string()]).ok()?.status_of(0).await.ok()
+}
+
+async fn promote(config: &NodeConfig, through: &str) {
+    loop {
+        let outcome = match ClusterClient::new(vec![through.to_string()]) {
+            Ok(mut client) => client.change_membership(MembershipChange::Promote, config.id, "").await,
+            Err(error) => Err(error),
+        };
+        match outcome {
+            Ok(_) => {
+                tracing::info!(node = config.id, "promoted to voter");
+                return;
+            }
+            Err(ClientError::Refused { code: Code::InvalidArgument, ref message }) if message.contains("already") => {
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(node = config.id, %error, "promotion not done yet; retrying");
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+        }
+    }
+}
+
+fn addresses(response: &MembersResponse) -> BTreeMap<u64, String> {
+    response.members.iter().map(|m| (m.id, m.address.clone())).collect()
+}

@@ -1,0 +1,171 @@
+//! Who the members are and where to reach them.
+//!
+//! Two views. The membership as of the applied index (voters, learners and
+//! their addresses) is replicated: the apply task publishes it after every
+//! membership change and snapshot install, and status, `members list` and
+//! deploys follow it. The address book is local and only grows: every
+//! address this member ever learned (from its command line, its store, a
+//! join, or any applied change). Peer lanes and sender checks use the book,
+//! so a member replaying old membership changes (a node that just joined)
+//! keeps answering the current leader even before it reaches the change
+//! that added that leader.
+
+use crate::raft::{ConfState, NodeId};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, RwLock};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+/// The replicated membership as of the applied index.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Membership {
+    pub conf: ConfState,
+    pub addresses: BTreeMap<NodeId, String>,
+}
+
+/// A member's role in the configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberRole {
+    Voter,
+    Learner,
+}
+
+impl MemberRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberRole::Voter => "voter",
+            MemberRole::Learner => "learner",
+        }
+    }
+}
+
+impl Membership {
+    /// Every member with its role and address, in id order.
+    pub fn list(&self) -> Vec<(NodeId, MemberRole, String)> {
+        let role = |id: &NodeId| if self.conf.learners.contains(id) { MemberRole::Learner } else { MemberRole::Voter };
+        self.conf
+            .members()
+            .into_iter()
+            .map(|id| (id, role(&id), self.addresses.get(&id).cloned().unwrap_or_default()))
+            .collect()
+    }
+}
+
+/// Encodes an address book for a membership change entry's context.
+pub fn encode_addresses(addresses: &BTreeMap<NodeId, String>) -> bytes::Bytes {
+    let text: String = addresses.iter().map(|(id, address)| format!("{id}={address}\n")).collect();
+    bytes::Bytes::from(text)
+}
+
+/// Decodes [`encode_addresses`]; malformed lines are skipped (a leader of
+/// this version never writes them).
+pub fn decode_addresses(bytes: &[u8]) -> BTreeMap<NodeId, String> {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .filter_map(|line| {
+            let (id, address) = line.split_once('=')?;
+            Some((id.parse().ok()?, address.to_string()))
+        })
+        .collect()
+}
+
+/// The shared membership and address book of one member.
+pub struct Members {
+    me: NodeId,
+    advertise: String,
+    book: RwLock<BTreeMap<NodeId, String>>,
+    current: watch::Sender<Membership>,
+    channels: Mutex<BTreeMap<NodeId, (String, Channel)>>,
+}
+
+impl Members {
+    /// Starts from what the store says (`current`) plus addresses known
+    /// from elsewhere (the command line).
+    pub fn new(me: NodeId, advertise: String, current: Membership, known: &BTreeMap<NodeId, String>) -> Arc<Members> {
+        let mut book = known.clone();
+        book.extend(current.addresses.iter().map(|(id, a)| (*id, a.clone())));
+        let (current, _) = watch::channel(current);
+        Arc::new(Members { me, advertise, book: RwLock::new(book), current, channels: Mutex::new(BTreeMap::new()) })
+    }
+
+    /// This member's id.
+    pub fn me(&self) -> NodeId {
+        self.me
+    }
+
+    /// Where member `id` is reached (this one included), if known.
+    pub fn address_of(&self, id: NodeId) -> Option<String> {
+        if id == self.me {
+            return Some(self.advertise.clone());
+        }
+        self.book.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
+    }
+
+    /// Every id this member would accept messages from.
+    pub fn known_ids(&self) -> BTreeSet<NodeId> {
+        self.book.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect()
+    }
+
+    /// Adds (or updates) addresses; never forgets one.
+    pub fn learn(&self, addresses: &BTreeMap<NodeId, String>) {
+        let mut book = self.book.write().unwrap_or_else(|p| p.into_inner());
+        for (&id, address) in addresses {
+            if id != self.me && !address.is_empty() {
+                book.insert(id, address.clone());
+            }
+        }
+    }
+
+    /// The membership as of the applied index.
+    pub fn current(&self) -> Membership {
+        self.current.borrow().clone()
+    }
+
+    /// Follows membership changes.
+    pub fn subscribe(&self) -> watch::Receiver<Membership> {
+        self.current.subscribe()
+    }
+
+    /// Called by the apply task once a change or a snapshot is durable.
+    pub fn publish(&self, membership: Membership) {
+        self.learn(&membership.addresses);
+        self.current.send_replace(membership);
+    }
+
+    /// A (lazily connecting) channel to member `id`, reused while its
+    /// address stays the same.
+    pub fn channel(&self, id: NodeId) -> Result<Channel, String> {
+        let address = self.address_of(id).ok_or_else(|| format!("no address is known for member {id}"))?;
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((known, channel)) = channels.get(&id)
+            && *known == address
+        {
+            return Ok(channel.clone());
+        }
+        let channel = super::peer_channel(&address)?;
+        channels.insert(id, (address, channel.clone()));
+        Ok(channel)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_round_trip_and_the_book_only_grows() {
+        let addresses: BTreeMap<NodeId, String> =
+            [(1, "127.0.0.1:7001".to_string()), (2, "[::1]:7002".to_string())].into();
+        assert_eq!(decode_addresses(&encode_addresses(&addresses)), addresses);
+        assert_eq!(decode_addresses(b"garbage\n3=h:1\nx=y\n"), [(3, "h:1".to_string())].into());
+        let members = Members::new(9, "me:9".into(), Membership::default(), &addresses);
+        members.publish(Membership { conf: ConfState::with_voters([2, 9]), addresses: [(2, "b:2".into())].into() });
+        assert_eq!(members.address_of(1).as_deref(), Some("127.0.0.1:7001"), "an older address is kept");
+        assert_eq!(members.address_of(2).as_deref(), Some("b:2"), "a newer address wins");
+        assert_eq!(members.address_of(9).as_deref(), Some("me:9"));
+        assert_eq!(
+            members.current().list(),
+            vec![(2, MemberRole::Voter, "b:2".to_string()), (9, MemberRole::Voter, String::new())]
+        );
+    }
+}

@@ -1,0 +1,360 @@
+//! Snapshots of the replicated state: what a leader streams to a follower
+//! that is behind its compacted log, and how the follower installs it.
+//!
+//! A snapshot is the store itself at one applied index, read through a
+//! fjall snapshot (a consistent point-in-time view, taken without stopping
+//! writes): every state machine's keys, the session table, the replicated
+//! module records (not the compiled artifacts, which are local), and the
+//! metadata that goes with them (applied position, replicated clock,
+//! membership and addresses).
+//!
+//! The stream is a sequence of records, `[tag][key length u32][key][value
+//! length u32][value]`, cut into chunks on record boundaries. Values travel
+//! as stored, with their own checksums; the transport adds a CRC32 per chunk
+//! and a SHA-256 over the whole stream.
+//!
+//! Receiving stages the records in a keyspace of their own, under the
+//! snapshot's (index, term), so a broken stream never touches the live state
+//! and a second stream never disturbs a snapshot waiting to be installed.
+//! A complete, verified snapshot gets a completion record; only such a one
+//! is installed. Installing is a redo operation: a
+//! marker naming the snapshot is made durable first, then the live
+//! keyspaces are cleared and refilled from the staging area, and a last
+//! batch moves the applied position, drops the log and removes the marker.
+//! A crash in between redoes the install when the store opens.
+
+use super::{
+    META_APPLIED, META_APPLY_CLOCK, META_CONF_STATE, META_HARD_STATE, META_MEMBERS, META_SNAPSHOT, Store, StoreError,
+    codec, modules,
+};
+use crate::raft::{Index, SnapshotMeta, Term};
+use fjall::Readable;
+
+/// Marker of an install in progress (the snapshot's meta).
+pub(super) const META_INSTALLING: &[u8] = b"installing";
+
+const TAG_STATE: u8 = b's';
+const TAG_SESSION: u8 = b'e';
+const TAG_MODULE: u8 = b'm';
+const TAG_META: u8 = b'M';
+/// The staged snapshot is complete and verified (its value: the meta).
+const TAG_COMPLETE: u8 = 0xff;
+
+/// Metadata keys a snapshot carries.
+const SNAPSHOT_META_KEYS: [&[u8]; 4] = [META_APPLIED, META_APPLY_CLOCK, META_CONF_STATE, META_MEMBERS];
+
+/// Records copied per batch while installing, so a large state never sits
+/// in one batch in memory.
+const INSTALL_BATCH_BYTES: usize = 8 << 20;
+
+/// A consistent view of the replicated state, ready to stream.
+pub struct SnapshotReader {
+    store: Store,
+    view: fjall::Snapshot,
+    meta: SnapshotMeta,
+}
+
+impl SnapshotReader {
+    /// The point this snapshot cuts the log at, and the membership there.
+    pub fn meta(&self) -> &SnapshotMeta {
+        &self.meta
+    }
+
+    /// Streams the records in chunks of about `chunk_bytes` (a record larger
+    /// than that travels alone). `send` returns false to stop early.
+    pub fn for_each_chunk(&self, chunk_bytes: usize, mut send: impl FnMut(Vec<u8>) -> bool) -> Result<(), StoreError> {
+        let inner = &self.store.inner;
+        let mut chunk = Vec::with_capacity(chunk_bytes);
+        let mut push = |tag: u8, key: &[u8], value: &[u8], chunk: &mut Vec<u8>| -> bool {
+            if !chunk.is_empty() && chunk.len() + 9 + key.len() + value.len() > chunk_bytes {
+                if !send(std::mem::take(chunk)) {
+                    return false;
+                }
+            }
+            push_record(chunk, tag, key, value);
+            true
+        };
+        for key in SNAPSHOT_META_KEYS {
+            if let Some(value) = self.view.get(&inner.meta, key).map_err(|e| inner.db_error(e))?
+                && !push(TAG_META, key, &value, &mut chunk)
+            {
+                return Ok(());
+            }
+        }
+        let keyspaces = [(TAG_STATE, &inner.state), (TAG_SESSION, &inner.sessions), (TAG_MODULE, &inner.modules)];
+        for (tag, keyspace) in keyspaces {
+            for guard in self.view.iter(keyspace) {
+                let (key, value) = guard.into_inner().map_err(|e| inner.db_error(e))?;
+                if tag == TAG_MODULE && !modules::is_replicated(&key) {
+                    continue;
+                }
+                if !push(tag, &key, &value, &mut chunk) {
+                    return Ok(());
+                }
+            }
+        }
+        if !chunk.is_empty() {
+            send(chunk);
+        }
+        Ok(())
+    }
+}
+
+/// What receiving a snapshot starts with.
+pub enum StagingStart {
+    /// Receive the stream into this.
+    Fresh(Staging),
+    /// This very snapshot is already staged, waiting to be installed.
+    AlreadyStaged(SnapshotMeta),
+}
+
+/// A snapshot being received into the staging area.
+pub struct Staging {
+    store: Store,
+    meta: SnapshotMeta,
+    applied_seen: Option<(Index, Term)>,
+}
+
+impl Staging {
+    /// Stages one chunk's records. A malformed chunk is an error and leaves
+    /// the live state untouched.
+    pub fn write_chunk(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
+        let inner = &self.store.inner;
+        let mut batch = inner.db.batch();
+        let mut rest = chunk;
+        while !rest.is_empty() {
+            let (tag, key, value, tail) = split_record(rest).ok_or_else(|| {
+                StoreError::Limit(format!("snapshot {} chunk is malformed: a record is cut short", self.meta.index))
+            })?;
+            rest = tail;
+            match tag {
+                TAG_STATE | TAG_SESSION => {}
+                TAG_MODULE if modules::is_replicated(key) => {}
+                TAG_META if SNAPSHOT_META_KEYS.contains(&key) => {
+                    if key == META_APPLIED {
+                        let applied = codec::decode_applied(value).map_err(|codec::DecodeError(why)| {
+                            StoreError::Limit(format!("snapshot applied position: {why}"))
+                        })?;
+                        self.applied_seen = Some(applied);
+                    }
+                }
+                _ => {
+                    return Err(StoreError::Limit(format!(
+                        "snapshot {} holds a record this version does not know (tag {tag})",
+                        self.meta.index
+                    )));
+                }
+            }
+            batch.insert(&inner.staging, staged_key(&self.meta, tag, key), value);
+        }
+        batch.commit().map_err(|e| inner.db_error(e))
+    }
+
+    /// Marks the staged snapshot complete: it may now be installed. Its
+    /// records must have named the applied position the header announced.
+    pub fn finish(self) -> Result<SnapshotMeta, StoreError> {
+        let inner = &self.store.inner;
+        if self.applied_seen != Some((self.meta.index, self.meta.term)) {
+            return Err(StoreError::Limit(format!(
+                "snapshot announced index {} term {} but its records say {:?}",
+                self.meta.index, self.meta.term, self.applied_seen
+            )));
+        }
+        let mut batch = inner.db.batch().durability(inner.persist_mode());
+        batch.insert(
+            &inner.staging,
+            staged_key(&self.meta, TAG_COMPLETE, &[]),
+            codec::encode_snapshot_meta(&self.meta),
+        );
+        batch.commit().map_err(|e| inner.db_error(e))?;
+        Ok(self.meta)
+    }
+}
+
+impl Store {
+    /// A consistent view of the replicated state at the current applied
+    /// index. Writes go on meanwhile; the view keeps what it saw.
+    pub fn snapshot_reader(&self) -> Result<SnapshotReader, StoreError> {
+        let inner = &self.inner;
+        let view = inner.db.snapshot();
+        let read = |key: &[u8]| view.get(&inner.meta, key).map_err(|e| inner.db_error(e));
+        let corrupt = |what: &str, why: &str| inner.corrupt(format!("{what}: {why}"));
+        let (index, term) = match read(META_APPLIED)? {
+            Some(value) => {
+                codec::decode_applied(&value).map_err(|codec::DecodeError(why)| corrupt("applied position", why))?
+            }
+            None => (0, 0),
+        };
+        let conf_state = match read(META_CONF_STATE)? {
+            Some(value) => {
+                codec::decode_conf_state(&value).map_err(|codec::DecodeError(why)| corrupt("membership", why))?
+            }
+            None => Default::default(),
+        };
+        Ok(SnapshotReader { store: self.clone(), view, meta: SnapshotMeta { index, term, conf_state } })
+    }
+
+    /// Starts receiving snapshot `meta`: drops a partial copy of it and any
+    /// staged snapshot already behind the applied index.
+    pub fn begin_staging(&self, meta: SnapshotMeta) -> Result<StagingStart, StoreError> {
+        if let Some(staged) = self.staged_snapshot(meta.index, meta.term)? {
+            return Ok(StagingStart::AlreadyStaged(staged));
+        }
+        let applied = self.applied().0;
+        let inner = &self.inner;
+        let mut batch = inner.db.batch();
+        for guard in inner.staging.iter() {
+            let key = guard.key().map_err(|e| inner.db_error(e))?;
+            let Some((index, term)) = staged_point(&key) else { continue };
+            if (index, term) == (meta.index, meta.term) || index <= applied {
+                batch.remove(&inner.staging, key.to_vec());
+            }
+        }
+        batch.commit().map_err(|e| inner.db_error(e))?;
+        Ok(StagingStart::Fresh(Staging { store: self.clone(), meta, applied_seen: None }))
+    }
+
+    /// The staged snapshot at `(index, term)`, if it is complete.
+    fn staged_snapshot(&self, index: Index, term: Term) -> Result<Option<SnapshotMeta>, StoreError> {
+        let inner = &self.inner;
+        let probe = SnapshotMeta { index, term, conf_state: Default::default() };
+        let Some(value) = inner.staging.get(staged_key(&probe, TAG_COMPLETE, &[])).map_err(|e| inner.db_error(e))?
+        else {
+            return Ok(None);
+        };
+        codec::decode_snapshot_meta(&value)
+            .map(Some)
+            .map_err(|codec::DecodeError(why)| inner.corrupt(format!("staged snapshot {index}: {why}")))
+    }
+
+    /// Replaces the replicated state and the whole log with the staged
+    /// snapshot `meta` (see the module documentation for crash safety).
+    pub fn install_snapshot(&self, meta: &SnapshotMeta) -> Result<(), StoreError> {
+        if self.staged_snapshot(meta.index, meta.term)?.is_none() {
+            return Err(StoreError::Limit(format!(
+                "asked to install snapshot ({}, {}) which is not completely staged",
+                meta.index, meta.term
+            )));
+        }
+        let inner = &self.inner;
+        let mut batch = inner.db.batch().durability(inner.persist_mode());
+        batch.insert(&inner.meta, META_INSTALLING, codec::encode_snapshot_meta(meta));
+        batch.commit().map_err(|e| inner.db_error(e))?;
+        self.finish_install(meta)
+    }
+
+    /// The redo part of an install; safe to run again after a crash.
+    pub(super) fn finish_install(&self, meta: &SnapshotMeta) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let _writer = inner.log_writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        inner.state.clear().map_err(|e| inner.db_error(e))?;
+        inner.sessions.clear().map_err(|e| inner.db_error(e))?;
+        self.remove_replicated_modules()?;
+        let mut batch = inner.db.batch();
+        let mut bytes = 0;
+        let prefix = staged_key(meta, TAG_STATE, &[]);
+        for guard in inner.staging.prefix(&prefix[..16]) {
+            let (key, value) = guard.into_inner().map_err(|e| inner.db_error(e))?;
+            let Some((&tag, key)) = key[16..].split_first() else { continue };
+            let target = match tag {
+                TAG_STATE => &inner.state,
+                TAG_SESSION => &inner.sessions,
+                TAG_MODULE => &inner.modules,
+                TAG_META => &inner.meta,
+                _ => continue,
+            };
+            bytes += key.len() + value.len();
+            batch.insert(target, key, value);
+            if bytes >= INSTALL_BATCH_BYTES {
+                batch.commit().map_err(|e| inner.db_error(e))?;
+                batch = inner.db.batch();
+                bytes = 0;
+            }
+        }
+        batch.commit().map_err(|e| inner.db_error(e))?;
+
+        let mut cached = inner.lock();
+        let mut hard_state = cached.hard_state;
+        hard_state.commit = hard_state.commit.max(meta.index);
+        let mut last = inner.db.batch().durability(inner.persist_mode());
+        for index in cached.first_index..=cached.last_index {
+            last.remove(&inner.log, codec::log_key(index));
+        }
+        last.insert(&inner.meta, META_SNAPSHOT, codec::encode_snapshot_meta(meta));
+        last.insert(&inner.meta, META_HARD_STATE, codec::encode_hard_state(&hard_state));
+        last.insert(&inner.meta, META_APPLIED, codec::encode_applied(meta.index, meta.term));
+        last.insert(&inner.meta, META_CONF_STATE, codec::encode_conf_state(&meta.conf_state));
+        last.remove(&inner.meta, META_INSTALLING);
+        // This snapshot's staging and any older one go; a newer one may be
+        // waiting for its own install.
+        for guard in inner.staging.iter() {
+            let key = guard.key().map_err(|e| inner.db_error(e))?;
+            if staged_point(&key).is_some_and(|(index, _)| index <= meta.index) {
+                last.remove(&inner.staging, key.to_vec());
+            }
+        }
+        last.commit().map_err(|e| inner.db_error(e))?;
+        cached.first_index = meta.index + 1;
+        cached.last_index = meta.index;
+        cached.term_runs.clear();
+        cached.snapshot = meta.clone();
+        cached.hard_state = hard_state;
+        cached.conf_state = meta.conf_state.clone();
+        cached.applied = (meta.index, meta.term);
+        Ok(())
+    }
+
+    fn remove_replicated_modules(&self) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let mut batch = inner.db.batch();
+        for guard in inner.modules.iter() {
+            let key = guard.key().map_err(|e| inner.db_error(e))?;
+            if modules::is_replicated(&key) {
+                batch.remove(&inner.modules, key.to_vec());
+            }
+        }
+        batch.commit().map_err(|e| inner.db_error(e))
+    }
+}
+
+fn push_record(out: &mut Vec<u8>, tag: u8, key: &[u8], value: &[u8]) {
+    out.push(tag);
+    out.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    out.extend_from_slice(key);
+    out.extend_from_slice(&(value.len() as u32).to_be_bytes());
+    out.extend_from_slice(value);
+}
+
+/// `(tag, key, value, rest)` of the record at the front of `bytes`.
+fn split_record(bytes: &[u8]) -> Option<(u8, &[u8], &[u8], &[u8])> {
+    let (&tag, rest) = bytes.split_first()?;
+    let (key, rest) = split_sized(rest)?;
+    let (value, rest) = split_sized(rest)?;
+    Some((tag, key, value, rest))
+}
+
+fn split_sized(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    if bytes.len() < 4 {
+        return None;
+    }
+    let (len, rest) = bytes.split_at(4);
+    let len = u32::from_be_bytes(len.try_into().ok()?) as usize;
+    (rest.len() >= len).then(|| rest.split_at(len))
+}
+
+/// `[index][term][tag][key]`: each snapshot stages apart.
+fn staged_key(meta: &SnapshotMeta, tag: u8, key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(17 + key.len());
+    out.extend_from_slice(&meta.index.to_be_bytes());
+    out.extend_from_slice(&meta.term.to_be_bytes());
+    out.push(tag);
+    out.extend_from_slice(key);
+    out
+}
+
+/// The (index, term) a staged key belongs to.
+fn staged_point(key: &[u8]) -> Option<(Index, Term)> {
+    let index = Index::from_be_bytes(key.get(..8)?.try_into().ok()?);
+    let term = Term::from_be_bytes(key.get(8..16)?.try_into().ok()?);
+    Some((index, term))
+}
