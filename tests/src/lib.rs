@@ -51,6 +51,8 @@ pub struct Member {
     pub log: PathBuf,
     settings: Settings,
     process: Option<Child>,
+    /// Joins a running cluster through this address instead of bootstrapping.
+    join: Option<String>,
 }
 
 /// A cluster of `raft-host serve` processes.
@@ -89,6 +91,7 @@ impl Cluster {
                     log: root.path().join(format!("node-{id}.log")),
                     settings,
                     process: None,
+                    join: None,
                 }
             })
             .collect();
@@ -112,10 +115,41 @@ impl Cluster {
         self.members.iter_mut().find(|m| m.id == id).expect("member exists")
     }
 
+    /// Starts a new member `id` (with a fresh data directory) that joins the
+    /// running cluster through member `through` (`serve --join`), with
+    /// `extra` flags.
+    pub fn join(&mut self, id: u64, through: u64, extra: &[&str]) {
+        let join = self.address(through);
+        self.members.retain(|m| m.id != id);
+        let member = Member {
+            id,
+            address: format!("127.0.0.1:{}", free_port()),
+            data_dir: self.root.path().join(format!("node-{id}-{}", free_port())),
+            log: self.root.path().join(format!("node-{id}.log")),
+            settings: Settings::Flags,
+            process: None,
+            join: Some(join),
+        };
+        self.members.push(member);
+        let combined: Vec<String> = self.extra.iter().cloned().chain(extra.iter().map(|s| s.to_string())).collect();
+        let saved = std::mem::replace(&mut self.extra, combined);
+        self.spawn(id);
+        self.extra = saved;
+    }
+
+    /// Forgets member `id` (stopping it first): it was removed from the cluster.
+    pub fn retire(&mut self, id: u64) {
+        self.kill(id);
+        self.members.retain(|m| m.id != id);
+    }
+
     /// Starts (or restarts) member `id` with its data directory.
     pub fn spawn(&mut self, id: u64) {
-        let peers: Vec<String> =
-            self.members.iter().filter(|m| m.id != id).map(|m| format!("{}={}", m.id, m.address)).collect();
+        let joining = self.member(id).join.clone();
+        let peers: Vec<String> = match joining {
+            Some(_) => Vec::new(),
+            None => self.members.iter().filter(|m| m.id != id).map(|m| format!("{}={}", m.id, m.address)).collect(),
+        };
         let cluster_id = self.cluster_id.clone();
         let extra = self.extra.clone();
         let config_path = self.root.path().join(format!("node-{id}.toml"));
@@ -135,6 +169,9 @@ impl Cluster {
                 ]);
                 for peer in &peers {
                     command.args(["--peer", peer]);
+                }
+                if let Some(join) = &member.join {
+                    command.args(["--join", join]);
                 }
             }
             Settings::Environment => {
@@ -359,4 +396,63 @@ pub fn polyglot_guest(dir: &str, file: &str) -> Vec<u8> {
     );
     eprintln!("{dir}: ready after {:.1?}", started.elapsed());
     std::fs::read(out.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"))
+}
+
+/// Answers with their log index, and failures, as writers saw them.
+pub type Seen = (Vec<(u64, Vec<u8>)>, Vec<String>);
+
+/// Clients that write to a state machine until told to stop, each through
+/// its own client (which retries through leader changes); every answer is
+/// kept with its log index, every failure counted.
+pub struct Writers {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Seen>>,
+}
+
+impl Writers {
+    /// `count` writers sending `command(writer, n)` to `state_machine`.
+    pub fn start(
+        addresses: Vec<String>,
+        count: usize,
+        state_machine: &str,
+        command: fn(usize, u64) -> Vec<u8>,
+    ) -> Writers {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tasks = (0..count)
+            .map(|writer| {
+                let (stop, addresses, state_machine) = (stop.clone(), addresses.clone(), state_machine.to_string());
+                tokio::spawn(async move {
+                    let mut client = ClusterClient::new(addresses).expect("client");
+                    client.deadline = Duration::from_secs(60);
+                    let (mut answers, mut failures) = (Vec::new(), Vec::new());
+                    let mut n = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        n += 1;
+                        match client.write(&state_machine, command(writer, n)).await {
+                            Ok(response) => match outcome_of(response.outcome) {
+                                Ok(bytes) => answers.push((response.index, bytes)),
+                                Err(refused) => failures.push(format!("refused at {}: {refused}", response.index)),
+                            },
+                            Err(error) => failures.push(error.to_string()),
+                        }
+                    }
+                    (answers, failures)
+                })
+            })
+            .collect();
+        Writers { stop, tasks }
+    }
+
+    /// Stops the writers; every answer (sorted by index) and failure.
+    pub async fn finish(self) -> Seen {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (mut answers, mut failures) = (Vec::new(), Vec::new());
+        for task in self.tasks {
+            let (a, f) = task.await.expect("writer task");
+            answers.extend(a);
+            failures.extend(f);
+        }
+        answers.sort();
+        (answers, failures)
+    }
 }

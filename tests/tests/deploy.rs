@@ -6,9 +6,7 @@
 
 use raft_host::client::{ClusterClient, Consistency, outcome_of};
 use raft_host::rpc::client_pb::StatusResponse;
-use raft_host_e2e::{Cluster, binary, put, run};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use raft_host_e2e::{Cluster, Writers, binary, put, run};
 use std::time::Duration;
 use tonic::Code;
 
@@ -37,54 +35,6 @@ fn module_of<'a>(status: &'a StatusResponse, name: &str) -> &'a str {
     &machine.unwrap_or_else(|| panic!("member {} runs no {name}", status.id)).module_hash
 }
 
-/// Answers with their log index, and failures, as a writer saw them.
-type Seen = (Vec<(u64, Vec<u8>)>, Vec<String>);
-
-/// Clients that add 1 to the counter until told to stop; every answer is
-/// kept with its log index, every failure counted.
-struct Writers {
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<Seen>>,
-}
-
-impl Writers {
-    fn start(addresses: Vec<String>, count: usize) -> Writers {
-        let stop = Arc::new(AtomicBool::new(false));
-        let tasks = (0..count)
-            .map(|_| {
-                let (stop, addresses) = (stop.clone(), addresses.clone());
-                tokio::spawn(async move {
-                    let mut client = ClusterClient::new(addresses).expect("client");
-                    let (mut answers, mut failures) = (Vec::new(), Vec::new());
-                    while !stop.load(Ordering::Relaxed) {
-                        match client.write("counter", add_one()).await {
-                            Ok(response) => match outcome_of(response.outcome) {
-                                Ok(bytes) => answers.push((response.index, bytes)),
-                                Err(refused) => failures.push(format!("refused at {}: {refused}", response.index)),
-                            },
-                            Err(error) => failures.push(error.to_string()),
-                        }
-                    }
-                    (answers, failures)
-                })
-            })
-            .collect();
-        Writers { stop, tasks }
-    }
-
-    async fn finish(self) -> Seen {
-        self.stop.store(true, Ordering::Relaxed);
-        let (mut answers, mut failures) = (Vec::new(), Vec::new());
-        for task in self.tasks {
-            let (a, f) = task.await.expect("writer task");
-            answers.extend(a);
-            failures.extend(f);
-        }
-        answers.sort();
-        (answers, failures)
-    }
-}
-
 #[test]
 fn deploy_and_rollback_under_writes_switch_every_replica_at_one_index() {
     run(LIMIT, async {
@@ -96,7 +46,7 @@ fn deploy_and_rollback_under_writes_switch_every_replica_at_one_index() {
         let away = (1..=3).rev().find(|&id| id != leader).expect("a follower");
         cluster.kill(away);
         let live = cluster.addresses();
-        let writers = Writers::start(live.clone(), 4);
+        let writers = Writers::start(live.clone(), 4, "counter", |_, _| add_one());
         tokio::time::sleep(Duration::from_millis(500)).await;
 
         let mut client = ClusterClient::new(live).expect("client");
