@@ -29,9 +29,27 @@ pub fn binary() -> PathBuf {
     binary
 }
 
-/// A free loopback port (bound and released; good enough for tests).
+/// A free loopback port for a member to listen on.
+///
+/// Taken below the kernel's ephemeral range (32768 and up on Linux): a port
+/// the kernel hands out for port 0 may be handed out again, as the local end
+/// of some outgoing connection, before the member binds it ("address already
+/// in use"). Each test process walks its own stretch of ports, starting
+/// from its process id, and skips ports that are taken.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = (std::process::id() * 97) % SPAN;
+    for _ in 0..SPAN {
+        let port = FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN;
+        let port = u16::try_from(port).expect("below 32768");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port below the ephemeral range");
 }
 
 /// How a member gets its settings: flags, environment variables, or a
