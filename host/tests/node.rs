@@ -135,6 +135,8 @@ fn metrics_are_served_in_the_prometheus_text_format() {
         assert_eq!(value("raft_host_offline "), 0);
         assert_eq!(value("raft_host_learners "), 0);
         assert_eq!(value("raft_host_snapshot_index "), 0, "nothing compacted yet");
+        assert_eq!(value("raft_host_snapshots_sent_total "), 0);
+        assert_eq!(value("raft_host_snapshot_receiving_bytes "), 0);
         for line in body.lines().filter(|l| !l.starts_with('#')) {
             let (name, value) = line.rsplit_once(' ').expect("name and value");
             assert!(name.starts_with("raft_host_"), "{line}");

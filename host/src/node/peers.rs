@@ -18,11 +18,13 @@
 use super::core::CoreMsg;
 use super::members::Members;
 use crate::raft::{Message, MessageBody, NodeId, Term};
+use crate::rpc::metrics::SnapshotCounters;
 use crate::rpc::pb::raft_peer_client::RaftPeerClient;
 use crate::rpc::{MESSAGES_PER_ENVELOPE_MAX, pb, seal_envelope, snapshot_meta_to_pb};
 use crate::storage::Store;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -60,6 +62,7 @@ pub struct Peers {
     core: mpsc::Sender<CoreMsg>,
     /// Peers a snapshot is being streamed to.
     snapshots: Arc<Mutex<BTreeSet<NodeId>>>,
+    counters: Arc<SnapshotCounters>,
 }
 
 impl Peers {
@@ -70,6 +73,7 @@ impl Peers {
         call_timeout: Duration,
         store: Store,
         core: mpsc::Sender<CoreMsg>,
+        counters: Arc<SnapshotCounters>,
     ) -> Peers {
         Peers {
             cluster_id: Arc::from(cluster_id),
@@ -80,6 +84,7 @@ impl Peers {
             store,
             core,
             snapshots: Arc::new(Mutex::new(BTreeSet::new())),
+            counters,
         }
     }
 
@@ -146,6 +151,7 @@ impl Peers {
         }
         let channel = self.members.channel(to);
         let (store, core, running) = (self.store.clone(), self.core.clone(), self.snapshots.clone());
+        let counters = self.counters.clone();
         let (cluster_id, me) = (self.cluster_id.to_string(), self.me);
         tokio::spawn(async move {
             let started = Instant::now();
@@ -155,9 +161,15 @@ impl Peers {
             };
             match outcome {
                 Ok((index, bytes)) => {
-                    tracing::info!(peer = to, index, bytes, seconds = started.elapsed().as_secs_f64(), "snapshot sent")
+                    counters.sent.fetch_add(1, Ordering::Relaxed);
+                    counters.sent_bytes.fetch_add(bytes, Ordering::Relaxed);
+                    let seconds = started.elapsed().as_secs_f64();
+                    tracing::info!(peer = to, index, bytes, seconds, "snapshot sent");
                 }
-                Err(error) => tracing::warn!(peer = to, %error, "snapshot not delivered; the leader retries"),
+                Err(error) => {
+                    counters.send_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(peer = to, %error, "snapshot not delivered; the leader retries");
+                }
             }
             running.lock().unwrap_or_else(|p| p.into_inner()).remove(&to);
             let _ = core.send(CoreMsg::SnapshotSent { to }).await;

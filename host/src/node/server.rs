@@ -11,6 +11,7 @@ use super::sessions::Sessions;
 use super::{NodeConfig, NodeError};
 use crate::raft::{ConfState, Config, ENTRY_OVERHEAD_BYTES, NodeId, Raft};
 use crate::rpc::client_pb::client_server::ClientServer;
+use crate::rpc::metrics::SnapshotCounters;
 use crate::rpc::pb::raft_peer_server::RaftPeerServer;
 use crate::rpc::{ClientService, PeerService};
 use crate::runtime::{Machine, Runtime};
@@ -143,7 +144,15 @@ impl Node {
 
         let call_timeout = config.tick * config.election_ticks;
         let (core_tx, core_rx) = tokio::sync::mpsc::channel(CORE_INBOX_CAPACITY);
-        let peers = Peers::new(&config.cluster_id, members.clone(), call_timeout, store.clone(), core_tx.clone());
+        let snapshots = Arc::new(SnapshotCounters::default());
+        let peers = Peers::new(
+            &config.cluster_id,
+            members.clone(),
+            call_timeout,
+            store.clone(),
+            core_tx.clone(),
+            snapshots.clone(),
+        );
         let (core_task, core, inbox) = CoreTask::new(
             raft,
             store.clone(),
@@ -173,12 +182,25 @@ impl Node {
             }
         });
 
-        let peer_service =
-            PeerService::new(config.cluster_id.clone(), members.clone(), core.clone(), registry.clone(), store.clone());
+        let peer_service = PeerService::new(
+            config.cluster_id.clone(),
+            members.clone(),
+            core.clone(),
+            registry.clone(),
+            store.clone(),
+            snapshots.clone(),
+        );
         let deployer =
             Deployer::new(config.clone(), core.clone(), registry.clone(), members.clone(), config.module_ready_timeout);
-        let client_service =
-            Arc::new(ClientService::new(config.clone(), core.clone(), apply_tx, registry, deployer, members.clone()));
+        let client_service = Arc::new(ClientService::new(
+            config.clone(),
+            core.clone(),
+            apply_tx,
+            registry,
+            deployer,
+            members.clone(),
+            snapshots,
+        ));
         let metrics_addr = match config.metrics_listen {
             Some(addr) => {
                 let listener =

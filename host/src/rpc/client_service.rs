@@ -13,7 +13,7 @@ use super::client_pb::{
     StatusResponse, TransferLeaderRequest, TransferLeaderResponse, WatchRequest, WriteRequest, WriteResponse,
     client_client::ClientClient, outcome,
 };
-use super::metrics::{Method, MetricsSource, RequestCounters};
+use super::metrics::{Method, MetricsSource, RequestCounters, SnapshotCounters};
 use super::pb;
 use crate::node::apply::{ApplyMsg, ReadJob};
 use crate::node::deploy::{DeployStep, Deployer};
@@ -48,6 +48,7 @@ pub struct ClientService {
     registry: Arc<ModuleRegistry>,
     deployer: Arc<Deployer>,
     counters: RequestCounters,
+    snapshots: Arc<SnapshotCounters>,
     members: Arc<Members>,
     pending: Arc<AtomicUsize>,
 }
@@ -72,6 +73,7 @@ impl ClientService {
         registry: Arc<ModuleRegistry>,
         deployer: Deployer,
         members: Arc<Members>,
+        snapshots: Arc<SnapshotCounters>,
     ) -> ClientService {
         ClientService {
             config,
@@ -80,6 +82,7 @@ impl ClientService {
             registry,
             deployer: Arc::new(deployer),
             counters: RequestCounters::default(),
+            snapshots,
             members,
             pending: Arc::new(AtomicUsize::new(0)),
         }
@@ -407,7 +410,7 @@ impl MetricsSource for ClientService {
     async fn render(&self) -> Result<String, String> {
         let status = self.status_now().await.map_err(|status| status.message().to_string())?;
         let pending = self.pending.load(Ordering::Relaxed) as u64;
-        Ok(super::metrics::render(&status, &self.counters, pending))
+        Ok(super::metrics::render(&status, &self.counters, &self.snapshots, pending))
     }
 }
 

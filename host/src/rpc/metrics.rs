@@ -40,8 +40,27 @@ impl RequestCounters {
     }
 }
 
+/// Snapshot transfers, counted by the peer lanes (sending) and the peer
+/// service (receiving); `receiving_bytes` is the progress of the stream
+/// being received now (0 when none is).
+#[derive(Default)]
+pub struct SnapshotCounters {
+    pub sent: AtomicU64,
+    pub sent_bytes: AtomicU64,
+    pub send_failures: AtomicU64,
+    pub received: AtomicU64,
+    pub received_bytes: AtomicU64,
+    pub receive_failures: AtomicU64,
+    pub receiving_bytes: AtomicU64,
+}
+
 /// The text exposition of a member's metrics.
-pub fn render(status: &StatusResponse, counters: &RequestCounters, pending: u64) -> String {
+pub fn render(
+    status: &StatusResponse,
+    counters: &RequestCounters,
+    snapshots: &SnapshotCounters,
+    pending: u64,
+) -> String {
     let mut out = String::with_capacity(4096);
     let mut gauge = |name: &str, help: &str, value: u64| {
         let _ =
@@ -61,6 +80,11 @@ pub fn render(status: &StatusResponse, counters: &RequestCounters, pending: u64)
     gauge("snapshot_index", "Index the log starts after (its compaction point).", status.snapshot_index);
     gauge("offline", "1 while this member is offline for maintenance.", u64::from(status.offline));
     gauge("requests_pending", "Client requests waiting for an answer.", pending);
+    gauge(
+        "snapshot_receiving_bytes",
+        "Bytes of the snapshot being received now (0: none).",
+        snapshots.receiving_bytes.load(Ordering::Relaxed),
+    );
     let _ = writeln!(out, "# HELP raft_host_role Role of this member (1 for the current one).");
     let _ = writeln!(out, "# TYPE raft_host_role gauge");
     for role in ["follower", "pre-candidate", "candidate", "leader"] {
@@ -71,6 +95,17 @@ pub fn render(status: &StatusResponse, counters: &RequestCounters, pending: u64)
             writeln!(out, "# HELP raft_host_{name} {help}\n# TYPE raft_host_{name} counter\nraft_host_{name} {value}");
     };
     counter("modules_compiled_total", "Modules compiled since this process started.", status.modules_compiled);
+    let load = |value: &AtomicU64| value.load(Ordering::Relaxed);
+    counter("snapshots_sent_total", "Snapshots streamed to members behind the compacted log.", load(&snapshots.sent));
+    counter("snapshot_sent_bytes_total", "Bytes of snapshots streamed to other members.", load(&snapshots.sent_bytes));
+    counter("snapshot_send_failures_total", "Snapshot streams that did not complete.", load(&snapshots.send_failures));
+    counter("snapshots_received_total", "Snapshots received, verified and staged.", load(&snapshots.received));
+    counter("snapshot_received_bytes_total", "Bytes of snapshots received.", load(&snapshots.received_bytes));
+    counter(
+        "snapshot_receive_failures_total",
+        "Snapshot streams refused (broken, corrupt, from elsewhere).",
+        load(&snapshots.receive_failures),
+    );
     counter(
         "modules_loaded_from_cache_total",
         "Modules loaded from the compiled cache instead of compiled.",

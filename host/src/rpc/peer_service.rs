@@ -1,5 +1,6 @@
 //! The server side of the peer protocol.
 
+use super::metrics::SnapshotCounters;
 use super::pb::raft_peer_server::RaftPeer;
 use super::pb::{DeliverReply, Envelope, InstallSnapshotReply, ModuleStatusReply, ModuleStatusRequest, SnapshotChunk};
 use super::{EnvelopeError, open_envelope, snapshot_meta_from_pb};
@@ -10,6 +11,7 @@ use crate::raft::{Message, MessageBody, NodeId};
 use crate::storage::{Staging, StagingStart, Store, StoreError};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -24,6 +26,7 @@ pub struct PeerService {
     store: Store,
     /// One snapshot is received at a time.
     receiving: tokio::sync::Mutex<()>,
+    snapshots: Arc<SnapshotCounters>,
 }
 
 impl PeerService {
@@ -33,9 +36,11 @@ impl PeerService {
         core: CoreHandle,
         registry: Arc<ModuleRegistry>,
         store: Store,
+        snapshots: Arc<SnapshotCounters>,
     ) -> PeerService {
         let me = members.me();
-        PeerService { cluster_id, me, members, core, registry, store, receiving: tokio::sync::Mutex::new(()) }
+        let receiving = tokio::sync::Mutex::new(());
+        PeerService { cluster_id, me, members, core, registry, store, receiving, snapshots }
     }
 
     /// Checks who is asking, as an envelope with no messages would be.
@@ -82,6 +87,7 @@ impl PeerService {
             }
             digest.update(&chunk.data);
             expected_offset += chunk.data.len() as u64;
+            self.snapshots.receiving_bytes.store(expected_offset, Ordering::Relaxed);
             let last = chunk.last;
             let (data, received_digest) = (chunk.data, chunk.digest);
             staging = blocking(move || staging.write_chunk(&data).map(|()| staging)).await?;
@@ -97,6 +103,8 @@ impl PeerService {
                 .ok_or_else(|| Status::invalid_argument("the snapshot stream ended before its last chunk"))?;
         }
         let meta = blocking(move || Staging::finish(staging)).await?;
+        self.snapshots.received.fetch_add(1, Ordering::Relaxed);
+        self.snapshots.received_bytes.fetch_add(expected_offset, Ordering::Relaxed);
         tracing::info!(
             from,
             index = meta.index,
@@ -162,7 +170,10 @@ impl RaftPeer for PeerService {
             return Err(Status::unavailable("another snapshot is being received; retry"));
         };
         let remote = request.remote_addr();
-        let message = self.receive_snapshot(request.into_inner()).await.inspect_err(|status| {
+        let received = self.receive_snapshot(request.into_inner()).await;
+        self.snapshots.receiving_bytes.store(0, Ordering::Relaxed);
+        let message = received.inspect_err(|status| {
+            self.snapshots.receive_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(remote = ?remote, error = %status.message(), "refused a snapshot stream");
         })?;
         self.core.deliver(vec![message]).await.map_err(|e| Status::unavailable(e.to_string()))?;
