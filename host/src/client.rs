@@ -113,6 +113,8 @@ impl ClusterClient {
             command,
             client_id: self.client_id.clone(),
             sequence,
+            // One write at a time: every earlier one was answered or given up.
+            lowest_unanswered: sequence,
         };
         self.write_request(request).await
     }

@@ -106,6 +106,7 @@ fn a_retried_write_is_applied_once_and_answered_with_the_first_answer() {
             command: br#"{"op":"add","by":5}"#.to_vec(),
             client_id: client_id.to_vec(),
             sequence,
+            lowest_unanswered: 0,
         };
         let mut via_one = cluster.client_of(1);
         let first = via_one.write_request(add(b"client-a", 1)).await.expect("write");
@@ -131,6 +132,15 @@ fn a_retried_write_is_applied_once_and_answered_with_the_first_answer() {
         let error = via_one.write_request(add(b"client-b", 3)).await.expect_err("expired");
         assert_eq!(error.code(), Some(Code::FailedPrecondition), "{error}");
         assert!(error.to_string().contains("outcome is unknown"), "{error}");
+        // A client that says which answers it has keeps only the others; a
+        // write it already has the answer to is refused, not re-applied.
+        let acknowledging =
+            |sequence, lowest_unanswered| WriteRequest { lowest_unanswered, ..add(b"client-c", sequence) };
+        via_one.write_request(acknowledging(1, 1)).await.expect("write");
+        let second = via_one.write_request(acknowledging(2, 2)).await.expect("write");
+        assert_eq!(via_two.write_request(acknowledging(2, 2)).await.expect("retry"), second);
+        let error = via_two.write_request(acknowledging(1, 1)).await.expect_err("answered before");
+        assert_eq!(error.code(), Some(Code::FailedPrecondition), "{error}");
 
         // Sessions are replicated state: every member ends with the same
         // counter and the same session table behind it.
@@ -167,8 +177,13 @@ fn malformed_oversized_and_unknown_requests_get_clear_errors_and_change_nothing(
         let (code, _) = refused(client.write("kv", too_big_for_the_wire).await);
         assert_eq!(code, Code::OutOfRange, "the transport refuses messages past its size limit");
 
-        let no_sequence =
-            WriteRequest { state_machine: "kv".into(), command: put("a", "1"), client_id: b"c".to_vec(), sequence: 0 };
+        let no_sequence = WriteRequest {
+            state_machine: "kv".into(),
+            command: put("a", "1"),
+            client_id: b"c".to_vec(),
+            sequence: 0,
+            lowest_unanswered: 0,
+        };
         let (code, message) = refused(client.write_request(no_sequence).await);
         assert_eq!(code, Code::InvalidArgument);
         assert!(message.contains("sequence number"), "{message}");

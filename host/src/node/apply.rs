@@ -98,6 +98,7 @@ struct RunItem {
     command: Vec<u8>,
     client: Vec<u8>,
     sequence: u64,
+    lowest_unanswered: u64,
 }
 
 /// A write's result, sent once the run that decided it is durable.
@@ -326,7 +327,8 @@ impl Applier {
         }
         if !self.machines.contains_key(&command.state_machine) {
             let outcome = Err(format!("no state machine named {:?}", command.state_machine));
-            self.finish_write(index, term, &command.client_id, command.sequence, outcome);
+            let session = (command.client_id.as_slice(), command.sequence, command.lowest_unanswered);
+            self.finish_write(index, term, session, outcome);
             return Ok(());
         }
         self.run_machine = Some(command.state_machine);
@@ -340,20 +342,23 @@ impl Applier {
             command: command.command,
             client: command.client_id,
             sequence: command.sequence,
+            lowest_unanswered: command.lowest_unanswered,
         });
         Ok(())
     }
 
+    /// `session` is the write's client id, sequence number and the client's
+    /// lowest unanswered sequence number.
     fn finish_write(
         &mut self,
         index: Index,
         term: Term,
-        client: &[u8],
-        sequence: u64,
+        (client, sequence, lowest_unanswered): (&[u8], u64, u64),
         outcome: Result<Vec<u8>, String>,
     ) {
         if !client.is_empty() {
-            self.sessions.record(client, session_reply(sequence, index, term, &outcome), self.clock_ms);
+            let reply = session_reply(sequence, index, term, &outcome);
+            self.sessions.record(client, reply, lowest_unanswered, self.clock_ms);
         }
         self.decided.push(Decided { index, term, result: Ok(WriteReply { outcome, index, term }) });
     }
@@ -372,7 +377,8 @@ impl Applier {
                 writes = run_writes;
                 for (item, outcome) in run.iter().zip(outcomes) {
                     let outcome = outcome.map_err(|e| e.to_string());
-                    self.finish_write(item.index, item.term, &item.client, item.sequence, outcome);
+                    let session = (item.client.as_slice(), item.sequence, item.lowest_unanswered);
+                    self.finish_write(item.index, item.term, session, outcome);
                 }
             }
         }

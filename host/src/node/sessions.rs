@@ -96,14 +96,16 @@ impl Sessions {
         if let Some(reply) = record.replies.iter().find(|r| r.sequence == sequence) {
             return Admission::Duplicate(reply.clone());
         }
-        if sequence + REPLIES_PER_SESSION <= record.highest_sequence {
+        if sequence < record.answered_below || sequence + REPLIES_PER_SESSION <= record.highest_sequence {
             return Admission::Expired { highest: record.highest_sequence };
         }
         Admission::Apply
     }
 
-    /// Records the answer to a write that was just applied, at entry time `now_ms`.
-    pub fn record(&mut self, client: &[u8], reply: SessionReply, now_ms: u64) {
+    /// Records the answer to a write that was just applied, at entry time
+    /// `now_ms`. The client has the answers below `lowest_unanswered` (0:
+    /// it did not say), which are dropped.
+    pub fn record(&mut self, client: &[u8], reply: SessionReply, lowest_unanswered: u64, now_ms: u64) {
         if !self.records.contains_key(client) && self.records.len() >= self.limits.max_sessions {
             self.evict_oldest();
         }
@@ -111,9 +113,12 @@ impl Sessions {
         self.by_age.remove(&(record.last_used_ms, client.to_vec()));
         record.last_used_ms = record.last_used_ms.max(now_ms);
         record.highest_sequence = record.highest_sequence.max(reply.sequence);
+        // Never past this write: its own answer is what a retry needs.
+        record.answered_below = record.answered_below.max(lowest_unanswered.min(reply.sequence));
         record.replies.push(reply);
         let floor = record.highest_sequence.saturating_sub(REPLIES_PER_SESSION);
-        record.replies.retain(|r| r.sequence > floor);
+        let answered_below = record.answered_below;
+        record.replies.retain(|r| r.sequence > floor && r.sequence >= answered_below);
         record.replies.sort_by_key(|r| r.sequence);
         self.by_age.insert((record.last_used_ms, client.to_vec()));
         self.changed.insert(client.to_vec());
@@ -178,7 +183,7 @@ mod tests {
         let mut s = Sessions::load(SessionLimits::default(), Vec::new()).expect("empty");
         assert_eq!(s.admit(b"c", 1), Admission::Apply);
         let reply = session_reply(1, 10, 2, &Ok(b"first".to_vec()));
-        s.record(b"c", reply.clone(), 1000);
+        s.record(b"c", reply.clone(), 0, 1000);
         assert_eq!(s.admit(b"c", 1), Admission::Duplicate(reply));
         assert_eq!(s.admit(b"c", 2), Admission::Apply);
         assert_eq!(s.admit(b"other", 1), Admission::Apply);
@@ -187,9 +192,9 @@ mod tests {
     #[test]
     fn writes_may_complete_out_of_order_within_the_window() {
         let mut s = Sessions::load(SessionLimits::default(), Vec::new()).expect("empty");
-        s.record(b"c", session_reply(5, 1, 1, &Ok(Vec::new())), 0);
+        s.record(b"c", session_reply(5, 1, 1, &Ok(Vec::new())), 0, 0);
         assert_eq!(s.admit(b"c", 3), Admission::Apply, "an earlier write still in flight applies");
-        s.record(b"c", session_reply(40, 2, 1, &Ok(Vec::new())), 0);
+        s.record(b"c", session_reply(40, 2, 1, &Ok(Vec::new())), 0, 0);
         assert_eq!(s.admit(b"c", 3), Admission::Expired { highest: 40 });
         assert!(matches!(s.admit(b"c", 5), Admission::Expired { .. }), "its answer fell out of the window");
     }
@@ -197,13 +202,13 @@ mod tests {
     #[test]
     fn sessions_expire_by_entry_time_and_by_count() {
         let mut s = Sessions::load(limits(1000, 2), Vec::new()).expect("empty");
-        s.record(b"a", session_reply(1, 1, 1, &Ok(Vec::new())), 0);
-        s.record(b"b", session_reply(1, 2, 1, &Ok(Vec::new())), 500);
+        s.record(b"a", session_reply(1, 1, 1, &Ok(Vec::new())), 0, 0);
+        s.record(b"b", session_reply(1, 2, 1, &Ok(Vec::new())), 0, 500);
         s.expire(1200);
         assert_eq!(s.len(), 1, "a idled past the lifetime");
         assert_eq!(s.admit(b"a", 1), Admission::Apply);
-        s.record(b"c", session_reply(1, 3, 1, &Ok(Vec::new())), 1300);
-        s.record(b"d", session_reply(1, 4, 1, &Ok(Vec::new())), 1400);
+        s.record(b"c", session_reply(1, 3, 1, &Ok(Vec::new())), 0, 1300);
+        s.record(b"d", session_reply(1, 4, 1, &Ok(Vec::new())), 0, 1400);
         assert_eq!(s.len(), 2, "the least recently used went at the limit");
         assert_eq!(s.admit(b"b", 1), Admission::Apply);
         let changes = s.take_changes();
@@ -212,10 +217,24 @@ mod tests {
     }
 
     #[test]
+    fn a_client_that_says_what_it_has_keeps_one_answer_and_old_retries_are_refused() {
+        let mut s = Sessions::load(SessionLimits::default(), Vec::new()).expect("empty");
+        for sequence in 1..=10 {
+            s.record(b"c", session_reply(sequence, sequence, 1, &Ok(vec![0; 100])), sequence, 0);
+        }
+        assert_eq!(s.records[&b"c".to_vec()].replies.len(), 1, "only the answer still unconfirmed is kept");
+        assert!(matches!(s.admit(b"c", 10), Admission::Duplicate(_)), "a retry of the last write is answered");
+        assert_eq!(s.admit(b"c", 9), Admission::Expired { highest: 10 }, "an answered write is never re-applied");
+        // A client that claims more than it has does not lose this answer.
+        s.record(b"c", session_reply(11, 11, 1, &Ok(Vec::new())), 50, 0);
+        assert!(matches!(s.admit(b"c", 11), Admission::Duplicate(_)));
+    }
+
+    #[test]
     fn the_table_survives_a_reload() {
         let mut s = Sessions::load(SessionLimits::default(), Vec::new()).expect("empty");
         let reply = session_reply(7, 3, 1, &Err("no".into()));
-        s.record(b"c", reply.clone(), 9);
+        s.record(b"c", reply.clone(), 0, 9);
         let stored: Vec<_> = s.take_changes().into_iter().map(|(c, r)| (c, r.expect("kept"))).collect();
         let reloaded = Sessions::load(SessionLimits::default(), stored).expect("decodes");
         assert_eq!(reloaded.admit(b"c", 7), Admission::Duplicate(reply));

@@ -325,6 +325,7 @@ impl ClientService {
             command: write.command.clone(),
             client_id: write.client_id.clone(),
             sequence: write.sequence,
+            lowest_unanswered: write.lowest_unanswered,
         };
         match self.core.write(command).await {
             Ok(reply) => Ok(Response::new(WriteResponse {
