@@ -667,3 +667,19 @@ fn a_snapshot_moves_the_replicated_state_at_one_point_and_leaves_local_artifacts
     check(&open(follower_dir.path()));
     assert!(leader.install_snapshot(&meta).is_err(), "only a staged snapshot installs");
 }
+
+#[test]
+fn a_new_commit_index_is_recorded_without_a_sync_and_a_new_term_with_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path(), &identity(), &StoreOptions::default()).expect("open");
+    store
+        .persist(&[entry(1, 1, 8), entry(2, 1, 8)], Some(&HardState { term: 1, vote: Some(1), commit: 0 }))
+        .expect("persist");
+    store.record_commit(&HardState { term: 1, vote: Some(1), commit: 2 }).expect("commit");
+    assert_eq!(store.hard_state().commit, 2);
+    // A new term or vote is never written lazily.
+    store.record_commit(&HardState { term: 2, vote: None, commit: 2 }).expect("term");
+    assert_eq!(store.hard_state(), HardState { term: 2, vote: None, commit: 2 });
+    drop(store);
+    assert_eq!(open(dir.path()).hard_state(), HardState { term: 2, vote: None, commit: 2 });
+}

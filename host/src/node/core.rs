@@ -11,8 +11,8 @@ use super::members::Members;
 use super::peers::Peers;
 use super::{Consistency, NodeConfig, NodeError, ReadReply, RequestError, WriteReply};
 use crate::raft::{
-    ConfChange, ConfState, Entry, Index, LogStore, Message, NodeId, ProposeError, Raft, ReadIndexError, ReadState,
-    Role, Term,
+    ConfChange, ConfState, Entry, HardState, Index, LogStore, Message, NodeId, ProposeError, Raft, ReadIndexError,
+    ReadState, Role, Term,
 };
 use crate::rpc::pb;
 use crate::storage::{Store, StoreError};
@@ -331,7 +331,13 @@ impl CoreTask {
                             .map_err(|_| StoreError::Limit("the storage thread was lost".into()))?
                     });
                     persisting = Some((rest, write));
-                } else if ready.entries.is_empty() && ready.hard_state.is_none() {
+                } else if ready.entries.is_empty() && ready.hard_state.is_none_or(|hs| self.only_commit_moved(&hs)) {
+                    // Nothing that needs the disk: the committed entries were
+                    // made durable by earlier Readys (one at a time), and a
+                    // new commit index alone need not be synced.
+                    if let Some(hard_state) = ready.hard_state {
+                        self.store.record_commit(&hard_state)?;
+                    }
                     self.after_persist(rest)?;
                 } else {
                     let store = self.store.clone();
@@ -552,6 +558,13 @@ impl CoreTask {
             let _ = reply.send(Err(RequestError::Timeout(timeout)));
             false
         });
+    }
+
+    /// Whether `hard_state` differs from the durable one only in the commit
+    /// index (the term and the vote must be synced before acting on them).
+    fn only_commit_moved(&self, hard_state: &HardState) -> bool {
+        let durable = self.store.hard_state();
+        (durable.term, durable.vote) == (hard_state.term, hard_state.vote)
     }
 
     /// Steps 2-5 of the Ready contract, once step 1 (persist) is done.

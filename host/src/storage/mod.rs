@@ -386,6 +386,25 @@ impl Store {
         Ok(())
     }
 
+    /// Records a hard state that differs from the durable one only in its
+    /// commit index, without waiting for the disk: the commit index is kept
+    /// so a restart can apply at once, and losing it is safe (Raft
+    /// recomputes it), so it must not cost an fdatasync on the write path.
+    /// A change of term or vote is synced as `persist` would.
+    pub fn record_commit(&self, hard_state: &HardState) -> Result<(), StoreError> {
+        let durable = self.hard_state();
+        if (durable.term, durable.vote) != (hard_state.term, hard_state.vote) {
+            return self.persist(&[], Some(hard_state));
+        }
+        let inner = &self.inner;
+        let _writer = inner.log_writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut batch = inner.db.batch();
+        batch.insert(&inner.meta, META_HARD_STATE, codec::encode_hard_state(hard_state));
+        batch.commit().map_err(|e| inner.db_error(e))?;
+        inner.lock().hard_state = *hard_state;
+        Ok(())
+    }
+
     /// Applies a batch atomically: guest writes, session changes and the new
     /// applied position land together or not at all.
     pub fn apply(&self, batch: &ApplyBatch) -> Result<(), StoreError> {
