@@ -414,8 +414,14 @@ impl Applier {
             Ok(match ConfChangeEntry::decode(data) {
                 Ok(entry) => {
                     tracing::info!(change = ?entry.change.kind, node = entry.change.node, index = position.0, "membership change applied");
-                    applier.pending_membership =
-                        Some(Membership { conf: entry.conf, addresses: decode_addresses(&entry.change.context) });
+                    // The entry's book wins; members it does not name keep
+                    // the address this member knew (a leader whose view
+                    // lagged, or a joiner that never saw the bootstrap).
+                    let mut addresses = applier.members.current().addresses;
+                    addresses.extend(decode_addresses(&entry.change.context));
+                    let members = entry.conf.members();
+                    addresses.retain(|id, _| members.contains(id));
+                    applier.pending_membership = Some(Membership { conf: entry.conf, addresses });
                     Ok(Vec::new())
                 }
                 Err(why) => Err(why),

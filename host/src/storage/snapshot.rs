@@ -66,10 +66,11 @@ impl SnapshotReader {
         let inner = &self.store.inner;
         let mut chunk = Vec::with_capacity(chunk_bytes);
         let mut push = |tag: u8, key: &[u8], value: &[u8], chunk: &mut Vec<u8>| -> bool {
-            if !chunk.is_empty() && chunk.len() + 9 + key.len() + value.len() > chunk_bytes {
-                if !send(std::mem::take(chunk)) {
-                    return false;
-                }
+            if !chunk.is_empty()
+                && chunk.len() + 9 + key.len() + value.len() > chunk_bytes
+                && !send(std::mem::take(chunk))
+            {
+                return false;
             }
             push_record(chunk, tag, key, value);
             true
@@ -123,7 +124,7 @@ impl Staging {
         let mut batch = inner.db.batch();
         let mut rest = chunk;
         while !rest.is_empty() {
-            let (tag, key, value, tail) = split_record(rest).ok_or_else(|| {
+            let (Record { tag, key, value }, tail) = split_record(rest).ok_or_else(|| {
                 StoreError::Limit(format!("snapshot {} chunk is malformed: a record is cut short", self.meta.index))
             })?;
             rest = tail;
@@ -325,12 +326,19 @@ fn push_record(out: &mut Vec<u8>, tag: u8, key: &[u8], value: &[u8]) {
     out.extend_from_slice(value);
 }
 
-/// `(tag, key, value, rest)` of the record at the front of `bytes`.
-fn split_record(bytes: &[u8]) -> Option<(u8, &[u8], &[u8], &[u8])> {
+/// One record of a snapshot stream.
+struct Record<'a> {
+    tag: u8,
+    key: &'a [u8],
+    value: &'a [u8],
+}
+
+/// The record at the front of `bytes`, and what follows it.
+fn split_record(bytes: &[u8]) -> Option<(Record<'_>, &[u8])> {
     let (&tag, rest) = bytes.split_first()?;
     let (key, rest) = split_sized(rest)?;
     let (value, rest) = split_sized(rest)?;
-    Some((tag, key, value, rest))
+    Some((Record { tag, key, value }, rest))
 }
 
 fn split_sized(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
