@@ -16,7 +16,7 @@ use crate::raft::{
 };
 use crate::rpc::pb;
 use crate::storage::{Store, StoreError};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -79,7 +79,7 @@ pub struct CoreStatus {
     pub last_log_index: Index,
     /// The index the log starts after.
     pub snapshot_index: Index,
-    pub voters: BTreeSet<NodeId>,
+    /// Voters and learners, as of the last membership change handed out.
     pub conf: ConfState,
     pub offline: bool,
     /// How far each member's log is known to match (on the leader).
@@ -412,7 +412,6 @@ impl CoreTask {
                     commit_index: self.raft.log().committed(),
                     last_log_index: self.raft.log().last_index()?,
                     snapshot_index: self.raft.log().first_index()? - 1,
-                    voters: self.raft.voters(),
                     conf: self.raft.conf_state(),
                     offline: self.raft.is_offline(),
                     matched: self
