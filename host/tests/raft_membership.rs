@@ -342,3 +342,34 @@ fn an_offline_member_neither_votes_nor_campaigns_and_a_leader_hands_over_first()
     c.tick_all(30);
     assert!(c.leader().is_some());
 }
+
+#[test]
+fn a_commit_hint_commits_only_a_matching_prefix_and_comes_with_a_refused_vote() {
+    let mut store = MemLogStore::new_with_conf_state(ConfState::with_voters([1, 2]));
+    let entries: Vec<Entry> = (1..=5)
+        .map(|index| Entry { term: 1, index, kind: EntryKind::Normal, data: Bytes::from_static(b"x") })
+        .collect();
+    store.append(&entries);
+    let mut node = Raft::new(Config::new(1), store).expect("starts");
+    let hint = |commit, term| Message { from: 2, to: 1, term: 0, body: MessageBody::CommitHint { commit, term } };
+    node.step(hint(4, 2)).expect("step");
+    assert_eq!(node.log().committed(), 0, "another term at that index: another prefix");
+    node.step(hint(9, 1)).expect("step");
+    assert_eq!(node.log().committed(), 0, "beyond our log");
+    node.step(hint(4, 1)).expect("step");
+    assert_eq!(node.log().committed(), 4, "the same entry there means the same prefix");
+    node.step(hint(2, 1)).expect("step");
+    assert_eq!(node.log().committed(), 4, "the commit index never moves back");
+    // A refused vote carries the refuser's commit index.
+    let request = Message {
+        from: 2,
+        to: 1,
+        term: 1,
+        body: MessageBody::RequestVote { pre_vote: false, last_log_index: 1, last_log_term: 1, transfer: false },
+    };
+    node.step(request).expect("step");
+    let ready = node.ready().expect("ready");
+    let sent: Vec<&MessageBody> = ready.persisted_messages.iter().chain(&ready.messages).map(|m| &m.body).collect();
+    assert!(sent.contains(&&MessageBody::RequestVoteResponse { pre_vote: false, granted: false }), "{sent:?}");
+    assert!(sent.contains(&&MessageBody::CommitHint { commit: 4, term: 1 }), "{sent:?}");
+}

@@ -477,6 +477,13 @@ impl<S: LogStore> Raft<S> {
     /// Processes one message from a peer.
     pub fn step(&mut self, m: Message) -> Result<(), RaftError> {
         self.validate(&m)?;
+        if let MessageBody::CommitHint { commit, term } = m.body {
+            // A fact about the log, true whatever the sender's term.
+            if commit > self.log.committed() && self.log.matches(commit, term)? {
+                self.log.commit_to(commit);
+            }
+            return Ok(());
+        }
         if m.term > self.term {
             if let MessageBody::RequestVote { transfer: false, .. } = m.body {
                 // While a leader is known to be alive, a vote request must come
@@ -791,6 +798,11 @@ impl<S: LogStore> Raft<S> {
             }
         } else {
             self.send(from, MessageBody::RequestVoteResponse { pre_vote, granted: false });
+            let commit = self.log.committed();
+            if commit > 0 {
+                let term = self.log.term(commit)?;
+                self.send(from, MessageBody::CommitHint { commit, term });
+            }
         }
         Ok(())
     }

@@ -324,6 +324,14 @@ pub enum MessageBody {
     InstallSnapshot { snapshot: SnapshotMeta },
     /// A leader hands over leadership: the receiver campaigns at once.
     TimeoutNow,
+    /// "Entries up to `commit` are committed, and mine there has `term`",
+    /// sent with a refused vote. Any member may say it: by log matching, a
+    /// receiver whose entry at `commit` has `term` holds the same prefix,
+    /// so it may commit it too. It matters when the only voters left lost
+    /// (in a crash) what they had committed, including the membership
+    /// change that made them the only voters, while a removed member, whose
+    /// vote they would need in the older membership, still knows it.
+    CommitHint { commit: Index, term: Term },
 }
 
 impl MessageBody {
@@ -342,6 +350,7 @@ impl MessageBody {
             MessageBody::ReadIndexResponse { .. } => "ReadIndexResponse",
             MessageBody::InstallSnapshot { .. } => "InstallSnapshot",
             MessageBody::TimeoutNow => "TimeoutNow",
+            MessageBody::CommitHint { .. } => "CommitHint",
         }
     }
 

@@ -158,6 +158,7 @@ pub fn message_to_pb(message: &Message) -> pb::Message {
         }
         MessageBody::InstallSnapshot { snapshot } => Body::InstallSnapshot(snapshot_meta_to_pb(snapshot)),
         MessageBody::TimeoutNow => Body::TimeoutNow(pb::TimeoutNow {}),
+        MessageBody::CommitHint { commit, term } => Body::CommitHint(pb::CommitHint { commit: *commit, term: *term }),
     };
     pb::Message { term: message.term, body: Some(body) }
 }
@@ -193,6 +194,7 @@ pub fn message_from_pb(message: pb::Message, from: NodeId, to: NodeId) -> Option
         Body::ReadIndexResponse(r) => MessageBody::ReadIndexResponse { ctx: r.ctx, index: r.index },
         Body::InstallSnapshot(meta) => MessageBody::InstallSnapshot { snapshot: snapshot_meta_from_pb(meta) },
         Body::TimeoutNow(_) => MessageBody::TimeoutNow,
+        Body::CommitHint(h) => MessageBody::CommitHint { commit: h.commit, term: h.term },
     };
     Some(Message { from, to, term: message.term, body })
 }
@@ -262,6 +264,7 @@ mod tests {
                 },
             },
             MessageBody::TimeoutNow,
+            MessageBody::CommitHint { commit: 37, term: 7 },
         ];
         bodies.into_iter().map(|body| Message { from: 2, to: 1, term: 3, body }).collect()
     }
