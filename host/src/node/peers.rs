@@ -42,6 +42,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 /// Chunks read ahead of the network.
 const SNAPSHOT_READ_AHEAD: usize = 4;
+/// Envelopes buffered for a delivery stream before the lane waits for it.
+const STREAM_BUFFER: usize = 8;
 /// How long one snapshot stream may take before it is abandoned.
 const SNAPSHOT_STREAM_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -55,7 +57,6 @@ struct Lanes {
 pub struct Peers {
     cluster_id: Arc<str>,
     me: NodeId,
-    call_timeout: Duration,
     members: Arc<Members>,
     lanes: BTreeMap<NodeId, Lanes>,
     store: Store,
@@ -70,7 +71,6 @@ impl Peers {
     pub fn new(
         cluster_id: &str,
         members: Arc<Members>,
-        call_timeout: Duration,
         store: Store,
         core: mpsc::Sender<CoreMsg>,
         counters: Arc<SnapshotCounters>,
@@ -78,7 +78,6 @@ impl Peers {
         Peers {
             cluster_id: Arc::from(cluster_id),
             me: members.me(),
-            call_timeout,
             members,
             lanes: BTreeMap::new(),
             store,
@@ -108,7 +107,6 @@ impl Peers {
                     peer: id,
                     lane,
                     client: peer_client(channel.clone()),
-                    call_timeout: self.call_timeout,
                 };
                 tokio::spawn(sender.run(rx));
                 senders.push(tx);
@@ -264,50 +262,83 @@ struct LaneSender {
     peer: NodeId,
     lane: &'static str,
     client: RaftPeerClient<Channel>,
-    call_timeout: Duration,
 }
 
 impl LaneSender {
-    async fn run(mut self, mut queue: mpsc::Receiver<Message>) {
+    /// Sends what the queue gathers over one long-lived `DeliverStream`
+    /// call, one envelope per batch; when the stream ends (the peer is down,
+    /// restarted, or refused an envelope) it opens another after a backoff.
+    /// Messages in flight on a broken stream are lost, which Raft recovers
+    /// from like any other loss.
+    async fn run(self, mut queue: mpsc::Receiver<Message>) {
         let mut backoff = BACKOFF_MIN;
         let mut failing = false;
-        while let Some(first) = queue.recv().await {
-            let mut bytes = message_bytes(&first);
-            let mut batch = vec![first];
-            while batch.len() < MESSAGES_PER_ENVELOPE_MAX && bytes < ENVELOPE_BYTES_MAX {
-                match queue.try_recv() {
-                    Ok(message) => {
-                        bytes += message_bytes(&message);
-                        batch.push(message);
+        loop {
+            let (tx, rx) = mpsc::channel::<pb::Envelope>(STREAM_BUFFER);
+            let mut client = self.client.clone();
+            let mut call =
+                tokio::spawn(
+                    async move { client.deliver_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await },
+                );
+            let opened = Instant::now();
+            let error = loop {
+                tokio::select! {
+                    biased;
+                    ended = &mut call => break describe_end(ended),
+                    first = queue.recv() => {
+                        let Some(first) = first else {
+                            call.abort();
+                            return;
+                        };
+                        let envelope = self.envelope(first, &mut queue);
+                        if tx.send(envelope).await.is_err() {
+                            break describe_end((&mut call).await);
+                        }
                     }
-                    Err(_) => break,
                 }
-            }
-            let envelope = seal_envelope(&self.cluster_id, self.me, self.peer, &batch);
-            let outcome = tokio::time::timeout(self.call_timeout, self.client.deliver(envelope)).await;
-            let error = match outcome {
-                Ok(Ok(_)) => None,
-                Ok(Err(status)) => Some(status.message().to_string()),
-                Err(_) => Some(format!("no answer within {:?}", self.call_timeout)),
             };
-            match error {
-                None => {
-                    if failing {
-                        tracing::info!(peer = self.peer, lane = self.lane, "peer reachable again");
-                    }
-                    failing = false;
-                    backoff = BACKOFF_MIN;
+            if opened.elapsed() >= BACKOFF_MAX {
+                // The stream worked for a while: this is a new failure.
+                backoff = BACKOFF_MIN;
+                if failing {
+                    tracing::info!(peer = self.peer, lane = self.lane, "peer was reachable again");
                 }
-                Some(error) => {
-                    if !failing {
-                        tracing::warn!(peer = self.peer, lane = self.lane, %error, "cannot reach peer; retrying with backoff");
-                    }
-                    failing = true;
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                failing = false;
+            }
+            if !failing {
+                tracing::warn!(peer = self.peer, lane = self.lane, %error, "cannot reach peer; retrying with backoff");
+            }
+            failing = true;
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// `first` and whatever else is queued, up to the envelope limits.
+    fn envelope(&self, first: Message, queue: &mut mpsc::Receiver<Message>) -> pb::Envelope {
+        let mut bytes = message_bytes(&first);
+        let mut batch = vec![first];
+        while batch.len() < MESSAGES_PER_ENVELOPE_MAX && bytes < ENVELOPE_BYTES_MAX {
+            match queue.try_recv() {
+                Ok(message) => {
+                    bytes += message_bytes(&message);
+                    batch.push(message);
                 }
+                Err(_) => break,
             }
         }
+        seal_envelope(&self.cluster_id, self.me, self.peer, &batch)
+    }
+}
+
+/// Why a delivery stream ended, for the log.
+fn describe_end(
+    ended: Result<Result<tonic::Response<pb::DeliverReply>, tonic::Status>, tokio::task::JoinError>,
+) -> String {
+    match ended {
+        Ok(Ok(_)) => "the peer closed the stream".to_string(),
+        Ok(Err(status)) => status.message().to_string(),
+        Err(_) => "the stream task was lost".to_string(),
     }
 }
 

@@ -142,17 +142,9 @@ impl Node {
             })
             .map_err(|_| NodeError::TaskLost("apply thread spawn"))?;
 
-        let call_timeout = config.tick * config.election_ticks;
         let (core_tx, core_rx) = tokio::sync::mpsc::channel(CORE_INBOX_CAPACITY);
         let snapshots = Arc::new(SnapshotCounters::default());
-        let peers = Peers::new(
-            &config.cluster_id,
-            members.clone(),
-            call_timeout,
-            store.clone(),
-            core_tx.clone(),
-            snapshots.clone(),
-        );
+        let peers = Peers::new(&config.cluster_id, members.clone(), store.clone(), core_tx.clone(), snapshots.clone());
         let (core_task, core, inbox) = CoreTask::new(
             raft,
             store.clone(),
@@ -189,6 +181,7 @@ impl Node {
             registry.clone(),
             store.clone(),
             snapshots.clone(),
+            shutdown_rx.clone(),
         );
         let deployer =
             Deployer::new(config.clone(), core.clone(), registry.clone(), members.clone(), config.module_ready_timeout);

@@ -27,6 +27,9 @@ pub struct PeerService {
     /// One snapshot is received at a time.
     receiving: tokio::sync::Mutex<()>,
     snapshots: Arc<SnapshotCounters>,
+    /// Turns true when the member stops: delivery streams end then, so a
+    /// graceful shutdown does not wait for peers to hang up.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl PeerService {
@@ -37,16 +40,27 @@ impl PeerService {
         registry: Arc<ModuleRegistry>,
         store: Store,
         snapshots: Arc<SnapshotCounters>,
+        stopping: tokio::sync::watch::Receiver<bool>,
     ) -> PeerService {
         let me = members.me();
         let receiving = tokio::sync::Mutex::new(());
-        PeerService { cluster_id, me, members, core, registry, store, receiving, snapshots }
+        PeerService { cluster_id, me, members, core, registry, store, receiving, snapshots, stopping }
     }
 
     /// Checks who is asking, as an envelope with no messages would be.
     fn check_sender(&self, cluster_id: String, from: NodeId, to: NodeId) -> Result<(), Status> {
         let envelope = Envelope { cluster_id, from, to, messages: Vec::new() };
         open_envelope(envelope, &self.cluster_id, self.me, &self.members.known_ids()).map(|_| ()).map_err(refusal)
+    }
+
+    /// Checks one envelope and hands its messages to the core.
+    async fn deliver_envelope(&self, envelope: Envelope, peer: Option<std::net::SocketAddr>) -> Result<(), Status> {
+        let known = self.members.known_ids();
+        let messages = open_envelope(envelope, &self.cluster_id, self.me, &known).map_err(|e| {
+            tracing::warn!(remote = ?peer, error = %e, "refused a peer envelope");
+            refusal(e)
+        })?;
+        self.core.deliver(messages).await.map_err(|e| Status::unavailable(e.to_string()))
     }
 
     /// Receives, verifies and stages a snapshot stream; returns the message
@@ -141,12 +155,22 @@ fn refusal(error: EnvelopeError) -> Status {
 impl RaftPeer for PeerService {
     async fn deliver(&self, request: Request<Envelope>) -> Result<Response<DeliverReply>, Status> {
         let peer = request.remote_addr();
-        let known = self.members.known_ids();
-        let messages = open_envelope(request.into_inner(), &self.cluster_id, self.me, &known).map_err(|e| {
-            tracing::warn!(remote = ?peer, error = %e, "refused a peer envelope");
-            refusal(e)
-        })?;
-        self.core.deliver(messages).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        self.deliver_envelope(request.into_inner(), peer).await?;
+        Ok(Response::new(DeliverReply {}))
+    }
+
+    async fn deliver_stream(&self, request: Request<Streaming<Envelope>>) -> Result<Response<DeliverReply>, Status> {
+        let peer = request.remote_addr();
+        let mut stream = request.into_inner();
+        let mut stopping = self.stopping.clone();
+        loop {
+            let envelope = tokio::select! {
+                _ = stopping.wait_for(|stop| *stop) => break,
+                envelope = stream.message() => envelope?,
+            };
+            let Some(envelope) = envelope else { break };
+            self.deliver_envelope(envelope, peer).await?;
+        }
         Ok(Response::new(DeliverReply {}))
     }
 
