@@ -92,6 +92,9 @@ pub struct CoreHandle {
     tx: mpsc::Sender<CoreMsg>,
     leadership: watch::Receiver<LeadershipView>,
     request_timeout: Duration,
+    /// How long a leader transfer is waited for: two election timeouts
+    /// (the core itself gives up after one).
+    transfer_limit: Duration,
 }
 
 impl CoreHandle {
@@ -133,12 +136,22 @@ impl CoreHandle {
         self.wait(answer).await?
     }
 
-    /// Starts handing leadership to `to` (the caller watches leadership to
-    /// see it complete).
-    pub(crate) async fn transfer_leader(&self, to: NodeId) -> Result<(), RequestError> {
+    /// Hands leadership to `to` and waits until `moved` holds of this
+    /// member's view of leadership; `Timeout` if it does not in time.
+    pub(crate) async fn transfer_leader(
+        &self,
+        to: NodeId,
+        moved: impl Fn(&LeadershipView) -> bool,
+    ) -> Result<LeadershipView, RequestError> {
+        let mut leadership = self.leadership.clone();
         let (reply, answer) = oneshot::channel();
         self.offer(CoreMsg::TransferLeader { to, reply })?;
-        self.wait(answer).await?
+        self.wait(answer).await??;
+        match tokio::time::timeout(self.transfer_limit, leadership.wait_for(|view| moved(view))).await {
+            Ok(Ok(view)) => Ok(view.clone()),
+            Ok(Err(_)) => Err(RequestError::ShuttingDown),
+            Err(_) => Err(RequestError::Timeout(self.transfer_limit)),
+        }
     }
 
     /// Takes this member offline for maintenance, or back online.
@@ -237,7 +250,12 @@ impl CoreTask {
         let view = LeadershipView { role: raft.role(), term: raft.term(), leader: raft.leader() };
         let (leadership, leadership_rx) = watch::channel(view);
         let (tx, rx) = inbox;
-        let handle = CoreHandle { tx, leadership: leadership_rx, request_timeout: config.request_timeout };
+        let handle = CoreHandle {
+            tx,
+            leadership: leadership_rx,
+            request_timeout: config.request_timeout,
+            transfer_limit: config.tick * config.election_ticks * 2,
+        };
         let task = CoreTask {
             raft,
             store,

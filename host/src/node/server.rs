@@ -8,7 +8,7 @@ use super::members::{Members, Membership};
 use super::modules::{BuiltIn, ModuleRegistry};
 use super::peers::{PEER_MESSAGE_BYTES_MAX, Peers};
 use super::sessions::Sessions;
-use super::{NodeConfig, NodeError};
+use super::{NodeConfig, NodeError, RequestError};
 use crate::raft::{ConfState, Config, ENTRY_OVERHEAD_BYTES, NodeId, Raft};
 use crate::rpc::client_pb::client_server::ClientServer;
 use crate::rpc::metrics::SnapshotCounters;
@@ -40,7 +40,6 @@ pub struct Node;
 pub struct RunningNode {
     id: NodeId,
     core_handle: super::CoreHandle,
-    transfer_limit: std::time::Duration,
     local_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
@@ -242,7 +241,6 @@ impl Node {
         Ok(RunningNode {
             id: config.id,
             core_handle: core,
-            transfer_limit: config.tick * config.election_ticks * 2,
             local_addr,
             metrics_addr,
             shutdown,
@@ -280,13 +278,8 @@ impl RunningNode {
             .map(|(id, _)| *id);
         let Some(to) = target else { return };
         tracing::info!(node = self.id, to, "handing leadership over before stopping");
-        if self.core_handle.transfer_leader(to).await.is_err() {
-            return;
-        }
-        let mut leadership = self.core_handle.leadership();
-        let moved =
-            tokio::time::timeout(self.transfer_limit, leadership.wait_for(|v| v.role != crate::raft::Role::Leader));
-        if moved.await.is_err() {
+        let moved = self.core_handle.transfer_leader(to, |view| view.role != crate::raft::Role::Leader).await;
+        if let Err(RequestError::Timeout(_)) = moved {
             tracing::warn!(node = self.id, to, "leadership did not move in time; stopping anyway");
         }
     }

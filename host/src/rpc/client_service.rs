@@ -550,21 +550,18 @@ impl Client for ClientService {
         request: Request<TransferLeaderRequest>,
     ) -> Result<Response<TransferLeaderResponse>, Status> {
         let to = request.into_inner().to;
-        let mut leadership = self.core.leadership();
         let done = |view: &LeadershipView| view.leader == Some(to) && view.term > 0;
-        if done(&leadership.borrow()) {
-            let view = leadership.borrow().clone();
+        let view = self.core.current_leadership();
+        if done(&view) {
             return Ok(Response::new(TransferLeaderResponse { leader_id: to, term: view.term }));
         }
         self.deployer.check_leader().map_err(status_of)?;
-        self.core.transfer_leader(to).await.map_err(status_of)?;
-        // The core gives up after an election timeout; wait a little longer.
-        let limit = self.config.tick * self.config.election_ticks * 2;
-        match tokio::time::timeout(limit, leadership.wait_for(|view| done(view))).await {
-            Ok(Ok(view)) => Ok(Response::new(TransferLeaderResponse { leader_id: to, term: view.term })),
-            _ => Err(Status::deadline_exceeded(format!(
+        match self.core.transfer_leader(to, done).await {
+            Ok(view) => Ok(Response::new(TransferLeaderResponse { leader_id: to, term: view.term })),
+            Err(RequestError::Timeout(limit)) => Err(Status::deadline_exceeded(format!(
                 "member {to} did not take over within {limit:?}; is it up and caught up?"
             ))),
+            Err(error) => Err(status_of(error)),
         }
     }
 
