@@ -39,30 +39,36 @@ pub(super) async fn join(config: Arc<NodeConfig>, members: Arc<Members>, through
 }
 
 async fn add_as_learner(config: &NodeConfig, members: &Members, through: &str) {
+    let response = change_until_done(config, through, MembershipChange::AddLearner, &config.advertise).await;
+    members.learn(&addresses(&response));
+    tracing::info!(node = config.id, through, "added to the cluster as a learner; catching up");
+}
+
+/// Asks the cluster, through `through`, for `change` of this member until it
+/// is done: answered, or refused because it already is so (a restart in the
+/// middle of joining), in which case the current members answer.
+async fn change_until_done(
+    config: &NodeConfig,
+    through: &str,
+    change: MembershipChange,
+    address: &str,
+) -> MembersResponse {
     loop {
         let outcome = match ClusterClient::new(vec![through.to_string()]) {
-            Ok(mut client) => {
-                let added = client.change_membership(MembershipChange::AddLearner, config.id, &config.advertise).await;
-                match added {
-                    // Already a member: a restart in the middle of joining.
-                    Err(ClientError::Refused { code: Code::InvalidArgument, ref message })
-                        if message.contains("already") =>
-                    {
-                        client.members().await
-                    }
-                    other => other,
+            Ok(mut client) => match client.change_membership(change, config.id, address).await {
+                Err(ClientError::Refused { code: Code::InvalidArgument, ref message })
+                    if message.contains("already") =>
+                {
+                    client.members().await
                 }
-            }
+                other => other,
+            },
             Err(error) => Err(error),
         };
         match outcome {
-            Ok(response) => {
-                members.learn(&addresses(&response));
-                tracing::info!(node = config.id, through, "added to the cluster as a learner; catching up");
-                return;
-            }
+            Ok(response) => return response,
             Err(error) => {
-                tracing::warn!(node = config.id, through, %error, "cannot join yet; retrying");
+                tracing::warn!(node = config.id, through, ?change, %error, "membership change not done yet; retrying");
                 tokio::time::sleep(RETRY_PAUSE).await;
             }
         }
@@ -87,25 +93,8 @@ async fn status_at(address: &str) -> Option<crate::rpc::client_pb::StatusRespons
 }
 
 async fn promote(config: &NodeConfig, through: &str) {
-    loop {
-        let outcome = match ClusterClient::new(vec![through.to_string()]) {
-            Ok(mut client) => client.change_membership(MembershipChange::Promote, config.id, "").await,
-            Err(error) => Err(error),
-        };
-        match outcome {
-            Ok(_) => {
-                tracing::info!(node = config.id, "promoted to voter");
-                return;
-            }
-            Err(ClientError::Refused { code: Code::InvalidArgument, ref message }) if message.contains("already") => {
-                return;
-            }
-            Err(error) => {
-                tracing::warn!(node = config.id, %error, "promotion not done yet; retrying");
-                tokio::time::sleep(RETRY_PAUSE).await;
-            }
-        }
-    }
+    change_until_done(config, through, MembershipChange::Promote, "").await;
+    tracing::info!(node = config.id, "promoted to voter");
 }
 
 fn addresses(response: &MembersResponse) -> BTreeMap<u64, String> {
