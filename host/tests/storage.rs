@@ -669,7 +669,7 @@ fn a_snapshot_moves_the_replicated_state_at_one_point_and_leaves_local_artifacts
 }
 
 #[test]
-fn a_new_commit_index_is_recorded_without_a_sync_and_a_new_term_with_one() {
+fn a_new_commit_index_rides_with_the_next_append_and_a_new_term_is_synced_at_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(dir.path(), &identity(), &StoreOptions::default()).expect("open");
     store
@@ -677,6 +677,15 @@ fn a_new_commit_index_is_recorded_without_a_sync_and_a_new_term_with_one() {
         .expect("persist");
     store.record_commit(&HardState { term: 1, vote: Some(1), commit: 2 }).expect("commit");
     assert_eq!(store.hard_state().commit, 2);
+    drop(store);
+    // Nothing was written for it: losing a commit index is safe.
+    let store = open(dir.path());
+    assert_eq!(store.hard_state(), HardState { term: 1, vote: Some(1), commit: 0 });
+    store.record_commit(&HardState { term: 1, vote: Some(1), commit: 2 }).expect("commit");
+    store.persist(&[entry(3, 1, 8)], None).expect("append");
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.hard_state(), HardState { term: 1, vote: Some(1), commit: 2 }, "it went down with the append");
     // A new term or vote is never written lazily.
     store.record_commit(&HardState { term: 2, vote: None, commit: 2 }).expect("term");
     assert_eq!(store.hard_state(), HardState { term: 2, vote: None, commit: 2 });

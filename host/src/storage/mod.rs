@@ -166,6 +166,9 @@ struct Cached {
     /// `term(i)` never reads an entry (which may be a megabyte-sized module chunk).
     term_runs: Vec<(Index, Term)>,
     hard_state: HardState,
+    /// `hard_state.commit` moved past what the disk holds (see
+    /// [`Store::record_commit`]).
+    commit_unwritten: bool,
     conf_state: ConfState,
     applied: (Index, Term),
 }
@@ -258,6 +261,7 @@ impl Store {
             snapshot: SnapshotMeta::default(),
             term_runs: Vec::new(),
             hard_state: HardState::default(),
+            commit_unwritten: false,
             conf_state: ConfState::default(),
             applied: (0, 0),
         };
@@ -354,10 +358,12 @@ impl Store {
         }
         let inner = &self.inner;
         let _writer = inner.log_writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let (log_first, log_last) = {
+        let (log_first, log_last, unwritten) = {
             let cached = inner.lock();
-            (cached.first_index, cached.last_index)
+            (cached.first_index, cached.last_index, cached.commit_unwritten.then_some(cached.hard_state))
         };
+        // A commit index recorded without a write goes down with this batch.
+        let hard_state = hard_state.or(unwritten.as_ref());
         let mut batch = inner.db.batch().durability(inner.persist_mode());
         if let Some(first) = entries.first() {
             if first.index < log_first || first.index > log_last + 1 {
@@ -382,26 +388,26 @@ impl Store {
         cached.record_appended(entries);
         if let Some(hs) = hard_state {
             cached.hard_state = *hs;
+            cached.commit_unwritten = false;
         }
         Ok(())
     }
 
     /// Records a hard state that differs from the durable one only in its
-    /// commit index, without waiting for the disk: the commit index is kept
-    /// so a restart can apply at once, and losing it is safe (Raft
-    /// recomputes it), so it must not cost an fdatasync on the write path.
+    /// commit index, without touching the disk: the new commit index rides
+    /// along with the next `persist` batch. Losing it is safe (Raft
+    /// recomputes it, and a restart resumes applying from the applied index
+    /// anyway), so it must cost neither an fdatasync nor a journal write on
+    /// the write path, where it sat between a write's quorum and its apply.
     /// A change of term or vote is synced as `persist` would.
     pub fn record_commit(&self, hard_state: &HardState) -> Result<(), StoreError> {
         let durable = self.hard_state();
         if (durable.term, durable.vote) != (hard_state.term, hard_state.vote) {
             return self.persist(&[], Some(hard_state));
         }
-        let inner = &self.inner;
-        let _writer = inner.log_writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut batch = inner.db.batch();
-        batch.insert(&inner.meta, META_HARD_STATE, codec::encode_hard_state(hard_state));
-        batch.commit().map_err(|e| inner.db_error(e))?;
-        inner.lock().hard_state = *hard_state;
+        let mut cached = self.inner.lock();
+        cached.hard_state = *hard_state;
+        cached.commit_unwritten = true;
         Ok(())
     }
 
@@ -670,7 +676,16 @@ impl Inner {
         if applied.0 > last_index.max(snapshot.index) {
             return Err(self.corrupt(format!("applied index {} is past the end of the log ({last_index})", applied.0)));
         }
-        Ok(Cached { first_index: snapshot.index + 1, last_index, snapshot, term_runs, hard_state, conf_state, applied })
+        Ok(Cached {
+            first_index: snapshot.index + 1,
+            last_index,
+            snapshot,
+            term_runs,
+            hard_state,
+            commit_unwritten: false,
+            conf_state,
+            applied,
+        })
     }
 }
 
