@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod node;
+pub mod process;
 pub mod raft;
 pub mod rpc;
 pub mod runtime;

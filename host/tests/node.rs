@@ -137,9 +137,14 @@ fn metrics_are_served_in_the_prometheus_text_format() {
         assert_eq!(value("raft_host_snapshot_index "), 0, "nothing compacted yet");
         assert_eq!(value("raft_host_snapshots_sent_total "), 0);
         assert_eq!(value("raft_host_snapshot_receiving_bytes "), 0);
+        // The process has started a runtime, compiled a guest and served
+        // writes: it has used CPU and holds more than a few MB.
+        assert!(value("process_resident_memory_bytes ") > 4 << 20);
+        let cpu = body.lines().find_map(|l| l.strip_prefix("process_cpu_seconds_total ")).expect("cpu line");
+        assert!(cpu.parse::<f64>().expect("seconds") > 0.0, "{cpu}");
         for line in body.lines().filter(|l| !l.starts_with('#')) {
             let (name, value) = line.rsplit_once(' ').expect("name and value");
-            assert!(name.starts_with("raft_host_"), "{line}");
+            assert!(name.starts_with("raft_host_") || name.starts_with("process_"), "{line}");
             value.parse::<f64>().unwrap_or_else(|_| panic!("not a number: {line}"));
         }
         let (status, _) = http_get(metrics, "/elsewhere").await;

@@ -72,6 +72,9 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let failed = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
+    let mut observer = args.target.client()?;
+    let members_before = runtime.block_on(sample_members(&mut observer, args.target.len()));
+    let bench_before = raft_host::process::usage();
     let results = runtime.block_on(async {
         let mut tasks = Vec::new();
         for id in 0..args.clients {
@@ -118,7 +121,55 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         anyhow::Ok(results)
     })?;
     let elapsed = started.elapsed().as_secs_f64();
-    report(&args, &results, elapsed, disk)
+    let bench_after = raft_host::process::usage();
+    let members_after = runtime.block_on(sample_members(&mut observer, args.target.len()));
+    let cpu = CpuUse {
+        members: members_before
+            .iter()
+            .zip(&members_after)
+            .filter_map(|(before, after)| {
+                let (before, after) = (before.as_ref()?, after.as_ref()?);
+                // A member that restarted during the run has no meaningful difference.
+                (after.process_cpu_seconds >= before.process_cpu_seconds && after.process_resident_bytes > 0).then(
+                    || MemberCpu {
+                        id: after.id,
+                        role: after.role.clone(),
+                        cpu_seconds: after.process_cpu_seconds - before.process_cpu_seconds,
+                        resident_bytes: after.process_resident_bytes,
+                    },
+                )
+            })
+            .collect(),
+        bench_cpu_seconds: bench_before.zip(bench_after).map(|(b, a)| a.cpu_seconds - b.cpu_seconds),
+    };
+    report(&args, &results, elapsed, disk, &cpu)
+}
+
+/// Each member's status, by position in the address list (`None` for one
+/// that does not answer: the CPU figures then leave it out).
+async fn sample_members(
+    client: &mut ClusterClient,
+    count: usize,
+) -> Vec<Option<raft_host::rpc::client_pb::StatusResponse>> {
+    let mut out = Vec::with_capacity(count);
+    for at in 0..count {
+        out.push(client.status_of(at).await.ok());
+    }
+    out
+}
+
+/// CPU used during the run: by each member that answered before and after
+/// it, and by this bench process (its clients, their gRPC and TCP).
+struct CpuUse {
+    members: Vec<MemberCpu>,
+    bench_cpu_seconds: Option<f64>,
+}
+
+struct MemberCpu {
+    id: u64,
+    role: String,
+    cpu_seconds: f64,
+    resident_bytes: u64,
 }
 
 pub(super) struct ClientContext {
@@ -223,6 +274,7 @@ fn report(
     results: &[ClientResult],
     elapsed: f64,
     disk: Option<Histogram<u64>>,
+    cpu: &CpuUse,
 ) -> anyhow::Result<()> {
     let mut writes = latency_histogram()?;
     let mut reads = writes.clone();
@@ -233,6 +285,23 @@ fn report(
         reads.add(&result.reads).context("merging histograms")?;
     }
     let (errors, first_error) = errors_of(results);
+    // CPU per answered operation: what one write (or read) costs the whole
+    // machine, which is what bounds throughput once the cores are busy.
+    let operations = (writes.len() + reads.len()).max(1) as f64;
+    let per_op_us = |seconds: f64| seconds * 1e6 / operations;
+    let members_cpu: Vec<serde_json::Value> = cpu
+        .members
+        .iter()
+        .map(|m| {
+            json!({
+                "id": m.id,
+                "role": m.role,
+                "cpu_seconds": m.cpu_seconds,
+                "cpu_us_per_op": per_op_us(m.cpu_seconds),
+                "resident_bytes": m.resident_bytes,
+            })
+        })
+        .collect();
     let summary = json!({
         "clients": args.clients,
         "duration_secs": elapsed,
@@ -245,6 +314,9 @@ fn report(
         "write_latency": percentiles(&writes),
         "read_latency": percentiles(&reads),
         "disk_fdatasync": disk.as_ref().map(percentiles),
+        "members_cpu": members_cpu,
+        "bench_cpu_seconds": cpu.bench_cpu_seconds,
+        "bench_cpu_us_per_op": cpu.bench_cpu_seconds.map(per_op_us),
     });
     if args.json {
         println!("{summary}");
@@ -277,6 +349,23 @@ fn report(
             disk.value_at_quantile(0.99),
             disk.len()
         );
+    }
+    if !cpu.members.is_empty() || cpu.bench_cpu_seconds.is_some() {
+        let mut parts: Vec<String> = cpu
+            .members
+            .iter()
+            .map(|m| format!("member {} ({}) {:.0}", m.id, m.role, per_op_us(m.cpu_seconds)))
+            .collect();
+        if let Some(seconds) = cpu.bench_cpu_seconds {
+            parts.push(format!("this bench {:.0}", per_op_us(seconds)));
+        }
+        let total: f64 = cpu.members.iter().map(|m| m.cpu_seconds).sum::<f64>() + cpu.bench_cpu_seconds.unwrap_or(0.0);
+        println!("   cpu: µs per operation: {}; total {:.0}", parts.join(", "), per_op_us(total));
+        let memory: Vec<String> =
+            cpu.members.iter().map(|m| format!("member {} {} MiB", m.id, m.resident_bytes >> 20)).collect();
+        if !memory.is_empty() {
+            println!("memory: resident {}", memory.join(", "));
+        }
     }
     print_errors(errors, first_error.as_deref());
     Ok(())

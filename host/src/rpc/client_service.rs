@@ -387,6 +387,7 @@ impl ClientService {
             .map(|m| StateMachineStatus { name: m.name, module_hash: m.module_hash, state_digest: m.state_digest })
             .collect();
         let (modules_compiled, modules_loaded_from_cache) = self.registry.runtime().load_counts();
+        let usage = crate::process::usage().unwrap_or_default();
         Ok(StatusResponse {
             cluster_id: self.config.cluster_id.clone(),
             id: self.config.id,
@@ -403,6 +404,8 @@ impl ClientService {
             modules_loaded_from_cache,
             offline: core.offline,
             snapshot_index: core.snapshot_index,
+            process_cpu_seconds: usage.cpu_seconds,
+            process_resident_bytes: usage.resident_bytes,
         })
     }
 }

@@ -111,6 +111,22 @@ pub fn render(
         "Modules loaded from the compiled cache instead of compiled.",
         status.modules_loaded_from_cache,
     );
+    // The standard process metrics, under the names Prometheus client
+    // libraries use, so existing dashboards find them.
+    if status.process_resident_bytes > 0 {
+        let _ = writeln!(
+            out,
+            "# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.\n\
+             # TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {}",
+            status.process_cpu_seconds
+        );
+        let _ = writeln!(
+            out,
+            "# HELP process_resident_memory_bytes Resident memory size in bytes.\n\
+             # TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {}",
+            status.process_resident_bytes
+        );
+    }
     let _ = writeln!(out, "# HELP raft_host_state_machine_info Active module of each state machine.");
     let _ = writeln!(out, "# TYPE raft_host_state_machine_info gauge");
     for machine in &status.state_machines {
