@@ -11,6 +11,20 @@ pub struct ProcessUsage {
     pub resident_bytes: u64,
 }
 
+/// A number drawn once per process: members that report the same one share
+/// a process (as under `raft-host dev`), and so share its CPU and memory
+/// figures, which must then be counted once.
+pub fn instance_id() -> u64 {
+    static INSTANCE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *INSTANCE.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        // RandomState is seeded from the OS's randomness once per process.
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u32(std::process::id());
+        hasher.finish().max(1)
+    })
+}
+
 /// Units of the times in `/proc/<pid>/stat`: the kernel reports them in
 /// USER_HZ, which is 100 on every architecture Linux exposes to user space.
 const USER_HZ: f64 = 100.0;
@@ -57,6 +71,12 @@ mod tests {
         let status = "Name:\traft-host\nVmPeak:\t  900 kB\nVmRSS:\t   51200 kB\nThreads:\t9\n";
         assert_eq!(resident_bytes_of(status), Some(51200 * 1024));
         assert_eq!(resident_bytes_of("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn the_instance_id_is_stable_within_a_process_and_never_zero() {
+        assert_eq!(instance_id(), instance_id());
+        assert_ne!(instance_id(), 0, "0 means 'not reported' on the wire");
     }
 
     #[cfg(target_os = "linux")]

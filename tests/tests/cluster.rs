@@ -329,20 +329,21 @@ fn the_cli_writes_reads_reports_and_benchmarks_and_sigterm_stops_a_member_gracef
         assert_eq!(figures["errors"], 0, "{figures}");
         assert!(figures["writes_per_sec"].as_f64().is_some_and(|w| w > 0.0), "{figures}");
         assert!(figures["read_latency"]["p99_us"].as_u64().is_some_and(|p| p > 0), "{figures}");
-        // Every member reports the CPU it spent during the run, and the
-        // leader spends some on every write.
-        let members_cpu = figures["members_cpu"].as_array().expect("members_cpu");
-        assert_eq!(members_cpu.len(), 3, "{figures}");
-        let leader_cpu = members_cpu.iter().find(|m| m["role"] == "leader").expect("the leader's figures");
-        assert!(leader_cpu["cpu_us_per_op"].as_f64().is_some_and(|us| us > 0.0), "{figures}");
-        assert!(members_cpu.iter().all(|m| m["resident_bytes"].as_u64().is_some_and(|b| b > 1 << 20)), "{figures}");
+        // Every member process reports the CPU it spent during the run, and
+        // the leader's spends some on every write.
+        let processes = figures["processes_cpu"].as_array().expect("processes_cpu");
+        assert_eq!(processes.len(), 3, "three processes of one member each: {figures}");
+        let leader_process =
+            processes.iter().find(|p| p["members"][0]["role"] == "leader").expect("the leader's process");
+        assert!(leader_process["cpu_us_per_op"].as_f64().is_some_and(|us| us > 0.0), "{figures}");
+        assert!(processes.iter().all(|p| p["resident_bytes"].as_u64().is_some_and(|b| b > 1 << 20)), "{figures}");
         assert!(figures["bench_cpu_us_per_op"].as_f64().is_some_and(|us| us > 0.0), "{figures}");
         let unreachable = format!("127.0.0.1:{}", raft_host_e2e::free_port());
         let bench = cli(&["bench", "--addr", &unreachable, "--clients", "1", "--duration-secs", "1", "--json"]);
         let figures = value_of(&bench.stdout);
         assert!(figures["errors"].as_u64().is_some_and(|e| e > 0), "failures are counted: {figures}");
         assert!(figures["first_error"].as_str().is_some_and(|e| e.contains("connect")), "{figures}");
-        assert_eq!(figures["members_cpu"].as_array().map(Vec::len), Some(0), "no member answered: {figures}");
+        assert_eq!(figures["processes_cpu"].as_array().map(Vec::len), Some(0), "no member answered: {figures}");
 
         // SIGTERM: the member finishes what it does and exits 0.
         let follower = (1..=3).find(|&id| id != leader).expect("a follower");

@@ -124,22 +124,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let bench_after = raft_host::process::usage();
     let members_after = runtime.block_on(sample_members(&mut observer, args.target.len()));
     let cpu = CpuUse {
-        members: members_before
-            .iter()
-            .zip(&members_after)
-            .filter_map(|(before, after)| {
-                let (before, after) = (before.as_ref()?, after.as_ref()?);
-                // A member that restarted during the run has no meaningful difference.
-                (after.process_cpu_seconds >= before.process_cpu_seconds && after.process_resident_bytes > 0).then(
-                    || MemberCpu {
-                        id: after.id,
-                        role: after.role.clone(),
-                        cpu_seconds: after.process_cpu_seconds - before.process_cpu_seconds,
-                        resident_bytes: after.process_resident_bytes,
-                    },
-                )
-            })
-            .collect(),
+        processes: processes_cpu(&members_before, &members_after),
         bench_cpu_seconds: bench_before.zip(bench_after).map(|(b, a)| a.cpu_seconds - b.cpu_seconds),
     };
     report(&args, &results, elapsed, disk, &cpu)
@@ -158,18 +143,61 @@ async fn sample_members(
     out
 }
 
-/// CPU used during the run: by each member that answered before and after
-/// it, and by this bench process (its clients, their gRPC and TCP).
+/// CPU used during the run: by each member process that answered before
+/// and after it, and by this bench process (its clients, their gRPC and TCP).
 struct CpuUse {
-    members: Vec<MemberCpu>,
+    processes: Vec<ProcessCpu>,
     bench_cpu_seconds: Option<f64>,
 }
 
-struct MemberCpu {
-    id: u64,
-    role: String,
+/// One member process: several members when they share it (`raft-host
+/// dev`), whose figures are then counted once.
+struct ProcessCpu {
+    /// Ids and roles of the members it runs.
+    members: Vec<(u64, String)>,
     cpu_seconds: f64,
     resident_bytes: u64,
+}
+
+impl ProcessCpu {
+    fn label(&self) -> String {
+        let names: Vec<String> = self.members.iter().map(|(id, role)| format!("{id} ({role})")).collect();
+        match names.len() {
+            1 => format!("member {}", names[0]),
+            _ => format!("members {} in one process", names.join(" + ")),
+        }
+    }
+}
+
+/// Groups the members' two samples by process. A member that restarted in
+/// between (another process instance) or does not report usage is left out.
+fn processes_cpu(
+    before: &[Option<raft_host::rpc::client_pb::StatusResponse>],
+    after: &[Option<raft_host::rpc::client_pb::StatusResponse>],
+) -> Vec<ProcessCpu> {
+    let mut processes: Vec<(u64, ProcessCpu)> = Vec::new();
+    for (before, after) in before.iter().zip(after) {
+        let (Some(before), Some(after)) = (before, after) else { continue };
+        if after.process_instance == 0
+            || after.process_instance != before.process_instance
+            || after.process_cpu_seconds < before.process_cpu_seconds
+        {
+            continue;
+        }
+        let member = (after.id, after.role.clone());
+        match processes.iter_mut().find(|(instance, _)| *instance == after.process_instance) {
+            Some((_, process)) => process.members.push(member),
+            None => processes.push((
+                after.process_instance,
+                ProcessCpu {
+                    members: vec![member],
+                    cpu_seconds: after.process_cpu_seconds - before.process_cpu_seconds,
+                    resident_bytes: after.process_resident_bytes,
+                },
+            )),
+        }
+    }
+    processes.into_iter().map(|(_, process)| process).collect()
 }
 
 pub(super) struct ClientContext {
@@ -289,16 +317,15 @@ fn report(
     // machine, which is what bounds throughput once the cores are busy.
     let operations = (writes.len() + reads.len()).max(1) as f64;
     let per_op_us = |seconds: f64| seconds * 1e6 / operations;
-    let members_cpu: Vec<serde_json::Value> = cpu
-        .members
+    let processes_cpu: Vec<serde_json::Value> = cpu
+        .processes
         .iter()
-        .map(|m| {
+        .map(|p| {
             json!({
-                "id": m.id,
-                "role": m.role,
-                "cpu_seconds": m.cpu_seconds,
-                "cpu_us_per_op": per_op_us(m.cpu_seconds),
-                "resident_bytes": m.resident_bytes,
+                "members": p.members.iter().map(|(id, role)| json!({"id": id, "role": role})).collect::<Vec<_>>(),
+                "cpu_seconds": p.cpu_seconds,
+                "cpu_us_per_op": per_op_us(p.cpu_seconds),
+                "resident_bytes": p.resident_bytes,
             })
         })
         .collect();
@@ -314,7 +341,7 @@ fn report(
         "write_latency": percentiles(&writes),
         "read_latency": percentiles(&reads),
         "disk_fdatasync": disk.as_ref().map(percentiles),
-        "members_cpu": members_cpu,
+        "processes_cpu": processes_cpu,
         "bench_cpu_seconds": cpu.bench_cpu_seconds,
         "bench_cpu_us_per_op": cpu.bench_cpu_seconds.map(per_op_us),
     });
@@ -350,19 +377,16 @@ fn report(
             disk.len()
         );
     }
-    if !cpu.members.is_empty() || cpu.bench_cpu_seconds.is_some() {
-        let mut parts: Vec<String> = cpu
-            .members
-            .iter()
-            .map(|m| format!("member {} ({}) {:.0}", m.id, m.role, per_op_us(m.cpu_seconds)))
-            .collect();
+    if !cpu.processes.is_empty() || cpu.bench_cpu_seconds.is_some() {
+        let mut parts: Vec<String> =
+            cpu.processes.iter().map(|p| format!("{} {:.0}", p.label(), per_op_us(p.cpu_seconds))).collect();
         if let Some(seconds) = cpu.bench_cpu_seconds {
             parts.push(format!("this bench {:.0}", per_op_us(seconds)));
         }
-        let total: f64 = cpu.members.iter().map(|m| m.cpu_seconds).sum::<f64>() + cpu.bench_cpu_seconds.unwrap_or(0.0);
+        let total = cpu.processes.iter().map(|p| p.cpu_seconds).sum::<f64>() + cpu.bench_cpu_seconds.unwrap_or(0.0);
         println!("   cpu: µs per operation: {}; total {:.0}", parts.join(", "), per_op_us(total));
         let memory: Vec<String> =
-            cpu.members.iter().map(|m| format!("member {} {} MiB", m.id, m.resident_bytes >> 20)).collect();
+            cpu.processes.iter().map(|p| format!("{} {} MiB", p.label(), p.resident_bytes >> 20)).collect();
         if !memory.is_empty() {
             println!("memory: resident {}", memory.join(", "));
         }
@@ -382,5 +406,39 @@ pub(super) fn print_errors(errors: u64, first_error: Option<&str>) {
     match first_error {
         Some(error) => println!("errors: {errors} (first: {error})"),
         None => println!("errors: 0"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::processes_cpu;
+    use raft_host::rpc::client_pb::StatusResponse;
+
+    fn sample(id: u64, role: &str, instance: u64, cpu: f64) -> Option<StatusResponse> {
+        Some(StatusResponse {
+            id,
+            role: role.into(),
+            process_instance: instance,
+            process_cpu_seconds: cpu,
+            process_resident_bytes: 64 << 20,
+            ..StatusResponse::default()
+        })
+    }
+
+    #[test]
+    fn members_sharing_a_process_count_its_cpu_once_and_a_restarted_member_is_left_out() {
+        let before = [sample(1, "leader", 7, 1.0), sample(2, "follower", 7, 1.0), sample(3, "follower", 9, 5.0), None];
+        let after = [
+            sample(1, "leader", 7, 3.5),
+            sample(2, "follower", 7, 3.5),
+            // Restarted during the run: another process, figures not comparable.
+            sample(3, "follower", 11, 0.5),
+            sample(4, "follower", 12, 1.0),
+        ];
+        let processes = processes_cpu(&before, &after);
+        assert_eq!(processes.len(), 1);
+        assert_eq!(processes[0].members, vec![(1, "leader".to_string()), (2, "follower".to_string())]);
+        assert!((processes[0].cpu_seconds - 2.5).abs() < 1e-9);
+        assert_eq!(processes[0].label(), "members 1 (leader) + 2 (follower) in one process");
     }
 }

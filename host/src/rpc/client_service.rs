@@ -406,6 +406,7 @@ impl ClientService {
             snapshot_index: core.snapshot_index,
             process_cpu_seconds: usage.cpu_seconds,
             process_resident_bytes: usage.resident_bytes,
+            process_instance: crate::process::instance_id(),
         })
     }
 }
