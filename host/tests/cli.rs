@@ -36,3 +36,22 @@ fn demo_elects_survives_a_leader_crash_and_converges() {
     let bad = raft_host(&["demo", "--nodes", "0"]);
     assert_eq!(bad.status.code(), Some(1));
 }
+
+#[test]
+fn serve_refuses_zero_worker_threads_from_a_flag_or_a_config_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("utf-8 path");
+    let flag =
+        raft_host(&["serve", "--id", "1", "--listen", "127.0.0.1:1", "--data-dir", data, "--worker-threads", "0"]);
+    assert_eq!(flag.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&flag.stderr).contains("--worker-threads must be at least 1"));
+
+    let config = dir.path().join("member.toml");
+    std::fs::write(&config, format!("id = 1\nlisten = \"127.0.0.1:1\"\ndata-dir = {data:?}\nworker-threads = 0\n"))
+        .expect("config file");
+    let file = raft_host(&["serve", "--config", config.to_str().expect("utf-8 path")]);
+    assert_eq!(file.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&file.stderr).contains("--worker-threads must be at least 1"));
+    assert!(!dir.path().join("data").exists(), "refused before touching the data directory");
+}

@@ -184,6 +184,9 @@ impl Cluster {
                     member.data_dir.to_str().expect("utf-8 path"),
                     "--tick-ms",
                     &tick,
+                    // Members share the machine (see README, Performance).
+                    "--worker-threads",
+                    "1",
                 ]);
                 for peer in &peers {
                     command.args(["--peer", peer]);
@@ -199,12 +202,13 @@ impl Cluster {
                     .env("RAFT_HOST_LISTEN", &member.address)
                     .env("RAFT_HOST_DATA_DIR", &member.data_dir)
                     .env("RAFT_HOST_PEERS", peers.join(","))
-                    .env("RAFT_HOST_TICK_MS", &tick);
+                    .env("RAFT_HOST_TICK_MS", &tick)
+                    .env("RAFT_HOST_WORKER_THREADS", "1");
             }
             Settings::ConfigFile => {
                 let quoted: Vec<String> = peers.iter().map(|p| format!("{p:?}")).collect();
                 let toml = format!(
-                    "id = {id}\ncluster = {cluster_id:?}\nlisten = {:?}\ndata-dir = {:?}\ntick-ms = {tick}\npeer = [{}]\n",
+                    "id = {id}\ncluster = {cluster_id:?}\nlisten = {:?}\ndata-dir = {:?}\ntick-ms = {tick}\nworker-threads = 1\npeer = [{}]\n",
                     member.address,
                     member.data_dir.to_str().expect("utf-8 path"),
                     quoted.join(", ")

@@ -121,5 +121,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// A tokio runtime for a command.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    runtime_with(None)
+}
+
+/// A tokio runtime with `workers` worker threads (tokio's default, one per
+/// core, when `None`).
+fn runtime_with(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = workers {
+        builder.worker_threads(workers);
+    }
+    Ok(builder.enable_all().build()?)
 }
