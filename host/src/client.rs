@@ -98,6 +98,23 @@ impl ClusterClient {
         })
     }
 
+    /// Another client of the same members, with its own id and sequence,
+    /// that shares this one's connections: HTTP/2 carries both clients'
+    /// calls side by side, as a pool of connections does for many callers.
+    pub fn sharing_connections(&mut self) -> Result<ClusterClient, ClientError> {
+        for at in 0..self.addresses.len() {
+            self.channel(at)?;
+        }
+        Ok(ClusterClient {
+            addresses: self.addresses.clone(),
+            channels: self.channels.clone(),
+            current: self.current,
+            client_id: random_client_id(),
+            next_sequence: 1,
+            deadline: self.deadline,
+        })
+    }
+
     /// This client's id (writes carry it with their sequence number).
     pub fn client_id(&self) -> &[u8] {
         &self.client_id

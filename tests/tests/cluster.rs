@@ -322,11 +322,25 @@ fn the_cli_writes_reads_reports_and_benchmarks_and_sigterm_stops_a_member_gracef
         assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
 
         // The benchmark tool: closed-loop clients, figures as JSON, errors counted.
-        let bench =
-            cli(&["bench", "--addr", &all, "--clients", "4", "--duration-secs", "1", "--read-ratio", "0.5", "--json"]);
+        // Four clients over two shared connections, each with its own session.
+        let bench = cli(&[
+            "bench",
+            "--addr",
+            &all,
+            "--clients",
+            "4",
+            "--connections",
+            "2",
+            "--duration-secs",
+            "1",
+            "--read-ratio",
+            "0.5",
+            "--json",
+        ]);
         assert!(bench.status.success(), "{}", String::from_utf8_lossy(&bench.stderr));
         let figures = value_of(&bench.stdout);
         assert_eq!(figures["errors"], 0, "{figures}");
+        assert_eq!(figures["connections"], 2, "{figures}");
         assert!(figures["writes_per_sec"].as_f64().is_some_and(|w| w > 0.0), "{figures}");
         assert!(figures["read_latency"]["p99_us"].as_u64().is_some_and(|p| p > 0), "{figures}");
         // Every member process reports the CPU it spent during the run, and
@@ -338,6 +352,9 @@ fn the_cli_writes_reads_reports_and_benchmarks_and_sigterm_stops_a_member_gracef
         assert!(leader_process["cpu_us_per_op"].as_f64().is_some_and(|us| us > 0.0), "{figures}");
         assert!(processes.iter().all(|p| p["resident_bytes"].as_u64().is_some_and(|b| b > 1 << 20)), "{figures}");
         assert!(figures["bench_cpu_us_per_op"].as_f64().is_some_and(|us| us > 0.0), "{figures}");
+        let refused = cli(&["bench", "--addr", &all, "--clients", "2", "--connections", "3"]);
+        assert_eq!(refused.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&refused.stderr).contains("--connections must be between 1 and --clients"));
         let unreachable = format!("127.0.0.1:{}", raft_host_e2e::free_port());
         let bench = cli(&["bench", "--addr", &unreachable, "--clients", "1", "--duration-secs", "1", "--json"]);
         let figures = value_of(&bench.stdout);

@@ -25,6 +25,10 @@ pub struct BenchArgs {
     /// Concurrent closed-loop clients.
     #[arg(long, default_value_t = 16)]
     clients: usize,
+    /// Connections the clients share, as a connection pool would (default:
+    /// one per client). Each client still waits for its own answer.
+    #[arg(long)]
+    connections: Option<usize>,
     /// How long to run, in seconds.
     #[arg(long, default_value_t = 10)]
     duration_secs: u64,
@@ -65,6 +69,10 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if !(0.0..=1.0).contains(&args.read_ratio) {
         bail!("--read-ratio must be between 0 and 1, got {}", args.read_ratio);
     }
+    let connections = args.connections.unwrap_or(args.clients);
+    if connections == 0 || connections > args.clients {
+        bail!("--connections must be between 1 and --clients ({}), got {connections}", args.clients);
+    }
     let disk = args.disk.as_deref().map(measure_fdatasync).transpose()?;
     let runtime = super::runtime()?;
     let duration = Duration::from_secs(args.duration_secs);
@@ -77,8 +85,17 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let bench_before = raft_host::process::usage();
     let results = runtime.block_on(async {
         let mut tasks = Vec::new();
+        let mut pool = Vec::with_capacity(connections);
         for id in 0..args.clients {
-            let mut client = args.target.client()?;
+            let mut client = match pool.get_mut(id % connections) {
+                Some(shared) => ClusterClient::sharing_connections(shared)?,
+                None => {
+                    let mut first = args.target.client()?;
+                    let client = first.sharing_connections()?;
+                    pool.push(first);
+                    client
+                }
+            };
             // No retries: a failure is counted, never hidden by a retry.
             client.deadline = Duration::ZERO;
             let ctx = ClientContext {
@@ -331,6 +348,7 @@ fn report(
         .collect();
     let summary = json!({
         "clients": args.clients,
+        "connections": args.connections.unwrap_or(args.clients),
         "duration_secs": elapsed,
         "value_size": args.value_size,
         "read_ratio": args.read_ratio,
@@ -350,8 +368,11 @@ fn report(
         return Ok(());
     }
     println!(
-        "{} clients for {elapsed:.1} s, {} B values, read ratio {}",
-        args.clients, args.value_size, args.read_ratio
+        "{} clients on {} connection(s) for {elapsed:.1} s, {} B values, read ratio {}",
+        args.clients,
+        args.connections.unwrap_or(args.clients),
+        args.value_size,
+        args.read_ratio
     );
     let line = |name: &str, h: &Histogram<u64>| {
         if h.is_empty() {
