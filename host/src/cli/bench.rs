@@ -79,10 +79,9 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let started = Instant::now();
-    let mut observer = args.target.client()?;
-    let members_before = runtime.block_on(sample_members(&mut observer, args.target.len()));
+    let members_before = runtime.block_on(sample_members(args.target.addresses()));
     let bench_before = raft_host::process::usage();
+    let started = Instant::now();
     let results = runtime.block_on(async {
         let mut tasks = Vec::new();
         let mut pool = Vec::with_capacity(connections);
@@ -139,7 +138,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     })?;
     let elapsed = started.elapsed().as_secs_f64();
     let bench_after = raft_host::process::usage();
-    let members_after = runtime.block_on(sample_members(&mut observer, args.target.len()));
+    let members_after = runtime.block_on(sample_members(args.target.addresses()));
     let cpu = CpuUse {
         processes: processes_cpu(&members_before, &members_after),
         bench_cpu_seconds: bench_before.zip(bench_after).map(|(b, a)| a.cpu_seconds - b.cpu_seconds),
@@ -147,15 +146,20 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     report(&args, &results, elapsed, disk, &cpu)
 }
 
-/// Each member's status, by position in the address list (`None` for one
-/// that does not answer: the CPU figures then leave it out).
-async fn sample_members(
-    client: &mut ClusterClient,
-    count: usize,
-) -> Vec<Option<raft_host::rpc::client_pb::StatusResponse>> {
-    let mut out = Vec::with_capacity(count);
-    for at in 0..count {
-        out.push(client.status_of(at).await.ok());
+/// Each member's status, by position in the address list, asked of all at
+/// once (`None` for one that does not answer: the CPU figures then leave it
+/// out).
+async fn sample_members(addresses: &[String]) -> Vec<Option<raft_host::rpc::client_pb::StatusResponse>> {
+    let asks: Vec<_> = addresses
+        .iter()
+        .map(|address| {
+            let address = address.clone();
+            tokio::spawn(async move { ClusterClient::new(vec![address]).ok()?.status_of(0).await.ok() })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(asks.len());
+    for ask in asks {
+        out.push(ask.await.ok().flatten());
     }
     out
 }

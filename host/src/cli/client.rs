@@ -24,6 +24,11 @@ impl Target {
         self.addresses.len()
     }
 
+    /// The member addresses given.
+    pub(super) fn addresses(&self) -> &[String] {
+        &self.addresses
+    }
+
     pub(super) fn client(&self) -> anyhow::Result<ClusterClient> {
         let mut client = ClusterClient::new(self.addresses.clone())?;
         client.deadline = std::time::Duration::from_secs(self.timeout_secs);
