@@ -22,7 +22,22 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     if let Err(error) = cli::run(cli::Cli::parse()) {
-        eprintln!("raft-host: {error:#}");
+        eprintln!("raft-host: {}", one_line(&error));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes on one line, each said once: many of our errors
+/// already quote their source in their own message (so logs, which show
+/// only that message, keep it), and anyhow's chain would repeat it.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            line.push_str(": ");
+            line.push_str(&cause);
+        }
+    }
+    line
 }

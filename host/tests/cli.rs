@@ -55,3 +55,17 @@ fn serve_refuses_zero_worker_threads_from_a_flag_or_a_config_file() {
     assert!(String::from_utf8_lossy(&file.stderr).contains("--worker-threads must be at least 1"));
     assert!(!dir.path().join("data").exists(), "refused before touching the data directory");
 }
+
+#[test]
+fn serve_on_a_taken_port_says_so_on_one_line_naming_the_cause_once() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = taken.local_addr().expect("address").to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let output = raft_host(&["serve", "--id", "1", "--listen", &address, "--data-dir", data.to_str().expect("utf-8")]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let last = stderr.lines().last().expect("an error line");
+    assert!(last.starts_with(&format!("raft-host: cannot listen on {address}")), "{stderr}");
+    assert_eq!(last.matches("in use").count(), 1, "the cause once: {last}");
+}
