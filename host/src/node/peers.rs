@@ -138,9 +138,7 @@ impl Peers {
             }
         }
     }
-}
 
-impl Peers {
     /// Streams this member's state to `to`, unless a stream to it is
     /// already running; the core hears when it ends either way.
     fn send_snapshot(&mut self, to: NodeId, term: Term) {
