@@ -395,3 +395,22 @@ fn random_client_id() -> Vec<u8> {
     hasher.update(COUNTER.fetch_add(1, Ordering::Relaxed).to_be_bytes());
     hasher.finalize()[..16].to_vec()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ClusterClient;
+
+    #[test]
+    fn clients_sharing_connections_keep_their_own_identity_and_sequence() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        runtime.block_on(async {
+            let mut first = ClusterClient::new(vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()]).expect("client");
+            first.next_sequence = 9;
+            let second = first.sharing_connections().expect("shared");
+            assert_ne!(second.client_id(), first.client_id(), "a session of its own");
+            assert_eq!(second.next_sequence, 1);
+            assert_eq!(second.addresses, first.addresses);
+            assert!(second.channels.iter().all(Option::is_some), "every connection is shared, not opened anew");
+        });
+    }
+}
