@@ -278,14 +278,19 @@ impl Store {
             cached: Mutex::new(placeholder),
             log_writer: Mutex::new(()),
         };
-        let recovered = inner.recover()?;
+        // An install interrupted by a crash may have copied the snapshot's
+        // applied position before the log moved to it: that is checked once
+        // the install is finished, not before.
+        let installing = inner.read_meta(snapshot::META_INSTALLING, codec::decode_snapshot_meta)?;
+        let recovered = inner.recover(installing.is_some())?;
         *inner.lock() = recovered;
         let store = Store { inner: Arc::new(inner) };
-        let installing = store.inner.read_meta(snapshot::META_INSTALLING, codec::decode_snapshot_meta)?;
         match installing {
             Some(meta) => {
                 tracing::warn!(dir = %dir.display(), index = meta.index, "finishing a snapshot install interrupted by a crash");
                 store.finish_install(&meta)?;
+                let checked = store.inner.recover(false)?;
+                *store.inner.lock() = checked;
             }
             None => {
                 // A partly received snapshot is useless after a restart: the
@@ -638,8 +643,10 @@ impl Inner {
             .map_err(|DecodeError(why)| self.corrupt(format!("meta key {:?}: {why}", String::from_utf8_lossy(key))))
     }
 
-    /// Rebuilds the cache from disk, verifying everything it reads.
-    fn recover(&self) -> Result<Cached, StoreError> {
+    /// Rebuilds the cache from disk, verifying everything it reads. While a
+    /// snapshot install is `interrupted`, the applied position may already
+    /// be the snapshot's, past the log: the install's redo fixes that.
+    fn recover(&self, interrupted: bool) -> Result<Cached, StoreError> {
         let hard_state = self.read_meta(META_HARD_STATE, codec::decode_hard_state)?.unwrap_or_default();
         let conf_state = self.read_meta(META_CONF_STATE, codec::decode_conf_state)?.unwrap_or_default();
         let snapshot = self.read_meta(META_SNAPSHOT, codec::decode_snapshot_meta)?.unwrap_or_default();
@@ -673,7 +680,7 @@ impl Inner {
                 hard_state.commit
             )));
         }
-        if applied.0 > last_index.max(snapshot.index) {
+        if applied.0 > last_index.max(snapshot.index) && !interrupted {
             return Err(self.corrupt(format!("applied index {} is past the end of the log ({last_index})", applied.0)));
         }
         Ok(Cached {

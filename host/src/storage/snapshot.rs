@@ -366,3 +366,76 @@ fn staged_point(key: &[u8]) -> Option<(Index, Term)> {
     let term = Term::from_be_bytes(key.get(8..16)?.try_into().ok()?);
     Some((index, term))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::{ConfState, Entry, EntryKind, LogStore};
+    use crate::storage::{ApplyBatch, Identity, StateWrite, StoreOptions};
+
+    fn open(dir: &std::path::Path) -> Store {
+        Store::open(dir, &Identity::new("install-crash", 1), &StoreOptions::default()).expect("store opens")
+    }
+
+    /// A store whose log holds 1..=`applied`, applied there, with `keys` keys.
+    fn store_at(dir: &std::path::Path, applied: Index, prefix: &str, keys: u64) -> Store {
+        let store = open(dir);
+        store.bootstrap(&ConfState::with_voters([1, 2, 3]), &Default::default()).expect("bootstrap");
+        let entries: Vec<Entry> = (1..=applied)
+            .map(|index| Entry { term: 1, index, kind: EntryKind::Normal, data: bytes::Bytes::from_static(b"e") })
+            .collect();
+        store.persist(&entries, None).expect("persist");
+        let writes = (0..keys)
+            .map(|i| StateWrite {
+                state_machine: "kv".into(),
+                key: format!("{prefix}-{i}").into_bytes(),
+                value: Some(vec![1; 16]),
+            })
+            .collect();
+        store
+            .apply(&ApplyBatch { applied_index: applied, applied_term: 1, writes, ..ApplyBatch::default() })
+            .expect("apply");
+        store
+    }
+
+    /// The crash the snapshot crash test found: the install had copied the
+    /// snapshot's applied position (50) while the log still ended at 10,
+    /// and the reopen refused the directory as corrupt before it could
+    /// finish the install.
+    #[test]
+    fn a_reopen_finishes_an_install_that_already_moved_the_applied_position() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let leader = store_at(&root.path().join("leader"), 50, "leader", 20);
+        let reader = leader.snapshot_reader().expect("reader");
+        let follower_dir = root.path().join("follower");
+        let follower = store_at(&follower_dir, 10, "follower", 5);
+        let StagingStart::Fresh(mut staging) = follower.begin_staging(reader.meta().clone()).expect("begin") else {
+            panic!("nothing staged before");
+        };
+        reader
+            .for_each_chunk(1024, |chunk| {
+                staging.write_chunk(&chunk).expect("stage");
+                true
+            })
+            .expect("stream");
+        let meta = staging.finish().expect("complete");
+        // The install's first steps, then the crash.
+        let inner = &follower.inner;
+        let mut batch = inner.db.batch();
+        batch.insert(&inner.meta, META_INSTALLING, codec::encode_snapshot_meta(&meta));
+        batch.insert(&inner.meta, META_APPLIED, codec::encode_applied(meta.index, meta.term));
+        batch.commit().expect("commit");
+        drop(follower);
+
+        let reopened = open(&follower_dir);
+        assert_eq!(reopened.applied(), (50, 1));
+        assert_eq!((reopened.first_index().expect("first"), reopened.last_index().expect("last")), (51, 50));
+        let leader_keys = reopened.state_scan("kv", b"leader-", Some(b"leader.".as_slice()), usize::MAX).expect("scan");
+        let follower_keys =
+            reopened.state_scan("kv", b"follower-", Some(b"follower.".as_slice()), usize::MAX).expect("scan");
+        assert_eq!((leader_keys.len(), follower_keys.len()), (20, 0));
+        drop(reopened);
+        // And the finished install is what the next open sees, checked in full.
+        assert_eq!(open(&follower_dir).applied(), (50, 1));
+    }
+}
