@@ -133,6 +133,7 @@ fn metrics_are_served_in_the_prometheus_text_format() {
         assert_eq!(value("raft_host_client_requests_total{method=\"write\",code=\"InvalidArgument\"}"), 1);
         assert!(body.contains("raft_host_state_machine_info{name=\"kv\",module=\""), "{body}");
         assert_eq!(value("raft_host_offline "), 0);
+        assert_eq!(value("raft_host_modules_in_memory "), 2, "the built-in kv and counter");
         assert_eq!(value("raft_host_learners "), 0);
         assert_eq!(value("raft_host_snapshot_index "), 0, "nothing compacted yet");
         assert_eq!(value("raft_host_snapshots_sent_total "), 0);

@@ -5,6 +5,7 @@
 use raft_host::runtime::{CallError, EntryInfo, Limits, LoadError, LoadState, Machine, Runtime};
 use raft_host::storage::{ApplyBatch, Durability, Identity, Store, StoreOptions};
 use std::sync::Arc;
+use std::time::Duration;
 
 struct Harness {
     machine: Machine,
@@ -274,6 +275,39 @@ fn a_compiled_module_is_cached_on_disk_and_a_new_runtime_loads_it_without_compil
     let refused = second.load_cached(raft_guests::OTHER_WORLD, Some(&store)).expect_err("wrong world");
     let again = second.load_cached(raft_guests::OTHER_WORLD, Some(&store)).expect_err("wrong world");
     assert_eq!(refused, again);
+}
+
+#[test]
+fn idle_versions_outside_the_kept_set_are_freed_and_come_back_from_the_cache() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = StoreOptions { durability: Durability::UnsafeNoSync, ..StoreOptions::default() };
+    let store = Store::open(dir.path(), &Identity::new("rt", 1), &options).expect("store");
+    let runtime = Arc::new(Runtime::new(limits()).expect("runtime"));
+    let (kv, counter) = (hash_of(raft_guests::KV), hash_of(raft_guests::COUNTER));
+    let running = runtime.load_cached(raft_guests::KV, Some(&store)).expect("kv");
+    let staged = runtime.load_cached(raft_guests::COUNTER, Some(&store)).expect("counter");
+    runtime.load_cached(raft_guests::OTHER_WORLD, Some(&store)).expect_err("refused");
+    assert_eq!(runtime.loaded_count(), 2);
+
+    let keep: std::collections::HashSet<[u8; 32]> = [kv].into();
+    assert_eq!(runtime.forget_idle(&keep, Duration::from_secs(3600)), 0, "asked for just now");
+    assert_eq!(runtime.forget_idle(&keep, Duration::ZERO), 1, "the staged counter goes");
+    assert_eq!(runtime.state(&counter), LoadState::Unknown);
+    assert_eq!(runtime.state(&kv), LoadState::Ready, "kept");
+    assert!(
+        matches!(runtime.state(&hash_of(raft_guests::OTHER_WORLD)), LoadState::Refused(_)),
+        "a refusal is remembered, not recompiled on every question"
+    );
+    assert_eq!(runtime.loaded_count(), 1);
+    // Who held it keeps it; a new load takes the compiled cache.
+    assert_eq!(staged.hash(), counter);
+    let (_, from_cache_before) = runtime.load_counts();
+    runtime.load_cached(raft_guests::COUNTER, Some(&store)).expect("counter again");
+    assert_eq!(runtime.load_counts().1, from_cache_before + 1);
+    let mut machine = Machine::new(runtime.clone(), running, "kv", store.clone());
+    let (outcomes, _) =
+        machine.apply_batch(&[(entry(1), br#"{"op":"put","key":"a","value":"1"}"#.as_slice())]).expect("runtime");
+    assert!(outcomes[0].is_ok(), "the kept version still runs");
 }
 
 fn hash_of(bytes: &[u8]) -> [u8; 32] {

@@ -170,6 +170,16 @@ impl ModuleRegistry {
         }
     }
 
+    /// Frees the compiled code of versions that nothing runs and nobody
+    /// asked about within `idle`: staged by a deploy and never activated,
+    /// or replaced since. The compiled cache on disk brings one back in
+    /// milliseconds when a deploy, an activation or a rollback asks for it.
+    pub fn forget_idle(&self, idle: std::time::Duration) -> Result<usize, StoreError> {
+        let mut keep: HashSet<[u8; 32]> = self.active_versions()?.into_values().collect();
+        keep.extend(self.preparing.lock().unwrap_or_else(|p| p.into_inner()).iter().copied());
+        Ok(self.runtime.forget_idle(&keep, idle))
+    }
+
     /// Compiles a stored module on a thread of its own, ahead of its
     /// activation, so applying the activation does not wait for it.
     pub fn prepare_in_background(self: &Arc<Self>, hash: [u8; 32]) {

@@ -184,6 +184,7 @@ impl Node {
         );
         let deployer =
             Deployer::new(config.clone(), core.clone(), registry.clone(), members.clone(), config.module_ready_timeout);
+        let registry_for_sweep = registry.clone();
         let client_service = Arc::new(ClientService::new(
             config.clone(),
             core.clone(),
@@ -193,6 +194,7 @@ impl Node {
             members.clone(),
             snapshots,
         ));
+        tokio::spawn(sweep_idle_modules(registry_for_sweep, shutdown_rx.clone()));
         let metrics_addr = match config.metrics_listen {
             Some(addr) => {
                 let listener =
@@ -317,6 +319,33 @@ impl RunningNode {
 
 /// The version each state machine runs, loaded (from the compiled cache
 /// when it was compiled before).
+/// How long a loaded module version that nothing runs may go unasked for
+/// before its compiled code is freed.
+const IDLE_MODULE_KEPT: std::time::Duration = std::time::Duration::from_secs(600);
+/// How often idle module versions are looked for.
+const IDLE_MODULE_SWEEP: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Frees idle module versions now and then until the member stops (see
+/// [`ModuleRegistry::forget_idle`]).
+async fn sweep_idle_modules(registry: Arc<ModuleRegistry>, mut stop: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(IDLE_MODULE_SWEEP);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => return,
+            _ = every.tick() => {}
+        }
+        let registry = registry.clone();
+        match tokio::task::spawn_blocking(move || registry.forget_idle(IDLE_MODULE_KEPT)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(freed)) => tracing::info!(modules = freed, "freed the compiled code of idle module versions"),
+            Ok(Err(error)) => tracing::warn!(%error, "cannot look for idle module versions"),
+            Err(_) => return,
+        }
+    }
+}
+
 pub(crate) fn load_active(registry: &ModuleRegistry, store: &Store) -> Result<BTreeMap<String, Machine>, NodeError> {
     let mut machines = BTreeMap::new();
     for (name, hash) in registry.active_versions()? {

@@ -407,6 +407,7 @@ impl ClientService {
             process_cpu_seconds: usage.cpu_seconds,
             process_resident_bytes: usage.resident_bytes,
             process_instance: crate::process::instance_id(),
+            modules_in_memory: self.registry.runtime().loaded_count() as u64,
         })
     }
 }

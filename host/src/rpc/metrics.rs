@@ -80,6 +80,7 @@ pub fn render(
     gauge("snapshot_index", "Index the log starts after (its compaction point).", status.snapshot_index);
     gauge("offline", "1 while this member is offline for maintenance.", u64::from(status.offline));
     gauge("requests_pending", "Client requests waiting for an answer.", pending);
+    gauge("modules_in_memory", "Module versions held compiled in memory.", status.modules_in_memory);
     gauge(
         "snapshot_receiving_bytes",
         "Bytes of the snapshot being received now (0: none).",

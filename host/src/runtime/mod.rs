@@ -170,6 +170,8 @@ pub struct Runtime {
     limits: Limits,
     engine_key: String,
     modules: Mutex<HashMap<[u8; 32], LoadSlot>>,
+    /// When each module was last asked for (see [`Runtime::forget_idle`]).
+    touched: Mutex<HashMap<[u8; 32], std::time::Instant>>,
     compiled: AtomicU64,
     from_cache: AtomicU64,
 }
@@ -197,6 +199,7 @@ impl Runtime {
             limits,
             engine_key,
             modules: Mutex::new(HashMap::new()),
+            touched: Mutex::new(HashMap::new()),
             compiled: AtomicU64::new(0),
             from_cache: AtomicU64::new(0),
         })
@@ -257,17 +260,58 @@ impl Runtime {
         let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
         if modules.get(hash).is_some_and(|slot| slot.get().is_some()) {
             modules.remove(hash);
+            self.touched.lock().unwrap_or_else(|p| p.into_inner()).remove(hash);
         }
+    }
+
+    /// Drops this runtime's copy of every loaded module outside `keep` that
+    /// nobody asked for within `idle` (see [`Runtime::forget`]): modules
+    /// staged by a deploy and never activated, or activated and replaced
+    /// since. A module still loading, or refused, is left alone. Returns
+    /// how many were dropped.
+    pub fn forget_idle(&self, keep: &std::collections::HashSet<[u8; 32]>, idle: std::time::Duration) -> usize {
+        let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+        let mut touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+        let idle_loaded: Vec<[u8; 32]> = modules
+            .iter()
+            .filter(|(hash, slot)| {
+                !keep.contains(*hash)
+                    && matches!(slot.get(), Some(Ok(_)))
+                    && touched.get(*hash).is_none_or(|at| at.elapsed() >= idle)
+            })
+            .map(|(hash, _)| *hash)
+            .collect();
+        for hash in &idle_loaded {
+            modules.remove(hash);
+            touched.remove(hash);
+        }
+        idle_loaded.len()
+    }
+
+    /// How many modules this runtime holds compiled in memory.
+    pub fn loaded_count(&self) -> usize {
+        self.modules
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|s| matches!(s.get(), Some(Ok(_))))
+            .count()
+    }
+
+    fn touch(&self, hash: &[u8; 32]) {
+        self.touched.lock().unwrap_or_else(|p| p.into_inner()).insert(*hash, std::time::Instant::now());
     }
 
     /// Module `hash` if it is loaded already (no bytes needed).
     pub fn loaded(&self, hash: &[u8; 32]) -> Option<Arc<Module>> {
+        self.touch(hash);
         let slot = self.modules.lock().unwrap_or_else(|p| p.into_inner()).get(hash).cloned()?;
         slot.get().and_then(|result| result.as_ref().ok().cloned())
     }
 
     /// Where module `hash` stands.
     pub fn state(&self, hash: &[u8; 32]) -> LoadState {
+        self.touch(hash);
         let slot = self.modules.lock().unwrap_or_else(|p| p.into_inner()).get(hash).cloned();
         match slot {
             None => LoadState::Unknown,
@@ -280,6 +324,7 @@ impl Runtime {
     }
 
     fn slot(&self, hash: &[u8; 32]) -> LoadSlot {
+        self.touch(hash);
         self.modules.lock().unwrap_or_else(|p| p.into_inner()).entry(*hash).or_default().clone()
     }
 
