@@ -290,6 +290,7 @@ fn idle_versions_outside_the_kept_set_are_freed_and_come_back_from_the_cache() {
     assert_eq!(runtime.loaded_count(), 2);
 
     let keep: std::collections::HashSet<[u8; 32]> = [kv].into();
+    assert_eq!(runtime.state(&[7; 32]), LoadState::Unknown, "a question about a module nobody has");
     assert_eq!(runtime.forget_idle(&keep, Duration::from_secs(3600)), 0, "asked for just now");
     assert_eq!(runtime.forget_idle(&keep, Duration::ZERO), 1, "the staged counter goes");
     assert_eq!(runtime.state(&counter), LoadState::Unknown);

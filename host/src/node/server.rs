@@ -317,8 +317,6 @@ impl RunningNode {
     }
 }
 
-/// The version each state machine runs, loaded (from the compiled cache
-/// when it was compiled before).
 /// How long a loaded module version that nothing runs may go unasked for
 /// before its compiled code is freed.
 const IDLE_MODULE_KEPT: std::time::Duration = std::time::Duration::from_secs(600);
@@ -346,6 +344,8 @@ async fn sweep_idle_modules(registry: Arc<ModuleRegistry>, mut stop: watch::Rece
     }
 }
 
+/// The version each state machine runs, loaded (from the compiled cache
+/// when it was compiled before).
 pub(crate) fn load_active(registry: &ModuleRegistry, store: &Store) -> Result<BTreeMap<String, Machine>, NodeError> {
     let mut machines = BTreeMap::new();
     for (name, hash) in registry.active_versions()? {

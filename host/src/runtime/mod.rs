@@ -283,8 +283,9 @@ impl Runtime {
             .collect();
         for hash in &idle_loaded {
             modules.remove(hash);
-            touched.remove(hash);
         }
+        // Questions about modules never loaded leave marks too; they go here.
+        touched.retain(|hash, _| modules.contains_key(hash));
         idle_loaded.len()
     }
 
