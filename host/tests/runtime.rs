@@ -19,10 +19,16 @@ fn limits() -> Limits {
     Limits { fuel_per_call: 20_000_000, memory_bytes: 32 << 20, ..Limits::default() }
 }
 
-fn harness_with(runtime: Arc<Runtime>, bytes: &[u8], name: &str) -> Harness {
+/// A store without fsync in a temporary directory (kept alive by the first).
+fn temporary_store() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().expect("tempdir");
     let options = StoreOptions { durability: Durability::UnsafeNoSync, ..StoreOptions::default() };
     let store = Store::open(dir.path(), &Identity::new("rt", 1), &options).expect("store");
+    (dir, store)
+}
+
+fn harness_with(runtime: Arc<Runtime>, bytes: &[u8], name: &str) -> Harness {
+    let (dir, store) = temporary_store();
     let module = runtime.load(bytes).expect("module loads");
     Harness { machine: Machine::new(runtime, module, name, store.clone()), store, next_index: 1, _dir: dir }
 }
@@ -244,9 +250,7 @@ fn state_machines_do_not_see_each_others_keys() {
 
 #[test]
 fn a_compiled_module_is_cached_on_disk_and_a_new_runtime_loads_it_without_compiling() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let options = StoreOptions { durability: Durability::UnsafeNoSync, ..StoreOptions::default() };
-    let store = Store::open(dir.path(), &Identity::new("rt", 1), &options).expect("store");
+    let (_dir, store) = temporary_store();
 
     let first = Arc::new(Runtime::new(limits()).expect("runtime"));
     let module = first.load_cached(raft_guests::COUNTER, Some(&store)).expect("compiles");
@@ -279,9 +283,7 @@ fn a_compiled_module_is_cached_on_disk_and_a_new_runtime_loads_it_without_compil
 
 #[test]
 fn idle_versions_outside_the_kept_set_are_freed_and_come_back_from_the_cache() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let options = StoreOptions { durability: Durability::UnsafeNoSync, ..StoreOptions::default() };
-    let store = Store::open(dir.path(), &Identity::new("rt", 1), &options).expect("store");
+    let (_dir, store) = temporary_store();
     let runtime = Arc::new(Runtime::new(limits()).expect("runtime"));
     let (kv, counter) = (hash_of(raft_guests::KV), hash_of(raft_guests::COUNTER));
     let running = runtime.load_cached(raft_guests::KV, Some(&store)).expect("kv");
