@@ -112,9 +112,7 @@ impl CoreHandle {
     /// Proposes an entry (a command, a module chunk, an activation) and waits
     /// until it is applied here.
     pub(crate) async fn propose(&self, kind: pb::entry_payload::Kind) -> Result<WriteReply, RequestError> {
-        let (reply, answer) = oneshot::channel();
-        self.offer(CoreMsg::Propose { kind, reply })?;
-        self.wait(answer).await?
+        self.ask(|reply| CoreMsg::Propose { kind, reply }).await?
     }
 
     /// A linearizable or lease read, through the core.
@@ -124,16 +122,12 @@ impl CoreHandle {
         query: Vec<u8>,
         consistency: Consistency,
     ) -> Result<ReadReply, RequestError> {
-        let (reply, answer) = oneshot::channel();
-        self.offer(CoreMsg::Read(ReadRequest { state_machine, query, consistency, reply }))?;
-        self.wait(answer).await?
+        self.ask(|reply| CoreMsg::Read(ReadRequest { state_machine, query, consistency, reply })).await?
     }
 
     /// Proposes a membership change and waits until it is applied here.
     pub(crate) async fn change_membership(&self, change: ConfChange) -> Result<WriteReply, RequestError> {
-        let (reply, answer) = oneshot::channel();
-        self.offer(CoreMsg::ConfChange { change, reply })?;
-        self.wait(answer).await?
+        self.ask(|reply| CoreMsg::ConfChange { change, reply }).await?
     }
 
     /// Hands leadership to `to` and waits until `moved` holds of this
@@ -144,9 +138,7 @@ impl CoreHandle {
         moved: impl Fn(&LeadershipView) -> bool,
     ) -> Result<LeadershipView, RequestError> {
         let mut leadership = self.leadership.clone();
-        let (reply, answer) = oneshot::channel();
-        self.offer(CoreMsg::TransferLeader { to, reply })?;
-        self.wait(answer).await??;
+        self.ask(|reply| CoreMsg::TransferLeader { to, reply }).await??;
         match tokio::time::timeout(self.transfer_limit, leadership.wait_for(|view| moved(view))).await {
             Ok(Ok(view)) => Ok(view.clone()),
             Ok(Err(_)) => Err(RequestError::ShuttingDown),
@@ -156,16 +148,12 @@ impl CoreHandle {
 
     /// Takes this member offline for maintenance, or back online.
     pub(crate) async fn set_offline(&self, offline: bool) -> Result<(), RequestError> {
-        let (reply, answer) = oneshot::channel();
-        self.offer(CoreMsg::SetOffline { offline, reply })?;
-        self.wait(answer).await?
+        self.ask(|reply| CoreMsg::SetOffline { offline, reply }).await?
     }
 
     /// The core's status.
     pub async fn status(&self) -> Result<CoreStatus, RequestError> {
-        let (reply, answer) = oneshot::channel();
-        self.offer(CoreMsg::Status(reply))?;
-        self.wait(answer).await
+        self.ask(CoreMsg::Status).await
     }
 
     /// Follows role, term and leader changes.
@@ -185,7 +173,11 @@ impl CoreHandle {
         })
     }
 
-    async fn wait<T>(&self, answer: oneshot::Receiver<T>) -> Result<T, RequestError> {
+    /// Sends the core the message `make` builds around a reply channel and
+    /// waits for the answer (up to the request timeout).
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> CoreMsg) -> Result<T, RequestError> {
+        let (reply, answer) = oneshot::channel();
+        self.offer(make(reply))?;
         await_answer(self.request_timeout, answer).await
     }
 }
