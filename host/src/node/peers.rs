@@ -91,6 +91,9 @@ impl Peers {
     fn lanes_to(&mut self, id: NodeId) -> Option<&Lanes> {
         let address = self.members.address_of(id)?;
         if self.lanes.get(&id).is_none_or(|lanes| lanes.address != address) {
+            // A connection of the lanes' own, not `Members::channel`'s: a
+            // snapshot or a module stream on that one must not queue
+            // heartbeats and votes behind megabytes of data.
             let channel = match peer_channel(&address) {
                 Ok(channel) => channel,
                 Err(error) => {
@@ -98,8 +101,7 @@ impl Peers {
                     return None;
                 }
             };
-            let mut senders = Vec::new();
-            for lane in ["control", "data"] {
+            let start = |lane: &'static str| {
                 let (tx, rx) = mpsc::channel(LANE_CAPACITY);
                 let sender = LaneSender {
                     cluster_id: self.cluster_id.clone(),
@@ -109,10 +111,9 @@ impl Peers {
                     client: peer_client(channel.clone()),
                 };
                 tokio::spawn(sender.run(rx));
-                senders.push(tx);
-            }
-            let data = senders.pop()?;
-            let control = senders.pop()?;
+                tx
+            };
+            let (control, data) = (start("control"), start("data"));
             self.lanes.insert(id, Lanes { address, control, data });
         }
         self.lanes.get(&id)
