@@ -11,7 +11,7 @@
 //! that added that leader.
 
 use crate::raft::{ConfState, NodeId};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::watch;
 use tonic::transport::Channel;
@@ -101,9 +101,9 @@ impl Members {
         self.book.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
     }
 
-    /// Every id this member would accept messages from.
-    pub fn known_ids(&self) -> BTreeSet<NodeId> {
-        self.book.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect()
+    /// Whether this member would accept messages from `id`.
+    pub fn knows(&self, id: NodeId) -> bool {
+        self.book.read().unwrap_or_else(|p| p.into_inner()).contains_key(&id)
     }
 
     /// Adds (or updates) addresses; never forgets one.

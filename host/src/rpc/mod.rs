@@ -23,7 +23,6 @@ pub use self::peer_service::PeerService;
 
 use crate::raft::{ConfState, Entry, EntryKind, Message, MessageBody, NodeId, SnapshotMeta};
 use bytes::Bytes;
-use std::collections::BTreeSet;
 use thiserror::Error;
 
 /// Most messages one envelope may carry.
@@ -62,7 +61,7 @@ pub fn open_envelope(
     envelope: pb::Envelope,
     cluster_id: &str,
     me: NodeId,
-    members: &BTreeSet<NodeId>,
+    is_member: impl Fn(NodeId) -> bool,
 ) -> Result<Vec<Message>, EnvelopeError> {
     if envelope.cluster_id != cluster_id {
         return Err(EnvelopeError::WrongCluster { found: envelope.cluster_id, expected: cluster_id.to_string() });
@@ -70,7 +69,7 @@ pub fn open_envelope(
     if envelope.to != me {
         return Err(EnvelopeError::WrongReceiver { found: envelope.to, expected: me });
     }
-    if envelope.from == me || !members.contains(&envelope.from) {
+    if envelope.from == me || !is_member(envelope.from) {
         return Err(EnvelopeError::UnknownSender(envelope.from));
     }
     if envelope.messages.len() > MESSAGES_PER_ENVELOPE_MAX {
@@ -235,6 +234,7 @@ pub fn conf_state_from_pb(conf: pb::ConfState) -> ConfState {
 mod tests {
     use super::*;
     use prost::Message as _;
+    use std::collections::BTreeSet;
 
     fn samples() -> Vec<Message> {
         let entry = |index, kind| Entry { term: 3, index, kind, data: Bytes::from_static(b"cmd") };
@@ -282,7 +282,7 @@ mod tests {
         let bytes = envelope.encode_to_vec();
         let decoded = pb::Envelope::decode(bytes.as_slice()).expect("decodes");
         let members: BTreeSet<NodeId> = [1, 2, 3].into();
-        assert_eq!(open_envelope(decoded, "c1", 1, &members), Ok(in_envelopes));
+        assert_eq!(open_envelope(decoded, "c1", 1, |id| members.contains(&id)), Ok(in_envelopes));
     }
 
     #[test]
@@ -291,7 +291,7 @@ mod tests {
         let envelope = seal_envelope("c1", 2, 1, &[snapshot.expect("sample")]);
         let members: BTreeSet<NodeId> = [1, 2, 3].into();
         assert_eq!(
-            open_envelope(envelope, "c1", 1, &members),
+            open_envelope(envelope, "c1", 1, |id| members.contains(&id)),
             Err(EnvelopeError::SnapshotOutsideStream { position: 0 })
         );
     }
@@ -301,21 +301,33 @@ mod tests {
         let members: BTreeSet<NodeId> = [1, 2, 3].into();
         let sealed = |cluster: &str, from, to| seal_envelope(cluster, from, to, &samples()[..1]);
         assert!(matches!(
-            open_envelope(sealed("other", 2, 1), "c1", 1, &members),
+            open_envelope(sealed("other", 2, 1), "c1", 1, |id| members.contains(&id)),
             Err(EnvelopeError::WrongCluster { .. })
         ));
-        assert_eq!(open_envelope(sealed("c1", 9, 1), "c1", 1, &members), Err(EnvelopeError::UnknownSender(9)));
-        assert_eq!(open_envelope(sealed("c1", 1, 1), "c1", 1, &members), Err(EnvelopeError::UnknownSender(1)));
         assert_eq!(
-            open_envelope(sealed("c1", 2, 3), "c1", 1, &members),
+            open_envelope(sealed("c1", 9, 1), "c1", 1, |id| members.contains(&id)),
+            Err(EnvelopeError::UnknownSender(9))
+        );
+        assert_eq!(
+            open_envelope(sealed("c1", 1, 1), "c1", 1, |id| members.contains(&id)),
+            Err(EnvelopeError::UnknownSender(1))
+        );
+        assert_eq!(
+            open_envelope(sealed("c1", 2, 3), "c1", 1, |id| members.contains(&id)),
             Err(EnvelopeError::WrongReceiver { found: 3, expected: 1 })
         );
         let mut empty = sealed("c1", 2, 1);
         empty.messages.push(pb::Message { term: 1, body: None });
-        assert_eq!(open_envelope(empty, "c1", 1, &members), Err(EnvelopeError::EmptyMessage { position: 1 }));
+        assert_eq!(
+            open_envelope(empty, "c1", 1, |id| members.contains(&id)),
+            Err(EnvelopeError::EmptyMessage { position: 1 })
+        );
         let mut flood = sealed("c1", 2, 1);
         flood.messages = vec![flood.messages[0].clone(); MESSAGES_PER_ENVELOPE_MAX + 1];
-        assert!(matches!(open_envelope(flood, "c1", 1, &members), Err(EnvelopeError::TooManyMessages(_))));
+        assert!(matches!(
+            open_envelope(flood, "c1", 1, |id| members.contains(&id)),
+            Err(EnvelopeError::TooManyMessages(_))
+        ));
     }
 
     #[test]

@@ -50,16 +50,16 @@ impl PeerService {
     /// Checks who is asking, as an envelope with no messages would be.
     fn check_sender(&self, cluster_id: String, from: NodeId, to: NodeId) -> Result<(), Status> {
         let envelope = Envelope { cluster_id, from, to, messages: Vec::new() };
-        open_envelope(envelope, &self.cluster_id, self.me, &self.members.known_ids()).map(|_| ()).map_err(refusal)
+        open_envelope(envelope, &self.cluster_id, self.me, |id| self.members.knows(id)).map(|_| ()).map_err(refusal)
     }
 
     /// Checks one envelope and hands its messages to the core.
     async fn deliver_envelope(&self, envelope: Envelope, peer: Option<std::net::SocketAddr>) -> Result<(), Status> {
-        let known = self.members.known_ids();
-        let messages = open_envelope(envelope, &self.cluster_id, self.me, &known).map_err(|e| {
-            tracing::warn!(remote = ?peer, error = %e, "refused a peer envelope");
-            refusal(e)
-        })?;
+        let messages =
+            open_envelope(envelope, &self.cluster_id, self.me, |id| self.members.knows(id)).map_err(|e| {
+                tracing::warn!(remote = ?peer, error = %e, "refused a peer envelope");
+                refusal(e)
+            })?;
         self.core.deliver(messages).await.map_err(|e| Status::unavailable(e.to_string()))
     }
 
