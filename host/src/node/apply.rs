@@ -253,7 +253,7 @@ impl Applier {
         self.clock_ms = self.store.apply_clock_ms()?;
         self.hashing.clear();
         self.fail_waiters(|| RequestError::OutcomeUnknown("this member installed a snapshot from the leader".into()));
-        self.members.publish(Membership { conf: self.store.conf_state(), addresses: self.store.member_addresses()? });
+        self.members.publish(Membership::stored(&self.store)?);
         self.progress.applied_index.store(self.applied.0, Ordering::Release);
         self.progress.applied.notify_one();
         tracing::info!(index = snapshot.index, term = snapshot.term, "snapshot installed");

@@ -11,6 +11,7 @@
 //! that added that leader.
 
 use crate::raft::{ConfState, NodeId};
+use crate::storage::{Store, StoreError};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::watch;
@@ -40,6 +41,11 @@ impl MemberRole {
 }
 
 impl Membership {
+    /// The membership the store holds (as of its applied index).
+    pub fn stored(store: &Store) -> Result<Membership, StoreError> {
+        Ok(Membership { conf: store.conf_state(), addresses: store.member_addresses()? })
+    }
+
     /// Every member with its role and address, in id order.
     pub fn list(&self) -> Vec<(NodeId, MemberRole, String)> {
         let role = |id: &NodeId| if self.conf.learners.contains(id) { MemberRole::Learner } else { MemberRole::Voter };

@@ -69,12 +69,7 @@ impl Node {
             addresses.insert(config.id, config.advertise.clone());
             store.bootstrap(&ConfState::with_voters(voters), &addresses)?;
         }
-        let members = Members::new(
-            config.id,
-            config.advertise.clone(),
-            Membership { conf: store.conf_state(), addresses: store.member_addresses()? },
-            &config.peers,
-        );
+        let members = Members::new(config.id, config.advertise.clone(), Membership::stored(&store)?, &config.peers);
 
         let runtime = Arc::new(Runtime::new(config.limits.clone())?);
         let registry = Arc::new(ModuleRegistry::new(runtime.clone(), store.clone(), BUILT_IN_STATE_MACHINES));
