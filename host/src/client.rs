@@ -280,6 +280,11 @@ impl ClusterClient {
         Err(ClientError::GaveUp { attempts: self.addresses.len() as u32, elapsed: Duration::ZERO, last })
     }
 
+    /// The status of the one member at `address`, asked once.
+    pub async fn status_at(address: &str) -> Result<StatusResponse, ClientError> {
+        ClusterClient::new(vec![address.to_string()])?.status_of(0).await
+    }
+
     /// The status of the member at position `at` of the address list.
     pub async fn status_of(&mut self, at: usize) -> Result<StatusResponse, ClientError> {
         let mut client = self.channel(at)?;

@@ -269,8 +269,7 @@ impl Cluster {
 
     /// The status of member `id`, if it answers.
     pub async fn status(&self, id: u64) -> Option<StatusResponse> {
-        let mut client = self.client_of(id);
-        client.status_of(0).await.ok()
+        ClusterClient::status_at(&self.address(id)).await.ok()
     }
 
     /// Waits until the running members agree on a leader among them; returns its id.

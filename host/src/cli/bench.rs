@@ -154,7 +154,7 @@ async fn sample_members(addresses: &[String]) -> Vec<Option<raft_host::rpc::clie
         .iter()
         .map(|address| {
             let address = address.clone();
-            tokio::spawn(async move { ClusterClient::new(vec![address]).ok()?.status_of(0).await.ok() })
+            tokio::spawn(async move { ClusterClient::status_at(&address).await.ok() })
         })
         .collect();
     let mut out = Vec::with_capacity(asks.len());

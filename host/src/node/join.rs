@@ -77,19 +77,15 @@ async fn change_until_done(
 
 async fn wait_until_caught_up(config: &NodeConfig, through: &str) {
     loop {
-        let cluster = status_at(through).await;
-        let own = status_at(&config.advertise).await;
-        if let (Some(cluster), Some(own)) = (cluster, own)
+        let cluster = ClusterClient::status_at(through).await;
+        let own = ClusterClient::status_at(&config.advertise).await;
+        if let (Ok(cluster), Ok(own)) = (cluster, own)
             && own.applied_index + CAUGHT_UP_ENTRIES >= cluster.commit_index
         {
             return;
         }
         tokio::time::sleep(RETRY_PAUSE / 2).await;
     }
-}
-
-async fn status_at(address: &str) -> Option<crate::rpc::client_pb::StatusResponse> {
-    ClusterClient::new(vec![address.to_string()]).ok()?.status_of(0).await.ok()
 }
 
 async fn promote(config: &NodeConfig, through: &str) {
