@@ -22,6 +22,8 @@ use tonic::{Code, Status};
 const MESSAGE_BYTES_MAX: usize = 16 << 20;
 /// How long one call may take before it counts as lost.
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long one member's status may take.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 /// Module bytes per message of a deploy stream.
 const DEPLOY_MESSAGE_BYTES: usize = 256 << 10;
 
@@ -260,11 +262,7 @@ impl ClusterClient {
     /// maintenance, or back online.
     pub async fn set_offline(&mut self, at: usize, offline: bool) -> Result<SetOfflineResponse, ClientError> {
         let mut client = self.channel(at)?;
-        match tokio::time::timeout(CALL_TIMEOUT, client.set_offline(SetOfflineRequest { offline })).await {
-            Ok(Ok(response)) => Ok(response.into_inner()),
-            Ok(Err(status)) => Err(ClientError::Refused { code: status.code(), message: status.message().to_string() }),
-            Err(_) => Err(ClientError::GaveUp { attempts: 1, elapsed: CALL_TIMEOUT, last: "timed out".into() }),
-        }
+        call_once(CALL_TIMEOUT, client.set_offline(SetOfflineRequest { offline })).await
     }
 
     /// The status of the first member that answers, trying each once.
@@ -288,14 +286,7 @@ impl ClusterClient {
     /// The status of the member at position `at` of the address list.
     pub async fn status_of(&mut self, at: usize) -> Result<StatusResponse, ClientError> {
         let mut client = self.channel(at)?;
-        let call = tokio::time::timeout(Duration::from_secs(5), client.status(StatusRequest {})).await;
-        match call {
-            Ok(Ok(response)) => Ok(response.into_inner()),
-            Ok(Err(status)) => Err(ClientError::Refused { code: status.code(), message: status.message().to_string() }),
-            Err(_) => {
-                Err(ClientError::GaveUp { attempts: 1, elapsed: Duration::from_secs(5), last: "timed out".into() })
-            }
-        }
+        call_once(STATUS_TIMEOUT, client.status(StatusRequest {})).await
     }
 
     fn channel(&mut self, at: usize) -> Result<ClientClient<Channel>, ClientError> {
@@ -374,6 +365,18 @@ impl ClusterClient {
             }
         }
         Ok(())
+    }
+}
+
+/// One call to one member, without retries, within `limit`.
+async fn call_once<R>(
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+) -> Result<R, ClientError> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(Ok(response)) => Ok(response.into_inner()),
+        Ok(Err(status)) => Err(ClientError::Refused { code: status.code(), message: status.message().to_string() }),
+        Err(_) => Err(ClientError::GaveUp { attempts: 1, elapsed: limit, last: "timed out".into() }),
     }
 }
 
