@@ -503,6 +503,34 @@ fn leader_commits_entry_once_replicated_on_majority() {
 }
 
 #[test]
+fn leader_tells_caught_up_followers_the_commit_with_a_hint_that_needs_no_answer() {
+    let mut c = Cluster::new(3, false, false);
+    c.elect(1);
+    c.node(1).propose(payloads(&["x"])).expect("accepted");
+    let appends = handle(c.node(1)).all();
+    assert_eq!(appends.len(), 2, "one AppendEntries per follower");
+    for m in appends {
+        let to = m.to;
+        c.node(to).step(m).expect("follower takes the entry");
+        for ack in handle(c.node(to)).all() {
+            c.node(1).step(ack).expect("leader takes the ack");
+        }
+    }
+    let out = handle(c.node(1));
+    assert_eq!(c.node(1).log().committed(), 2);
+    assert_eq!(out.all().len(), 2, "one message per follower: {:?}", out.all());
+    for m in out.all() {
+        assert_eq!(m.body, MessageBody::CommitHint { commit: 2, term: 1 }, "to {}", m.to);
+        let to = m.to;
+        c.node(to).step(m).expect("follower takes the hint");
+        let follower = handle(c.node(to));
+        assert_eq!(c.node(to).log().committed(), 2, "follower {to} commits");
+        assert!(follower.committed.iter().any(|e| &e.data[..] == b"x"), "follower {to} applies the entry");
+        assert!(follower.all().is_empty(), "a hint asks for no answer, got {:?}", follower.all());
+    }
+}
+
+#[test]
 fn leader_does_not_commit_entries_from_previous_terms_by_counting_replicas() {
     // Figure 8: leader of term 4 holds an entry of term 2 at index 2, and
     // learns that a majority has it. It must not commit it until an entry of

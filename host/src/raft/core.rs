@@ -611,7 +611,7 @@ impl<S: LogStore> Raft<S> {
                 pr.maybe_update(persisted);
             }
             if self.maybe_commit()? {
-                self.broadcast_append()?;
+                self.broadcast_commit()?;
             }
         }
         Ok(())
@@ -1022,6 +1022,7 @@ impl<S: LogStore> Raft<S> {
         let pr = self.progress.get_mut(&from).expect("checked above");
         pr.recent_active = true;
         let was_paused = pr.is_paused();
+        let matched_before = pr.matched;
         if !pr.maybe_update(index) {
             return Ok(());
         }
@@ -1039,8 +1040,13 @@ impl<S: LogStore> Raft<S> {
         if self.lead_transferee == Some(from) && Some(index) == self.log.last_index().ok() {
             self.send(from, MessageBody::TimeoutNow);
         }
+        let committed = self.log.committed();
         if self.maybe_commit()? {
-            self.broadcast_append()?;
+            self.broadcast_commit()?;
+        } else if matched_before < committed && index >= committed {
+            // These entries were sent before they committed, so the
+            // follower may not know they have.
+            self.tell_commit(from)?;
         } else if was_paused {
             self.maybe_send_append(from, false)?;
         }
@@ -1094,6 +1100,45 @@ impl<S: LogStore> Raft<S> {
         pr.become_snapshot(snapshot.index);
         self.send(to, MessageBody::InstallSnapshot { snapshot });
         Ok(true)
+    }
+
+    /// Tells every follower a new commit index (see `tell_commit`).
+    fn broadcast_commit(&mut self) -> Result<(), RaftError> {
+        let ids: Vec<NodeId> = self.progress.keys().copied().filter(|&id| id != self.id).collect();
+        for id in ids {
+            self.tell_commit(id)?;
+        }
+        Ok(())
+    }
+
+    /// Tells `to` the commit index. Entries still to send carry it. A
+    /// follower known to hold every committed entry gets a `CommitHint`,
+    /// which asks for no answer: an empty AppendEntries would cost it a
+    /// reply, and the leader a wake-up to read it, on every commit of a
+    /// lightly loaded cluster. One with entries in flight learns it when
+    /// their acknowledgement comes back (`handle_append_response`).
+    fn tell_commit(&mut self, to: NodeId) -> Result<(), RaftError> {
+        if self.maybe_send_append(to, false)? {
+            return Ok(());
+        }
+        let Some(pr) = self.progress.get(&to) else { return Ok(()) };
+        if pr.state != ProgressState::Replicate {
+            // A probe needs its answer to find where the logs meet.
+            self.maybe_send_append(to, true)?;
+            return Ok(());
+        }
+        let committed = self.log.committed();
+        if pr.matched < committed {
+            return Ok(());
+        }
+        match self.log.term(committed) {
+            Ok(term) => self.send(to, MessageBody::CommitHint { commit: committed, term }),
+            Err(StorageError::Compacted(_)) => {
+                self.maybe_send_append(to, true)?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
     }
 
     fn broadcast_append(&mut self) -> Result<(), RaftError> {
