@@ -19,7 +19,7 @@ use prost::Message as _;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use thiserror::Error;
 use tokio::sync::{Notify, oneshot};
@@ -68,14 +68,50 @@ pub struct MachineStatus {
     pub state_digest: String,
 }
 
-/// Progress the core task watches: how far apply got, and how many handed
-/// out bytes are still waiting (the core pauses handing out past a limit).
+/// How many handed-out bytes wait to be applied. The core stops handing out
+/// committed entries past a limit and waits for the backlog to drain.
 #[derive(Default)]
 pub struct ApplyProgress {
-    pub applied_index: AtomicU64,
-    pub backlog_bytes: AtomicU64,
-    /// Woken after every applied batch.
-    pub applied: Notify,
+    backlog_bytes: AtomicU64,
+    /// Set while the core waits for the backlog to drain. Only then does an
+    /// applied batch wake it: a wake-up per batch is a context switch per
+    /// write on a lightly loaded member, for nothing.
+    core_waiting: AtomicBool,
+    /// Woken when the backlog shrinks while the core waits.
+    pub drained: Notify,
+}
+
+impl ApplyProgress {
+    /// The core hands out `bytes` more.
+    pub fn handed_out(&self, bytes: u64) {
+        self.backlog_bytes.fetch_add(bytes, Ordering::SeqCst);
+    }
+
+    /// The apply task applied (or dropped) `bytes` of what it was handed.
+    pub fn applied(&self, bytes: u64) {
+        self.backlog_bytes.fetch_sub(bytes, Ordering::SeqCst);
+        if self.core_waiting.load(Ordering::SeqCst) {
+            self.drained.notify_one();
+        }
+    }
+
+    /// Whether the backlog is at `limit` or over. When it is, the core is
+    /// registered for a `drained` wake-up before this returns.
+    pub fn over(&self, limit: u64) -> bool {
+        if self.backlog_bytes.load(Ordering::SeqCst) < limit {
+            self.core_waiting.store(false, Ordering::SeqCst);
+            return false;
+        }
+        self.core_waiting.store(true, Ordering::SeqCst);
+        // The apply task may have drained between the load and the store
+        // without seeing the flag; with both sides sequentially consistent,
+        // this second look sees its subtraction if it missed the flag.
+        let over = self.backlog_bytes.load(Ordering::SeqCst) >= limit;
+        if !over {
+            self.core_waiting.store(false, Ordering::SeqCst);
+        }
+        over
+    }
 }
 
 /// A failure that stops the node: the store failed or the engine (not a
@@ -155,7 +191,6 @@ impl Applier {
     ) -> Result<Applier, StoreError> {
         let applied = store.applied();
         let clock_ms = store.apply_clock_ms()?;
-        progress.applied_index.store(applied.0, Ordering::Release);
         registry.set_names(machines.keys().cloned().collect());
         Ok(Applier {
             store,
@@ -205,9 +240,7 @@ impl Applier {
             }
             ApplyMsg::Committed { entries, bytes } => {
                 let result = self.apply_entries(entries);
-                self.progress.backlog_bytes.fetch_sub(bytes, Ordering::AcqRel);
-                self.progress.applied_index.store(self.applied.0, Ordering::Release);
-                self.progress.applied.notify_one();
+                self.progress.applied(bytes);
                 result?;
                 self.serve_due_reads()?;
             }
@@ -254,8 +287,6 @@ impl Applier {
         self.hashing.clear();
         self.fail_waiters(|| RequestError::OutcomeUnknown("this member installed a snapshot from the leader".into()));
         self.members.publish(Membership::stored(&self.store)?);
-        self.progress.applied_index.store(self.applied.0, Ordering::Release);
-        self.progress.applied.notify_one();
         tracing::info!(index = snapshot.index, term = snapshot.term, "snapshot installed");
         Ok(())
     }
@@ -691,4 +722,35 @@ fn reply_from_session(reply: pb::SessionReply) -> WriteReply {
 pub fn encode_payload(timestamp_ms: u64, kind: entry_payload::Kind) -> bytes::Bytes {
     let payload = pb::EntryPayload { timestamp_ms, kind: Some(kind) };
     bytes::Bytes::from(payload.encode_to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ApplyProgress;
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+
+    /// Whether a `drained` wake-up is waiting for the core.
+    fn woken(progress: &ApplyProgress) -> bool {
+        let mut notified = pin!(progress.drained.notified());
+        notified.as_mut().poll(&mut Context::from_waker(Waker::noop())) == Poll::Ready(())
+    }
+
+    #[test]
+    fn applied_batches_wake_the_core_only_while_it_waits_for_the_backlog() {
+        let progress = ApplyProgress::default();
+        progress.handed_out(100);
+        assert!(!progress.over(1_000));
+        progress.applied(60);
+        assert!(!woken(&progress), "a core that is not waiting is left asleep");
+
+        progress.handed_out(1_000);
+        assert!(progress.over(1_000), "1,040 bytes wait against a limit of 1,000");
+        progress.applied(100);
+        assert!(woken(&progress), "the core waits for the backlog, so a drained batch wakes it");
+        assert!(!progress.over(1_000), "940 bytes wait");
+        progress.applied(940);
+        assert!(!woken(&progress), "once under the limit the core stops asking");
+    }
 }

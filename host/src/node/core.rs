@@ -18,7 +18,6 @@ use crate::rpc::pb;
 use crate::storage::{Store, StoreError};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -303,10 +302,9 @@ impl CoreTask {
                     }
                     self.propose_gathered()?;
                 }
-                _ = progress.applied.notified() => {}
+                _ = progress.drained.notified() => {}
             }
-            let backlog = self.progress.backlog_bytes.load(Ordering::Acquire);
-            self.raft.set_apply_paused(backlog >= self.config.max_apply_backlog_bytes);
+            self.raft.set_apply_paused(self.progress.over(self.config.max_apply_backlog_bytes));
             while persisting.is_none() && self.raft.has_ready() {
                 let ready = self.raft.ready()?;
                 if let Some(soft) = ready.soft_state {
@@ -581,7 +579,7 @@ impl CoreTask {
         self.peers.send(rest.persisted_messages);
         if !rest.committed_entries.is_empty() {
             let bytes: u64 = rest.committed_entries.iter().map(Entry::size_bytes).sum();
-            self.progress.backlog_bytes.fetch_add(bytes, Ordering::AcqRel);
+            self.progress.handed_out(bytes);
             self.send_apply(ApplyMsg::Committed { entries: rest.committed_entries, bytes })?;
         }
         for state in rest.read_states {
