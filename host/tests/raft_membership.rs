@@ -52,31 +52,38 @@ impl Cluster {
         self.nodes.values().filter(|r| r.role() == Role::Leader).max_by_key(|r| r.term()).map(|r| r.id())
     }
 
+    /// Persists, applies and advances one Ready of node `id`, as a driver
+    /// would; the messages it sends.
+    fn handle_ready(&mut self, id: NodeId) -> Vec<Message> {
+        let raft = self.nodes.get_mut(&id).expect("known node");
+        let ready = raft.ready().expect("ready");
+        if let Some(snapshot) = ready.snapshot {
+            raft.store_mut().install_snapshot(snapshot);
+            *self.snapshots_installed.entry(id).or_default() += 1;
+        }
+        raft.store_mut().append(&ready.entries);
+        if let Some(hs) = ready.hard_state {
+            raft.store_mut().set_hard_state(hs);
+        }
+        for entry in &ready.committed_entries {
+            if entry.kind == EntryKind::ConfChange {
+                let change = ConfChangeEntry::decode(&entry.data).expect("decodes");
+                raft.store_mut().set_conf_state(change.conf);
+            }
+        }
+        self.applied.entry(id).or_default().extend(ready.committed_entries);
+        raft.advance().expect("advance");
+        ready.messages.into_iter().chain(ready.persisted_messages).collect()
+    }
+
     /// Handles every Ready and delivers every message until nothing moves.
     fn settle(&mut self) {
         for _ in 0..1000 {
             let mut queue = Vec::new();
-            for (&id, raft) in self.nodes.iter_mut() {
-                while raft.has_ready() {
-                    let ready = raft.ready().expect("ready");
-                    if let Some(snapshot) = ready.snapshot {
-                        raft.store_mut().install_snapshot(snapshot);
-                        *self.snapshots_installed.entry(id).or_default() += 1;
-                    }
-                    raft.store_mut().append(&ready.entries);
-                    if let Some(hs) = ready.hard_state {
-                        raft.store_mut().set_hard_state(hs);
-                    }
-                    queue.extend(ready.messages);
-                    queue.extend(ready.persisted_messages);
-                    for entry in &ready.committed_entries {
-                        if entry.kind == EntryKind::ConfChange {
-                            let change = ConfChangeEntry::decode(&entry.data).expect("decodes");
-                            raft.store_mut().set_conf_state(change.conf);
-                        }
-                    }
-                    self.applied.entry(id).or_default().extend(ready.committed_entries);
-                    raft.advance().expect("advance");
+            let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+            for id in ids {
+                while self.node(id).has_ready() {
+                    queue.extend(self.handle_ready(id));
                 }
             }
             if queue.is_empty() {
@@ -225,6 +232,7 @@ fn one_membership_change_at_a_time_and_only_valid_ones() {
     // A new leader proposes no change before it commits an entry of its term.
     let mut single = Cluster::new(1, 2);
     single.node(1).campaign().expect("campaign");
+    single.handle_ready(1);
     assert_eq!(single.node(1).role(), Role::Leader);
     let early = single.node(1).propose_conf_change(ConfChange {
         kind: ConfChangeKind::AddLearner,

@@ -213,6 +213,7 @@ fn all_servers_convert_to_follower_on_higher_term() {
                 Role::Candidate => r.campaign().expect("campaign"),
                 Role::Leader => {
                     r.campaign().expect("campaign");
+                    handle(&mut r);
                     r.step(msg(2, 1, 1, MessageBody::RequestVoteResponse { pre_vote: false, granted: true }))
                         .expect("vote");
                 }
@@ -341,12 +342,38 @@ fn candidate_increments_term_votes_for_itself_and_requests_votes() {
 fn candidate_becomes_leader_on_votes_from_majority() {
     let mut r = node(1, &[1, 2, 3, 4, 5]);
     r.campaign().expect("campaign");
+    handle(&mut r);
     r.step(msg(2, 1, 1, MessageBody::RequestVoteResponse { pre_vote: false, granted: true })).expect("step");
     assert_eq!(r.role(), Role::Candidate, "2 of 5 is not a majority");
     r.step(msg(3, 1, 1, MessageBody::RequestVoteResponse { pre_vote: false, granted: false })).expect("step");
     r.step(msg(4, 1, 1, MessageBody::RequestVoteResponse { pre_vote: false, granted: true })).expect("step");
     assert_eq!(r.role(), Role::Leader);
     assert_eq!(r.leader(), Some(1));
+}
+
+#[test]
+fn candidate_leads_only_once_its_own_vote_is_durable() {
+    // A sole voter wins on its own vote, but a leader's appends leave before
+    // its log is durable: leading on a vote a crash could erase would let
+    // it lead a term that it then helps another node lead too.
+    let mut sole = node(1, &[1]);
+    sole.campaign().expect("campaign");
+    assert_eq!(sole.role(), Role::Candidate, "the vote is not durable yet");
+    let rd = sole.ready().expect("ready");
+    assert_eq!(rd.hard_state.map(|hs| (hs.term, hs.vote)), Some((1, Some(1))));
+    assert!(rd.messages.is_empty() && rd.entries.is_empty(), "nothing of a leader before the vote is durable");
+    sole.store_mut().set_hard_state(rd.hard_state.expect("hard state"));
+    sole.advance().expect("advance");
+    assert_eq!(sole.role(), Role::Leader, "once durable, the win completes");
+
+    // Votes that arrive before the driver has made the candidate's own vote
+    // durable (a driver sends its requests only after) do not make it lead.
+    let mut r = node(1, &[1, 2, 3]);
+    r.campaign().expect("campaign");
+    r.step(msg(2, 1, 1, MessageBody::RequestVoteResponse { pre_vote: false, granted: true })).expect("vote");
+    assert_eq!(r.role(), Role::Candidate);
+    handle(&mut r);
+    assert_eq!(r.role(), Role::Leader);
 }
 
 #[test]
@@ -907,6 +934,7 @@ fn read_index_on_a_follower_is_forwarded_to_the_leader() {
 fn read_index_on_a_single_node_cluster_needs_no_round_trip() {
     let mut r = node(1, &[1]);
     r.campaign().expect("campaign");
+    handle(&mut r);
     assert_eq!(r.role(), Role::Leader);
     handle(&mut r);
     r.read_index(3).expect("accepted");

@@ -59,6 +59,8 @@ struct ReadyMark {
     last_entry: Option<(Index, Term)>,
     last_committed: Option<Index>,
     snapshot: Option<Index>,
+    /// The term and vote this Ready made durable, if it carried a hard state.
+    term_vote: Option<(Term, Option<NodeId>)>,
     /// Membership changes among the committed entries, applied in `advance`.
     conf_changes: Vec<Bytes>,
 }
@@ -138,6 +140,9 @@ pub struct Raft<S: LogStore> {
     /// so that its log never ends up longer than every remaining voter's
     /// (they could not then win without its vote, which it would refuse).
     removal_pending: bool,
+    /// The term and vote known to be durable. A candidate leads only once
+    /// its own vote is among them (see `maybe_become_leader`).
+    durable_term_vote: (Term, Option<NodeId>),
 }
 
 impl<S: LogStore> Raft<S> {
@@ -184,6 +189,7 @@ impl<S: LogStore> Raft<S> {
             offline: false,
             removed: false,
             removal_pending: false,
+            durable_term_vote: (hard_state.term, hard_state.vote),
             config,
         };
         raft.apply_conf_state(&conf);
@@ -578,6 +584,7 @@ impl<S: LogStore> Raft<S> {
             last_entry: ready.entries.last().map(|e| (e.index, e.term)),
             last_committed: ready.committed_entries.last().map(|e| e.index),
             snapshot: ready.snapshot.as_ref().map(|s| s.index),
+            term_vote: ready.hard_state.map(|hs| (hs.term, hs.vote)),
             conf_changes: ready
                 .committed_entries
                 .iter()
@@ -603,6 +610,10 @@ impl<S: LogStore> Raft<S> {
         }
         for data in mark.conf_changes {
             self.apply_conf_change(&data)?;
+        }
+        if let Some(term_vote) = mark.term_vote {
+            self.durable_term_vote = term_vote;
+            self.maybe_become_leader()?;
         }
         if self.role == Role::Leader {
             // The leader's own copy counts towards a quorum only once durable.
@@ -689,6 +700,24 @@ impl<S: LogStore> Raft<S> {
         Ok(())
     }
 
+    /// Takes the lead of a won election once the candidate's own vote is
+    /// durable. A leader's appends leave before its log is durable, so one
+    /// that could forget its vote in a crash might lead a term, reach
+    /// learners, restart, vote for another node in the same term, and let
+    /// two leaders send different entries under one term. Votes from others
+    /// arrive only after the request, which waits for the vote on disk, so
+    /// this waits only for a sole voter.
+    fn maybe_become_leader(&mut self) -> Result<(), RaftError> {
+        if self.role == Role::Candidate
+            && self.poll() == VoteResult::Won
+            && self.durable_term_vote == (self.term, Some(self.id))
+        {
+            self.become_leader()?;
+            self.broadcast_append()?;
+        }
+        Ok(())
+    }
+
     fn start_campaign(&mut self, pre_vote: bool) -> Result<(), RaftError> {
         self.campaign_with(pre_vote, false)
     }
@@ -707,10 +736,9 @@ impl<S: LogStore> Raft<S> {
         self.votes.insert(self.id, true);
         match self.poll() {
             VoteResult::Won if pre_vote => return self.campaign_with(false, transfer),
-            VoteResult::Won => {
-                self.become_leader()?;
-                return self.broadcast_append();
-            }
+            // A sole voter wins on its own vote, but leads only once that
+            // vote is durable: `advance` completes the win.
+            VoteResult::Won => return Ok(()),
             _ => {}
         }
         let (last_log_index, last_log_term) = (self.log.last_index()?, self.log.last_term()?);
@@ -821,8 +849,7 @@ impl<S: LogStore> Raft<S> {
                 match self.poll() {
                     VoteResult::Won if pre_vote => self.start_campaign(false)?,
                     VoteResult::Won => {
-                        self.become_leader()?;
-                        self.broadcast_append()?;
+                        self.maybe_become_leader()?;
                     }
                     VoteResult::Lost => self.become_follower(self.term, None),
                     VoteResult::Pending => {}

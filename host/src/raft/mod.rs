@@ -27,28 +27,34 @@
 //!
 //! ```
 //! use bytes::Bytes;
-//! use raft_host::raft::{Config, ConfState, MemLogStore, Raft, Role};
+//! use raft_host::raft::{Config, ConfState, Entry, MemLogStore, Raft, RaftError, Role};
+//!
+//! /// The driver's loop; returns what was applied.
+//! fn drive(raft: &mut Raft<MemLogStore>) -> Result<Vec<Entry>, RaftError> {
+//!     let mut applied = Vec::new();
+//!     while raft.has_ready() {
+//!         let ready = raft.ready()?;
+//!         // 1. persist (a real driver fsyncs here); `ready.messages` may leave now
+//!         raft.store_mut().append(&ready.entries);
+//!         if let Some(hard_state) = ready.hard_state {
+//!             raft.store_mut().set_hard_state(hard_state);
+//!         }
+//!         // 2. send `ready.persisted_messages` (none: there are no peers)
+//!         // 3. apply
+//!         applied.extend(ready.committed_entries.into_iter().filter(|e| !e.is_noop()));
+//!         // 4. advance
+//!         raft.advance()?;
+//!     }
+//!     Ok(applied)
+//! }
 //!
 //! let store = MemLogStore::new_with_conf_state(ConfState::with_voters([1]));
 //! let mut raft = Raft::new(Config::new(1), store)?;
 //! raft.campaign()?;
+//! drive(&mut raft)?; // its vote for itself is durable: it leads
 //! assert_eq!(raft.role(), Role::Leader);
 //! let proposed = raft.propose(vec![Bytes::from_static(b"hello")])?;
-//!
-//! let mut applied = Vec::new();
-//! while raft.has_ready() {
-//!     let ready = raft.ready()?;
-//!     // 1. persist (a real driver fsyncs here); `ready.messages` may leave now
-//!     raft.store_mut().append(&ready.entries);
-//!     if let Some(hard_state) = ready.hard_state {
-//!         raft.store_mut().set_hard_state(hard_state);
-//!     }
-//!     // 2. send `ready.persisted_messages` (none: there are no peers)
-//!     // 3. apply
-//!     applied.extend(ready.committed_entries.into_iter().filter(|e| !e.is_noop()));
-//!     // 4. advance
-//!     raft.advance()?;
-//! }
+//! let applied = drive(&mut raft)?;
 //! assert_eq!(applied.len(), 1);
 //! assert_eq!(applied[0].index, proposed.first_index);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
