@@ -242,7 +242,12 @@ fn all_servers_ignore_messages_from_older_terms() {
     .expect("step");
     r.step(msg(2, 1, 2, MessageBody::RequestVoteResponse { pre_vote: false, granted: true })).expect("step");
     let out = handle(&mut r);
-    assert!(out.all().is_empty(), "stale vote traffic gets no answer");
+    let replies: Vec<(u64, MessageBody)> = out.all().into_iter().map(|m| (m.term, m.body)).collect();
+    assert_eq!(
+        replies,
+        vec![(3, MessageBody::RequestVoteResponse { pre_vote: false, granted: false })],
+        "a stale request is refused with our term; a stale answer is dropped"
+    );
     assert_eq!(r.hard_state(), before);
 }
 
@@ -608,7 +613,12 @@ fn request_vote_reply_false_if_term_less_than_current_term() {
     ))
     .expect("step");
     assert_eq!(r.hard_state().vote, None);
-    assert!(handle(&mut r).all().is_empty());
+    // The refusal carries our term, so a candidate stuck on an old term
+    // catches up instead of asking again and again.
+    let replies = handle(&mut r).all();
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert_eq!((replies[0].to, replies[0].term), (2, 5));
+    assert_eq!(replies[0].body, MessageBody::RequestVoteResponse { pre_vote: false, granted: false });
 }
 
 #[test]

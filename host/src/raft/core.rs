@@ -522,10 +522,14 @@ impl<S: LogStore> Raft<S> {
                         MessageBody::AppendEntriesResponse { success: false, index: 0, hint_index: 0, hint_term: 0 },
                     );
                 }
-                MessageBody::RequestVote { pre_vote: true, .. } => {
-                    // Without an answer a pre-candidate on an old term would keep
-                    // asking forever; our term tells it to catch up.
-                    self.send(m.from, MessageBody::RequestVoteResponse { pre_vote: true, granted: false });
+                MessageBody::RequestVote { pre_vote, .. } => {
+                    // Without an answer a candidate on an old term would keep
+                    // asking forever; our term tells it to catch up (§5.1).
+                    // A simulated run found two candidates that each needed
+                    // the other's vote and never met in a term: each campaign
+                    // raised both terms by one, and the one behind stayed
+                    // behind.
+                    self.send(m.from, MessageBody::RequestVoteResponse { pre_vote, granted: false });
                 }
                 _ => {}
             }
