@@ -381,3 +381,34 @@ fn a_commit_hint_commits_only_a_matching_prefix_and_comes_with_a_refused_vote() 
     assert!(sent.contains(&&MessageBody::RequestVoteResponse { pre_vote: false, granted: false }), "{sent:?}");
     assert!(sent.contains(&&MessageBody::CommitHint { commit: 4, term: 1 }), "{sent:?}");
 }
+
+#[test]
+fn a_node_does_not_campaign_while_a_committed_change_waits_to_be_applied() {
+    // Voters {1, 2, 3}; entry 2 removes 3 and is committed, but node 1 has
+    // applied only entry 1 (it was behind, or a crash took it back there).
+    // Counting votes in {1, 2, 3}, it and a lagging 3 could elect it while
+    // {1, 2} commits without them; so it waits until it has applied entry 2.
+    let change = ConfChangeEntry {
+        change: ConfChange { kind: ConfChangeKind::Remove, node: 3, context: Bytes::new() },
+        conf: ConfState::with_voters([1, 2]),
+    };
+    let mut store = MemLogStore::new_with_conf_state(ConfState::with_voters([1, 2, 3]));
+    store.append(&[
+        Entry { term: 1, index: 1, kind: EntryKind::Normal, data: Bytes::new() },
+        Entry { term: 1, index: 2, kind: EntryKind::ConfChange, data: change.encode() },
+    ]);
+    store.set_hard_state(raft_host::raft::HardState { term: 1, vote: None, commit: 2 });
+    let mut config = Config::new(1);
+    config.pre_vote = false;
+    config.applied = 1;
+    let mut raft = Raft::new(config, store).expect("starts");
+    raft.campaign().expect("campaign");
+    assert_eq!(raft.role(), Role::Follower, "entry 2 is committed but not applied");
+    let ready = raft.ready().expect("ready");
+    assert!(ready.messages.is_empty() && ready.persisted_messages.is_empty(), "no vote requests");
+    assert_eq!(ready.committed_entries.last().map(|e| e.index), Some(2));
+    raft.advance().expect("advance");
+    assert_eq!(raft.voters(), [1, 2].into());
+    raft.campaign().expect("campaign");
+    assert_eq!(raft.role(), Role::Candidate, "applied: it may campaign in {{1, 2}}");
+}

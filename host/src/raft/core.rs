@@ -143,6 +143,9 @@ pub struct Raft<S: LogStore> {
     /// The term and vote known to be durable. A candidate leads only once
     /// its own vote is among them (see `maybe_become_leader`).
     durable_term_vote: (Term, Option<NodeId>),
+    /// A leader asked us to take over while a committed membership change
+    /// waited to be applied; `advance` campaigns once it is.
+    transfer_after_apply: bool,
 }
 
 impl<S: LogStore> Raft<S> {
@@ -190,6 +193,7 @@ impl<S: LogStore> Raft<S> {
             removed: false,
             removal_pending: false,
             durable_term_vote: (hard_state.term, hard_state.vote),
+            transfer_after_apply: false,
             config,
         };
         raft.apply_conf_state(&conf);
@@ -615,6 +619,9 @@ impl<S: LogStore> Raft<S> {
         for data in mark.conf_changes {
             self.apply_conf_change(&data)?;
         }
+        if std::mem::take(&mut self.transfer_after_apply) && self.role != Role::Leader {
+            self.campaign_with(false, true)?;
+        }
         if let Some(term_vote) = mark.term_vote {
             self.durable_term_vote = term_vote;
             self.maybe_become_leader()?;
@@ -637,6 +644,8 @@ impl<S: LogStore> Raft<S> {
     fn reset(&mut self, term: Term) {
         if term != self.term {
             assert!(term > self.term, "term moved back from {} to {term}", self.term);
+            // A hand-over from an older term's leader is void.
+            self.transfer_after_apply = false;
             self.term = term;
             self.vote = None;
         }
@@ -727,7 +736,18 @@ impl<S: LogStore> Raft<S> {
     }
 
     fn campaign_with(&mut self, pre_vote: bool, transfer: bool) -> Result<(), RaftError> {
+        // Nor while a committed membership change waits to be applied (as
+        // etcd): the configuration this node would count votes in is about
+        // to change. A node behind on applying, with another as far behind,
+        // could otherwise be elected by the older configuration's majority
+        // while the newer one commits entries without them.
         if !self.is_promotable() || self.offline {
+            return Ok(());
+        }
+        if self.unapplied_conf_change(self.log.committed(), |_| true)? {
+            // A leader handing over (often right after the change that
+            // removes it) must not be lost to this: campaign once applied.
+            self.transfer_after_apply |= transfer;
             return Ok(());
         }
         let vote_term = if pre_vote {
@@ -1309,14 +1329,24 @@ impl<S: LogStore> Raft<S> {
     /// Whether a membership change in the log past the applied index removes
     /// this node.
     fn unapplied_change_removes_self(&self) -> Result<bool, RaftError> {
+        let id = self.id;
+        self.unapplied_conf_change(self.log.last_index()?, |change| !change.conf.voters.contains(&id))
+    }
+
+    /// Whether a membership change in the log past the applied index, up
+    /// to `upto`, satisfies `matches`.
+    fn unapplied_conf_change(
+        &self,
+        upto: Index,
+        matches: impl Fn(&ConfChangeEntry) -> bool,
+    ) -> Result<bool, RaftError> {
         let mut index = self.log.applied() + 1;
-        let last = self.log.last_index()?;
-        while index <= last {
-            let entries = self.log.entries(index, last + 1, self.config.max_message_bytes)?;
+        while index <= upto {
+            let entries = self.log.entries(index, upto + 1, self.config.max_message_bytes)?;
             for entry in &entries {
                 if entry.kind == EntryKind::ConfChange
                     && let Ok(change) = ConfChangeEntry::decode(&entry.data)
-                    && !change.conf.voters.contains(&self.id)
+                    && matches(&change)
                 {
                     return Ok(true);
                 }
