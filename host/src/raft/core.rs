@@ -736,14 +736,14 @@ impl<S: LogStore> Raft<S> {
     }
 
     fn campaign_with(&mut self, pre_vote: bool, transfer: bool) -> Result<(), RaftError> {
+        if !self.is_promotable() || self.offline {
+            return Ok(());
+        }
         // Nor while a committed membership change waits to be applied (as
         // etcd): the configuration this node would count votes in is about
         // to change. A node behind on applying, with another as far behind,
         // could otherwise be elected by the older configuration's majority
         // while the newer one commits entries without them.
-        if !self.is_promotable() || self.offline {
-            return Ok(());
-        }
         if self.unapplied_conf_change(self.log.committed(), |_| true)? {
             // A leader handing over (often right after the change that
             // removes it) must not be lost to this: campaign once applied.
