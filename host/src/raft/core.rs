@@ -1153,10 +1153,14 @@ impl<S: LogStore> Raft<S> {
         Ok(true)
     }
 
+    /// Every node this leader replicates to (voters and learners but itself).
+    fn followers(&self) -> Vec<NodeId> {
+        self.progress.keys().copied().filter(|&id| id != self.id).collect()
+    }
+
     /// Tells every follower a new commit index (see `tell_commit`).
     fn broadcast_commit(&mut self) -> Result<(), RaftError> {
-        let ids: Vec<NodeId> = self.progress.keys().copied().filter(|&id| id != self.id).collect();
-        for id in ids {
+        for id in self.followers() {
             self.tell_commit(id)?;
         }
         Ok(())
@@ -1193,8 +1197,7 @@ impl<S: LogStore> Raft<S> {
     }
 
     fn broadcast_append(&mut self) -> Result<(), RaftError> {
-        let ids: Vec<NodeId> = self.progress.keys().copied().filter(|&id| id != self.id).collect();
-        for id in ids {
+        for id in self.followers() {
             self.maybe_send_append(id, true)?;
         }
         Ok(())
