@@ -3,7 +3,7 @@
 //! No I/O, no clock, no threads, no global state. Time is [`Raft::tick`];
 //! randomness (election timeouts) comes from a generator seeded by
 //! [`Config::seed`]. The same inputs in the same order always give the same
-//! outputs, which is what lets the simulator in `host/tests/simulation.rs`
+//! outputs, which is what lets the simulator in `host/raft/tests/simulation.rs`
 //! replay any run from its seed.
 //!
 //! # Driving the core
@@ -27,7 +27,7 @@
 //!
 //! ```
 //! use bytes::Bytes;
-//! use raft_host::raft::{Config, ConfState, Entry, MemLogStore, Raft, RaftError, Role};
+//! use raft_core::{Config, ConfState, Entry, MemLogStore, Raft, RaftError, Role};
 //!
 //! /// The driver's loop; returns what was applied.
 //! fn drive(raft: &mut Raft<MemLogStore>) -> Result<Vec<Entry>, RaftError> {

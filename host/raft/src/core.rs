@@ -84,7 +84,7 @@ pub struct Proposed {
 }
 
 /// One node's consensus core. See the module documentation of
-/// [`crate::raft`] for the contract with the driver.
+/// [`crate`] for the contract with the driver.
 pub struct Raft<S: LogStore> {
     id: NodeId,
     config: Config,

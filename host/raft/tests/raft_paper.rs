@@ -5,7 +5,7 @@
 //! demands.
 
 use bytes::Bytes;
-use raft_host::raft::{
+use raft_core::{
     ConfState, Config, Entry, EntryKind, HardState, Index, MemLogStore, Message, MessageBody, NodeId, ProposeError,
     Raft, RaftError, ReadIndexError, ReadState, Role, Term,
 };

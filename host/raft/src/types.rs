@@ -60,7 +60,7 @@ impl Entry {
 pub const ENTRY_OVERHEAD_BYTES: u64 = 24;
 
 /// The state that must be durable before the core's dependent messages leave
-/// the node (see [`crate::raft::Ready`]).
+/// the node (see [`crate::Ready`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HardState {
     /// The latest term this node has seen.

@@ -4,10 +4,10 @@
 //!
 //! Prints committed proposals per second for one proposer waiting for each
 //! write (one entry per proposal), and for proposals of 64 entries.
-//! Run with `cargo bench -p raft-host --bench core`.
+//! Run with `cargo bench -p raft-core --bench core`.
 
 use bytes::Bytes;
-use raft_host::raft::LocalCluster;
+use raft_core::LocalCluster;
 use std::time::{Duration, Instant};
 
 const NODES: u64 = 3;

@@ -32,7 +32,7 @@
 //! steps of its trace.
 
 use bytes::Bytes;
-use raft_host::raft::{
+use raft_core::{
     ConfChange, ConfChangeEntry, ConfChangeKind, ConfState, Config, Entry, EntryKind, Index, LogStore, MemLogStore,
     Message, MessageBody, NodeId, ProposeError, Raft, ReadIndexError, Ready, Role, SnapshotMeta, Term,
 };
@@ -1046,7 +1046,7 @@ impl Sim {
 }
 
 fn short(m: &Message) -> String {
-    use raft_host::raft::MessageBody as B;
+    use raft_core::MessageBody as B;
     match &m.body {
         B::AppendEntries { prev_log_index, prev_log_term, entries, leader_commit } => format!(
             "AppendEntries prev ({prev_log_index},{prev_log_term}) {} entries{} commit {leader_commit}",

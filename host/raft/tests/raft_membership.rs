@@ -3,7 +3,7 @@
 //! runs the same operations under faults; these pin down each rule.)
 
 use bytes::Bytes;
-use raft_host::raft::{
+use raft_core::{
     ConfChange, ConfChangeEntry, ConfChangeKind, ConfState, Config, Entry, EntryKind, LogStore, MemLogStore, Message,
     MessageBody, NodeId, ProposeError, Raft, Role,
 };
@@ -397,7 +397,7 @@ fn a_node_does_not_campaign_while_a_committed_change_waits_to_be_applied() {
         Entry { term: 1, index: 1, kind: EntryKind::Normal, data: Bytes::new() },
         Entry { term: 1, index: 2, kind: EntryKind::ConfChange, data: change.encode() },
     ]);
-    store.set_hard_state(raft_host::raft::HardState { term: 1, vote: None, commit: 2 });
+    store.set_hard_state(raft_core::HardState { term: 1, vote: None, commit: 2 });
     let mut config = Config::new(1);
     config.pre_vote = false;
     config.applied = 1;
