@@ -6,13 +6,13 @@
 //! Writes carry a client id and sequence number, so a retry after a lost
 //! answer is applied once (the member answers it from the session table).
 
-use crate::rpc::client_pb::{
+use crate::wire::client_pb::{
     self, ActivateRequest, ActivateResponse, ChangeMembershipRequest, DeployProgress, DeployRequest, MembersRequest,
     MembersResponse, MembershipChange, ModulesRequest, ModulesResponse, ReadRequest, ReadResponse, SetOfflineRequest,
     SetOfflineResponse, StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse, WriteRequest,
     WriteResponse, client_client::ClientClient,
 };
-use crate::rpc::{LEADER_ADDR_KEY, client_pb::outcome};
+use crate::wire::{LEADER_ADDR_KEY, client_pb::outcome};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use thiserror::Error;
 use tonic::transport::{Channel, Endpoint};
@@ -53,7 +53,7 @@ impl ClientError {
 }
 
 /// Read consistency, as the client asks for it.
-pub use crate::rpc::client_pb::Consistency;
+pub use crate::wire::client_pb::Consistency;
 
 /// A state machine's answer.
 pub type Outcome = Result<Vec<u8>, String>;

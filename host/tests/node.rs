@@ -2,14 +2,15 @@
 //! refusal of a data directory that belongs to another member.
 
 use raft_host::client::{ClientError, ClusterClient, Consistency, outcome_of};
-use raft_host::node::{Node, NodeConfig, NodeError};
+use raft_host::node::NodeError;
+use raft_host::server::{Server, ServerConfig, ServerError};
 use raft_host::storage::StoreError;
 use std::time::Duration;
 use tonic::Code;
 
-fn single_member(dir: &std::path::Path) -> NodeConfig {
-    let mut config = NodeConfig::new(1, "in-process", "127.0.0.1:0".parse().expect("address"), dir.to_path_buf());
-    config.tick = Duration::from_millis(10);
+fn single_member(dir: &std::path::Path) -> ServerConfig {
+    let mut config = ServerConfig::new(1, "in-process", "127.0.0.1:0".parse().expect("address"), dir.to_path_buf());
+    config.node.tick = Duration::from_millis(10);
     config
 }
 
@@ -23,7 +24,7 @@ fn a_full_member_answers_busy_and_the_client_gives_up_with_a_clear_error() {
     runtime().block_on(async {
         let mut config = single_member(dir.path());
         config.max_pending_requests = 0;
-        let node = Node::start(config).await.expect("starts");
+        let node = Server::start(config).await.expect("starts");
         let mut client = ClusterClient::new(vec![node.local_addr().to_string()]).expect("client");
         client.deadline = Duration::from_millis(300);
         let error = client.write("kv", br#"{"op":"put","key":"a","value":"1"}"#.to_vec()).await.expect_err("busy");
@@ -44,7 +45,7 @@ fn a_single_member_serves_writes_and_keeps_them_across_a_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = runtime();
     let first = rt.block_on(async {
-        let node = Node::start(single_member(dir.path())).await.expect("starts");
+        let node = Server::start(single_member(dir.path())).await.expect("starts");
         let mut client = ClusterClient::new(vec![node.local_addr().to_string()]).expect("client");
         let put = client.write("kv", br#"{"op":"put","key":"a","value":"1"}"#.to_vec()).await.expect("write");
         assert_eq!(outcome_of(put.outcome), Ok(br#"{"previous":null}"#.to_vec()));
@@ -55,12 +56,12 @@ fn a_single_member_serves_writes_and_keeps_them_across_a_restart() {
         status
     });
     rt.block_on(async {
-        let node = Node::start(single_member(dir.path())).await.expect("restarts");
+        let node = Server::start(single_member(dir.path())).await.expect("restarts");
         let mut client = ClusterClient::new(vec![node.local_addr().to_string()]).expect("client");
         let read = client.read("kv", br#"{"op":"get","key":"a"}"#.to_vec(), Consistency::Linearizable).await;
         assert_eq!(outcome_of(read.expect("read").outcome), Ok(br#"{"value":"1"}"#.to_vec()));
         let status = client.status().await.expect("status");
-        let digest = |s: &raft_host::rpc::client_pb::StatusResponse| s.state_machines.clone();
+        let digest = |s: &raft_host::wire::client_pb::StatusResponse| s.state_machines.clone();
         assert_eq!(digest(&status), digest(&first), "nothing was applied twice or lost");
         assert!(status.term > first.term, "a restart elects anew");
         // Requests the service refuses before the core sees them.
@@ -72,18 +73,18 @@ fn a_single_member_serves_writes_and_keeps_them_across_a_restart() {
     // The same directory as another member, or of another cluster: refused.
     rt.block_on(async {
         let mut other = single_member(dir.path());
-        other.id = 2;
-        let error = Node::start(other).await.err().expect("refused");
-        assert!(matches!(error, NodeError::Store(StoreError::WrongNode { .. })), "{error}");
+        other.node.id = 2;
+        let error = Server::start(other).await.err().expect("refused");
+        assert!(matches!(error, ServerError::Node(NodeError::Store(StoreError::WrongNode { .. }))), "{error}");
         let mut other = single_member(dir.path());
-        other.cluster_id = "elsewhere".into();
-        let error = Node::start(other).await.err().expect("refused");
-        assert!(matches!(error, NodeError::Store(StoreError::WrongCluster { .. })), "{error}");
+        other.node.cluster_id = "elsewhere".into();
+        let error = Server::start(other).await.err().expect("refused");
+        assert!(matches!(error, ServerError::Node(NodeError::Store(StoreError::WrongCluster { .. }))), "{error}");
         // Once bootstrapped, the store decides the membership (changes go
         // through the log), not the --peer flags of a restart.
         let mut grown = single_member(dir.path());
-        grown.peers.insert(2, "127.0.0.1:1".into());
-        let node = Node::start(grown).await.expect("starts with its stored membership");
+        grown.node.peers.insert(2, "127.0.0.1:1".into());
+        let node = Server::start(grown).await.expect("starts with its stored membership");
         let mut client = ClusterClient::new(vec![node.local_addr().to_string()]).expect("client");
         let members = client.members().await.expect("members");
         assert_eq!(members.members.iter().map(|m| m.id).collect::<Vec<_>>(), vec![1]);
@@ -99,8 +100,8 @@ fn a_member_over_its_apply_backlog_limit_pauses_and_loses_no_write() {
         let mut config = single_member(dir.path());
         // Every batch handed to the apply task fills the backlog: the core
         // holds the next back until the apply task reports it drained.
-        config.max_apply_backlog_bytes = 1;
-        let node = Node::start(config).await.expect("starts");
+        config.node.max_apply_backlog_bytes = 1;
+        let node = Server::start(config).await.expect("starts");
         let address = node.local_addr().to_string();
         let writers: Vec<_> = (0..8)
             .map(|writer| {
@@ -145,7 +146,7 @@ fn metrics_are_served_in_the_prometheus_text_format() {
     runtime().block_on(async {
         let mut config = single_member(dir.path());
         config.metrics_listen = Some("127.0.0.1:0".parse().expect("address"));
-        let node = Node::start(config).await.expect("starts");
+        let node = Server::start(config).await.expect("starts");
         let metrics = node.metrics_addr().expect("metrics are served");
         let mut client = ClusterClient::new(vec![node.local_addr().to_string()]).expect("client");
         for n in 0..3 {

@@ -250,9 +250,9 @@ fn apply_batches_are_atomic_and_scoped_by_state_machine() {
     assert_ne!(store.state_digest("kv").expect("digest"), digest);
     let err =
         store.apply(&ApplyBatch { applied_index: 1, applied_term: 1, ..ApplyBatch::default() }).expect_err("back");
-    assert!(matches!(err, StoreError::Limit(_)), "{err}");
+    assert!(matches!(err, StoreError::AppliedBackwards { from: 2, to: 1 }), "{err}");
     let err = store.state_get("", b"a").expect_err("empty name");
-    assert!(matches!(err, StoreError::Limit(_)), "{err}");
+    assert!(matches!(err, StoreError::InvalidStateMachineName(_)), "{err}");
     drop(store);
     let store = open(dir.path());
     assert_eq!(store.applied(), (2, 1));

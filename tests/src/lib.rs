@@ -5,7 +5,7 @@
 //! test leaves nothing running; every wait has a deadline.
 
 use raft_host::client::{ClusterClient, Consistency, outcome_of};
-use raft_host::rpc::client_pb::StatusResponse;
+use raft_host::wire::client_pb::StatusResponse;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -4,8 +4,8 @@
 //! graceful stop.
 
 use raft_host::client::{ClusterClient, Consistency, outcome_of};
-use raft_host::rpc::client_pb::{WatchRequest, WriteRequest, client_client::ClientClient};
-use raft_host::rpc::pb::{Envelope, Message, RequestVote, message::Body, raft_peer_client::RaftPeerClient};
+use raft_host::wire::client_pb::{WatchRequest, WriteRequest, client_client::ClientClient};
+use raft_host::wire::pb::{Envelope, Message, RequestVote, message::Body, raft_peer_client::RaftPeerClient};
 use raft_host_e2e::{Cluster, binary, put, read_value, run};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

@@ -5,7 +5,7 @@
 //! anything is committed, and state machines side by side keep apart.
 
 use raft_host::client::{ClusterClient, Consistency, outcome_of};
-use raft_host::rpc::client_pb::StatusResponse;
+use raft_host::wire::client_pb::StatusResponse;
 use raft_host_e2e::{Cluster, Writers, binary, put, run};
 use std::time::Duration;
 use tonic::Code;

@@ -5,7 +5,7 @@
 //! Every scenario ends with equal state digests and no failed write.
 
 use raft_host::client::{ClusterClient, Consistency};
-use raft_host::rpc::client_pb::{MembershipChange, StatusResponse};
+use raft_host::wire::client_pb::{MembershipChange, StatusResponse};
 use raft_host_e2e::{Cluster, Writers, binary, put, read_value, run};
 use std::time::{Duration, Instant};
 

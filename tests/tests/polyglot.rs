@@ -3,7 +3,7 @@
 //! the ordinary deploy path into a 3-member cluster of real processes.
 
 use raft_host::client::{ClusterClient, Consistency, outcome_of};
-use raft_host::rpc::client_pb::StatusResponse;
+use raft_host::wire::client_pb::StatusResponse;
 use raft_host_e2e::{Cluster, polyglot_guest, run};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

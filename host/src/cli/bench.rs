@@ -149,7 +149,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
 /// Each member's status, by position in the address list, asked of all at
 /// once (`None` for one that does not answer: the CPU figures then leave it
 /// out).
-async fn sample_members(addresses: &[String]) -> Vec<Option<raft_host::rpc::client_pb::StatusResponse>> {
+async fn sample_members(addresses: &[String]) -> Vec<Option<raft_host::wire::client_pb::StatusResponse>> {
     let asks: Vec<_> = addresses
         .iter()
         .map(|address| {
@@ -193,8 +193,8 @@ impl ProcessCpu {
 /// Groups the members' two samples by process. A member that restarted in
 /// between (another process instance) or does not report usage is left out.
 fn processes_cpu(
-    before: &[Option<raft_host::rpc::client_pb::StatusResponse>],
-    after: &[Option<raft_host::rpc::client_pb::StatusResponse>],
+    before: &[Option<raft_host::wire::client_pb::StatusResponse>],
+    after: &[Option<raft_host::wire::client_pb::StatusResponse>],
 ) -> Vec<ProcessCpu> {
     let mut processes: Vec<(u64, ProcessCpu)> = Vec::new();
     for (before, after) in before.iter().zip(after) {
@@ -437,7 +437,7 @@ pub(super) fn print_errors(errors: u64, first_error: Option<&str>) {
 #[cfg(test)]
 mod tests {
     use super::processes_cpu;
-    use raft_host::rpc::client_pb::StatusResponse;
+    use raft_host::wire::client_pb::StatusResponse;
 
     fn sample(id: u64, role: &str, instance: u64, cpu: f64) -> Option<StatusResponse> {
         Some(StatusResponse {

@@ -3,7 +3,7 @@
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use raft_host::client::{ClusterClient, Consistency, outcome_of};
-use raft_host::rpc::client_pb::StatusResponse;
+use raft_host::wire::client_pb::StatusResponse;
 use serde_json::json;
 use std::io::Write as _;
 

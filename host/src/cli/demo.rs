@@ -57,7 +57,7 @@ pub fn validate(args: &ValidateArgs) -> anyhow::Result<()> {
     println!(
         "{name}: fits raft:host/state-machine; {} bytes; sha256 {}; compiled in {:.0} ms",
         module.size_bytes(),
-        raft_host::storage::hex(&module.hash()),
+        raft_host::wire::hex(&module.hash()),
         started.elapsed().as_secs_f64() * 1e3
     );
     println!("imports (served by the host, WASI by its virtual, deterministic WASI):");

@@ -4,7 +4,7 @@
 use super::client::Target;
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use raft_host::rpc::client_pb::{MembersResponse, MembershipChange};
+use raft_host::wire::client_pb::{MembersResponse, MembershipChange};
 use serde_json::json;
 
 #[derive(Args)]

@@ -4,7 +4,7 @@
 use super::client::Target;
 use anyhow::Context;
 use clap::Args;
-use raft_host::rpc::client_pb::{DeployProgress, ModuleVersionInfo};
+use raft_host::wire::client_pb::{DeployProgress, ModuleVersionInfo};
 use serde_json::json;
 use std::io::{IsTerminal, Write as _};
 use std::path::PathBuf;

@@ -2,8 +2,8 @@
 
 use anyhow::{Context, bail};
 use clap::Args;
-use raft_host::node::{Node, NodeConfig, RunningNode};
 use raft_host::raft::NodeId;
+use raft_host::server::{Server, ServerConfig};
 use raft_host::storage::Durability;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -137,12 +137,15 @@ impl ServeArgs {
     }
 
     /// The member's configuration, or what is missing or wrong.
-    fn node_config(self) -> anyhow::Result<NodeConfig> {
+    fn server_config(self) -> anyhow::Result<ServerConfig> {
         let args = self.resolved()?;
         let id = args.id.context("--id is required (or RAFT_HOST_ID, or `id` in the config file)")?;
         let listen = args.listen.context("--listen is required, for example --listen 127.0.0.1:7001")?;
         let data_dir = args.data_dir.context("--data-dir is required")?;
-        let mut config = NodeConfig::new(id, args.cluster.unwrap_or_else(|| "raft-host".to_string()), listen, data_dir);
+        let mut server =
+            ServerConfig::new(id, args.cluster.unwrap_or_else(|| "raft-host".to_string()), listen, data_dir);
+        server.metrics_listen = args.metrics_listen;
+        let config = &mut server.node;
         if let Some(advertise) = args.advertise {
             config.advertise = advertise;
         }
@@ -160,7 +163,6 @@ impl ServeArgs {
         if let Some(secs) = args.module_ready_timeout_secs {
             config.module_ready_timeout = Duration::from_secs(secs);
         }
-        config.metrics_listen = args.metrics_listen;
         if args.unsafe_no_fsync == Some(true) {
             config.durability = Durability::UnsafeNoSync;
         }
@@ -172,7 +174,7 @@ impl ServeArgs {
         config.snapshot_threshold_entries =
             args.snapshot_threshold_entries.unwrap_or(config.snapshot_threshold_entries);
         config.snapshot_keep_entries = args.snapshot_keep_entries.unwrap_or(config.snapshot_keep_entries);
-        Ok(config)
+        Ok(server)
     }
 }
 
@@ -201,11 +203,11 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if workers == Some(0) {
         bail!("--worker-threads must be at least 1");
     }
-    let config = args.node_config()?;
+    let config = args.server_config()?;
     let runtime = super::runtime_with(workers)?;
     runtime.block_on(async {
-        let node = Node::start(config).await?;
-        run_until_signal(vec![node]).await
+        let server = Server::start(config).await?;
+        run_until_signal(vec![server]).await
     })
 }
 
@@ -243,8 +245,8 @@ pub fn dev(args: DevArgs) -> anyhow::Result<()> {
     let mut configs = Vec::new();
     for &id in &ids {
         let listen: SocketAddr = address(id).parse().context("the port range does not fit")?;
-        let mut config = NodeConfig::new(id, "raft-host-dev", listen, root.join(format!("node-{id}")));
-        config.peers = ids.iter().filter(|&&peer| peer != id).map(|&peer| (peer, address(peer))).collect();
+        let mut config = ServerConfig::new(id, "raft-host-dev", listen, root.join(format!("node-{id}")));
+        config.node.peers = ids.iter().filter(|&&peer| peer != id).map(|&peer| (peer, address(peer))).collect();
         // Metrics 1000 ports above the member's (8001, 8002, ... by default).
         let metrics_port = u16::try_from(u64::from(listen.port()) + 1000).context("the metrics port does not fit")?;
         config.metrics_listen = Some(SocketAddr::new(listen.ip(), metrics_port));
@@ -253,9 +255,9 @@ pub fn dev(args: DevArgs) -> anyhow::Result<()> {
     let addresses: Vec<String> = ids.iter().map(|&id| address(id)).collect();
     let runtime = super::runtime()?;
     runtime.block_on(async {
-        let mut nodes = Vec::new();
+        let mut servers = Vec::new();
         for config in configs {
-            nodes.push(Node::start(config).await?);
+            servers.push(Server::start(config).await?);
         }
         let all = addresses.join(",");
         println!("raft-host dev: {} member(s) on {all}, data in {}", ids.len(), root.display());
@@ -264,18 +266,18 @@ pub fn dev(args: DevArgs) -> anyhow::Result<()> {
         println!("  raft-host write --addr {all} '{{\"op\":\"put\",\"key\":\"a\",\"value\":\"1\"}}'");
         println!("  raft-host read --addr {all} '{{\"op\":\"get\",\"key\":\"a\"}}'");
         println!("  raft-host status --addr {}", addresses[0]);
-        if let Some(metrics) = nodes.first().and_then(RunningNode::metrics_addr) {
+        if let Some(metrics) = servers.first().and_then(Server::metrics_addr) {
             println!("  curl http://{metrics}/metrics   (each member's metrics: its port + 1000)");
         }
         println!("(cargo run --release -p raft-host -- <command> works the same; Ctrl-C stops the cluster)");
-        run_until_signal(nodes).await
+        run_until_signal(servers).await
     })
 }
 
 /// Serves until SIGINT or SIGTERM (or a member fails), then stops every
 /// member gracefully: stop accepting, finish in-flight work, flush.
-async fn run_until_signal(nodes: Vec<RunningNode>) -> anyhow::Result<()> {
-    let stopping = futures_any(nodes.iter().map(RunningNode::stopping).collect());
+async fn run_until_signal(members: Vec<Server>) -> anyhow::Result<()> {
+    let stopping = futures_any(members.iter().map(Server::stopping).collect());
     tokio::select! {
         signal = shutdown_signal() => {
             let name = signal?;
@@ -283,19 +285,19 @@ async fn run_until_signal(nodes: Vec<RunningNode>) -> anyhow::Result<()> {
         }
         () = stopping => tracing::warn!("a member stopped on its own; stopping the others"),
     }
-    if nodes.len() == 1 {
+    if members.len() == 1 {
         // A leader that is asked to stop hands over first, so the cluster
         // does not wait out an election timeout.
-        for node in &nodes {
-            node.hand_over_leadership().await;
+        for member in &members {
+            member.hand_over_leadership().await;
         }
     }
-    for node in &nodes {
-        node.shutdown();
+    for member in &members {
+        member.shutdown();
     }
     let mut first_error = None;
-    for node in nodes {
-        if let Err(error) = node.wait().await {
+    for member in members {
+        if let Err(error) = member.wait().await {
             tracing::error!(%error, "member failed");
             first_error.get_or_insert(error);
         }

@@ -6,29 +6,33 @@
 //! decision here depends only on the entries (their order, their bytes, the
 //! leader's timestamps), never on this node's clock or batch boundaries, so
 //! every replica ends in the same state at the same index.
+//!
+//! This file batches client writes and keeps the session table; the entries
+//! of a deploy go through [`super::module_apply`]. The services reach the
+//! task through an [`ApplyHandle`]: stale reads and the applied side of
+//! the member's status.
 
-use super::members::{Members, Membership, decode_addresses};
-use super::modules::{ModuleRegistry, Ranges, assemble, check_name};
+use super::error::{ApplyError, NodeError, Task};
+use super::members::{Members, Membership};
+use super::module_apply::{ModuleApply, Outcome};
+use super::modules::ModuleRegistry;
+use super::request::{ReadReply, RequestError, WriteReply, await_answer};
 use super::sessions::{Admission, SessionLimits, Sessions, session_reply};
-use super::{NodeError, ReadReply, RequestError, WriteReply};
-use crate::raft::{ConfChangeEntry, Entry, EntryKind, Index, SnapshotMeta, Term};
-use crate::rpc::pb::{self, entry_payload, session_reply::Result as ReplyResult};
-use crate::runtime::{EntryInfo, Machine, RuntimeError};
-use crate::storage::{ApplyBatch, ModuleKey, StateWrite, Store, StoreError, hex};
-use prost::Message as _;
-use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use super::shutdown::Shutdown;
+use crate::raft::{ConfChangeEntry, Entry, EntryKind, Index, NodeId, SnapshotMeta, Term};
+use crate::runtime::{EntryInfo, Machine};
+use crate::storage::{ApplyBatch, StateWrite, Store, StoreError};
+use crate::wire::pb::{self, session_reply::Result as ReplyResult};
+use crate::wire::{Payload, StampedPayload, decode_addresses, decode_payload, hex};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use thiserror::Error;
+use std::time::Duration;
 use tokio::sync::{Notify, oneshot};
 
-/// Largest module an upload may announce, whatever the members' settings.
-const MODULE_BYTES_HARD_MAX: u64 = 1 << 30;
-
 /// Work for the apply task.
-pub enum ApplyMsg {
+pub(super) enum ApplyMsg {
     /// A client waits for the entry proposed at `index` in `term`.
     Await { index: Index, term: Term, reply: oneshot::Sender<Result<WriteReply, RequestError>> },
     /// Committed entries, in log order, and their size for back-pressure.
@@ -41,12 +45,13 @@ pub enum ApplyMsg {
     /// Report applied index and state digests.
     Status(oneshot::Sender<Result<ApplyStatus, RequestError>>),
     /// Replace the state with the staged snapshot (after applying what came
-    /// before it), then report.
-    InstallSnapshot { snapshot: SnapshotMeta, done: oneshot::Sender<Result<(), StoreError>> },
+    /// before it), then report. A failure stops the task, which drops
+    /// `done` unanswered.
+    InstallSnapshot { snapshot: SnapshotMeta, done: oneshot::Sender<()> },
 }
 
 /// A read waiting for its index.
-pub struct ReadJob {
+pub(super) struct ReadJob {
     pub index: Index,
     pub state_machine: String,
     pub query: Vec<u8>,
@@ -71,7 +76,7 @@ pub struct MachineStatus {
 /// How many handed-out bytes wait to be applied. The core stops handing out
 /// committed entries past a limit and waits for the backlog to drain.
 #[derive(Default)]
-pub struct ApplyProgress {
+pub(super) struct ApplyProgress {
     backlog_bytes: AtomicU64,
     /// Set while the core waits for the backlog to drain. Only then does an
     /// applied batch wake it: a wake-up per batch is a context switch per
@@ -114,18 +119,6 @@ impl ApplyProgress {
     }
 }
 
-/// A failure that stops the node: the store failed or the engine (not a
-/// guest) broke. Replying to clients cannot continue safely after it.
-#[derive(Debug, Error)]
-pub enum ApplyError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Runtime(#[from] RuntimeError),
-    #[error("after installing a snapshot: {0}")]
-    Reload(String),
-}
-
 /// One client write waiting in the current run.
 struct RunItem {
     index: Index,
@@ -137,6 +130,17 @@ struct RunItem {
     lowest_unanswered: u64,
 }
 
+/// Consecutive client writes to one state machine, applied as one guest
+/// batch and one store batch.
+#[derive(Default)]
+struct WriteRun {
+    machine: Option<String>,
+    items: Vec<RunItem>,
+    /// `(client, sequence)` of the run's writes, to catch a retry of a write
+    /// in the same run (it must see that write's answer, not apply twice).
+    keys: HashSet<(Vec<u8>, u64)>,
+}
+
 /// A write's result, sent once the run that decided it is durable.
 struct Decided {
     index: Index,
@@ -144,12 +148,75 @@ struct Decided {
     result: Result<WriteReply, RequestError>,
 }
 
+/// The link from the core task to the apply thread: the channel it hands
+/// committed entries and waiting clients through, and the backlog gauge.
+pub(super) struct ApplyLink {
+    pub(super) tx: mpsc::Sender<ApplyMsg>,
+    pub(super) progress: Arc<ApplyProgress>,
+}
+
+/// How the services reach the apply thread: reads served from what this
+/// member has applied, and the applied side of its status.
+#[derive(Clone)]
+pub struct ApplyHandle {
+    tx: mpsc::Sender<ApplyMsg>,
+    request_timeout: Duration,
+}
+
+impl ApplyHandle {
+    /// A stale read: answered from this member's applied state, with no
+    /// round trip to the leader.
+    pub async fn stale_read(&self, state_machine: String, query: Vec<u8>) -> Result<ReadReply, RequestError> {
+        let (reply, answer) = oneshot::channel();
+        // A closed channel drops the job, whose dropped sender reads as a
+        // shutdown to the waiter.
+        let _ = self.tx.send(ApplyMsg::Read(ReadJob { index: 0, state_machine, query, reply }));
+        await_answer(self.request_timeout, answer).await?
+    }
+
+    /// The applied index and every state machine's module and state digest,
+    /// taken at one applied index.
+    pub async fn status(&self) -> Result<ApplyStatus, RequestError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(ApplyMsg::Status(reply)).map_err(|_| RequestError::ShuttingDown)?;
+        await_answer(self.request_timeout, answer).await?
+    }
+}
+
+/// The apply thread, once started.
+pub(super) type ApplyThread = std::thread::JoinHandle<Result<(), ApplyError>>;
+
+/// Starts `applier` on a thread of its own. A failure there stops the
+/// member: it begins the shutdown before the thread ends.
+pub(super) fn spawn(
+    applier: Applier,
+    id: NodeId,
+    request_timeout: Duration,
+    shutdown: Shutdown,
+) -> Result<(ApplyLink, ApplyHandle, ApplyThread), NodeError> {
+    let (tx, inbox) = mpsc::channel();
+    let link = ApplyLink { tx: tx.clone(), progress: applier.progress.clone() };
+    let thread = std::thread::Builder::new()
+        .name(format!("apply-{id}"))
+        .spawn(move || {
+            let result = applier.run(inbox);
+            if let Err(error) = &result {
+                tracing::error!(%error, "the apply task failed; stopping the member");
+                shutdown.begin();
+            }
+            result
+        })
+        .map_err(|source| NodeError::Spawn { task: Task::Apply, source })?;
+    Ok((link, ApplyHandle { tx, request_timeout }, thread))
+}
+
 /// The apply task's state.
-pub struct Applier {
+pub(super) struct Applier {
     store: Store,
     registry: Arc<ModuleRegistry>,
     machines: BTreeMap<String, Machine>,
     sessions: Sessions,
+    session_limits: SessionLimits,
     /// Index and term of the last applied entry.
     applied: (Index, Term),
     /// The replicated clock: the latest entry timestamp applied.
@@ -157,67 +224,53 @@ pub struct Applier {
     waiters: BTreeMap<Index, (Term, oneshot::Sender<Result<WriteReply, RequestError>>)>,
     reads: BTreeMap<Index, Vec<ReadJob>>,
     progress: Arc<ApplyProgress>,
-    /// Writes of the current run, all for `run_machine`.
-    run: Vec<RunItem>,
-    run_machine: Option<String>,
-    /// `(client, sequence)` of the run's writes, to catch a retry of a write
-    /// in the same run (it must see that write's answer, not apply twice).
-    run_keys: HashSet<(Vec<u8>, u64)>,
+    run: WriteRun,
     decided: Vec<Decided>,
-    /// Writes and module records of a deploy entry, for the next flush.
+    /// Writes of a migrate hook, for the next flush.
     pending_writes: Vec<StateWrite>,
-    module_changes: Vec<(ModuleKey, Option<Vec<u8>>)>,
-    /// Modules completed by the last flush, to compile once it is durable.
-    completed_modules: Vec<[u8; 32]>,
-    /// Uploads whose chunks arrived in order so far: the next offset and the
-    /// hash of the bytes before it, so completing a module does not read
-    /// it back (after a restart, or out of order, it is read back instead).
-    hashing: HashMap<[u8; 32], (u64, Sha256)>,
+    modules: ModuleApply,
     members: Arc<Members>,
     /// A membership change applied in this run, for the next flush.
     pending_membership: Option<Membership>,
-    session_limits: SessionLimits,
 }
 
 impl Applier {
-    /// The apply state of `store` as of its applied index.
-    pub fn new(
+    /// The apply state of `store` as of its applied index: the active
+    /// version of every state machine loaded, the session table read back.
+    /// Loading may compile, so call it on a blocking thread.
+    pub(super) fn open(
         store: Store,
         registry: Arc<ModuleRegistry>,
-        machines: BTreeMap<String, Machine>,
-        (sessions, session_limits): (Sessions, SessionLimits),
-        progress: Arc<ApplyProgress>,
         members: Arc<Members>,
-    ) -> Result<Applier, StoreError> {
+        session_limits: SessionLimits,
+    ) -> Result<Applier, ApplyError> {
+        let machines = registry.load_active()?;
+        let sessions = Sessions::load(session_limits, store.session_scan()?)?;
         let applied = store.applied();
         let clock_ms = store.apply_clock_ms()?;
-        registry.set_names(machines.keys().cloned().collect());
         Ok(Applier {
+            modules: ModuleApply::new(registry.clone(), store.clone()),
             store,
             registry,
             machines,
             sessions,
+            session_limits,
             applied,
             clock_ms,
             waiters: BTreeMap::new(),
             reads: BTreeMap::new(),
-            progress,
-            run: Vec::new(),
-            run_machine: None,
-            run_keys: HashSet::new(),
+            progress: Arc::new(ApplyProgress::default()),
+            run: WriteRun::default(),
             decided: Vec::new(),
             pending_writes: Vec::new(),
-            module_changes: Vec::new(),
-            completed_modules: Vec::new(),
-            hashing: HashMap::new(),
             members,
             pending_membership: None,
-            session_limits,
         })
     }
 
-    /// Runs until the channel closes (the core task stopped) or a fatal error.
-    pub fn run(mut self, inbox: mpsc::Receiver<ApplyMsg>) -> Result<(), ApplyError> {
+    /// Runs until the channel closes (the core task stopped) or a fatal
+    /// error.
+    fn run(mut self, inbox: mpsc::Receiver<ApplyMsg>) -> Result<(), ApplyError> {
         while let Ok(message) = inbox.recv() {
             self.handle(message)?;
         }
@@ -225,8 +278,7 @@ impl Applier {
         Ok(())
     }
 
-    /// Handles one message.
-    pub fn handle(&mut self, message: ApplyMsg) -> Result<(), ApplyError> {
+    fn handle(&mut self, message: ApplyMsg) -> Result<(), ApplyError> {
         match message {
             ApplyMsg::Await { index, term, reply } => {
                 if index <= self.applied.0 {
@@ -260,12 +312,8 @@ impl Applier {
                 let _ = reply.send(self.status().map_err(|e| RequestError::Internal(e.to_string())));
             }
             ApplyMsg::InstallSnapshot { snapshot, done } => {
-                let result = self.install_snapshot(&snapshot);
-                let _ = done.send(match &result {
-                    Ok(()) => Ok(()),
-                    Err(error) => Err(StoreError::Limit(error.to_string())),
-                });
-                result?;
+                self.install_snapshot(&snapshot)?;
+                let _ = done.send(());
                 self.serve_due_reads()?;
             }
         }
@@ -277,14 +325,11 @@ impl Applier {
     fn install_snapshot(&mut self, snapshot: &SnapshotMeta) -> Result<(), ApplyError> {
         self.flush()?;
         self.store.install_snapshot(snapshot)?;
-        let reload = |e: NodeError| ApplyError::Reload(e.to_string());
-        self.machines = super::server::load_active(&self.registry, &self.store).map_err(reload)?;
-        self.registry.set_names(self.machines.keys().cloned().collect());
-        self.sessions = Sessions::load(self.session_limits, self.store.session_scan()?)
-            .map_err(|e| ApplyError::Reload(e.to_string()))?;
+        self.machines = self.registry.load_active()?;
+        self.sessions = Sessions::load(self.session_limits, self.store.session_scan()?)?;
         self.applied = (snapshot.index, snapshot.term);
         self.clock_ms = self.store.apply_clock_ms()?;
-        self.hashing.clear();
+        self.modules.forget_progress();
         self.fail_waiters(|| RequestError::OutcomeUnknown("this member installed a snapshot from the leader".into()));
         self.members.publish(Membership::stored(&self.store)?);
         tracing::info!(index = snapshot.index, term = snapshot.term, "snapshot installed");
@@ -310,14 +355,16 @@ impl Applier {
                 self.apply_conf_change(position, &entry.data)?;
                 continue;
             }
-            match decode_entry(&entry) {
-                Some((timestamp_ms, kind)) => {
+            match decode_payload(&entry) {
+                Some(StampedPayload { timestamp_ms, payload }) => {
                     self.clock_ms = self.clock_ms.max(timestamp_ms);
                     self.sessions.expire(self.clock_ms);
-                    match kind {
-                        entry_payload::Kind::Command(command) => self.admit(position, command)?,
-                        entry_payload::Kind::ModuleChunk(chunk) => self.apply_chunk(position, chunk)?,
-                        entry_payload::Kind::Activate(activate) => self.apply_activation(position, activate)?,
+                    match payload {
+                        Payload::Command(command) => self.admit(position, command)?,
+                        Payload::ModuleChunk(chunk) => {
+                            self.apply_alone(position, |applier| Ok(applier.modules.store_chunk(position.0, chunk)?))?
+                        }
+                        Payload::Activate(activate) => self.apply_activation(position, activate)?,
                     }
                 }
                 None => {
@@ -335,8 +382,8 @@ impl Applier {
 
     fn admit(&mut self, (index, term): (Index, Term), command: pb::Command) -> Result<(), ApplyError> {
         let key = (command.client_id.clone(), command.sequence);
-        let other_machine = self.run_machine.as_deref().is_some_and(|m| m != command.state_machine);
-        if other_machine || (!key.0.is_empty() && self.run_keys.contains(&key)) {
+        let other_machine = self.run.machine.as_deref().is_some_and(|m| m != command.state_machine);
+        if other_machine || (!key.0.is_empty() && self.run.keys.contains(&key)) {
             // The position so far belongs to the run being flushed.
             self.flush()?;
         }
@@ -362,11 +409,11 @@ impl Applier {
             self.finish_write(index, term, session, outcome);
             return Ok(());
         }
-        self.run_machine = Some(command.state_machine);
+        self.run.machine = Some(command.state_machine);
         if !key.0.is_empty() {
-            self.run_keys.insert(key);
+            self.run.keys.insert(key);
         }
-        self.run.push(RunItem {
+        self.run.items.push(RunItem {
             index,
             term,
             info,
@@ -385,7 +432,7 @@ impl Applier {
         index: Index,
         term: Term,
         (client, sequence, lowest_unanswered): (&[u8], u64, u64),
-        outcome: Result<Vec<u8>, String>,
+        outcome: Outcome,
     ) {
         if !client.is_empty() {
             let reply = session_reply(sequence, index, term, &outcome);
@@ -399,22 +446,19 @@ impl Applier {
     /// answers the clients.
     fn flush(&mut self) -> Result<(), ApplyError> {
         let mut writes = Vec::new();
-        if let Some(name) = self.run_machine.take() {
-            let run = std::mem::take(&mut self.run);
-            self.run_keys.clear();
-            if let Some(machine) = self.machines.get_mut(&name) {
-                let commands: Vec<(EntryInfo, &[u8])> = run.iter().map(|i| (i.info, i.command.as_slice())).collect();
-                let (outcomes, run_writes) = machine.apply_batch(&commands)?;
-                writes = run_writes;
-                for (item, outcome) in run.iter().zip(outcomes) {
-                    let outcome = outcome.map_err(|e| e.to_string());
-                    let session = (item.client.as_slice(), item.sequence, item.lowest_unanswered);
-                    self.finish_write(item.index, item.term, session, outcome);
-                }
+        let run = std::mem::take(&mut self.run);
+        if let Some(machine) = run.machine.and_then(|name| self.machines.get_mut(&name)) {
+            let commands: Vec<(EntryInfo, &[u8])> = run.items.iter().map(|i| (i.info, i.command.as_slice())).collect();
+            let (outcomes, run_writes) = machine.apply_batch(&commands)?;
+            writes = run_writes;
+            for (item, outcome) in run.items.iter().zip(outcomes) {
+                let outcome = outcome.map_err(|e| e.to_string());
+                let session = (item.client.as_slice(), item.sequence, item.lowest_unanswered);
+                self.finish_write(item.index, item.term, session, outcome);
             }
         }
         writes.append(&mut self.pending_writes);
-        let modules = std::mem::take(&mut self.module_changes);
+        let modules = self.modules.take_changes();
         let membership = self.pending_membership.take();
         if self.applied.0 > self.store.applied().0 || !writes.is_empty() || !modules.is_empty() {
             self.store.apply(&ApplyBatch {
@@ -430,9 +474,7 @@ impl Applier {
         if let Some(membership) = membership {
             self.members.publish(membership);
         }
-        for hash in std::mem::take(&mut self.completed_modules) {
-            self.registry.prepare_in_background(hash);
-        }
+        self.modules.prepare_completed();
         self.answer_writes();
         Ok(())
     }
@@ -460,20 +502,13 @@ impl Applier {
         })
     }
 
-    /// A chunk of a module being deployed: stored with the applied position;
-    /// the chunk that completes the module also verifies it against its hash
-    /// and records it as a version of its state machine.
-    fn apply_chunk(&mut self, position: (Index, Term), chunk: pb::ModuleChunk) -> Result<(), ApplyError> {
-        self.apply_alone(position, |applier| Ok(applier.store_chunk(position.0, chunk)?))
-    }
-
     /// Applies an entry in a batch of its own: what came before is made
     /// durable first, and the entry's outcome and changes land with its
     /// position.
     fn apply_alone(
         &mut self,
         (index, term): (Index, Term),
-        decide: impl FnOnce(&mut Self) -> Result<Result<Vec<u8>, String>, ApplyError>,
+        decide: impl FnOnce(&mut Self) -> Result<Outcome, ApplyError>,
     ) -> Result<(), ApplyError> {
         self.flush()?;
         let outcome = decide(self)?;
@@ -482,162 +517,17 @@ impl Applier {
         self.flush()
     }
 
-    /// The chunk's outcome (refusals are decided by the entries alone, so
-    /// every replica decides alike); a store failure is this member's, and
-    /// fatal.
-    fn store_chunk(&mut self, index: Index, chunk: pb::ModuleChunk) -> Result<Result<Vec<u8>, String>, StoreError> {
-        let Ok(hash) = <[u8; 32]>::try_from(chunk.hash.as_slice()) else {
-            return Ok(Err("a module hash is 32 bytes".to_string()));
-        };
-        if let Err(why) = check_name(&chunk.state_machine) {
-            return Ok(Err(why));
-        }
-        // The configurable limit was the leader's to enforce; what applies
-        // here must not depend on this member's settings.
-        if chunk.total_bytes > MODULE_BYTES_HARD_MAX {
-            return Ok(Err(format!(
-                "module of {} bytes is above the limit of {MODULE_BYTES_HARD_MAX} bytes",
-                chunk.total_bytes
-            )));
-        }
-        let end = chunk.offset.checked_add(chunk.data.len() as u64).filter(|&end| end <= chunk.total_bytes);
-        let Some(end) = end else {
-            return Ok(Err(format!("chunk at {} runs past the module's {} bytes", chunk.offset, chunk.total_bytes)));
-        };
-        let mut upload = self.registry.upload(&hash)?.unwrap_or(pb::ModuleUpload {
-            state_machine: chunk.state_machine.clone(),
-            total_bytes: chunk.total_bytes,
-            ..pb::ModuleUpload::default()
-        });
-        if upload.complete {
-            return Ok(Ok(b"stored".to_vec()));
-        }
-        if upload.total_bytes != chunk.total_bytes {
-            return Ok(Err(format!(
-                "module {} is being uploaded with {} bytes, not {}",
-                hex(&hash),
-                upload.total_bytes,
-                chunk.total_bytes
-            )));
-        }
-        let mut received = Ranges::from_pb(&upload.received);
-        received.add(chunk.offset, end);
-        self.hash_in_order(hash, chunk.offset, &chunk.data);
-        if !received.covers(upload.total_bytes) {
-            upload.received = received.to_pb();
-            self.module_changes.push((ModuleKey::Upload(hash), Some(upload.encode_to_vec())));
-            self.module_changes.push((ModuleKey::Chunk { hash, offset: chunk.offset }, Some(chunk.data)));
-            return Ok(Ok(b"received".to_vec()));
-        }
-        let matches = match self.hashing.remove(&hash) {
-            Some((next, hasher)) if next == upload.total_bytes => hasher.finalize().as_slice() == hash,
-            _ => {
-                let stored = self.store.module_chunks(&hash)?;
-                let whole = assemble(upload.total_bytes, stored, Some((chunk.offset, &chunk.data)));
-                whole.is_some_and(|bytes| Sha256::digest(bytes).as_slice() == hash)
-            }
-        };
-        if !matches {
-            // Every replica holds the same chunks, so every replica drops them.
-            for (offset, _) in self.store.module_chunks(&hash)? {
-                self.module_changes.push((ModuleKey::Chunk { hash, offset }, None));
-            }
-            self.module_changes.push((ModuleKey::Upload(hash), None));
-            return Ok(Err(format!("the uploaded bytes do not match module hash {}; upload it again", hex(&hash))));
-        }
-        upload.received = received.to_pb();
-        upload.complete = true;
-        upload.complete_index = index;
-        let version = pb::ModuleVersion { size_bytes: upload.total_bytes, deploy_index: index, activated_index: 0 };
-        let name = upload.state_machine.clone();
-        self.module_changes.push((ModuleKey::Chunk { hash, offset: chunk.offset }, Some(chunk.data)));
-        self.module_changes.push((ModuleKey::Upload(hash), Some(upload.encode_to_vec())));
-        self.module_changes.push((ModuleKey::Version { name, hash }, Some(version.encode_to_vec())));
-        self.completed_modules.push(hash);
-        tracing::info!(module = %hex(&hash), bytes = version.size_bytes, index, "module upload complete");
-        Ok(Ok(b"complete".to_vec()))
-    }
-
-    /// Feeds a chunk to its upload's running hash if it continues it.
-    fn hash_in_order(&mut self, hash: [u8; 32], offset: u64, data: &[u8]) {
-        if offset == 0 {
-            self.hashing.insert(hash, (0, Sha256::new()));
-        }
-        match self.hashing.get_mut(&hash) {
-            Some((next, hasher)) if *next == offset => {
-                hasher.update(data);
-                *next += data.len() as u64;
-            }
-            Some(_) => {
-                self.hashing.remove(&hash);
-            }
-            None => {}
-        }
-    }
-
     /// Switches a state machine to a stored version. Entries before this one
     /// ran on the old version (the run is flushed first); the new version's
     /// migrate hook runs inside this entry, and if it fails the old version
     /// stays, on every replica alike.
     fn apply_activation(&mut self, (index, term): (Index, Term), activate: pb::Activate) -> Result<(), ApplyError> {
         let info = EntryInfo { index, term, timestamp_ms: self.clock_ms };
-        self.apply_alone((index, term), |applier| applier.activate(info, activate))
-    }
-
-    /// The outcome is the previous version's hash (hex; empty for a new
-    /// state machine) or why the activation failed.
-    fn activate(&mut self, info: EntryInfo, activate: pb::Activate) -> Result<Result<Vec<u8>, String>, ApplyError> {
-        let Ok(hash) = <[u8; 32]>::try_from(activate.hash.as_slice()) else {
-            return Ok(Err("a module hash is 32 bytes".into()));
-        };
-        let name = activate.state_machine;
-        if let Err(why) = check_name(&name) {
-            return Ok(Err(why));
-        }
-        let previous = self.machines.get(&name).map(Machine::module_hash);
-        if previous == Some(hash) {
-            return Ok(Ok(hex(&hash).into_bytes()));
-        }
-        // Whether the module is stored is decided by the log alone; only then
-        // may the copy compiled ahead of time stand in for reading it back.
-        if !self.registry.is_stored(&hash)? {
-            return Ok(Err(format!("no module {} is stored in this cluster; deploy it first", hex(&hash))));
-        }
-        let loaded = match self.registry.runtime().loaded(&hash) {
-            Some(module) => Ok(module),
-            None => {
-                let bytes = self.registry.bytes(&hash)?.ok_or_else(|| StoreError::Corrupt {
-                    dir: self.store.dir().to_path_buf(),
-                    what: format!("module {} is recorded complete but its bytes are missing", hex(&hash)),
-                })?;
-                self.registry.load(&bytes)
-            }
-        };
-        let module = match loaded {
-            Ok(module) => module,
-            Err(error) => return Ok(Err(format!("module {} cannot run: {error}", hex(&hash)))),
-        };
-        let mut machine = Machine::new(self.registry.runtime().clone(), module, name.clone(), self.store.clone());
-        if let Some(previous) = previous {
-            let (result, writes) = machine.migrate(info, &hex(&previous))?;
-            if let Err(error) = result {
-                tracing::warn!(state_machine = %name, module = %hex(&hash), index = info.index, %error, "activation failed in migrate");
-                return Ok(Err(format!("the migrate hook of module {} refused: {error}", hex(&hash))));
-            }
-            self.pending_writes.extend(writes);
-        }
-        let mut version = self.registry.version_record(&name, &hash)?;
-        version.activated_index = info.index;
-        self.module_changes.push((ModuleKey::Version { name: name.clone(), hash }, Some(version.encode_to_vec())));
-        self.module_changes.push((ModuleKey::Active(name.clone()), Some(hash.to_vec())));
-        tracing::info!(state_machine = %name, module = %hex(&hash), previous = %previous.map(|p| hex(&p)).unwrap_or_default(), index = info.index, "state machine version activated");
-        let replaced = self.machines.insert(name, machine).map(|old| old.module_hash());
-        if let Some(old) = replaced.filter(|old| self.machines.values().all(|m| m.module_hash() != *old)) {
-            // Its compiled code is cached on disk; a rollback reloads it fast.
-            self.registry.runtime().forget(&old);
-        }
-        self.registry.set_names(self.machines.keys().cloned().collect());
-        Ok(Ok(previous.map(|p| hex(&p)).unwrap_or_default().into_bytes()))
+        self.apply_alone((index, term), |applier| {
+            let (outcome, writes) = applier.modules.activate(&mut applier.machines, info, activate)?;
+            applier.pending_writes.extend(writes);
+            Ok(outcome)
+        })
     }
 
     fn answer_writes(&mut self) {
@@ -700,15 +590,6 @@ fn slot_taken(index: Index) -> RequestError {
     RequestError::OutcomeUnknown(format!("another leader's entry took index {index} of the write"))
 }
 
-/// The entry's timestamp and what it carries, if it is the node's.
-fn decode_entry(entry: &Entry) -> Option<(u64, entry_payload::Kind)> {
-    if entry.kind != EntryKind::Normal || entry.is_noop() {
-        return None;
-    }
-    let payload = pb::EntryPayload::decode(entry.data.as_ref()).ok()?;
-    Some((payload.timestamp_ms, payload.kind?))
-}
-
 fn reply_from_session(reply: pb::SessionReply) -> WriteReply {
     let outcome = match reply.result {
         Some(ReplyResult::Ok(bytes)) => Ok(bytes),
@@ -716,12 +597,6 @@ fn reply_from_session(reply: pb::SessionReply) -> WriteReply {
         None => Err("the stored answer is empty".to_string()),
     };
     WriteReply { outcome, index: reply.index, term: reply.term }
-}
-
-/// Encodes what an entry carries, stamped with the leader's clock.
-pub fn encode_payload(timestamp_ms: u64, kind: entry_payload::Kind) -> bytes::Bytes {
-    let payload = pb::EntryPayload { timestamp_ms, kind: Some(kind) };
-    bytes::Bytes::from(payload.encode_to_vec())
 }
 
 #[cfg(test)]

@@ -5,18 +5,26 @@
 //! client writes becomes one proposal, one append, one fsync) and then hands
 //! out `Ready`s. At most one `Ready` is being persisted at a time; the core
 //! keeps stepping meanwhile, which the Ready contract allows.
+//!
+//! The rest of the node and the server reach it through a [`CoreHandle`];
+//! the peer lanes report finished snapshot streams on their own channel.
 
-use super::apply::{ApplyMsg, ApplyProgress, ReadJob};
+use super::apply::{ApplyLink, ApplyMsg, ReadJob};
+use super::config::NodeConfig;
+use super::error::{NodeError, Task};
 use super::members::Members;
-use super::peers::Peers;
-use super::{Consistency, NodeConfig, NodeError, ReadReply, RequestError, WriteReply};
+use super::peers::{Peers, SnapshotReports};
+use super::request::{Consistency, ReadReply, RequestError, WriteReply, await_answer};
+use super::shutdown::ShutdownSignal;
 use crate::raft::{
-    ConfChange, ConfState, Entry, HardState, Index, LogStore, Message, NodeId, ProposeError, Raft, ReadIndexError,
-    ReadState, Role, Term,
+    ConfChange, ConfState, Entry, HardState, Index, LogStore, Message, NodeId, ProposeError, Raft, RaftError,
+    ReadIndexError, ReadState, Role, Term,
 };
-use crate::rpc::pb;
 use crate::storage::{Store, StoreError};
+use crate::wire::{Payload, encode_payload, pb};
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -26,34 +34,21 @@ use tokio::task::JoinHandle;
 /// so that ticks and fsync completions are never starved by a flood.
 const DRAIN_MAX: usize = 4096;
 
+/// Messages the core's inbox holds; past it clients get "busy" and peers wait.
+const INBOX_CAPACITY: usize = 16_384;
+
 /// Work for the core task.
-pub(crate) enum CoreMsg {
+pub(super) enum CoreMsg {
     Peer(Vec<Message>),
-    Propose {
-        kind: pb::entry_payload::Kind,
-        reply: oneshot::Sender<Result<WriteReply, RequestError>>,
-    },
-    ConfChange {
-        change: ConfChange,
-        reply: oneshot::Sender<Result<WriteReply, RequestError>>,
-    },
-    TransferLeader {
-        to: NodeId,
-        reply: oneshot::Sender<Result<(), RequestError>>,
-    },
-    SetOffline {
-        offline: bool,
-        reply: oneshot::Sender<Result<(), RequestError>>,
-    },
-    /// A snapshot stream to `to` ended (delivered or not).
-    SnapshotSent {
-        to: NodeId,
-    },
+    Propose { payload: Payload, reply: oneshot::Sender<Result<WriteReply, RequestError>> },
+    ConfChange { change: ConfChange, reply: oneshot::Sender<Result<WriteReply, RequestError>> },
+    TransferLeader { to: NodeId, reply: oneshot::Sender<Result<(), RequestError>> },
+    SetOffline { offline: bool, reply: oneshot::Sender<Result<(), RequestError>> },
     Read(ReadRequest),
     Status(oneshot::Sender<CoreStatus>),
 }
 
-pub(crate) struct ReadRequest {
+pub(super) struct ReadRequest {
     pub state_machine: String,
     pub query: Vec<u8>,
     pub consistency: Consistency,
@@ -85,7 +80,10 @@ pub struct CoreStatus {
     pub matched: BTreeMap<NodeId, Index>,
 }
 
-/// How the services reach the core task.
+/// The receiving end of the core's inbox, handed to [`CoreTask::run`].
+pub(super) type CoreInbox = mpsc::Receiver<CoreMsg>;
+
+/// How the rest of the node and the server reach the core task.
 #[derive(Clone)]
 pub struct CoreHandle {
     tx: mpsc::Sender<CoreMsg>,
@@ -99,23 +97,23 @@ pub struct CoreHandle {
 impl CoreHandle {
     /// Hands peer messages to the core, waiting for room (back-pressure on
     /// the sending peer's lane).
-    pub(crate) async fn deliver(&self, messages: Vec<Message>) -> Result<(), RequestError> {
+    pub async fn deliver(&self, messages: Vec<Message>) -> Result<(), RequestError> {
         self.tx.send(CoreMsg::Peer(messages)).await.map_err(|_| RequestError::ShuttingDown)
     }
 
     /// Proposes a client command and waits for its outcome.
-    pub(crate) async fn write(&self, command: pb::Command) -> Result<WriteReply, RequestError> {
-        self.propose(pb::entry_payload::Kind::Command(command)).await
+    pub async fn write(&self, command: pb::Command) -> Result<WriteReply, RequestError> {
+        self.propose(Payload::Command(command)).await
     }
 
     /// Proposes an entry (a command, a module chunk, an activation) and waits
     /// until it is applied here.
-    pub(crate) async fn propose(&self, kind: pb::entry_payload::Kind) -> Result<WriteReply, RequestError> {
-        self.ask(|reply| CoreMsg::Propose { kind, reply }).await?
+    pub async fn propose(&self, payload: Payload) -> Result<WriteReply, RequestError> {
+        self.ask(|reply| CoreMsg::Propose { payload, reply }).await?
     }
 
     /// A linearizable or lease read, through the core.
-    pub(crate) async fn read(
+    pub async fn read(
         &self,
         state_machine: String,
         query: Vec<u8>,
@@ -125,13 +123,13 @@ impl CoreHandle {
     }
 
     /// Proposes a membership change and waits until it is applied here.
-    pub(crate) async fn change_membership(&self, change: ConfChange) -> Result<WriteReply, RequestError> {
+    pub async fn change_membership(&self, change: ConfChange) -> Result<WriteReply, RequestError> {
         self.ask(|reply| CoreMsg::ConfChange { change, reply }).await?
     }
 
     /// Hands leadership to `to` and waits until `moved` holds of this
     /// member's view of leadership; `Timeout` if it does not in time.
-    pub(crate) async fn transfer_leader(
+    pub async fn transfer_leader(
         &self,
         to: NodeId,
         moved: impl Fn(&LeadershipView) -> bool,
@@ -146,7 +144,7 @@ impl CoreHandle {
     }
 
     /// Takes this member offline for maintenance, or back online.
-    pub(crate) async fn set_offline(&self, offline: bool) -> Result<(), RequestError> {
+    pub async fn set_offline(&self, offline: bool) -> Result<(), RequestError> {
         self.ask(|reply| CoreMsg::SetOffline { offline, reply }).await?
     }
 
@@ -181,16 +179,6 @@ impl CoreHandle {
     }
 }
 
-/// Waits at most `limit` for a task's answer; a dropped sender means the
-/// task is gone, which only happens when the member stops.
-pub(crate) async fn await_answer<T>(limit: Duration, answer: oneshot::Receiver<T>) -> Result<T, RequestError> {
-    match tokio::time::timeout(limit, answer).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(_)) => Err(RequestError::ShuttingDown),
-        Err(_) => Err(RequestError::Timeout(limit)),
-    }
-}
-
 /// A read waiting for its ReadIndex round.
 struct PendingRead {
     state_machine: String,
@@ -206,7 +194,11 @@ struct AfterPersist {
     read_states: Vec<ReadState>,
 }
 
-pub(crate) struct CoreTask {
+/// Step 1 of a Ready (persist), running in the background.
+type PersistWrite = Pin<Box<dyn Future<Output = Result<(), NodeError>> + Send>>;
+
+/// The task that owns the consensus core.
+pub(super) struct CoreTask {
     raft: Raft<Store>,
     store: Store,
     config: Arc<NodeConfig>,
@@ -214,33 +206,29 @@ pub(crate) struct CoreTask {
     members: Arc<Members>,
     /// A log compaction is running on a blocking thread.
     compacting: Option<JoinHandle<Result<(), StoreError>>>,
-    apply: std::sync::mpsc::Sender<ApplyMsg>,
-    progress: Arc<ApplyProgress>,
+    apply: ApplyLink,
     leadership: watch::Sender<LeadershipView>,
     reads: HashMap<u64, PendingRead>,
     next_read_ctx: u64,
     /// The last timestamp stamped into an entry; stamps never go back.
     last_stamp_ms: u64,
-    proposals: Vec<(pb::entry_payload::Kind, oneshot::Sender<Result<WriteReply, RequestError>>)>,
+    proposals: Vec<(Payload, oneshot::Sender<Result<WriteReply, RequestError>>)>,
 }
 
 impl CoreTask {
-    /// The task and the handle services use to reach it; `inbox` is the
-    /// channel the handle and the peer lanes feed.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
+    /// The task, the handle that reaches it, and the inbox the handle feeds
+    /// (for [`CoreTask::run`]).
+    pub(super) fn new(
         raft: Raft<Store>,
         store: Store,
         config: Arc<NodeConfig>,
-        peers: Peers,
         members: Arc<Members>,
-        apply: std::sync::mpsc::Sender<ApplyMsg>,
-        progress: Arc<ApplyProgress>,
-        inbox: (mpsc::Sender<CoreMsg>, mpsc::Receiver<CoreMsg>),
-    ) -> (CoreTask, CoreHandle, mpsc::Receiver<CoreMsg>) {
+        peers: Peers,
+        apply: ApplyLink,
+    ) -> (CoreTask, CoreHandle, CoreInbox) {
         let view = LeadershipView { role: raft.role(), term: raft.term(), leader: raft.leader() };
         let (leadership, leadership_rx) = watch::channel(view);
-        let (tx, rx) = inbox;
+        let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
         let handle = CoreHandle {
             tx,
             leadership: leadership_rx,
@@ -255,7 +243,6 @@ impl CoreTask {
             members,
             compacting: None,
             apply,
-            progress,
             leadership,
             reads: HashMap::new(),
             next_read_ctx: 0,
@@ -265,25 +252,26 @@ impl CoreTask {
         (task, handle, rx)
     }
 
-    /// Runs until `shutdown` turns true or a fatal error. On shutdown it
+    /// Runs until the member stops or a fatal error. On shutdown it
     /// finishes the Ready being persisted (so what was acknowledged to peers
     /// is durable and committed entries reach the apply task) and returns.
-    pub(crate) async fn run(
+    pub(super) async fn run(
         mut self,
-        mut inbox: mpsc::Receiver<CoreMsg>,
-        mut shutdown: watch::Receiver<bool>,
+        mut inbox: CoreInbox,
+        mut snapshot_reports: SnapshotReports,
+        mut shutdown: ShutdownSignal,
     ) -> Result<(), NodeError> {
         let mut ticker = tokio::time::interval(self.config.tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let progress = self.progress.clone();
-        let mut persisting: Option<(AfterPersist, JoinHandle<Result<(), StoreError>>)> = None;
+        let progress = self.apply.progress.clone();
+        let mut persisting: Option<(AfterPersist, PersistWrite)> = None;
         loop {
             tokio::select! {
                 biased;
-                _ = shutdown.changed() => break,
+                _ = shutdown.wait() => break,
                 done = async { (&mut persisting.as_mut().expect("guarded").1).await }, if persisting.is_some() => {
                     let (rest, _) = persisting.take().expect("guarded");
-                    done.map_err(|_| NodeError::TaskLost("storage"))??;
+                    done?;
                     self.after_persist(rest)?;
                 }
                 _ = ticker.tick() => {
@@ -302,9 +290,10 @@ impl CoreTask {
                     }
                     self.propose_gathered()?;
                 }
+                Some(to) = snapshot_reports.next() => self.raft.report_snapshot(to)?,
                 _ = progress.drained.notified() => {}
             }
-            self.raft.set_apply_paused(self.progress.over(self.config.max_apply_backlog_bytes));
+            self.raft.set_apply_paused(self.apply.progress.over(self.config.max_apply_backlog_bytes));
             while persisting.is_none() && self.raft.has_ready() {
                 let ready = self.raft.ready()?;
                 if let Some(soft) = ready.soft_state {
@@ -330,13 +319,12 @@ impl CoreTask {
                     self.send_apply(ApplyMsg::InstallSnapshot { snapshot, done })?;
                     let store = self.store.clone();
                     let (entries, hard_state) = (ready.entries, ready.hard_state);
-                    let write = tokio::spawn(async move {
-                        installed.await.map_err(|_| {
-                            StoreError::Limit("the apply task stopped during a snapshot install".into())
-                        })??;
-                        tokio::task::spawn_blocking(move || store.persist(&entries, hard_state.as_ref()))
+                    let write = Box::pin(async move {
+                        // The apply task drops `done` when the install fails,
+                        // and stops: its own error says why.
+                        installed.await.map_err(|_| NodeError::TaskLost(Task::Apply))?;
+                        persisted(tokio::task::spawn_blocking(move || store.persist(&entries, hard_state.as_ref())))
                             .await
-                            .map_err(|_| StoreError::Limit("the storage thread was lost".into()))?
                     });
                     persisting = Some((rest, write));
                 } else if ready.entries.is_empty() && ready.hard_state.is_none_or(|hs| self.only_commit_moved(&hs)) {
@@ -351,12 +339,12 @@ impl CoreTask {
                     let store = self.store.clone();
                     let (entries, hard_state) = (ready.entries, ready.hard_state);
                     let write = tokio::task::spawn_blocking(move || store.persist(&entries, hard_state.as_ref()));
-                    persisting = Some((rest, write));
+                    persisting = Some((rest, Box::pin(persisted(write))));
                 }
             }
         }
         if let Some((rest, write)) = persisting {
-            write.await.map_err(|_| NodeError::TaskLost("storage"))??;
+            write.await?;
             self.after_persist(rest)?;
         }
         self.fail_proposals(|| RequestError::ShuttingDown);
@@ -372,7 +360,7 @@ impl CoreTask {
                 for message in messages {
                     if let Err(error) = self.raft.step(message) {
                         match error {
-                            crate::raft::RaftError::InvalidMessage { from, reason } => {
+                            RaftError::InvalidMessage { from, reason } => {
                                 tracing::warn!(from, %reason, "dropped an invalid message from a peer");
                             }
                             fatal => return Err(fatal.into()),
@@ -380,7 +368,7 @@ impl CoreTask {
                     }
                 }
             }
-            CoreMsg::Propose { kind, reply } => self.proposals.push((kind, reply)),
+            CoreMsg::Propose { payload, reply } => self.proposals.push((payload, reply)),
             CoreMsg::ConfChange { change, reply } => {
                 // Writes gathered so far go first, in their own batch.
                 self.propose_gathered()?;
@@ -410,7 +398,6 @@ impl CoreTask {
                 }
                 let _ = reply.send(outcome);
             }
-            CoreMsg::SnapshotSent { to } => self.raft.report_snapshot(to)?,
             CoreMsg::Read(request) => self.start_read(request)?,
             CoreMsg::Status(reply) => {
                 let _ = reply.send(CoreStatus {
@@ -443,8 +430,8 @@ impl CoreTask {
         }
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let stamp = now_ms.max(self.last_stamp_ms);
-        let (kinds, replies): (Vec<_>, Vec<_>) = std::mem::take(&mut self.proposals).into_iter().unzip();
-        let payloads = kinds.into_iter().map(|kind| super::apply::encode_payload(stamp, kind)).collect();
+        let (payloads, replies): (Vec<_>, Vec<_>) = std::mem::take(&mut self.proposals).into_iter().unzip();
+        let payloads = payloads.into_iter().map(|payload| encode_payload(stamp, payload)).collect();
         match self.raft.propose(payloads) {
             Ok(proposed) => {
                 self.last_stamp_ms = stamp;
@@ -579,7 +566,7 @@ impl CoreTask {
         self.peers.send(rest.persisted_messages);
         if !rest.committed_entries.is_empty() {
             let bytes: u64 = rest.committed_entries.iter().map(Entry::size_bytes).sum();
-            self.progress.handed_out(bytes);
+            self.apply.progress.handed_out(bytes);
             self.send_apply(ApplyMsg::Committed { entries: rest.committed_entries, bytes })?;
         }
         for state in rest.read_states {
@@ -606,7 +593,7 @@ impl CoreTask {
         }
         if was.role == Role::Leader && role != Role::Leader {
             // Best effort: if the apply task is gone the node is stopping anyway.
-            let _ = self.apply.send(ApplyMsg::LeadershipLost);
+            let _ = self.apply.tx.send(ApplyMsg::LeadershipLost);
         }
     }
 
@@ -626,8 +613,13 @@ impl CoreTask {
     }
 
     fn send_apply(&self, message: ApplyMsg) -> Result<(), NodeError> {
-        self.apply.send(message).map_err(|_| NodeError::TaskLost("apply"))
+        self.apply.tx.send(message).map_err(|_| NodeError::TaskLost(Task::Apply))
     }
+}
+
+/// The outcome of a persist running on a blocking thread.
+async fn persisted(write: JoinHandle<Result<(), StoreError>>) -> Result<(), NodeError> {
+    write.await.map_err(|_| NodeError::TaskLost(Task::Storage))?.map_err(NodeError::from)
 }
 
 /// The result of a task that `is_finished()`, without awaiting it.

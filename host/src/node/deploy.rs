@@ -4,12 +4,15 @@
 //! chunks; wait until every live member has compiled it; then commit the
 //! small activation entry, which every replica applies at the same index.
 
+use super::config::NodeConfig;
+use super::core::CoreHandle;
 use super::members::Members;
 use super::modules::{MODULE_CHUNK_BYTES, ModuleRegistry, check_name};
-use super::{CoreHandle, NodeConfig, RequestError};
+use super::request::RequestError;
 use crate::raft::{NodeId, Role};
-use crate::rpc::pb::{self, ModuleState, entry_payload, raft_peer_client::RaftPeerClient};
-use crate::storage::hex;
+use crate::storage::StoreError;
+use crate::wire::pb::{self, ModuleState, raft_peer_client::RaftPeerClient};
+use crate::wire::{Payload, hex, parse_hash};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -51,19 +54,16 @@ pub struct Deployer {
     core: CoreHandle,
     registry: Arc<ModuleRegistry>,
     members: Arc<Members>,
-    /// How long every live member together may take to compile a module.
-    ready_timeout: Duration,
 }
 
 impl Deployer {
-    pub fn new(
+    pub(super) fn new(
         config: Arc<NodeConfig>,
         core: CoreHandle,
         registry: Arc<ModuleRegistry>,
         members: Arc<Members>,
-        ready_timeout: Duration,
     ) -> Deployer {
-        Deployer { config, core, registry, members, ready_timeout }
+        Deployer { config, core, registry, members }
     }
 
     /// Refuses unless this member leads: deploys and activations are
@@ -130,11 +130,11 @@ impl Deployer {
         }
         let unreachable = self.wait_ready(hash, progress).await?;
         let activate = pb::Activate { state_machine: name.to_string(), hash: hash.to_vec() };
-        let reply = self.core.propose(entry_payload::Kind::Activate(activate)).await?;
+        let reply = self.core.propose(Payload::Activate(activate)).await?;
         match reply.outcome {
             Ok(previous) => {
                 let previous = String::from_utf8_lossy(&previous);
-                let previous = if previous.is_empty() { None } else { super::modules::parse_hash(&previous).ok() };
+                let previous = if previous.is_empty() { None } else { parse_hash(&previous).ok() };
                 Ok(Activated { index: reply.index, previous, unreachable })
             }
             Err(why) => Err(RequestError::Rejected(format!("the activation at index {} failed: {why}", reply.index))),
@@ -163,7 +163,7 @@ impl Deployer {
                 offset,
                 data: chunk.to_vec(),
             };
-            let reply = self.core.propose(entry_payload::Kind::ModuleChunk(entry)).await?;
+            let reply = self.core.propose(Payload::ModuleChunk(entry)).await?;
             if let Err(why) = reply.outcome {
                 return Err(RequestError::Rejected(format!("chunk at {offset} was refused: {why}")));
             }
@@ -175,7 +175,7 @@ impl Deployer {
     /// Waits until this member and every peer that answers has compiled
     /// `hash`; returns the peers that did not answer.
     async fn wait_ready(&self, hash: [u8; 32], progress: &impl Fn(DeployStep)) -> Result<Vec<NodeId>, RequestError> {
-        let deadline = Instant::now() + self.ready_timeout;
+        let deadline = Instant::now() + self.config.module_ready_timeout;
         // Every current member, learners included: each runs the module once
         // it is activated.
         let mut waiting: BTreeMap<NodeId, Option<RaftPeerClient<Channel>>> = self
@@ -236,7 +236,7 @@ impl Deployer {
                     "members {} have not compiled module {} within {:?}; it stays stored, activate it later",
                     late.join(", "),
                     hex(&hash),
-                    self.ready_timeout
+                    self.config.module_ready_timeout
                 )));
             }
             tokio::time::sleep(READY_POLL).await;
@@ -262,6 +262,6 @@ impl Deployer {
     }
 }
 
-fn internal(error: crate::storage::StoreError) -> RequestError {
+fn internal(error: StoreError) -> RequestError {
     RequestError::Internal(error.to_string())
 }

@@ -8,14 +8,14 @@
 //! commit index it asks to be promoted to voter (unless told to stay a
 //! learner), so the cluster never counts on a voter that is far behind.
 
-use super::NodeConfig;
+use super::config::NodeConfig;
 use super::members::Members;
+use super::shutdown::ShutdownSignal;
 use crate::client::{ClientError, ClusterClient};
-use crate::rpc::client_pb::{MembersResponse, MembershipChange};
+use crate::wire::client_pb::{MembersResponse, MembershipChange};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
 use tonic::Code;
 
 /// A learner this close to the commit index is caught up enough to vote.
@@ -23,7 +23,7 @@ const CAUGHT_UP_ENTRIES: u64 = 100;
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
 
 /// Runs the join until it is done or the member stops.
-pub(super) async fn join(config: Arc<NodeConfig>, members: Arc<Members>, through: String, stop: watch::Receiver<bool>) {
+pub(super) async fn join(config: Arc<NodeConfig>, members: Arc<Members>, through: String, mut stop: ShutdownSignal) {
     let joined = async {
         add_as_learner(&config, &members, &through).await;
         if !config.join_as_learner {
@@ -31,10 +31,9 @@ pub(super) async fn join(config: Arc<NodeConfig>, members: Arc<Members>, through
             promote(&config, &through).await;
         }
     };
-    let mut stop = stop;
     tokio::select! {
         _ = joined => {}
-        _ = stop.wait_for(|stop| *stop) => {}
+        _ = stop.wait() => {}
     }
 }
 

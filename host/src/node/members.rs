@@ -12,6 +12,7 @@
 
 use crate::raft::{ConfState, NodeId};
 use crate::storage::{Store, StoreError};
+use crate::wire::peer_channel;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::watch;
@@ -57,24 +58,6 @@ impl Membership {
     }
 }
 
-/// Encodes an address book for a membership change entry's context.
-pub fn encode_addresses(addresses: &BTreeMap<NodeId, String>) -> bytes::Bytes {
-    let text: String = addresses.iter().map(|(id, address)| format!("{id}={address}\n")).collect();
-    bytes::Bytes::from(text)
-}
-
-/// Decodes [`encode_addresses`]; malformed lines are skipped (a leader of
-/// this version never writes them).
-pub fn decode_addresses(bytes: &[u8]) -> BTreeMap<NodeId, String> {
-    String::from_utf8_lossy(bytes)
-        .lines()
-        .filter_map(|line| {
-            let (id, address) = line.split_once('=')?;
-            Some((id.parse().ok()?, address.to_string()))
-        })
-        .collect()
-}
-
 /// The shared membership and address book of one member.
 pub struct Members {
     me: NodeId,
@@ -113,7 +96,7 @@ impl Members {
     }
 
     /// Adds (or updates) addresses; never forgets one.
-    pub fn learn(&self, addresses: &BTreeMap<NodeId, String>) {
+    pub(super) fn learn(&self, addresses: &BTreeMap<NodeId, String>) {
         let mut book = self.book.write().unwrap_or_else(|p| p.into_inner());
         for (&id, address) in addresses {
             if id != self.me && !address.is_empty() {
@@ -133,7 +116,7 @@ impl Members {
     }
 
     /// Called by the apply task once a change or a snapshot is durable.
-    pub fn publish(&self, membership: Membership) {
+    pub(super) fn publish(&self, membership: Membership) {
         self.learn(&membership.addresses);
         self.current.send_replace(membership);
     }
@@ -148,7 +131,7 @@ impl Members {
         {
             return Ok(channel.clone());
         }
-        let channel = super::peer_channel(&address)?;
+        let channel = peer_channel(&address)?;
         channels.insert(id, (address, channel.clone()));
         Ok(channel)
     }
@@ -159,11 +142,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn addresses_round_trip_and_the_book_only_grows() {
+    fn the_address_book_only_grows() {
         let addresses: BTreeMap<NodeId, String> =
             [(1, "127.0.0.1:7001".to_string()), (2, "[::1]:7002".to_string())].into();
-        assert_eq!(decode_addresses(&encode_addresses(&addresses)), addresses);
-        assert_eq!(decode_addresses(b"garbage\n3=h:1\nx=y\n"), [(3, "h:1".to_string())].into());
         let members = Members::new(9, "me:9".into(), Membership::default(), &addresses);
         members.publish(Membership { conf: ConfState::with_voters([2, 9]), addresses: [(2, "b:2".into())].into() });
         assert_eq!(members.address_of(1).as_deref(), Some("127.0.0.1:7001"), "an older address is kept");

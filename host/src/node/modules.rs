@@ -2,17 +2,20 @@
 //! deployed through the log (their chunks, upload and version records live in
 //! the store), and their compiled form (the runtime, with its on-disk cache).
 //!
-//! The apply task writes; the services read. Everything a replica decides
+//! The apply task writes (see `module_apply`); the services and deploys
+//! read. Everything a replica decides
 //! from here while applying (which bytes a hash names, whether an upload is
 //! complete) depends only on applied entries, so replicas decide alike.
 
-use crate::rpc::pb::{self, ModuleState};
-use crate::runtime::{LoadError, LoadState, Module, Runtime};
-use crate::storage::{ModuleKey, STATE_MACHINE_NAME_MAX_BYTES, Store, StoreError, hex};
+use crate::runtime::{LoadError, LoadState, Machine, Module, Runtime};
+use crate::storage::{ModuleKey, STATE_MACHINE_NAME_MAX_BYTES, Store, StoreError};
+use crate::wire::hex;
+use crate::wire::pb::{self, ModuleState};
 use prost::Message as _;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
+use thiserror::Error;
 
 /// Bytes of a module per log entry: large enough that a 30 MB module is 30
 /// entries, small enough to stay far below the entry and message limits.
@@ -60,18 +63,13 @@ pub fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Parses a hex SHA-256.
-pub fn parse_hash(text: &str) -> Result<[u8; 32], String> {
-    let text = text.trim();
-    let bad = || format!("{text:?} is not a module hash (64 hex digits)");
-    if text.len() != 64 {
-        return Err(bad());
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-    }
-    Ok(out)
+/// Why the active versions could not be loaded.
+#[derive(Debug, Error)]
+pub enum ModuleError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("state machine {name:?}: {source}")]
+    Load { name: String, source: LoadError },
 }
 
 impl ModuleRegistry {
@@ -99,12 +97,28 @@ impl ModuleRegistry {
         Ok(active)
     }
 
+    /// Every state machine's active version, loaded (from the compiled cache
+    /// when it was compiled before) and ready to run.
+    pub fn load_active(&self) -> Result<BTreeMap<String, Machine>, ModuleError> {
+        let mut machines = BTreeMap::new();
+        for (name, hash) in self.active_versions()? {
+            let bytes = self.bytes(&hash)?.ok_or_else(|| {
+                self.damaged(format!("module {} of the active version of {name:?} is missing", hex(&hash)))
+            })?;
+            let module = self.load(&bytes).map_err(|source| ModuleError::Load { name: name.clone(), source })?;
+            tracing::info!(state_machine = %name, module = %hex(&module.hash()), "state machine loaded");
+            machines.insert(name.clone(), Machine::new(self.runtime.clone(), module, name, self.store.clone()));
+        }
+        self.set_names(machines.keys().cloned().collect());
+        Ok(machines)
+    }
+
     /// Whether a state machine of this name has an active version here.
     pub fn is_known(&self, name: &str) -> bool {
         self.names.read().unwrap_or_else(|p| p.into_inner()).contains(name)
     }
 
-    pub(crate) fn set_names(&self, names: BTreeSet<String>) {
+    pub(super) fn set_names(&self, names: BTreeSet<String>) {
         *self.names.write().unwrap_or_else(|p| p.into_inner()) = names;
     }
 
@@ -252,7 +266,7 @@ impl ModuleRegistry {
 
     /// State machine `name`'s record of version `hash` (a fresh one for a
     /// version first activated under this name).
-    pub(crate) fn version_record(&self, name: &str, hash: &[u8; 32]) -> Result<pb::ModuleVersion, StoreError> {
+    pub(super) fn version_record(&self, name: &str, hash: &[u8; 32]) -> Result<pb::ModuleVersion, StoreError> {
         let key = ModuleKey::Version { name: name.to_string(), hash: *hash };
         if let Some(bytes) = self.store.module_record(&key)? {
             return pb::ModuleVersion::decode(bytes.as_slice())
@@ -276,7 +290,7 @@ impl ModuleRegistry {
 
 /// The module of `total` bytes from its chunks (plus one not yet stored),
 /// or `None` if they leave a gap or run past the end.
-pub(crate) fn assemble(total: u64, stored: Vec<(u64, Vec<u8>)>, extra: Option<(u64, &[u8])>) -> Option<Vec<u8>> {
+pub(super) fn assemble(total: u64, stored: Vec<(u64, Vec<u8>)>, extra: Option<(u64, &[u8])>) -> Option<Vec<u8>> {
     let total = usize::try_from(total).ok()?;
     let mut bytes = vec![0u8; total];
     let mut covered = Ranges::default();
@@ -292,7 +306,7 @@ pub(crate) fn assemble(total: u64, stored: Vec<(u64, Vec<u8>)>, extra: Option<(u
 
 /// Sorted, merged half-open byte ranges.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Ranges(pub Vec<(u64, u64)>);
+pub(super) struct Ranges(pub Vec<(u64, u64)>);
 
 impl Ranges {
     pub fn from_pb(ranges: &[pb::ByteRange]) -> Ranges {
@@ -356,15 +370,11 @@ mod tests {
     }
 
     #[test]
-    fn names_and_hashes_are_checked() {
+    fn names_are_checked() {
         assert!(check_name("kv").is_ok());
         assert!(check_name("bank-v2.eu_1").is_ok());
         assert!(check_name("").is_err());
         assert!(check_name("a b").is_err());
         assert!(check_name(&"x".repeat(65)).is_err());
-        let hash = [0xab; 32];
-        assert_eq!(parse_hash(&hex(&hash)), Ok(hash));
-        assert!(parse_hash("abc").is_err());
-        assert!(parse_hash(&"zz".repeat(32)).is_err());
     }
 }

@@ -13,29 +13,25 @@
 //! so members added later are reached without a restart. A snapshot the
 //! core asks for goes on a stream of its own (at most one per peer), read
 //! from a consistent view of the store while writes go on; the core hears
-//! when it ends.
+//! when it ends through [`SnapshotReports`].
 
-use super::core::CoreMsg;
 use super::members::Members;
 use crate::raft::{Message, MessageBody, NodeId, Term};
-use crate::rpc::metrics::SnapshotCounters;
-use crate::rpc::pb::raft_peer_client::RaftPeerClient;
-use crate::rpc::{MESSAGES_PER_ENVELOPE_MAX, pb, seal_envelope, snapshot_meta_to_pb};
 use crate::storage::Store;
+use crate::wire::pb::raft_peer_client::RaftPeerClient;
+use crate::wire::{MESSAGES_PER_ENVELOPE_MAX, pb, peer_channel, peer_client, seal_envelope, snapshot_meta_to_pb};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// Messages queued per lane before new ones are dropped.
 const LANE_CAPACITY: usize = 1024;
 /// Entry bytes per envelope (one call); a single larger message still goes.
 const ENVELOPE_BYTES_MAX: u64 = 16 << 20;
-/// Largest envelope either side accepts.
-pub const PEER_MESSAGE_BYTES_MAX: usize = 64 << 20;
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Record bytes per snapshot chunk.
@@ -46,6 +42,37 @@ const SNAPSHOT_READ_AHEAD: usize = 4;
 const STREAM_BUFFER: usize = 8;
 /// How long one snapshot stream may take before it is abandoned.
 const SNAPSHOT_STREAM_TIMEOUT: Duration = Duration::from_secs(600);
+/// Finished snapshot streams not yet heard by the core. At most one stream
+/// runs per peer, so this only fills with a cluster of that many members;
+/// past it a stream's end waits for room.
+const SNAPSHOT_REPORTS_QUEUE: usize = 64;
+
+/// Snapshot transfers, counted by the peer lanes (sending) and the server's
+/// peer service (receiving); `receiving_bytes` is the progress of the stream
+/// being received now (0 when none is).
+#[derive(Default)]
+pub struct SnapshotCounters {
+    pub sent: AtomicU64,
+    pub sent_bytes: AtomicU64,
+    pub send_failures: AtomicU64,
+    pub received: AtomicU64,
+    pub received_bytes: AtomicU64,
+    pub receive_failures: AtomicU64,
+    pub receiving_bytes: AtomicU64,
+}
+
+/// The peers whose snapshot stream ended (delivered or not), for the core
+/// to tell the consensus core, which then sends a fresh one if still needed.
+pub(super) struct SnapshotReports {
+    ended: mpsc::Receiver<NodeId>,
+}
+
+impl SnapshotReports {
+    /// The next peer whose stream ended.
+    pub(super) async fn next(&mut self) -> Option<NodeId> {
+        self.ended.recv().await
+    }
+}
 
 struct Lanes {
     address: String,
@@ -54,37 +81,39 @@ struct Lanes {
 }
 
 /// The sending side of every peer's lanes.
-pub struct Peers {
+pub(super) struct Peers {
     cluster_id: Arc<str>,
     me: NodeId,
     members: Arc<Members>,
     lanes: BTreeMap<NodeId, Lanes>,
     store: Store,
-    core: mpsc::Sender<CoreMsg>,
+    snapshot_ended: mpsc::Sender<NodeId>,
     /// Peers a snapshot is being streamed to.
     snapshots: Arc<Mutex<BTreeSet<NodeId>>>,
     counters: Arc<SnapshotCounters>,
 }
 
 impl Peers {
-    /// Lanes to the members in `members`' book, started on first use.
-    pub fn new(
+    /// Lanes to the members in `members`' book, started on first use, and
+    /// where the ends of snapshot streams are reported.
+    pub(super) fn new(
         cluster_id: &str,
         members: Arc<Members>,
         store: Store,
-        core: mpsc::Sender<CoreMsg>,
         counters: Arc<SnapshotCounters>,
-    ) -> Peers {
-        Peers {
+    ) -> (Peers, SnapshotReports) {
+        let (snapshot_ended, ended) = mpsc::channel(SNAPSHOT_REPORTS_QUEUE);
+        let peers = Peers {
             cluster_id: Arc::from(cluster_id),
             me: members.me(),
             members,
             lanes: BTreeMap::new(),
             store,
-            core,
+            snapshot_ended,
             snapshots: Arc::new(Mutex::new(BTreeSet::new())),
             counters,
-        }
+        };
+        (peers, SnapshotReports { ended })
     }
 
     /// The lanes to `id`, started (or restarted on a new address) as needed.
@@ -120,7 +149,7 @@ impl Peers {
     }
 
     /// Queues messages for their peers; drops what does not fit.
-    pub fn send(&mut self, messages: Vec<Message>) {
+    pub(super) fn send(&mut self, messages: Vec<Message>) {
         for message in messages {
             if let MessageBody::InstallSnapshot { .. } = message.body {
                 self.send_snapshot(message.to, message.term);
@@ -147,7 +176,7 @@ impl Peers {
             return;
         }
         let channel = self.members.channel(to);
-        let (store, core, running) = (self.store.clone(), self.core.clone(), self.snapshots.clone());
+        let (store, ended, running) = (self.store.clone(), self.snapshot_ended.clone(), self.snapshots.clone());
         let counters = self.counters.clone();
         let (cluster_id, me) = (self.cluster_id.to_string(), self.me);
         tokio::spawn(async move {
@@ -169,7 +198,7 @@ impl Peers {
                 }
             }
             running.lock().unwrap_or_else(|p| p.into_inner()).remove(&to);
-            let _ = core.send(CoreMsg::SnapshotSent { to }).await;
+            let _ = ended.send(to).await;
         });
     }
 }
@@ -236,23 +265,6 @@ async fn stream_snapshot(
         return Err("the member declined the snapshot".to_string());
     }
     Ok((index, bytes))
-}
-
-fn peer_client(channel: Channel) -> RaftPeerClient<Channel> {
-    RaftPeerClient::new(channel)
-        .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX)
-        .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
-}
-
-/// A lazily connecting channel to `address` (host:port).
-pub fn peer_channel(address: &str) -> Result<Channel, String> {
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| format!("invalid peer address {address:?}: {e}"))?
-        .connect_timeout(Duration::from_secs(1))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5));
-    Ok(endpoint.connect_lazy())
 }
 
 struct LaneSender {

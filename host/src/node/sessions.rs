@@ -7,7 +7,7 @@
 //! order and leader timestamps), so every replica keeps the same table and
 //! expires the same sessions at the same index.
 
-use crate::rpc::pb::{SessionRecord, SessionReply, session_reply};
+use crate::wire::pb::{SessionRecord, SessionReply, session_reply};
 use prost::Message as _;
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -81,13 +81,9 @@ impl Sessions {
     }
 
     /// How many sessions are kept.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.records.len()
-    }
-
-    /// Whether no session is kept.
-    pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
     }
 
     /// Decides about write `sequence` of `client`.

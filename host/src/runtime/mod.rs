@@ -18,7 +18,8 @@ mod wasi;
 
 pub use self::machine::{ApplyOutcome, CallError, EntryInfo, Machine};
 
-use crate::storage::{Store, hex};
+use crate::storage::Store;
+use crate::wire::hex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};

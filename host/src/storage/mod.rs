@@ -93,8 +93,16 @@ pub enum StoreError {
     InvalidAppend { first: Index, log_first: Index, log_last: Index },
     #[error("cannot compact the log up to {index}: {why}")]
     InvalidCompaction { index: Index, why: &'static str },
-    #[error("{0}")]
-    Limit(String),
+    #[error("{what} of {bytes} bytes is above the limit of {limit} bytes")]
+    TooLarge { what: &'static str, bytes: usize, limit: usize },
+    #[error("state machine name {0:?} must be 1 to {STATE_MACHINE_NAME_MAX_BYTES} bytes")]
+    InvalidStateMachineName(String),
+    #[error("the applied index may not move back from {from} to {to}")]
+    AppliedBackwards { from: Index, to: Index },
+    #[error("snapshot at index {index} is malformed: {why}")]
+    InvalidSnapshot { index: Index, why: String },
+    #[error("snapshot ({index}, {term}) is not completely staged, so it cannot be installed")]
+    SnapshotNotStaged { index: Index, term: Term },
 }
 
 impl From<StoreError> for StorageError {
@@ -422,10 +430,7 @@ impl Store {
         let inner = &self.inner;
         let mut cached = inner.lock();
         if batch.applied_index < cached.applied.0 {
-            return Err(StoreError::Limit(format!(
-                "applied index may not move back from {} to {}",
-                cached.applied.0, batch.applied_index
-            )));
+            return Err(StoreError::AppliedBackwards { from: cached.applied.0, to: batch.applied_index });
         }
         let mut fjall_batch = inner.db.batch();
         for write in &batch.writes {
@@ -433,11 +438,11 @@ impl Store {
             match &write.value {
                 Some(value) => {
                     if value.len() > STATE_VALUE_MAX_BYTES {
-                        return Err(StoreError::Limit(format!(
-                            "value of {} bytes for a key of {:?} is above the limit of {STATE_VALUE_MAX_BYTES}",
-                            value.len(),
-                            write.state_machine
-                        )));
+                        return Err(StoreError::TooLarge {
+                            what: "a state value",
+                            bytes: value.len(),
+                            limit: STATE_VALUE_MAX_BYTES,
+                        });
                     }
                     fjall_batch.insert(&inner.state, key, codec::encode_blob(value));
                 }
@@ -764,15 +769,10 @@ impl LogStore for Store {
 
 fn state_key(state_machine: &str, key: &[u8]) -> Result<Vec<u8>, StoreError> {
     if state_machine.is_empty() || state_machine.len() > STATE_MACHINE_NAME_MAX_BYTES {
-        return Err(StoreError::Limit(format!(
-            "state machine name {state_machine:?} must be 1 to {STATE_MACHINE_NAME_MAX_BYTES} bytes"
-        )));
+        return Err(StoreError::InvalidStateMachineName(state_machine.to_string()));
     }
     if key.len() > STATE_KEY_MAX_BYTES {
-        return Err(StoreError::Limit(format!(
-            "key of {} bytes is above the limit of {STATE_KEY_MAX_BYTES}",
-            key.len()
-        )));
+        return Err(StoreError::TooLarge { what: "a state key", bytes: key.len(), limit: STATE_KEY_MAX_BYTES });
     }
     let mut out = Vec::with_capacity(1 + state_machine.len() + key.len());
     out.push(state_machine.len() as u8);
@@ -791,9 +791,4 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
         }
     }
     None
-}
-
-/// Lower-case hex of a hash, for messages.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -7,7 +7,8 @@
 //! Module bytes stay in their chunks: a 30 MB module is written once, as the
 //! chunks arrive, never copied into one big value.
 
-use super::{Store, StoreError, codec, hex};
+use super::{Store, StoreError, codec};
+use crate::wire::hex;
 
 const CHUNK_PREFIX: u8 = b'c';
 const UPLOAD_PREFIX: u8 = b'u';

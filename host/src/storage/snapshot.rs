@@ -124,8 +124,9 @@ impl Staging {
         let mut batch = inner.db.batch();
         let mut rest = chunk;
         while !rest.is_empty() {
-            let (Record { tag, key, value }, tail) = split_record(rest).ok_or_else(|| {
-                StoreError::Limit(format!("snapshot {} chunk is malformed: a record is cut short", self.meta.index))
+            let (Record { tag, key, value }, tail) = split_record(rest).ok_or_else(|| StoreError::InvalidSnapshot {
+                index: self.meta.index,
+                why: "a record is cut short".into(),
             })?;
             rest = tail;
             match tag {
@@ -134,16 +135,19 @@ impl Staging {
                 TAG_META if SNAPSHOT_META_KEYS.contains(&key) => {
                     if key == META_APPLIED {
                         let applied = codec::decode_applied(value).map_err(|codec::DecodeError(why)| {
-                            StoreError::Limit(format!("snapshot applied position: {why}"))
+                            StoreError::InvalidSnapshot {
+                                index: self.meta.index,
+                                why: format!("its applied position: {why}"),
+                            }
                         })?;
                         self.applied_seen = Some(applied);
                     }
                 }
                 _ => {
-                    return Err(StoreError::Limit(format!(
-                        "snapshot {} holds a record this version does not know (tag {tag})",
-                        self.meta.index
-                    )));
+                    return Err(StoreError::InvalidSnapshot {
+                        index: self.meta.index,
+                        why: format!("it holds a record this version does not know (tag {tag})"),
+                    });
                 }
             }
             batch.insert(&inner.staging, staged_key(&self.meta, tag, key), value);
@@ -156,10 +160,10 @@ impl Staging {
     pub fn finish(self) -> Result<SnapshotMeta, StoreError> {
         let inner = &self.store.inner;
         if self.applied_seen != Some((self.meta.index, self.meta.term)) {
-            return Err(StoreError::Limit(format!(
-                "snapshot announced index {} term {} but its records say {:?}",
-                self.meta.index, self.meta.term, self.applied_seen
-            )));
+            return Err(StoreError::InvalidSnapshot {
+                index: self.meta.index,
+                why: format!("it announced term {} but its records say {:?}", self.meta.term, self.applied_seen),
+            });
         }
         let mut batch = inner.db.batch().durability(inner.persist_mode());
         batch.insert(
@@ -232,10 +236,7 @@ impl Store {
     /// snapshot `meta` (see the module documentation for crash safety).
     pub fn install_snapshot(&self, meta: &SnapshotMeta) -> Result<(), StoreError> {
         if self.staged_snapshot(meta.index, meta.term)?.is_none() {
-            return Err(StoreError::Limit(format!(
-                "asked to install snapshot ({}, {}) which is not completely staged",
-                meta.index, meta.term
-            )));
+            return Err(StoreError::SnapshotNotStaged { index: meta.index, term: meta.term });
         }
         let inner = &self.inner;
         let mut batch = inner.db.batch().durability(inner.persist_mode());

@@ -1,103 +1,74 @@
 //! The server side of the public client API (`proto/client.proto`).
 //!
-//! Requests are checked here before they reach the core (sizes, names,
+//! Requests are checked here before they reach the node (sizes, names,
 //! session fields). A write or lease read that reaches a follower is
 //! forwarded once to the leader it knows; a request that was forwarded is
 //! never forwarded again, so a stale view of leadership cannot loop.
 
-use super::client_pb::client_server::Client;
-use super::client_pb::{
+use super::config::ServerConfig;
+use super::metrics::{Method, MetricsSource, RequestCounters};
+use crate::node::{
+    Consistency, DeployStep, LeadershipView, Members, Membership, NodeHandles, RequestError, check_name,
+};
+use crate::process;
+use crate::raft::{ConfChange, ConfChangeKind, NodeId, Role};
+use crate::wire::client_pb::client_server::Client;
+use crate::wire::client_pb::{
     self, ActivateRequest, ActivateResponse, ChangeMembershipRequest, DeployProgress, DeployRequest, LeadershipEvent,
     Member, MembersRequest, MembersResponse, MembershipChange, ModuleVersionInfo, ModulesRequest, ModulesResponse,
     ReadRequest, ReadResponse, SetOfflineRequest, SetOfflineResponse, StateMachineStatus, StatusRequest,
     StatusResponse, TransferLeaderRequest, TransferLeaderResponse, WatchRequest, WriteRequest, WriteResponse,
     client_client::ClientClient, outcome,
 };
-use super::metrics::{Method, MetricsSource, RequestCounters, SnapshotCounters};
-use super::pb;
-use crate::node::apply::{ApplyMsg, ReadJob};
-use crate::node::deploy::{DeployStep, Deployer};
-use crate::node::members::{Members, Membership, encode_addresses};
-use crate::node::modules::{ModuleRegistry, check_name, parse_hash};
-use crate::node::{Consistency, CoreHandle, LeadershipView, NodeConfig, ReadReply, RequestError, await_answer};
-use crate::raft::{ConfChange, ConfChangeKind, NodeId, Role};
-use crate::storage::hex;
+use crate::wire::{FORWARDED_KEY, LEADER_ADDR_KEY, LEADER_ID_KEY, encode_addresses, hex, parse_hash, pb};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use tokio::sync::{mpsc, oneshot};
+use std::sync::Arc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream, wrappers::WatchStream};
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
-/// Metadata key naming the leader's id on a "not the leader" error.
-pub const LEADER_ID_KEY: &str = "raft-leader-id";
-/// Metadata key naming the leader's address on a "not the leader" error.
-pub const LEADER_ADDR_KEY: &str = "raft-leader-addr";
-/// Set on a request a member forwarded to the leader.
-const FORWARDED_KEY: &str = "raft-forwarded";
 /// Longest client id accepted.
 pub const CLIENT_ID_MAX_BYTES: usize = 128;
 
 /// The client API of one member.
 pub struct ClientService {
-    config: Arc<NodeConfig>,
-    core: CoreHandle,
-    apply: Mutex<std::sync::mpsc::Sender<ApplyMsg>>,
-    registry: Arc<ModuleRegistry>,
-    deployer: Arc<Deployer>,
+    config: Arc<ServerConfig>,
+    node: NodeHandles,
     counters: RequestCounters,
-    snapshots: Arc<SnapshotCounters>,
-    members: Arc<Members>,
-    pending: Arc<AtomicUsize>,
+    /// One permit per client request waiting for its answer; none left
+    /// means busy.
+    admission: Arc<Semaphore>,
+    /// The permits there are in all.
+    admission_max: usize,
 }
 
 /// A learner may be promoted once its log is this close to the leader's.
 const PROMOTE_LAG_MAX: u64 = 1_000;
 
-/// Counts a request as pending for as long as it lives.
-struct Pending(Arc<AtomicUsize>);
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 impl ClientService {
-    pub fn new(
-        config: Arc<NodeConfig>,
-        core: CoreHandle,
-        apply: std::sync::mpsc::Sender<ApplyMsg>,
-        registry: Arc<ModuleRegistry>,
-        deployer: Deployer,
-        members: Arc<Members>,
-        snapshots: Arc<SnapshotCounters>,
-    ) -> ClientService {
-        ClientService {
-            config,
-            core,
-            apply: Mutex::new(apply),
-            registry,
-            deployer: Arc::new(deployer),
-            counters: RequestCounters::default(),
-            snapshots,
-            members,
-            pending: Arc::new(AtomicUsize::new(0)),
-        }
+    /// The client API of the node behind `node`.
+    pub fn new(config: Arc<ServerConfig>, node: NodeHandles) -> ClientService {
+        let admission_max = config.max_pending_requests.min(Semaphore::MAX_PERMITS);
+        let admission = Arc::new(Semaphore::new(admission_max));
+        ClientService { config, node, counters: RequestCounters::default(), admission, admission_max }
     }
 
-    fn admit(&self) -> Result<Pending, Status> {
-        let before = self.pending.fetch_add(1, Ordering::AcqRel);
-        let guard = Pending(self.pending.clone());
-        if before >= self.config.max_pending_requests {
-            return Err(status_of(RequestError::Busy(format!(
-                "{before} requests are waiting on this member (limit {})",
-                self.config.max_pending_requests
-            ))));
-        }
-        Ok(guard)
+    /// Client requests waiting for an answer now.
+    fn pending(&self) -> usize {
+        self.admission_max - self.admission.available_permits()
+    }
+
+    /// A permit for one more waiting request, held until it is answered.
+    fn admit(&self) -> Result<OwnedSemaphorePermit, Status> {
+        self.admission.clone().try_acquire_owned().map_err(|_| {
+            status_of(RequestError::Busy(format!(
+                "{} requests are waiting on this member (limit {})",
+                self.pending(),
+                self.admission_max
+            )))
+        })
     }
 
     /// A name is checked against the active versions only where they are
@@ -110,19 +81,17 @@ impl ClientService {
                 "state_machine is empty; name the state machine (for example \"kv\")",
             ));
         }
-        let leads = self.core.current_leadership().role == Role::Leader;
-        if write && leads && !self.registry.is_known(name) {
+        let leads = self.node.core.current_leadership().role == Role::Leader;
+        if write && leads && !self.node.modules.is_known(name) {
             return Err(status_of(RequestError::UnknownStateMachine(name.to_string())));
         }
         Ok(())
     }
 
     fn check_size(&self, what: &str, len: usize) -> Result<(), Status> {
-        if len > self.config.max_command_bytes {
-            return Err(Status::invalid_argument(format!(
-                "{what} of {len} bytes is above the limit of {} bytes",
-                self.config.max_command_bytes
-            )));
+        let limit = self.config.node.max_command_bytes;
+        if len > limit {
+            return Err(Status::invalid_argument(format!("{what} of {len} bytes is above the limit of {limit} bytes")));
         }
         Ok(())
     }
@@ -131,23 +100,14 @@ impl ClientService {
     fn forward_target(&self, error: &RequestError, forwarded: bool) -> Option<(ClientClient<Channel>, String)> {
         match error {
             RequestError::NotLeader { leader: Some((id, address)) } if !forwarded => {
-                let channel = self.members.channel(*id).ok()?;
-                let limit = self.config.max_command_bytes + (64 << 10);
+                let channel = self.node.members.channel(*id).ok()?;
+                let limit = self.config.client_message_bytes_max();
                 let client =
                     ClientClient::new(channel).max_decoding_message_size(limit).max_encoding_message_size(limit);
                 Some((client, address.clone()))
             }
             _ => None,
         }
-    }
-
-    fn stale_read(&self, state_machine: String, query: Vec<u8>) -> oneshot::Receiver<Result<ReadReply, RequestError>> {
-        let (reply, answer) = oneshot::channel();
-        let job = ReadJob { index: 0, state_machine, query, reply };
-        // A closed channel drops the job, whose dropped sender reads as a
-        // shutdown to the waiter.
-        let _ = self.apply.lock().unwrap_or_else(|p| p.into_inner()).send(ApplyMsg::Read(job));
-        answer
     }
 }
 
@@ -172,7 +132,7 @@ fn forwarded<T>(message: T) -> Request<T> {
 
 /// The gRPC status for a request error; retryable ones are UNAVAILABLE or
 /// RESOURCE_EXHAUSTED, and "not the leader" names the leader in metadata.
-pub fn status_of(error: RequestError) -> Status {
+pub(super) fn status_of(error: RequestError) -> Status {
     let message = error.to_string();
     match error {
         RequestError::NotLeader { leader } => {
@@ -267,7 +227,7 @@ impl ClientService {
             .await?
             .ok_or_else(|| Status::invalid_argument("the deploy stream is empty; send the module"))?;
         check_name(&first.state_machine).map_err(Status::invalid_argument)?;
-        let limit = self.registry.runtime().limits().module_bytes as u64;
+        let limit = self.node.modules.runtime().limits().module_bytes as u64;
         if first.total_bytes > limit {
             return Err(Status::invalid_argument(format!(
                 "module refused: module of {} bytes is above the limit of {limit} bytes",
@@ -327,7 +287,7 @@ impl ClientService {
             sequence: write.sequence,
             lowest_unanswered: write.lowest_unanswered,
         };
-        match self.core.write(command).await {
+        match self.node.core.write(command).await {
             Ok(reply) => Ok(Response::new(WriteResponse {
                 outcome: Some(outcome_pb(reply.outcome)),
                 index: reply.index,
@@ -353,11 +313,8 @@ impl ClientService {
         };
         let _pending = self.admit()?;
         let result = match consistency {
-            Consistency::Stale => {
-                let answer = self.stale_read(read.state_machine.clone(), read.query.clone());
-                await_answer(self.config.request_timeout, answer).await.and_then(|result| result)
-            }
-            _ => self.core.read(read.state_machine.clone(), read.query.clone(), consistency).await,
+            Consistency::Stale => self.node.applied.stale_read(read.state_machine.clone(), read.query.clone()).await,
+            _ => self.node.core.read(read.state_machine.clone(), read.query.clone(), consistency).await,
         };
         match result {
             Ok(reply) => {
@@ -372,29 +329,23 @@ impl ClientService {
 
     /// This member's status, as `Status` and the metrics report it.
     pub async fn status_now(&self) -> Result<StatusResponse, Status> {
-        let core = self.core.status().await.map_err(status_of)?;
-        let (reply, answer) = oneshot::channel();
-        self.apply
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(ApplyMsg::Status(reply))
-            .map_err(|_| status_of(RequestError::ShuttingDown))?;
-        let applied = await_answer(self.config.request_timeout, answer).await.and_then(|r| r).map_err(status_of)?;
-        let members = members_pb(&self.members.current());
+        let core = self.node.core.status().await.map_err(status_of)?;
+        let applied = self.node.applied.status().await.map_err(status_of)?;
+        let members = members_pb(&self.node.members.current());
         let state_machines = applied
             .state_machines
             .into_iter()
             .map(|m| StateMachineStatus { name: m.name, module_hash: m.module_hash, state_digest: m.state_digest })
             .collect();
-        let (modules_compiled, modules_loaded_from_cache) = self.registry.runtime().load_counts();
-        let usage = crate::process::usage().unwrap_or_default();
+        let (modules_compiled, modules_loaded_from_cache) = self.node.modules.runtime().load_counts();
+        let usage = process::usage().unwrap_or_default();
         Ok(StatusResponse {
-            cluster_id: self.config.cluster_id.clone(),
-            id: self.config.id,
+            cluster_id: self.config.node.cluster_id.clone(),
+            id: self.config.node.id,
             role: core.role.as_str().to_string(),
             term: core.term,
             leader_id: core.leader.unwrap_or(0),
-            leader_address: core.leader.and_then(|id| self.members.address_of(id)).unwrap_or_default(),
+            leader_address: core.leader.and_then(|id| self.node.members.address_of(id)).unwrap_or_default(),
             commit_index: core.commit_index,
             applied_index: applied.applied_index,
             last_log_index: core.last_log_index,
@@ -406,8 +357,8 @@ impl ClientService {
             snapshot_index: core.snapshot_index,
             process_cpu_seconds: usage.cpu_seconds,
             process_resident_bytes: usage.resident_bytes,
-            process_instance: crate::process::instance_id(),
-            modules_in_memory: self.registry.runtime().loaded_count() as u64,
+            process_instance: process::instance_id(),
+            modules_in_memory: self.node.modules.runtime().loaded_count() as u64,
         })
     }
 }
@@ -415,8 +366,7 @@ impl ClientService {
 impl MetricsSource for ClientService {
     async fn render(&self) -> Result<String, String> {
         let status = self.status_now().await.map_err(|status| status.message().to_string())?;
-        let pending = self.pending.load(Ordering::Relaxed) as u64;
-        Ok(super::metrics::render(&status, &self.counters, &self.snapshots, pending))
+        Ok(super::metrics::render(&status, &self.counters, &self.node.snapshots, self.pending() as u64))
     }
 }
 
@@ -440,7 +390,7 @@ impl Client for ClientService {
     type DeployStream = DeployEvents;
 
     async fn deploy(&self, request: Request<Streaming<DeployRequest>>) -> Result<Response<Self::DeployStream>, Status> {
-        self.deployer.check_leader().map_err(status_of)?;
+        self.node.deployer.check_leader().map_err(status_of)?;
         let mut stream = request.into_inner();
         let (name, bytes, activate) = self.receive_module(&mut stream).await?;
         let (tx, rx) = mpsc::channel(DEPLOY_PROGRESS_QUEUE);
@@ -451,7 +401,7 @@ impl Client for ClientService {
             ..DeployProgress::default()
         };
         let _ = tx.try_send(Ok(received));
-        let deployer = self.deployer.clone();
+        let deployer = self.node.deployer.clone();
         tokio::spawn(async move {
             let progress = |step| {
                 let _ = tx.try_send(Ok(progress_of(step)));
@@ -478,7 +428,7 @@ impl Client for ClientService {
         let request = request.into_inner();
         check_name(&request.state_machine).map_err(Status::invalid_argument)?;
         let hash = parse_hash(&request.module_hash).map_err(Status::invalid_argument)?;
-        let activated = self.deployer.activate(&request.state_machine, hash).await.map_err(status_of)?;
+        let activated = self.node.deployer.activate(&request.state_machine, hash).await.map_err(status_of)?;
         Ok(Response::new(ActivateResponse {
             index: activated.index,
             previous_hash: activated.previous.map(|h| hex(&h)).unwrap_or_default(),
@@ -487,7 +437,7 @@ impl Client for ClientService {
     }
 
     async fn modules(&self, _request: Request<ModulesRequest>) -> Result<Response<ModulesResponse>, Status> {
-        let versions = self.registry.versions().map_err(|e| Status::internal(e.to_string()))?;
+        let versions = self.node.modules.versions().map_err(|e| Status::internal(e.to_string()))?;
         let versions = versions
             .into_iter()
             .map(|v| ModuleVersionInfo {
@@ -506,26 +456,26 @@ impl Client for ClientService {
     type WatchStream = WatchEvents;
 
     async fn watch(&self, _request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        let members = self.members.clone();
-        let events = WatchStream::new(self.core.leadership()).map(move |view| Ok(event_of(&view, &members)));
+        let members = self.node.members.clone();
+        let events = WatchStream::new(self.node.core.leadership()).map(move |view| Ok(event_of(&view, &members)));
         Ok(Response::new(Box::pin(events)))
     }
 
     async fn members(&self, _request: Request<MembersRequest>) -> Result<Response<MembersResponse>, Status> {
-        Ok(Response::new(MembersResponse { members: members_pb(&self.members.current()), index: 0 }))
+        Ok(Response::new(MembersResponse { members: members_pb(&self.node.members.current()), index: 0 }))
     }
 
     async fn change_membership(
         &self,
         request: Request<ChangeMembershipRequest>,
     ) -> Result<Response<MembersResponse>, Status> {
-        self.deployer.check_leader().map_err(status_of)?;
+        self.node.deployer.check_leader().map_err(status_of)?;
         let request = request.into_inner();
         let id = request.id;
         if id == 0 {
             return Err(Status::invalid_argument("member id 0 is not valid; ids start at 1"));
         }
-        let mut addresses = self.members.current().addresses;
+        let mut addresses = self.node.members.current().addresses;
         let kind = match MembershipChange::try_from(request.change) {
             Ok(MembershipChange::AddLearner) => {
                 check_address(&request.address)?;
@@ -543,11 +493,11 @@ impl Client for ClientService {
             _ => return Err(Status::invalid_argument("change must be ADD_LEARNER, PROMOTE or REMOVE")),
         };
         let change = ConfChange { kind, node: id, context: encode_addresses(&addresses) };
-        let reply = self.core.change_membership(change).await.map_err(status_of)?;
+        let reply = self.node.core.change_membership(change).await.map_err(status_of)?;
         if let Err(why) = reply.outcome {
             return Err(Status::failed_precondition(why));
         }
-        Ok(Response::new(MembersResponse { members: members_pb(&self.members.current()), index: reply.index }))
+        Ok(Response::new(MembersResponse { members: members_pb(&self.node.members.current()), index: reply.index }))
     }
 
     async fn transfer_leader(
@@ -556,12 +506,12 @@ impl Client for ClientService {
     ) -> Result<Response<TransferLeaderResponse>, Status> {
         let to = request.into_inner().to;
         let done = |view: &LeadershipView| view.leader == Some(to) && view.term > 0;
-        let view = self.core.current_leadership();
+        let view = self.node.core.current_leadership();
         if done(&view) {
             return Ok(Response::new(TransferLeaderResponse { leader_id: to, term: view.term }));
         }
-        self.deployer.check_leader().map_err(status_of)?;
-        match self.core.transfer_leader(to, done).await {
+        self.node.deployer.check_leader().map_err(status_of)?;
+        match self.node.core.transfer_leader(to, done).await {
             Ok(view) => Ok(Response::new(TransferLeaderResponse { leader_id: to, term: view.term })),
             Err(RequestError::Timeout(limit)) => Err(Status::deadline_exceeded(format!(
                 "member {to} did not take over within {limit:?}; is it up and caught up?"
@@ -572,7 +522,7 @@ impl Client for ClientService {
 
     async fn set_offline(&self, request: Request<SetOfflineRequest>) -> Result<Response<SetOfflineResponse>, Status> {
         let offline = request.into_inner().offline;
-        self.core.set_offline(offline).await.map_err(status_of)?;
+        self.node.core.set_offline(offline).await.map_err(status_of)?;
         Ok(Response::new(SetOfflineResponse { offline }))
     }
 }
@@ -580,7 +530,7 @@ impl Client for ClientService {
 impl ClientService {
     /// A learner is promoted only once the leader's log reaches it.
     async fn check_caught_up(&self, id: NodeId) -> Result<(), Status> {
-        let core = self.core.status().await.map_err(status_of)?;
+        let core = self.node.core.status().await.map_err(status_of)?;
         if !core.conf.learners.contains(&id) {
             return Ok(()); // the core refuses it with the precise reason
         }

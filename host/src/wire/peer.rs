@@ -1,26 +1,10 @@
-//! gRPC surfaces and the conversions between their protobuf types and the
-//! consensus core's own. Everything that arrives from the network is checked
-//! here before the core sees it: the cluster id, the sender, the receiver,
-//! and every field's shape.
+//! Peer messages on the wire: the envelope that carries a batch of core
+//! messages between two members, and the conversions between protobuf and the
+//! consensus core's own types. Everything that arrives is checked here before
+//! the core sees it: the cluster id, the sender, the receiver, and every
+//! field's shape.
 
-/// Types and service stubs generated from `proto/raft.proto` (peers) and
-/// `proto/entry.proto` (what log entries carry).
-pub mod pb {
-    tonic::include_proto!("raft.v1");
-}
-
-/// Types and service stubs of the public client API, `proto/client.proto`.
-pub mod client_pb {
-    tonic::include_proto!("raft.client.v1");
-}
-
-mod client_service;
-pub mod metrics;
-mod peer_service;
-
-pub use self::client_service::{ClientService, LEADER_ADDR_KEY, LEADER_ID_KEY, status_of};
-pub use self::peer_service::PeerService;
-
+use super::pb;
 use crate::raft::{ConfState, Entry, EntryKind, Message, MessageBody, NodeId, SnapshotMeta};
 use bytes::Bytes;
 use thiserror::Error;

@@ -1,9 +1,11 @@
 //! Metrics in the Prometheus text format (version 0.0.4), served over plain
 //! HTTP at `/metrics` on `--metrics-listen`. Gauges (term, indexes, role,
 //! modules) are read from the member's status when scraped; counters
-//! (client requests by method and gRPC code) are kept by the client service.
+//! (client requests by method and gRPC code) are kept by the client service,
+//! and snapshot transfers by the node.
 
-use super::client_pb::StatusResponse;
+use crate::node::{ShutdownSignal, SnapshotCounters};
+use crate::wire::client_pb::StatusResponse;
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -38,20 +40,6 @@ impl RequestCounters {
         let code = (code as usize).min(CODES - 1);
         self.by_method_and_code[method as usize][code].fetch_add(1, Ordering::Relaxed);
     }
-}
-
-/// Snapshot transfers, counted by the peer lanes (sending) and the peer
-/// service (receiving); `receiving_bytes` is the progress of the stream
-/// being received now (0 when none is).
-#[derive(Default)]
-pub struct SnapshotCounters {
-    pub sent: AtomicU64,
-    pub sent_bytes: AtomicU64,
-    pub send_failures: AtomicU64,
-    pub received: AtomicU64,
-    pub received_bytes: AtomicU64,
-    pub receive_failures: AtomicU64,
-    pub receiving_bytes: AtomicU64,
 }
 
 /// The text exposition of a member's metrics.
@@ -162,18 +150,17 @@ pub trait MetricsSource: Send + Sync + 'static {
     fn render(&self) -> impl std::future::Future<Output = Result<String, String>> + Send;
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+/// Serves `GET /metrics` on `listener` until the member stops.
 pub async fn serve<S: MetricsSource>(
     listener: tokio::net::TcpListener,
     source: std::sync::Arc<S>,
-    shutdown: impl std::future::Future<Output = ()> + Send,
+    mut shutdown: ShutdownSignal,
 ) {
     use http_body_util::Full;
     use hyper::{Request, Response, StatusCode, body::Incoming, header};
-    tokio::pin!(shutdown);
     loop {
         let (stream, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
-            _ = &mut shutdown => return,
+            _ = shutdown.wait() => return,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {

@@ -1,16 +1,15 @@
-//! The server side of the peer protocol.
+//! The server side of the peer protocol: envelopes of consensus messages,
+//! snapshot streams, and deploys asking whether a module is compiled here.
 
-use super::metrics::SnapshotCounters;
-use super::pb::raft_peer_server::RaftPeer;
-use super::pb::{DeliverReply, Envelope, InstallSnapshotReply, ModuleStatusReply, ModuleStatusRequest, SnapshotChunk};
-use super::{EnvelopeError, open_envelope, snapshot_meta_from_pb};
-use crate::node::CoreHandle;
-use crate::node::members::Members;
-use crate::node::modules::ModuleRegistry;
+use crate::node::{NodeHandles, ShutdownSignal};
 use crate::raft::{Message, MessageBody, NodeId};
-use crate::storage::{Staging, StagingStart, Store, StoreError};
+use crate::storage::{Staging, StagingStart, StoreError};
+use crate::wire::pb::raft_peer_server::RaftPeer;
+use crate::wire::pb::{
+    DeliverReply, Envelope, InstallSnapshotReply, ModuleStatusReply, ModuleStatusRequest, SnapshotChunk,
+};
+use crate::wire::{EnvelopeError, open_envelope, snapshot_meta_from_pb};
 use sha2::{Digest, Sha256};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 use tonic::{Request, Response, Status, Streaming};
@@ -20,47 +19,38 @@ use tonic::{Request, Response, Status, Streaming};
 pub struct PeerService {
     cluster_id: String,
     me: NodeId,
-    members: Arc<Members>,
-    core: CoreHandle,
-    registry: Arc<ModuleRegistry>,
-    store: Store,
+    node: NodeHandles,
     /// One snapshot is received at a time.
     receiving: tokio::sync::Mutex<()>,
-    snapshots: Arc<SnapshotCounters>,
-    /// Turns true when the member stops: delivery streams end then, so a
+    /// Turns when the member stops: delivery streams end then, so a
     /// graceful shutdown does not wait for peers to hang up.
-    stopping: tokio::sync::watch::Receiver<bool>,
+    stopping: ShutdownSignal,
 }
 
 impl PeerService {
-    pub fn new(
-        cluster_id: String,
-        members: Arc<Members>,
-        core: CoreHandle,
-        registry: Arc<ModuleRegistry>,
-        store: Store,
-        snapshots: Arc<SnapshotCounters>,
-        stopping: tokio::sync::watch::Receiver<bool>,
-    ) -> PeerService {
-        let me = members.me();
-        let receiving = tokio::sync::Mutex::new(());
-        PeerService { cluster_id, me, members, core, registry, store, receiving, snapshots, stopping }
+    /// The peer side of the node behind `node`, in cluster `cluster_id`.
+    pub fn new(cluster_id: String, node: NodeHandles, stopping: ShutdownSignal) -> PeerService {
+        let me = node.members.me();
+        PeerService { cluster_id, me, node, receiving: tokio::sync::Mutex::new(()), stopping }
     }
 
     /// Checks who is asking, as an envelope with no messages would be.
     fn check_sender(&self, cluster_id: String, from: NodeId, to: NodeId) -> Result<(), Status> {
         let envelope = Envelope { cluster_id, from, to, messages: Vec::new() };
-        open_envelope(envelope, &self.cluster_id, self.me, |id| self.members.knows(id)).map(|_| ()).map_err(refusal)
+        self.open(envelope).map(|_| ()).map_err(refusal)
+    }
+
+    fn open(&self, envelope: Envelope) -> Result<Vec<Message>, EnvelopeError> {
+        open_envelope(envelope, &self.cluster_id, self.me, |id| self.node.members.knows(id))
     }
 
     /// Checks one envelope and hands its messages to the core.
     async fn deliver_envelope(&self, envelope: Envelope, peer: Option<std::net::SocketAddr>) -> Result<(), Status> {
-        let messages =
-            open_envelope(envelope, &self.cluster_id, self.me, |id| self.members.knows(id)).map_err(|e| {
-                tracing::warn!(remote = ?peer, error = %e, "refused a peer envelope");
-                refusal(e)
-            })?;
-        self.core.deliver(messages).await.map_err(|e| Status::unavailable(e.to_string()))
+        let messages = self.open(envelope).map_err(|e| {
+            tracing::warn!(remote = ?peer, error = %e, "refused a peer envelope");
+            refusal(e)
+        })?;
+        self.node.core.deliver(messages).await.map_err(|e| Status::unavailable(e.to_string()))
     }
 
     /// Receives, verifies and stages a snapshot stream; returns the message
@@ -73,7 +63,7 @@ impl PeerService {
             Status::invalid_argument("the first snapshot chunk must carry the snapshot's index, term and membership")
         })?;
         let started = Instant::now();
-        let store = self.store.clone();
+        let store = self.node.store.clone();
         let header = meta.clone();
         let mut staging = match blocking(move || store.begin_staging(header)).await? {
             StagingStart::Fresh(staging) => staging,
@@ -101,7 +91,7 @@ impl PeerService {
             }
             digest.update(&chunk.data);
             expected_offset += chunk.data.len() as u64;
-            self.snapshots.receiving_bytes.store(expected_offset, Ordering::Relaxed);
+            self.node.snapshots.receiving_bytes.store(expected_offset, Ordering::Relaxed);
             let last = chunk.last;
             let (data, received_digest) = (chunk.data, chunk.digest);
             staging = blocking(move || staging.write_chunk(&data).map(|()| staging)).await?;
@@ -117,8 +107,8 @@ impl PeerService {
                 .ok_or_else(|| Status::invalid_argument("the snapshot stream ended before its last chunk"))?;
         }
         let meta = blocking(move || Staging::finish(staging)).await?;
-        self.snapshots.received.fetch_add(1, Ordering::Relaxed);
-        self.snapshots.received_bytes.fetch_add(expected_offset, Ordering::Relaxed);
+        self.node.snapshots.received.fetch_add(1, Ordering::Relaxed);
+        self.node.snapshots.received_bytes.fetch_add(expected_offset, Ordering::Relaxed);
         tracing::info!(
             from,
             index = meta.index,
@@ -165,7 +155,7 @@ impl RaftPeer for PeerService {
         let mut stopping = self.stopping.clone();
         loop {
             let envelope = tokio::select! {
-                _ = stopping.wait_for(|stop| *stop) => break,
+                _ = stopping.wait() => break,
                 envelope = stream.message() => envelope?,
             };
             let Some(envelope) = envelope else { break };
@@ -182,7 +172,7 @@ impl RaftPeer for PeerService {
         self.check_sender(request.cluster_id, request.from, request.to)?;
         let hash: [u8; 32] =
             request.hash.as_slice().try_into().map_err(|_| Status::invalid_argument("a module hash is 32 bytes"))?;
-        let (state, error) = self.registry.status(&hash).map_err(|e| Status::internal(e.to_string()))?;
+        let (state, error) = self.node.modules.status(&hash).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(ModuleStatusReply { state: state as i32, error }))
     }
 
@@ -195,12 +185,12 @@ impl RaftPeer for PeerService {
         };
         let remote = request.remote_addr();
         let received = self.receive_snapshot(request.into_inner()).await;
-        self.snapshots.receiving_bytes.store(0, Ordering::Relaxed);
+        self.node.snapshots.receiving_bytes.store(0, Ordering::Relaxed);
         let message = received.inspect_err(|status| {
-            self.snapshots.receive_failures.fetch_add(1, Ordering::Relaxed);
+            self.node.snapshots.receive_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(remote = ?remote, error = %status.message(), "refused a snapshot stream");
         })?;
-        self.core.deliver(vec![message]).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        self.node.core.deliver(vec![message]).await.map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(InstallSnapshotReply { accepted: true }))
     }
 }

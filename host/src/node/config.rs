@@ -1,0 +1,108 @@
+//! What one member's node needs to run: identity, timing, limits. The
+//! server's own settings (where it listens, metrics, admission) live in
+//! `server::ServerConfig`, which wraps this.
+
+use super::error::NodeError;
+use super::sessions::SessionLimits;
+use crate::raft::NodeId;
+use crate::runtime::Limits;
+use crate::storage::Durability;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything one member's node needs to run.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub id: NodeId,
+    /// Every message between members carries it; a member of another cluster
+    /// is refused.
+    pub cluster_id: String,
+    /// The address other members and clients use for this one.
+    pub advertise: String,
+    /// The other members of the initial cluster and their addresses (the
+    /// first start records them; afterwards membership changes through the
+    /// log, and these only add to the address book).
+    pub peers: BTreeMap<NodeId, String>,
+    pub data_dir: PathBuf,
+    /// One tick of the consensus core's clock.
+    pub tick: Duration,
+    /// Election timeout and heartbeat interval, in ticks.
+    pub election_ticks: u32,
+    pub heartbeat_ticks: u32,
+    pub durability: Durability,
+    /// Guest limits (fuel, memory): identical on every member.
+    pub limits: Limits,
+    /// Largest command or query a client may send.
+    pub max_command_bytes: usize,
+    /// How long a client request may wait for its answer.
+    pub request_timeout: Duration,
+    /// Committed entry bytes handed to the apply task and not yet applied;
+    /// past it the core stops handing out more (replication goes on).
+    pub max_apply_backlog_bytes: u64,
+    pub sessions: SessionLimits,
+    /// How long a deploy waits for every live member to compile a module
+    /// before it activates it.
+    pub module_ready_timeout: Duration,
+    /// Applied entries the log holds before it is compacted (the applied
+    /// state is the snapshot a follower too far behind receives).
+    pub snapshot_threshold_entries: u64,
+    /// Applied entries kept after a compaction, so followers a little
+    /// behind catch up from the log rather than by snapshot.
+    pub snapshot_keep_entries: u64,
+    /// Join a running cluster through this member (host:port) instead of
+    /// bootstrapping one: start with no configuration, ask to be added as a
+    /// learner, catch up, then ask to be promoted.
+    pub join: Option<String>,
+    /// With `join`: stay a learner (promote later with `members promote`).
+    pub join_as_learner: bool,
+}
+
+impl NodeConfig {
+    /// Defaults for member `id` of `cluster_id`, reached at `advertise`,
+    /// with its data in `data_dir`.
+    pub fn new(id: NodeId, cluster_id: impl Into<String>, advertise: impl Into<String>, data_dir: PathBuf) -> Self {
+        NodeConfig {
+            id,
+            cluster_id: cluster_id.into(),
+            advertise: advertise.into(),
+            peers: BTreeMap::new(),
+            data_dir,
+            tick: Duration::from_millis(100),
+            election_ticks: 10,
+            heartbeat_ticks: 1,
+            durability: Durability::Fsync,
+            limits: Limits::default(),
+            max_command_bytes: 1 << 20,
+            request_timeout: Duration::from_secs(10),
+            max_apply_backlog_bytes: 64 << 20,
+            sessions: SessionLimits::default(),
+            module_ready_timeout: Duration::from_secs(300),
+            snapshot_threshold_entries: 10_000,
+            snapshot_keep_entries: 1_000,
+            join: None,
+            join_as_learner: false,
+        }
+    }
+
+    /// What is wrong with these settings, before anything is opened.
+    pub fn validate(&self) -> Result<(), NodeError> {
+        let fail = |reason: String| Err(NodeError::Config(reason));
+        if self.id == 0 {
+            return fail("--id must be a positive number".into());
+        }
+        if self.peers.contains_key(&self.id) {
+            return fail(format!("--peer lists this member's own id {}", self.id));
+        }
+        if self.cluster_id.is_empty() || self.cluster_id.len() > 128 {
+            return fail("the cluster id must be 1 to 128 bytes".into());
+        }
+        if self.election_ticks <= self.heartbeat_ticks {
+            return fail("the election timeout must be longer than the heartbeat interval".into());
+        }
+        if self.tick.is_zero() {
+            return fail("the tick must be longer than zero".into());
+        }
+        Ok(())
+    }
+}

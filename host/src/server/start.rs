@@ -1,0 +1,148 @@
+//! Starting and stopping a whole member: bind its ports, start its node,
+//! and serve the peer and client APIs on one port (and metrics on another,
+//! when asked), until the member stops. Each step is a function below.
+
+use super::client_service::ClientService;
+use super::config::ServerConfig;
+use super::metrics;
+use super::peer_service::PeerService;
+use crate::node::{Node, NodeError, ShutdownSignal};
+use crate::wire::PEER_MESSAGE_BYTES_MAX;
+use crate::wire::client_pb::client_server::ClientServer;
+use crate::wire::pb::raft_peer_server::RaftPeerServer;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tonic::transport::server::TcpIncoming;
+
+/// Why a member could not start, or stopped with an error.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("the gRPC server task stopped unexpectedly")]
+    ServerTaskLost,
+}
+
+/// A running member: its node, served on its port. Dropping it does not
+/// stop it; call [`Server::shutdown`] and then [`Server::wait`].
+pub struct Server {
+    node: Node,
+    local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Server {
+    /// Binds the member's ports (so a port in use is refused before any
+    /// data is touched), starts its node, and serves it. Must run inside a
+    /// tokio runtime.
+    pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
+        let config = Arc::new(config);
+        let (listener, local_addr) = bind(config.listen).await?;
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let node = Node::start(config.node.clone()).await?;
+        let clients = Arc::new(ClientService::new(config.clone(), node.handles().clone()));
+        let peers = PeerService::new(config.node.cluster_id.clone(), node.handles().clone(), node.shutdown_signal());
+        let metrics_addr = metrics_listener.map(|(listener, bound)| {
+            tokio::spawn(metrics::serve(listener, clients.clone(), node.shutdown_signal()));
+            tracing::info!(address = %bound, "serving metrics at /metrics");
+            bound
+        });
+        let grpc = serve_grpc(listener, &config, peers, clients, node.shutdown_signal());
+        tracing::info!(node = node.id(), address = %local_addr, "serving peers and clients");
+        Ok(Server { node, local_addr, metrics_addr, grpc })
+    }
+
+    /// The bound address (useful when listening on port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Where metrics are served, if they are.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The node behind this server.
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// See [`Node::hand_over_leadership`].
+    pub async fn hand_over_leadership(&self) {
+        self.node.hand_over_leadership().await
+    }
+
+    /// Asks every task to stop: the server stops accepting, the core
+    /// finishes its in-flight write, the apply task applies what it was
+    /// handed.
+    pub fn shutdown(&self) {
+        self.node.shutdown();
+    }
+
+    /// A future that resolves when the member starts stopping, from a
+    /// shutdown request or a fatal error.
+    pub fn stopping(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.node.stopping()
+    }
+
+    /// Waits until the server and every task of the node have stopped; the
+    /// first failure, if any (the node's before the server's).
+    pub async fn wait(self) -> Result<(), ServerError> {
+        let served = self.grpc.await.map_err(|_| ServerError::ServerTaskLost)?;
+        self.node.wait().await?;
+        served?;
+        Ok(())
+    }
+}
+
+/// A listener on `addr`, and the address it is bound to (the port chosen,
+/// when `addr` asks for port 0).
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServerError> {
+    let listen_error = |source| ServerError::Listen { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(listen_error)?;
+    let bound = listener.local_addr().map_err(listen_error)?;
+    Ok((listener, bound))
+}
+
+/// Serves the peer and client APIs on one port until the member stops.
+fn serve_grpc(
+    listener: TcpListener,
+    config: &ServerConfig,
+    peers: PeerService,
+    clients: Arc<ClientService>,
+    mut stop: ShutdownSignal,
+) -> JoinHandle<Result<(), tonic::transport::Error>> {
+    let client_limit = config.client_message_bytes_max();
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(
+                RaftPeerServer::new(peers)
+                    .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
+                    .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX),
+            )
+            .add_service(
+                ClientServer::from_arc(clients)
+                    .max_decoding_message_size(client_limit)
+                    .max_encoding_message_size(client_limit),
+            )
+            // The builder's nodelay applies only to listeners it binds itself;
+            // without it, small answers wait out delayed ACKs (~40 ms).
+            .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async move {
+                stop.wait().await
+            })
+            .await
+    })
+}

@@ -1,0 +1,37 @@
+//! How members reach each other, and the names both sides of the client API
+//! agree on: the channel settings every connection between members uses, the
+//! largest message either side accepts, and the gRPC metadata keys.
+
+use super::pb::raft_peer_client::RaftPeerClient;
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+/// Largest peer message (an envelope, a snapshot chunk) either side accepts.
+pub const PEER_MESSAGE_BYTES_MAX: usize = 64 << 20;
+
+/// Metadata key naming the leader's id on a "not the leader" error.
+pub const LEADER_ID_KEY: &str = "raft-leader-id";
+/// Metadata key naming the leader's address on a "not the leader" error, and
+/// on an answer a follower forwarded, so the client goes straight there next.
+pub const LEADER_ADDR_KEY: &str = "raft-leader-addr";
+/// Set on a request a member forwarded to the leader; such a request is never
+/// forwarded again, so a stale view of leadership cannot loop.
+pub const FORWARDED_KEY: &str = "raft-forwarded";
+
+/// A lazily connecting channel to the member at `address` (host:port).
+pub fn peer_channel(address: &str) -> Result<Channel, String> {
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| format!("invalid peer address {address:?}: {e}"))?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5));
+    Ok(endpoint.connect_lazy())
+}
+
+/// A peer protocol client on `channel`, with the peer message limits.
+pub fn peer_client(channel: Channel) -> RaftPeerClient<Channel> {
+    RaftPeerClient::new(channel)
+        .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX)
+        .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
+}
