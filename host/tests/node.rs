@@ -129,6 +129,28 @@ fn a_member_over_its_apply_backlog_limit_pauses_and_loses_no_write() {
     });
 }
 
+#[test]
+fn a_member_stops_while_a_scraper_keeps_its_metrics_connection_open() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    runtime().block_on(async {
+        let mut config = single_member(dir.path());
+        config.metrics_listen = Some("127.0.0.1:0".parse().expect("address"));
+        let node = Server::start(config).await.expect("starts");
+        // A scraper on HTTP/1.1 keep-alive: after its answer, the connection
+        // (and what serves it) stays up, waiting for the next scrape.
+        let mut scraper = tokio::net::TcpStream::connect(node.metrics_addr().expect("metrics")).await.expect("connect");
+        scraper.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n").await.expect("send");
+        let mut answer = vec![0; 4096];
+        let read = scraper.read(&mut answer).await.expect("an answer");
+        assert!(String::from_utf8_lossy(&answer[..read]).starts_with("HTTP/1.1 200"), "a scrape is answered");
+        node.shutdown();
+        let stopped = tokio::time::timeout(Duration::from_secs(20), node.wait()).await;
+        stopped.expect("the member stops although the scraper's connection is open").expect("clean stop");
+        drop(scraper);
+    });
+}
+
 /// `GET path` over plain HTTP/1.0; the status line and the body.
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -48,6 +48,9 @@ pub(super) enum ApplyMsg {
     /// before it), then report. A failure stops the task, which drops
     /// `done` unanswered.
     InstallSnapshot { snapshot: SnapshotMeta, done: oneshot::Sender<()> },
+    /// The core task handed out its last entries: finish and stop, even
+    /// while handles to this task still exist.
+    Stop,
 }
 
 /// A read waiting for its index.
@@ -268,10 +271,13 @@ impl Applier {
         })
     }
 
-    /// Runs until the channel closes (the core task stopped) or a fatal
+    /// Runs until the core says stop (or every sender is gone) or a fatal
     /// error.
     fn run(mut self, inbox: mpsc::Receiver<ApplyMsg>) -> Result<(), ApplyError> {
         while let Ok(message) = inbox.recv() {
+            if let ApplyMsg::Stop = message {
+                break;
+            }
             self.handle(message)?;
         }
         self.fail_waiters(|| RequestError::ShuttingDown);
@@ -316,6 +322,8 @@ impl Applier {
                 let _ = done.send(());
                 self.serve_due_reads()?;
             }
+            // `run` stops before handing it here.
+            ApplyMsg::Stop => {}
         }
         Ok(())
     }

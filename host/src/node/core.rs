@@ -255,8 +255,21 @@ impl CoreTask {
     /// Runs until the member stops or a fatal error. On shutdown it
     /// finishes the Ready being persisted (so what was acknowledged to peers
     /// is durable and committed entries reach the apply task) and returns.
+    /// Either way it tells the apply task that nothing more will come.
     pub(super) async fn run(
         mut self,
+        inbox: CoreInbox,
+        snapshot_reports: SnapshotReports,
+        shutdown: ShutdownSignal,
+    ) -> Result<(), NodeError> {
+        let result = self.drive(inbox, snapshot_reports, shutdown).await;
+        // Best effort: a gone apply task is stopped already.
+        let _ = self.apply.tx.send(ApplyMsg::Stop);
+        result
+    }
+
+    async fn drive(
+        &mut self,
         mut inbox: CoreInbox,
         mut snapshot_reports: SnapshotReports,
         mut shutdown: ShutdownSignal,
