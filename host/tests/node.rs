@@ -14,6 +14,13 @@ fn single_member(dir: &std::path::Path) -> ServerConfig {
     config
 }
 
+/// A single member that also serves metrics, on a port of its choosing.
+async fn start_with_metrics(dir: &std::path::Path) -> Server {
+    let mut config = single_member(dir);
+    config.metrics_listen = Some("127.0.0.1:0".parse().expect("address"));
+    Server::start(config).await.expect("starts")
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime")
 }
@@ -134,9 +141,7 @@ fn a_member_stops_while_a_scraper_keeps_its_metrics_connection_open() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().expect("tempdir");
     runtime().block_on(async {
-        let mut config = single_member(dir.path());
-        config.metrics_listen = Some("127.0.0.1:0".parse().expect("address"));
-        let node = Server::start(config).await.expect("starts");
+        let node = start_with_metrics(dir.path()).await;
         // A scraper on HTTP/1.1 keep-alive: after its answer, the connection
         // (and what serves it) stays up, waiting for the next scrape.
         let mut scraper = tokio::net::TcpStream::connect(node.metrics_addr().expect("metrics")).await.expect("connect");
@@ -166,9 +171,7 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
 fn metrics_are_served_in_the_prometheus_text_format() {
     let dir = tempfile::tempdir().expect("tempdir");
     runtime().block_on(async {
-        let mut config = single_member(dir.path());
-        config.metrics_listen = Some("127.0.0.1:0".parse().expect("address"));
-        let node = Server::start(config).await.expect("starts");
+        let node = start_with_metrics(dir.path()).await;
         let metrics = node.metrics_addr().expect("metrics are served");
         let mut client = ClusterClient::new(vec![node.local_addr().to_string()]).expect("client");
         for n in 0..3 {
