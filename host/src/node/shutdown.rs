@@ -52,9 +52,4 @@ impl ShutdownSignal {
         // the member is gone: stop too.
         let _ = self.receiver.wait_for(|stopping| *stopping).await;
     }
-
-    /// Whether the member is stopping.
-    pub fn is_set(&self) -> bool {
-        *self.receiver.borrow()
-    }
 }

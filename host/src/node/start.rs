@@ -102,11 +102,6 @@ impl Node {
         self.config.id
     }
 
-    /// The node's configuration.
-    pub fn config(&self) -> &Arc<NodeConfig> {
-        &self.config
-    }
-
     /// The handles the services reach the node through.
     pub fn handles(&self) -> &NodeHandles {
         &self.handles

@@ -74,11 +74,6 @@ impl Server {
         self.metrics_addr
     }
 
-    /// The node behind this server.
-    pub fn node(&self) -> &Node {
-        &self.node
-    }
-
     /// See [`Node::hand_over_leadership`].
     pub async fn hand_over_leadership(&self) {
         self.node.hand_over_leadership().await
