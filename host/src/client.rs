@@ -12,7 +12,7 @@ use crate::wire::client_pb::{
     SetOfflineResponse, StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse, WriteRequest,
     WriteResponse, client_client::ClientClient,
 };
-use crate::wire::{LEADER_ADDR_KEY, client_pb::outcome};
+use crate::wire::{LEADER_ADDR_KEY, Transport, client_pb::outcome};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use thiserror::Error;
 use tonic::transport::{Channel, Endpoint};
@@ -71,6 +71,8 @@ pub fn outcome_of(outcome: Option<client_pb::Outcome>) -> Outcome {
 pub struct ClusterClient {
     addresses: Vec<String>,
     channels: Vec<Option<ClientClient<Channel>>>,
+    /// Plaintext, or TLS with this client's certificate.
+    transport: Transport,
     /// The member tried first.
     current: usize,
     client_id: Vec<u8>,
@@ -80,9 +82,16 @@ pub struct ClusterClient {
 }
 
 impl ClusterClient {
-    /// A client of the members at `addresses` (host:port), with a fresh
-    /// random client id.
+    /// A plaintext client of the members at `addresses` (host:port), with a
+    /// fresh random client id.
     pub fn new(addresses: Vec<String>) -> Result<ClusterClient, ClientError> {
+        ClusterClient::with_transport(addresses, Transport::Plaintext)
+    }
+
+    /// A client of the members at `addresses` that reaches them over
+    /// `transport` (TLS with a client certificate, for a member that asks
+    /// for one).
+    pub fn with_transport(addresses: Vec<String>, transport: Transport) -> Result<ClusterClient, ClientError> {
         if addresses.is_empty() {
             return Err(ClientError::NoAddress);
         }
@@ -93,6 +102,7 @@ impl ClusterClient {
         Ok(ClusterClient {
             addresses,
             channels,
+            transport,
             current: 0,
             client_id: random_client_id(),
             next_sequence: 1,
@@ -110,6 +120,7 @@ impl ClusterClient {
         Ok(ClusterClient {
             addresses: self.addresses.clone(),
             channels: self.channels.clone(),
+            transport: self.transport.clone(),
             current: self.current,
             client_id: random_client_id(),
             next_sequence: 1,
@@ -279,8 +290,8 @@ impl ClusterClient {
     }
 
     /// The status of the one member at `address`, asked once.
-    pub async fn status_at(address: &str) -> Result<StatusResponse, ClientError> {
-        ClusterClient::new(vec![address.to_string()])?.status_of(0).await
+    pub async fn status_at(address: &str, transport: &Transport) -> Result<StatusResponse, ClientError> {
+        ClusterClient::with_transport(vec![address.to_string()], transport.clone())?.status_of(0).await
     }
 
     /// The status of the member at position `at` of the address list.
@@ -291,7 +302,7 @@ impl ClusterClient {
 
     fn channel(&mut self, at: usize) -> Result<ClientClient<Channel>, ClientError> {
         if self.channels[at].is_none() {
-            let channel = endpoint(&self.addresses[at])?.connect_lazy();
+            let channel = self.transport.connect(endpoint(&self.addresses[at])?);
             let client = ClientClient::new(channel)
                 .max_decoding_message_size(MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(MESSAGE_BYTES_MAX);

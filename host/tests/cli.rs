@@ -62,10 +62,26 @@ fn serve_on_a_taken_port_says_so_on_one_line_naming_the_cause_once() {
     let address = taken.local_addr().expect("address").to_string();
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let output = raft_host(&["serve", "--id", "1", "--listen", &address, "--data-dir", data.to_str().expect("utf-8")]);
+    let data = data.to_str().expect("utf-8");
+    let output = raft_host(&["serve", "--id", "1", "--listen", &address, "--data-dir", data, "--plaintext", "true"]);
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     let last = stderr.lines().last().expect("an error line");
     assert!(last.starts_with(&format!("raft-host: cannot listen on {address}")), "{stderr}");
     assert_eq!(last.matches("in use").count(), 1, "the cause once: {last}");
+}
+
+#[test]
+fn serve_speaks_plaintext_only_when_told_and_needs_all_three_tls_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("utf-8");
+    let neither = raft_host(&["serve", "--id", "1", "--listen", "127.0.0.1:1", "--data-dir", data]);
+    assert_eq!(neither.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&neither.stderr);
+    assert!(stderr.contains("choose TLS") && stderr.contains("--plaintext true"), "{stderr}");
+    let partial = raft_host(&["serve", "--id", "1", "--listen", "127.0.0.1:1", "--data-dir", data, "--ca", "ca.pem"]);
+    assert_eq!(partial.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&partial.stderr).contains("all three of --ca, --cert and --key"));
+    assert!(!dir.path().join("data").exists(), "refused before touching the data directory");
 }

@@ -1,14 +1,18 @@
 //! A harness for end-to-end tests: real `raft-host serve` processes on free
 //! loopback ports, each with its own temporary data directory and log file.
+//! Clusters speak TLS, on certificates the harness makes with `raft-host
+//! certs`, unless a test asks for plaintext.
 //!
 //! Every process is killed when its [`Cluster`] is dropped, so a failing
 //! test leaves nothing running; every wait has a deadline.
 
 use raft_host::client::{ClusterClient, Consistency, outcome_of};
 use raft_host::wire::client_pb::StatusResponse;
+use raft_host::wire::{Tls, TlsFiles, Transport};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The `raft-host` binary under test: `RAFT_HOST_BIN`, or the one cargo
@@ -81,6 +85,27 @@ pub struct Cluster {
     root: tempfile::TempDir,
     /// Extra flags for every member.
     extra: Vec<String>,
+    /// The certificates' directory, for a TLS cluster; `None`: plaintext.
+    certs: Option<PathBuf>,
+    /// How the harness's own clients reach the members (an admin
+    /// certificate over TLS).
+    transport: Transport,
+}
+
+/// Runs `raft-host certs ARGS`, which must succeed.
+fn certs_command(args: &[&str]) {
+    let output = Command::new(binary()).arg("certs").args(args).output().expect("raft-host certs runs");
+    assert!(output.status.success(), "raft-host certs {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// The TLS files of `name` (`member-1`, `client-admin`) in `dir`.
+pub fn tls_files(dir: &Path, name: &str) -> TlsFiles {
+    TlsFiles { ca: dir.join("ca.pem"), cert: dir.join(format!("{name}.pem")), key: dir.join(format!("{name}.key")) }
+}
+
+/// A transport over TLS with `name`'s certificate from `dir`.
+pub fn tls_transport(dir: &Path, name: &str) -> Transport {
+    Transport::Tls(Arc::new(Tls::load(tls_files(dir, name)).expect("TLS files load")))
 }
 
 /// The tick the tests run with: short, so elections take well under a second.
@@ -92,9 +117,28 @@ impl Cluster {
         Cluster::start_with(size, cluster_id, &[])
     }
 
-    /// Starts `size` members with extra `serve` flags.
+    /// Starts `size` members with extra `serve` flags, over TLS.
     pub fn start_with(size: u64, cluster_id: &str, extra: &[&str]) -> Cluster {
+        Cluster::start_as(size, cluster_id, extra, true)
+    }
+
+    /// Starts `size` members that serve plaintext (`--plaintext true`).
+    pub fn start_plaintext(size: u64, cluster_id: &str) -> Cluster {
+        Cluster::start_as(size, cluster_id, &[], false)
+    }
+
+    fn start_as(size: u64, cluster_id: &str, extra: &[&str], tls: bool) -> Cluster {
         let root = tempfile::Builder::new().prefix("raft-e2e-").tempdir().expect("temporary directory");
+        let (certs, transport) = if tls {
+            let dir = root.path().join("certs");
+            let dir_text = dir.to_str().expect("utf-8 path");
+            certs_command(&["ca", "--dir", dir_text, "--cluster", cluster_id]);
+            certs_command(&["client", "--dir", dir_text, "--name", "admin", "--role", "admin"]);
+            let transport = tls_transport(&dir, "client-admin");
+            (Some(dir), transport)
+        } else {
+            (None, Transport::Plaintext)
+        };
         let members = (1..=size)
             .map(|id| {
                 let settings = match id % 3 {
@@ -118,6 +162,8 @@ impl Cluster {
             members,
             root,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            certs,
+            transport,
         };
         for id in 1..=size {
             cluster.spawn(id);
@@ -171,6 +217,17 @@ impl Cluster {
         let cluster_id = self.cluster_id.clone();
         let extra = self.extra.clone();
         let config_path = self.root.path().join(format!("node-{id}.toml"));
+        // A member's certificate, made on its first start.
+        let tls = self.certs.as_ref().map(|dir| {
+            let files = tls_files(dir, &format!("member-{id}"));
+            if !files.cert.exists() {
+                let dir_text = dir.to_str().expect("utf-8 path");
+                certs_command(&["member", "--dir", dir_text, "--id", &id.to_string(), "--host", "127.0.0.1"]);
+            }
+            files
+        });
+        let path = |p: &Path| p.to_str().expect("utf-8 path").to_string();
+        let tls_text = tls.as_ref().map(|files| (path(&files.ca), path(&files.cert), path(&files.key)));
         let member = self.member_mut(id);
         assert!(member.process.is_none(), "member {id} is already running");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&member.log).expect("log file");
@@ -194,6 +251,10 @@ impl Cluster {
                 if let Some(join) = &member.join {
                     command.args(["--join", join]);
                 }
+                match &tls_text {
+                    Some((ca, cert, key)) => command.args(["--ca", ca, "--cert", cert, "--key", key]),
+                    None => command.args(["--plaintext", "true"]),
+                };
             }
             Settings::Environment => {
                 command
@@ -204,15 +265,25 @@ impl Cluster {
                     .env("RAFT_HOST_PEERS", peers.join(","))
                     .env("RAFT_HOST_TICK_MS", &tick)
                     .env("RAFT_HOST_WORKER_THREADS", "1");
+                match &tls_text {
+                    Some((ca, cert, key)) => {
+                        command.env("RAFT_HOST_CA", ca).env("RAFT_HOST_CERT", cert).env("RAFT_HOST_KEY", key)
+                    }
+                    None => command.env("RAFT_HOST_PLAINTEXT", "true"),
+                };
             }
             Settings::ConfigFile => {
                 let quoted: Vec<String> = peers.iter().map(|p| format!("{p:?}")).collect();
-                let toml = format!(
+                let mut toml = format!(
                     "id = {id}\ncluster = {cluster_id:?}\nlisten = {:?}\ndata-dir = {:?}\ntick-ms = {tick}\nworker-threads = 1\npeer = [{}]\n",
                     member.address,
                     member.data_dir.to_str().expect("utf-8 path"),
                     quoted.join(", ")
                 );
+                match &tls_text {
+                    Some((ca, cert, key)) => toml.push_str(&format!("ca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n")),
+                    None => toml.push_str("plaintext = true\n"),
+                }
                 std::fs::write(&config_path, toml).expect("config file");
                 command.args(["--config", config_path.to_str().expect("utf-8 path")]);
             }
@@ -257,19 +328,48 @@ impl Cluster {
         self.member(id).address.clone()
     }
 
+    /// How the harness's clients reach the members: TLS with an admin
+    /// client certificate, or plaintext for a plaintext cluster.
+    pub fn transport(&self) -> Transport {
+        self.transport.clone()
+    }
+
+    /// The certificates' directory, for a TLS cluster.
+    pub fn certs_dir(&self) -> Option<&Path> {
+        self.certs.as_deref()
+    }
+
+    /// The environment that gives the CLI the harness's admin certificate
+    /// (nothing for a plaintext cluster).
+    pub fn cli_env(&self) -> Vec<(&'static str, PathBuf)> {
+        let Some(dir) = &self.certs else { return Vec::new() };
+        let files = tls_files(dir, "client-admin");
+        vec![("RAFT_HOST_CA", files.ca), ("RAFT_HOST_CERT", files.cert), ("RAFT_HOST_KEY", files.key)]
+    }
+
+    /// A client of the members at `addresses`, as the harness reaches them.
+    pub fn client_at(&self, addresses: Vec<String>) -> ClusterClient {
+        ClusterClient::with_transport(addresses, self.transport()).expect("client")
+    }
+
     /// A client of every running member.
     pub fn client(&self) -> ClusterClient {
-        ClusterClient::new(self.addresses()).expect("client")
+        self.client_at(self.addresses())
     }
 
     /// A client of member `id` alone.
     pub fn client_of(&self, id: u64) -> ClusterClient {
-        ClusterClient::new(vec![self.address(id)]).expect("client")
+        self.client_at(vec![self.address(id)])
+    }
+
+    /// A gRPC channel to member `id`, as the harness reaches it.
+    pub fn channel(&self, id: u64) -> tonic::transport::Channel {
+        self.transport.channel(&self.address(id)).expect("channel")
     }
 
     /// The status of member `id`, if it answers.
     pub async fn status(&self, id: u64) -> Option<StatusResponse> {
-        ClusterClient::status_at(&self.address(id)).await.ok()
+        ClusterClient::status_at(&self.address(id), &self.transport).await.ok()
     }
 
     /// Waits until the running members agree on a leader among them; returns its id.
@@ -431,8 +531,10 @@ pub struct Writers {
 }
 
 impl Writers {
-    /// `count` writers sending `command(writer, n)` to `state_machine`.
+    /// `count` writers sending `command(writer, n)` to `state_machine`, each
+    /// a client of `cluster`'s members at `addresses`.
     pub fn start(
+        cluster: &Cluster,
         addresses: Vec<String>,
         count: usize,
         state_machine: &str,
@@ -441,9 +543,9 @@ impl Writers {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let tasks = (0..count)
             .map(|writer| {
-                let (stop, addresses, state_machine) = (stop.clone(), addresses.clone(), state_machine.to_string());
+                let (stop, state_machine) = (stop.clone(), state_machine.to_string());
+                let mut client = cluster.client_at(addresses.clone());
                 tokio::spawn(async move {
-                    let mut client = ClusterClient::new(addresses).expect("client");
                     client.deadline = Duration::from_secs(60);
                     let (mut answers, mut failures) = (Vec::new(), Vec::new());
                     let mut n = 0;

@@ -43,11 +43,7 @@ fn writes_through_every_member_survive_a_leader_kill_and_all_replicas_agree() {
 
         // A client following leadership through Watch on a follower.
         let watcher_id = (1..=3).find(|&id| id != first_leader).expect("a follower");
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.address(watcher_id)))
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("connect");
+        let channel = cluster.channel(watcher_id);
         let mut events = ClientClient::new(channel).watch(WatchRequest {}).await.expect("watch").into_inner();
         let current = events.message().await.expect("stream").expect("the current view comes first");
         assert_eq!(current.leader_id, first_leader);
@@ -195,12 +191,7 @@ fn malformed_oversized_and_unknown_requests_get_clear_errors_and_change_nothing(
         assert!(outcome.contains("invalid JSON"), "{outcome}");
 
         // Bytes that are not a protobuf WriteRequest at all.
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.address(1)))
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("connect");
-        let mut grpc = tonic::client::Grpc::new(channel);
+        let mut grpc = tonic::client::Grpc::new(cluster.channel(1));
         grpc.ready().await.expect("ready");
         let path = tonic::codegen::http::uri::PathAndQuery::from_static("/raft.client.v1.Client/Write");
         let garbage = Garbage { state_machine: 7, command: 9 };
@@ -229,17 +220,14 @@ struct Garbage {
 #[test]
 fn a_member_of_another_cluster_is_refused_and_cannot_disturb_this_one() {
     run(LIMIT, async {
-        let cluster = Cluster::start(3, "e2e-home");
+        // Plaintext, chosen explicitly: only the envelope's own fields say
+        // who sent it (over TLS the certificate does; see security.rs).
+        let cluster = Cluster::start_plaintext(3, "e2e-home");
         let leader = cluster.leader(SETTLE).await;
         let before = cluster.status(leader).await.expect("status");
 
         // A forged vote request from a member of another cluster, with a huge term.
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.address(leader)))
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("connect");
-        let mut peer = RaftPeerClient::new(channel);
+        let mut peer = RaftPeerClient::new(cluster.channel(leader));
         let vote = Message {
             term: 1_000,
             body: Some(Body::RequestVote(RequestVote {
@@ -270,7 +258,14 @@ fn a_member_of_another_cluster_is_refused_and_cannot_disturb_this_one() {
             (1..=3).filter(|&id| id != 2).map(|id| format!("{id}={}", cluster.address(id))).collect();
         let mut stranger = std::process::Command::new(binary())
             .args(["serve", "--id", "2", "--cluster", "elsewhere", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--data-dir", stranger_dir.path().to_str().expect("utf-8"), "--tick-ms", "50"])
+            .args([
+                "--data-dir",
+                stranger_dir.path().to_str().expect("utf-8"),
+                "--tick-ms",
+                "50",
+                "--plaintext",
+                "true",
+            ])
             .args(["--peer", &peers[0], "--peer", &peers[1]])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -301,7 +296,9 @@ fn the_cli_writes_reads_reports_and_benchmarks_and_sigterm_stops_a_member_gracef
 
         // The CLI: write, read and status --json against the running cluster.
         let cli = |args: &[&str]| {
-            std::process::Command::new(binary()).args(args).env("RUST_LOG", "warn").output().expect("cli runs")
+            let mut command = std::process::Command::new(binary());
+            command.args(args).envs(cluster.cli_env()).env("RUST_LOG", "warn");
+            command.output().expect("cli runs")
         };
         let all = cluster.addresses().join(",");
         let written = cli(&["write", "--addr", &all, r#"{"op":"put","key":"b","value":"2"}"#]);

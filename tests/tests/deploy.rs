@@ -4,7 +4,7 @@
 //! restart loads from the compiled cache, bad modules are refused before
 //! anything is committed, and state machines side by side keep apart.
 
-use raft_host::client::{ClusterClient, Consistency, outcome_of};
+use raft_host::client::{Consistency, outcome_of};
 use raft_host::wire::client_pb::StatusResponse;
 use raft_host_e2e::{Cluster, Writers, binary, put, run};
 use std::time::Duration;
@@ -46,10 +46,10 @@ fn deploy_and_rollback_under_writes_switch_every_replica_at_one_index() {
         let away = (1..=3).rev().find(|&id| id != leader).expect("a follower");
         cluster.kill(away);
         let live = cluster.addresses();
-        let writers = Writers::start(live.clone(), 4, "counter", |_, _| add_one());
+        let writers = Writers::start(&cluster, live.clone(), 4, "counter", |_, _| add_one());
         tokio::time::sleep(Duration::from_millis(500)).await;
 
-        let mut client = ClusterClient::new(live).expect("client");
+        let mut client = cluster.client_at(live);
         let mut phases = Vec::new();
         let deployed = client
             .deploy("counter", raft_guests::COUNTER_V2, true, |p| phases.push(p.phase.clone()))
@@ -175,7 +175,11 @@ fn state_machines_side_by_side_a_failed_migrate_and_the_cli() {
         let mut client = cluster.client();
         let address = cluster.addresses().join(",");
         let cli = |args: &[&str]| {
-            let output = std::process::Command::new(binary()).args(args).output().expect("raft-host runs");
+            let output = std::process::Command::new(binary())
+                .args(args)
+                .envs(cluster.cli_env())
+                .output()
+                .expect("raft-host runs");
             (
                 output.status.success(),
                 String::from_utf8_lossy(&output.stdout).to_string(),

@@ -4,7 +4,7 @@
 //! bring it back by snapshot, and move a state of over 100 MB by snapshot.
 //! Every scenario ends with equal state digests and no failed write.
 
-use raft_host::client::{ClusterClient, Consistency};
+use raft_host::client::Consistency;
 use raft_host::wire::client_pb::{MembershipChange, StatusResponse};
 use raft_host_e2e::{Cluster, Writers, binary, put, read_value, run};
 use std::time::{Duration, Instant};
@@ -51,7 +51,7 @@ fn grow_to_five_and_shrink_to_three_under_writes() {
     run(LIMIT, async {
         let mut cluster = Cluster::start_with(3, "grow", &SMALL_LOG);
         cluster.leader(SETTLE).await;
-        let writers = Writers::start(cluster.addresses(), 4, "kv", keyed_put);
+        let writers = Writers::start(&cluster, cluster.addresses(), 4, "kv", keyed_put);
         tokio::time::sleep(Duration::from_secs(2)).await;
         // New members join through any member; they catch up (by snapshot:
         // the log was compacted meanwhile) and are promoted.
@@ -87,7 +87,7 @@ fn leadership_moves_on_request_on_sigterm_and_when_the_leader_is_removed() {
     run(LIMIT, async {
         let mut cluster = Cluster::start(3, "leadership");
         let first = cluster.leader(SETTLE).await;
-        let writers = Writers::start(cluster.addresses(), 4, "kv", keyed_put);
+        let writers = Writers::start(&cluster, cluster.addresses(), 4, "kv", keyed_put);
         tokio::time::sleep(Duration::from_secs(1)).await;
 
         // transfer-leader, under load.
@@ -138,6 +138,7 @@ fn leadership_moves_on_request_on_sigterm_and_when_the_leader_is_removed() {
         let all = cluster.addresses().join(",");
         let listed = std::process::Command::new(binary())
             .args(["members", "--addr", &all, "--json", "list"])
+            .envs(cluster.cli_env())
             .output()
             .expect("members runs");
         assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
@@ -148,12 +149,14 @@ fn leadership_moves_on_request_on_sigterm_and_when_the_leader_is_removed() {
         let other = rest.iter().copied().find(|&id| id != new_leader).expect("the other voter");
         let moved = std::process::Command::new(binary())
             .args(["transfer-leader", "--addr", &all, "--to", &other.to_string()])
+            .envs(cluster.cli_env())
             .output()
             .expect("transfer-leader runs");
         assert!(moved.status.success(), "{}", String::from_utf8_lossy(&moved.stderr));
         assert_eq!(cluster.leader(SETTLE).await, other);
         let bad = std::process::Command::new(binary())
             .args(["members", "--addr", &all, "add", "9", "not-an-address"])
+            .envs(cluster.cli_env())
             .output()
             .expect("members runs");
         assert!(!bad.status.success());
@@ -195,7 +198,7 @@ fn a_wiped_member_comes_back_by_snapshot_and_a_big_state_moves_too() {
             .expect("the log names the snapshot's size");
         assert!(bytes > 100_000_000, "the snapshot carried {bytes} bytes");
         assert!(statuses.iter().all(|s| s.applied_index == statuses[0].applied_index));
-        let mut reader = ClusterClient::new(vec![cluster.address(3)]).expect("client");
+        let mut reader = cluster.client_of(3);
         assert_eq!(read_value(&mut reader, "small-399", Consistency::Stale).await.as_deref(), Some("v"));
         let value = read_value(&mut reader, "big-109", Consistency::Stale).await.expect("big value");
         assert_eq!(value.len(), big.len());

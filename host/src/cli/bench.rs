@@ -74,12 +74,13 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         bail!("--connections must be between 1 and --clients ({}), got {connections}", args.clients);
     }
     let disk = args.disk.as_deref().map(measure_fdatasync).transpose()?;
+    let transport = args.target.transport()?;
     let runtime = super::runtime()?;
     let duration = Duration::from_secs(args.duration_secs);
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let members_before = runtime.block_on(sample_members(args.target.addresses()));
+    let members_before = runtime.block_on(sample_members(args.target.addresses(), &transport));
     let bench_before = raft_host::process::usage();
     let started = Instant::now();
     let results = runtime.block_on(async {
@@ -138,7 +139,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     })?;
     let elapsed = started.elapsed().as_secs_f64();
     let bench_after = raft_host::process::usage();
-    let members_after = runtime.block_on(sample_members(args.target.addresses()));
+    let members_after = runtime.block_on(sample_members(args.target.addresses(), &transport));
     let cpu = CpuUse {
         processes: processes_cpu(&members_before, &members_after),
         bench_cpu_seconds: bench_before.zip(bench_after).map(|(b, a)| a.cpu_seconds - b.cpu_seconds),
@@ -149,12 +150,15 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
 /// Each member's status, by position in the address list, asked of all at
 /// once (`None` for one that does not answer: the CPU figures then leave it
 /// out).
-async fn sample_members(addresses: &[String]) -> Vec<Option<raft_host::wire::client_pb::StatusResponse>> {
+async fn sample_members(
+    addresses: &[String],
+    transport: &raft_host::wire::Transport,
+) -> Vec<Option<raft_host::wire::client_pb::StatusResponse>> {
     let asks: Vec<_> = addresses
         .iter()
         .map(|address| {
-            let address = address.clone();
-            tokio::spawn(async move { ClusterClient::status_at(&address).await.ok() })
+            let (address, transport) = (address.clone(), transport.clone());
+            tokio::spawn(async move { ClusterClient::status_at(&address, &transport).await.ok() })
         })
         .collect();
     let mut out = Vec::with_capacity(asks.len());

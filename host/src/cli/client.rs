@@ -4,8 +4,11 @@ use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use raft_host::client::{ClusterClient, Consistency, outcome_of};
 use raft_host::wire::client_pb::StatusResponse;
+use raft_host::wire::{Tls, TlsFiles, Transport};
 use serde_json::json;
 use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 #[derive(Args)]
 pub(super) struct Target {
@@ -16,6 +19,15 @@ pub(super) struct Target {
     /// Give up retrying after this many seconds.
     #[arg(long, env = "RAFT_HOST_TIMEOUT_SECS", default_value_t = 30)]
     timeout_secs: u64,
+    /// The cluster CA's certificate (PEM); with --cert and --key, talk TLS.
+    #[arg(long, env = "RAFT_HOST_CA")]
+    ca: Option<PathBuf>,
+    /// This client's certificate (PEM), naming its role (`raft-host certs client`).
+    #[arg(long, env = "RAFT_HOST_CERT")]
+    cert: Option<PathBuf>,
+    /// This client's private key (PEM).
+    #[arg(long, env = "RAFT_HOST_KEY")]
+    key: Option<PathBuf>,
 }
 
 impl Target {
@@ -29,8 +41,13 @@ impl Target {
         &self.addresses
     }
 
+    /// TLS with the client certificate given, or plaintext without one.
+    pub(super) fn transport(&self) -> anyhow::Result<Transport> {
+        Ok(tls_transport(&self.ca, &self.cert, &self.key)?.unwrap_or(Transport::Plaintext))
+    }
+
     pub(super) fn client(&self) -> anyhow::Result<ClusterClient> {
-        let mut client = ClusterClient::new(self.addresses.clone())?;
+        let mut client = ClusterClient::with_transport(self.addresses.clone(), self.transport()?)?;
         client.deadline = std::time::Duration::from_secs(self.timeout_secs);
         Ok(client)
     }
@@ -179,5 +196,22 @@ fn print_status(s: &StatusResponse) {
             m.module_hash.get(..16).unwrap_or(&m.module_hash),
             m.state_digest
         );
+    }
+}
+
+/// TLS from a CA, a certificate and its key, when all three are given;
+/// `None` when none is; an error for some but not all.
+pub(super) fn tls_transport(
+    ca: &Option<PathBuf>,
+    cert: &Option<PathBuf>,
+    key: &Option<PathBuf>,
+) -> anyhow::Result<Option<Transport>> {
+    match (ca, cert, key) {
+        (Some(ca), Some(cert), Some(key)) => {
+            let files = TlsFiles { ca: ca.clone(), cert: cert.clone(), key: key.clone() };
+            Ok(Some(Transport::Tls(Arc::new(Tls::load(files)?))))
+        }
+        (None, None, None) => Ok(None),
+        _ => bail!("TLS needs all three of --ca, --cert and --key"),
     }
 }

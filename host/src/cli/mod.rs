@@ -6,6 +6,7 @@
 mod bench;
 mod bench_deploy;
 mod bench_guest;
+mod certs;
 mod client;
 mod demo;
 mod members;
@@ -75,6 +76,9 @@ enum Command {
     /// world and compiles under the host's limits, as a deploy would, and
     /// prints its hash and size. Without a path, checks the built-in kv guest.
     Validate(ValidateArgs),
+    /// Makes a cluster's certificates without openssl: its CA, a member's
+    /// certificate (id and addresses), a client's (name and role).
+    Certs(certs::CertsArgs),
 }
 
 #[derive(Args)]
@@ -116,6 +120,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::BenchGuest(args) => bench_guest::bench_guest(args),
         Command::Demo(args) => demo::demo(&args),
         Command::Validate(args) => demo::validate(&args),
+        Command::Certs(args) => certs::certs(args),
     }
 }
 

@@ -5,6 +5,7 @@ use clap::Args;
 use raft_host::raft::NodeId;
 use raft_host::server::{Server, ServerConfig};
 use raft_host::storage::Durability;
+use raft_host::wire::Transport;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -93,6 +94,20 @@ pub struct ServeArgs {
     /// and less CPU per write (see README, Performance).
     #[arg(long, env = "RAFT_HOST_WORKER_THREADS")]
     worker_threads: Option<usize>,
+    /// The cluster CA's certificate (PEM): peers and clients must hold a
+    /// certificate it signed. With --cert and --key, the port speaks TLS only.
+    #[arg(long, env = "RAFT_HOST_CA")]
+    ca: Option<PathBuf>,
+    /// This member's certificate (PEM), naming its cluster and id (`raft-host certs member`).
+    #[arg(long, env = "RAFT_HOST_CERT")]
+    cert: Option<PathBuf>,
+    /// This member's private key (PEM).
+    #[arg(long, env = "RAFT_HOST_KEY")]
+    key: Option<PathBuf>,
+    /// Serve without TLS: anyone who reaches the port can do everything.
+    /// Must be chosen explicitly when --ca, --cert and --key are not given.
+    #[arg(long, env = "RAFT_HOST_PLAINTEXT")]
+    plaintext: Option<bool>,
 }
 
 impl ServeArgs {
@@ -120,7 +135,30 @@ impl ServeArgs {
         self.snapshot_threshold_entries = self.snapshot_threshold_entries.or(file.snapshot_threshold_entries);
         self.snapshot_keep_entries = self.snapshot_keep_entries.or(file.snapshot_keep_entries);
         self.worker_threads = self.worker_threads.or(file.worker_threads);
+        self.ca = self.ca.or(file.ca);
+        self.cert = self.cert.or(file.cert);
+        self.key = self.key.or(file.key);
+        self.plaintext = self.plaintext.or(file.plaintext);
         self
+    }
+
+    /// TLS from --ca, --cert and --key, or plaintext if --plaintext says so;
+    /// anything else is refused, so plaintext is never an accident.
+    fn transport(&self) -> anyhow::Result<Transport> {
+        let plaintext = self.plaintext == Some(true);
+        match super::client::tls_transport(&self.ca, &self.cert, &self.key)? {
+            Some(_) if plaintext => {
+                bail!("--plaintext true and TLS (--ca, --cert, --key) do not go together: choose one")
+            }
+            Some(tls) => Ok(tls),
+            None if plaintext => {
+                tracing::warn!("serving plaintext (--plaintext true): anyone who can reach the port can do everything");
+                Ok(Transport::Plaintext)
+            }
+            None => bail!(
+                "choose TLS (--ca, --cert and --key; `raft-host certs` makes them) or plaintext (--plaintext true)"
+            ),
+        }
     }
 
     /// The arguments with the config file's settings filled in.
@@ -139,6 +177,7 @@ impl ServeArgs {
     /// The member's configuration, or what is missing or wrong.
     fn server_config(self) -> anyhow::Result<ServerConfig> {
         let args = self.resolved()?;
+        let transport = args.transport()?;
         let id = args.id.context("--id is required (or RAFT_HOST_ID, or `id` in the config file)")?;
         let listen = args.listen.context("--listen is required, for example --listen 127.0.0.1:7001")?;
         let data_dir = args.data_dir.context("--data-dir is required")?;
@@ -146,6 +185,7 @@ impl ServeArgs {
             ServerConfig::new(id, args.cluster.unwrap_or_else(|| "raft-host".to_string()), listen, data_dir);
         server.metrics_listen = args.metrics_listen;
         let config = &mut server.node;
+        config.transport = transport;
         if let Some(advertise) = args.advertise {
             config.advertise = advertise;
         }
@@ -261,6 +301,7 @@ pub fn dev(args: DevArgs) -> anyhow::Result<()> {
         }
         let all = addresses.join(",");
         println!("raft-host dev: {} member(s) on {all}, data in {}", ids.len(), root.display());
+        println!("plaintext, for trying things out: anyone who can reach these ports can do everything");
         println!("state machines: kv (JSON commands), counter");
         println!("try, from another terminal:");
         println!("  raft-host write --addr {all} '{{\"op\":\"put\",\"key\":\"a\",\"value\":\"1\"}}'");

@@ -7,6 +7,7 @@ use super::sessions::SessionLimits;
 use crate::raft::NodeId;
 use crate::runtime::Limits;
 use crate::storage::Durability;
+use crate::wire::{Principal, Transport};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -56,6 +57,9 @@ pub struct NodeConfig {
     pub join: Option<String>,
     /// With `join`: stay a learner (promote later with `members promote`).
     pub join_as_learner: bool,
+    /// How members reach each other, and who this one is to them: TLS with
+    /// this member's certificate, or plaintext (only when chosen).
+    pub transport: Transport,
 }
 
 impl NodeConfig {
@@ -82,6 +86,7 @@ impl NodeConfig {
             snapshot_keep_entries: 1_000,
             join: None,
             join_as_learner: false,
+            transport: Transport::Plaintext,
         }
     }
 
@@ -102,6 +107,13 @@ impl NodeConfig {
         }
         if self.tick.is_zero() {
             return fail("the tick must be longer than zero".into());
+        }
+        if let Some(tls) = self.transport.tls() {
+            let expected = Principal::Member { cluster: self.cluster_id.clone(), id: self.id };
+            let found = tls.principal();
+            if found != expected {
+                return fail(format!("the certificate names {found}, but this is {expected}"));
+            }
         }
         Ok(())
     }

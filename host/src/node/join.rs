@@ -53,7 +53,7 @@ async fn change_until_done(
     address: &str,
 ) -> MembersResponse {
     loop {
-        let outcome = match ClusterClient::new(vec![through.to_string()]) {
+        let outcome = match ClusterClient::with_transport(vec![through.to_string()], config.transport.clone()) {
             Ok(mut client) => match client.change_membership(change, config.id, address).await {
                 Err(ClientError::Refused { code: Code::InvalidArgument, ref message })
                     if message.contains("already") =>
@@ -76,8 +76,8 @@ async fn change_until_done(
 
 async fn wait_until_caught_up(config: &NodeConfig, through: &str) {
     loop {
-        let cluster = ClusterClient::status_at(through).await;
-        let own = ClusterClient::status_at(&config.advertise).await;
+        let cluster = ClusterClient::status_at(through, &config.transport).await;
+        let own = ClusterClient::status_at(&config.advertise, &config.transport).await;
         if let (Ok(cluster), Ok(own)) = (cluster, own)
             && own.applied_index + CAUGHT_UP_ENTRIES >= cluster.commit_index
         {

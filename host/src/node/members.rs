@@ -12,7 +12,7 @@
 
 use crate::raft::{ConfState, NodeId};
 use crate::storage::{Store, StoreError};
-use crate::wire::peer_channel;
+use crate::wire::Transport;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::watch;
@@ -65,16 +65,30 @@ pub struct Members {
     book: RwLock<BTreeMap<NodeId, String>>,
     current: watch::Sender<Membership>,
     channels: Mutex<BTreeMap<NodeId, (String, Channel)>>,
+    transport: Transport,
 }
 
 impl Members {
     /// Starts from what the store says (`current`) plus addresses known
-    /// from elsewhere (the command line).
-    pub fn new(me: NodeId, advertise: String, current: Membership, known: &BTreeMap<NodeId, String>) -> Arc<Members> {
+    /// from elsewhere (the command line); members are reached over
+    /// `transport`.
+    pub fn new(
+        me: NodeId,
+        advertise: String,
+        current: Membership,
+        known: &BTreeMap<NodeId, String>,
+        transport: Transport,
+    ) -> Arc<Members> {
         let mut book = known.clone();
         book.extend(current.addresses.iter().map(|(id, a)| (*id, a.clone())));
         let (current, _) = watch::channel(current);
-        Arc::new(Members { me, advertise, book: RwLock::new(book), current, channels: Mutex::new(BTreeMap::new()) })
+        let channels = Mutex::new(BTreeMap::new());
+        Arc::new(Members { me, advertise, book: RwLock::new(book), current, channels, transport })
+    }
+
+    /// How members are reached (and, with TLS, who this one is to them).
+    pub fn transport(&self) -> &Transport {
+        &self.transport
     }
 
     /// This member's id.
@@ -131,7 +145,7 @@ impl Members {
         {
             return Ok(channel.clone());
         }
-        let channel = peer_channel(&address)?;
+        let channel = self.transport.channel(&address)?;
         channels.insert(id, (address, channel.clone()));
         Ok(channel)
     }
@@ -145,7 +159,7 @@ mod tests {
     fn the_address_book_only_grows() {
         let addresses: BTreeMap<NodeId, String> =
             [(1, "127.0.0.1:7001".to_string()), (2, "[::1]:7002".to_string())].into();
-        let members = Members::new(9, "me:9".into(), Membership::default(), &addresses);
+        let members = Members::new(9, "me:9".into(), Membership::default(), &addresses, Transport::Plaintext);
         members.publish(Membership { conf: ConfState::with_voters([2, 9]), addresses: [(2, "b:2".into())].into() });
         assert_eq!(members.address_of(1).as_deref(), Some("127.0.0.1:7001"), "an older address is kept");
         assert_eq!(members.address_of(2).as_deref(), Some("b:2"), "a newer address wins");

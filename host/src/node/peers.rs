@@ -19,7 +19,7 @@ use super::members::Members;
 use crate::raft::{Message, MessageBody, NodeId, Term};
 use crate::storage::Store;
 use crate::wire::pb::raft_peer_client::RaftPeerClient;
-use crate::wire::{MESSAGES_PER_ENVELOPE_MAX, pb, peer_channel, peer_client, seal_envelope, snapshot_meta_to_pb};
+use crate::wire::{MESSAGES_PER_ENVELOPE_MAX, pb, peer_client, seal_envelope, snapshot_meta_to_pb};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -123,7 +123,7 @@ impl Peers {
             // A connection of the lanes' own, not `Members::channel`'s: a
             // snapshot or a module stream on that one must not queue
             // heartbeats and votes behind megabytes of data.
-            let channel = match peer_channel(&address) {
+            let channel = match self.members.transport().channel(&address) {
                 Ok(channel) => channel,
                 Err(error) => {
                     tracing::warn!(peer = id, %error, "cannot reach a member at its address");

@@ -75,7 +75,9 @@ impl Node {
         config.validate()?;
         let config = Arc::new(config);
         let store = open_store(&config).await?;
-        let members = Members::new(config.id, config.advertise.clone(), Membership::stored(&store)?, &config.peers);
+        let stored = Membership::stored(&store)?;
+        let members =
+            Members::new(config.id, config.advertise.clone(), stored, &config.peers, config.transport.clone());
         let modules = open_modules(&config, &store)?;
         let applier = open_applier(&config, &store, &modules, &members).await?;
         let raft = open_raft(&config, &store)?;

@@ -6,7 +6,7 @@
 //! never forwarded again, so a stale view of leadership cannot loop.
 
 use super::config::ServerConfig;
-use super::metrics::{Method, MetricsSource, RequestCounters};
+use super::metrics::{Method, MetricsSource, PeerCounters, RequestCounters};
 use crate::node::{
     Consistency, DeployStep, LeadershipView, Members, Membership, NodeHandles, RequestError, check_name,
 };
@@ -37,6 +37,7 @@ pub struct ClientService {
     config: Arc<ServerConfig>,
     node: NodeHandles,
     counters: RequestCounters,
+    peers: Arc<PeerCounters>,
     /// One permit per client request waiting for its answer; none left
     /// means busy.
     admission: Arc<Semaphore>,
@@ -48,11 +49,12 @@ pub struct ClientService {
 const PROMOTE_LAG_MAX: u64 = 1_000;
 
 impl ClientService {
-    /// The client API of the node behind `node`.
-    pub fn new(config: Arc<ServerConfig>, node: NodeHandles) -> ClientService {
+    /// The client API of the node behind `node`; `peers` counts the peer
+    /// protocol's refusals, for the metrics.
+    pub fn new(config: Arc<ServerConfig>, node: NodeHandles, peers: Arc<PeerCounters>) -> ClientService {
         let admission_max = config.max_pending_requests.min(Semaphore::MAX_PERMITS);
         let admission = Arc::new(Semaphore::new(admission_max));
-        ClientService { config, node, counters: RequestCounters::default(), admission, admission_max }
+        ClientService { config, node, counters: RequestCounters::default(), peers, admission, admission_max }
     }
 
     /// Client requests waiting for an answer now.
@@ -366,7 +368,7 @@ impl ClientService {
 impl MetricsSource for ClientService {
     async fn render(&self) -> Result<String, String> {
         let status = self.status_now().await.map_err(|status| status.message().to_string())?;
-        Ok(super::metrics::render(&status, &self.counters, &self.node.snapshots, self.pending() as u64))
+        Ok(super::metrics::render(&status, &self.counters, &self.node.snapshots, &self.peers, self.pending() as u64))
     }
 }
 

@@ -42,11 +42,20 @@ impl RequestCounters {
     }
 }
 
+/// Refusals of the peer protocol: calls without a member's certificate, and
+/// messages from another cluster or whose sender is not the member the
+/// connection's certificate names (or not a member at all).
+#[derive(Default)]
+pub struct PeerCounters {
+    pub refused: AtomicU64,
+}
+
 /// The text exposition of a member's metrics.
 pub fn render(
     status: &StatusResponse,
     counters: &RequestCounters,
     snapshots: &SnapshotCounters,
+    peers: &PeerCounters,
     pending: u64,
 ) -> String {
     let mut out = String::with_capacity(4096);
@@ -85,6 +94,11 @@ pub fn render(
     };
     counter("modules_compiled_total", "Modules compiled since this process started.", status.modules_compiled);
     let load = |value: &AtomicU64| value.load(Ordering::Relaxed);
+    counter(
+        "peer_refused_total",
+        "Peer calls and messages refused: no member certificate, another cluster, or a sender that is not the certificate's member.",
+        load(&peers.refused),
+    );
     counter("snapshots_sent_total", "Snapshots streamed to members behind the compacted log.", load(&snapshots.sent));
     counter("snapshot_sent_bytes_total", "Bytes of snapshots streamed to other members.", load(&snapshots.sent_bytes));
     counter("snapshot_send_failures_total", "Snapshot streams that did not complete.", load(&snapshots.send_failures));

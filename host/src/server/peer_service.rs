@@ -1,6 +1,11 @@
 //! The server side of the peer protocol: envelopes of consensus messages,
 //! snapshot streams, and deploys asking whether a module is compiled here.
+//!
+//! Over TLS, [`PeerGate`] lets a call through only if the connection's
+//! certificate names a member of this cluster, before any of its messages is
+//! decoded; every message must then come from that very member.
 
+use super::metrics::PeerCounters;
 use crate::node::{NodeHandles, ShutdownSignal};
 use crate::raft::{Message, MessageBody, NodeId};
 use crate::storage::{Staging, StagingStart, StoreError};
@@ -8,11 +13,67 @@ use crate::wire::pb::raft_peer_server::RaftPeer;
 use crate::wire::pb::{
     DeliverReply, Envelope, InstallSnapshotReply, ModuleStatusReply, ModuleStatusRequest, SnapshotChunk,
 };
-use crate::wire::{EnvelopeError, open_envelope, snapshot_meta_from_pb};
+use crate::wire::{EnvelopeError, Principal, open_envelope, snapshot_meta_from_pb};
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 use tonic::{Request, Response, Status, Streaming};
+
+/// The member a call's certificate names, put on the call by [`PeerGate`].
+#[derive(Clone, Copy, Debug)]
+struct CertifiedMember(NodeId);
+
+/// Lets a peer call through only when the TLS connection it came on holds
+/// the certificate of another member of this cluster.
+#[derive(Clone)]
+pub struct PeerGate {
+    /// `None`: plaintext, chosen by the operator; every call passes.
+    check: Option<(String, NodeId, Arc<PeerCounters>)>,
+}
+
+impl PeerGate {
+    /// A gate for member `me` of `cluster_id` over TLS.
+    pub(super) fn new(cluster_id: String, me: NodeId, counters: Arc<PeerCounters>) -> PeerGate {
+        PeerGate { check: Some((cluster_id, me, counters)) }
+    }
+
+    /// No gate: a member serving plaintext has no certificates to check.
+    pub(super) fn open() -> PeerGate {
+        PeerGate { check: None }
+    }
+
+    fn admit(request: &Request<()>, cluster_id: &str, me: NodeId) -> Result<NodeId, String> {
+        let certificates = request.peer_certs().ok_or("the connection carries no certificate")?;
+        let certificate = certificates.first().ok_or("the connection carries no certificate")?;
+        match Principal::of_certificate(certificate)? {
+            Principal::Member { cluster, id } if cluster == cluster_id && id != me => Ok(id),
+            other => Err(format!("the certificate names {other}, not another member of cluster {cluster_id:?}")),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for PeerGate {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let Some((cluster_id, me, counters)) = &self.check else { return Ok(request) };
+        match PeerGate::admit(&request, cluster_id, *me) {
+            Ok(id) => {
+                request.extensions_mut().insert(CertifiedMember(id));
+                Ok(request)
+            }
+            Err(why) => {
+                counters.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(remote = ?request.remote_addr(), why, "refused a peer call");
+                Err(Status::permission_denied(format!("peer calls need a member's certificate: {why}")))
+            }
+        }
+    }
+}
+
+/// The member the gate found on `request`, if it ran (over TLS).
+fn certified<T>(request: &Request<T>) -> Option<NodeId> {
+    request.extensions().get::<CertifiedMember>().map(|member| member.0)
+}
 
 /// Checks every envelope against this member and its cluster, then hands
 /// the messages to the core task.
@@ -20,6 +81,7 @@ pub struct PeerService {
     cluster_id: String,
     me: NodeId,
     node: NodeHandles,
+    counters: Arc<PeerCounters>,
     /// One snapshot is received at a time.
     receiving: tokio::sync::Mutex<()>,
     /// Turns when the member stops: delivery streams end then, so a
@@ -29,35 +91,58 @@ pub struct PeerService {
 
 impl PeerService {
     /// The peer side of the node behind `node`, in cluster `cluster_id`.
-    pub fn new(cluster_id: String, node: NodeHandles, stopping: ShutdownSignal) -> PeerService {
+    pub fn new(
+        cluster_id: String,
+        node: NodeHandles,
+        counters: Arc<PeerCounters>,
+        stopping: ShutdownSignal,
+    ) -> PeerService {
         let me = node.members.me();
-        PeerService { cluster_id, me, node, receiving: tokio::sync::Mutex::new(()), stopping }
+        PeerService { cluster_id, me, node, counters, receiving: tokio::sync::Mutex::new(()), stopping }
     }
 
     /// Checks who is asking, as an envelope with no messages would be.
-    fn check_sender(&self, cluster_id: String, from: NodeId, to: NodeId) -> Result<(), Status> {
+    fn check_sender(
+        &self,
+        cluster_id: String,
+        from: NodeId,
+        to: NodeId,
+        certified: Option<NodeId>,
+    ) -> Result<(), Status> {
         let envelope = Envelope { cluster_id, from, to, messages: Vec::new() };
-        self.open(envelope).map(|_| ()).map_err(refusal)
+        self.open(envelope, certified).map(|_| ())
     }
 
-    fn open(&self, envelope: Envelope) -> Result<Vec<Message>, EnvelopeError> {
-        open_envelope(envelope, &self.cluster_id, self.me, |id| self.node.members.knows(id))
+    /// An envelope's messages, if it passes every check; a refusal is counted.
+    fn open(&self, envelope: Envelope, certified: Option<NodeId>) -> Result<Vec<Message>, Status> {
+        open_envelope(envelope, &self.cluster_id, self.me, certified, |id| self.node.members.knows(id)).map_err(|e| {
+            self.counters.refused.fetch_add(1, Ordering::Relaxed);
+            refusal(e)
+        })
     }
 
     /// Checks one envelope and hands its messages to the core.
-    async fn deliver_envelope(&self, envelope: Envelope, peer: Option<std::net::SocketAddr>) -> Result<(), Status> {
-        let messages = self.open(envelope).map_err(|e| {
-            tracing::warn!(remote = ?peer, error = %e, "refused a peer envelope");
-            refusal(e)
+    async fn deliver_envelope(
+        &self,
+        envelope: Envelope,
+        certified: Option<NodeId>,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Result<(), Status> {
+        let messages = self.open(envelope, certified).inspect_err(|status| {
+            tracing::warn!(remote = ?peer, error = %status.message(), "refused a peer envelope");
         })?;
         self.node.core.deliver(messages).await.map_err(|e| Status::unavailable(e.to_string()))
     }
 
     /// Receives, verifies and stages a snapshot stream; returns the message
     /// that hands it to the core.
-    async fn receive_snapshot(&self, mut stream: Streaming<SnapshotChunk>) -> Result<Message, Status> {
+    async fn receive_snapshot(
+        &self,
+        mut stream: Streaming<SnapshotChunk>,
+        certified: Option<NodeId>,
+    ) -> Result<Message, Status> {
         let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
-        self.check_sender(first.cluster_id.clone(), first.from, first.to)?;
+        self.check_sender(first.cluster_id.clone(), first.from, first.to, certified)?;
         let (from, term) = (first.from, first.term);
         let meta = first.meta.clone().map(snapshot_meta_from_pb).ok_or_else(|| {
             Status::invalid_argument("the first snapshot chunk must carry the snapshot's index, term and membership")
@@ -134,9 +219,9 @@ async fn blocking<T: Send + 'static>(
 
 fn refusal(error: EnvelopeError) -> Status {
     match error {
-        EnvelopeError::WrongCluster { .. } | EnvelopeError::UnknownSender(_) => {
-            Status::permission_denied(error.to_string())
-        }
+        EnvelopeError::WrongCluster { .. }
+        | EnvelopeError::UnknownSender(_)
+        | EnvelopeError::NotTheCertificateHolder { .. } => Status::permission_denied(error.to_string()),
         _ => Status::invalid_argument(error.to_string()),
     }
 }
@@ -144,13 +229,13 @@ fn refusal(error: EnvelopeError) -> Status {
 #[tonic::async_trait]
 impl RaftPeer for PeerService {
     async fn deliver(&self, request: Request<Envelope>) -> Result<Response<DeliverReply>, Status> {
-        let peer = request.remote_addr();
-        self.deliver_envelope(request.into_inner(), peer).await?;
+        let (peer, certified) = (request.remote_addr(), certified(&request));
+        self.deliver_envelope(request.into_inner(), certified, peer).await?;
         Ok(Response::new(DeliverReply {}))
     }
 
     async fn deliver_stream(&self, request: Request<Streaming<Envelope>>) -> Result<Response<DeliverReply>, Status> {
-        let peer = request.remote_addr();
+        let (peer, certified) = (request.remote_addr(), certified(&request));
         let mut stream = request.into_inner();
         let mut stopping = self.stopping.clone();
         loop {
@@ -159,7 +244,7 @@ impl RaftPeer for PeerService {
                 envelope = stream.message() => envelope?,
             };
             let Some(envelope) = envelope else { break };
-            self.deliver_envelope(envelope, peer).await?;
+            self.deliver_envelope(envelope, certified, peer).await?;
         }
         Ok(Response::new(DeliverReply {}))
     }
@@ -168,8 +253,9 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<ModuleStatusRequest>,
     ) -> Result<Response<ModuleStatusReply>, Status> {
+        let certified = certified(&request);
         let request = request.into_inner();
-        self.check_sender(request.cluster_id, request.from, request.to)?;
+        self.check_sender(request.cluster_id, request.from, request.to, certified)?;
         let hash: [u8; 32] =
             request.hash.as_slice().try_into().map_err(|_| Status::invalid_argument("a module hash is 32 bytes"))?;
         let (state, error) = self.node.modules.status(&hash).map_err(|e| Status::internal(e.to_string()))?;
@@ -183,8 +269,8 @@ impl RaftPeer for PeerService {
         let Ok(_receiving) = self.receiving.try_lock() else {
             return Err(Status::unavailable("another snapshot is being received; retry"));
         };
-        let remote = request.remote_addr();
-        let received = self.receive_snapshot(request.into_inner()).await;
+        let (remote, certified) = (request.remote_addr(), certified(&request));
+        let received = self.receive_snapshot(request.into_inner(), certified).await;
         self.node.snapshots.receiving_bytes.store(0, Ordering::Relaxed);
         let message = received.inspect_err(|status| {
             self.node.snapshots.receive_failures.fetch_add(1, Ordering::Relaxed);

@@ -1,11 +1,15 @@
 //! Starting and stopping a whole member: bind its ports, start its node,
 //! and serve the peer and client APIs on one port (and metrics on another,
 //! when asked), until the member stops. Each step is a function below.
+//!
+//! Over TLS every connection is a TLS session with a certificate of the
+//! cluster's CA on both sides; a plaintext client gets no further than the
+//! handshake. Plaintext is served only when the configuration says so.
 
 use super::client_service::ClientService;
 use super::config::ServerConfig;
-use super::metrics;
-use super::peer_service::PeerService;
+use super::metrics::{self, PeerCounters};
+use super::peer_service::{PeerGate, PeerService};
 use crate::node::{Node, NodeError, ShutdownSignal};
 use crate::wire::PEER_MESSAGE_BYTES_MAX;
 use crate::wire::client_pb::client_server::ClientServer;
@@ -16,6 +20,7 @@ use std::sync::Arc;
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 
 /// Why a member could not start, or stopped with an error.
@@ -52,8 +57,14 @@ impl Server {
             None => None,
         };
         let node = Node::start(config.node.clone()).await?;
-        let clients = Arc::new(ClientService::new(config.clone(), node.handles().clone()));
-        let peers = PeerService::new(config.node.cluster_id.clone(), node.handles().clone(), node.shutdown_signal());
+        let refusals = Arc::new(PeerCounters::default());
+        let clients = Arc::new(ClientService::new(config.clone(), node.handles().clone(), refusals.clone()));
+        let cluster = config.node.cluster_id.clone();
+        let peers = PeerService::new(cluster.clone(), node.handles().clone(), refusals.clone(), node.shutdown_signal());
+        let peers = match config.node.transport.tls() {
+            Some(_) => InterceptedService::new(peer_server(peers), PeerGate::new(cluster, node.id(), refusals)),
+            None => InterceptedService::new(peer_server(peers), PeerGate::open()),
+        };
         let metrics_addr = metrics_listener.map(|(listener, bound)| {
             tokio::spawn(metrics::serve(listener, clients.clone(), node.shutdown_signal()));
             tracing::info!(address = %bound, "serving metrics at /metrics");
@@ -111,33 +122,32 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServerError
     Ok((listener, bound))
 }
 
-/// Serves the peer and client APIs on one port until the member stops.
+fn peer_server(peers: PeerService) -> RaftPeerServer<PeerService> {
+    RaftPeerServer::new(peers)
+        .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX)
+}
+
+/// Serves the peer and client APIs on one port until the member stops: over
+/// TLS when the member has a certificate, else in plaintext.
 fn serve_grpc(
     listener: TcpListener,
     config: &ServerConfig,
-    peers: PeerService,
+    peers: InterceptedService<RaftPeerServer<PeerService>, PeerGate>,
     clients: Arc<ClientService>,
     mut stop: ShutdownSignal,
 ) -> JoinHandle<Result<(), tonic::transport::Error>> {
     let client_limit = config.client_message_bytes_max();
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .add_service(
-                RaftPeerServer::new(peers)
-                    .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
-                    .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX),
-            )
-            .add_service(
-                ClientServer::from_arc(clients)
-                    .max_decoding_message_size(client_limit)
-                    .max_encoding_message_size(client_limit),
-            )
-            // The builder's nodelay applies only to listeners it binds itself;
-            // without it, small answers wait out delayed ACKs (~40 ms).
-            .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async move {
-                stop.wait().await
-            })
-            .await
-    })
+    let router = tonic::transport::Server::builder().tcp_nodelay(true).add_service(peers).add_service(
+        ClientServer::from_arc(clients).max_decoding_message_size(client_limit).max_encoding_message_size(client_limit),
+    );
+    let stopped = async move { stop.wait().await };
+    match config.node.transport.tls() {
+        Some(tls) => tokio::spawn(router.serve_with_incoming_shutdown(tls.incoming(listener), stopped)),
+        // The builder's nodelay applies only to listeners it binds itself;
+        // without it, small answers wait out delayed ACKs (~40 ms).
+        None => tokio::spawn(
+            router.serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stopped),
+        ),
+    }
 }

@@ -19,6 +19,8 @@ pub enum EnvelopeError {
     WrongCluster { found: String, expected: String },
     #[error("message from node {0}, which is not a member of this cluster")]
     UnknownSender(NodeId),
+    #[error("message claims to come from member {claimed}, but the connection's certificate is member {certified}'s")]
+    NotTheCertificateHolder { claimed: NodeId, certified: NodeId },
     #[error("message for node {found}, this is node {expected}")]
     WrongReceiver { found: NodeId, expected: NodeId },
     #[error("envelope carries {0} messages, above the limit of {MESSAGES_PER_ENVELOPE_MAX}")]
@@ -39,16 +41,23 @@ pub fn seal_envelope(cluster_id: &str, from: NodeId, to: NodeId, messages: &[Mes
     }
 }
 
-/// Checks an incoming envelope against this node and its cluster, and turns
-/// it into core messages.
+/// Checks an incoming envelope against this node and its cluster (and, when
+/// the connection that carried it had a member's certificate, against that
+/// member), and turns it into core messages.
 pub fn open_envelope(
     envelope: pb::Envelope,
     cluster_id: &str,
     me: NodeId,
+    certified: Option<NodeId>,
     is_member: impl Fn(NodeId) -> bool,
 ) -> Result<Vec<Message>, EnvelopeError> {
     if envelope.cluster_id != cluster_id {
         return Err(EnvelopeError::WrongCluster { found: envelope.cluster_id, expected: cluster_id.to_string() });
+    }
+    if let Some(certified) = certified
+        && certified != envelope.from
+    {
+        return Err(EnvelopeError::NotTheCertificateHolder { claimed: envelope.from, certified });
     }
     if envelope.to != me {
         return Err(EnvelopeError::WrongReceiver { found: envelope.to, expected: me });
@@ -266,7 +275,7 @@ mod tests {
         let bytes = envelope.encode_to_vec();
         let decoded = pb::Envelope::decode(bytes.as_slice()).expect("decodes");
         let members: BTreeSet<NodeId> = [1, 2, 3].into();
-        assert_eq!(open_envelope(decoded, "c1", 1, |id| members.contains(&id)), Ok(in_envelopes));
+        assert_eq!(open_envelope(decoded, "c1", 1, None, |id| members.contains(&id)), Ok(in_envelopes));
     }
 
     #[test]
@@ -275,7 +284,7 @@ mod tests {
         let envelope = seal_envelope("c1", 2, 1, &[snapshot.expect("sample")]);
         let members: BTreeSet<NodeId> = [1, 2, 3].into();
         assert_eq!(
-            open_envelope(envelope, "c1", 1, |id| members.contains(&id)),
+            open_envelope(envelope, "c1", 1, None, |id| members.contains(&id)),
             Err(EnvelopeError::SnapshotOutsideStream { position: 0 })
         );
     }
@@ -285,31 +294,37 @@ mod tests {
         let members: BTreeSet<NodeId> = [1, 2, 3].into();
         let sealed = |cluster: &str, from, to| seal_envelope(cluster, from, to, &samples()[..1]);
         assert!(matches!(
-            open_envelope(sealed("other", 2, 1), "c1", 1, |id| members.contains(&id)),
+            open_envelope(sealed("other", 2, 1), "c1", 1, None, |id| members.contains(&id)),
             Err(EnvelopeError::WrongCluster { .. })
         ));
         assert_eq!(
-            open_envelope(sealed("c1", 9, 1), "c1", 1, |id| members.contains(&id)),
+            open_envelope(sealed("c1", 9, 1), "c1", 1, None, |id| members.contains(&id)),
             Err(EnvelopeError::UnknownSender(9))
         );
         assert_eq!(
-            open_envelope(sealed("c1", 1, 1), "c1", 1, |id| members.contains(&id)),
+            open_envelope(sealed("c1", 1, 1), "c1", 1, None, |id| members.contains(&id)),
             Err(EnvelopeError::UnknownSender(1))
         );
         assert_eq!(
-            open_envelope(sealed("c1", 2, 3), "c1", 1, |id| members.contains(&id)),
+            open_envelope(sealed("c1", 2, 3), "c1", 1, None, |id| members.contains(&id)),
             Err(EnvelopeError::WrongReceiver { found: 3, expected: 1 })
         );
+        assert_eq!(
+            open_envelope(sealed("c1", 3, 1), "c1", 1, Some(2), |id| members.contains(&id)),
+            Err(EnvelopeError::NotTheCertificateHolder { claimed: 3, certified: 2 }),
+            "member 2's certificate cannot speak for member 3"
+        );
+        assert!(open_envelope(sealed("c1", 2, 1), "c1", 1, Some(2), |id| members.contains(&id)).is_ok());
         let mut empty = sealed("c1", 2, 1);
         empty.messages.push(pb::Message { term: 1, body: None });
         assert_eq!(
-            open_envelope(empty, "c1", 1, |id| members.contains(&id)),
+            open_envelope(empty, "c1", 1, None, |id| members.contains(&id)),
             Err(EnvelopeError::EmptyMessage { position: 1 })
         );
         let mut flood = sealed("c1", 2, 1);
         flood.messages = vec![flood.messages[0].clone(); MESSAGES_PER_ENVELOPE_MAX + 1];
         assert!(matches!(
-            open_envelope(flood, "c1", 1, |id| members.contains(&id)),
+            open_envelope(flood, "c1", 1, None, |id| members.contains(&id)),
             Err(EnvelopeError::TooManyMessages(_))
         ));
     }

@@ -3,6 +3,8 @@
 //! largest message either side accepts, and the gRPC metadata keys.
 
 use super::pb::raft_peer_client::RaftPeerClient;
+use super::tls::Tls;
+use std::sync::Arc;
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
@@ -18,15 +20,43 @@ pub const LEADER_ADDR_KEY: &str = "raft-leader-addr";
 /// forwarded again, so a stale view of leadership cannot loop.
 pub const FORWARDED_KEY: &str = "raft-forwarded";
 
-/// A lazily connecting channel to the member at `address` (host:port).
-pub fn peer_channel(address: &str) -> Result<Channel, String> {
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| format!("invalid peer address {address:?}: {e}"))?
-        .connect_timeout(Duration::from_secs(1))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5));
-    Ok(endpoint.connect_lazy())
+/// How this party reaches members: over TLS with its certificate, or in
+/// plaintext, which only an operator's explicit choice allows.
+#[derive(Clone, Debug)]
+pub enum Transport {
+    Plaintext,
+    Tls(Arc<Tls>),
+}
+
+impl Transport {
+    /// A lazily connecting channel to the member at `address` (host:port),
+    /// with the settings every connection between members uses.
+    pub fn channel(&self, address: &str) -> Result<Channel, String> {
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| format!("invalid peer address {address:?}: {e}"))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5));
+        Ok(self.connect(endpoint))
+    }
+
+    /// A lazily connecting channel on `endpoint` (an `http://host:port` one),
+    /// over TLS when this transport is.
+    pub fn connect(&self, endpoint: Endpoint) -> Channel {
+        match self {
+            Transport::Plaintext => endpoint.connect_lazy(),
+            Transport::Tls(tls) => endpoint.connect_with_connector_lazy(tls.connector()),
+        }
+    }
+
+    /// The TLS material, if this transport uses TLS.
+    pub fn tls(&self) -> Option<&Arc<Tls>> {
+        match self {
+            Transport::Plaintext => None,
+            Transport::Tls(tls) => Some(tls),
+        }
+    }
 }
 
 /// A peer protocol client on `channel`, with the peer message limits.
