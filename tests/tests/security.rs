@@ -1,8 +1,9 @@
 //! TLS and member identity against real processes: who may connect, and
 //! whose messages count. (Every other end-to-end test runs over TLS too.)
 
-use raft_host::client::ClusterClient;
+use raft_host::client::{ClientError, ClusterClient, Consistency, outcome_of};
 use raft_host::wire::Transport;
+use raft_host::wire::client_pb::MembershipChange;
 use raft_host::wire::pb::{Envelope, Heartbeat, Message, message::Body, raft_peer_client::RaftPeerClient};
 use raft_host_e2e::{Cluster, binary, run, tls_transport};
 use std::time::Duration;
@@ -49,9 +50,8 @@ fn a_tls_member_refuses_plaintext_clients_and_certificates_of_another_ca() {
 
         // The cluster's own admin certificate works, and nothing was written.
         let mut client = cluster.client();
-        let read =
-            client.read("kv", br#"{"op":"get","key":"x"}"#.to_vec(), raft_host::client::Consistency::Linearizable);
-        let read = raft_host::client::outcome_of(read.await.expect("read").outcome);
+        let read = client.read("kv", br#"{"op":"get","key":"x"}"#.to_vec(), Consistency::Linearizable);
+        let read = outcome_of(read.await.expect("read").outcome);
         assert_eq!(read, Ok(br#"{"value":null}"#.to_vec()));
         client.write("kv", br#"{"op":"put","key":"y","value":"1"}"#.to_vec()).await.expect("an admin writes");
     });
@@ -111,5 +111,72 @@ fn a_member_certificate_speaks_only_for_its_own_member_and_cluster() {
         }
         let log = cluster.log_of(leader);
         assert!(log.contains("refused a peer"), "refusals are logged");
+    });
+}
+
+/// Issues a client certificate with `role` in the cluster's certificate
+/// directory; a client of every member that holds it.
+fn client_with_role(cluster: &Cluster, name: &str, role: &str) -> ClusterClient {
+    let dir = cluster.certs_dir().expect("a TLS cluster");
+    let path = dir.to_str().expect("utf-8 path");
+    let output = std::process::Command::new(binary())
+        .args(["certs", "client", "--dir", path, "--name", name, "--role", role])
+        .output()
+        .expect("certs runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let transport = tls_transport(dir, &format!("client-{name}"));
+    let mut client = ClusterClient::with_transport(cluster.addresses(), transport).expect("client");
+    client.deadline = Duration::from_secs(10);
+    client
+}
+
+fn denied(result: Result<impl std::fmt::Debug, ClientError>, what: &str) {
+    match result {
+        Err(error) => {
+            assert_eq!(error.code(), Some(Code::PermissionDenied), "{what}: {error}");
+            assert!(error.to_string().contains("needs the admin role"), "{what}: {error}");
+        }
+        Ok(answer) => panic!("{what} was allowed: {answer:?}"),
+    }
+}
+
+#[test]
+fn a_writer_certificate_cannot_administer_and_changes_nothing_while_an_admin_can() {
+    run(LIMIT, async {
+        let cluster = Cluster::start(3, "e2e-sec-roles");
+        let leader = cluster.leader(SETTLE).await;
+        let follower = (1..=3).find(|&id| id != leader).expect("a follower");
+        let mut admin = cluster.client();
+        let modules_before = admin.modules().await.expect("modules").versions;
+        let members_before = admin.members().await.expect("members").members;
+
+        let mut writer = client_with_role(&cluster, "app", "writer");
+        writer.write("kv", br#"{"op":"put","key":"w","value":"1"}"#.to_vec()).await.expect("a writer writes");
+        let hash = &modules_before[0].module_hash;
+        denied(writer.deploy("counter", raft_guests::COUNTER_V2, true, |_| {}).await, "a deploy");
+        denied(writer.activate("counter", hash).await, "an activation");
+        denied(writer.change_membership(MembershipChange::Remove, follower, "").await, "a removal");
+        denied(writer.transfer_leader(follower).await, "a leader transfer");
+        denied(writer.set_offline(0, true).await, "taking a member offline");
+
+        let mut reader = client_with_role(&cluster, "dashboard", "reader");
+        let refused = reader.write("kv", br#"{"op":"put","key":"r","value":"1"}"#.to_vec()).await;
+        let refused = refused.expect_err("a reader cannot write");
+        assert_eq!(refused.code(), Some(Code::PermissionDenied), "{refused}");
+        assert!(refused.to_string().contains("needs the writer role"), "{refused}");
+        let read = reader.read("kv", br#"{"op":"get","key":"w"}"#.to_vec(), Consistency::Linearizable).await;
+        assert_eq!(outcome_of(read.expect("a reader reads").outcome), Ok(br#"{"value":"1"}"#.to_vec()));
+
+        // Nothing the writer tried changed anything.
+        assert_eq!(admin.modules().await.expect("modules").versions, modules_before);
+        assert_eq!(admin.members().await.expect("members").members, members_before);
+        for id in 1..=3 {
+            let status = cluster.status(id).await.expect("status");
+            assert!(!status.offline, "member {id} is online");
+            assert_eq!(status.leader_id, leader, "leadership did not move");
+        }
+        // An admin certificate may.
+        let moved = admin.transfer_leader(follower).await.expect("an admin transfers leadership");
+        assert_eq!(moved.leader_id, follower);
     });
 }

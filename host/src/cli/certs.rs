@@ -4,7 +4,7 @@
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use raft_host::raft::NodeId;
-use raft_host::wire::Role;
+use raft_host::wire::ClientRole;
 use raft_host::wire::certs::{self, CertPaths};
 use std::path::PathBuf;
 
@@ -75,9 +75,9 @@ pub fn certs(args: CertsArgs) -> anyhow::Result<()> {
         }
         What::Client { place, name, role } => {
             let role = match role {
-                RoleArg::Reader => Role::Reader,
-                RoleArg::Writer => Role::Writer,
-                RoleArg::Admin => Role::Admin,
+                RoleArg::Reader => ClientRole::Reader,
+                RoleArg::Writer => ClientRole::Writer,
+                RoleArg::Admin => ClientRole::Admin,
             };
             certs::issue_client(&place.dir, &name, role, place.days).context("issuing a client certificate")?
         }

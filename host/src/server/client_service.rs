@@ -4,6 +4,12 @@
 //! session fields). A write or lease read that reaches a follower is
 //! forwarded once to the leader it knows; a request that was forwarded is
 //! never forwarded again, so a stale view of leadership cannot loop.
+//!
+//! Over TLS, [`ClientGate`] reads the caller's role from its certificate
+//! before the request is decoded, and each call needs a role: reads, status,
+//! watch and listings `reader`; writes `writer`; deploys, activations,
+//! membership changes, leader transfers and maintenance `admin`. Members
+//! count as `admin` (they forward writes and join through this API).
 
 use super::config::ServerConfig;
 use super::metrics::{Method, MetricsSource, PeerCounters, RequestCounters};
@@ -20,7 +26,9 @@ use crate::wire::client_pb::{
     StatusResponse, TransferLeaderRequest, TransferLeaderResponse, WatchRequest, WriteRequest, WriteResponse,
     client_client::ClientClient, outcome,
 };
-use crate::wire::{FORWARDED_KEY, LEADER_ADDR_KEY, LEADER_ID_KEY, encode_addresses, hex, parse_hash, pb};
+use crate::wire::{
+    ClientRole, FORWARDED_KEY, LEADER_ADDR_KEY, LEADER_ID_KEY, Principal, encode_addresses, hex, parse_hash, pb,
+};
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -31,6 +39,70 @@ use tonic::{Request, Response, Status, Streaming};
 
 /// Longest client id accepted.
 pub const CLIENT_ID_MAX_BYTES: usize = 128;
+
+/// The role a call's certificate gives, put on the call by [`ClientGate`].
+#[derive(Clone, Copy, Debug)]
+struct CallerRole(ClientRole);
+
+/// Lets a client call through only with a certificate of this cluster, and
+/// puts the role it gives on the call.
+#[derive(Clone)]
+pub struct ClientGate {
+    /// `None`: plaintext, chosen by the operator; every call may do anything.
+    cluster_id: Option<String>,
+}
+
+impl ClientGate {
+    /// A gate for a member of `cluster_id` over TLS.
+    pub(super) fn new(cluster_id: String) -> ClientGate {
+        ClientGate { cluster_id: Some(cluster_id) }
+    }
+
+    /// No gate: a member serving plaintext has no certificates to read.
+    pub(super) fn open() -> ClientGate {
+        ClientGate { cluster_id: None }
+    }
+
+    fn role(request: &Request<()>, cluster_id: &str) -> Result<ClientRole, String> {
+        let certificates = request.peer_certs().ok_or("the connection carries no certificate")?;
+        let certificate = certificates.first().ok_or("the connection carries no certificate")?;
+        let principal = Principal::of_certificate(certificate)?;
+        if principal.cluster() != cluster_id {
+            return Err(format!("the certificate names {principal}, not one of cluster {cluster_id:?}"));
+        }
+        Ok(match principal {
+            Principal::Member { .. } => ClientRole::Admin,
+            Principal::Client { role, .. } => role,
+        })
+    }
+}
+
+impl tonic::service::Interceptor for ClientGate {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(cluster_id) = &self.cluster_id else { return Ok(request) };
+        match ClientGate::role(&request, cluster_id) {
+            Ok(role) => {
+                request.extensions_mut().insert(CallerRole(role));
+                Ok(request)
+            }
+            Err(why) => {
+                tracing::warn!(remote = ?request.remote_addr(), why, "refused a client call");
+                Err(Status::permission_denied(why))
+            }
+        }
+    }
+}
+
+/// Refuses `request` unless its caller's role is `needed` or above. A call
+/// with no role on it came through an open gate (plaintext): anything goes.
+fn require<T>(request: &Request<T>, needed: ClientRole, what: &str) -> Result<(), Status> {
+    match request.extensions().get::<CallerRole>() {
+        Some(CallerRole(role)) if *role < needed => Err(Status::permission_denied(format!(
+            "{what} needs the {needed} role; this caller's certificate gives {role}"
+        ))),
+        _ => Ok(()),
+    }
+}
 
 /// The client API of one member.
 pub struct ClientService {
@@ -268,6 +340,7 @@ impl ClientService {
 
 impl ClientService {
     async fn handle_write(&self, request: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
+        require(&request, ClientRole::Writer, "a write")?;
         let was_forwarded = is_forwarded(&request);
         let write = request.into_inner();
         self.check_state_machine(&write.state_machine, true)?;
@@ -303,6 +376,7 @@ impl ClientService {
     }
 
     async fn handle_read(&self, request: Request<ReadRequest>) -> Result<Response<ReadResponse>, Status> {
+        require(&request, ClientRole::Reader, "a read")?;
         let was_forwarded = is_forwarded(&request);
         let read = request.into_inner();
         self.check_state_machine(&read.state_machine, false)?;
@@ -386,12 +460,14 @@ impl Client for ClientService {
         result
     }
 
-    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        require(&request, ClientRole::Reader, "status")?;
         self.status_now().await.map(Response::new)
     }
     type DeployStream = DeployEvents;
 
     async fn deploy(&self, request: Request<Streaming<DeployRequest>>) -> Result<Response<Self::DeployStream>, Status> {
+        require(&request, ClientRole::Admin, "a deploy")?;
         self.node.deployer.check_leader().map_err(status_of)?;
         let mut stream = request.into_inner();
         let (name, bytes, activate) = self.receive_module(&mut stream).await?;
@@ -427,6 +503,7 @@ impl Client for ClientService {
     }
 
     async fn activate(&self, request: Request<ActivateRequest>) -> Result<Response<ActivateResponse>, Status> {
+        require(&request, ClientRole::Admin, "an activation")?;
         let request = request.into_inner();
         check_name(&request.state_machine).map_err(Status::invalid_argument)?;
         let hash = parse_hash(&request.module_hash).map_err(Status::invalid_argument)?;
@@ -438,7 +515,8 @@ impl Client for ClientService {
         }))
     }
 
-    async fn modules(&self, _request: Request<ModulesRequest>) -> Result<Response<ModulesResponse>, Status> {
+    async fn modules(&self, request: Request<ModulesRequest>) -> Result<Response<ModulesResponse>, Status> {
+        require(&request, ClientRole::Reader, "listing modules")?;
         let versions = self.node.modules.versions().map_err(|e| Status::internal(e.to_string()))?;
         let versions = versions
             .into_iter()
@@ -457,13 +535,15 @@ impl Client for ClientService {
 
     type WatchStream = WatchEvents;
 
-    async fn watch(&self, _request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        require(&request, ClientRole::Reader, "watching leadership")?;
         let members = self.node.members.clone();
         let events = WatchStream::new(self.node.core.leadership()).map(move |view| Ok(event_of(&view, &members)));
         Ok(Response::new(Box::pin(events)))
     }
 
-    async fn members(&self, _request: Request<MembersRequest>) -> Result<Response<MembersResponse>, Status> {
+    async fn members(&self, request: Request<MembersRequest>) -> Result<Response<MembersResponse>, Status> {
+        require(&request, ClientRole::Reader, "listing members")?;
         Ok(Response::new(MembersResponse { members: members_pb(&self.node.members.current()), index: 0 }))
     }
 
@@ -471,6 +551,7 @@ impl Client for ClientService {
         &self,
         request: Request<ChangeMembershipRequest>,
     ) -> Result<Response<MembersResponse>, Status> {
+        require(&request, ClientRole::Admin, "a membership change")?;
         self.node.deployer.check_leader().map_err(status_of)?;
         let request = request.into_inner();
         let id = request.id;
@@ -506,6 +587,7 @@ impl Client for ClientService {
         &self,
         request: Request<TransferLeaderRequest>,
     ) -> Result<Response<TransferLeaderResponse>, Status> {
+        require(&request, ClientRole::Admin, "a leader transfer")?;
         let to = request.into_inner().to;
         let done = |view: &LeadershipView| view.leader == Some(to) && view.term > 0;
         let view = self.node.core.current_leadership();
@@ -523,6 +605,7 @@ impl Client for ClientService {
     }
 
     async fn set_offline(&self, request: Request<SetOfflineRequest>) -> Result<Response<SetOfflineResponse>, Status> {
+        require(&request, ClientRole::Admin, "taking a member offline or online")?;
         let offline = request.into_inner().offline;
         self.node.core.set_offline(offline).await.map_err(status_of)?;
         Ok(Response::new(SetOfflineResponse { offline }))

@@ -14,7 +14,7 @@ mod metrics;
 mod peer_service;
 mod start;
 
-pub use self::client_service::{CLIENT_ID_MAX_BYTES, ClientService};
+pub use self::client_service::{CLIENT_ID_MAX_BYTES, ClientGate, ClientService};
 pub use self::config::ServerConfig;
 pub use self::peer_service::{PeerGate, PeerService};
 pub use self::start::{Server, ServerError};

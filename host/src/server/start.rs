@@ -6,7 +6,7 @@
 //! cluster's CA on both sides; a plaintext client gets no further than the
 //! handshake. Plaintext is served only when the configuration says so.
 
-use super::client_service::ClientService;
+use super::client_service::{ClientGate, ClientService};
 use super::config::ServerConfig;
 use super::metrics::{self, PeerCounters};
 use super::peer_service::{PeerGate, PeerService};
@@ -61,16 +61,18 @@ impl Server {
         let clients = Arc::new(ClientService::new(config.clone(), node.handles().clone(), refusals.clone()));
         let cluster = config.node.cluster_id.clone();
         let peers = PeerService::new(cluster.clone(), node.handles().clone(), refusals.clone(), node.shutdown_signal());
-        let peers = match config.node.transport.tls() {
-            Some(_) => InterceptedService::new(peer_server(peers), PeerGate::new(cluster, node.id(), refusals)),
-            None => InterceptedService::new(peer_server(peers), PeerGate::open()),
+        let (peer_gate, client_gate) = match config.node.transport.tls() {
+            Some(_) => (PeerGate::new(cluster.clone(), node.id(), refusals), ClientGate::new(cluster)),
+            None => (PeerGate::open(), ClientGate::open()),
         };
+        let peers = InterceptedService::new(peer_server(peers), peer_gate);
+        let client_api = InterceptedService::new(client_server(&config, clients.clone()), client_gate);
         let metrics_addr = metrics_listener.map(|(listener, bound)| {
             tokio::spawn(metrics::serve(listener, clients.clone(), node.shutdown_signal()));
             tracing::info!(address = %bound, "serving metrics at /metrics");
             bound
         });
-        let grpc = serve_grpc(listener, &config, peers, clients, node.shutdown_signal());
+        let grpc = serve_grpc(listener, &config, peers, client_api, node.shutdown_signal());
         tracing::info!(node = node.id(), address = %local_addr, "serving peers and clients");
         Ok(Server { node, local_addr, metrics_addr, grpc })
     }
@@ -122,6 +124,11 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServerError
     Ok((listener, bound))
 }
 
+fn client_server(config: &ServerConfig, clients: Arc<ClientService>) -> ClientServer<ClientService> {
+    let limit = config.client_message_bytes_max();
+    ClientServer::from_arc(clients).max_decoding_message_size(limit).max_encoding_message_size(limit)
+}
+
 fn peer_server(peers: PeerService) -> RaftPeerServer<PeerService> {
     RaftPeerServer::new(peers)
         .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
@@ -134,13 +141,10 @@ fn serve_grpc(
     listener: TcpListener,
     config: &ServerConfig,
     peers: InterceptedService<RaftPeerServer<PeerService>, PeerGate>,
-    clients: Arc<ClientService>,
+    clients: InterceptedService<ClientServer<ClientService>, ClientGate>,
     mut stop: ShutdownSignal,
 ) -> JoinHandle<Result<(), tonic::transport::Error>> {
-    let client_limit = config.client_message_bytes_max();
-    let router = tonic::transport::Server::builder().tcp_nodelay(true).add_service(peers).add_service(
-        ClientServer::from_arc(clients).max_decoding_message_size(client_limit).max_encoding_message_size(client_limit),
-    );
+    let router = tonic::transport::Server::builder().tcp_nodelay(true).add_service(peers).add_service(clients);
     let stopped = async move { stop.wait().await };
     match config.node.transport.tls() {
         Some(tls) => tokio::spawn(router.serve_with_incoming_shutdown(tls.incoming(listener), stopped)),

@@ -5,7 +5,7 @@
 //! Files in one directory, PEM, private keys readable by their owner only:
 //! `ca.pem`/`ca.key`, `member-ID.pem`/`.key`, `client-NAME.pem`/`.key`.
 
-use super::tls::{Principal, Role};
+use super::tls::{ClientRole, Principal};
 use crate::raft::NodeId;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
@@ -107,7 +107,7 @@ pub fn issue_member(dir: &Path, id: NodeId, hosts: &[String], days: u32) -> Resu
 }
 
 /// Issues client `name`'s certificate with `role`, signed by the CA in `dir`.
-pub fn issue_client(dir: &Path, name: &str, role: Role, days: u32) -> Result<CertPaths, CertError> {
+pub fn issue_client(dir: &Path, name: &str, role: ClientRole, days: u32) -> Result<CertPaths, CertError> {
     if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
         return Err(CertError::Invalid(format!("a client name uses letters, digits, '-', '_' and '.', not {name:?}")));
     }
@@ -219,10 +219,10 @@ mod tests {
         assert!(matches!(create_ca(dir.path(), "other", 30), Err(CertError::Exists { .. })), "never replaced");
         let member = issue_member(dir.path(), 2, &["127.0.0.1".into(), "node2.example".into()], 30).expect("member");
         assert_eq!(principal_in(&member), Principal::Member { cluster: "prod eu".into(), id: 2 });
-        let client = issue_client(dir.path(), "ops", Role::Admin, 30).expect("client");
+        let client = issue_client(dir.path(), "ops", ClientRole::Admin, 30).expect("client");
         assert_eq!(
             principal_in(&client),
-            Principal::Client { cluster: "prod eu".into(), role: Role::Admin, name: "ops".into() }
+            Principal::Client { cluster: "prod eu".into(), role: ClientRole::Admin, name: "ops".into() }
         );
         #[cfg(unix)]
         for key in [&ca.key, &member.key, &client.key] {
@@ -230,7 +230,7 @@ mod tests {
             let mode = std::fs::metadata(key).expect("key").permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{} is readable by its owner only", key.display());
         }
-        assert!(issue_client(dir.path(), "no spaces", Role::Reader, 30).is_err());
+        assert!(issue_client(dir.path(), "no spaces", ClientRole::Reader, 30).is_err());
         assert!(issue_member(dir.path(), 3, &[], 30).is_err());
     }
 }

@@ -49,7 +49,7 @@ const ACCEPTED_QUEUE: usize = 64;
 /// What a client may do, from its certificate. Each role may do what the
 /// roles before it may.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Role {
+pub enum ClientRole {
     /// Reads, status, watch.
     Reader,
     /// And writes.
@@ -59,28 +59,28 @@ pub enum Role {
     Admin,
 }
 
-impl Role {
+impl ClientRole {
     /// The name certificates and messages use.
     pub fn as_str(self) -> &'static str {
         match self {
-            Role::Reader => "reader",
-            Role::Writer => "writer",
-            Role::Admin => "admin",
+            ClientRole::Reader => "reader",
+            ClientRole::Writer => "writer",
+            ClientRole::Admin => "admin",
         }
     }
 
     /// A role from its name.
-    pub fn parse(name: &str) -> Option<Role> {
+    pub fn parse(name: &str) -> Option<ClientRole> {
         match name {
-            "reader" => Some(Role::Reader),
-            "writer" => Some(Role::Writer),
-            "admin" => Some(Role::Admin),
+            "reader" => Some(ClientRole::Reader),
+            "writer" => Some(ClientRole::Writer),
+            "admin" => Some(ClientRole::Admin),
             _ => None,
         }
     }
 }
 
-impl fmt::Display for Role {
+impl fmt::Display for ClientRole {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
@@ -90,7 +90,7 @@ impl fmt::Display for Role {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Principal {
     Member { cluster: String, id: NodeId },
-    Client { cluster: String, role: Role, name: String },
+    Client { cluster: String, role: ClientRole, name: String },
 }
 
 impl Principal {
@@ -120,9 +120,11 @@ impl Principal {
                 let id: NodeId = id.parse().ok().filter(|&id| id > 0)?;
                 Some(Principal::Member { cluster: unescape(cluster)?, id })
             }
-            [cluster, "client", role, name] => {
-                Some(Principal::Client { cluster: unescape(cluster)?, role: Role::parse(role)?, name: unescape(name)? })
-            }
+            [cluster, "client", role, name] => Some(Principal::Client {
+                cluster: unescape(cluster)?,
+                role: ClientRole::parse(role)?,
+                name: unescape(name)?,
+            }),
             _ => None,
         }
     }
@@ -383,7 +385,7 @@ mod tests {
         let member = Principal::Member { cluster: "prod eu/1".into(), id: 7 };
         assert_eq!(member.to_uri(), "raft-host://prod%20eu%2F1/member/7");
         assert_eq!(Principal::from_uri(&member.to_uri()), Some(member));
-        let client = Principal::Client { cluster: "c".into(), role: Role::Writer, name: "billing/api".into() };
+        let client = Principal::Client { cluster: "c".into(), role: ClientRole::Writer, name: "billing/api".into() };
         assert_eq!(Principal::from_uri(&client.to_uri()), Some(client));
         for bad in [
             "https://c/member/1",
@@ -396,6 +398,6 @@ mod tests {
         ] {
             assert_eq!(Principal::from_uri(bad), None, "{bad}");
         }
-        assert!(Role::Reader < Role::Writer && Role::Writer < Role::Admin);
+        assert!(ClientRole::Reader < ClientRole::Writer && ClientRole::Writer < ClientRole::Admin);
     }
 }
