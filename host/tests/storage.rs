@@ -7,7 +7,7 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use raft_host::raft::{ConfState, Entry, EntryKind, HardState, Index, LogStore, MemLogStore, StorageError, Term};
 use raft_host::storage::{
-    ApplyBatch, Durability, Identity, ModuleKey, StagingStart, StateWrite, Store, StoreError, StoreOptions,
+    ApplyBatch, Durability, Identity, Membership, ModuleKey, StagingStart, StateWrite, Store, StoreError, StoreOptions,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -270,23 +270,24 @@ fn bootstrap_records_members_once_and_membership_changes_land_with_their_batch()
     // changes, not the command line, decide it from then on.
     store.bootstrap(&ConfState::with_voters([1, 2]), &BTreeMap::new()).expect("restart");
     assert_eq!(store.conf_state(), conf);
-    assert_eq!(store.member_addresses().expect("addresses"), addresses);
+    assert_eq!(store.membership().expect("membership").addresses, addresses);
     let grown = ConfState { learners: [4].into(), ..conf.clone() };
     let mut grown_addresses = addresses.clone();
     grown_addresses.insert(4, "127.0.0.1:7004".into());
+    let grown = Membership { conf: grown, addresses: grown_addresses, removed: [7].into() };
     store.persist(&[entry(1, 1, 8)], None).expect("persist");
     store
         .apply(&ApplyBatch {
             applied_index: 1,
             applied_term: 1,
-            membership: Some((grown.clone(), grown_addresses.clone())),
+            membership: Some(grown.clone()),
             ..ApplyBatch::default()
         })
         .expect("apply");
     drop(store);
     let store = open(dir.path());
-    assert_eq!(store.conf_state(), grown);
-    assert_eq!(store.member_addresses().expect("addresses"), grown_addresses);
+    assert_eq!(store.conf_state(), grown.conf);
+    assert_eq!(store.membership().expect("membership"), grown);
     assert!(!store.offline().expect("offline"));
     store.set_offline(true).expect("set");
     drop(store);
@@ -602,7 +603,7 @@ fn a_snapshot_moves_the_replicated_state_at_one_point_and_leaves_local_artifacts
             writes: vec![kv_write("a", Some("1")), kv_write("b", Some("2"))],
             sessions: vec![(b"client".to_vec(), Some(b"session".to_vec()))],
             modules: vec![(ModuleKey::Active("kv".into()), Some(hash.to_vec()))],
-            membership: Some((conf.clone(), addresses.clone())),
+            membership: Some(Membership { conf: conf.clone(), addresses: addresses.clone(), removed: [5].into() }),
         })
         .expect("apply");
     leader.put_artifact("engine", &hash, b"leader's compiled code").expect("artifact");
@@ -635,6 +636,7 @@ fn a_snapshot_moves_the_replicated_state_at_one_point_and_leaves_local_artifacts
             applied_index: 1,
             applied_term: 1,
             writes: vec![kv_write("z", Some("old"))],
+            membership: Some(Membership { conf: conf.clone(), addresses: addresses.clone(), removed: [6].into() }),
             ..ApplyBatch::default()
         })
         .expect("apply");
@@ -660,8 +662,9 @@ fn a_snapshot_moves_the_replicated_state_at_one_point_and_leaves_local_artifacts
         assert_eq!(store.apply_clock_ms().expect("clock"), 1234);
         assert_eq!((store.first_index().expect("first"), store.last_index().expect("last")), (4, 3));
         assert_eq!(store.term(3).expect("term"), 1);
-        assert_eq!(store.conf_state(), conf);
-        assert_eq!(store.member_addresses().expect("addresses"), addresses);
+        let membership = store.membership().expect("membership");
+        assert_eq!((membership.conf, membership.addresses), (conf.clone(), addresses.clone()));
+        assert_eq!(membership.removed, [5].into(), "the snapshot's removed ids replace the follower's");
         assert_eq!(store.state_digest("kv").expect("digest"), digest_at_view);
     };
     check(&follower);

@@ -178,15 +178,16 @@ fn a_wiped_member_comes_back_by_snapshot_and_a_big_state_moves_too() {
         for i in 0..400 {
             client.write("kv", put(&format!("small-{i}"), "v")).await.expect("small write");
         }
-        // Member 3 loses its disk: remove it, wipe it, add it back.
+        // Member 3 loses its disk: remove it, and a fresh member takes its
+        // place under a new id (a removed id never comes back).
         cluster.retire(3);
         cluster.client().change_membership(MembershipChange::Remove, 3, "").await.expect("removed");
         let started = Instant::now();
-        cluster.join(3, 1, &[]);
-        wait_for_voters(&cluster, 1, &[1, 2, 3], SETTLE * 2).await;
+        cluster.join(4, 1, &[]);
+        wait_for_voters(&cluster, 1, &[1, 2, 4], SETTLE * 2).await;
         let statuses = cluster.agreed(SETTLE * 2).await;
-        eprintln!("a wiped member rejoined with {} MB of state in {:?}", 110, started.elapsed());
-        let log = cluster.log_of(3);
+        eprintln!("a wiped member came back with {} MB of state in {:?}", 110, started.elapsed());
+        let log = cluster.log_of(4);
         assert!(log.contains("snapshot installed"), "caught up by snapshot\n{log}");
         let received = log.lines().find(|l| l.contains("snapshot received and staged")).expect("a snapshot arrived");
         let received = without_colors(received);
@@ -198,7 +199,7 @@ fn a_wiped_member_comes_back_by_snapshot_and_a_big_state_moves_too() {
             .expect("the log names the snapshot's size");
         assert!(bytes > 100_000_000, "the snapshot carried {bytes} bytes");
         assert!(statuses.iter().all(|s| s.applied_index == statuses[0].applied_index));
-        let mut reader = cluster.client_of(3);
+        let mut reader = cluster.client_of(4);
         assert_eq!(read_value(&mut reader, "small-399", Consistency::Stale).await.as_deref(), Some("v"));
         let value = read_value(&mut reader, "big-109", Consistency::Stale).await.expect("big value");
         assert_eq!(value.len(), big.len());

@@ -339,7 +339,7 @@ impl Applier {
         self.clock_ms = self.store.apply_clock_ms()?;
         self.modules.forget_progress();
         self.fail_waiters(|| RequestError::OutcomeUnknown("this member installed a snapshot from the leader".into()));
-        self.members.publish(Membership::stored(&self.store)?);
+        self.members.publish(self.store.membership()?);
         tracing::info!(index = snapshot.index, term = snapshot.term, "snapshot installed");
         Ok(())
     }
@@ -476,7 +476,7 @@ impl Applier {
                 writes,
                 sessions: self.sessions.take_changes(),
                 modules,
-                membership: membership.as_ref().map(|m| (m.conf.clone(), m.addresses.clone())),
+                membership: membership.clone(),
             })?;
         }
         if let Some(membership) = membership {
@@ -495,14 +495,11 @@ impl Applier {
             Ok(match ConfChangeEntry::decode(data) {
                 Ok(entry) => {
                     tracing::info!(change = ?entry.change.kind, node = entry.change.node, index = position.0, "membership change applied");
-                    // The entry's book wins; members it does not name keep
-                    // the address this member knew (a leader whose view
-                    // lagged, or a joiner that never saw the bootstrap).
-                    let mut addresses = applier.members.current().addresses;
-                    addresses.extend(decode_addresses(&entry.change.context));
-                    let members = entry.conf.members();
-                    addresses.retain(|id, _| members.contains(id));
-                    applier.pending_membership = Some(Membership { conf: entry.conf, addresses });
+                    // Members the entry's book does not name keep the
+                    // address this member knew (a leader whose view lagged,
+                    // or a joiner that never saw the bootstrap).
+                    let addresses = decode_addresses(&entry.change.context);
+                    applier.pending_membership = Some(applier.members.current().changed(entry.conf, addresses));
                     Ok(Vec::new())
                 }
                 Err(why) => Err(why),

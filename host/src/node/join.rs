@@ -25,33 +25,39 @@ const RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// Runs the join until it is done or the member stops.
 pub(super) async fn join(config: Arc<NodeConfig>, members: Arc<Members>, through: String, mut stop: ShutdownSignal) {
     let joined = async {
-        add_as_learner(&config, &members, &through).await;
+        add_as_learner(&config, &members, &through).await?;
         if !config.join_as_learner {
             wait_until_caught_up(&config, &through).await;
-            promote(&config, &through).await;
+            promote(&config, &through).await?;
         }
+        Ok::<(), ClientError>(())
     };
     tokio::select! {
-        _ = joined => {}
+        outcome = joined => if let Err(error) = outcome {
+            tracing::error!(node = config.id, through, %error, "the cluster refused this member; not asking again");
+        },
         _ = stop.wait() => {}
     }
 }
 
-async fn add_as_learner(config: &NodeConfig, members: &Members, through: &str) {
-    let response = change_until_done(config, through, MembershipChange::AddLearner, &config.advertise).await;
+async fn add_as_learner(config: &NodeConfig, members: &Members, through: &str) -> Result<(), ClientError> {
+    let response = change_until_done(config, through, MembershipChange::AddLearner, &config.advertise).await?;
     members.learn(&addresses(&response));
     tracing::info!(node = config.id, through, "added to the cluster as a learner; catching up");
+    Ok(())
 }
 
 /// Asks the cluster, through `through`, for `change` of this member until it
 /// is done: answered, or refused because it already is so (a restart in the
-/// middle of joining), in which case the current members answer.
+/// middle of joining), in which case the current members answer. A refusal
+/// that no retry can change (a removed id, a certificate without the right)
+/// ends it.
 async fn change_until_done(
     config: &NodeConfig,
     through: &str,
     change: MembershipChange,
     address: &str,
-) -> MembersResponse {
+) -> Result<MembersResponse, ClientError> {
     loop {
         let outcome = match ClusterClient::with_transport(vec![through.to_string()], config.transport.clone()) {
             Ok(mut client) => match client.change_membership(change, config.id, address).await {
@@ -65,7 +71,10 @@ async fn change_until_done(
             Err(error) => Err(error),
         };
         match outcome {
-            Ok(response) => return response,
+            Ok(response) => return Ok(response),
+            Err(error @ ClientError::Refused { code: Code::FailedPrecondition | Code::PermissionDenied, .. }) => {
+                return Err(error);
+            }
             Err(error) => {
                 tracing::warn!(node = config.id, through, ?change, %error, "membership change not done yet; retrying");
                 tokio::time::sleep(RETRY_PAUSE).await;
@@ -87,9 +96,10 @@ async fn wait_until_caught_up(config: &NodeConfig, through: &str) {
     }
 }
 
-async fn promote(config: &NodeConfig, through: &str) {
-    change_until_done(config, through, MembershipChange::Promote, "").await;
+async fn promote(config: &NodeConfig, through: &str) -> Result<(), ClientError> {
+    change_until_done(config, through, MembershipChange::Promote, "").await?;
     tracing::info!(node = config.id, "promoted to voter");
+    Ok(())
 }
 
 fn addresses(response: &MembersResponse) -> BTreeMap<u64, String> {

@@ -8,55 +8,16 @@
 //! join, or any applied change). Peer lanes and sender checks use the book,
 //! so a member replaying old membership changes (a node that just joined)
 //! keeps answering the current leader even before it reaches the change
-//! that added that leader.
+//! that added that leader. Sender checks leave out every id whose removal is
+//! applied: removed ids never come back (see [`Membership`]).
 
-use crate::raft::{ConfState, NodeId};
-use crate::storage::{Store, StoreError};
+use crate::raft::NodeId;
+pub use crate::storage::{MemberRole, Membership};
 use crate::wire::Transport;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::watch;
 use tonic::transport::Channel;
-
-/// The replicated membership as of the applied index.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Membership {
-    pub conf: ConfState,
-    pub addresses: BTreeMap<NodeId, String>,
-}
-
-/// A member's role in the configuration.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MemberRole {
-    Voter,
-    Learner,
-}
-
-impl MemberRole {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MemberRole::Voter => "voter",
-            MemberRole::Learner => "learner",
-        }
-    }
-}
-
-impl Membership {
-    /// The membership the store holds (as of its applied index).
-    pub fn stored(store: &Store) -> Result<Membership, StoreError> {
-        Ok(Membership { conf: store.conf_state(), addresses: store.member_addresses()? })
-    }
-
-    /// Every member with its role and address, in id order.
-    pub fn list(&self) -> Vec<(NodeId, MemberRole, String)> {
-        let role = |id: &NodeId| if self.conf.learners.contains(id) { MemberRole::Learner } else { MemberRole::Voter };
-        self.conf
-            .members()
-            .into_iter()
-            .map(|id| (id, role(&id), self.addresses.get(&id).cloned().unwrap_or_default()))
-            .collect()
-    }
-}
 
 /// The shared membership and address book of one member.
 pub struct Members {
@@ -104,9 +65,16 @@ impl Members {
         self.book.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
     }
 
-    /// Whether this member would accept messages from `id`.
+    /// Whether this member would accept messages from `id`: one it has an
+    /// address for, and not removed.
     pub fn knows(&self, id: NodeId) -> bool {
-        self.book.read().unwrap_or_else(|p| p.into_inner()).contains_key(&id)
+        !self.is_removed(id) && self.book.read().unwrap_or_else(|p| p.into_inner()).contains_key(&id)
+    }
+
+    /// Whether `id` was removed from the cluster (as of the applied index):
+    /// it never counts as a member again.
+    pub fn is_removed(&self, id: NodeId) -> bool {
+        self.current.borrow().removed.contains(&id)
     }
 
     /// Adds (or updates) addresses; never forgets one.
@@ -160,7 +128,8 @@ mod tests {
         let addresses: BTreeMap<NodeId, String> =
             [(1, "127.0.0.1:7001".to_string()), (2, "[::1]:7002".to_string())].into();
         let members = Members::new(9, "me:9".into(), Membership::default(), &addresses, Transport::Plaintext);
-        members.publish(Membership { conf: ConfState::with_voters([2, 9]), addresses: [(2, "b:2".into())].into() });
+        let conf = crate::raft::ConfState::with_voters([2, 9]);
+        members.publish(Membership { conf, addresses: [(2, "b:2".into())].into(), ..Membership::default() });
         assert_eq!(members.address_of(1).as_deref(), Some("127.0.0.1:7001"), "an older address is kept");
         assert_eq!(members.address_of(2).as_deref(), Some("b:2"), "a newer address wins");
         assert_eq!(members.address_of(9).as_deref(), Some("me:9"));

@@ -10,7 +10,7 @@ use super::core::{CoreHandle, CoreInbox, CoreTask};
 use super::deploy::Deployer;
 use super::error::{NodeError, Task};
 use super::join::join;
-use super::members::{Members, Membership};
+use super::members::Members;
 use super::modules::{BuiltIn, ModuleRegistry};
 use super::peers::{Peers, SnapshotCounters, SnapshotReports};
 use super::request::RequestError;
@@ -75,7 +75,7 @@ impl Node {
         config.validate()?;
         let config = Arc::new(config);
         let store = open_store(&config).await?;
-        let stored = Membership::stored(&store)?;
+        let stored = store.membership()?;
         let members =
             Members::new(config.id, config.advertise.clone(), stored, &config.peers, config.transport.clone());
         let modules = open_modules(&config, &store)?;

@@ -562,6 +562,13 @@ impl Client for ClientService {
         let kind = match MembershipChange::try_from(request.change) {
             Ok(MembershipChange::AddLearner) => {
                 check_address(&request.address)?;
+                if self.node.members.is_removed(id) {
+                    return Err(Status::failed_precondition(format!(
+                        "member {id} was removed from this cluster, and a removed id never comes back (so its old \
+                         certificate and data cannot speak for it again): add the member under a new id, with a \
+                         certificate for that id (raft-host certs member --id N)"
+                    )));
+                }
                 addresses.insert(id, request.address.clone());
                 ConfChangeKind::AddLearner
             }

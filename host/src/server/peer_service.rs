@@ -3,11 +3,14 @@
 //!
 //! Over TLS, [`PeerGate`] lets a call through only if the connection's
 //! certificate names a member of this cluster, before any of its messages is
-//! decoded; every message must then come from that very member.
+//! decoded; every message must then come from that very member. A member
+//! whose removal is applied counts no more, whatever certificate it holds
+//! (see `removal_allowance` for the one exception, a removed leader's
+//! hand-over).
 
 use super::metrics::PeerCounters;
 use crate::node::{NodeHandles, ShutdownSignal};
-use crate::raft::{Message, MessageBody, NodeId};
+use crate::raft::{Message, MessageBody, NodeId, Term};
 use crate::storage::{Staging, StagingStart, StoreError};
 use crate::wire::pb::raft_peer_server::RaftPeer;
 use crate::wire::pb::{
@@ -25,17 +28,24 @@ use tonic::{Request, Response, Status, Streaming};
 struct CertifiedMember(NodeId);
 
 /// Lets a peer call through only when the TLS connection it came on holds
-/// the certificate of another member of this cluster.
+/// the certificate of another member of this cluster, not removed.
 #[derive(Clone)]
 pub struct PeerGate {
     /// `None`: plaintext, chosen by the operator; every call passes.
-    check: Option<(String, NodeId, Arc<PeerCounters>)>,
+    check: Option<GateCheck>,
+}
+
+#[derive(Clone)]
+struct GateCheck {
+    cluster_id: String,
+    node: NodeHandles,
+    counters: Arc<PeerCounters>,
 }
 
 impl PeerGate {
-    /// A gate for member `me` of `cluster_id` over TLS.
-    pub(super) fn new(cluster_id: String, me: NodeId, counters: Arc<PeerCounters>) -> PeerGate {
-        PeerGate { check: Some((cluster_id, me, counters)) }
+    /// A gate for the member behind `node`, of `cluster_id`, over TLS.
+    pub(super) fn new(cluster_id: String, node: NodeHandles, counters: Arc<PeerCounters>) -> PeerGate {
+        PeerGate { check: Some(GateCheck { cluster_id, node, counters }) }
     }
 
     /// No gate: a member serving plaintext has no certificates to check.
@@ -43,11 +53,15 @@ impl PeerGate {
         PeerGate { check: None }
     }
 
-    fn admit(request: &Request<()>, cluster_id: &str, me: NodeId) -> Result<NodeId, String> {
+    fn admit(request: &Request<()>, check: &GateCheck) -> Result<NodeId, String> {
         let certificates = request.peer_certs().ok_or("the connection carries no certificate")?;
         let certificate = certificates.first().ok_or("the connection carries no certificate")?;
+        let (cluster_id, me) = (&check.cluster_id, check.node.members.me());
         match Principal::of_certificate(certificate)? {
-            Principal::Member { cluster, id } if cluster == cluster_id && id != me => Ok(id),
+            Principal::Member { cluster, id } if cluster == *cluster_id && id != me => {
+                removal_allowance(&check.node, id).map_err(|e| e.to_string())?;
+                Ok(id)
+            }
             other => Err(format!("the certificate names {other}, not another member of cluster {cluster_id:?}")),
         }
     }
@@ -55,18 +69,36 @@ impl PeerGate {
 
 impl tonic::service::Interceptor for PeerGate {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let Some((cluster_id, me, counters)) = &self.check else { return Ok(request) };
-        match PeerGate::admit(&request, cluster_id, *me) {
+        let Some(check) = &self.check else { return Ok(request) };
+        match PeerGate::admit(&request, check) {
             Ok(id) => {
                 request.extensions_mut().insert(CertifiedMember(id));
                 Ok(request)
             }
             Err(why) => {
-                counters.refused.fetch_add(1, Ordering::Relaxed);
+                check.counters.refused.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(remote = ?request.remote_addr(), why, "refused a peer call");
                 Err(Status::permission_denied(format!("peer calls need a member's certificate: {why}")))
             }
         }
+    }
+}
+
+/// Whether messages from `id` may count although it was removed: `Ok(None)`
+/// when it was not removed; `Ok(Some(term))` when it is the leader this
+/// member follows in `term`, finishing its hand-over (thesis §4.2.2: a
+/// removed leader leads until its removal commits, and a follower that
+/// applies the removal first still needs its last heartbeats and its
+/// TimeoutNow); messages from it above that term do not count. Refused
+/// otherwise, and for good once the term moves on.
+fn removal_allowance(node: &NodeHandles, id: NodeId) -> Result<Option<Term>, EnvelopeError> {
+    if !node.members.is_removed(id) {
+        return Ok(None);
+    }
+    let leadership = node.core.current_leadership();
+    match leadership.leader {
+        Some(leader) if leader == id => Ok(Some(leadership.term)),
+        _ => Err(EnvelopeError::RemovedSender(id)),
     }
 }
 
@@ -101,24 +133,40 @@ impl PeerService {
         PeerService { cluster_id, me, node, counters, receiving: tokio::sync::Mutex::new(()), stopping }
     }
 
-    /// Checks who is asking, as an envelope with no messages would be.
+    /// Checks who is asking, as an envelope with no messages would be, for
+    /// a request of `term` (0: outside any term).
     fn check_sender(
         &self,
-        cluster_id: String,
-        from: NodeId,
-        to: NodeId,
+        (cluster_id, from, to): (String, NodeId, NodeId),
+        term: Term,
         certified: Option<NodeId>,
     ) -> Result<(), Status> {
         let envelope = Envelope { cluster_id, from, to, messages: Vec::new() };
-        self.open(envelope, certified).map(|_| ())
+        self.open(envelope, certified)?;
+        match removal_allowance(&self.node, from) {
+            Ok(Some(allowed)) if term == 0 || term > allowed => Err(self.refused(EnvelopeError::RemovedSender(from))),
+            _ => Ok(()),
+        }
     }
 
     /// An envelope's messages, if it passes every check; a refusal is counted.
     fn open(&self, envelope: Envelope, certified: Option<NodeId>) -> Result<Vec<Message>, Status> {
-        open_envelope(envelope, &self.cluster_id, self.me, certified, |id| self.node.members.knows(id)).map_err(|e| {
-            self.counters.refused.fetch_add(1, Ordering::Relaxed);
-            refusal(e)
-        })
+        let from = envelope.from;
+        let allowed_term = removal_allowance(&self.node, from).map_err(|e| self.refused(e))?;
+        let knows = |id| self.node.members.knows(id) || (id == from && allowed_term.is_some());
+        let messages =
+            open_envelope(envelope, &self.cluster_id, self.me, certified, knows).map_err(|e| self.refused(e))?;
+        if let Some(allowed) = allowed_term
+            && messages.iter().any(|message| message.term > allowed)
+        {
+            return Err(self.refused(EnvelopeError::RemovedSender(from)));
+        }
+        Ok(messages)
+    }
+
+    fn refused(&self, error: EnvelopeError) -> Status {
+        self.counters.refused.fetch_add(1, Ordering::Relaxed);
+        refusal(error)
     }
 
     /// Checks one envelope and hands its messages to the core.
@@ -142,7 +190,7 @@ impl PeerService {
         certified: Option<NodeId>,
     ) -> Result<Message, Status> {
         let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
-        self.check_sender(first.cluster_id.clone(), first.from, first.to, certified)?;
+        self.check_sender((first.cluster_id.clone(), first.from, first.to), first.term, certified)?;
         let (from, term) = (first.from, first.term);
         let meta = first.meta.clone().map(snapshot_meta_from_pb).ok_or_else(|| {
             Status::invalid_argument("the first snapshot chunk must carry the snapshot's index, term and membership")
@@ -221,6 +269,7 @@ fn refusal(error: EnvelopeError) -> Status {
     match error {
         EnvelopeError::WrongCluster { .. }
         | EnvelopeError::UnknownSender(_)
+        | EnvelopeError::RemovedSender(_)
         | EnvelopeError::NotTheCertificateHolder { .. } => Status::permission_denied(error.to_string()),
         _ => Status::invalid_argument(error.to_string()),
     }
@@ -255,7 +304,7 @@ impl RaftPeer for PeerService {
     ) -> Result<Response<ModuleStatusReply>, Status> {
         let certified = certified(&request);
         let request = request.into_inner();
-        self.check_sender(request.cluster_id, request.from, request.to, certified)?;
+        self.check_sender((request.cluster_id, request.from, request.to), 0, certified)?;
         let hash: [u8; 32] =
             request.hash.as_slice().try_into().map_err(|_| Status::invalid_argument("a module hash is 32 bytes"))?;
         let (state, error) = self.node.modules.status(&hash).map_err(|e| Status::internal(e.to_string()))?;

@@ -157,6 +157,26 @@ pub fn decode_conf_state(value: &[u8]) -> Result<ConfState, DecodeError> {
     Ok(conf)
 }
 
+/// A set of member ids (the members removed from a cluster over its life,
+/// which may outgrow a configuration's bound).
+pub fn encode_ids(ids: &BTreeSet<NodeId>) -> Vec<u8> {
+    let mut body = Vec::new();
+    push_set(&mut body, ids);
+    seal(body)
+}
+
+pub fn decode_ids(value: &[u8]) -> Result<BTreeSet<NodeId>, DecodeError> {
+    const IDS_MAX: u64 = 1 << 20;
+    let mut r = Reader(unseal(value)?);
+    let len = r.u64()?;
+    if len > IDS_MAX {
+        return Err(DecodeError("implausibly many member ids"));
+    }
+    let ids = (0..len).map(|_| r.u64()).collect::<Result<_, _>>()?;
+    r.finish()?;
+    Ok(ids)
+}
+
 pub fn encode_snapshot_meta(meta: &SnapshotMeta) -> Vec<u8> {
     let mut body = Vec::new();
     body.extend_from_slice(&meta.index.to_be_bytes());
@@ -262,6 +282,8 @@ mod tests {
         let members: std::collections::BTreeMap<NodeId, String> =
             [(1, "127.0.0.1:7001".to_string()), (4, "[::1]:7004".to_string())].into();
         assert_eq!(decode_members(&encode_members(&members)), Ok(members));
+        let removed: BTreeSet<NodeId> = [3, 9].into();
+        assert_eq!(decode_ids(&encode_ids(&removed)), Ok(removed));
         let mut bad = encode_applied(8, 3);
         bad[0] ^= 1;
         assert!(decode_applied(&bad).is_err());

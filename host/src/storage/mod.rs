@@ -32,10 +32,12 @@
 
 mod codec;
 mod identity;
+mod membership;
 mod modules;
 mod snapshot;
 
 pub use self::identity::{FORMAT_VERSION, IDENTITY_FILE, Identity};
+pub use self::membership::{MemberRole, Membership};
 pub use self::modules::{ModuleKey, StoredVersion};
 pub use self::snapshot::{SnapshotReader, Staging, StagingStart};
 
@@ -56,6 +58,8 @@ const META_APPLIED: &[u8] = b"applied";
 const META_APPLY_CLOCK: &[u8] = b"apply_clock";
 /// The members' addresses (replicated with the membership).
 const META_MEMBERS: &[u8] = b"members";
+/// Every id ever removed from the membership (replicated with it).
+const META_REMOVED: &[u8] = b"removed";
 /// This member is offline for maintenance (local, not replicated).
 const META_OFFLINE: &[u8] = b"offline";
 
@@ -160,8 +164,8 @@ pub struct ApplyBatch {
     pub sessions: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     /// Module chunks and records (deploys and activations); `None` deletes.
     pub modules: Vec<(ModuleKey, Option<Vec<u8>>)>,
-    /// The membership and its addresses after a membership change.
-    pub membership: Option<(ConfState, BTreeMap<NodeId, String>)>,
+    /// The membership after a membership change.
+    pub membership: Option<Membership>,
 }
 
 /// In-memory mirror of the small, hot parts of the store.
@@ -339,10 +343,14 @@ impl Store {
         Ok(())
     }
 
-    /// The members' addresses as of the applied index (empty for a member
-    /// that has not joined yet).
-    pub fn member_addresses(&self) -> Result<BTreeMap<NodeId, String>, StoreError> {
-        Ok(self.inner.read_meta(META_MEMBERS, codec::decode_members)?.unwrap_or_default())
+    /// The membership as of the applied index (empty for a member that has
+    /// not joined yet).
+    pub fn membership(&self) -> Result<Membership, StoreError> {
+        Ok(Membership {
+            conf: self.conf_state(),
+            addresses: self.inner.read_meta(META_MEMBERS, codec::decode_members)?.unwrap_or_default(),
+            removed: self.inner.read_meta(META_REMOVED, codec::decode_ids)?.unwrap_or_default(),
+        })
     }
 
     /// Whether this member was taken offline for maintenance.
@@ -461,16 +469,17 @@ impl Store {
                 None => fjall_batch.remove(&inner.modules, key.encode()?),
             }
         }
-        if let Some((conf, addresses)) = &batch.membership {
-            fjall_batch.insert(&inner.meta, META_CONF_STATE, codec::encode_conf_state(conf));
-            fjall_batch.insert(&inner.meta, META_MEMBERS, codec::encode_members(addresses));
+        if let Some(membership) = &batch.membership {
+            fjall_batch.insert(&inner.meta, META_CONF_STATE, codec::encode_conf_state(&membership.conf));
+            fjall_batch.insert(&inner.meta, META_MEMBERS, codec::encode_members(&membership.addresses));
+            fjall_batch.insert(&inner.meta, META_REMOVED, codec::encode_ids(&membership.removed));
         }
         fjall_batch.insert(&inner.meta, META_APPLIED, codec::encode_applied(batch.applied_index, batch.applied_term));
         fjall_batch.insert(&inner.meta, META_APPLY_CLOCK, codec::encode_blob(&batch.clock_ms.to_be_bytes()));
         fjall_batch.commit().map_err(|e| inner.db_error(e))?;
         cached.applied = (batch.applied_index, batch.applied_term);
-        if let Some((conf, _)) = &batch.membership {
-            cached.conf_state = conf.clone();
+        if let Some(membership) = &batch.membership {
+            cached.conf_state = membership.conf.clone();
         }
         Ok(())
     }

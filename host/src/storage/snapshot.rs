@@ -6,7 +6,7 @@
 //! writes): every state machine's keys, the session table, the replicated
 //! module records (not the compiled artifacts, which are local), and the
 //! metadata that goes with them (applied position, replicated clock,
-//! membership and addresses).
+//! membership, addresses and removed ids).
 //!
 //! The stream is a sequence of records, `[tag][key length u32][key][value
 //! length u32][value]`, cut into chunks on record boundaries. Values travel
@@ -24,8 +24,8 @@
 //! A crash in between redoes the install when the store opens.
 
 use super::{
-    META_APPLIED, META_APPLY_CLOCK, META_CONF_STATE, META_HARD_STATE, META_MEMBERS, META_SNAPSHOT, Store, StoreError,
-    codec, modules,
+    META_APPLIED, META_APPLY_CLOCK, META_CONF_STATE, META_HARD_STATE, META_MEMBERS, META_REMOVED, META_SNAPSHOT, Store,
+    StoreError, codec, modules,
 };
 use crate::raft::{Index, SnapshotMeta, Term};
 use fjall::Readable;
@@ -41,7 +41,7 @@ const TAG_META: u8 = b'M';
 const TAG_COMPLETE: u8 = 0xff;
 
 /// Metadata keys a snapshot carries.
-const SNAPSHOT_META_KEYS: [&[u8]; 4] = [META_APPLIED, META_APPLY_CLOCK, META_CONF_STATE, META_MEMBERS];
+const SNAPSHOT_META_KEYS: [&[u8]; 5] = [META_APPLIED, META_APPLY_CLOCK, META_CONF_STATE, META_MEMBERS, META_REMOVED];
 
 /// Records copied per batch while installing, so a large state never sits
 /// in one batch in memory.
@@ -251,6 +251,8 @@ impl Store {
         let _writer = inner.log_writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         inner.state.clear().map_err(|e| inner.db_error(e))?;
         inner.sessions.clear().map_err(|e| inner.db_error(e))?;
+        // A snapshot without removed members has none; it must not inherit ours.
+        inner.meta.remove(META_REMOVED).map_err(|e| inner.db_error(e))?;
         self.remove_replicated_modules()?;
         let mut batch = inner.db.batch();
         let mut bytes = 0;

@@ -19,6 +19,8 @@ pub enum EnvelopeError {
     WrongCluster { found: String, expected: String },
     #[error("message from node {0}, which is not a member of this cluster")]
     UnknownSender(NodeId),
+    #[error("message from node {0}, which was removed from this cluster; removed members never count again")]
+    RemovedSender(NodeId),
     #[error("message claims to come from member {claimed}, but the connection's certificate is member {certified}'s")]
     NotTheCertificateHolder { claimed: NodeId, certified: NodeId },
     #[error("message for node {found}, this is node {expected}")]
