@@ -318,6 +318,15 @@ impl Cluster {
         None
     }
 
+    /// Sends `signal` (a name `kill` takes: `HUP`, `STOP`, `CONT`) to
+    /// member `id`, if it runs.
+    pub fn signal(&self, id: u64, signal: &str) {
+        if let Some(process) = &self.member(id).process {
+            let status = Command::new("kill").args([&format!("-{signal}"), &process.id().to_string()]).status();
+            assert!(status.is_ok_and(|s| s.success()), "kill -{signal} member {id}");
+        }
+    }
+
     /// Addresses of the running members.
     pub fn addresses(&self) -> Vec<String> {
         self.members.iter().filter(|m| m.process.is_some()).map(|m| m.address.clone()).collect()

@@ -5,11 +5,13 @@ use clap::Args;
 use raft_host::raft::NodeId;
 use raft_host::server::{Server, ServerConfig};
 use raft_host::storage::Durability;
-use raft_host::wire::Transport;
+use raft_host::wire::certs;
+use raft_host::wire::{ClientRole, Tls, TlsFiles, Transport};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Flags of `serve`. Each is optional here so that a value from the config
@@ -263,6 +265,33 @@ pub struct DevArgs {
     /// directory that is removed on exit.
     #[arg(long, env = "RAFT_DEV_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Serve TLS on certificates made in the data directory's `certs`
+    /// folder (a CA, one per member, an admin client's), as a real cluster
+    /// does; without it the cluster is plaintext.
+    #[arg(long, env = "RAFT_DEV_TLS")]
+    tls: bool,
+}
+
+/// The cluster name `dev` runs under.
+const DEV_CLUSTER: &str = "raft-host-dev";
+
+/// Makes what is missing of the dev cluster's certificates in `dir` (kept
+/// across runs with `--data-dir`); the admin client's files.
+fn dev_certificates(dir: &Path, ids: &[NodeId]) -> anyhow::Result<certs::CertPaths> {
+    const DAYS: u32 = 365;
+    if !certs::ca_paths(dir).cert.exists() {
+        certs::create_ca(dir, DEV_CLUSTER, DAYS)?;
+    }
+    for &id in ids {
+        if !certs::member_paths(dir, id).cert.exists() {
+            certs::issue_member(dir, id, &["127.0.0.1".to_string(), "localhost".to_string()], DAYS)?;
+        }
+    }
+    let admin = certs::client_paths(dir, "admin");
+    if !admin.cert.exists() {
+        certs::issue_client(dir, "admin", ClientRole::Admin, DAYS)?;
+    }
+    Ok(admin)
 }
 
 pub fn dev(args: DevArgs) -> anyhow::Result<()> {
@@ -282,10 +311,20 @@ pub fn dev(args: DevArgs) -> anyhow::Result<()> {
     };
     let ids: Vec<NodeId> = (1..=args.nodes).collect();
     let address = |id: NodeId| format!("127.0.0.1:{}", u64::from(args.port) + id - 1);
+    let certs_dir = root.join("certs");
+    let admin = match args.tls {
+        true => Some(dev_certificates(&certs_dir, &ids).context("making the dev cluster's certificates")?),
+        false => None,
+    };
     let mut configs = Vec::new();
     for &id in &ids {
         let listen: SocketAddr = address(id).parse().context("the port range does not fit")?;
-        let mut config = ServerConfig::new(id, "raft-host-dev", listen, root.join(format!("node-{id}")));
+        let mut config = ServerConfig::new(id, DEV_CLUSTER, listen, root.join(format!("node-{id}")));
+        if args.tls {
+            let own = certs::member_paths(&certs_dir, id);
+            let files = TlsFiles { ca: certs::ca_paths(&certs_dir).cert, cert: own.cert, key: own.key };
+            config.node.transport = Transport::Tls(Arc::new(Tls::load(files)?));
+        }
         config.node.peers = ids.iter().filter(|&&peer| peer != id).map(|&peer| (peer, address(peer))).collect();
         // Metrics 1000 ports above the member's (8001, 8002, ... by default).
         let metrics_port = u16::try_from(u64::from(listen.port()) + 1000).context("the metrics port does not fit")?;
@@ -301,7 +340,23 @@ pub fn dev(args: DevArgs) -> anyhow::Result<()> {
         }
         let all = addresses.join(",");
         println!("raft-host dev: {} member(s) on {all}, data in {}", ids.len(), root.display());
-        println!("plaintext, for trying things out: anyone who can reach these ports can do everything");
+        match &admin {
+            Some(admin) => {
+                let ca = certs::ca_paths(&certs_dir).cert;
+                println!("TLS on certificates in {}; the CLI needs the admin client's:", certs_dir.display());
+                println!(
+                    "  export RAFT_HOST_CA={} RAFT_HOST_CERT={} RAFT_HOST_KEY={}",
+                    ca.display(),
+                    admin.cert.display(),
+                    admin.key.display()
+                );
+                println!("  (or pass --ca, --cert and --key; `raft-host certs client` makes more, with other roles)");
+            }
+            None => {
+                println!("plaintext, for trying things out: anyone who can reach these ports can do everything");
+                println!("(`raft-host dev --tls` runs it on certificates, as a real cluster)");
+            }
+        }
         println!("state machines: kv (JSON commands), counter");
         println!("try, from another terminal:");
         println!("  raft-host write --addr {all} '{{\"op\":\"put\",\"key\":\"a\",\"value\":\"1\"}}'");
@@ -319,12 +374,26 @@ pub fn dev(args: DevArgs) -> anyhow::Result<()> {
 /// member gracefully: stop accepting, finish in-flight work, flush.
 async fn run_until_signal(members: Vec<Server>) -> anyhow::Result<()> {
     let stopping = futures_any(members.iter().map(Server::stopping).collect());
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let reload = async {
+        while hangup.recv().await.is_some() {
+            for member in &members {
+                match member.reload_tls() {
+                    Ok(true) => tracing::info!("SIGHUP: certificates read again; new connections use them"),
+                    Ok(false) => tracing::info!("SIGHUP: this member serves plaintext; nothing to read"),
+                    Err(error) => tracing::error!(%error, "SIGHUP: certificates not reloaded; the old ones stay"),
+                }
+            }
+        }
+        std::future::pending::<()>().await
+    };
     tokio::select! {
         signal = shutdown_signal() => {
             let name = signal?;
             tracing::info!(signal = name, "stopping");
         }
         () = stopping => tracing::warn!("a member stopped on its own; stopping the others"),
+        () = reload => unreachable!("waits for ever"),
     }
     if members.len() == 1 {
         // A leader that is asked to stop hands over first, so the cluster

@@ -11,9 +11,9 @@ use super::config::ServerConfig;
 use super::metrics::{self, PeerCounters};
 use super::peer_service::{PeerGate, PeerService};
 use crate::node::{Node, NodeError, ShutdownSignal};
-use crate::wire::PEER_MESSAGE_BYTES_MAX;
 use crate::wire::client_pb::client_server::ClientServer;
 use crate::wire::pb::raft_peer_server::RaftPeerServer;
+use crate::wire::{PEER_MESSAGE_BYTES_MAX, Tls, TlsError};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,6 +40,8 @@ pub enum ServerError {
 /// stop it; call [`Server::shutdown`] and then [`Server::wait`].
 pub struct Server {
     node: Node,
+    /// This member's certificates, when it serves TLS.
+    tls: Option<Arc<Tls>>,
     local_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -62,7 +64,7 @@ impl Server {
         let cluster = config.node.cluster_id.clone();
         let peers = PeerService::new(cluster.clone(), node.handles().clone(), refusals.clone(), node.shutdown_signal());
         let (peer_gate, client_gate) = match config.node.transport.tls() {
-            Some(_) => (PeerGate::new(cluster.clone(), node.id(), refusals), ClientGate::new(cluster)),
+            Some(_) => (PeerGate::new(cluster.clone(), node.handles().clone(), refusals), ClientGate::new(cluster)),
             None => (PeerGate::open(), ClientGate::open()),
         };
         let peers = InterceptedService::new(peer_server(peers), peer_gate);
@@ -74,7 +76,8 @@ impl Server {
         });
         let grpc = serve_grpc(listener, &config, peers, client_api, node.shutdown_signal());
         tracing::info!(node = node.id(), address = %local_addr, "serving peers and clients");
-        Ok(Server { node, local_addr, metrics_addr, grpc })
+        let tls = config.node.transport.tls().cloned();
+        Ok(Server { node, tls, local_addr, metrics_addr, grpc })
     }
 
     /// The bound address (useful when listening on port 0).
@@ -85,6 +88,17 @@ impl Server {
     /// Where metrics are served, if they are.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// Reads this member's certificate, key and CA bundle again (SIGHUP):
+    /// connections made from now on, both ways, use them; open ones go on.
+    /// The certificate must still name this member. `Ok(false)`: the member
+    /// serves plaintext, so there is nothing to read.
+    pub fn reload_tls(&self) -> Result<bool, TlsError> {
+        match &self.tls {
+            Some(tls) => tls.reload().map(|_| true),
+            None => Ok(false),
+        }
     }
 
     /// See [`Node::hand_over_leadership`].

@@ -238,12 +238,20 @@ impl Tls {
     }
 
     /// Reads the files again; new connections use what they hold now,
-    /// open ones go on as they are. A failure keeps the old material.
+    /// open ones go on as they are. The new certificate must name the same
+    /// party as the old one (a member stays the member it is); a failure
+    /// keeps the old material.
     pub fn reload(&self) -> Result<Principal, TlsError> {
         let loaded = build(&self.files)?;
-        let principal = loaded.principal.clone();
+        let (was, is) = (self.principal(), loaded.principal.clone());
+        if was != is {
+            return Err(TlsError::Identity {
+                path: self.files.cert.clone(),
+                why: format!("it names {is}, but this party is {was}; keeping the certificate it started with"),
+            });
+        }
         *self.loaded.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(loaded);
-        Ok(principal)
+        Ok(is)
     }
 
     /// Who this party's own certificate names.
@@ -379,6 +387,43 @@ impl Service<Uri> for TlsConnector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::certs;
+
+    /// A TLS handshake between `client` and `server` over an in-memory pipe.
+    async fn handshake(client: &Tls, server: &Tls) -> Result<(), String> {
+        let (near, far) = tokio::io::duplex(64 << 10);
+        let accept = tokio_rustls::TlsAcceptor::from(server.current().server.clone());
+        let connect = tokio_rustls::TlsConnector::from(client.current().client.clone());
+        let name = ServerName::try_from("127.0.0.1").expect("name");
+        let (accepted, connected) = tokio::join!(accept.accept(far), connect.connect(name, near));
+        accepted.map_err(|e| format!("server: {e}"))?;
+        connected.map_err(|e| format!("client: {e}"))?;
+        Ok(())
+    }
+
+    #[test]
+    fn a_bundle_of_two_cas_of_one_cluster_trusts_the_certificates_of_both() {
+        let (old, new) = (tempfile::tempdir().expect("tempdir"), tempfile::tempdir().expect("tempdir"));
+        for dir in [old.path(), new.path()] {
+            certs::create_ca(dir, "c", 30).expect("CA");
+        }
+        let client = certs::issue_client(old.path(), "app", ClientRole::Writer, 30).expect("client");
+        let member = certs::issue_member(new.path(), 1, &["127.0.0.1".to_string()], 30).expect("member");
+        let bundle = new.path().join("both.pem");
+        let pem = |dir: &Path| std::fs::read(certs::ca_paths(dir).cert).expect("CA");
+        std::fs::write(&bundle, [pem(old.path()), pem(new.path())].concat()).expect("bundle");
+        let load = |paths: certs::CertPaths, ca: &Path| {
+            Tls::load(TlsFiles { ca: ca.to_path_buf(), cert: paths.cert, key: paths.key }).expect("loads")
+        };
+        let (client, member) = (load(client, &bundle), load(member, &bundle));
+        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        runtime.block_on(async {
+            handshake(&client, &member).await.expect("each trusts the other's CA through the bundle");
+            let only_new = load(certs::client_paths(old.path(), "app"), &certs::ca_paths(new.path()).cert);
+            let member_only_new = load(certs::member_paths(new.path(), 1), &certs::ca_paths(new.path()).cert);
+            assert!(handshake(&only_new, &member_only_new).await.is_err(), "the old CA's client is refused");
+        });
+    }
 
     #[test]
     fn principals_round_trip_through_their_uri() {
