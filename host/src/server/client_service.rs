@@ -64,9 +64,7 @@ impl ClientGate {
     }
 
     fn role(request: &Request<()>, cluster_id: &str) -> Result<ClientRole, String> {
-        let certificates = request.peer_certs().ok_or("the connection carries no certificate")?;
-        let certificate = certificates.first().ok_or("the connection carries no certificate")?;
-        let principal = Principal::of_certificate(certificate)?;
+        let principal = Principal::of_request(request)?;
         if principal.cluster() != cluster_id {
             return Err(format!("the certificate names {principal}, not one of cluster {cluster_id:?}"));
         }

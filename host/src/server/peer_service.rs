@@ -54,10 +54,8 @@ impl PeerGate {
     }
 
     fn admit(request: &Request<()>, check: &GateCheck) -> Result<NodeId, String> {
-        let certificates = request.peer_certs().ok_or("the connection carries no certificate")?;
-        let certificate = certificates.first().ok_or("the connection carries no certificate")?;
         let (cluster_id, me) = (&check.cluster_id, check.node.members.me());
-        match Principal::of_certificate(certificate)? {
+        match Principal::of_request(request)? {
             Principal::Member { cluster, id } if cluster == *cluster_id && id != me => {
                 removal_allowance(&check.node, id).map_err(|e| e.to_string())?;
                 Ok(id)

@@ -129,6 +129,14 @@ impl Principal {
         }
     }
 
+    /// Who the client certificate of the TLS connection that carried
+    /// `request` names.
+    pub fn of_request<T>(request: &tonic::Request<T>) -> Result<Principal, String> {
+        let certificates = request.peer_certs().ok_or("the connection carries no certificate")?;
+        let certificate = certificates.first().ok_or("the connection carries no certificate")?;
+        Principal::of_certificate(certificate)
+    }
+
     /// The principal the first certificate of a chain names.
     pub fn of_certificate(der: &[u8]) -> Result<Principal, String> {
         use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
