@@ -167,6 +167,33 @@ fn hostile_guests_fail_cleanly_write_nothing_and_the_next_command_succeeds() {
 }
 
 #[test]
+fn a_guest_that_makes_the_host_work_goes_over_its_budget_cleanly_and_the_next_command_succeeds() {
+    let mut h = harness(raft_guests::HOSTILE);
+    assert_eq!(h.apply("fill").expect("12 MiB fits the write budget"), "filled");
+    let cases = [
+        ("flood", "wrote more than 16777216 bytes"),
+        ("scan-all", "above the limit of 10000"),
+        ("scan-big", "would return more than 8388608 bytes"),
+        ("read-loop", "read more than 67108864 bytes"),
+        ("huge-reply", "reply of 8388608 bytes"),
+    ];
+    for (command, what) in cases {
+        let err = h.apply(command).expect_err(command);
+        assert!(matches!(&err, CallError::OverBudget(m) if m.contains(what)), "{command}: unexpected {err:?}");
+        assert!(err.to_string().contains("host-call budget"), "{err}");
+        assert_eq!(h.store.state_get("sm", b"flood-0").unwrap(), None, "{command} left a write behind");
+        assert_eq!(h.apply("ok").expect("a healthy command right after"), "fine", "after {command}");
+    }
+    match h.apply("huge-error").expect_err("an error") {
+        CallError::Returned(message) => {
+            assert!(message.len() <= 1 << 20, "cut to the reply limit: {} bytes", message.len());
+            assert!(message.ends_with("bytes cut)"), "says it was cut");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
 fn a_guest_that_cannot_even_instantiate_fails_each_entry_not_the_node() {
     // A memory ceiling below the guest's initial memory: instantiation itself
     // fails, the same way on every node, so it is that entry's error.

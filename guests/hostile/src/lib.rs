@@ -2,6 +2,10 @@
 //! Commands (plain text): `loop`, `alloc` (grow memory without bound),
 //! `recurse`, `trap` (panic), `write-then-fail`, `write-then-trap`, `ok`
 //! (writes `ok` = `yes`), `print` (200 KB to stdout), `entropy` (replies with time and random numbers);
+//! and what makes the host work for it: `flood` (4 MiB values under new keys
+//! until stopped), `fill` (12 values of 1 MiB), `scan-all` (a scan asking for
+//! every pair there is), `scan-big` (a scan over `fill`'s values), `read-loop`
+//! (reads a 1 MiB value 100 times), `huge-reply` and `huge-error` (8 MiB);
 //! query `read` (value of `ok`), `write` (tries to write from a query).
 
 use raft_guest::{StateMachine, context, kv};
@@ -53,6 +57,31 @@ impl StateMachine for Hostile {
                 kv::set(b"ok", b"yes")?;
                 Ok(b"fine".to_vec())
             }
+            b"flood" => {
+                let value = vec![7u8; 4 << 20];
+                for i in 0..100_000u32 {
+                    kv::set(format!("flood-{i}").as_bytes(), &value)?;
+                }
+                Ok(b"flooded".to_vec())
+            }
+            b"fill" => {
+                let value = vec![1u8; 1 << 20];
+                for i in 0..12u32 {
+                    kv::set(format!("big-{i:02}").as_bytes(), &value)?;
+                }
+                Ok(b"filled".to_vec())
+            }
+            b"scan-all" => Ok(kv::scan(b"", None, u32::MAX).len().to_string().into_bytes()),
+            b"scan-big" => Ok(kv::scan(b"big-", Some(b"big."), 100).len().to_string().into_bytes()),
+            b"read-loop" => {
+                let mut total = 0usize;
+                for _ in 0..100 {
+                    total += kv::get(b"big-00").map_or(0, |v| v.len());
+                }
+                Ok(total.to_string().into_bytes())
+            }
+            b"huge-reply" => Ok(vec![b'r'; 8 << 20]),
+            b"huge-error" => Err("e".repeat(8 << 20)),
             b"entropy" => {
                 let entry = context::entry();
                 let reply = format!(

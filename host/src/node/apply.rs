@@ -20,11 +20,11 @@ use super::request::{ReadReply, RequestError, WriteReply, await_answer};
 use super::sessions::{Admission, SessionLimits, Sessions, session_reply};
 use super::shutdown::Shutdown;
 use crate::raft::{ConfChangeEntry, Entry, EntryKind, Index, NodeId, SnapshotMeta, Term};
-use crate::runtime::{EntryInfo, Machine};
+use crate::runtime::{EntryInfo, Machine, WriteBatch};
 use crate::storage::{ApplyBatch, StateWrite, Store, StoreError};
 use crate::wire::pb::{self, session_reply::Result as ReplyResult};
 use crate::wire::{Payload, StampedPayload, decode_addresses, decode_payload, hex};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -122,26 +122,13 @@ impl ApplyProgress {
     }
 }
 
-/// One client write waiting in the current run.
-struct RunItem {
-    index: Index,
-    term: Term,
-    info: EntryInfo,
-    command: Vec<u8>,
-    client: Vec<u8>,
-    sequence: u64,
-    lowest_unanswered: u64,
-}
-
-/// Consecutive client writes to one state machine, applied as one guest
-/// batch and one store batch.
+/// Consecutive client writes to one state machine: each applied by the
+/// guest as it is admitted, over the writes of those before it, and all of
+/// them made durable in one store batch.
 #[derive(Default)]
 struct WriteRun {
     machine: Option<String>,
-    items: Vec<RunItem>,
-    /// `(client, sequence)` of the run's writes, to catch a retry of a write
-    /// in the same run (it must see that write's answer, not apply twice).
-    keys: HashSet<(Vec<u8>, u64)>,
+    batch: WriteBatch,
 }
 
 /// A write's result, sent once the run that decided it is durable.
@@ -389,14 +376,14 @@ impl Applier {
     }
 
     fn admit(&mut self, (index, term): (Index, Term), command: pb::Command) -> Result<(), ApplyError> {
-        let key = (command.client_id.clone(), command.sequence);
-        let other_machine = self.run.machine.as_deref().is_some_and(|m| m != command.state_machine);
-        if other_machine || (!key.0.is_empty() && self.run.keys.contains(&key)) {
+        if self.run.machine.as_deref().is_some_and(|m| m != command.state_machine) {
             // The position so far belongs to the run being flushed.
             self.flush()?;
         }
         let info = EntryInfo { index, term, timestamp_ms: self.clock_ms };
         if !command.client_id.is_empty() {
+            // A retry of a write applied earlier, even earlier in this run,
+            // finds its answer here: every write records it as it is applied.
             match self.sessions.admit(&command.client_id, command.sequence) {
                 Admission::Apply => {}
                 Admission::Duplicate(reply) => {
@@ -411,25 +398,22 @@ impl Applier {
                 }
             }
         }
-        if !self.machines.contains_key(&command.state_machine) {
+        let session = (command.client_id.as_slice(), command.sequence, command.lowest_unanswered);
+        let Some(machine) = self.machines.get_mut(&command.state_machine) else {
             let outcome = Err(format!("no state machine named {:?}", command.state_machine));
-            let session = (command.client_id.as_slice(), command.sequence, command.lowest_unanswered);
             self.finish_write(index, term, session, outcome);
             return Ok(());
+        };
+        let outcome = machine.apply(info, &command.command, &mut self.run.batch)?.map_err(|e| e.to_string());
+        self.run.machine = Some(command.state_machine.clone());
+        self.finish_write(index, term, session, outcome);
+        if self.run.batch.bytes() >= self.registry.runtime().limits().batch_write_bytes_max {
+            // Bound what waits in memory: this entry and those before it go
+            // down now. The next entry is not decoded yet, so the clock and
+            // the sessions written with them are exactly as of this entry.
+            self.applied = (index, term);
+            self.flush()?;
         }
-        self.run.machine = Some(command.state_machine);
-        if !key.0.is_empty() {
-            self.run.keys.insert(key);
-        }
-        self.run.items.push(RunItem {
-            index,
-            term,
-            info,
-            command: command.command,
-            client: command.client_id,
-            sequence: command.sequence,
-            lowest_unanswered: command.lowest_unanswered,
-        });
         Ok(())
     }
 
@@ -449,22 +433,14 @@ impl Applier {
         self.decided.push(Decided { index, term, result: Ok(WriteReply { outcome, index, term }) });
     }
 
-    /// Runs the current run through its guest, makes its effects, the
-    /// session changes and the applied position durable in one batch, then
-    /// answers the clients.
+    /// Makes the current run's effects, the session changes and the applied
+    /// position durable in one batch, then answers the clients.
     fn flush(&mut self) -> Result<(), ApplyError> {
-        let mut writes = Vec::new();
         let run = std::mem::take(&mut self.run);
-        if let Some(machine) = run.machine.and_then(|name| self.machines.get_mut(&name)) {
-            let commands: Vec<(EntryInfo, &[u8])> = run.items.iter().map(|i| (i.info, i.command.as_slice())).collect();
-            let (outcomes, run_writes) = machine.apply_batch(&commands)?;
-            writes = run_writes;
-            for (item, outcome) in run.items.iter().zip(outcomes) {
-                let outcome = outcome.map_err(|e| e.to_string());
-                let session = (item.client.as_slice(), item.sequence, item.lowest_unanswered);
-                self.finish_write(item.index, item.term, session, outcome);
-            }
-        }
+        let mut writes = match &run.machine {
+            Some(name) => run.batch.into_writes(name),
+            None => Vec::new(),
+        };
         writes.append(&mut self.pending_writes);
         let modules = self.modules.take_changes();
         let membership = self.pending_membership.take();

@@ -11,7 +11,7 @@ use super::{GuestState, Limits, Module, Runtime, RuntimeError, StateMachine};
 use crate::runtime::raft::host::{context, kv};
 use crate::storage::{StateWrite, Store, StoreError};
 use std::collections::BTreeMap;
-use std::ops::Bound;
+use std::ops::{Bound, ControlFlow};
 use std::sync::Arc;
 use wasmtime::Trap;
 use wasmtime::component::ResourceTable;
@@ -20,6 +20,22 @@ pub use super::raft::host::context::EntryInfo;
 
 /// Longest guest log line kept; the rest is cut.
 const GUEST_LOG_LINE_MAX_BYTES: usize = 4096;
+
+/// `message` cut to at most `limit` bytes (on a character boundary), saying
+/// how much was cut.
+fn cut(mut message: String, limit: usize) -> String {
+    if message.len() <= limit {
+        return message;
+    }
+    let total = message.len();
+    let mut end = limit.saturating_sub(64);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    message.truncate(end);
+    message.push_str(&format!("… ({} of {total} bytes cut)", total - end));
+    message
+}
 
 /// Why a guest call did not produce a result. Every variant is
 /// deterministic: the same entry fails the same way on every replica.
@@ -33,6 +49,10 @@ pub enum CallError {
     OutOfMemory(String),
     /// The guest trapped (a panic, an unreachable, a stack overflow, ...).
     Trapped(String),
+    /// The guest went over a budget on what it makes the host do (bytes
+    /// written, read or scanned, the size of its reply): the same on every
+    /// replica, and the call fails as if it had trapped.
+    OverBudget(String),
 }
 
 impl std::fmt::Display for CallError {
@@ -42,6 +62,7 @@ impl std::fmt::Display for CallError {
             CallError::OutOfFuel => write!(f, "the state machine ran out of fuel (it ran too long) and was stopped"),
             CallError::OutOfMemory(what) => write!(f, "the state machine exceeded its memory limit: {what}"),
             CallError::Trapped(what) => write!(f, "the state machine trapped: {what}"),
+            CallError::OverBudget(what) => write!(f, "the state machine went over a host-call budget: {what}"),
         }
     }
 }
@@ -104,14 +125,68 @@ pub(crate) struct CallContext {
     /// A store failure inside a host call: not the guest's fault, and not
     /// deterministic, so it fails the node instead of the entry.
     store_failure: Option<StoreError>,
+    /// Bytes the call has written (its overlay's keys and values) and read.
+    written_bytes: usize,
+    read_bytes: usize,
+    /// The budget the call went over, which ended it.
+    over_budget: Option<String>,
+}
+
+/// Hands an overlay's pair to `emit`; a deletion hides the stored pair and
+/// yields nothing.
+fn emit_written(
+    emit: &mut impl FnMut(Vec<u8>, Vec<u8>) -> ControlFlow<()>,
+    key: Vec<u8>,
+    value: Option<Vec<u8>>,
+) -> ControlFlow<()> {
+    value.map_or(ControlFlow::Continue(()), |value| emit(key, value))
+}
+
+/// Bytes a key and its value (or its deletion) hold in an overlay.
+fn pair_bytes(key: &[u8], value: &Option<Vec<u8>>) -> usize {
+    key.len() + value.as_ref().map_or(0, Vec::len)
+}
+
+/// The writes of the commands applied so far in one batch: later commands
+/// of the batch see them, and the caller makes them durable together.
+#[derive(Default)]
+pub struct WriteBatch {
+    overlay: Overlay,
+    bytes: usize,
+}
+
+impl WriteBatch {
+    /// Bytes of keys and values the batch holds.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn extend(&mut self, writes: Overlay) {
+        for (key, value) in writes {
+            let added = pair_bytes(&key, &value);
+            if let Some(old) = self.overlay.get(&key) {
+                self.bytes -= pair_bytes(&key, old);
+            }
+            self.bytes += added;
+            self.overlay.insert(key, value);
+        }
+    }
+
+    /// The batch's writes, for `state_machine`'s key space.
+    pub fn into_writes(self, state_machine: &str) -> Vec<StateWrite> {
+        let name = state_machine.to_string();
+        self.overlay.into_iter().map(|(key, value)| StateWrite { state_machine: name.clone(), key, value }).collect()
+    }
 }
 
 impl CallContext {
     fn lookup(&mut self, key: &[u8]) -> wasmtime::Result<Option<Vec<u8>>> {
-        if let Some(value) = self.current.get(key).or_else(|| self.batch.get(key)) {
-            return Ok(value.clone());
-        }
-        self.store.state_get(&self.state_machine, key).map_err(|e| self.fail(e))
+        let value = match self.current.get(key).or_else(|| self.batch.get(key)) {
+            Some(value) => value.clone(),
+            None => self.store.state_get(&self.state_machine, key).map_err(|e| self.fail(e))?,
+        };
+        self.count_read(value.as_ref().map_or(0, Vec::len))?;
+        Ok(value)
     }
 
     fn fail(&mut self, error: StoreError) -> wasmtime::Error {
@@ -120,69 +195,124 @@ impl CallContext {
         wasmtime::Error::msg(message)
     }
 
-    fn write(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) -> Result<(), kv::KvError> {
+    /// A new call starts with its budgets whole.
+    fn start_call(&mut self) {
+        self.written_bytes = 0;
+        self.read_bytes = 0;
+        self.over_budget = None;
+    }
+
+    /// Ends the call: it went over a budget.
+    fn over(&mut self, what: String) -> wasmtime::Error {
+        self.over_budget = Some(what.clone());
+        wasmtime::Error::msg(what)
+    }
+
+    fn count_read(&mut self, bytes: usize) -> wasmtime::Result<()> {
+        self.read_bytes = self.read_bytes.saturating_add(bytes);
+        if self.read_bytes > self.limits.read_bytes_per_call {
+            let limit = self.limits.read_bytes_per_call;
+            return Err(self.over(format!("it read more than {limit} bytes in one call")));
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) -> wasmtime::Result<Result<(), kv::KvError>> {
         if !self.writable {
-            return Err(kv::KvError::ReadOnly);
+            return Ok(Err(kv::KvError::ReadOnly));
         }
         if key.len() > self.limits.key_bytes {
-            return Err(kv::KvError::TooLarge(format!(
+            return Ok(Err(kv::KvError::TooLarge(format!(
                 "key of {} bytes is above the limit of {}",
                 key.len(),
                 self.limits.key_bytes
-            )));
+            ))));
         }
         if let Some(value) = &value
             && value.len() > self.limits.value_bytes
         {
-            return Err(kv::KvError::TooLarge(format!(
+            return Ok(Err(kv::KvError::TooLarge(format!(
                 "value of {} bytes is above the limit of {}",
                 value.len(),
                 self.limits.value_bytes
-            )));
+            ))));
         }
-        if !self.current.contains_key(&key) && self.current.len() >= self.limits.writes_per_call {
-            return Err(kv::KvError::TooLarge(format!(
+        let replaced = self.current.get(&key).map(|old| pair_bytes(&key, old));
+        if replaced.is_none() && self.current.len() >= self.limits.writes_per_call {
+            return Ok(Err(kv::KvError::TooLarge(format!(
                 "more than {} keys written in one call",
                 self.limits.writes_per_call
-            )));
+            ))));
         }
+        let written = self.written_bytes - replaced.unwrap_or(0) + pair_bytes(&key, &value);
+        if written > self.limits.write_bytes_per_call {
+            let limit = self.limits.write_bytes_per_call;
+            return Err(self.over(format!("it wrote more than {limit} bytes of keys and values in one call")));
+        }
+        self.written_bytes = written;
         self.current.insert(key, value);
-        Ok(())
+        Ok(Ok(()))
     }
 
+    /// The pairs in `[start, end)`: the call's own writes over the batch's
+    /// over the store, merged in key order while the store is read one pair
+    /// at a time, so only the answer is ever held.
     fn scan(&mut self, start: Vec<u8>, end: Option<Vec<u8>>, limit: u32) -> wasmtime::Result<Vec<kv::Pair>> {
+        if limit > self.limits.scan_pairs_max {
+            let most = self.limits.scan_pairs_max;
+            return Err(self.over(format!(
+                "a scan asked for {limit} pairs, above the limit of {most}; page through the range with a smaller limit"
+            )));
+        }
         let limit = limit as usize;
-        let in_range = |key: &Vec<u8>| end.as_ref().is_none_or(|end| key < end);
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
         let range = (Bound::Included(start.clone()), end.clone().map_or(Bound::Unbounded, Bound::Excluded));
-        let overlaid: Vec<(Vec<u8>, Option<Vec<u8>>)> = {
-            let mut merged: Overlay = self.batch.range(range.clone()).map(|(k, v)| (k.clone(), v.clone())).collect();
-            merged.extend(self.current.range(range).map(|(k, v)| (k.clone(), v.clone())));
-            merged.into_iter().collect()
-        };
-        // Fetch enough from the store that deletions in the overlay cannot
-        // leave us short of `limit` (see the module docs of `storage`).
-        let fetch = limit.saturating_add(overlaid.len());
-        let stored =
-            self.store.state_scan(&self.state_machine, &start, end.as_deref(), fetch).map_err(|e| self.fail(e))?;
-        let complete = stored.len() < fetch;
-        let horizon = stored.last().map(|(k, _)| k.clone());
-        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = stored.into_iter().collect();
-        for (key, value) in overlaid {
-            // Past the last stored key we fetched, the store may hold keys we
-            // did not see; only overlay keys up to it are comparable.
-            if !complete && horizon.as_ref().is_some_and(|h| &key > h) {
-                continue;
+        let mut overlay: Overlay = self.batch.range(range.clone()).map(|(k, v)| (k.clone(), v.clone())).collect();
+        overlay.extend(self.current.range(range).map(|(k, v)| (k.clone(), v.clone())));
+        let mut overlay = overlay.into_iter().peekable();
+        let cap = self.limits.scan_bytes_max;
+        let (mut out, mut bytes, mut over_cap) = (Vec::new(), 0usize, false);
+        let mut emit = |key: Vec<u8>, value: Vec<u8>| {
+            bytes += key.len() + value.len();
+            if bytes > cap {
+                over_cap = true;
+                return ControlFlow::Break(());
             }
-            match value {
-                Some(value) if in_range(&key) => {
-                    merged.insert(key, value);
+            out.push(kv::Pair { key, value });
+            if out.len() >= limit { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+        };
+        let mut stopped = false;
+        let scanned = self.store.state_scan_each(&self.state_machine, &start, end.as_deref(), |key, value| {
+            while let Some((own, written)) = overlay.next_if(|(own, _)| *own < key) {
+                if emit_written(&mut emit, own, written).is_break() {
+                    stopped = true;
+                    return ControlFlow::Break(());
                 }
-                _ => {
-                    merged.remove(&key);
+            }
+            let flow = match overlay.next_if(|(own, _)| *own == key) {
+                Some((own, written)) => emit_written(&mut emit, own, written),
+                None => emit(key, value),
+            };
+            stopped = flow.is_break();
+            flow
+        });
+        scanned.map_err(|e| self.fail(e))?;
+        if !stopped {
+            for (own, written) in overlay {
+                if emit_written(&mut emit, own, written).is_break() {
+                    break;
                 }
             }
         }
-        Ok(merged.into_iter().take(limit).map(|(key, value)| kv::Pair { key, value }).collect())
+        if over_cap {
+            return Err(self.over(format!(
+                "a scan would return more than {cap} bytes; page through the range with a smaller limit"
+            )));
+        }
+        self.count_read(bytes)?;
+        Ok(out)
     }
 }
 
@@ -192,11 +322,11 @@ impl kv::Host for GuestState {
     }
 
     fn set(&mut self, key: Vec<u8>, value: Vec<u8>) -> wasmtime::Result<Result<(), kv::KvError>> {
-        Ok(self.call.write(key, Some(value)))
+        self.call.write(key, Some(value))
     }
 
     fn delete(&mut self, key: Vec<u8>) -> wasmtime::Result<Result<(), kv::KvError>> {
-        Ok(self.call.write(key, None))
+        self.call.write(key, None)
     }
 
     fn scan(&mut self, start: Vec<u8>, end: Option<Vec<u8>>, limit: u32) -> wasmtime::Result<Vec<kv::Pair>> {
@@ -297,25 +427,52 @@ impl Machine {
         &mut self,
         commands: &[(EntryInfo, &[u8])],
     ) -> Result<(Vec<ApplyOutcome>, Vec<StateWrite>), RuntimeError> {
+        let mut batch = WriteBatch::default();
         let mut outcomes = Vec::with_capacity(commands.len());
-        let mut batch = Overlay::new();
         for (entry, command) in commands {
-            let (outcome, writes) =
-                self.call(*entry, true, CallKind::Apply, &mut batch, |b, s| b.call_apply(s, command))?;
-            let outcome = outcome.and_then(|reply| reply.map_err(CallError::Returned));
-            if outcome.is_ok() {
-                batch.extend(writes);
-            }
-            outcomes.push(outcome);
+            outcomes.push(self.apply(*entry, command, &mut batch)?);
         }
-        Ok((outcomes, self.writes_of(batch)))
+        Ok((outcomes, batch.into_writes(&self.name)))
+    }
+
+    /// Applies one committed command over `batch` (the writes of the
+    /// commands before it in the same batch); its writes join the batch if
+    /// it succeeds.
+    pub fn apply(
+        &mut self,
+        entry: EntryInfo,
+        command: &[u8],
+        batch: &mut WriteBatch,
+    ) -> Result<ApplyOutcome, RuntimeError> {
+        let (outcome, writes) =
+            self.call(entry, true, CallKind::Apply, &mut batch.overlay, |b, s| b.call_apply(s, command))?;
+        let outcome = self.reply_within_limits(outcome);
+        if outcome.is_ok() {
+            batch.extend(writes);
+        }
+        Ok(outcome)
     }
 
     /// Answers a read at the last applied entry `at`. Writes are refused.
     pub fn query(&mut self, at: EntryInfo, request: &[u8]) -> Result<ApplyOutcome, RuntimeError> {
         let mut none = Overlay::new();
         let (outcome, _) = self.call(at, false, CallKind::Query, &mut none, |b, s| b.call_query(s, request))?;
-        Ok(outcome.and_then(|reply| reply.map_err(CallError::Returned)))
+        Ok(self.reply_within_limits(outcome))
+    }
+
+    /// A call's answer under the reply limit: a longer reply fails the call
+    /// (it would be kept in the session table and sent to a client), a
+    /// longer error message is cut.
+    fn reply_within_limits(&self, outcome: Result<Result<Vec<u8>, String>, CallError>) -> ApplyOutcome {
+        let limit = self.runtime.limits.reply_bytes_max;
+        match outcome {
+            Ok(Ok(reply)) if reply.len() > limit => {
+                Err(CallError::OverBudget(format!("its reply of {} bytes is above the limit of {limit}", reply.len())))
+            }
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(message)) => Err(CallError::Returned(cut(message, limit))),
+            Err(failure) => Err(failure),
+        }
     }
 
     /// Runs the migrate hook inside the activating entry; its writes apply
@@ -328,13 +485,13 @@ impl Machine {
         let mut none = Overlay::new();
         let (outcome, writes) =
             self.call(at, true, CallKind::Migrate, &mut none, |b, s| b.call_migrate(s, previous))?;
-        let outcome = outcome.and_then(|r| r.map_err(CallError::Returned));
-        let writes = if outcome.is_ok() { self.writes_of(writes) } else { Vec::new() };
-        Ok((outcome, writes))
-    }
-
-    fn writes_of(&self, overlay: Overlay) -> Vec<StateWrite> {
-        overlay.into_iter().map(|(key, value)| StateWrite { state_machine: self.name.clone(), key, value }).collect()
+        let limit = self.runtime.limits.reply_bytes_max;
+        let outcome = outcome.and_then(|r| r.map_err(|message| CallError::Returned(cut(message, limit))));
+        let mut batch = WriteBatch::default();
+        if outcome.is_ok() {
+            batch.extend(writes);
+        }
+        Ok((outcome, batch.into_writes(&self.name)))
     }
 
     /// A fresh instance, its context already set to `entry`. Instantiation
@@ -381,6 +538,7 @@ impl Machine {
         data.call.entry = entry;
         data.call.writable = writable;
         data.call.current.clear();
+        data.call.start_call();
         data.limiter.refused = None;
         Ok(result.is_ok())
     }
@@ -401,6 +559,9 @@ impl Machine {
                 entry,
                 entropy: self.entropy.clone(),
                 store_failure: None,
+                written_bytes: 0,
+                read_bytes: 0,
+                over_budget: None,
             },
         };
         let mut store = wasmtime::Store::new(&self.runtime.engine, state);
@@ -465,6 +626,7 @@ impl Machine {
             call.batch = std::mem::take(batch);
             call.current.clear();
             call.store_failure = None;
+            call.start_call();
         }
         instance.store.data_mut().limiter.refused = None;
         instance.store.set_fuel(fuel).map_err(|e| RuntimeError::Engine(e.to_string()))?;
@@ -480,7 +642,10 @@ impl Machine {
             Ok(value) => Ok((Ok(value), writes)),
             Err(error) => {
                 let refused = data.limiter.refused.take();
-                let failure = classify(&error, refused);
+                let failure = match data.call.over_budget.take() {
+                    Some(what) => CallError::OverBudget(what),
+                    None => classify(&error, refused),
+                };
                 tracing::warn!(state_machine = %self.name, index = entry.index, error = %failure, "guest call failed; re-creating its instance");
                 // A trapped instance may be in any state: never reuse it.
                 self.instance = None;
@@ -500,5 +665,91 @@ fn classify(error: &wasmtime::Error, refused: Option<String>) -> CallError {
         // The root cause carries the guest's message without backtraces or
         // addresses, so it is the same on every node.
         None => CallError::Trapped(error.root_cause().to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{ApplyBatch, Durability, Identity, StoreOptions};
+
+    fn context(limits: Limits) -> (tempfile::TempDir, CallContext) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = StoreOptions { durability: Durability::UnsafeNoSync, ..StoreOptions::default() };
+        let store = Store::open(dir.path(), &Identity::new("c", 1), &options).expect("store");
+        let context = CallContext {
+            store,
+            state_machine: "sm".into(),
+            limits,
+            batch: Overlay::new(),
+            current: Overlay::new(),
+            writable: true,
+            entry: EntryInfo { index: 1, term: 1, timestamp_ms: 0 },
+            entropy: EntryEntropy::new(),
+            store_failure: None,
+            written_bytes: 0,
+            read_bytes: 0,
+            over_budget: None,
+        };
+        (dir, context)
+    }
+
+    fn keys(pairs: &[kv::Pair]) -> Vec<&str> {
+        pairs.iter().map(|p| std::str::from_utf8(&p.key).expect("utf-8")).collect()
+    }
+
+    #[test]
+    fn a_scan_merges_the_calls_writes_the_batch_and_the_store_in_key_order() {
+        let (_dir, mut call) = context(Limits::default());
+        let writes = ["a", "b", "c", "e", "g"]
+            .iter()
+            .map(|k| StateWrite { state_machine: "sm".into(), key: k.as_bytes().to_vec(), value: Some(b"s".to_vec()) })
+            .collect();
+        call.store
+            .apply(&ApplyBatch { applied_index: 1, applied_term: 1, writes, ..ApplyBatch::default() })
+            .expect("store");
+        // The batch deletes b and adds d; the call deletes e, adds a0 and overwrites c.
+        call.batch.insert(b"b".to_vec(), None);
+        call.batch.insert(b"d".to_vec(), Some(b"batch".to_vec()));
+        call.write(b"e".to_vec(), None).expect("budget").expect("write");
+        call.write(b"a0".to_vec(), Some(b"call".to_vec())).expect("budget").expect("write");
+        call.write(b"c".to_vec(), Some(b"call".to_vec())).expect("budget").expect("write");
+        let all = call.scan(Vec::new(), None, 100).expect("scan");
+        assert_eq!(keys(&all), ["a", "a0", "c", "d", "g"]);
+        assert_eq!(all[2].value, b"call", "the call's own write wins");
+        assert_eq!(keys(&call.scan(b"a0".to_vec(), Some(b"g".to_vec()), 100).expect("scan")), ["a0", "c", "d"]);
+        assert_eq!(keys(&call.scan(Vec::new(), None, 2).expect("scan")), ["a", "a0"], "the limit holds");
+        assert_eq!(keys(&call.scan(b"d".to_vec(), None, 100).expect("scan")), ["d", "g"], "past the overlay");
+        assert!(call.scan(Vec::new(), None, 0).expect("scan").is_empty());
+    }
+
+    #[test]
+    fn budgets_end_the_call_with_what_was_exceeded() {
+        let limits = Limits {
+            write_bytes_per_call: 100,
+            read_bytes_per_call: 100,
+            scan_bytes_max: 50,
+            scan_pairs_max: 5,
+            ..Limits::default()
+        };
+        let (_dir, mut call) = context(limits);
+        call.write(b"k".to_vec(), Some(vec![0; 60])).expect("within").expect("write");
+        call.write(b"k".to_vec(), Some(vec![0; 90])).expect("overwriting counts once").expect("write");
+        assert!(call.write(b"j".to_vec(), Some(vec![0; 20])).is_err(), "91 + 21 bytes is over 100");
+        assert!(call.over_budget.take().is_some_and(|m| m.contains("wrote more than 100 bytes")));
+        call.start_call();
+        assert!(call.scan(Vec::new(), None, 6).is_err(), "6 pairs asked for, 5 allowed");
+        call.start_call();
+        call.current.clear();
+        call.batch.insert(b"a".to_vec(), Some(vec![0; 30]));
+        call.batch.insert(b"b".to_vec(), Some(vec![0; 30]));
+        assert_eq!(call.scan(Vec::new(), None, 1).expect("31 bytes").len(), 1);
+        assert!(call.scan(Vec::new(), None, 5).is_err(), "62 bytes over the scan cap of 50");
+        call.start_call();
+        call.lookup(b"a").expect("30 bytes");
+        call.lookup(b"a").expect("60 bytes");
+        call.lookup(b"a").expect("90 bytes");
+        assert!(call.lookup(b"a").is_err(), "120 bytes read is over 100");
+        assert!(call.over_budget.is_some_and(|m| m.contains("read more than 100 bytes")));
     }
 }

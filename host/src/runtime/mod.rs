@@ -16,7 +16,7 @@
 mod machine;
 mod wasi;
 
-pub use self::machine::{ApplyOutcome, CallError, EntryInfo, Machine};
+pub use self::machine::{ApplyOutcome, CallError, EntryInfo, Machine, WriteBatch};
 
 use crate::storage::Store;
 use crate::wire::hex;
@@ -60,6 +60,22 @@ pub struct Limits {
     pub value_bytes: usize,
     /// Distinct keys one `apply` may write.
     pub writes_per_call: usize,
+    /// Bytes (keys plus values) one call may write. The host's copies of a
+    /// guest's writes cost it no fuel, so this, not fuel, bounds them.
+    pub write_bytes_per_call: usize,
+    /// Bytes (keys plus values) one call may read through `get` and `scan`.
+    pub read_bytes_per_call: usize,
+    /// Most pairs one `scan` may ask for.
+    pub scan_pairs_max: u32,
+    /// Bytes one `scan` may return.
+    pub scan_bytes_max: usize,
+    /// Largest reply of one call; a longer error message is cut to this.
+    pub reply_bytes_max: usize,
+    /// Bytes the writes of one batch of commands may hold in memory before
+    /// the host makes them durable and starts another batch. Not a failure
+    /// and not seen by guests: where batches are cut differs from replica to
+    /// replica, and nothing a guest observes depends on it.
+    pub batch_write_bytes_max: usize,
 }
 
 impl Default for Limits {
@@ -76,6 +92,12 @@ impl Default for Limits {
             key_bytes: crate::storage::STATE_KEY_MAX_BYTES,
             value_bytes: crate::storage::STATE_VALUE_MAX_BYTES,
             writes_per_call: 100_000,
+            write_bytes_per_call: 16 << 20,
+            read_bytes_per_call: 64 << 20,
+            scan_pairs_max: 10_000,
+            scan_bytes_max: 8 << 20,
+            reply_bytes_max: 1 << 20,
+            batch_write_bytes_max: 64 << 20,
         }
     }
 }

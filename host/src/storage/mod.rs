@@ -576,20 +576,42 @@ impl Store {
         end: Option<&[u8]>,
         limit: usize,
     ) -> Result<KeyValues, StoreError> {
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        self.state_scan_each(state_machine, start, end, |key, value| {
+            out.push((key, value));
+            if out.len() >= limit { std::ops::ControlFlow::Break(()) } else { std::ops::ControlFlow::Continue(()) }
+        })?;
+        Ok(out)
+    }
+
+    /// Hands a guest's pairs in `[start, end)` (to the end of its state when
+    /// `end` is `None`) to `visit`, in key order, one at a time, until it
+    /// breaks: memory holds only what `visit` keeps.
+    pub fn state_scan_each(
+        &self,
+        state_machine: &str,
+        start: &[u8],
+        end: Option<&[u8]>,
+        mut visit: impl FnMut(Vec<u8>, Vec<u8>) -> std::ops::ControlFlow<()>,
+    ) -> Result<(), StoreError> {
         let prefix = state_key(state_machine, &[])?;
         let low = Bound::Included(state_key(state_machine, start)?);
         let high = match end {
             Some(end) => Bound::Excluded(state_key(state_machine, end)?),
             None => prefix_end(&prefix).map_or(Bound::Unbounded, Bound::Excluded),
         };
-        let mut out = Vec::new();
-        for guard in self.inner.state.range::<Vec<u8>, _>((low, high)).take(limit) {
+        for guard in self.inner.state.range::<Vec<u8>, _>((low, high)) {
             let (key, value) = guard.into_inner().map_err(|e| self.inner.db_error(e))?;
             let user_key = key[prefix.len()..].to_vec();
             let value = self.inner.unseal(&value, || format!("state key {user_key:?} of {state_machine:?}"))?;
-            out.push((user_key, value));
+            if visit(user_key, value).is_break() {
+                break;
+            }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// A digest of a state machine's whole state (its own keys, without the
