@@ -18,8 +18,9 @@
 use super::members::Members;
 use crate::raft::{Message, MessageBody, NodeId, Term};
 use crate::storage::Store;
+use crate::wire::pb::raft_control_client::RaftControlClient;
 use crate::wire::pb::raft_peer_client::RaftPeerClient;
-use crate::wire::{MESSAGES_PER_ENVELOPE_MAX, pb, peer_client, seal_envelope, snapshot_meta_to_pb};
+use crate::wire::{MESSAGES_PER_ENVELOPE_MAX, control_client, pb, peer_client, seal_envelope, snapshot_meta_to_pb};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -132,13 +133,11 @@ impl Peers {
             };
             let start = |lane: &'static str| {
                 let (tx, rx) = mpsc::channel(LANE_CAPACITY);
-                let sender = LaneSender {
-                    cluster_id: self.cluster_id.clone(),
-                    me: self.me,
-                    peer: id,
-                    lane,
-                    client: peer_client(channel.clone()),
+                let client = match lane {
+                    "control" => LaneClient::Control(control_client(channel.clone())),
+                    _ => LaneClient::Data(peer_client(channel.clone())),
                 };
+                let sender = LaneSender { cluster_id: self.cluster_id.clone(), me: self.me, peer: id, lane, client };
                 tokio::spawn(sender.run(rx));
                 tx
             };
@@ -267,12 +266,32 @@ async fn stream_snapshot(
     Ok((index, bytes))
 }
 
+/// The service a lane delivers through: the control lane's takes only
+/// small envelopes, so a member never buffers more than that for it.
+#[derive(Clone)]
+enum LaneClient {
+    Control(RaftControlClient<Channel>),
+    Data(RaftPeerClient<Channel>),
+}
+
+impl LaneClient {
+    async fn deliver_stream(
+        &mut self,
+        envelopes: tokio_stream::wrappers::ReceiverStream<pb::Envelope>,
+    ) -> Result<tonic::Response<pb::DeliverReply>, tonic::Status> {
+        match self {
+            LaneClient::Control(client) => client.deliver_stream(envelopes).await,
+            LaneClient::Data(client) => client.deliver_stream(envelopes).await,
+        }
+    }
+}
+
 struct LaneSender {
     cluster_id: Arc<str>,
     me: NodeId,
     peer: NodeId,
     lane: &'static str,
-    client: RaftPeerClient<Channel>,
+    client: LaneClient,
 }
 
 impl LaneSender {

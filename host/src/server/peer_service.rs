@@ -12,6 +12,7 @@ use super::metrics::PeerCounters;
 use crate::node::{NodeHandles, ShutdownSignal};
 use crate::raft::{Message, MessageBody, NodeId, Term};
 use crate::storage::{Staging, StagingStart, StoreError};
+use crate::wire::pb::raft_control_server::RaftControl;
 use crate::wire::pb::raft_peer_server::RaftPeer;
 use crate::wire::pb::{
     DeliverReply, Envelope, InstallSnapshotReply, ModuleStatusReply, ModuleStatusRequest, SnapshotChunk,
@@ -252,6 +253,32 @@ impl PeerService {
     }
 }
 
+impl PeerService {
+    /// Delivers each envelope of a lane's stream, in order, until the stream
+    /// ends, an envelope is refused, or the member stops.
+    async fn deliver_each(&self, request: Request<Streaming<Envelope>>) -> Result<Response<DeliverReply>, Status> {
+        let (peer, certified) = (request.remote_addr(), certified(&request));
+        let mut stream = request.into_inner();
+        let mut stopping = self.stopping.clone();
+        loop {
+            let envelope = tokio::select! {
+                _ = stopping.wait() => break,
+                envelope = stream.message() => envelope?,
+            };
+            let Some(envelope) = envelope else { break };
+            self.deliver_envelope(envelope, certified, peer).await?;
+        }
+        Ok(Response::new(DeliverReply {}))
+    }
+}
+
+#[tonic::async_trait]
+impl RaftControl for PeerService {
+    async fn deliver_stream(&self, request: Request<Streaming<Envelope>>) -> Result<Response<DeliverReply>, Status> {
+        self.deliver_each(request).await
+    }
+}
+
 /// Runs a store call on a blocking thread; its failure is this member's.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
@@ -282,18 +309,7 @@ impl RaftPeer for PeerService {
     }
 
     async fn deliver_stream(&self, request: Request<Streaming<Envelope>>) -> Result<Response<DeliverReply>, Status> {
-        let (peer, certified) = (request.remote_addr(), certified(&request));
-        let mut stream = request.into_inner();
-        let mut stopping = self.stopping.clone();
-        loop {
-            let envelope = tokio::select! {
-                _ = stopping.wait() => break,
-                envelope = stream.message() => envelope?,
-            };
-            let Some(envelope) = envelope else { break };
-            self.deliver_envelope(envelope, certified, peer).await?;
-        }
-        Ok(Response::new(DeliverReply {}))
+        self.deliver_each(request).await
     }
 
     async fn module_status(

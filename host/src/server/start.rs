@@ -12,8 +12,9 @@ use super::metrics::{self, PeerCounters};
 use super::peer_service::{PeerGate, PeerService};
 use crate::node::{Node, NodeError, ShutdownSignal};
 use crate::wire::client_pb::client_server::ClientServer;
+use crate::wire::pb::raft_control_server::RaftControlServer;
 use crate::wire::pb::raft_peer_server::RaftPeerServer;
-use crate::wire::{PEER_MESSAGE_BYTES_MAX, Tls, TlsError};
+use crate::wire::{CONTROL_MESSAGE_BYTES_MAX, PEER_MESSAGE_BYTES_MAX, Tls, TlsError};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -62,11 +63,17 @@ impl Server {
         let refusals = Arc::new(PeerCounters::default());
         let clients = Arc::new(ClientService::new(config.clone(), node.handles().clone(), refusals.clone()));
         let cluster = config.node.cluster_id.clone();
-        let peers = PeerService::new(cluster.clone(), node.handles().clone(), refusals.clone(), node.shutdown_signal());
+        let peers = Arc::new(PeerService::new(
+            cluster.clone(),
+            node.handles().clone(),
+            refusals.clone(),
+            node.shutdown_signal(),
+        ));
         let (peer_gate, client_gate) = match config.node.transport.tls() {
             Some(_) => (PeerGate::new(cluster.clone(), node.handles().clone(), refusals), ClientGate::new(cluster)),
             None => (PeerGate::open(), ClientGate::open()),
         };
+        let control = InterceptedService::new(control_server(peers.clone()), peer_gate.clone());
         let peers = InterceptedService::new(peer_server(peers), peer_gate);
         let client_api = InterceptedService::new(client_server(&config, clients.clone()), client_gate);
         let metrics_addr = metrics_listener.map(|(listener, bound)| {
@@ -74,7 +81,7 @@ impl Server {
             tracing::info!(address = %bound, "serving metrics at /metrics");
             bound
         });
-        let grpc = serve_grpc(listener, &config, peers, client_api, node.shutdown_signal());
+        let grpc = serve_grpc(listener, &config, (peers, control), client_api, node.shutdown_signal());
         tracing::info!(node = node.id(), address = %local_addr, "serving peers and clients");
         let tls = config.node.transport.tls().cloned();
         Ok(Server { node, tls, local_addr, metrics_addr, grpc })
@@ -143,10 +150,16 @@ fn client_server(config: &ServerConfig, clients: Arc<ClientService>) -> ClientSe
     ClientServer::from_arc(clients).max_decoding_message_size(limit).max_encoding_message_size(limit)
 }
 
-fn peer_server(peers: PeerService) -> RaftPeerServer<PeerService> {
-    RaftPeerServer::new(peers)
+fn peer_server(peers: Arc<PeerService>) -> RaftPeerServer<PeerService> {
+    RaftPeerServer::from_arc(peers)
         .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX)
+}
+
+fn control_server(peers: Arc<PeerService>) -> RaftControlServer<PeerService> {
+    RaftControlServer::from_arc(peers)
+        .max_decoding_message_size(CONTROL_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(CONTROL_MESSAGE_BYTES_MAX)
 }
 
 /// Serves the peer and client APIs on one port until the member stops: over
@@ -154,11 +167,18 @@ fn peer_server(peers: PeerService) -> RaftPeerServer<PeerService> {
 fn serve_grpc(
     listener: TcpListener,
     config: &ServerConfig,
-    peers: InterceptedService<RaftPeerServer<PeerService>, PeerGate>,
+    (peers, control): (
+        InterceptedService<RaftPeerServer<PeerService>, PeerGate>,
+        InterceptedService<RaftControlServer<PeerService>, PeerGate>,
+    ),
     clients: InterceptedService<ClientServer<ClientService>, ClientGate>,
     mut stop: ShutdownSignal,
 ) -> JoinHandle<Result<(), tonic::transport::Error>> {
-    let router = tonic::transport::Server::builder().tcp_nodelay(true).add_service(peers).add_service(clients);
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(peers)
+        .add_service(control)
+        .add_service(clients);
     let stopped = async move { stop.wait().await };
     match config.node.transport.tls() {
         Some(tls) => tokio::spawn(router.serve_with_incoming_shutdown(tls.incoming(listener), stopped)),

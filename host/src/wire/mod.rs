@@ -9,6 +9,7 @@
 //! keeps it so). Nothing here holds state or starts a task. This file only
 //! declares the layer's files and what they export.
 
+pub mod bounded;
 pub mod certs;
 pub mod client_pb;
 mod entry;
@@ -18,13 +19,15 @@ mod peer;
 mod tls;
 mod transport;
 
+pub use self::bounded::{ENTRIES_PER_ENVELOPE_MAX, MESSAGES_PER_ENVELOPE_MAX};
 pub use self::entry::{Payload, StampedPayload, decode_addresses, decode_payload, encode_addresses, encode_payload};
 pub use self::hash::{hex, parse_hash};
 pub use self::peer::{
-    EnvelopeError, MESSAGES_PER_ENVELOPE_MAX, conf_state_from_pb, conf_state_to_pb, message_from_pb, message_to_pb,
-    open_envelope, seal_envelope, snapshot_meta_from_pb, snapshot_meta_to_pb,
+    EnvelopeError, conf_state_from_pb, conf_state_to_pb, message_from_pb, message_to_pb, open_envelope, seal_envelope,
+    snapshot_meta_from_pb, snapshot_meta_to_pb,
 };
 pub use self::tls::{ClientRole, Principal, Tls, TlsConnector, TlsError, TlsFiles};
 pub use self::transport::{
-    FORWARDED_KEY, LEADER_ADDR_KEY, LEADER_ID_KEY, PEER_MESSAGE_BYTES_MAX, Transport, peer_client,
+    CONTROL_MESSAGE_BYTES_MAX, FORWARDED_KEY, LEADER_ADDR_KEY, LEADER_ID_KEY, PEER_MESSAGE_BYTES_MAX, Transport,
+    control_client, peer_client,
 };

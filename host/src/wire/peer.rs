@@ -4,13 +4,11 @@
 //! the core sees it: the cluster id, the sender, the receiver, and every
 //! field's shape.
 
+use super::bounded::MESSAGES_PER_ENVELOPE_MAX;
 use super::pb;
 use crate::raft::{ConfState, Entry, EntryKind, Message, MessageBody, NodeId, SnapshotMeta};
 use bytes::Bytes;
 use thiserror::Error;
-
-/// Most messages one envelope may carry.
-pub const MESSAGES_PER_ENVELOPE_MAX: usize = 4096;
 
 /// Why an incoming envelope was refused. Nothing in it reached the core.
 #[derive(Debug, Error, PartialEq, Eq)]

@@ -2,6 +2,7 @@
 //! agree on: the channel settings every connection between members uses, the
 //! largest message either side accepts, and the gRPC metadata keys.
 
+use super::pb::raft_control_client::RaftControlClient;
 use super::pb::raft_peer_client::RaftPeerClient;
 use super::tls::Tls;
 use std::sync::Arc;
@@ -10,6 +11,9 @@ use tonic::transport::{Channel, Endpoint};
 
 /// Largest peer message (an envelope, a snapshot chunk) either side accepts.
 pub const PEER_MESSAGE_BYTES_MAX: usize = 64 << 20;
+/// Largest envelope of the control lane (`RaftControl`): thousands of votes,
+/// heartbeats and acknowledgements fit in a fraction of it.
+pub const CONTROL_MESSAGE_BYTES_MAX: usize = 1 << 20;
 
 /// Metadata key naming the leader's id on a "not the leader" error.
 pub const LEADER_ID_KEY: &str = "raft-leader-id";
@@ -64,4 +68,11 @@ pub fn peer_client(channel: Channel) -> RaftPeerClient<Channel> {
     RaftPeerClient::new(channel)
         .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX)
         .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
+}
+
+/// A control lane client on `channel`, with the control lane's limits.
+pub fn control_client(channel: Channel) -> RaftControlClient<Channel> {
+    RaftControlClient::new(channel)
+        .max_encoding_message_size(CONTROL_MESSAGE_BYTES_MAX)
+        .max_decoding_message_size(CONTROL_MESSAGE_BYTES_MAX)
 }
