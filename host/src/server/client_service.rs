@@ -183,6 +183,20 @@ impl ClientService {
     }
 }
 
+impl ClientService {
+    /// A request forwarded to the leader, waited for no longer than any
+    /// request waits here (a paused leader must not hold it for ever).
+    async fn forwarding<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<Response<T>, Status>>,
+    ) -> Result<Response<T>, Status> {
+        let limit = self.config.node.request_timeout;
+        tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded(format!("the leader did not answer the forwarded request within {limit:?}")))
+        })
+    }
+}
+
 fn is_forwarded<T>(request: &Request<T>) -> bool {
     request.metadata().contains_key(FORWARDED_KEY)
 }
@@ -367,7 +381,10 @@ impl ClientService {
                 term: reply.term,
             })),
             Err(error) => match self.forward_target(&error, was_forwarded) {
-                Some((mut leader, address)) => leader.write(forwarded(write)).await.map(|r| with_leader(r, &address)),
+                Some((mut leader, address)) => {
+                    let answer = self.forwarding(leader.write(forwarded(write))).await?;
+                    Ok(with_leader(answer, &address))
+                }
                 None => Err(status_of(error)),
             },
         }
@@ -395,7 +412,10 @@ impl ClientService {
                 Ok(Response::new(ReadResponse { outcome: Some(outcome_pb(reply.outcome)), index: reply.index }))
             }
             Err(error) => match self.forward_target(&error, was_forwarded) {
-                Some((mut leader, address)) => leader.read(forwarded(read)).await.map(|r| with_leader(r, &address)),
+                Some((mut leader, address)) => {
+                    let answer = self.forwarding(leader.read(forwarded(read))).await?;
+                    Ok(with_leader(answer, &address))
+                }
                 None => Err(status_of(error)),
             },
         }

@@ -14,7 +14,7 @@ use crate::node::{Node, NodeError, ShutdownSignal};
 use crate::wire::client_pb::client_server::ClientServer;
 use crate::wire::pb::raft_control_server::RaftControlServer;
 use crate::wire::pb::raft_peer_server::RaftPeerServer;
-use crate::wire::{CONTROL_MESSAGE_BYTES_MAX, PEER_MESSAGE_BYTES_MAX, Tls, TlsError};
+use crate::wire::{CONTROL_MESSAGE_BYTES_MAX, PEER_MESSAGE_BYTES_MAX, Tls, TlsError, plaintext_incoming};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,7 +22,14 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
+
+/// HTTP/2 streams one connection may have open at once: a connection
+/// shared by a pool of clients needs hundreds.
+const STREAMS_PER_CONNECTION_MAX: u32 = 1024;
+/// Bytes a connection's peer may send ahead of what the member has read.
+const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
+/// Streams reset by the client before the member took them, per connection.
+const PENDING_RESET_STREAMS_MAX: usize = 32_768;
 
 /// Why a member could not start, or stopped with an error.
 #[derive(Debug, Error)]
@@ -176,16 +183,23 @@ fn serve_grpc(
 ) -> JoinHandle<Result<(), tonic::transport::Error>> {
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .max_concurrent_streams(STREAMS_PER_CONNECTION_MAX)
+        // While a member is paused or busy, clients whose deadlines pass
+        // reset their streams, and on resuming the member reads all of it
+        // before taking any stream. h2 counts such streams (20 by default)
+        // and their small DATA frames (a budget of half the connection
+        // window, 512 KiB by default: ~2,000 requests), and past either it
+        // answers GOAWAY, failing every request on a healthy connection.
+        // These settings absorb a burst of ~30,000 cancelled requests per
+        // connection, with what they buffer still bounded by the window.
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .http2_max_pending_accept_reset_streams(Some(PENDING_RESET_STREAMS_MAX))
         .add_service(peers)
         .add_service(control)
         .add_service(clients);
     let stopped = async move { stop.wait().await };
     match config.node.transport.tls() {
         Some(tls) => tokio::spawn(router.serve_with_incoming_shutdown(tls.incoming(listener), stopped)),
-        // The builder's nodelay applies only to listeners it binds itself;
-        // without it, small answers wait out delayed ACKs (~40 ms).
-        None => tokio::spawn(
-            router.serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stopped),
-        ),
+        None => tokio::spawn(router.serve_with_incoming_shutdown(plaintext_incoming(listener), stopped)),
     }
 }

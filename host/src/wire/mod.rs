@@ -26,7 +26,7 @@ pub use self::peer::{
     EnvelopeError, conf_state_from_pb, conf_state_to_pb, message_from_pb, message_to_pb, open_envelope, seal_envelope,
     snapshot_meta_from_pb, snapshot_meta_to_pb,
 };
-pub use self::tls::{ClientRole, Principal, Tls, TlsConnector, TlsError, TlsFiles};
+pub use self::tls::{Admitted, ClientRole, Principal, Tls, TlsConnector, TlsError, TlsFiles, plaintext_incoming};
 pub use self::transport::{
     CONTROL_MESSAGE_BYTES_MAX, FORWARDED_KEY, LEADER_ADDR_KEY, LEADER_ID_KEY, PEER_MESSAGE_BYTES_MAX, Transport,
     control_client, peer_client,

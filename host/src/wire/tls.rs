@@ -27,8 +27,9 @@ use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_rustls::rustls::crypto::CryptoProvider;
 use tokio_rustls::rustls::pki_types::pem::PemObject as _;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -38,6 +39,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::Service;
 use tonic::transport::Uri;
+use tonic::transport::server::Connected;
 
 /// The URI scheme of the names in our certificates.
 const SCHEME: &str = "raft-host://";
@@ -274,43 +276,135 @@ impl Tls {
     /// Connections accepted on `listener`, each once its handshake is done
     /// (a client with no certificate of the CA never gets past it). Ends when
     /// the stream is dropped.
-    pub fn incoming(self: &Arc<Self>, listener: TcpListener) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
-        let (accepted, stream) = mpsc::channel(ACCEPTED_QUEUE);
+    pub fn incoming(
+        self: &Arc<Self>,
+        listener: TcpListener,
+    ) -> ReceiverStream<io::Result<Admitted<TlsStream<TcpStream>>>> {
         let tls = self.clone();
-        tokio::spawn(async move {
-            loop {
-                let (tcp, remote) = tokio::select! {
-                    _ = accepted.closed() => return,
-                    connection = listener.accept() => match connection {
-                        Ok(connection) => connection,
-                        Err(error) => {
-                            tracing::warn!(%error, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                };
-                // Small answers must not wait out delayed ACKs (~40 ms).
-                let _ = tcp.set_nodelay(true);
-                let (accepted, config) = (accepted.clone(), tls.current().server.clone());
-                tokio::spawn(async move {
-                    let handshake = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-                        Ok(Ok(stream)) => {
-                            let _ = accepted.send(Ok(stream)).await;
-                        }
-                        Ok(Err(error)) => tracing::info!(%remote, %error, "refused a connection: TLS handshake failed"),
-                        Err(_) => tracing::info!(%remote, "refused a connection: TLS handshake timed out"),
+        accept_each(listener, move |tcp, remote| {
+            let config = tls.current().server.clone();
+            async move {
+                let handshake = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                    Ok(Ok(stream)) => Some(stream),
+                    Ok(Err(error)) => {
+                        tracing::info!(%remote, %error, "refused a connection: TLS handshake failed");
+                        None
                     }
-                });
+                    Err(_) => {
+                        tracing::info!(%remote, "refused a connection: TLS handshake timed out");
+                        None
+                    }
+                }
             }
-        });
-        ReceiverStream::new(stream)
+        })
     }
 
     /// Dials servers over TLS as this party, for a tonic channel.
     pub fn connector(self: &Arc<Self>) -> TlsConnector {
         TlsConnector { tls: self.clone() }
+    }
+}
+
+/// Connections a member holds open at once, handshakes included; past it,
+/// it stops accepting until one closes (the kernel queues the rest).
+const CONNECTIONS_MAX: usize = 4096;
+
+/// Plaintext connections accepted on `listener` (for a member that serves
+/// plaintext by the operator's choice), under the same connection bound.
+pub fn plaintext_incoming(listener: TcpListener) -> ReceiverStream<io::Result<Admitted<TcpStream>>> {
+    accept_each(listener, |tcp, _| async move { Some(tcp) })
+}
+
+/// Accepts connections while fewer than [`CONNECTIONS_MAX`] are open and
+/// hands each, made ready by `prepare` (a handshake, say; `None` drops
+/// it), to the stream, holding a permit until it closes.
+fn accept_each<S, F, P>(listener: TcpListener, prepare: P) -> ReceiverStream<io::Result<Admitted<S>>>
+where
+    S: Send + 'static,
+    F: Future<Output = Option<S>> + Send + 'static,
+    P: Fn(TcpStream, std::net::SocketAddr) -> F + Send + 'static,
+{
+    let (accepted, stream) = mpsc::channel(ACCEPTED_QUEUE);
+    let open = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    tokio::spawn(async move {
+        loop {
+            let permit = tokio::select! {
+                _ = accepted.closed() => return,
+                permit = open.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+            };
+            let (tcp, remote) = tokio::select! {
+                _ = accepted.closed() => return,
+                connection = listener.accept() => match connection {
+                    Ok(connection) => connection,
+                    Err(error) => {
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            // Small answers must not wait out delayed ACKs (~40 ms).
+            let _ = tcp.set_nodelay(true);
+            let ready = prepare(tcp, remote);
+            let accepted = accepted.clone();
+            tokio::spawn(async move {
+                if let Some(stream) = ready.await {
+                    let _ = accepted.send(Ok(Admitted { stream, _permit: permit })).await;
+                }
+            });
+        }
+    });
+    ReceiverStream::new(stream)
+}
+
+/// An accepted connection, holding its place among the member's open
+/// connections until it is dropped.
+pub struct Admitted<S> {
+    stream: S,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Admitted<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Admitted<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+impl<S: Connected> Connected for Admitted<S> {
+    type ConnectInfo = S::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
     }
 }
 

@@ -1,0 +1,242 @@
+//! Hostile inputs against real processes: each is refused or fails cleanly,
+//! and the member's resident memory stays bounded (measured here, from the
+//! members' own `Status`).
+
+use raft_host::client::{ClusterClient, outcome_of};
+use raft_host::wire::client_pb::{StatusRequest, WatchRequest, client_client::ClientClient};
+use raft_host_e2e::{Cluster, run};
+use std::time::{Duration, Instant};
+use tonic::Code;
+
+const SETTLE: Duration = Duration::from_secs(20);
+const LIMIT: Duration = Duration::from_secs(180);
+const MIB: u64 = 1 << 20;
+
+/// The resident memory of member `id`, as it reports it.
+async fn resident(cluster: &Cluster, id: u64) -> u64 {
+    cluster.status(id).await.expect("status").process_resident_bytes
+}
+
+#[test]
+fn a_guest_that_makes_the_host_work_fails_the_same_entries_everywhere_with_bounded_memory() {
+    run(LIMIT, async {
+        let mut cluster = Cluster::start(3, "e2e-limits-guest");
+        cluster.leader(SETTLE).await;
+        let mut client = cluster.client();
+        client.deploy("hostile", raft_guests::HOSTILE, true, |_| {}).await.expect("the hostile guest deploys");
+        let apply = async |client: &mut ClusterClient, command: &str| {
+            let response = client.write("hostile", command.as_bytes().to_vec()).await.expect("the write commits");
+            outcome_of(response.outcome).map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        };
+        assert_eq!(apply(&mut client, "fill").await.as_deref(), Ok("filled"));
+        for (command, budget) in [
+            ("flood", "wrote more than"),
+            ("scan-all", "above the limit of 10000"),
+            ("scan-big", "would return more than"),
+            ("read-loop", "read more than"),
+            ("huge-reply", "reply of 8388608 bytes"),
+        ] {
+            let refused = apply(&mut client, command).await.expect_err(command);
+            assert!(refused.contains("host-call budget") && refused.contains(budget), "{command}: {refused}");
+            assert_eq!(apply(&mut client, "ok").await.as_deref(), Ok("fine"), "after {command}");
+        }
+
+        // Many writers at once, each command writing 12 MiB: runs of them
+        // are cut as their writes pile up, and every one is applied.
+        let writers: Vec<_> = (0..16)
+            .map(|_| {
+                let mut client = cluster.client();
+                tokio::spawn(async move {
+                    for _ in 0..4 {
+                        let response = client.write("hostile", b"fill".to_vec()).await.expect("commits");
+                        assert_eq!(outcome_of(response.outcome), Ok(b"filled".to_vec()));
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.await.expect("writer");
+        }
+        let statuses = cluster.agreed(SETTLE).await;
+        for status in &statuses {
+            let rss = status.process_resident_bytes;
+            eprintln!("member {} resident after the hostile run: {} MiB", status.id, rss / MIB);
+            assert!(rss < 1024 * MIB, "member {} holds {} MiB", status.id, rss / MIB);
+        }
+
+        // Every member replays those entries after a crash and agrees.
+        for id in 1..=3 {
+            cluster.kill(id);
+        }
+        for id in 1..=3 {
+            cluster.spawn(id);
+        }
+        cluster.leader(SETTLE).await;
+        let mut client = cluster.client();
+        assert_eq!(apply(&mut client, "ok").await.as_deref(), Ok("fine"));
+        let after = cluster.agreed(SETTLE).await;
+        assert_eq!(after[0].state_machines, statuses[0].state_machines, "the same state after the replay");
+    });
+}
+
+/// Raw bytes as a gRPC message: the test sends what no well-behaved member
+/// would encode.
+mod raw {
+    use prost::Message;
+    use std::marker::PhantomData;
+    use tonic::Status;
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+    pub struct RawCodec<U>(PhantomData<U>);
+
+    impl<U> Default for RawCodec<U> {
+        fn default() -> Self {
+            RawCodec(PhantomData)
+        }
+    }
+
+    impl<U: Message + Default + Send + 'static> Codec for RawCodec<U> {
+        type Encode = Vec<u8>;
+        type Decode = U;
+        type Encoder = RawEncoder;
+        type Decoder = ProstDecoder<U>;
+
+        fn encoder(&mut self) -> RawEncoder {
+            RawEncoder
+        }
+
+        fn decoder(&mut self) -> ProstDecoder<U> {
+            ProstDecoder(PhantomData)
+        }
+    }
+
+    pub struct RawEncoder;
+
+    impl Encoder for RawEncoder {
+        type Item = Vec<u8>;
+        type Error = Status;
+
+        fn encode(&mut self, item: Vec<u8>, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            use bytes::BufMut;
+            buf.put_slice(&item);
+            Ok(())
+        }
+    }
+
+    pub struct ProstDecoder<U>(PhantomData<U>);
+
+    impl<U: Message + Default> Decoder for ProstDecoder<U> {
+        type Item = U;
+        type Error = Status;
+
+        fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+            U::decode(buf).map(Some).map_err(|e| Status::internal(e.to_string()))
+        }
+    }
+}
+
+/// An envelope from `from` to `to` of `cluster` with `count` empty messages,
+/// encoded by hand (building it as structs would itself take gigabytes).
+fn envelope_of_empty_messages(cluster: &str, from: u64, to: u64, count: usize) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(count * 2 + 64);
+    bytes.push(0x0a); // field 1, cluster_id
+    bytes.push(cluster.len() as u8);
+    bytes.extend_from_slice(cluster.as_bytes());
+    bytes.extend_from_slice(&[0x10, from as u8, 0x18, to as u8]); // fields 2 and 3
+    for _ in 0..count {
+        bytes.extend_from_slice(&[0x22, 0x00]); // field 4, an empty Message
+    }
+    bytes
+}
+
+#[test]
+fn a_64_mib_envelope_of_empty_messages_is_refused_before_it_is_decoded() {
+    run(LIMIT, async {
+        // Plaintext: anyone may speak, so only the envelope's shape stands
+        // between a stranger and the member's memory.
+        let cluster = Cluster::start_plaintext(3, "e2e-limits-envelope");
+        let leader = cluster.leader(SETTLE).await;
+        let target = (1..=3).find(|&id| id != leader).expect("a follower");
+        let before = resident(&cluster, target).await;
+        let bytes = envelope_of_empty_messages("e2e-limits-envelope", leader, target, ((64 << 20) - 1024) / 2);
+        assert!(bytes.len() > 63 * MIB as usize && bytes.len() < 64 * MIB as usize);
+        let mut grpc = tonic::client::Grpc::new(cluster.channel(target))
+            .max_encoding_message_size(usize::MAX)
+            .max_decoding_message_size(usize::MAX);
+        grpc.ready().await.expect("ready");
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static("/raft.v1.RaftPeer/Deliver");
+        let refused = grpc
+            .unary::<_, raft_host::wire::pb::DeliverReply, _>(
+                tonic::Request::new(bytes),
+                path,
+                raw::RawCodec::default(),
+            )
+            .await
+            .expect_err("refused");
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+        assert!(refused.message().contains("more than 4096 messages"), "{}", refused.message());
+        let after = resident(&cluster, target).await;
+        eprintln!("resident before {} MiB, after {} MiB", before / MIB, after / MIB);
+        assert!(after < before + 256 * MIB, "resident grew from {} to {} MiB", before / MIB, after / MIB);
+        // The member goes on as before.
+        cluster.client().write("kv", raft_host_e2e::put("a", "1")).await.expect("write");
+        cluster.agreed(SETTLE).await;
+    });
+}
+
+#[test]
+fn a_burst_of_requests_cancelled_while_a_member_is_paused_leaves_its_connection_up() {
+    run(LIMIT, async {
+        let cluster = Cluster::start(3, "e2e-limits-resets");
+        let leader = cluster.leader(SETTLE).await;
+        // One connection, as a pool would share it: a watch stream stays
+        // open on it, and any GOAWAY would end that stream.
+        let channel = cluster.channel(leader);
+        let mut client = ClientClient::new(channel.clone());
+        let mut watch = client.watch(WatchRequest {}).await.expect("watch").into_inner();
+        watch.message().await.expect("the first event").expect("an event");
+        cluster.signal(leader, "STOP");
+        // 200 clients, each sending request after request with a 5 ms
+        // deadline: every dropped call resets its stream, right behind the
+        // stream's headers, while the member reads nothing.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let calls: Vec<_> = (0..200)
+            .map(|_| {
+                let (mut client, stop) = (ClientClient::new(channel.clone()), stop.clone());
+                tokio::spawn(async move {
+                    let (mut cancelled, mut other) = (0, 0);
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let call = client.status(StatusRequest {});
+                        match tokio::time::timeout(Duration::from_millis(5), call).await {
+                            Err(_) => cancelled += 1,
+                            Ok(_) => other += 1,
+                        }
+                    }
+                    (cancelled, other)
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (mut cancelled, mut other) = (0, 0);
+        for call in calls {
+            let (c, o) = call.await.expect("task");
+            (cancelled, other) = (cancelled + c, other + o);
+        }
+        eprintln!("{cancelled} calls cancelled, {other} answered otherwise");
+        assert!(cancelled >= 200, "only {cancelled} calls were cancelled");
+        cluster.signal(leader, "CONT");
+        let started = Instant::now();
+        let status = tokio::time::timeout(SETTLE, client.status(StatusRequest {})).await;
+        let status = status.expect("answered in time").expect("status after the burst");
+        assert_eq!(status.into_inner().id, leader);
+        // The watch stream on that connection is still open: no GOAWAY.
+        let next = tokio::time::timeout(Duration::from_millis(500), watch.message()).await;
+        match next {
+            Err(_) => {}
+            Ok(Ok(Some(_))) => {}
+            Ok(other) => panic!("the connection was closed after the burst: {other:?}"),
+        }
+        eprintln!("answered {:?} after resuming", started.elapsed());
+    });
+}
