@@ -3,7 +3,8 @@
 //! members' own `Status`).
 
 use raft_host::client::{ClusterClient, outcome_of};
-use raft_host::wire::client_pb::{StatusRequest, WatchRequest, client_client::ClientClient};
+use raft_host::wire::client_pb::{MembershipChange, StatusRequest, WatchRequest, client_client::ClientClient};
+use raft_host::wire::pb;
 use raft_host_e2e::{Cluster, run};
 use std::time::{Duration, Instant};
 use tonic::Code;
@@ -238,5 +239,133 @@ fn a_burst_of_requests_cancelled_while_a_member_is_paused_leaves_its_connection_
             Ok(other) => panic!("the connection was closed after the burst: {other:?}"),
         }
         eprintln!("answered {:?} after resuming", started.elapsed());
+    });
+}
+
+const SMALL_LOG: [&str; 4] = ["--snapshot-threshold-entries", "200", "--snapshot-keep-entries", "20"];
+
+/// The first chunk of a snapshot stream that announces `total_bytes` and
+/// carries one well-formed record of 1 MiB, then never goes on.
+fn forged_first_chunk(cluster: &str, from: u64, to: u64, term: u64, total_bytes: u64) -> pb::SnapshotChunk {
+    let (key, value) = (b"forged".as_slice(), vec![0u8; 1 << 20]);
+    let mut data = vec![b's'];
+    data.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    data.extend_from_slice(key);
+    data.extend_from_slice(&(value.len() as u32).to_be_bytes());
+    data.extend_from_slice(&value);
+    let voters = vec![1, 2, 3];
+    pb::SnapshotChunk {
+        cluster_id: cluster.into(),
+        from,
+        to,
+        term,
+        meta: Some(pb::SnapshotMeta {
+            index: 1_000_000,
+            term,
+            conf_state: Some(pb::ConfState { voters, ..pb::ConfState::default() }),
+        }),
+        total_bytes,
+        offset: 0,
+        checksum: crc32fast::hash(&data),
+        data,
+        last: false,
+        digest: Vec::new(),
+    }
+}
+
+/// Opens a snapshot stream to member `to` as the holder of member `as_id`'s
+/// certificate, sends `first` and nothing more; the call, and the sender
+/// that keeps the stream open.
+fn stalled_snapshot_stream(
+    cluster: &Cluster,
+    as_id: u64,
+    to: u64,
+    first: pb::SnapshotChunk,
+) -> (tokio::task::JoinHandle<Result<(), tonic::Status>>, tokio::sync::mpsc::Sender<pb::SnapshotChunk>) {
+    let certs = cluster.certs_dir().expect("a TLS cluster");
+    let transport = raft_host_e2e::tls_transport(certs, &format!("member-{as_id}"));
+    let mut peer = raft_host::wire::peer_client(transport.channel(&cluster.address(to)).expect("channel"));
+    let (chunks, stream) = tokio::sync::mpsc::channel(4);
+    let call = tokio::spawn(async move {
+        peer.install_snapshot(tokio_stream::wrappers::ReceiverStream::new(stream)).await.map(|_| ())
+    });
+    let sender = chunks.clone();
+    tokio::spawn(async move { sender.send(first).await });
+    (call, chunks)
+}
+
+#[test]
+fn a_stalled_forged_snapshot_stream_gives_way_to_the_leaders() {
+    run(LIMIT, async {
+        let mut cluster = Cluster::start_with(3, "e2e-limits-snap", &SMALL_LOG);
+        let leader = cluster.leader(SETTLE).await;
+        let mut client = cluster.client();
+        for i in 0..300 {
+            client.write("kv", raft_host_e2e::put(&format!("k{i}"), "v")).await.expect("write");
+        }
+        let spare = (1..=3).find(|&id| id != leader).expect("a follower");
+        cluster.retire(spare);
+        cluster.client().change_membership(MembershipChange::Remove, spare, "").await.expect("removed");
+        // A fresh member joins; before the leader's snapshot reaches it, a
+        // stream forged with the leader's own certificate starts and stalls.
+        cluster.join(4, leader, &[]);
+        let deadline = Instant::now() + SETTLE;
+        while cluster.status(4).await.is_none() {
+            assert!(Instant::now() < deadline, "member 4 never answered");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let term = cluster.status(leader).await.expect("status").term;
+        let forged = forged_first_chunk("e2e-limits-snap", leader, 4, term, 100 << 20);
+        let (call, _keep_open) = stalled_snapshot_stream(&cluster, leader, 4, forged);
+        let statuses = cluster.agreed(SETTLE * 2).await;
+        assert!(statuses.iter().any(|s| s.id == 4), "member 4 caught up");
+        let log = cluster.log_of(4);
+        assert!(log.contains("snapshot installed"), "by snapshot\n{log}");
+        let ended = tokio::time::timeout(SETTLE, call).await.expect("the forged stream ended").expect("task");
+        let status = ended.expect_err("the forged stream was not taken");
+        assert_eq!(status.code(), Code::Aborted, "{status:?}");
+        assert!(status.message().contains("replaced"), "{}", status.message());
+        assert_eq!(cluster.status(4).await.expect("status").snapshot_staged_bytes, 0, "nothing staged is left");
+    });
+}
+
+#[test]
+fn a_stalled_snapshot_stream_is_dropped_after_the_idle_timeout_and_leaves_no_staging() {
+    run(LIMIT, async {
+        let mut cluster = Cluster::start_with(3, "e2e-limits-idle", &["--stream-idle-timeout-secs", "2"]);
+        let leader = cluster.leader(SETTLE).await;
+        let follower = (1..=3).find(|&id| id != leader).expect("a follower");
+        let term = cluster.status(leader).await.expect("status").term;
+        let forged = || forged_first_chunk("e2e-limits-idle", leader, follower, term, 100 << 20);
+        let started = Instant::now();
+        let (call, _keep_open) = stalled_snapshot_stream(&cluster, leader, follower, forged());
+        let ended = tokio::time::timeout(SETTLE, call).await.expect("the stream was dropped").expect("task");
+        let status = ended.expect_err("a stalled stream is refused");
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        assert!(started.elapsed() >= Duration::from_secs(2), "not before the idle timeout");
+        assert_eq!(cluster.status(follower).await.expect("status").snapshot_staged_bytes, 0);
+
+        // Announcing more than the member takes, or nothing, is refused
+        // before anything is staged.
+        let (call, _open) = stalled_snapshot_stream(
+            &cluster,
+            leader,
+            follower,
+            forged_first_chunk("e2e-limits-idle", leader, follower, term, 1 << 50),
+        );
+        let status = call.await.expect("task").expect_err("too large");
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+
+        // A member killed while a stream stalls starts with no staging.
+        let (_call, _keep) = stalled_snapshot_stream(&cluster, leader, follower, forged());
+        let deadline = Instant::now() + SETTLE;
+        while cluster.status(follower).await.expect("status").snapshot_staged_bytes == 0 {
+            assert!(Instant::now() < deadline, "the forged chunk was never staged");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cluster.kill(follower);
+        cluster.spawn(follower);
+        cluster.agreed(SETTLE).await;
+        assert_eq!(cluster.status(follower).await.expect("status").snapshot_staged_bytes, 0);
     });
 }

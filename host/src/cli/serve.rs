@@ -90,6 +90,14 @@ pub struct ServeArgs {
     /// behind (default 1000); further behind, they get a snapshot.
     #[arg(long, env = "RAFT_HOST_SNAPSHOT_KEEP_ENTRIES")]
     snapshot_keep_entries: Option<u64>,
+    /// Largest snapshot this member accepts from a leader, in bytes, as the
+    /// leader announces it (default 256 GiB).
+    #[arg(long, env = "RAFT_HOST_MAX_SNAPSHOT_BYTES")]
+    max_snapshot_bytes: Option<u64>,
+    /// Seconds a snapshot or deploy stream may send nothing before it is
+    /// dropped, with what it staged (default 30).
+    #[arg(long, env = "RAFT_HOST_STREAM_IDLE_TIMEOUT_SECS")]
+    stream_idle_timeout_secs: Option<u64>,
     /// Threads running this member's network and consensus tasks (default:
     /// one per core). When several members share a machine, giving each
     /// its share of the cores cuts wake-ups between threads: lower latency
@@ -136,6 +144,8 @@ impl ServeArgs {
         self.join_as_learner = self.join_as_learner.or(file.join_as_learner);
         self.snapshot_threshold_entries = self.snapshot_threshold_entries.or(file.snapshot_threshold_entries);
         self.snapshot_keep_entries = self.snapshot_keep_entries.or(file.snapshot_keep_entries);
+        self.max_snapshot_bytes = self.max_snapshot_bytes.or(file.max_snapshot_bytes);
+        self.stream_idle_timeout_secs = self.stream_idle_timeout_secs.or(file.stream_idle_timeout_secs);
         self.worker_threads = self.worker_threads.or(file.worker_threads);
         self.ca = self.ca.or(file.ca);
         self.cert = self.cert.or(file.cert);
@@ -216,6 +226,12 @@ impl ServeArgs {
         config.snapshot_threshold_entries =
             args.snapshot_threshold_entries.unwrap_or(config.snapshot_threshold_entries);
         config.snapshot_keep_entries = args.snapshot_keep_entries.unwrap_or(config.snapshot_keep_entries);
+        config.max_snapshot_bytes = args.max_snapshot_bytes.unwrap_or(config.max_snapshot_bytes);
+        match args.stream_idle_timeout_secs {
+            Some(0) => bail!("--stream-idle-timeout-secs must be at least 1"),
+            Some(secs) => config.stream_idle_timeout = Duration::from_secs(secs),
+            None => {}
+        }
         Ok(server)
     }
 }

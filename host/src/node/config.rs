@@ -51,6 +51,11 @@ pub struct NodeConfig {
     /// Applied entries kept after a compaction, so followers a little
     /// behind catch up from the log rather than by snapshot.
     pub snapshot_keep_entries: u64,
+    /// Largest snapshot a member accepts, as its sender announces it.
+    pub max_snapshot_bytes: u64,
+    /// How long a snapshot or deploy stream may go without a message
+    /// before it is dropped (and what it staged with it).
+    pub stream_idle_timeout: Duration,
     /// Join a running cluster through this member (host:port) instead of
     /// bootstrapping one: start with no configuration, ask to be added as a
     /// learner, catch up, then ask to be promoted.
@@ -84,6 +89,8 @@ impl NodeConfig {
             module_ready_timeout: Duration::from_secs(300),
             snapshot_threshold_entries: 10_000,
             snapshot_keep_entries: 1_000,
+            max_snapshot_bytes: 256 << 30,
+            stream_idle_timeout: Duration::from_secs(30),
             join: None,
             join_as_learner: false,
             transport: Transport::Plaintext,

@@ -216,6 +216,8 @@ async fn stream_snapshot(
     let reader = tokio::task::spawn_blocking(move || -> Result<(u64, u64), String> {
         let reader = store.snapshot_reader().map_err(|e| e.to_string())?;
         let meta = snapshot_meta_to_pb(reader.meta());
+        // The receiver holds the stream to this (one more read of the view).
+        let total_bytes = reader.total_bytes().map_err(|e| e.to_string())?;
         let index = meta.index;
         let mut digest = Sha256::new();
         let mut offset = 0u64;
@@ -226,7 +228,7 @@ async fn stream_snapshot(
             to,
             term,
             meta,
-            total_bytes: 0,
+            total_bytes,
             offset,
             checksum: crc32fast::hash(&data),
             data,

@@ -453,6 +453,7 @@ impl ClientService {
             process_resident_bytes: usage.resident_bytes,
             process_instance: process::instance_id(),
             modules_in_memory: self.node.modules.runtime().loaded_count() as u64,
+            snapshot_staged_bytes: self.node.store.staged_bytes().map_err(|e| Status::internal(e.to_string()))?,
         })
     }
 }

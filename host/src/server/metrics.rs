@@ -79,6 +79,11 @@ pub fn render(
     gauge("requests_pending", "Client requests waiting for an answer.", pending);
     gauge("modules_in_memory", "Module versions held compiled in memory.", status.modules_in_memory);
     gauge(
+        "snapshot_staged_bytes",
+        "Bytes of received snapshots staged and not yet installed.",
+        status.snapshot_staged_bytes,
+    );
+    gauge(
         "snapshot_receiving_bytes",
         "Bytes of the snapshot being received now (0: none).",
         snapshots.receiving_bytes.load(Ordering::Relaxed),

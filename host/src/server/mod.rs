@@ -16,5 +16,5 @@ mod start;
 
 pub use self::client_service::{CLIENT_ID_MAX_BYTES, ClientGate, ClientService};
 pub use self::config::ServerConfig;
-pub use self::peer_service::{PeerGate, PeerService};
+pub use self::peer_service::{PeerGate, PeerLimits, PeerService};
 pub use self::start::{Server, ServerError};

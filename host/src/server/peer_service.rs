@@ -21,7 +21,8 @@ use crate::wire::{EnvelopeError, Principal, open_envelope, snapshot_meta_from_pb
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
 use tonic::{Request, Response, Status, Streaming};
 
 /// The member a call's certificate names, put on the call by [`PeerGate`].
@@ -106,6 +107,23 @@ fn certified<T>(request: &Request<T>) -> Option<NodeId> {
     request.extensions().get::<CertifiedMember>().map(|member| member.0)
 }
 
+/// Limits on what a peer may make this member take in.
+#[derive(Clone, Copy, Debug)]
+pub struct PeerLimits {
+    /// Largest snapshot accepted, as its sender announces it.
+    pub snapshot_bytes_max: u64,
+    /// Longest wait for the next chunk of a snapshot stream.
+    pub stream_idle_timeout: Duration,
+}
+
+/// The snapshot stream being received, which a newer one may replace.
+struct Receiving {
+    /// Held by the stream that receives; one at a time.
+    slot: tokio::sync::Mutex<()>,
+    /// Its term, and how to tell it to give way.
+    current: std::sync::Mutex<Option<(Term, Arc<Notify>)>>,
+}
+
 /// Checks every envelope against this member and its cluster, then hands
 /// the messages to the core task.
 pub struct PeerService {
@@ -113,8 +131,8 @@ pub struct PeerService {
     me: NodeId,
     node: NodeHandles,
     counters: Arc<PeerCounters>,
-    /// One snapshot is received at a time.
-    receiving: tokio::sync::Mutex<()>,
+    limits: PeerLimits,
+    receiving: Receiving,
     /// Turns when the member stops: delivery streams end then, so a
     /// graceful shutdown does not wait for peers to hang up.
     stopping: ShutdownSignal,
@@ -126,10 +144,12 @@ impl PeerService {
         cluster_id: String,
         node: NodeHandles,
         counters: Arc<PeerCounters>,
+        limits: PeerLimits,
         stopping: ShutdownSignal,
     ) -> PeerService {
         let me = node.members.me();
-        PeerService { cluster_id, me, node, counters, receiving: tokio::sync::Mutex::new(()), stopping }
+        let receiving = Receiving { slot: tokio::sync::Mutex::new(()), current: std::sync::Mutex::new(None) };
+        PeerService { cluster_id, me, node, counters, limits, receiving, stopping }
     }
 
     /// Checks who is asking, as an envelope with no messages would be, for
@@ -181,23 +201,64 @@ impl PeerService {
         self.node.core.deliver(messages).await.map_err(|e| Status::unavailable(e.to_string()))
     }
 
-    /// Receives, verifies and stages a snapshot stream; returns the message
-    /// that hands it to the core.
+    /// The next chunk of a snapshot stream, waited for no longer than the
+    /// idle timeout.
+    async fn next_chunk(&self, stream: &mut Streaming<SnapshotChunk>) -> Result<Option<SnapshotChunk>, Status> {
+        let idle = self.limits.stream_idle_timeout;
+        match tokio::time::timeout(idle, stream.message()).await {
+            Ok(chunk) => chunk,
+            Err(_) => Err(Status::deadline_exceeded(format!("the snapshot stream sent nothing for {idle:?}"))),
+        }
+    }
+
+    /// Checks a snapshot stream's header before anything is staged: who
+    /// sends it, that it comes from the leader of a current term, and that
+    /// its announced size is within the limit.
+    fn check_snapshot_header(&self, first: &SnapshotChunk, certified: Option<NodeId>) -> Result<(), Status> {
+        self.check_sender((first.cluster_id.clone(), first.from, first.to), first.term, certified)?;
+        let view = self.node.core.current_leadership();
+        if first.term < view.term {
+            return Err(Status::failed_precondition(format!(
+                "a snapshot of term {}, but this member is in term {}",
+                first.term, view.term
+            )));
+        }
+        if first.term == view.term
+            && let Some(leader) = view.leader.filter(|&leader| leader != first.from)
+        {
+            return Err(Status::failed_precondition(format!(
+                "member {} is not the leader of term {} (member {leader} is)",
+                first.from, first.term
+            )));
+        }
+        let limit = self.limits.snapshot_bytes_max;
+        if first.total_bytes == 0 || first.total_bytes > limit {
+            return Err(Status::resource_exhausted(format!(
+                "a snapshot announced as {} bytes; this member takes 1 to {limit} bytes",
+                first.total_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Receives, verifies and stages a snapshot stream whose first chunk
+    /// is `first`; returns the message that hands it to the core. Gives way
+    /// when `replaced` is notified; what it staged is dropped unless the
+    /// snapshot is complete.
     async fn receive_snapshot(
         &self,
-        mut stream: Streaming<SnapshotChunk>,
-        certified: Option<NodeId>,
+        first: SnapshotChunk,
+        stream: &mut Streaming<SnapshotChunk>,
+        replaced: &Notify,
     ) -> Result<Message, Status> {
-        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
-        self.check_sender((first.cluster_id.clone(), first.from, first.to), first.term, certified)?;
-        let (from, term) = (first.from, first.term);
+        let (from, term, total) = (first.from, first.term, first.total_bytes);
         let meta = first.meta.clone().map(snapshot_meta_from_pb).ok_or_else(|| {
             Status::invalid_argument("the first snapshot chunk must carry the snapshot's index, term and membership")
         })?;
         let started = Instant::now();
         let store = self.node.store.clone();
         let header = meta.clone();
-        let mut staging = match blocking(move || store.begin_staging(header)).await? {
+        let staging = match blocking(move || store.begin_staging(header)).await? {
             StagingStart::Fresh(staging) => staging,
             StagingStart::AlreadyStaged(meta) => {
                 // A retry of a snapshot waiting for its install: hand it over
@@ -205,6 +266,44 @@ impl PeerService {
                 return Ok(Message { from, to: self.me, term, body: MessageBody::InstallSnapshot { snapshot: meta } });
             }
         };
+        let received = tokio::select! {
+            received = self.stage_chunks(first, stream, staging) => received,
+            _ = replaced.notified() => Err(Status::aborted("a newer snapshot stream from the leader replaced this one")),
+        };
+        let bytes = match received {
+            Ok(bytes) => bytes,
+            Err(status) => {
+                let (store, partial) = (self.node.store.clone(), meta.clone());
+                if let Err(error) = blocking(move || store.discard_staging(&partial)).await {
+                    tracing::warn!(error = %error.message(), "dropping a broken snapshot's staging failed");
+                }
+                return Err(status);
+            }
+        };
+        self.node.snapshots.received.fetch_add(1, Ordering::Relaxed);
+        self.node.snapshots.received_bytes.fetch_add(bytes, Ordering::Relaxed);
+        tracing::info!(
+            from,
+            index = meta.index,
+            term = meta.term,
+            bytes,
+            announced = total,
+            seconds = started.elapsed().as_secs_f64(),
+            "snapshot received and staged"
+        );
+        Ok(Message { from, to: self.me, term, body: MessageBody::InstallSnapshot { snapshot: meta } })
+    }
+
+    /// Stages the chunks from `first` on, checking each against the stream's
+    /// header; returns the bytes received once the last one is verified and
+    /// the snapshot marked complete.
+    async fn stage_chunks(
+        &self,
+        first: SnapshotChunk,
+        stream: &mut Streaming<SnapshotChunk>,
+        mut staging: Staging,
+    ) -> Result<u64, Status> {
+        let (from, term, total) = (first.from, first.term, first.total_bytes);
         let mut digest = Sha256::new();
         let mut expected_offset = 0u64;
         let mut chunk = first;
@@ -218,38 +317,39 @@ impl PeerService {
                     chunk.offset
                 )));
             }
+            let end = expected_offset + chunk.data.len() as u64;
+            if end > total {
+                return Err(Status::invalid_argument(format!(
+                    "the snapshot stream carries more than the {total} bytes it announced"
+                )));
+            }
             if crc32fast::hash(&chunk.data) != chunk.checksum {
                 return Err(Status::data_loss(format!("snapshot chunk at offset {} fails its checksum", chunk.offset)));
             }
             digest.update(&chunk.data);
-            expected_offset += chunk.data.len() as u64;
+            expected_offset = end;
             self.node.snapshots.receiving_bytes.store(expected_offset, Ordering::Relaxed);
             let last = chunk.last;
             let (data, received_digest) = (chunk.data, chunk.digest);
             staging = blocking(move || staging.write_chunk(&data).map(|()| staging)).await?;
             if last {
+                if expected_offset != total {
+                    return Err(Status::invalid_argument(format!(
+                        "the snapshot stream ended after {expected_offset} of the {total} bytes it announced"
+                    )));
+                }
                 if digest.finalize().as_slice() != received_digest.as_slice() {
                     return Err(Status::data_loss("the snapshot's SHA-256 does not match its data"));
                 }
                 break;
             }
-            chunk = stream
-                .message()
+            chunk = self
+                .next_chunk(stream)
                 .await?
                 .ok_or_else(|| Status::invalid_argument("the snapshot stream ended before its last chunk"))?;
         }
-        let meta = blocking(move || Staging::finish(staging)).await?;
-        self.node.snapshots.received.fetch_add(1, Ordering::Relaxed);
-        self.node.snapshots.received_bytes.fetch_add(expected_offset, Ordering::Relaxed);
-        tracing::info!(
-            from,
-            index = meta.index,
-            term = meta.term,
-            bytes = expected_offset,
-            seconds = started.elapsed().as_secs_f64(),
-            "snapshot received and staged"
-        );
-        Ok(Message { from, to: self.me, term, body: MessageBody::InstallSnapshot { snapshot: meta } })
+        blocking(move || Staging::finish(staging)).await?;
+        Ok(expected_offset)
     }
 }
 
@@ -329,11 +429,35 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<InstallSnapshotReply>, Status> {
-        let Ok(_receiving) = self.receiving.try_lock() else {
-            return Err(Status::unavailable("another snapshot is being received; retry"));
-        };
         let (remote, certified) = (request.remote_addr(), certified(&request));
-        let received = self.receive_snapshot(request.into_inner(), certified).await;
+        let mut stream = request.into_inner();
+        let received = async {
+            let first =
+                self.next_chunk(&mut stream).await?.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+            self.check_snapshot_header(&first, certified)?;
+            // A stream of the same or a newer term takes over from one that
+            // is stalled or slow (the leader retried); an older one waits
+            // for nothing and is refused.
+            let replaced = Arc::new(Notify::new());
+            {
+                let mut current = self.receiving.current.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some((running_term, running)) = current.as_ref() {
+                    if first.term < *running_term {
+                        return Err(Status::unavailable("a snapshot of a newer term is being received"));
+                    }
+                    running.notify_one();
+                }
+                *current = Some((first.term, replaced.clone()));
+            }
+            let _slot = self.receiving.slot.lock().await;
+            let received = self.receive_snapshot(first, &mut stream, &replaced).await;
+            let mut current = self.receiving.current.lock().unwrap_or_else(|p| p.into_inner());
+            if current.as_ref().is_some_and(|(_, running)| Arc::ptr_eq(running, &replaced)) {
+                *current = None;
+            }
+            received
+        };
+        let received = received.await;
         self.node.snapshots.receiving_bytes.store(0, Ordering::Relaxed);
         let message = received.inspect_err(|status| {
             self.node.snapshots.receive_failures.fetch_add(1, Ordering::Relaxed);

@@ -9,7 +9,7 @@
 use super::client_service::{ClientGate, ClientService};
 use super::config::ServerConfig;
 use super::metrics::{self, PeerCounters};
-use super::peer_service::{PeerGate, PeerService};
+use super::peer_service::{PeerGate, PeerLimits, PeerService};
 use crate::node::{Node, NodeError, ShutdownSignal};
 use crate::wire::client_pb::client_server::ClientServer;
 use crate::wire::pb::raft_control_server::RaftControlServer;
@@ -70,10 +70,15 @@ impl Server {
         let refusals = Arc::new(PeerCounters::default());
         let clients = Arc::new(ClientService::new(config.clone(), node.handles().clone(), refusals.clone()));
         let cluster = config.node.cluster_id.clone();
+        let limits = PeerLimits {
+            snapshot_bytes_max: config.node.max_snapshot_bytes,
+            stream_idle_timeout: config.node.stream_idle_timeout,
+        };
         let peers = Arc::new(PeerService::new(
             cluster.clone(),
             node.handles().clone(),
             refusals.clone(),
+            limits,
             node.shutdown_signal(),
         ));
         let (peer_gate, client_gate) = match config.node.transport.tls() {

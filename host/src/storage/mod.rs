@@ -304,12 +304,12 @@ impl Store {
                 let checked = store.inner.recover(false)?;
                 *store.inner.lock() = checked;
             }
-            None => {
-                // A partly received snapshot is useless after a restart: the
-                // leader sends a fresh one.
-                store.inner.staging.clear().map_err(db_error)?;
-            }
+            None => {}
         }
+        // What is left staged (a partly received snapshot, or one that waited
+        // for its install) is useless after a restart: the leader sends a
+        // fresh one.
+        store.inner.staging.clear().map_err(db_error)?;
         Ok(store)
     }
 

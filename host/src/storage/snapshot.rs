@@ -43,6 +43,9 @@ const TAG_COMPLETE: u8 = 0xff;
 /// Metadata keys a snapshot carries.
 const SNAPSHOT_META_KEYS: [&[u8]; 5] = [META_APPLIED, META_APPLY_CLOCK, META_CONF_STATE, META_MEMBERS, META_REMOVED];
 
+/// A record's tag and its two lengths.
+const RECORD_FRAMING_BYTES: usize = 9;
+
 /// Records copied per batch while installing, so a large state never sits
 /// in one batch in memory.
 const INSTALL_BATCH_BYTES: usize = 8 << 20;
@@ -60,24 +63,24 @@ impl SnapshotReader {
         &self.meta
     }
 
-    /// Streams the records in chunks of about `chunk_bytes` (a record larger
-    /// than that travels alone). `send` returns false to stop early.
-    pub fn for_each_chunk(&self, chunk_bytes: usize, mut send: impl FnMut(Vec<u8>) -> bool) -> Result<(), StoreError> {
-        let inner = &self.store.inner;
-        let mut chunk = Vec::with_capacity(chunk_bytes);
-        let mut push = |tag: u8, key: &[u8], value: &[u8], chunk: &mut Vec<u8>| -> bool {
-            if !chunk.is_empty()
-                && chunk.len() + 9 + key.len() + value.len() > chunk_bytes
-                && !send(std::mem::take(chunk))
-            {
-                return false;
-            }
-            push_record(chunk, tag, key, value);
+    /// Bytes the stream of records will carry in all: what the sender
+    /// announces, and the receiver holds it to. Reads the view once.
+    pub fn total_bytes(&self) -> Result<u64, StoreError> {
+        let mut total = 0u64;
+        self.for_each_record(|_, key, value| {
+            total += (RECORD_FRAMING_BYTES + key.len() + value.len()) as u64;
             true
-        };
+        })?;
+        Ok(total)
+    }
+
+    /// Calls `visit` with every record of the snapshot, in stream order,
+    /// until it returns false.
+    fn for_each_record(&self, mut visit: impl FnMut(u8, &[u8], &[u8]) -> bool) -> Result<(), StoreError> {
+        let inner = &self.store.inner;
         for key in SNAPSHOT_META_KEYS {
             if let Some(value) = self.view.get(&inner.meta, key).map_err(|e| inner.db_error(e))?
-                && !push(TAG_META, key, &value, &mut chunk)
+                && !visit(TAG_META, key, &value)
             {
                 return Ok(());
             }
@@ -89,12 +92,31 @@ impl SnapshotReader {
                 if tag == TAG_MODULE && !modules::is_replicated(&key) {
                     continue;
                 }
-                if !push(tag, &key, &value, &mut chunk) {
+                if !visit(tag, &key, &value) {
                     return Ok(());
                 }
             }
         }
-        if !chunk.is_empty() {
+        Ok(())
+    }
+
+    /// Streams the records in chunks of about `chunk_bytes` (a record larger
+    /// than that travels alone). `send` returns false to stop early.
+    pub fn for_each_chunk(&self, chunk_bytes: usize, mut send: impl FnMut(Vec<u8>) -> bool) -> Result<(), StoreError> {
+        let mut chunk = Vec::with_capacity(chunk_bytes);
+        let mut stopped = false;
+        self.for_each_record(|tag, key, value| {
+            if !chunk.is_empty()
+                && chunk.len() + RECORD_FRAMING_BYTES + key.len() + value.len() > chunk_bytes
+                && !send(std::mem::take(&mut chunk))
+            {
+                stopped = true;
+                return false;
+            }
+            push_record(&mut chunk, tag, key, value);
+            true
+        })?;
+        if !stopped && !chunk.is_empty() {
             send(chunk);
         }
         Ok(())
@@ -217,6 +239,30 @@ impl Store {
         }
         batch.commit().map_err(|e| inner.db_error(e))?;
         Ok(StagingStart::Fresh(Staging { store: self.clone(), meta, applied_seen: None }))
+    }
+
+    /// Drops what was staged of snapshot `meta` (a stream that broke off):
+    /// nothing of it is left to fill the disk.
+    pub fn discard_staging(&self, meta: &SnapshotMeta) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let prefix = staged_key(meta, TAG_STATE, &[]);
+        let mut batch = inner.db.batch();
+        for guard in inner.staging.prefix(&prefix[..16]) {
+            let key = guard.key().map_err(|e| inner.db_error(e))?;
+            batch.remove(&inner.staging, key.to_vec());
+        }
+        batch.commit().map_err(|e| inner.db_error(e))
+    }
+
+    /// Bytes of every snapshot staged now (for tests and metrics).
+    pub fn staged_bytes(&self) -> Result<u64, StoreError> {
+        let inner = &self.inner;
+        let mut total = 0u64;
+        for guard in inner.staging.iter() {
+            let (key, value) = guard.into_inner().map_err(|e| inner.db_error(e))?;
+            total += (key.len() + value.len()) as u64;
+        }
+        Ok(total)
     }
 
     /// The staged snapshot at `(index, term)`, if it is complete.
