@@ -8,11 +8,11 @@
 
 use crate::wire::client_pb::{
     self, ActivateRequest, ActivateResponse, ChangeMembershipRequest, DeployProgress, DeployRequest, MembersRequest,
-    MembersResponse, MembershipChange, ModulesRequest, ModulesResponse, ReadRequest, ReadResponse, SetOfflineRequest,
-    SetOfflineResponse, StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse, WriteRequest,
-    WriteResponse, client_client::ClientClient,
+    MembersResponse, MembershipChange, ModulesRequest, ModulesResponse, ReadRequest, ReadResponse, RemoveModuleRequest,
+    SetOfflineRequest, SetOfflineResponse, StatusRequest, StatusResponse, TransferLeaderRequest,
+    TransferLeaderResponse, WriteRequest, WriteResponse, client_client::ClientClient,
 };
-use crate::wire::{LEADER_ADDR_KEY, Transport, client_pb::outcome};
+use crate::wire::{LEADER_ADDR_KEY, NO_RETRY_KEY, Transport, client_pb::outcome};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use thiserror::Error;
 use tonic::transport::{Channel, Endpoint};
@@ -237,6 +237,20 @@ impl ClusterClient {
         .await
     }
 
+    /// Removes version `module_hash` (hex) of `state_machine`, which must not
+    /// be the one it runs, through the leader; the removal's index.
+    pub async fn remove_module(&mut self, state_machine: &str, module_hash: &str) -> Result<u64, ClientError> {
+        let request =
+            RemoveModuleRequest { state_machine: state_machine.to_string(), module_hash: module_hash.to_string() };
+        let response = self
+            .retry(|mut client| {
+                let request = request.clone();
+                async move { client.remove_module(request).await }
+            })
+            .await?;
+        Ok(response.index)
+    }
+
     /// Every state machine's versions, as the first member that answers has
     /// applied them.
     pub async fn modules(&mut self) -> Result<ModulesResponse, ClientError> {
@@ -357,6 +371,10 @@ impl ClusterClient {
                     None => self.current = (self.current + 1) % self.addresses.len(),
                 }
                 Ok(())
+            }
+            // Over a quota: only the caller can change that.
+            Code::ResourceExhausted if status.metadata().contains_key(NO_RETRY_KEY) => {
+                Err(ClientError::Refused { code: status.code(), message: status.message().to_string() })
             }
             // Busy, or the outcome of a write is unknown: retry (with the
             // same sequence number) after a pause.

@@ -588,3 +588,47 @@ impl Writers {
         (answers, failures)
     }
 }
+
+/// `component` with a custom section named `label` of `pad_bytes` bytes
+/// appended: the same guest, under another hash and size (custom sections
+/// are skipped by compilers), for tests that need many or large modules.
+pub fn padded_module(component: &[u8], label: &str, pad_bytes: usize) -> Vec<u8> {
+    fn leb128(mut value: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (value & 0x7f) as u8;
+            value >>= 7;
+            if value == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    let mut content = Vec::with_capacity(label.len() + pad_bytes + 8);
+    leb128(label.len(), &mut content);
+    content.extend_from_slice(label.as_bytes());
+    content.resize(content.len() + pad_bytes, 0x5a);
+    let mut module = component.to_vec();
+    module.push(0); // a custom section
+    leb128(content.len(), &mut module);
+    module.extend_from_slice(&content);
+    module
+}
+
+/// A log line without its terminal color codes.
+pub fn without_colors(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for next in chars.by_ref() {
+                if next == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

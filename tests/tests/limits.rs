@@ -3,7 +3,9 @@
 //! members' own `Status`).
 
 use raft_host::client::{ClusterClient, outcome_of};
-use raft_host::wire::client_pb::{MembershipChange, StatusRequest, WatchRequest, client_client::ClientClient};
+use raft_host::wire::client_pb::{
+    DeployRequest, MembershipChange, StatusRequest, WatchRequest, client_client::ClientClient,
+};
 use raft_host::wire::pb;
 use raft_host_e2e::{Cluster, run};
 use std::time::{Duration, Instant};
@@ -367,5 +369,170 @@ fn a_stalled_snapshot_stream_is_dropped_after_the_idle_timeout_and_leaves_no_sta
         cluster.spawn(follower);
         cluster.agreed(SETTLE).await;
         assert_eq!(cluster.status(follower).await.expect("status").snapshot_staged_bytes, 0);
+    });
+}
+
+#[test]
+fn deploy_streams_that_announce_64_mib_and_stall_are_bounded_and_closed() {
+    run(LIMIT, async {
+        let cluster = Cluster::start_with(3, "e2e-limits-deploy", &["--stream-idle-timeout-secs", "2"]);
+        let leader = cluster.leader(SETTLE).await;
+        let before = resident(&cluster, leader).await;
+        let mut open = Vec::new();
+        let calls: Vec<_> = (0..50)
+            .map(|_| {
+                let mut client = ClientClient::new(cluster.channel(leader));
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                let first = DeployRequest {
+                    state_machine: "stalled".into(),
+                    total_bytes: 64 << 20,
+                    data: vec![0; 64 << 10],
+                    ..DeployRequest::default()
+                };
+                let _ = tx.try_send(first);
+                open.push(tx);
+                tokio::spawn(async move {
+                    client
+                        .deploy(tokio_stream::wrappers::ReceiverStream::new(rx))
+                        .await
+                        .map(|_| ())
+                        .map_err(|s| s.code())
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let during = resident(&cluster, leader).await;
+        let started = Instant::now();
+        let mut codes = Vec::new();
+        for call in calls {
+            codes.push(call.await.expect("task").expect_err("no deploy completes"));
+        }
+        let busy = codes.iter().filter(|c| **c == Code::ResourceExhausted).count();
+        let idle = codes.iter().filter(|c| **c == Code::DeadlineExceeded).count();
+        assert_eq!((busy, idle), (46, 4), "4 at once, closed when idle; the rest busy: {codes:?}");
+        assert!(started.elapsed() < SETTLE, "closed by the idle timeout");
+        drop(open);
+        let after = resident(&cluster, leader).await;
+        eprintln!("resident before {} MiB, during {} MiB, after {} MiB", before / MIB, during / MIB, after / MIB);
+        assert!(during < before + 128 * MIB, "50 announced 64 MiB modules held {} MiB", (during - before) / MIB);
+        cluster.client().write("kv", raft_host_e2e::put("a", "1")).await.expect("the member goes on");
+    });
+}
+
+#[test]
+fn versions_have_a_quota_and_modules_remove_goes_through_the_log() {
+    run(LIMIT, async {
+        let cluster = Cluster::start_with(3, "e2e-limits-quota", &["--max-module-versions", "2"]);
+        cluster.leader(SETTLE).await;
+        let mut client = cluster.client();
+        let variant = |n: usize| raft_host_e2e::padded_module(raft_guests::KV, &format!("variant-{n}"), 16);
+        let first = client.deploy("kv2", &variant(1), false, |_| {}).await.expect("first version").module_hash;
+        let second = client.deploy("kv2", &variant(2), true, |_| {}).await.expect("second version").module_hash;
+        let refused = client.deploy("kv2", &variant(3), false, |_| {}).await.expect_err("over the quota");
+        assert_eq!(refused.code(), Some(Code::ResourceExhausted), "{refused}");
+        assert!(refused.to_string().contains("modules remove"), "says what to do: {refused}");
+
+        let remove = |hash: &str| {
+            std::process::Command::new(raft_host_e2e::binary())
+                .args(["modules", "--addr", &cluster.addresses().join(","), "remove", "--name", "kv2", "--hash", hash])
+                .envs(cluster.cli_env())
+                .output()
+                .expect("modules remove runs")
+        };
+        let active = remove(&second[..12]);
+        assert!(!active.status.success(), "the active version stays");
+        assert!(
+            String::from_utf8_lossy(&active.stderr).contains("active version"),
+            "{}",
+            String::from_utf8_lossy(&active.stderr)
+        );
+        let removed = remove(&first[..12]);
+        assert!(removed.status.success(), "{}", String::from_utf8_lossy(&removed.stderr));
+        let kv = client.modules().await.expect("modules").versions;
+        let built_in = kv.iter().find(|v| v.state_machine == "kv" && v.built_in).expect("the built-in kv");
+        let refused = client.remove_module("kv", &built_in.module_hash).await.expect_err("built in");
+        assert!(refused.to_string().contains("built into"), "{refused}");
+        let statuses = cluster.agreed(SETTLE).await;
+        client.deploy("kv2", &variant(3), false, |_| {}).await.expect("room again");
+        let listed: Vec<String> = client
+            .modules()
+            .await
+            .expect("modules")
+            .versions
+            .into_iter()
+            .filter(|v| v.state_machine == "kv2")
+            .map(|v| v.module_hash)
+            .collect();
+        assert!(!listed.contains(&first) && listed.contains(&second) && listed.len() == 2, "{listed:?}");
+        assert_eq!(statuses.len(), 3);
+        cluster.agreed(SETTLE).await;
+    });
+}
+
+#[test]
+fn an_abandoned_upload_is_dropped_at_the_same_index_on_every_replica() {
+    run(LIMIT, async {
+        let mut cluster = Cluster::start_with(3, "e2e-limits-expiry", &["--upload-expiry-secs", "2"]);
+        let leader = cluster.leader(SETTLE).await;
+        // 60 chunks: the leader is killed while it proposes them.
+        let module = raft_host_e2e::padded_module(raft_guests::KV, "abandoned", 60 << 20);
+        let (replicating_tx, mut replicating) = tokio::sync::mpsc::channel(1);
+        let mut client = ClientClient::new(cluster.channel(leader));
+        let deploy = tokio::spawn(async move {
+            let messages: Vec<DeployRequest> = module
+                .chunks(1 << 20)
+                .enumerate()
+                .map(|(i, data)| DeployRequest {
+                    state_machine: if i == 0 { "big".into() } else { String::new() },
+                    total_bytes: if i == 0 { module.len() as u64 } else { 0 },
+                    data: data.to_vec(),
+                    ..DeployRequest::default()
+                })
+                .collect();
+            let mut progress = client.deploy(tokio_stream::iter(messages)).await?.into_inner();
+            while let Some(step) = progress.message().await? {
+                if step.phase == "replicating" && step.done > 0 {
+                    let _ = replicating_tx.try_send(step.done);
+                }
+            }
+            Ok::<(), tonic::Status>(())
+        });
+        let done = tokio::time::timeout(SETTLE, replicating.recv()).await.expect("replicating").expect("progress");
+        cluster.kill(leader);
+        let _ = deploy.await;
+        eprintln!("killed the leader after {} MiB were committed", done / MIB);
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let mut counts = Vec::new();
+            for id in (1..=3).filter(|&id| id != leader) {
+                counts.push(cluster.status(id).await.map(|s| s.uploads_in_progress));
+            }
+            if counts.iter().all(|c| *c == Some(0)) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the abandoned upload stayed: {counts:?}\n{}", cluster.logs());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        cluster.spawn(leader);
+        let statuses = cluster.agreed(SETTLE).await;
+        let index_of = |id: u64| {
+            let log = cluster.log_of(id);
+            let line = log.lines().filter(|l| l.contains("dropped abandoned module uploads")).last()?;
+            let line = raft_host_e2e::without_colors(line);
+            let line = line
+                .split("index=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .trim_matches(|c: char| !c.is_ascii_digit())
+                .to_string();
+            line.parse::<u64>().ok()
+        };
+        let indexes: Vec<Option<u64>> = (1..=3).map(index_of).collect();
+        assert!(
+            indexes[0].is_some() && indexes.iter().all(|i| *i == indexes[0]),
+            "the same index everywhere: {indexes:?}"
+        );
+        assert!(statuses.iter().all(|s| s.uploads_in_progress == 0));
     });
 }

@@ -6,7 +6,7 @@
 
 use raft_host::client::Consistency;
 use raft_host::wire::client_pb::{MembershipChange, StatusResponse};
-use raft_host_e2e::{Cluster, Writers, binary, put, read_value, run};
+use raft_host_e2e::{Cluster, Writers, binary, put, read_value, run, without_colors};
 use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(300);
@@ -204,22 +204,4 @@ fn a_wiped_member_comes_back_by_snapshot_and_a_big_state_moves_too() {
         let value = read_value(&mut reader, "big-109", Consistency::Stale).await.expect("big value");
         assert_eq!(value.len(), big.len());
     });
-}
-
-/// A log line without its terminal color codes.
-fn without_colors(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for next in chars.by_ref() {
-                if next == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }

@@ -4,6 +4,7 @@
 use super::client::Target;
 use anyhow::Context;
 use clap::Args;
+use raft_host::client::ClusterClient;
 use raft_host::wire::client_pb::{DeployProgress, ModuleVersionInfo};
 use serde_json::json;
 use std::io::{IsTerminal, Write as _};
@@ -32,6 +33,21 @@ pub struct ModulesArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    #[command(subcommand)]
+    action: Option<ModulesAction>,
+}
+
+#[derive(clap::Subcommand)]
+enum ModulesAction {
+    /// Removes a version a state machine does not run, through the log; its
+    /// bytes go once no state machine lists it.
+    Remove {
+        #[arg(long)]
+        name: String,
+        /// The version's hash, or a unique prefix of at least 8 hex digits.
+        #[arg(long)]
+        hash: String,
+    },
 }
 
 #[derive(Args)]
@@ -112,6 +128,16 @@ fn report(progress: &DeployProgress, terminal: bool) {
 
 pub fn modules(args: ModulesArgs) -> anyhow::Result<()> {
     let runtime = super::runtime()?;
+    if let Some(ModulesAction::Remove { name, hash }) = &args.action {
+        let (hash, index) = runtime.block_on(async {
+            let mut client = args.target.client()?;
+            let hash = full_hash(&mut client, name, hash).await?;
+            let index = client.remove_module(name, &hash).await.context("remove failed")?;
+            anyhow::Ok((hash, index))
+        })?;
+        println!("{name}: version {hash} removed at index {index}");
+        return Ok(());
+    }
     let versions = runtime.block_on(async { args.target.client()?.modules().await.context("modules failed") })?;
     if args.json {
         let list: Vec<_> = versions.versions.iter().map(version_json).collect();
@@ -151,12 +177,7 @@ pub fn activate(args: ActivateArgs) -> anyhow::Result<()> {
     let runtime = super::runtime()?;
     let (hash, response) = runtime.block_on(async {
         let mut client = args.target.client()?;
-        let hash = if args.hash.len() == 64 {
-            args.hash.clone()
-        } else {
-            let versions = client.modules().await.context("listing versions failed")?;
-            resolve_prefix(&args.name, &args.hash, &versions.versions)?
-        };
+        let hash = full_hash(&mut client, &args.name, &args.hash).await?;
         let response = client.activate(&args.name, &hash).await.context("activate failed")?;
         anyhow::Ok((hash, response))
     })?;
@@ -166,6 +187,15 @@ pub fn activate(args: ActivateArgs) -> anyhow::Result<()> {
         println!("members {:?} did not answer; they switch when they catch up", response.unreachable);
     }
     Ok(())
+}
+
+/// `hash` whole: as given, or the one version of `name` it is a prefix of.
+async fn full_hash(client: &mut ClusterClient, name: &str, hash: &str) -> anyhow::Result<String> {
+    if hash.len() == 64 {
+        return Ok(hash.to_string());
+    }
+    let versions = client.modules().await.context("listing versions failed")?;
+    resolve_prefix(name, hash, &versions.versions)
 }
 
 /// The one version of `name` whose hash starts with `prefix`.

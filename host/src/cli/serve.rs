@@ -90,6 +90,14 @@ pub struct ServeArgs {
     /// behind (default 1000); further behind, they get a snapshot.
     #[arg(long, env = "RAFT_HOST_SNAPSHOT_KEEP_ENTRIES")]
     snapshot_keep_entries: Option<u64>,
+    /// Versions one state machine may hold, built-ins aside (default 16); a
+    /// deploy past it is refused until one is removed (`modules remove`).
+    #[arg(long, env = "RAFT_HOST_MAX_MODULE_VERSIONS")]
+    max_module_versions: Option<usize>,
+    /// Seconds after its latest chunk an unfinished upload (an abandoned
+    /// deploy) is dropped, through the log (default 3600).
+    #[arg(long, env = "RAFT_HOST_UPLOAD_EXPIRY_SECS")]
+    upload_expiry_secs: Option<u64>,
     /// Largest snapshot this member accepts from a leader, in bytes, as the
     /// leader announces it (default 256 GiB).
     #[arg(long, env = "RAFT_HOST_MAX_SNAPSHOT_BYTES")]
@@ -144,6 +152,8 @@ impl ServeArgs {
         self.join_as_learner = self.join_as_learner.or(file.join_as_learner);
         self.snapshot_threshold_entries = self.snapshot_threshold_entries.or(file.snapshot_threshold_entries);
         self.snapshot_keep_entries = self.snapshot_keep_entries.or(file.snapshot_keep_entries);
+        self.max_module_versions = self.max_module_versions.or(file.max_module_versions);
+        self.upload_expiry_secs = self.upload_expiry_secs.or(file.upload_expiry_secs);
         self.max_snapshot_bytes = self.max_snapshot_bytes.or(file.max_snapshot_bytes);
         self.stream_idle_timeout_secs = self.stream_idle_timeout_secs.or(file.stream_idle_timeout_secs);
         self.worker_threads = self.worker_threads.or(file.worker_threads);
@@ -227,6 +237,16 @@ impl ServeArgs {
             args.snapshot_threshold_entries.unwrap_or(config.snapshot_threshold_entries);
         config.snapshot_keep_entries = args.snapshot_keep_entries.unwrap_or(config.snapshot_keep_entries);
         config.max_snapshot_bytes = args.max_snapshot_bytes.unwrap_or(config.max_snapshot_bytes);
+        match args.max_module_versions {
+            Some(0) => bail!("--max-module-versions must be at least 1"),
+            Some(most) => config.max_module_versions = most,
+            None => {}
+        }
+        match args.upload_expiry_secs {
+            Some(0) => bail!("--upload-expiry-secs must be at least 1"),
+            Some(secs) => config.upload_expiry = Duration::from_secs(secs),
+            None => {}
+        }
         match args.stream_idle_timeout_secs {
             Some(0) => bail!("--stream-idle-timeout-secs must be at least 1"),
             Some(secs) => config.stream_idle_timeout = Duration::from_secs(secs),

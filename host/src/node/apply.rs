@@ -356,10 +356,16 @@ impl Applier {
                     self.sessions.expire(self.clock_ms);
                     match payload {
                         Payload::Command(command) => self.admit(position, command)?,
-                        Payload::ModuleChunk(chunk) => {
-                            self.apply_alone(position, |applier| Ok(applier.modules.store_chunk(position.0, chunk)?))?
-                        }
+                        Payload::ModuleChunk(chunk) => self.apply_alone(position, |applier| {
+                            Ok(applier.modules.store_chunk(position.0, applier.clock_ms, chunk)?)
+                        })?,
                         Payload::Activate(activate) => self.apply_activation(position, activate)?,
+                        Payload::RemoveVersion(remove) => self.apply_alone(position, |applier| {
+                            Ok(applier.modules.remove_version(&applier.machines, remove)?)
+                        })?,
+                        Payload::ExpireUploads(expire) => self.apply_alone(position, |applier| {
+                            Ok(applier.modules.expire_uploads(position.0, expire)?)
+                        })?,
                     }
                 }
                 None => {

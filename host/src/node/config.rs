@@ -51,6 +51,12 @@ pub struct NodeConfig {
     /// Applied entries kept after a compaction, so followers a little
     /// behind catch up from the log rather than by snapshot.
     pub snapshot_keep_entries: u64,
+    /// Versions one state machine may hold (built-ins aside); a deploy past
+    /// it is refused until one is removed.
+    pub max_module_versions: usize,
+    /// An upload begun through the log whose latest chunk is older than
+    /// this is dropped through the log (the deploy was abandoned).
+    pub upload_expiry: Duration,
     /// Largest snapshot a member accepts, as its sender announces it.
     pub max_snapshot_bytes: u64,
     /// How long a snapshot or deploy stream may go without a message
@@ -89,6 +95,8 @@ impl NodeConfig {
             module_ready_timeout: Duration::from_secs(300),
             snapshot_threshold_entries: 10_000,
             snapshot_keep_entries: 1_000,
+            max_module_versions: 16,
+            upload_expiry: Duration::from_secs(3600),
             max_snapshot_bytes: 256 << 30,
             stream_idle_timeout: Duration::from_secs(30),
             join: None,

@@ -91,6 +91,7 @@ impl Deployer {
         self.check_leader()?;
         check_name(name).map_err(RequestError::Invalid)?;
         let hash: [u8; 32] = Sha256::digest(&bytes).into();
+        self.check_quota(name, &hash)?;
         let bytes = Arc::new(bytes);
         {
             let (registry, bytes) = (self.registry.clone(), bytes.clone());
@@ -107,6 +108,73 @@ impl Deployer {
         }
         let activated = self.activate_with(name, hash, &progress).await?;
         Ok((hash, Some(activated)))
+    }
+
+    /// Refuses a new version of `name` past the versions it may hold.
+    fn check_quota(&self, name: &str, hash: &[u8; 32]) -> Result<(), RequestError> {
+        let versions: Vec<[u8; 32]> = self
+            .registry
+            .versions()
+            .map_err(internal)?
+            .into_iter()
+            .filter(|v| v.name == name && !v.built_in)
+            .map(|v| v.hash)
+            .collect();
+        let most = self.config.max_module_versions;
+        if versions.len() < most || versions.contains(hash) {
+            return Ok(());
+        }
+        Err(RequestError::QuotaExceeded(format!(
+            "state machine {name:?} holds {} versions, the most it may (--max-module-versions {most}); remove one \
+             it does not run first: `raft-host modules` lists them, `raft-host modules remove --name {name} --hash \
+             HASH` removes one",
+            versions.len()
+        )))
+    }
+
+    /// Removes version `hash` of state machine `name` through the log; the
+    /// index of the removal.
+    pub async fn remove(&self, name: &str, hash: [u8; 32]) -> Result<u64, RequestError> {
+        self.check_leader()?;
+        check_name(name).map_err(RequestError::Invalid)?;
+        let remove = pb::RemoveVersion { state_machine: name.to_string(), hash: hash.to_vec() };
+        let reply = self.core.propose(Payload::RemoveVersion(remove)).await?;
+        match reply.outcome {
+            Ok(_) => Ok(reply.index),
+            Err(why) => Err(RequestError::Rejected(format!("the removal at index {} failed: {why}", reply.index))),
+        }
+    }
+
+    /// While this member leads, drops uploads whose deploy was abandoned
+    /// (a leader lost midway, a client that gave up): every so often, if an
+    /// upload's latest chunk is older than the upload expiry, an entry
+    /// drops every such upload on every replica at its index.
+    pub(super) async fn expire_abandoned_uploads(self: Arc<Self>, mut stop: super::shutdown::ShutdownSignal) {
+        let every = (self.config.upload_expiry / 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = stop.wait() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            if self.check_leader().is_err() {
+                continue;
+            }
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |since| since.as_millis() as u64);
+            let before_ms = now_ms.saturating_sub(self.config.upload_expiry.as_millis() as u64);
+            let registry = self.registry.clone();
+            let stale = tokio::task::spawn_blocking(move || registry.uploads_in_progress()).await;
+            let Ok(Ok(uploads)) = stale else { continue };
+            if !uploads.iter().any(|upload| upload.last_chunk_ms < before_ms) {
+                continue;
+            }
+            let expire = pb::ExpireUploads { before_ms };
+            match self.core.propose(Payload::ExpireUploads(expire)).await {
+                Ok(reply) => tracing::info!(index = reply.index, "proposed to drop abandoned module uploads"),
+                Err(error) => tracing::warn!(%error, "could not propose to drop abandoned module uploads"),
+            }
+        }
     }
 
     /// Switches state machine `name` to the stored version `hash`.

@@ -1,4 +1,5 @@
-//! Applying the log entries of a deploy: module chunks and activations.
+//! Applying the log entries of a deploy: module chunks and activations, and
+//! of their upkeep: removing a version, dropping abandoned uploads.
 //!
 //! A chunk is stored under its module's hash; the chunk that completes a
 //! module verifies the whole against the hash and records it as a version of
@@ -74,7 +75,12 @@ impl ModuleApply {
     /// A chunk of a module being deployed, stored with the applied position;
     /// the chunk that completes the module also verifies it against its
     /// hash and records it as a version of its state machine.
-    pub(super) fn store_chunk(&mut self, index: Index, chunk: pb::ModuleChunk) -> Result<Outcome, StoreError> {
+    pub(super) fn store_chunk(
+        &mut self,
+        index: Index,
+        clock_ms: u64,
+        chunk: pb::ModuleChunk,
+    ) -> Result<Outcome, StoreError> {
         let Ok(hash) = <[u8; 32]>::try_from(chunk.hash.as_slice()) else {
             return Ok(Err("a module hash is 32 bytes".to_string()));
         };
@@ -109,6 +115,7 @@ impl ModuleApply {
                 chunk.total_bytes
             )));
         }
+        upload.last_chunk_ms = clock_ms;
         let mut received = Ranges::from_pb(&upload.received);
         received.add(chunk.offset, end);
         self.hash_in_order(hash, chunk.offset, &chunk.data);
@@ -128,10 +135,7 @@ impl ModuleApply {
         };
         if !matches {
             // Every replica holds the same chunks, so every replica drops them.
-            for (offset, _) in self.store.module_chunks(&hash)? {
-                self.changes.push((ModuleKey::Chunk { hash, offset }, None));
-            }
-            self.changes.push((ModuleKey::Upload(hash), None));
+            self.drop_upload(&hash)?;
             return Ok(Err(format!("the uploaded bytes do not match module hash {}; upload it again", hex(&hash))));
         }
         upload.received = received.to_pb();
@@ -162,6 +166,73 @@ impl ModuleApply {
             }
             None => {}
         }
+    }
+
+    /// Removes version `hash` of a state machine that does not run it; its
+    /// bytes (chunks and upload record) go too once no state machine lists
+    /// it. Built-in versions stay: their bytes are in the binary.
+    pub(super) fn remove_version(
+        &mut self,
+        machines: &BTreeMap<String, Machine>,
+        remove: pb::RemoveVersion,
+    ) -> Result<Outcome, StoreError> {
+        let Ok(hash) = <[u8; 32]>::try_from(remove.hash.as_slice()) else {
+            return Ok(Err("a module hash is 32 bytes".to_string()));
+        };
+        let name = remove.state_machine;
+        if self.registry.is_built_in(&name, &hash) {
+            return Ok(Err(format!("module {} is built into raft-host; it cannot be removed", hex(&hash))));
+        }
+        if machines.get(&name).is_some_and(|machine| machine.module_hash() == hash) {
+            return Ok(Err(format!(
+                "module {} is the active version of {name:?}; activate another version first",
+                hex(&hash)
+            )));
+        }
+        let versions = self.store.module_versions()?;
+        if !versions.iter().any(|v| v.name == name && v.hash == hash) {
+            return Ok(Err(format!("{name:?} has no version {}", hex(&hash))));
+        }
+        self.changes.push((ModuleKey::Version { name: name.clone(), hash }, None));
+        let listed_elsewhere = versions.iter().any(|v| v.hash == hash && v.name != name)
+            || machines.values().any(|machine| machine.module_hash() == hash);
+        if !listed_elsewhere {
+            self.drop_upload(&hash)?;
+            self.registry.runtime().forget(&hash);
+            self.store.remove_artifacts(&hash)?;
+        }
+        tracing::info!(state_machine = %name, module = %hex(&hash), bytes_dropped = !listed_elsewhere, "module version removed");
+        Ok(Ok(b"removed".to_vec()))
+    }
+
+    /// Drops every incomplete upload whose latest chunk is stamped before
+    /// `before_ms`. The outcome names how many went.
+    pub(super) fn expire_uploads(&mut self, index: Index, expire: pb::ExpireUploads) -> Result<Outcome, StoreError> {
+        let mut dropped = Vec::new();
+        for (hash, record) in self.store.module_uploads()? {
+            let upload = pb::ModuleUpload::decode(record.as_slice()).map_err(|e| StoreError::Corrupt {
+                dir: self.store.dir().to_path_buf(),
+                what: format!("upload record of module {} does not decode: {e}", hex(&hash)),
+            })?;
+            if !upload.complete && upload.last_chunk_ms < expire.before_ms {
+                self.drop_upload(&hash)?;
+                dropped.push(hex(&hash));
+            }
+        }
+        if !dropped.is_empty() {
+            tracing::info!(index, uploads = ?dropped, "dropped abandoned module uploads");
+        }
+        Ok(Ok(dropped.len().to_string().into_bytes()))
+    }
+
+    /// Deletes a module's chunks and upload record (with the next batch).
+    fn drop_upload(&mut self, hash: &[u8; 32]) -> Result<(), StoreError> {
+        for (offset, _) in self.store.module_chunks(hash)? {
+            self.changes.push((ModuleKey::Chunk { hash: *hash, offset }, None));
+        }
+        self.changes.push((ModuleKey::Upload(*hash), None));
+        self.hashing.remove(hash);
+        Ok(())
     }
 
     /// Switches a state machine in `machines` to a stored version. The new

@@ -130,6 +130,24 @@ impl ModuleRegistry {
             .map_err(|e| self.damaged(format!("upload record of module {} does not decode: {e}", hex(hash))))
     }
 
+    /// Whether `hash` is a version of `name` built into this binary.
+    pub fn is_built_in(&self, name: &str, hash: &[u8; 32]) -> bool {
+        self.built_ins.get(hash).is_some_and(|built_in| built_in.name == name)
+    }
+
+    /// Uploads begun through the log and not complete.
+    pub fn uploads_in_progress(&self) -> Result<Vec<pb::ModuleUpload>, StoreError> {
+        let mut out = Vec::new();
+        for (hash, record) in self.store.module_uploads()? {
+            let upload = pb::ModuleUpload::decode(record.as_slice())
+                .map_err(|e| self.damaged(format!("upload record of module {} does not decode: {e}", hex(&hash))))?;
+            if !upload.complete {
+                out.push(upload);
+            }
+        }
+        Ok(out)
+    }
+
     /// Whether the bytes of `hash` are here in full (built in, or uploaded).
     pub fn is_stored(&self, hash: &[u8; 32]) -> Result<bool, StoreError> {
         Ok(self.built_ins.contains_key(hash) || self.upload(hash)?.is_some_and(|u| u.complete))

@@ -39,6 +39,10 @@ pub enum RequestError {
     /// not help.
     #[error("{0}")]
     Rejected(String),
+    /// Over a quota the client can only lift by removing something (a
+    /// version, say); retrying as is will not help.
+    #[error("{0}")]
+    QuotaExceeded(String),
     #[error("internal error: {0}")]
     Internal(String),
 }

@@ -93,6 +93,7 @@ impl Node {
         tokio::spawn(sweep_idle_modules(modules.clone(), shutdown.signal()));
 
         let deployer = Arc::new(Deployer::new(config.clone(), core.clone(), modules.clone(), members.clone()));
+        tokio::spawn(deployer.clone().expire_abandoned_uploads(shutdown.signal()));
         let handles = NodeHandles { core, applied, deployer, modules, members, snapshots, store };
         let node = Node { config, handles, shutdown, core: core_task, apply };
         node.join_if_asked();

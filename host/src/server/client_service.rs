@@ -22,12 +22,13 @@ use crate::wire::client_pb::client_server::Client;
 use crate::wire::client_pb::{
     self, ActivateRequest, ActivateResponse, ChangeMembershipRequest, DeployProgress, DeployRequest, LeadershipEvent,
     Member, MembersRequest, MembersResponse, MembershipChange, ModuleVersionInfo, ModulesRequest, ModulesResponse,
-    ReadRequest, ReadResponse, SetOfflineRequest, SetOfflineResponse, StateMachineStatus, StatusRequest,
-    StatusResponse, TransferLeaderRequest, TransferLeaderResponse, WatchRequest, WriteRequest, WriteResponse,
-    client_client::ClientClient, outcome,
+    ReadRequest, ReadResponse, RemoveModuleRequest, RemoveModuleResponse, SetOfflineRequest, SetOfflineResponse,
+    StateMachineStatus, StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse, WatchRequest,
+    WriteRequest, WriteResponse, client_client::ClientClient, outcome,
 };
 use crate::wire::{
-    ClientRole, FORWARDED_KEY, LEADER_ADDR_KEY, LEADER_ID_KEY, Principal, encode_addresses, hex, parse_hash, pb,
+    ClientRole, FORWARDED_KEY, LEADER_ADDR_KEY, LEADER_ID_KEY, NO_RETRY_KEY, Principal, encode_addresses, hex,
+    parse_hash, pb,
 };
 use std::pin::Pin;
 use std::sync::Arc;
@@ -113,7 +114,13 @@ pub struct ClientService {
     admission: Arc<Semaphore>,
     /// The permits there are in all.
     admission_max: usize,
+    /// One permit per deploy being received or carried out: each may hold
+    /// a module of up to the size limit in memory.
+    deploys: Arc<Semaphore>,
 }
+
+/// Deploys a member takes at once.
+const DEPLOYS_AT_ONCE_MAX: usize = 4;
 
 /// A learner may be promoted once its log is this close to the leader's.
 const PROMOTE_LAG_MAX: u64 = 1_000;
@@ -124,7 +131,8 @@ impl ClientService {
     pub fn new(config: Arc<ServerConfig>, node: NodeHandles, peers: Arc<PeerCounters>) -> ClientService {
         let admission_max = config.max_pending_requests.min(Semaphore::MAX_PERMITS);
         let admission = Arc::new(Semaphore::new(admission_max));
-        ClientService { config, node, counters: RequestCounters::default(), peers, admission, admission_max }
+        let deploys = Arc::new(Semaphore::new(DEPLOYS_AT_ONCE_MAX));
+        ClientService { config, node, counters: RequestCounters::default(), peers, admission, admission_max, deploys }
     }
 
     /// Client requests waiting for an answer now.
@@ -242,6 +250,11 @@ pub(super) fn status_of(error: RequestError) -> Status {
         RequestError::SessionExpired { .. } | RequestError::Rejected(_) => Status::failed_precondition(message),
         RequestError::OutcomeUnknown(_) => Status::aborted(message),
         RequestError::Timeout(_) => Status::deadline_exceeded(message),
+        RequestError::QuotaExceeded(_) => {
+            let mut status = Status::resource_exhausted(message);
+            status.metadata_mut().insert(NO_RETRY_KEY, MetadataValue::from_static("1"));
+            status
+        }
         RequestError::Internal(_) => Status::internal(message),
     }
 }
@@ -308,10 +321,13 @@ impl ClientService {
     /// Reads a deploy's bytes from the stream: the first message names the
     /// state machine and the size, which is checked before any byte is kept.
     async fn receive_module(&self, stream: &mut Streaming<DeployRequest>) -> Result<(String, Vec<u8>, bool), Status> {
-        let first = stream
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("the deploy stream is empty; send the module"))?;
+        let idle = self.config.node.stream_idle_timeout;
+        let mut next = async || match tokio::time::timeout(idle, stream.message()).await {
+            Ok(message) => message,
+            Err(_) => Err(Status::deadline_exceeded(format!("the deploy stream sent nothing for {idle:?}"))),
+        };
+        let first =
+            next().await?.ok_or_else(|| Status::invalid_argument("the deploy stream is empty; send the module"))?;
         check_name(&first.state_machine).map_err(Status::invalid_argument)?;
         let limit = self.node.modules.runtime().limits().module_bytes as u64;
         if first.total_bytes > limit {
@@ -324,7 +340,8 @@ impl ClientService {
             return Err(Status::invalid_argument("total_bytes is 0; a module is not empty"));
         }
         let total = first.total_bytes as usize;
-        let mut bytes = Vec::with_capacity(total);
+        // Memory follows what arrives, never what is announced.
+        let mut bytes = Vec::new();
         let mut data = first.data;
         loop {
             if bytes.len() + data.len() > total {
@@ -336,7 +353,7 @@ impl ClientService {
             if bytes.len() == total {
                 break;
             }
-            data = match stream.message().await? {
+            data = match next().await? {
                 Some(next) => next.data,
                 None => {
                     return Err(Status::invalid_argument(format!(
@@ -454,6 +471,12 @@ impl ClientService {
             process_instance: process::instance_id(),
             modules_in_memory: self.node.modules.runtime().loaded_count() as u64,
             snapshot_staged_bytes: self.node.store.staged_bytes().map_err(|e| Status::internal(e.to_string()))?,
+            uploads_in_progress: self
+                .node
+                .modules
+                .uploads_in_progress()
+                .map_err(|e| Status::internal(e.to_string()))?
+                .len() as u64,
         })
     }
 }
@@ -488,6 +511,9 @@ impl Client for ClientService {
     async fn deploy(&self, request: Request<Streaming<DeployRequest>>) -> Result<Response<Self::DeployStream>, Status> {
         require(&request, ClientRole::Admin, "a deploy")?;
         self.node.deployer.check_leader().map_err(status_of)?;
+        let permit = self.deploys.clone().try_acquire_owned().map_err(|_| {
+            status_of(RequestError::Busy(format!("{DEPLOYS_AT_ONCE_MAX} deploys are under way on this member")))
+        })?;
         let mut stream = request.into_inner();
         let (name, bytes, activate) = self.receive_module(&mut stream).await?;
         let (tx, rx) = mpsc::channel(DEPLOY_PROGRESS_QUEUE);
@@ -500,6 +526,7 @@ impl Client for ClientService {
         let _ = tx.try_send(Ok(received));
         let deployer = self.node.deployer.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let progress = |step| {
                 let _ = tx.try_send(Ok(progress_of(step)));
             };
@@ -532,6 +559,18 @@ impl Client for ClientService {
             previous_hash: activated.previous.map(|h| hex(&h)).unwrap_or_default(),
             unreachable: activated.unreachable,
         }))
+    }
+
+    async fn remove_module(
+        &self,
+        request: Request<RemoveModuleRequest>,
+    ) -> Result<Response<RemoveModuleResponse>, Status> {
+        require(&request, ClientRole::Admin, "removing a module version")?;
+        let request = request.into_inner();
+        check_name(&request.state_machine).map_err(Status::invalid_argument)?;
+        let hash = parse_hash(&request.module_hash).map_err(Status::invalid_argument)?;
+        let index = self.node.deployer.remove(&request.state_machine, hash).await.map_err(status_of)?;
+        Ok(Response::new(RemoveModuleResponse { index }))
     }
 
     async fn modules(&self, request: Request<ModulesRequest>) -> Result<Response<ModulesResponse>, Status> {

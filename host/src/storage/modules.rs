@@ -92,6 +92,37 @@ impl Store {
         Ok(out)
     }
 
+    /// Every upload record, by module hash.
+    pub fn module_uploads(&self) -> Result<Vec<([u8; 32], Vec<u8>)>, StoreError> {
+        let inner = &self.inner;
+        let mut out = Vec::new();
+        for guard in inner.modules.prefix([UPLOAD_PREFIX]) {
+            let (key, value) = guard.into_inner().map_err(|e| inner.db_error(e))?;
+            let hash: [u8; 32] =
+                key[1..].try_into().map_err(|_| inner.corrupt(format!("upload key {key:?} has a bad hash")))?;
+            let record = inner.unseal(&value, || format!("upload record of module {}", hex(&hash)))?;
+            out.push((hash, record));
+        }
+        Ok(out)
+    }
+
+    /// Drops this member's compiled artifacts of module `hash`, for every
+    /// engine: a local cache, so no batch and no sync.
+    pub fn remove_artifacts(&self, hash: &[u8; 32]) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let mut found = Vec::new();
+        for guard in inner.modules.prefix([ARTIFACT_PREFIX]) {
+            let key = guard.key().map_err(|e| inner.db_error(e))?;
+            if key.ends_with(hash) {
+                found.push(key.to_vec());
+            }
+        }
+        for key in found {
+            inner.modules.remove(key.as_slice()).map_err(|e| inner.db_error(e))?;
+        }
+        Ok(())
+    }
+
     /// Every state machine's version records, by name then hash.
     pub fn module_versions(&self) -> Result<Vec<StoredVersion>, StoreError> {
         let inner = &self.inner;

@@ -20,6 +20,9 @@ pub const LEADER_ID_KEY: &str = "raft-leader-id";
 /// Metadata key naming the leader's address on a "not the leader" error, and
 /// on an answer a follower forwarded, so the client goes straight there next.
 pub const LEADER_ADDR_KEY: &str = "raft-leader-addr";
+/// Set on a refusal that retrying as is cannot change (a quota), where its
+/// code alone (RESOURCE_EXHAUSTED) would read as "busy, retry".
+pub const NO_RETRY_KEY: &str = "raft-no-retry";
 /// Set on a request a member forwarded to the leader; such a request is never
 /// forwarded again, so a stale view of leadership cannot loop.
 pub const FORWARDED_KEY: &str = "raft-forwarded";
