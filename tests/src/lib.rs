@@ -6,6 +6,8 @@
 //! Every process is killed when its [`Cluster`] is dropped, so a failing
 //! test leaves nothing running; every wait has a deadline.
 
+pub mod linearizable;
+
 use raft_host::client::{ClusterClient, Consistency, outcome_of};
 use raft_host::wire::client_pb::StatusResponse;
 use raft_host::wire::{Tls, TlsFiles, Transport};
