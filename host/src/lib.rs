@@ -21,6 +21,7 @@
 //! and [`process`] (this process's CPU and memory).
 
 pub mod client;
+pub mod faults;
 pub mod node;
 pub mod process;
 pub use raft_core as raft;

@@ -7,6 +7,7 @@
 //! test leaves nothing running; every wait has a deadline.
 
 pub mod linearizable;
+pub mod network;
 
 use raft_host::client::{ClusterClient, Consistency, outcome_of};
 use raft_host::wire::client_pb::StatusResponse;
@@ -92,6 +93,14 @@ pub struct Cluster {
     /// How the harness's own clients reach the members (an admin
     /// certificate over TLS).
     transport: Transport,
+    /// The proxies members reach each other through, when the test cuts links.
+    network: Option<Arc<network::Network>>,
+    /// Addresses kept for members that may join later (with a network, the
+    /// others' routes to them exist from the start).
+    reserved: std::collections::BTreeMap<u64, String>,
+    /// Whether members start with fault hooks (`RAFT_HOST_FAULTS`), one
+    /// directory each under the root.
+    faults: bool,
 }
 
 /// Runs `raft-host certs ARGS`, which must succeed.
@@ -129,7 +138,62 @@ impl Cluster {
         Cluster::start_as(size, cluster_id, &[], false)
     }
 
+    /// Starts `size` members over TLS whose links run through proxies the
+    /// test can cut ([`Cluster::network`]), with fault hooks on (see
+    /// [`Cluster::fault`]), and addresses kept for `spares` more members
+    /// (ids after `size`) that may join later.
+    pub fn start_faulty(size: u64, spares: u64, cluster_id: &str, extra: &[&str]) -> Cluster {
+        let mut cluster = Cluster::prepare(size, cluster_id, extra, true);
+        cluster.reserved = (size + 1..=size + spares).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
+        let mut addresses: std::collections::BTreeMap<u64, String> =
+            cluster.members.iter().map(|m| (m.id, m.address.clone())).collect();
+        addresses.extend(cluster.reserved.clone());
+        cluster.network = Some(Arc::new(network::Network::start(&addresses)));
+        cluster.faults = true;
+        for id in 1..=size {
+            cluster.spawn(id);
+        }
+        cluster
+    }
+
+    /// The network between the members, for a cluster started with one.
+    pub fn network(&self) -> Option<&network::Network> {
+        self.network.as_deref()
+    }
+
+    /// Sets fault hook `name` of member `id` to `value` (it reads its hooks
+    /// about every 100 ms); `None` clears it. See `raft_host::faults`.
+    pub fn fault(&self, id: u64, name: &str, value: Option<&str>) {
+        let dir = self.faults_dir(id);
+        std::fs::create_dir_all(&dir).expect("fault hooks directory");
+        match value {
+            Some(value) => std::fs::write(dir.join(name), value).expect("fault hook"),
+            None => {
+                let _ = std::fs::remove_file(dir.join(name));
+            }
+        }
+    }
+
+    fn faults_dir(&self, id: u64) -> PathBuf {
+        self.root.path().join(format!("faults-{id}"))
+    }
+
+    /// Where files that outlive the cluster's run may go (a history for a
+    /// failed check): the root is removed when the cluster is dropped.
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
     fn start_as(size: u64, cluster_id: &str, extra: &[&str], tls: bool) -> Cluster {
+        let mut cluster = Cluster::prepare(size, cluster_id, extra, tls);
+        for id in 1..=size {
+            cluster.spawn(id);
+        }
+        cluster
+    }
+
+    /// A cluster of `size` members, none started yet.
+    fn prepare(size: u64, cluster_id: &str, extra: &[&str], tls: bool) -> Cluster {
         let root = tempfile::Builder::new().prefix("raft-e2e-").tempdir().expect("temporary directory");
         let (certs, transport) = if tls {
             let dir = root.path().join("certs");
@@ -159,18 +223,17 @@ impl Cluster {
                 }
             })
             .collect();
-        let mut cluster = Cluster {
+        Cluster {
             cluster_id: cluster_id.to_string(),
             members,
             root,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             certs,
             transport,
-        };
-        for id in 1..=size {
-            cluster.spawn(id);
+            network: None,
+            reserved: std::collections::BTreeMap::new(),
+            faults: false,
         }
-        cluster
     }
 
     fn member(&self, id: u64) -> &Member {
@@ -187,9 +250,10 @@ impl Cluster {
     pub fn join(&mut self, id: u64, through: u64, extra: &[&str]) {
         let join = self.address(through);
         self.members.retain(|m| m.id != id);
+        let address = self.reserved.remove(&id).unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
         let member = Member {
             id,
-            address: format!("127.0.0.1:{}", free_port()),
+            address,
             data_dir: self.root.path().join(format!("node-{id}-{}", free_port())),
             log: self.root.path().join(format!("node-{id}.log")),
             settings: Settings::Flags,
@@ -230,6 +294,11 @@ impl Cluster {
         });
         let path = |p: &Path| p.to_str().expect("utf-8 path").to_string();
         let tls_text = tls.as_ref().map(|files| (path(&files.ca), path(&files.cert), path(&files.key)));
+        let routes = self.network.as_ref().map(|network| network.routes_of(id)).unwrap_or_default();
+        let faults = self.faults.then(|| self.faults_dir(id));
+        if let Some(dir) = &faults {
+            std::fs::create_dir_all(dir).expect("fault hooks directory");
+        }
         let member = self.member_mut(id);
         assert!(member.process.is_none(), "member {id} is already running");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&member.log).expect("log file");
@@ -291,6 +360,12 @@ impl Cluster {
             }
         }
         command.args(&extra);
+        for route in routes {
+            command.args(["--route", &route]);
+        }
+        if let Some(dir) = faults {
+            command.env("RAFT_HOST_FAULTS", dir);
+        }
         member.process = Some(command.spawn().expect("raft-host starts"));
     }
 

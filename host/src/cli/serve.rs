@@ -40,6 +40,12 @@ pub struct ServeArgs {
     #[arg(long = "peer", env = "RAFT_HOST_PEERS", value_delimiter = ',')]
     #[serde(default)]
     peer: Vec<String>,
+    /// Dial member ID at HOST:PORT instead of the address the membership
+    /// records for it (a local override, never replicated), as ID=HOST:PORT;
+    /// repeat for each (or comma-separate).
+    #[arg(long = "route", env = "RAFT_HOST_ROUTES", value_delimiter = ',')]
+    #[serde(default)]
+    route: Vec<String>,
     /// Where this member keeps its log and state.
     #[arg(long, env = "RAFT_HOST_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -98,6 +104,11 @@ pub struct ServeArgs {
     /// deploy) is dropped, through the log (default 3600).
     #[arg(long, env = "RAFT_HOST_UPLOAD_EXPIRY_SECS")]
     upload_expiry_secs: Option<u64>,
+    /// Free bytes kept on the data disk (default 128 MiB): below it the
+    /// member takes no new entries (writes get RESOURCE_EXHAUSTED) but
+    /// still serves reads, until space is freed.
+    #[arg(long, env = "RAFT_HOST_MIN_FREE_DISK_BYTES")]
+    min_free_disk_bytes: Option<u64>,
     /// Largest snapshot this member accepts from a leader, in bytes, as the
     /// leader announces it (default 256 GiB).
     #[arg(long, env = "RAFT_HOST_MAX_SNAPSHOT_BYTES")]
@@ -138,6 +149,9 @@ impl ServeArgs {
         if self.peer.is_empty() {
             self.peer = file.peer;
         }
+        if self.route.is_empty() {
+            self.route = file.route;
+        }
         self.data_dir = self.data_dir.or(file.data_dir);
         self.tick_ms = self.tick_ms.or(file.tick_ms);
         self.election_ticks = self.election_ticks.or(file.election_ticks);
@@ -155,6 +169,7 @@ impl ServeArgs {
         self.max_module_versions = self.max_module_versions.or(file.max_module_versions);
         self.upload_expiry_secs = self.upload_expiry_secs.or(file.upload_expiry_secs);
         self.max_snapshot_bytes = self.max_snapshot_bytes.or(file.max_snapshot_bytes);
+        self.min_free_disk_bytes = self.min_free_disk_bytes.or(file.min_free_disk_bytes);
         self.stream_idle_timeout_secs = self.stream_idle_timeout_secs.or(file.stream_idle_timeout_secs);
         self.worker_threads = self.worker_threads.or(file.worker_threads);
         self.ca = self.ca.or(file.ca);
@@ -211,7 +226,8 @@ impl ServeArgs {
         if let Some(advertise) = args.advertise {
             config.advertise = advertise;
         }
-        config.peers = parse_peers(&args.peer)?;
+        config.peers = parse_peers(&args.peer, "--peer")?;
+        config.routes = parse_peers(&args.route, "--route")?;
         if let Some(ms) = args.tick_ms {
             config.tick = Duration::from_millis(ms);
         }
@@ -237,6 +253,7 @@ impl ServeArgs {
             args.snapshot_threshold_entries.unwrap_or(config.snapshot_threshold_entries);
         config.snapshot_keep_entries = args.snapshot_keep_entries.unwrap_or(config.snapshot_keep_entries);
         config.max_snapshot_bytes = args.max_snapshot_bytes.unwrap_or(config.max_snapshot_bytes);
+        config.min_free_disk_bytes = args.min_free_disk_bytes.unwrap_or(config.min_free_disk_bytes);
         match args.max_module_versions {
             Some(0) => bail!("--max-module-versions must be at least 1"),
             Some(most) => config.max_module_versions = most,
@@ -256,20 +273,20 @@ impl ServeArgs {
     }
 }
 
-/// `ID=HOST:PORT` pairs.
-fn parse_peers(specs: &[String]) -> anyhow::Result<BTreeMap<NodeId, String>> {
+/// `ID=HOST:PORT` pairs, given with `flag`.
+fn parse_peers(specs: &[String], flag: &str) -> anyhow::Result<BTreeMap<NodeId, String>> {
     let mut peers = BTreeMap::new();
     for spec in specs {
-        let (id, address) = spec.split_once('=').with_context(|| format!("--peer {spec:?}: expected ID=HOST:PORT"))?;
-        let id: NodeId = id.trim().parse().with_context(|| format!("--peer {spec:?}: {id:?} is not a member id"))?;
+        let (id, address) = spec.split_once('=').with_context(|| format!("{flag} {spec:?}: expected ID=HOST:PORT"))?;
+        let id: NodeId = id.trim().parse().with_context(|| format!("{flag} {spec:?}: {id:?} is not a member id"))?;
         if id == 0 {
-            bail!("--peer {spec:?}: member ids start at 1");
+            bail!("{flag} {spec:?}: member ids start at 1");
         }
         if !address.contains(':') {
-            bail!("--peer {spec:?}: expected HOST:PORT after the '='");
+            bail!("{flag} {spec:?}: expected HOST:PORT after the '='");
         }
         if peers.insert(id, address.trim().to_string()).is_some() {
-            bail!("--peer lists member {id} twice");
+            bail!("{flag} lists member {id} twice");
         }
     }
     Ok(peers)

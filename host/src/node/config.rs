@@ -57,11 +57,18 @@ pub struct NodeConfig {
     /// An upload begun through the log whose latest chunk is older than
     /// this is dropped through the log (the deploy was abandoned).
     pub upload_expiry: Duration,
+    /// Free bytes kept on the data disk: below it the member takes no new
+    /// entries (see `node::disk`).
+    pub min_free_disk_bytes: u64,
     /// Largest snapshot a member accepts, as its sender announces it.
     pub max_snapshot_bytes: u64,
     /// How long a snapshot or deploy stream may go without a message
     /// before it is dropped (and what it staged with it).
     pub stream_idle_timeout: Duration,
+    /// Where this member dials some others, instead of the address the
+    /// membership records for them (a network where one member reaches
+    /// another by another address; the fault suite's proxies). Local.
+    pub routes: BTreeMap<NodeId, String>,
     /// Join a running cluster through this member (host:port) instead of
     /// bootstrapping one: start with no configuration, ask to be added as a
     /// learner, catch up, then ask to be promoted.
@@ -98,6 +105,8 @@ impl NodeConfig {
             max_module_versions: 16,
             upload_expiry: Duration::from_secs(3600),
             max_snapshot_bytes: 256 << 30,
+            min_free_disk_bytes: 128 << 20,
+            routes: BTreeMap::new(),
             stream_idle_timeout: Duration::from_secs(30),
             join: None,
             join_as_learner: false,

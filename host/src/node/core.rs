@@ -442,6 +442,7 @@ impl CoreTask {
             return Ok(());
         }
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let now_ms = now_ms.saturating_add_signed(crate::faults::clock_offset_ms());
         let stamp = now_ms.max(self.last_stamp_ms);
         let (payloads, replies): (Vec<_>, Vec<_>) = std::mem::take(&mut self.proposals).into_iter().unzip();
         let payloads = payloads.into_iter().map(|payload| encode_payload(stamp, payload)).collect();

@@ -24,6 +24,9 @@ pub struct Members {
     me: NodeId,
     advertise: String,
     book: RwLock<BTreeMap<NodeId, String>>,
+    /// Where this member dials others instead of the book's address (a
+    /// local setting, never replicated: `--route`).
+    routes: BTreeMap<NodeId, String>,
     current: watch::Sender<Membership>,
     channels: Mutex<BTreeMap<NodeId, (String, Channel)>>,
     transport: Transport,
@@ -32,19 +35,26 @@ pub struct Members {
 impl Members {
     /// Starts from what the store says (`current`) plus addresses known
     /// from elsewhere (the command line); members are reached over
-    /// `transport`.
+    /// `transport`, at `routes` where one is given instead of their address.
     pub fn new(
         me: NodeId,
         advertise: String,
         current: Membership,
         known: &BTreeMap<NodeId, String>,
+        routes: BTreeMap<NodeId, String>,
         transport: Transport,
     ) -> Arc<Members> {
         let mut book = known.clone();
         book.extend(current.addresses.iter().map(|(id, a)| (*id, a.clone())));
         let (current, _) = watch::channel(current);
         let channels = Mutex::new(BTreeMap::new());
-        Arc::new(Members { me, advertise, book: RwLock::new(book), current, channels, transport })
+        Arc::new(Members { me, advertise, book: RwLock::new(book), routes, current, channels, transport })
+    }
+
+    /// Where this member dials member `id`: its route if it has one, else
+    /// its address.
+    pub fn dial_address(&self, id: NodeId) -> Option<String> {
+        self.routes.get(&id).cloned().or_else(|| self.address_of(id))
     }
 
     /// How members are reached (and, with TLS, who this one is to them).
@@ -106,7 +116,7 @@ impl Members {
     /// A (lazily connecting) channel to member `id`, reused while its
     /// address stays the same.
     pub fn channel(&self, id: NodeId) -> Result<Channel, String> {
-        let address = self.address_of(id).ok_or_else(|| format!("no address is known for member {id}"))?;
+        let address = self.dial_address(id).ok_or_else(|| format!("no address is known for member {id}"))?;
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((known, channel)) = channels.get(&id)
             && *known == address
@@ -127,12 +137,15 @@ mod tests {
     fn the_address_book_only_grows() {
         let addresses: BTreeMap<NodeId, String> =
             [(1, "127.0.0.1:7001".to_string()), (2, "[::1]:7002".to_string())].into();
-        let members = Members::new(9, "me:9".into(), Membership::default(), &addresses, Transport::Plaintext);
+        let routes = [(2, "proxy:2".to_string())].into();
+        let members = Members::new(9, "me:9".into(), Membership::default(), &addresses, routes, Transport::Plaintext);
         let conf = crate::raft::ConfState::with_voters([2, 9]);
         members.publish(Membership { conf, addresses: [(2, "b:2".into())].into(), ..Membership::default() });
         assert_eq!(members.address_of(1).as_deref(), Some("127.0.0.1:7001"), "an older address is kept");
         assert_eq!(members.address_of(2).as_deref(), Some("b:2"), "a newer address wins");
         assert_eq!(members.address_of(9).as_deref(), Some("me:9"));
+        assert_eq!(members.dial_address(2).as_deref(), Some("proxy:2"), "a route is where it is dialed");
+        assert_eq!(members.dial_address(1).as_deref(), Some("127.0.0.1:7001"));
         assert_eq!(
             members.current().list(),
             vec![(2, MemberRole::Voter, "b:2".to_string()), (9, MemberRole::Voter, String::new())]

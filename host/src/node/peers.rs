@@ -119,7 +119,7 @@ impl Peers {
 
     /// The lanes to `id`, started (or restarted on a new address) as needed.
     fn lanes_to(&mut self, id: NodeId) -> Option<&Lanes> {
-        let address = self.members.address_of(id)?;
+        let address = self.members.dial_address(id)?;
         if self.lanes.get(&id).is_none_or(|lanes| lanes.address != address) {
             // A connection of the lanes' own, not `Members::channel`'s: a
             // snapshot or a module stream on that one must not queue

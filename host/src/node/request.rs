@@ -43,6 +43,10 @@ pub enum RequestError {
     /// version, say); retrying as is will not help.
     #[error("{0}")]
     QuotaExceeded(String),
+    /// This member's disk is nearly full: it takes no new entries until an
+    /// operator frees space.
+    #[error("{0}")]
+    DiskFull(String),
     #[error("internal error: {0}")]
     Internal(String),
 }

@@ -8,6 +8,7 @@ use super::apply::{self, Applier, ApplyHandle, ApplyThread};
 use super::config::NodeConfig;
 use super::core::{CoreHandle, CoreInbox, CoreTask};
 use super::deploy::Deployer;
+use super::disk::{self, DiskSpace};
 use super::error::{NodeError, Task};
 use super::join::join;
 use super::members::Members;
@@ -54,6 +55,8 @@ pub struct NodeHandles {
     pub snapshots: Arc<SnapshotCounters>,
     /// The store, for the receiving side of snapshot streams.
     pub store: Store,
+    /// Free space on the data disk: below the reserve, no new entries.
+    pub disk: Arc<DiskSpace>,
 }
 
 /// A running node. Dropping it does not stop it; call [`Node::shutdown`]
@@ -73,11 +76,12 @@ impl Node {
     /// inside a tokio runtime.
     pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
         config.validate()?;
+        crate::faults::start_from_env();
         let config = Arc::new(config);
         let store = open_store(&config).await?;
         let stored = store.membership()?;
-        let members =
-            Members::new(config.id, config.advertise.clone(), stored, &config.peers, config.transport.clone());
+        let (routes, transport) = (config.routes.clone(), config.transport.clone());
+        let members = Members::new(config.id, config.advertise.clone(), stored, &config.peers, routes, transport);
         let modules = open_modules(&config, &store)?;
         let applier = open_applier(&config, &store, &modules, &members).await?;
         let raft = open_raft(&config, &store)?;
@@ -94,7 +98,9 @@ impl Node {
 
         let deployer = Arc::new(Deployer::new(config.clone(), core.clone(), modules.clone(), members.clone()));
         tokio::spawn(deployer.clone().expire_abandoned_uploads(shutdown.signal()));
-        let handles = NodeHandles { core, applied, deployer, modules, members, snapshots, store };
+        let disk = Arc::new(DiskSpace::new(config.min_free_disk_bytes));
+        tokio::spawn(disk::watch(disk.clone(), config.data_dir.clone(), shutdown.signal()));
+        let handles = NodeHandles { core, applied, deployer, modules, members, snapshots, store, disk };
         let node = Node { config, handles, shutdown, core: core_task, apply };
         node.join_if_asked();
         Ok(node)

@@ -168,6 +168,16 @@ impl ClientService {
         Ok(())
     }
 
+    /// Refuses new entries while this member leads on a nearly full disk
+    /// (a follower forwards to its leader, whose disk decides).
+    fn check_disk(&self) -> Result<(), Status> {
+        let leads = self.node.core.current_leadership().role == Role::Leader;
+        if leads && self.node.disk.is_low() {
+            return Err(status_of(RequestError::DiskFull(self.node.disk.refusal())));
+        }
+        Ok(())
+    }
+
     fn check_size(&self, what: &str, len: usize) -> Result<(), Status> {
         let limit = self.config.node.max_command_bytes;
         if len > limit {
@@ -250,7 +260,7 @@ pub(super) fn status_of(error: RequestError) -> Status {
         RequestError::SessionExpired { .. } | RequestError::Rejected(_) => Status::failed_precondition(message),
         RequestError::OutcomeUnknown(_) => Status::aborted(message),
         RequestError::Timeout(_) => Status::deadline_exceeded(message),
-        RequestError::QuotaExceeded(_) => {
+        RequestError::QuotaExceeded(_) | RequestError::DiskFull(_) => {
             let mut status = Status::resource_exhausted(message);
             status.metadata_mut().insert(NO_RETRY_KEY, MetadataValue::from_static("1"));
             status
@@ -383,6 +393,7 @@ impl ClientService {
         if !write.client_id.is_empty() && write.sequence == 0 {
             return Err(Status::invalid_argument("a write with a client_id needs a sequence number from 1 on"));
         }
+        self.check_disk()?;
         let _pending = self.admit()?;
         let command = pb::Command {
             state_machine: write.state_machine.clone(),
@@ -471,6 +482,8 @@ impl ClientService {
             process_instance: process::instance_id(),
             modules_in_memory: self.node.modules.runtime().loaded_count() as u64,
             snapshot_staged_bytes: self.node.store.staged_bytes().map_err(|e| Status::internal(e.to_string()))?,
+            disk_free_bytes: self.node.disk.free_bytes(),
+            disk_low: self.node.disk.is_low(),
             uploads_in_progress: self
                 .node
                 .modules
@@ -511,6 +524,7 @@ impl Client for ClientService {
     async fn deploy(&self, request: Request<Streaming<DeployRequest>>) -> Result<Response<Self::DeployStream>, Status> {
         require(&request, ClientRole::Admin, "a deploy")?;
         self.node.deployer.check_leader().map_err(status_of)?;
+        self.check_disk()?;
         let permit = self.deploys.clone().try_acquire_owned().map_err(|_| {
             status_of(RequestError::Busy(format!("{DEPLOYS_AT_ONCE_MAX} deploys are under way on this member")))
         })?;

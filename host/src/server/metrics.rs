@@ -78,6 +78,9 @@ pub fn render(
     gauge("offline", "1 while this member is offline for maintenance.", u64::from(status.offline));
     gauge("requests_pending", "Client requests waiting for an answer.", pending);
     gauge("modules_in_memory", "Module versions held compiled in memory.", status.modules_in_memory);
+    gauge("uploads_in_progress", "Module uploads begun through the log and not complete.", status.uploads_in_progress);
+    gauge("disk_free_bytes", "Free bytes on the data disk as last read.", status.disk_free_bytes);
+    gauge("disk_low", "1 while free disk space is below the reserve (no new entries).", u64::from(status.disk_low));
     gauge(
         "snapshot_staged_bytes",
         "Bytes of received snapshots staged and not yet installed.",

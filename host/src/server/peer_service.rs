@@ -195,9 +195,17 @@ impl PeerService {
         certified: Option<NodeId>,
         peer: Option<std::net::SocketAddr>,
     ) -> Result<(), Status> {
-        let messages = self.open(envelope, certified).inspect_err(|status| {
+        let mut messages = self.open(envelope, certified).inspect_err(|status| {
             tracing::warn!(remote = ?peer, error = %status.message(), "refused a peer envelope");
         })?;
+        if self.node.disk.is_low() {
+            // No room for entries: let the leader's appends go unanswered, as
+            // if lost (it sends them again); everything else still counts.
+            messages.retain(|m| !matches!(&m.body, MessageBody::AppendEntries { entries, .. } if !entries.is_empty()));
+            if messages.is_empty() {
+                return Ok(());
+            }
+        }
         self.node.core.deliver(messages).await.map_err(|e| Status::unavailable(e.to_string()))
     }
 
@@ -230,6 +238,9 @@ impl PeerService {
                 "member {} is not the leader of term {} (member {leader} is)",
                 first.from, first.term
             )));
+        }
+        if self.node.disk.is_low() {
+            return Err(Status::resource_exhausted(self.node.disk.refusal()));
         }
         let limit = self.limits.snapshot_bytes_max;
         if first.total_bytes == 0 || first.total_bytes > limit {

@@ -405,6 +405,9 @@ impl Store {
         }
         // The sync happens here, without holding `cached`.
         batch.commit().map_err(|e| inner.db_error(e))?;
+        if let Some(delay) = crate::faults::sync_delay() {
+            std::thread::sleep(delay);
+        }
         let mut cached = inner.lock();
         cached.record_appended(entries);
         if let Some(hs) = hard_state {

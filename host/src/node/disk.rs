@@ -1,0 +1,123 @@
+//! Free space on the data disk, watched so the member never runs it out.
+//!
+//! The storage engine treats a failed write as fatal (it poisons itself,
+//! rightly: a write that failed half-way cannot be trusted), so waiting for
+//! ENOSPC would stop the member. Instead, once free space falls below the
+//! reserve (`--min-free-disk-bytes`), the member takes no new entries: as
+//! leader it refuses proposals (`RESOURCE_EXHAUSTED`, naming the disk), as
+//! follower it lets the leader's appends with entries go unanswered (the
+//! leader retries, as for a lost message) and refuses snapshots. It still
+//! answers heartbeats and votes, serves reads and applies what it already
+//! holds; the reserve is the room that needs. When space comes back, it
+//! takes entries again and catches up by the ordinary means, as etcd does
+//! with its NOSPACE alarm.
+
+use super::shutdown::ShutdownSignal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// How often free space is read.
+const POLL: Duration = Duration::from_millis(250);
+
+/// The data disk's free space as last read, and whether it is below the
+/// reserve.
+#[derive(Debug)]
+pub struct DiskSpace {
+    reserve_bytes: u64,
+    free_bytes: AtomicU64,
+    low: AtomicBool,
+}
+
+impl DiskSpace {
+    /// A disk assumed roomy until first read, with `reserve_bytes` kept free.
+    pub fn new(reserve_bytes: u64) -> DiskSpace {
+        DiskSpace { reserve_bytes, free_bytes: AtomicU64::new(u64::MAX), low: AtomicBool::new(false) }
+    }
+
+    /// Whether free space is below the reserve: no new entries are taken.
+    pub fn is_low(&self) -> bool {
+        self.low.load(Ordering::Relaxed)
+    }
+
+    /// Free bytes as last read (`u64::MAX` before the first reading).
+    pub fn free_bytes(&self) -> u64 {
+        self.free_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Why a proposal is refused while the disk is low.
+    pub fn refusal(&self) -> String {
+        format!(
+            "this member's data disk is nearly full ({} bytes free, below the reserve of {} bytes): it takes no \
+             new entries until space is freed",
+            self.free_bytes(),
+            self.reserve_bytes
+        )
+    }
+
+    fn record(&self, free: u64) {
+        self.free_bytes.store(free, Ordering::Relaxed);
+        let low = free < self.reserve_bytes;
+        if self.low.swap(low, Ordering::Relaxed) != low {
+            match low {
+                true => {
+                    tracing::error!(free, reserve = self.reserve_bytes, "data disk nearly full: taking no new entries")
+                }
+                false => tracing::warn!(free, reserve = self.reserve_bytes, "data disk has room again: taking entries"),
+            }
+        }
+    }
+}
+
+/// The free bytes of the filesystem that holds `dir`, as an unprivileged
+/// writer may use them.
+fn free_bytes_of(dir: &std::path::Path) -> std::io::Result<u64> {
+    let stats = rustix::fs::statvfs(dir)?;
+    Ok(stats.f_bavail.saturating_mul(stats.f_frsize))
+}
+
+/// Reads the free space of `dir`'s disk into `space` every so often, until
+/// the member stops. A fault hook may stand in for the disk.
+pub(super) async fn watch(space: Arc<DiskSpace>, dir: PathBuf, mut stop: ShutdownSignal) {
+    let mut failing = false;
+    loop {
+        let measured = match crate::faults::free_bytes() {
+            Some(free) => Ok(free),
+            None => free_bytes_of(&dir),
+        };
+        match measured {
+            Ok(free) => {
+                space.record(free);
+                failing = false;
+            }
+            Err(error) if !failing => {
+                tracing::warn!(dir = %dir.display(), %error, "cannot read the data disk's free space");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = stop.wait() => return,
+            _ = tokio::time::sleep(POLL) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn space_below_the_reserve_is_low_and_room_again_is_not() {
+        let space = DiskSpace::new(100);
+        assert!(!space.is_low(), "roomy until read");
+        space.record(99);
+        assert!(space.is_low());
+        assert!(space.refusal().contains("99 bytes free"), "{}", space.refusal());
+        space.record(100);
+        assert!(!space.is_low());
+        let real = free_bytes_of(std::path::Path::new(".")).expect("statvfs");
+        assert!(real > 0);
+    }
+}
