@@ -143,7 +143,22 @@ impl Cluster {
     /// [`Cluster::fault`]), and addresses kept for `spares` more members
     /// (ids after `size`) that may join later.
     pub fn start_faulty(size: u64, spares: u64, cluster_id: &str, extra: &[&str]) -> Cluster {
+        Cluster::start_faulty_at(size, spares, cluster_id, extra, None)
+    }
+
+    /// As [`Cluster::start_faulty`], with member 1's data in `data_dir_1`
+    /// when given (a small filesystem, for a full disk).
+    pub fn start_faulty_at(
+        size: u64,
+        spares: u64,
+        cluster_id: &str,
+        extra: &[&str],
+        data_dir_1: Option<PathBuf>,
+    ) -> Cluster {
         let mut cluster = Cluster::prepare(size, cluster_id, extra, true);
+        if let Some(dir) = data_dir_1 {
+            cluster.member_mut(1).data_dir = dir;
+        }
         cluster.reserved = (size + 1..=size + spares).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
         let mut addresses: std::collections::BTreeMap<u64, String> =
             cluster.members.iter().map(|m| (m.id, m.address.clone())).collect();

@@ -45,12 +45,17 @@ impl Network {
                 if from == to {
                     continue;
                 }
-                let listener =
-                    runtime.block_on(TcpListener::bind(("127.0.0.1", crate::free_port()))).expect("a proxy port");
+                // Bound here, so the address is taken before any member starts.
+                let listener = std::net::TcpListener::bind(("127.0.0.1", crate::free_port())).expect("a proxy port");
+                listener.set_nonblocking(true).expect("nonblocking");
                 let listen = listener.local_addr().expect("address").to_string();
                 let cut = Arc::new(AtomicBool::new(false));
                 let (generation, _) = watch::channel(0);
-                runtime.spawn(proxy(listener, target.clone(), cut.clone(), generation.subscribe()));
+                let (target, cut_flag, changes) = (target.clone(), cut.clone(), generation.subscribe());
+                runtime.spawn(async move {
+                    let listener = TcpListener::from_std(listener).expect("a tokio listener");
+                    proxy(listener, target, cut_flag, changes).await
+                });
                 links.insert((from, to), Link { listen, cut, generation });
             }
         }
