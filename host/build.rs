@@ -3,7 +3,8 @@
 //!
 //! The peer protocol's services decode through `wire::bounded::BoundedCodec`,
 //! which checks an envelope's shape (how many messages and entries) before
-//! decoding allocates anything; the client API uses prost's own codec.
+//! decoding allocates anything; the client API uses prost's own codec. The
+//! descriptors are written next to the generated code, for server reflection.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let peer = ["../proto/raft.proto", "../proto/entry.proto"];
@@ -11,14 +12,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in peer.iter().chain(&client) {
         println!("cargo:rerun-if-changed={proto}");
     }
+    let peer = protox::compile(peer, ["../proto"])?;
+    let client = protox::compile(client, ["../proto"])?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out.join("peer_descriptors.bin"), prost::Message::encode_to_vec(&peer))?;
+    std::fs::write(out.join("client_descriptors.bin"), prost::Message::encode_to_vec(&client))?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
         .codec_path("crate::wire::bounded::BoundedCodec")
-        .compile_fds(protox::compile(peer, ["../proto"])?)?;
-    tonic_prost_build::configure()
-        .build_client(true)
-        .build_server(true)
-        .compile_fds(protox::compile(client, ["../proto"])?)?;
+        .compile_fds(peer)?;
+    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(client)?;
     Ok(())
 }

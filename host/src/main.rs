@@ -11,17 +11,22 @@ use clap::Parser;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// What is logged when RUST_LOG says nothing: our INFO and up, and only
+/// warnings of the storage engine (dozens of INFO lines at every start).
+const DEFAULT_LOG_FILTER: &str = "info,fjall=warn,lsm_tree=warn";
+
 fn main() {
-    // Logs go to stderr, filtered by RUST_LOG (default: info), so warnings
-    // from the library (for example a store opened without fsync) are seen.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    if let Err(error) = cli::run(cli::Cli::parse()) {
+    let cli = cli::Cli::parse();
+    // Logs go to stderr, filtered by RUST_LOG, so warnings from the library
+    // (for example a store opened without fsync) are seen.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        cli::LogFormat::Text => logs.init(),
+        cli::LogFormat::Json => logs.json().with_current_span(true).with_span_list(true).init(),
+    }
+    if let Err(error) = cli::run(cli) {
         eprintln!("raft-host: {}", one_line(&error));
         std::process::exit(1);
     }

@@ -9,6 +9,7 @@ mod bench_guest;
 mod certs;
 mod client;
 mod demo;
+mod endpoint;
 mod members;
 mod modules;
 mod serve;
@@ -21,6 +22,17 @@ use std::path::PathBuf;
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How log lines are written to stderr: `text` for people, `json` (one
+    /// object a line, with the request's spans) for a log pipeline.
+    #[arg(long, global = true, env = "RAFT_HOST_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// See [`Cli::log_format`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -37,6 +49,9 @@ enum Command {
     Read(client::ReadArgs),
     /// Prints a member's view of the cluster.
     Status(client::StatusArgs),
+    /// Every member's status or health in one table (with --cluster, every
+    /// member the cluster lists).
+    Endpoint(endpoint::EndpointArgs),
     /// Uploads a state machine module (a WebAssembly component) to a running
     /// cluster through the log, and activates it once every live member has
     /// compiled it; every replica switches at the same log index.
@@ -108,6 +123,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Write(args) => client::write(args),
         Command::Read(args) => client::read(args),
         Command::Status(args) => client::status(args),
+        Command::Endpoint(args) => endpoint::endpoint(args),
         Command::Deploy(args) => modules::deploy(args),
         Command::Modules(args) => modules::modules(args),
         Command::Activate(args) => modules::activate(args),

@@ -12,7 +12,7 @@
 //! count as `admin` (they forward writes and join through this API).
 
 use super::config::ServerConfig;
-use super::metrics::{Method, MetricsSource, PeerCounters, RequestCounters};
+use super::metrics::{Method, MetricsSource, PeerCounters, Probe, RequestCounters};
 use crate::node::{
     Consistency, DeployStep, LeadershipView, Members, Membership, NodeHandles, RequestError, check_name,
 };
@@ -27,8 +27,8 @@ use crate::wire::client_pb::{
     WriteRequest, WriteResponse, client_client::ClientClient, outcome,
 };
 use crate::wire::{
-    ClientRole, FORWARDED_KEY, LEADER_ADDR_KEY, LEADER_ID_KEY, NO_RETRY_KEY, Principal, encode_addresses, hex,
-    parse_hash, pb,
+    ClientRole, FORWARDED_KEY, LEADER_ADDR_KEY, LEADER_ID_KEY, NO_RETRY_KEY, Principal, REQUEST_ID_KEY,
+    encode_addresses, hex, parse_hash, pb,
 };
 use std::pin::Pin;
 use std::sync::Arc;
@@ -37,6 +37,7 @@ use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream, wrappers::WatchS
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
 
 /// Longest client id accepted.
 pub const CLIENT_ID_MAX_BYTES: usize = 128;
@@ -89,6 +90,49 @@ impl tonic::service::Interceptor for ClientGate {
                 Err(Status::permission_denied(why))
             }
         }
+    }
+}
+
+impl ClientService {
+    /// A membership change, in the request's span.
+    async fn change_membership_in(
+        &self,
+        request: ChangeMembershipRequest,
+    ) -> Result<Response<MembersResponse>, Status> {
+        let id = request.id;
+        if id == 0 {
+            return Err(Status::invalid_argument("member id 0 is not valid; ids start at 1"));
+        }
+        let mut addresses = self.node.members.current().addresses;
+        let kind = match MembershipChange::try_from(request.change) {
+            Ok(MembershipChange::AddLearner) => {
+                check_address(&request.address)?;
+                if self.node.members.is_removed(id) {
+                    return Err(Status::failed_precondition(format!(
+                        "member {id} was removed from this cluster, and a removed id never comes back (so its old \
+                         certificate and data cannot speak for it again): add the member under a new id, with a \
+                         certificate for that id (raft-host certs member --id N)"
+                    )));
+                }
+                addresses.insert(id, request.address.clone());
+                ConfChangeKind::AddLearner
+            }
+            Ok(MembershipChange::Promote) => {
+                self.check_caught_up(id).await?;
+                ConfChangeKind::Promote
+            }
+            Ok(MembershipChange::Remove) => {
+                addresses.remove(&id);
+                ConfChangeKind::Remove
+            }
+            _ => return Err(Status::invalid_argument("change must be ADD_LEARNER, PROMOTE or REMOVE")),
+        };
+        let change = ConfChange { kind, node: id, context: encode_addresses(&addresses) };
+        let reply = self.node.core.change_membership(change).await.map_err(status_of)?;
+        if let Err(why) = reply.outcome {
+            return Err(Status::failed_precondition(why));
+        }
+        Ok(Response::new(MembersResponse { members: members_pb(&self.node.members.current()), index: reply.index }))
     }
 }
 
@@ -228,10 +272,30 @@ fn with_leader<T>(mut response: Response<T>, address: &str) -> Response<T> {
     response
 }
 
-fn forwarded<T>(message: T) -> Request<T> {
+/// `message` as a request forwarded to the leader, under the same request id.
+fn forwarded<T>(message: T, id: &str) -> Request<T> {
     let mut request = Request::new(message);
     request.metadata_mut().insert(FORWARDED_KEY, MetadataValue::from_static("1"));
+    if let Ok(value) = id.parse() {
+        request.metadata_mut().insert(REQUEST_ID_KEY, value);
+    }
     request
+}
+
+/// The id a request is logged under on every member it crosses: the one its
+/// client or the member that forwarded it gave, or a new one.
+fn request_id<T>(request: &Request<T>) -> String {
+    request
+        .metadata()
+        .get(REQUEST_ID_KEY)
+        .and_then(|value| value.to_str().ok())
+        .filter(|id| !id.is_empty() && id.len() <= 64)
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            format!("{:08x}-{n}", process::instance_id() as u32)
+        })
 }
 
 /// The gRPC status for a request error; retryable ones are UNAVAILABLE or
@@ -380,8 +444,25 @@ impl ClientService {
 impl ClientService {
     async fn handle_write(&self, request: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
         require(&request, ClientRole::Writer, "a write")?;
-        let was_forwarded = is_forwarded(&request);
+        let (was_forwarded, id) = (is_forwarded(&request), request_id(&request));
         let write = request.into_inner();
+        let span = tracing::info_span!(
+            "write",
+            request = %id,
+            state_machine = %write.state_machine,
+            client = %hex(&write.client_id),
+            sequence = write.sequence,
+            forwarded = was_forwarded
+        );
+        self.write_in_span(write, was_forwarded, id).instrument(span).await
+    }
+
+    async fn write_in_span(
+        &self,
+        write: WriteRequest,
+        was_forwarded: bool,
+        id: String,
+    ) -> Result<Response<WriteResponse>, Status> {
         self.check_state_machine(&write.state_machine, true)?;
         self.check_size("command", write.command.len())?;
         if write.client_id.len() > CLIENT_ID_MAX_BYTES {
@@ -410,7 +491,7 @@ impl ClientService {
             })),
             Err(error) => match self.forward_target(&error, was_forwarded) {
                 Some((mut leader, address)) => {
-                    let answer = self.forwarding(leader.write(forwarded(write))).await?;
+                    let answer = self.forwarding(leader.write(forwarded(write, &id))).await?;
                     Ok(with_leader(answer, &address))
                 }
                 None => Err(status_of(error)),
@@ -420,8 +501,24 @@ impl ClientService {
 
     async fn handle_read(&self, request: Request<ReadRequest>) -> Result<Response<ReadResponse>, Status> {
         require(&request, ClientRole::Reader, "a read")?;
-        let was_forwarded = is_forwarded(&request);
+        let (was_forwarded, id) = (is_forwarded(&request), request_id(&request));
         let read = request.into_inner();
+        let span = tracing::info_span!(
+            "read",
+            request = %id,
+            state_machine = %read.state_machine,
+            consistency = read.consistency,
+            forwarded = was_forwarded
+        );
+        self.read_in_span(read, was_forwarded, id).instrument(span).await
+    }
+
+    async fn read_in_span(
+        &self,
+        read: ReadRequest,
+        was_forwarded: bool,
+        id: String,
+    ) -> Result<Response<ReadResponse>, Status> {
         self.check_state_machine(&read.state_machine, false)?;
         self.check_size("query", read.query.len())?;
         let consistency = match client_pb::Consistency::try_from(read.consistency) {
@@ -441,7 +538,7 @@ impl ClientService {
             }
             Err(error) => match self.forward_target(&error, was_forwarded) {
                 Some((mut leader, address)) => {
-                    let answer = self.forwarding(leader.read(forwarded(read))).await?;
+                    let answer = self.forwarding(leader.read(forwarded(read, &id))).await?;
                     Ok(with_leader(answer, &address))
                 }
                 None => Err(status_of(error)),
@@ -482,6 +579,7 @@ impl ClientService {
             process_instance: process::instance_id(),
             modules_in_memory: self.node.modules.runtime().loaded_count() as u64,
             snapshot_staged_bytes: self.node.store.staged_bytes().map_err(|e| Status::internal(e.to_string()))?,
+            version: env!("CARGO_PKG_VERSION").to_string(),
             disk_free_bytes: self.node.disk.free_bytes(),
             disk_low: self.node.disk.is_low(),
             uploads_in_progress: self
@@ -495,6 +593,19 @@ impl ClientService {
 }
 
 impl MetricsSource for ClientService {
+    async fn probe(&self, probe: Probe) -> Result<String, String> {
+        let status = self.status_now().await.map_err(|status| status.message().to_string())?;
+        match probe {
+            Probe::Alive => Ok(format!("alive: member {} in term {}", status.id, status.term)),
+            Probe::Ready => super::health::ready(&status).map(|()| {
+                format!(
+                    "ready: member {} ({}), leader {}, applied {}",
+                    status.id, status.role, status.leader_id, status.applied_index
+                )
+            }),
+        }
+    }
+
     async fn render(&self) -> Result<String, String> {
         let status = self.status_now().await.map_err(|status| status.message().to_string())?;
         Ok(super::metrics::render(&status, &self.counters, &self.node.snapshots, &self.peers, self.pending() as u64))
@@ -528,8 +639,10 @@ impl Client for ClientService {
         let permit = self.deploys.clone().try_acquire_owned().map_err(|_| {
             status_of(RequestError::Busy(format!("{DEPLOYS_AT_ONCE_MAX} deploys are under way on this member")))
         })?;
+        let id = request_id(&request);
         let mut stream = request.into_inner();
         let (name, bytes, activate) = self.receive_module(&mut stream).await?;
+        let span = tracing::info_span!("deploy", request = %id, state_machine = %name, bytes = bytes.len(), activate);
         let (tx, rx) = mpsc::channel(DEPLOY_PROGRESS_QUEUE);
         let received = DeployProgress {
             phase: "received".into(),
@@ -557,8 +670,12 @@ impl Client for ClientService {
                 }
                 Err(error) => Err(status_of(error)),
             };
+            match &last {
+                Ok(done) => tracing::info!(phase = %done.phase, module = %done.module_hash, index = done.index, "deploy done"),
+                Err(status) => tracing::warn!(error = %status.message(), "deploy failed"),
+            }
             let _ = tx.send(last).await;
-        });
+        }.instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -625,41 +742,11 @@ impl Client for ClientService {
     ) -> Result<Response<MembersResponse>, Status> {
         require(&request, ClientRole::Admin, "a membership change")?;
         self.node.deployer.check_leader().map_err(status_of)?;
+        let request_id = request_id(&request);
         let request = request.into_inner();
-        let id = request.id;
-        if id == 0 {
-            return Err(Status::invalid_argument("member id 0 is not valid; ids start at 1"));
-        }
-        let mut addresses = self.node.members.current().addresses;
-        let kind = match MembershipChange::try_from(request.change) {
-            Ok(MembershipChange::AddLearner) => {
-                check_address(&request.address)?;
-                if self.node.members.is_removed(id) {
-                    return Err(Status::failed_precondition(format!(
-                        "member {id} was removed from this cluster, and a removed id never comes back (so its old \
-                         certificate and data cannot speak for it again): add the member under a new id, with a \
-                         certificate for that id (raft-host certs member --id N)"
-                    )));
-                }
-                addresses.insert(id, request.address.clone());
-                ConfChangeKind::AddLearner
-            }
-            Ok(MembershipChange::Promote) => {
-                self.check_caught_up(id).await?;
-                ConfChangeKind::Promote
-            }
-            Ok(MembershipChange::Remove) => {
-                addresses.remove(&id);
-                ConfChangeKind::Remove
-            }
-            _ => return Err(Status::invalid_argument("change must be ADD_LEARNER, PROMOTE or REMOVE")),
-        };
-        let change = ConfChange { kind, node: id, context: encode_addresses(&addresses) };
-        let reply = self.node.core.change_membership(change).await.map_err(status_of)?;
-        if let Err(why) = reply.outcome {
-            return Err(Status::failed_precondition(why));
-        }
-        Ok(Response::new(MembersResponse { members: members_pb(&self.node.members.current()), index: reply.index }))
+        let span =
+            tracing::info_span!("membership", request = %request_id, change = request.change, member = request.id);
+        self.change_membership_in(request).instrument(span).await
     }
 
     async fn transfer_leader(

@@ -167,9 +167,21 @@ fn escape(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
-/// Where the metrics server gets a fresh exposition for each scrape.
+/// What a probe of the metrics port asks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// `/healthz`: alive.
+    Alive,
+    /// `/readyz`: ready for traffic (see `server::health`).
+    Ready,
+}
+
+/// Where the metrics server gets a fresh exposition for each scrape, and
+/// the answers to probes.
 pub trait MetricsSource: Send + Sync + 'static {
     fn render(&self) -> impl std::future::Future<Output = Result<String, String>> + Send;
+    /// `Ok` with a line to say, or why not.
+    fn probe(&self, probe: Probe) -> impl std::future::Future<Output = Result<String, String>> + Send;
 }
 
 /// Serves `GET /metrics` on `listener` until the member stops.
@@ -196,19 +208,26 @@ pub async fn serve<S: MetricsSource>(
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                 let source = source.clone();
                 async move {
-                    let response = if request.uri().path() != "/metrics" {
+                    let text = |status: StatusCode, body: String| {
                         Response::builder()
-                            .status(StatusCode::NOT_FOUND)
-                            .body(Full::new(bytes::Bytes::from_static(b"metrics are at /metrics\n")))
-                    } else {
-                        match source.render().await {
+                            .status(status)
+                            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+                            .body(Full::new(bytes::Bytes::from(body)))
+                    };
+                    let probe = |answer: Result<String, String>| match answer {
+                        Ok(line) => text(StatusCode::OK, format!("{line}\n")),
+                        Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+                    };
+                    let response = match request.uri().path() {
+                        "/metrics" => match source.render().await {
                             Ok(text) => Response::builder()
                                 .header(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
                                 .body(Full::new(bytes::Bytes::from(text))),
-                            Err(error) => Response::builder()
-                                .status(StatusCode::SERVICE_UNAVAILABLE)
-                                .body(Full::new(bytes::Bytes::from(format!("{error}\n")))),
-                        }
+                            Err(error) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{error}\n")),
+                        },
+                        "/healthz" => probe(source.probe(Probe::Alive).await),
+                        "/readyz" => probe(source.probe(Probe::Ready).await),
+                        _ => text(StatusCode::NOT_FOUND, "this port serves /metrics, /healthz and /readyz\n".into()),
                     };
                     Ok::<_, Infallible>(response.unwrap_or_else(|_| Response::new(Full::new(bytes::Bytes::new()))))
                 }

@@ -10,6 +10,7 @@
 
 mod client_service;
 mod config;
+pub mod health;
 mod metrics;
 mod peer_service;
 mod start;

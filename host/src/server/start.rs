@@ -8,6 +8,7 @@
 
 use super::client_service::{ClientGate, ClientService};
 use super::config::ServerConfig;
+use super::health;
 use super::metrics::{self, PeerCounters};
 use super::peer_service::{PeerGate, PeerLimits, PeerService};
 use crate::node::{Node, NodeError, ShutdownSignal};
@@ -15,6 +16,7 @@ use crate::wire::client_pb::client_server::ClientServer;
 use crate::wire::pb::raft_control_server::RaftControlServer;
 use crate::wire::pb::raft_peer_server::RaftPeerServer;
 use crate::wire::{CONTROL_MESSAGE_BYTES_MAX, PEER_MESSAGE_BYTES_MAX, Tls, TlsError, plaintext_incoming};
+use crate::wire::{client_pb, pb};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,6 +44,8 @@ pub enum ServerError {
     Serve(#[from] tonic::transport::Error),
     #[error("the gRPC server task stopped unexpectedly")]
     ServerTaskLost,
+    #[error("server reflection: {0}")]
+    Reflection(String),
 }
 
 /// A running member: its node, served on its port. Dropping it does not
@@ -93,7 +97,33 @@ impl Server {
             tracing::info!(address = %bound, "serving metrics at /metrics");
             bound
         });
-        let grpc = serve_grpc(listener, &config, (peers, control), client_api, node.shutdown_signal());
+        let (reporter, health) = tonic_health::server::health_reporter();
+        tokio::spawn(health::report(reporter, clients.clone(), node.shutdown_signal()));
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(client_pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| ServerError::Reflection(e.to_string()))?;
+        let router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .max_concurrent_streams(STREAMS_PER_CONNECTION_MAX)
+            // While a member is paused or busy, clients whose deadlines pass
+            // reset their streams, and on resuming the member reads all of it
+            // before taking any stream. h2 counts such streams (20 by default)
+            // and their small DATA frames (a budget of half the connection
+            // window, 512 KiB by default: ~2,000 requests), and past either it
+            // answers GOAWAY, failing every request on a healthy connection.
+            // These settings absorb a burst of ~30,000 cancelled requests per
+            // connection, with what they buffer still bounded by the window.
+            .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+            .http2_max_pending_accept_reset_streams(Some(PENDING_RESET_STREAMS_MAX))
+            .add_service(peers)
+            .add_service(control)
+            .add_service(client_api)
+            .add_service(health)
+            .add_service(reflection);
+        let grpc = serve_grpc(listener, &config, router, node.shutdown_signal());
         tracing::info!(node = node.id(), address = %local_addr, "serving peers and clients");
         let tls = config.node.transport.tls().cloned();
         Ok(Server { node, tls, local_addr, metrics_addr, grpc })
@@ -174,34 +204,15 @@ fn control_server(peers: Arc<PeerService>) -> RaftControlServer<PeerService> {
         .max_encoding_message_size(CONTROL_MESSAGE_BYTES_MAX)
 }
 
-/// Serves the peer and client APIs on one port until the member stops: over
-/// TLS when the member has a certificate, else in plaintext.
+/// Serves the peer and client APIs (and health and reflection) on one port
+/// until the member stops: over TLS when the member has a certificate, else
+/// in plaintext.
 fn serve_grpc(
     listener: TcpListener,
     config: &ServerConfig,
-    (peers, control): (
-        InterceptedService<RaftPeerServer<PeerService>, PeerGate>,
-        InterceptedService<RaftControlServer<PeerService>, PeerGate>,
-    ),
-    clients: InterceptedService<ClientServer<ClientService>, ClientGate>,
+    router: tonic::transport::server::Router,
     mut stop: ShutdownSignal,
 ) -> JoinHandle<Result<(), tonic::transport::Error>> {
-    let router = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .max_concurrent_streams(STREAMS_PER_CONNECTION_MAX)
-        // While a member is paused or busy, clients whose deadlines pass
-        // reset their streams, and on resuming the member reads all of it
-        // before taking any stream. h2 counts such streams (20 by default)
-        // and their small DATA frames (a budget of half the connection
-        // window, 512 KiB by default: ~2,000 requests), and past either it
-        // answers GOAWAY, failing every request on a healthy connection.
-        // These settings absorb a burst of ~30,000 cancelled requests per
-        // connection, with what they buffer still bounded by the window.
-        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-        .http2_max_pending_accept_reset_streams(Some(PENDING_RESET_STREAMS_MAX))
-        .add_service(peers)
-        .add_service(control)
-        .add_service(clients);
     let stopped = async move { stop.wait().await };
     match config.node.transport.tls() {
         Some(tls) => tokio::spawn(router.serve_with_incoming_shutdown(tls.incoming(listener), stopped)),

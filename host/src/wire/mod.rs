@@ -29,5 +29,5 @@ pub use self::peer::{
 pub use self::tls::{Admitted, ClientRole, Principal, Tls, TlsConnector, TlsError, TlsFiles, plaintext_incoming};
 pub use self::transport::{
     CONTROL_MESSAGE_BYTES_MAX, FORWARDED_KEY, LEADER_ADDR_KEY, LEADER_ID_KEY, NO_RETRY_KEY, PEER_MESSAGE_BYTES_MAX,
-    Transport, control_client, peer_client,
+    REQUEST_ID_KEY, Transport, control_client, peer_client,
 };

@@ -20,6 +20,8 @@ pub const LEADER_ID_KEY: &str = "raft-leader-id";
 /// Metadata key naming the leader's address on a "not the leader" error, and
 /// on an answer a follower forwarded, so the client goes straight there next.
 pub const LEADER_ADDR_KEY: &str = "raft-leader-addr";
+/// The id a request is logged under on every member it crosses.
+pub const REQUEST_ID_KEY: &str = "raft-request-id";
 /// Set on a refusal that retrying as is cannot change (a quota), where its
 /// code alone (RESOURCE_EXHAUSTED) would read as "busy, retry".
 pub const NO_RETRY_KEY: &str = "raft-no-retry";
