@@ -18,10 +18,12 @@
 //!   whole member on its port.
 //!
 //! Beside them: [`client`] (the Rust client of a cluster, on top of `wire`)
-//! and [`process`] (this process's CPU and memory).
+//! and [`process`] (this process's CPU and memory), and at the bottom
+//! [`histogram`] (lock-free histograms for the metrics).
 
 pub mod client;
 pub mod faults;
+pub mod histogram;
 pub mod node;
 pub mod process;
 pub use raft_core as raft;

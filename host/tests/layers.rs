@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 /// only. `raft` is the crate `raft-core` (`host/raft`), re-exported; `cli`
 /// is the binary's, which reaches the library as `raft_host::`.
 const LAYERS: &[&[&str]] = &[
-    &["raft", "process", "faults"],
+    &["raft", "process", "faults", "histogram"],
     &["wire"],
     &["storage", "client"],
     &["runtime"],

@@ -13,6 +13,7 @@
 //! the member's status.
 
 use super::error::{ApplyError, NodeError, Task};
+use super::histograms::NodeHistograms;
 use super::members::{Members, Membership};
 use super::module_apply::{ModuleApply, Outcome};
 use super::modules::ModuleRegistry;
@@ -28,7 +29,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{Notify, oneshot};
 
 /// Work for the apply task.
@@ -179,11 +180,13 @@ pub(super) type ApplyThread = std::thread::JoinHandle<Result<(), ApplyError>>;
 /// Starts `applier` on a thread of its own. A failure there stops the
 /// member: it begins the shutdown before the thread ends.
 pub(super) fn spawn(
-    applier: Applier,
+    mut applier: Applier,
+    histograms: Arc<NodeHistograms>,
     id: NodeId,
     request_timeout: Duration,
     shutdown: Shutdown,
 ) -> Result<(ApplyLink, ApplyHandle, ApplyThread), NodeError> {
+    applier.histograms = histograms;
     let (tx, inbox) = mpsc::channel();
     let link = ApplyLink { tx: tx.clone(), progress: applier.progress.clone() };
     let thread = std::thread::Builder::new()
@@ -222,6 +225,7 @@ pub(super) struct Applier {
     members: Arc<Members>,
     /// A membership change applied in this run, for the next flush.
     pending_membership: Option<Membership>,
+    histograms: Arc<NodeHistograms>,
 }
 
 impl Applier {
@@ -255,6 +259,7 @@ impl Applier {
             pending_writes: Vec::new(),
             members,
             pending_membership: None,
+            histograms: Arc::default(),
         })
     }
 
@@ -284,7 +289,10 @@ impl Applier {
                 }
             }
             ApplyMsg::Committed { entries, bytes } => {
+                let (started, count) = (Instant::now(), entries.len() as u64);
                 let result = self.apply_entries(entries);
+                self.histograms.apply_batch.observe_duration(started.elapsed());
+                self.histograms.apply_batch_entries.observe(count);
                 self.progress.applied(bytes);
                 result?;
                 self.serve_due_reads()?;

@@ -12,6 +12,7 @@
 use super::apply::{ApplyLink, ApplyMsg, ReadJob};
 use super::config::NodeConfig;
 use super::error::{NodeError, Task};
+use super::histograms::NodeHistograms;
 use super::members::Members;
 use super::peers::{Peers, SnapshotReports};
 use super::request::{Consistency, ReadReply, RequestError, WriteReply, await_answer};
@@ -22,7 +23,7 @@ use crate::raft::{
 };
 use crate::storage::{Store, StoreError};
 use crate::wire::{Payload, encode_payload, pb};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -213,6 +214,10 @@ pub(super) struct CoreTask {
     /// The last timestamp stamped into an entry; stamps never go back.
     last_stamp_ms: u64,
     proposals: Vec<(Payload, oneshot::Sender<Result<WriteReply, RequestError>>)>,
+    /// Batches proposed while leading and not yet seen committed: the last
+    /// index of each, when it was proposed and how many entries it held.
+    uncommitted: VecDeque<(Index, Instant, u64)>,
+    histograms: Arc<NodeHistograms>,
 }
 
 impl CoreTask {
@@ -225,6 +230,7 @@ impl CoreTask {
         members: Arc<Members>,
         peers: Peers,
         apply: ApplyLink,
+        histograms: Arc<NodeHistograms>,
     ) -> (CoreTask, CoreHandle, CoreInbox) {
         let view = LeadershipView { role: raft.role(), term: raft.term(), leader: raft.leader() };
         let (leadership, leadership_rx) = watch::channel(view);
@@ -248,6 +254,8 @@ impl CoreTask {
             next_read_ctx: 0,
             last_stamp_ms: 0,
             proposals: Vec::new(),
+            uncommitted: VecDeque::new(),
+            histograms,
         };
         (task, handle, rx)
     }
@@ -330,13 +338,13 @@ impl CoreTask {
                     );
                     let (done, installed) = oneshot::channel();
                     self.send_apply(ApplyMsg::InstallSnapshot { snapshot, done })?;
-                    let store = self.store.clone();
+                    let (store, histograms) = (self.store.clone(), self.histograms.clone());
                     let (entries, hard_state) = (ready.entries, ready.hard_state);
                     let write = Box::pin(async move {
                         // The apply task drops `done` when the install fails,
                         // and stops: its own error says why.
                         installed.await.map_err(|_| NodeError::TaskLost(Task::Apply))?;
-                        persisted(tokio::task::spawn_blocking(move || store.persist(&entries, hard_state.as_ref())))
+                        persisted(tokio::task::spawn_blocking(move || timed_persist(&store, &entries, hard_state.as_ref(), &histograms)))
                             .await
                     });
                     persisting = Some((rest, write));
@@ -349,9 +357,11 @@ impl CoreTask {
                     }
                     self.after_persist(rest)?;
                 } else {
-                    let store = self.store.clone();
+                    let (store, histograms) = (self.store.clone(), self.histograms.clone());
                     let (entries, hard_state) = (ready.entries, ready.hard_state);
-                    let write = tokio::task::spawn_blocking(move || store.persist(&entries, hard_state.as_ref()));
+                    let write = tokio::task::spawn_blocking(move || {
+                        timed_persist(&store, &entries, hard_state.as_ref(), &histograms)
+                    });
                     persisting = Some((rest, Box::pin(persisted(write))));
                 }
             }
@@ -449,6 +459,8 @@ impl CoreTask {
         match self.raft.propose(payloads) {
             Ok(proposed) => {
                 self.last_stamp_ms = stamp;
+                let count = replies.len() as u64;
+                self.uncommitted.push_back((proposed.first_index + count - 1, Instant::now(), count));
                 for (offset, reply) in replies.into_iter().enumerate() {
                     let index = proposed.first_index + offset as u64;
                     self.send_apply(ApplyMsg::Await { index, term: proposed.term, reply })?;
@@ -578,7 +590,8 @@ impl CoreTask {
     /// Steps 2-5 of the Ready contract, once step 1 (persist) is done.
     fn after_persist(&mut self, rest: AfterPersist) -> Result<(), NodeError> {
         self.peers.send(rest.persisted_messages);
-        if !rest.committed_entries.is_empty() {
+        if let Some(last) = rest.committed_entries.last() {
+            self.observe_commits(last.index);
             let bytes: u64 = rest.committed_entries.iter().map(Entry::size_bytes).sum();
             self.apply.progress.handed_out(bytes);
             self.send_apply(ApplyMsg::Committed { entries: rest.committed_entries, bytes })?;
@@ -597,6 +610,18 @@ impl CoreTask {
         Ok(())
     }
 
+    /// Counts the proposals committed up to `committed` (their whole batch
+    /// took the same time to commit).
+    fn observe_commits(&mut self, committed: Index) {
+        while let Some(&(last, proposed_at, count)) = self.uncommitted.front() {
+            if last > committed {
+                break;
+            }
+            self.uncommitted.pop_front();
+            self.histograms.propose_to_commit.observe_many(duration_ns(proposed_at.elapsed()), count);
+        }
+    }
+
     /// The core drops its ReadIndex rounds and a new leader may overwrite
     /// uncommitted proposals: fail what waits on them, so clients retry.
     fn on_leadership_change(&mut self, role: Role, leader: Option<NodeId>) {
@@ -606,6 +631,7 @@ impl CoreTask {
             let _ = read.reply.send(Err(RequestError::LeadershipChanged));
         }
         if was.role == Role::Leader && role != Role::Leader {
+            self.uncommitted.clear();
             // Best effort: if the apply task is gone the node is stopping anyway.
             let _ = self.apply.tx.send(ApplyMsg::LeadershipLost);
         }
@@ -632,6 +658,26 @@ impl CoreTask {
 }
 
 /// The outcome of a persist running on a blocking thread.
+/// Appends to the log and counts how long the append (and its fsync) took.
+fn timed_persist(
+    store: &Store,
+    entries: &[Entry],
+    hard_state: Option<&HardState>,
+    histograms: &NodeHistograms,
+) -> Result<(), StoreError> {
+    let started = Instant::now();
+    store.persist(entries, hard_state)?;
+    histograms.persist.observe_duration(started.elapsed());
+    if !entries.is_empty() {
+        histograms.persist_entries.observe(entries.len() as u64);
+    }
+    Ok(())
+}
+
+fn duration_ns(elapsed: Duration) -> u64 {
+    u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX)
+}
+
 async fn persisted(write: JoinHandle<Result<(), StoreError>>) -> Result<(), NodeError> {
     write.await.map_err(|_| NodeError::TaskLost(Task::Storage))?.map_err(NodeError::from)
 }

@@ -13,6 +13,7 @@ use super::error::{NodeError, Task};
 use super::join::join;
 use super::members::Members;
 use super::modules::{BuiltIn, ModuleRegistry};
+use super::histograms::NodeHistograms;
 use super::peers::{Peers, SnapshotCounters, SnapshotReports};
 use super::request::RequestError;
 use super::shutdown::{Shutdown, ShutdownSignal};
@@ -57,6 +58,8 @@ pub struct NodeHandles {
     pub store: Store,
     /// Free space on the data disk: below the reserve, no new entries.
     pub disk: Arc<DiskSpace>,
+    /// Latencies and batch sizes of the write path, for metrics.
+    pub histograms: Arc<NodeHistograms>,
 }
 
 /// A running node. Dropping it does not stop it; call [`Node::shutdown`]
@@ -87,12 +90,14 @@ impl Node {
         let raft = open_raft(&config, &store)?;
 
         let shutdown = Shutdown::new();
-        let (apply_link, applied, apply) = apply::spawn(applier, config.id, config.request_timeout, shutdown.clone())?;
+        let histograms = Arc::new(NodeHistograms::default());
+        let (apply_link, applied, apply) =
+            apply::spawn(applier, histograms.clone(), config.id, config.request_timeout, shutdown.clone())?;
         let snapshots = Arc::new(SnapshotCounters::default());
         let (peers, snapshot_reports) =
             Peers::new(&config.cluster_id, members.clone(), store.clone(), snapshots.clone());
         let (core_task, core, inbox) =
-            CoreTask::new(raft, store.clone(), config.clone(), members.clone(), peers, apply_link);
+            CoreTask::new(raft, store.clone(), config.clone(), members.clone(), peers, apply_link, histograms.clone());
         let core_task = spawn_core(core_task, inbox, snapshot_reports, shutdown.clone());
         tokio::spawn(sweep_idle_modules(modules.clone(), shutdown.signal()));
 
@@ -100,7 +105,7 @@ impl Node {
         tokio::spawn(deployer.clone().expire_abandoned_uploads(shutdown.signal()));
         let disk = Arc::new(DiskSpace::new(config.min_free_disk_bytes));
         tokio::spawn(disk::watch(disk.clone(), config.data_dir.clone(), shutdown.signal()));
-        let handles = NodeHandles { core, applied, deployer, modules, members, snapshots, store, disk };
+        let handles = NodeHandles { core, applied, deployer, modules, members, snapshots, store, disk, histograms };
         let node = Node { config, handles, shutdown, core: core_task, apply };
         node.join_if_asked();
         Ok(node)

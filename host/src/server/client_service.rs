@@ -608,21 +608,32 @@ impl MetricsSource for ClientService {
 
     async fn render(&self) -> Result<String, String> {
         let status = self.status_now().await.map_err(|status| status.message().to_string())?;
-        Ok(super::metrics::render(&status, &self.counters, &self.node.snapshots, &self.peers, self.pending() as u64))
+        Ok(super::metrics::render(
+            &status,
+            &self.counters,
+            &self.node.snapshots,
+            &self.peers,
+            &self.node.histograms,
+            self.pending() as u64,
+        ))
     }
 }
 
 #[tonic::async_trait]
 impl Client for ClientService {
     async fn write(&self, request: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
+        let started = std::time::Instant::now();
         let result = self.handle_write(request).await;
-        self.counters.count(Method::Write, result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok));
+        let code = result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
+        self.counters.record(Method::Write, code, started.elapsed());
         result
     }
 
     async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadResponse>, Status> {
+        let started = std::time::Instant::now();
         let result = self.handle_read(request).await;
-        self.counters.count(Method::Read, result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok));
+        let code = result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
+        self.counters.record(Method::Read, code, started.elapsed());
         result
     }
 

@@ -4,7 +4,8 @@
 //! (client requests by method and gRPC code) are kept by the client service,
 //! and snapshot transfers by the node.
 
-use crate::node::{ShutdownSignal, SnapshotCounters};
+use crate::histogram::{Histogram, write_header};
+use crate::node::{NodeHistograms, ShutdownSignal, SnapshotCounters};
 use crate::wire::client_pb::StatusResponse;
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -23,22 +24,22 @@ const METHODS: [&str; 2] = ["write", "read"];
 /// gRPC codes 0 (OK) to 16.
 const CODES: usize = 17;
 
-/// Counters of the client API.
+/// Counters and latencies of the client API, by method and gRPC code.
 pub struct RequestCounters {
-    by_method_and_code: [[AtomicU64; CODES]; 2],
+    by_method_and_code: [[Histogram; CODES]; 2],
 }
 
 impl Default for RequestCounters {
     fn default() -> RequestCounters {
-        RequestCounters { by_method_and_code: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))) }
+        RequestCounters { by_method_and_code: std::array::from_fn(|_| std::array::from_fn(|_| Histogram::durations())) }
     }
 }
 
 impl RequestCounters {
-    /// Counts one answered request.
-    pub fn count(&self, method: Method, code: Code) {
+    /// Counts one answered request and how long it took to answer.
+    pub fn record(&self, method: Method, code: Code, elapsed: std::time::Duration) {
         let code = (code as usize).min(CODES - 1);
-        self.by_method_and_code[method as usize][code].fetch_add(1, Ordering::Relaxed);
+        self.by_method_and_code[method as usize][code].observe_duration(elapsed);
     }
 }
 
@@ -56,6 +57,7 @@ pub fn render(
     counters: &RequestCounters,
     snapshots: &SnapshotCounters,
     peers: &PeerCounters,
+    histograms: &NodeHistograms,
     pending: u64,
 ) -> String {
     let mut out = String::with_capacity(4096);
@@ -150,15 +152,26 @@ pub fn render(
     }
     let _ = writeln!(out, "# HELP raft_host_client_requests_total Client requests answered, by method and gRPC code.");
     let _ = writeln!(out, "# TYPE raft_host_client_requests_total counter");
-    for (m, method) in METHODS.iter().enumerate() {
-        for code in 0..CODES {
-            let value = counters.by_method_and_code[m][code].load(Ordering::Relaxed);
-            if value > 0 || code == 0 {
-                let code = format!("{:?}", Code::from(code as i32));
-                let _ = writeln!(out, "raft_host_client_requests_total{{method=\"{method}\",code=\"{code}\"}} {value}");
-            }
+    // Series for codes never answered are left out, except OK.
+    let answered = |m: usize| {
+        (0..CODES).filter(move |&code| code == 0 || counters.by_method_and_code[m][code].count() > 0).map(move |code| {
+            (code, format!("method=\"{}\",code=\"{:?}\"", METHODS[m], Code::from(code as i32)))
+        })
+    };
+    for m in 0..METHODS.len() {
+        for (code, labels) in answered(m) {
+            let value = counters.by_method_and_code[m][code].count();
+            let _ = writeln!(out, "raft_host_client_requests_total{{{labels}}} {value}");
         }
     }
+    let name = "raft_host_client_request_duration_seconds";
+    write_header(&mut out, name, "Time to answer a client request, by method and gRPC code.");
+    for m in 0..METHODS.len() {
+        for (code, labels) in answered(m) {
+            counters.by_method_and_code[m][code].render(&mut out, name, &labels);
+        }
+    }
+    histograms.render(&mut out);
     out
 }
 
