@@ -7,10 +7,8 @@
 //! - ready (`/readyz`): serving, and applied within [`READY_LAG_MAX`]
 //!   entries of its commit index, so a read it serves is not far behind.
 
-use super::client_service::ClientService;
 use crate::node::ShutdownSignal;
 use crate::wire::client_pb::StatusResponse;
-use std::sync::Arc;
 use std::time::Duration;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -49,12 +47,16 @@ pub fn ready(status: &StatusResponse) -> Result<(), String> {
 }
 
 /// Keeps the health service's statuses (the whole server, "", and the
-/// client API) in step with the member until it stops, then reports
-/// NOT_SERVING.
-pub(super) async fn report(reporter: HealthReporter, clients: Arc<ClientService>, mut stop: ShutdownSignal) {
+/// client API) in step with the member's `status` (`None`: it cannot say)
+/// until it stops, then reports NOT_SERVING.
+pub(super) async fn report<F, Fut>(reporter: HealthReporter, status: F, mut stop: ShutdownSignal)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<StatusResponse>>,
+{
     let mut last = None;
     loop {
-        let now = match clients.status_now().await.ok() {
+        let now = match status().await {
             Some(status) if serving(&status).is_ok() => ServingStatus::Serving,
             _ => ServingStatus::NotServing,
         };

@@ -98,7 +98,12 @@ impl Server {
             bound
         });
         let (reporter, health) = tonic_health::server::health_reporter();
-        tokio::spawn(health::report(reporter, clients.clone(), node.shutdown_signal()));
+        let source = clients.clone();
+        let status = move || {
+            let source = source.clone();
+            async move { source.status_now().await.ok() }
+        };
+        tokio::spawn(health::report(reporter, status, node.shutdown_signal()));
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(client_pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
