@@ -7,10 +7,10 @@
 //! answer is applied once (the member answers it from the session table).
 
 use crate::wire::client_pb::{
-    self, ActivateRequest, ActivateResponse, ChangeMembershipRequest, DeployProgress, DeployRequest, MembersRequest,
+    self, ActivateRequest, ActivateResponse, BackupChunk, BackupHeader, BackupRequest, ChangeMembershipRequest, DeployProgress, DeployRequest, MembersRequest,
     MembersResponse, MembershipChange, ModulesRequest, ModulesResponse, ReadRequest, ReadResponse, RemoveModuleRequest,
     SetOfflineRequest, SetOfflineResponse, StatusRequest, StatusResponse, TransferLeaderRequest,
-    TransferLeaderResponse, WriteRequest, WriteResponse, client_client::ClientClient,
+    TransferLeaderResponse, WriteRequest, WriteResponse, backup_chunk, client_client::ClientClient,
 };
 use crate::wire::{LEADER_ADDR_KEY, NO_RETRY_KEY, Transport, client_pb::outcome};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -288,6 +288,21 @@ impl ClusterClient {
     pub async fn set_offline(&mut self, at: usize, offline: bool) -> Result<SetOfflineResponse, ClientError> {
         let mut client = self.channel(at)?;
         call_once(CALL_TIMEOUT, client.set_offline(SetOfflineRequest { offline })).await
+    }
+
+    /// Opens a consistent backup at the first member that serves one (it
+    /// includes every write acknowledged before the call): its header, and
+    /// the stream of messages with its records that follows.
+    pub async fn backup(&mut self) -> Result<(BackupHeader, tonic::Streaming<BackupChunk>), ClientError> {
+        let mut stream = self.retry(|mut client| async move { client.backup(BackupRequest {}).await }).await?;
+        match stream.message().await {
+            Ok(Some(BackupChunk { part: Some(backup_chunk::Part::Header(header)) })) => Ok((header, stream)),
+            Ok(_) => Err(ClientError::Refused {
+                code: Code::Internal,
+                message: "the backup stream did not start with its header".into(),
+            }),
+            Err(status) => Err(ClientError::Refused { code: status.code(), message: status.message().to_string() }),
+        }
     }
 
     /// The status of the first member that answers, trying each once.

@@ -13,6 +13,7 @@ mod endpoint;
 mod members;
 mod modules;
 mod serve;
+mod snapshot;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -91,6 +92,10 @@ enum Command {
     /// world and compiles under the host's limits, as a deploy would, and
     /// prints its hash and size. Without a path, checks the built-in kv guest.
     Validate(ValidateArgs),
+    /// Backs a cluster up to a file, says what a backup holds, and builds a
+    /// new cluster's data directories from one (after losing quorum, or to
+    /// copy a cluster).
+    Snapshot(snapshot::SnapshotArgs),
     /// Makes a cluster's certificates without openssl: its CA, a member's
     /// certificate (id and addresses), a client's (name and role).
     Certs(certs::CertsArgs),
@@ -137,6 +142,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo::demo(&args),
         Command::Validate(args) => demo::validate(&args),
         Command::Certs(args) => certs::certs(args),
+        Command::Snapshot(args) => snapshot::snapshot(args),
     }
 }
 

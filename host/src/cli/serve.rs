@@ -274,7 +274,7 @@ impl ServeArgs {
 }
 
 /// `ID=HOST:PORT` pairs, given with `flag`.
-fn parse_peers(specs: &[String], flag: &str) -> anyhow::Result<BTreeMap<NodeId, String>> {
+pub(super) fn parse_peers(specs: &[String], flag: &str) -> anyhow::Result<BTreeMap<NodeId, String>> {
     let mut peers = BTreeMap::new();
     for spec in specs {
         let (id, address) = spec.split_once('=').with_context(|| format!("{flag} {spec:?}: expected ID=HOST:PORT"))?;

@@ -17,7 +17,7 @@ use super::histograms::NodeHistograms;
 use super::members::{Members, Membership};
 use super::module_apply::{ModuleApply, Outcome};
 use super::modules::ModuleRegistry;
-use super::request::{ReadReply, RequestError, WriteReply, await_answer};
+use super::request::{BARRIER, ReadReply, RequestError, WriteReply, await_answer};
 use super::sessions::{Admission, SessionLimits, Sessions, session_reply};
 use super::shutdown::Shutdown;
 use crate::raft::{ConfChangeEntry, Entry, EntryKind, Index, NodeId, SnapshotMeta, Term};
@@ -557,6 +557,10 @@ impl Applier {
     }
 
     fn serve_read(&mut self, job: ReadJob) -> Result<(), ApplyError> {
+        if job.state_machine == BARRIER {
+            let _ = job.reply.send(Ok(ReadReply { outcome: Ok(Vec::new()), index: self.applied.0 }));
+            return Ok(());
+        }
         let Some(machine) = self.machines.get_mut(&job.state_machine) else {
             let _ = job.reply.send(Err(RequestError::UnknownStateMachine(job.state_machine)));
             return Ok(());

@@ -15,7 +15,7 @@ use super::error::{NodeError, Task};
 use super::histograms::NodeHistograms;
 use super::members::Members;
 use super::peers::{Peers, SnapshotReports};
-use super::request::{Consistency, ReadReply, RequestError, WriteReply, await_answer};
+use super::request::{BARRIER, Consistency, ReadReply, RequestError, WriteReply, await_answer};
 use super::shutdown::ShutdownSignal;
 use crate::raft::{
     ConfChange, ConfState, Entry, HardState, Index, LogStore, Message, NodeId, ProposeError, Raft, RaftError,
@@ -121,6 +121,15 @@ impl CoreHandle {
         consistency: Consistency,
     ) -> Result<ReadReply, RequestError> {
         self.ask(|reply| CoreMsg::Read(ReadRequest { state_machine, query, consistency, reply })).await?
+    }
+
+    /// Waits until this member has applied everything committed when it was
+    /// called (a ReadIndex round confirms the leader's commit index first);
+    /// the applied index it reached. What this member then reads of its
+    /// store includes every write acknowledged before the call.
+    pub async fn barrier(&self) -> Result<Index, RequestError> {
+        let reply = self.read(BARRIER.to_string(), Vec::new(), Consistency::Linearizable).await?;
+        Ok(reply.index)
     }
 
     /// Proposes a membership change and waits until it is applied here.

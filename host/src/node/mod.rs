@@ -53,4 +53,4 @@ pub use self::peers::SnapshotCounters;
 pub use self::request::{Consistency, ReadReply, RequestError, WriteReply};
 pub use self::sessions::{REPLIES_PER_SESSION, SessionDecodeError, SessionLimits};
 pub use self::shutdown::{Shutdown, ShutdownSignal};
-pub use self::start::{Node, NodeHandles};
+pub use self::start::{Node, NodeHandles, built_in_state_machines};

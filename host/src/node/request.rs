@@ -66,6 +66,11 @@ pub struct WriteReply {
     pub term: u64,
 }
 
+/// The state machine name a read barrier goes by: no guest is asked, the
+/// read only waits for its index to be applied. No state machine has it
+/// (names are never empty).
+pub(super) const BARRIER: &str = "";
+
 /// What the state machine answered to a read, and the applied index it saw.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReadReply {

@@ -32,6 +32,12 @@ use tokio::task::JoinHandle;
 const BUILT_IN_STATE_MACHINES: &[BuiltIn] =
     &[BuiltIn { name: "kv", bytes: raft_guests::KV }, BuiltIn { name: "counter", bytes: raft_guests::COUNTER }];
 
+/// The names of the state machines built into the binary (every member
+/// runs them until a deploy replaces them).
+pub fn built_in_state_machines() -> impl Iterator<Item = &'static str> {
+    BUILT_IN_STATE_MACHINES.iter().map(|built_in| built_in.name)
+}
+
 /// How long a loaded module version that nothing runs may go unasked for
 /// before its compiled code is freed.
 const IDLE_MODULE_KEPT: Duration = Duration::from_secs(600);

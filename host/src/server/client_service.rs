@@ -20,11 +20,11 @@ use crate::process;
 use crate::raft::{ConfChange, ConfChangeKind, NodeId, Role};
 use crate::wire::client_pb::client_server::Client;
 use crate::wire::client_pb::{
-    self, ActivateRequest, ActivateResponse, ChangeMembershipRequest, DeployProgress, DeployRequest, LeadershipEvent,
+    self, ActivateRequest, ActivateResponse, BackupChunk, BackupHeader, BackupRequest, ChangeMembershipRequest, DeployProgress, DeployRequest, LeadershipEvent,
     Member, MembersRequest, MembersResponse, MembershipChange, ModuleVersionInfo, ModulesRequest, ModulesResponse,
     ReadRequest, ReadResponse, RemoveModuleRequest, RemoveModuleResponse, SetOfflineRequest, SetOfflineResponse,
     StateMachineStatus, StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse, WatchRequest,
-    WriteRequest, WriteResponse, client_client::ClientClient, outcome,
+    WriteRequest, WriteResponse, backup_chunk, client_client::ClientClient, outcome,
 };
 use crate::wire::{
     ClientRole, FORWARDED_KEY, LEADER_ADDR_KEY, LEADER_ID_KEY, NO_RETRY_KEY, Principal, REQUEST_ID_KEY,
@@ -361,6 +361,13 @@ fn members_pb(membership: &Membership) -> Vec<Member> {
 
 type WatchEvents = Pin<Box<dyn Stream<Item = Result<LeadershipEvent, Status>> + Send>>;
 type DeployEvents = Pin<Box<dyn Stream<Item = Result<DeployProgress, Status>> + Send>>;
+type BackupChunks = Pin<Box<dyn Stream<Item = Result<BackupChunk, Status>> + Send>>;
+
+/// Bytes of records per backup message.
+const BACKUP_CHUNK_BYTES: usize = 1 << 20;
+
+/// Backup messages queued for a slow client: the memory a backup holds.
+const BACKUP_QUEUE: usize = 4;
 
 /// Progress messages queued for a deploy's client; past it, progress is
 /// dropped (the final message never is).
@@ -731,6 +738,76 @@ impl Client for ClientService {
             })
             .collect();
         Ok(Response::new(ModulesResponse { versions }))
+    }
+
+    type BackupStream = BackupChunks;
+
+    async fn backup(&self, request: Request<BackupRequest>) -> Result<Response<Self::BackupStream>, Status> {
+        require(&request, ClientRole::Admin, "a backup")?;
+        let span = tracing::info_span!("backup", request = %request_id(&request));
+        let reader = async {
+            // Everything acknowledged before this call is applied here
+            // before the view is taken.
+            let index = self.node.core.barrier().await.map_err(status_of)?;
+            let store = self.node.store.clone();
+            let reader = tokio::task::spawn_blocking(move || {
+                let reader = store.snapshot_reader()?;
+                let total = reader.total_bytes()?;
+                Ok::<_, crate::storage::StoreError>((reader, total))
+            })
+            .await
+            .map_err(|_| Status::internal("the backup's reader thread was lost"))?
+            .map_err(|e| Status::internal(format!("reading the store for a backup: {e}")))?;
+            tracing::info!(barrier = index, index = reader.0.meta().index, bytes = reader.1, "backup started");
+            Ok::<_, Status>(reader)
+        }
+        .instrument(span.clone())
+        .await?;
+        let (reader, total_bytes) = reader;
+        let meta = reader.meta().clone();
+        let header = BackupHeader {
+            format: crate::storage::BACKUP_FORMAT,
+            cluster: self.config.node.cluster_id.clone(),
+            member_id: self.config.node.id,
+            index: meta.index,
+            term: meta.term,
+            voters: meta.conf_state.voters.iter().copied().collect(),
+            learners: meta.conf_state.learners.iter().copied().collect(),
+            voters_outgoing: meta.conf_state.voters_outgoing.iter().copied().collect(),
+            total_bytes,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            created_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        };
+        let (tx, rx) = mpsc::channel(BACKUP_QUEUE);
+        let idle = self.config.node.stream_idle_timeout;
+        let runtime = tokio::runtime::Handle::current();
+        // A client that stops reading holds the view (and the disk space of
+        // what it still sees) only until the idle timeout.
+        let send = move |chunk: Result<BackupChunk, Status>| {
+            runtime.block_on(async { matches!(tokio::time::timeout(idle, tx.send(chunk)).await, Ok(Ok(()))) })
+        };
+        tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            if !send(Ok(BackupChunk { part: Some(backup_chunk::Part::Header(header)) })) {
+                return;
+            }
+            let mut sent = true;
+            let streamed = reader.for_each_chunk(BACKUP_CHUNK_BYTES, |records| {
+                sent = send(Ok(BackupChunk { part: Some(backup_chunk::Part::Records(records)) }));
+                sent
+            });
+            match streamed {
+                Err(error) => {
+                    tracing::warn!(%error, "backup failed");
+                    send(Err(Status::internal(format!("reading the store for a backup: {error}"))));
+                }
+                Ok(()) if !sent => tracing::warn!(idle = ?idle, "backup abandoned: the client stopped reading"),
+                Ok(()) => tracing::info!(bytes = total_bytes, "backup streamed"),
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     type WatchStream = WatchEvents;

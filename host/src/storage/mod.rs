@@ -30,12 +30,14 @@
 //!   inconsistent directory is refused with an error naming the directory and
 //!   the index or key.
 
+mod backup;
 mod codec;
 mod identity;
 mod membership;
 mod modules;
 mod snapshot;
 
+pub use self::backup::{BACKUP_FORMAT, BackupError, BackupFile, BackupWriter};
 pub use self::identity::{FORMAT_VERSION, IDENTITY_FILE, Identity};
 pub use self::membership::{MemberRole, Membership};
 pub use self::modules::{ModuleKey, StoredVersion};
@@ -107,6 +109,8 @@ pub enum StoreError {
     InvalidSnapshot { index: Index, why: String },
     #[error("snapshot ({index}, {term}) is not completely staged, so it cannot be installed")]
     SnapshotNotStaged { index: Index, term: Term },
+    #[error("data directory {dir} already holds a log or state; restore into a new, empty directory")]
+    NotEmpty { dir: PathBuf },
 }
 
 impl From<StoreError> for StorageError {
@@ -635,6 +639,25 @@ impl Store {
             hasher.update(&value);
         }
         Ok(hasher.finalize().into())
+    }
+
+    /// The state machines that hold any state, by name, with how many keys
+    /// each holds.
+    pub fn state_machines_with_state(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut out: Vec<(String, u64)> = Vec::new();
+        for guard in self.inner.state.iter() {
+            let key = guard.key().map_err(|e| self.inner.db_error(e))?;
+            let name = key
+                .split_first()
+                .and_then(|(&len, rest)| rest.get(..len as usize))
+                .and_then(|name| std::str::from_utf8(name).ok())
+                .ok_or_else(|| self.inner.corrupt(format!("state key {:?} names no state machine", &key[..])))?;
+            match out.last_mut() {
+                Some((last, keys)) if last == name => *keys += 1,
+                _ => out.push((name.to_string(), 1)),
+            }
+        }
+        Ok(out)
     }
 
     /// A client's session record.

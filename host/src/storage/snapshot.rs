@@ -46,6 +46,10 @@ const SNAPSHOT_META_KEYS: [&[u8]; 5] = [META_APPLIED, META_APPLY_CLOCK, META_CON
 /// A record's tag and its two lengths.
 const RECORD_FRAMING_BYTES: usize = 9;
 
+/// The largest key or value a record may carry when read from a file (a
+/// state value is at most 4 MiB, a module chunk 1 MiB).
+const RECORD_PART_BYTES_MAX: u64 = 64 << 20;
+
 /// Records copied per batch while installing, so a large state never sits
 /// in one batch in memory.
 const INSTALL_BATCH_BYTES: usize = 8 << 20;
@@ -354,6 +358,71 @@ impl Store {
         Ok(())
     }
 
+    /// Fills this store, which must be new and empty, from the records of a
+    /// snapshot taken at `meta` (a backup file's). With `replace`, the new
+    /// cluster's membership (as `raft-host snapshot restore` names it) takes
+    /// the place of the one the records carry; ids the old cluster removed
+    /// stay removed unless `replace` names them as members. Goes through the
+    /// same staging and install as a snapshot from a leader, and leaves the
+    /// hard state at the snapshot's term, so members restored alike hold
+    /// identical state at the same index and elect a leader from there.
+    pub fn restore_records(
+        &self,
+        mut meta: SnapshotMeta,
+        records: &mut dyn std::io::Read,
+        total_bytes: u64,
+        replace: Option<&super::Membership>,
+    ) -> Result<(), StoreError> {
+        let (last_index, applied) = {
+            let cached = self.inner.lock();
+            (cached.last_index, cached.applied.0)
+        };
+        if last_index > 0 || applied > 0 || !self.conf_state().voters.is_empty() {
+            return Err(StoreError::NotEmpty { dir: self.inner.dir.clone() });
+        }
+        if let Some(membership) = replace {
+            meta.conf_state = membership.conf.clone();
+        }
+        let (index, term) = (meta.index, meta.term);
+        let StagingStart::Fresh(mut staging) = self.begin_staging(meta.clone())? else {
+            return Err(StoreError::NotEmpty { dir: self.inner.dir.clone() });
+        };
+        let invalid = |why: String| StoreError::InvalidSnapshot { index, why };
+        let mut left = total_bytes;
+        let mut chunk = Vec::new();
+        let mut old_removed = std::collections::BTreeSet::new();
+        while left > 0 {
+            let (tag, key, value) = read_record(records, &mut left).map_err(invalid)?;
+            let is_membership = tag == TAG_META && [META_CONF_STATE, META_MEMBERS, META_REMOVED].contains(&&*key);
+            if replace.is_some() && is_membership {
+                if key == META_REMOVED {
+                    old_removed = codec::decode_ids(&value)
+                        .map_err(|codec::DecodeError(why)| invalid(format!("its removed members: {why}")))?;
+                }
+            } else {
+                push_record(&mut chunk, tag, &key, &value);
+            }
+            if chunk.len() >= INSTALL_BATCH_BYTES {
+                staging.write_chunk(&chunk)?;
+                chunk.clear();
+            }
+        }
+        if let Some(membership) = replace {
+            let members = membership.conf.members();
+            let removed: std::collections::BTreeSet<_> =
+                old_removed.union(&membership.removed).filter(|id| !members.contains(id)).copied().collect();
+            push_record(&mut chunk, TAG_META, META_CONF_STATE, &codec::encode_conf_state(&membership.conf));
+            push_record(&mut chunk, TAG_META, META_MEMBERS, &codec::encode_members(&membership.addresses));
+            if !removed.is_empty() {
+                push_record(&mut chunk, TAG_META, META_REMOVED, &codec::encode_ids(&removed));
+            }
+        }
+        staging.write_chunk(&chunk)?;
+        let meta = staging.finish()?;
+        self.install_snapshot(&meta)?;
+        self.persist(&[], Some(&crate::raft::HardState { term, vote: None, commit: index }))
+    }
+
     fn remove_replicated_modules(&self) -> Result<(), StoreError> {
         let inner = &self.inner;
         let mut batch = inner.db.batch();
@@ -365,6 +434,30 @@ impl Store {
         }
         batch.commit().map_err(|e| inner.db_error(e))
     }
+}
+
+/// Reads one whole record of a snapshot stream from `input`, of which
+/// `left` bytes remain (and are counted down).
+fn read_record(input: &mut dyn std::io::Read, left: &mut u64) -> Result<(u8, Vec<u8>, Vec<u8>), String> {
+    let cut = |e: std::io::Error| format!("the records end early ({e})");
+    let mut take = |len: u64, left: &mut u64| -> Result<Vec<u8>, String> {
+        if len > *left {
+            return Err(format!("a record of {len} bytes runs past the {left} bytes announced"));
+        }
+        if len > RECORD_PART_BYTES_MAX {
+            return Err(format!("a record's part of {len} bytes is above {RECORD_PART_BYTES_MAX} bytes"));
+        }
+        *left -= len;
+        let mut out = vec![0u8; len as usize];
+        input.read_exact(&mut out).map_err(cut)?;
+        Ok(out)
+    };
+    let tag = take(1, left)?[0];
+    let key_len = u32::from_be_bytes(take(4, left)?.try_into().expect("4 bytes"));
+    let key = take(u64::from(key_len), left)?;
+    let value_len = u32::from_be_bytes(take(4, left)?.try_into().expect("4 bytes"));
+    let value = take(u64::from(value_len), left)?;
+    Ok((tag, key, value))
 }
 
 fn push_record(out: &mut Vec<u8>, tag: u8, key: &[u8], value: &[u8]) {
