@@ -74,6 +74,8 @@ pub struct Member {
     pub address: String,
     pub data_dir: PathBuf,
     pub log: PathBuf,
+    /// Where it serves /metrics, /healthz and /readyz.
+    pub metrics: String,
     settings: Settings,
     process: Option<Child>,
     /// Joins a running cluster through this address instead of bootstrapping.
@@ -101,6 +103,9 @@ pub struct Cluster {
     /// Whether members start with fault hooks (`RAFT_HOST_FAULTS`), one
     /// directory each under the root.
     faults: bool,
+    /// Environment variables every member starts with (after the harness's
+    /// own, so they may replace `RUST_LOG`).
+    env: Vec<(String, String)>,
 }
 
 /// Runs `raft-host certs ARGS`, which must succeed.
@@ -232,6 +237,7 @@ impl Cluster {
                     address: format!("127.0.0.1:{}", free_port()),
                     data_dir: root.path().join(format!("node-{id}")),
                     log: root.path().join(format!("node-{id}.log")),
+                    metrics: format!("127.0.0.1:{}", free_port()),
                     settings,
                     process: None,
                     join: None,
@@ -248,7 +254,40 @@ impl Cluster {
             network: None,
             reserved: std::collections::BTreeMap::new(),
             faults: false,
+            env: Vec::new(),
         }
+    }
+
+    /// `size` members of cluster `cluster_id` over TLS, none started yet:
+    /// set their environment ([`Cluster::set_env`]) or fill their data
+    /// directories ([`Cluster::data_dir`]) first, then
+    /// [`Cluster::spawn_all`].
+    pub fn prepared(size: u64, cluster_id: &str, extra: &[&str]) -> Cluster {
+        Cluster::prepare(size, cluster_id, extra, true)
+    }
+
+    /// Starts every member that is not running.
+    pub fn spawn_all(&mut self) {
+        let idle: Vec<u64> = self.members.iter().filter(|m| m.process.is_none()).map(|m| m.id).collect();
+        for id in idle {
+            self.spawn(id);
+        }
+    }
+
+    /// Sets environment variable `key` for every member started from now on.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
+    }
+
+    /// The data directory of member `id`.
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self.member(id).data_dir.clone()
+    }
+
+    /// Where member `id` serves /metrics, /healthz and /readyz.
+    pub fn metrics_address(&self, id: u64) -> String {
+        self.member(id).metrics.clone()
     }
 
     fn member(&self, id: u64) -> &Member {
@@ -271,6 +310,7 @@ impl Cluster {
             address,
             data_dir: self.root.path().join(format!("node-{id}-{}", free_port())),
             log: self.root.path().join(format!("node-{id}.log")),
+            metrics: format!("127.0.0.1:{}", free_port()),
             settings: Settings::Flags,
             process: None,
             join: Some(join),
@@ -296,7 +336,7 @@ impl Cluster {
             None => self.members.iter().filter(|m| m.id != id).map(|m| format!("{}={}", m.id, m.address)).collect(),
         };
         let cluster_id = self.cluster_id.clone();
-        let extra = self.extra.clone();
+        let (extra, env) = (self.extra.clone(), self.env.clone());
         let config_path = self.root.path().join(format!("node-{id}.toml"));
         // A member's certificate, made on its first start.
         let tls = self.certs.as_ref().map(|dir| {
@@ -374,7 +414,10 @@ impl Cluster {
                 command.args(["--config", config_path.to_str().expect("utf-8 path")]);
             }
         }
-        command.args(&extra);
+        command.args(&extra).args(["--metrics-listen", &member.metrics]);
+        for (key, value) in &env {
+            command.env(key, value);
+        }
         for route in routes {
             command.args(["--route", &route]);
         }

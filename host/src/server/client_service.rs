@@ -491,13 +491,17 @@ impl ClientService {
             lowest_unanswered: write.lowest_unanswered,
         };
         match self.node.core.write(command).await {
-            Ok(reply) => Ok(Response::new(WriteResponse {
-                outcome: Some(outcome_pb(reply.outcome)),
-                index: reply.index,
-                term: reply.term,
-            })),
+            Ok(reply) => {
+                tracing::debug!(index = reply.index, term = reply.term, "write applied");
+                Ok(Response::new(WriteResponse {
+                    outcome: Some(outcome_pb(reply.outcome)),
+                    index: reply.index,
+                    term: reply.term,
+                }))
+            }
             Err(error) => match self.forward_target(&error, was_forwarded) {
                 Some((mut leader, address)) => {
+                    tracing::debug!(leader = %address, "forwarding the write to the leader");
                     let answer = self.forwarding(leader.write(forwarded(write, &id))).await?;
                     Ok(with_leader(answer, &address))
                 }
