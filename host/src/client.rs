@@ -7,10 +7,11 @@
 //! answer is applied once (the member answers it from the session table).
 
 use crate::wire::client_pb::{
-    self, ActivateRequest, ActivateResponse, BackupChunk, BackupHeader, BackupRequest, ChangeMembershipRequest, DeployProgress, DeployRequest, MembersRequest,
-    MembersResponse, MembershipChange, ModulesRequest, ModulesResponse, ReadRequest, ReadResponse, RemoveModuleRequest,
-    SetOfflineRequest, SetOfflineResponse, StatusRequest, StatusResponse, TransferLeaderRequest,
-    TransferLeaderResponse, WriteRequest, WriteResponse, backup_chunk, client_client::ClientClient,
+    self, ActivateRequest, ActivateResponse, BackupChunk, BackupHeader, BackupRequest, ChangeMembershipRequest,
+    DeployProgress, DeployRequest, MembersRequest, MembersResponse, MembershipChange, ModulesRequest, ModulesResponse,
+    ReadRequest, ReadResponse, RemoveModuleRequest, SetOfflineRequest, SetOfflineResponse, StatusRequest,
+    StatusResponse, TransferLeaderRequest, TransferLeaderResponse, WriteRequest, WriteResponse, backup_chunk,
+    client_client::ClientClient,
 };
 use crate::wire::{LEADER_ADDR_KEY, NO_RETRY_KEY, Transport, client_pb::outcome};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -422,6 +423,11 @@ async fn call_once<R>(
         Ok(Err(status)) => Err(ClientError::Refused { code: status.code(), message: status.message().to_string() }),
         Err(_) => Err(ClientError::GaveUp { attempts: 1, elapsed: limit, last: "timed out".into() }),
     }
+}
+
+/// Whether `address` is one a client can dial (host:port), without dialing.
+pub fn check_address(address: &str) -> Result<(), ClientError> {
+    endpoint(address).map(|_| ())
 }
 
 fn endpoint(address: &str) -> Result<Endpoint, ClientError> {

@@ -116,11 +116,8 @@ impl Histogram {
         let mut cumulative = 0u64;
         for (bound, bucket) in self.bounds.iter().zip(self.buckets.iter()) {
             cumulative += bucket.load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{{labels}{separator}le=\"{}\"}} {cumulative}",
-                self.format_value(*bound)
-            );
+            let _ =
+                writeln!(out, "{name}_bucket{{{labels}{separator}le=\"{}\"}} {cumulative}", self.format_value(*bound));
         }
         cumulative += self.buckets[self.bounds.len()].load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{{labels}{separator}le=\"+Inf\"}} {cumulative}");

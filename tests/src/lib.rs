@@ -302,7 +302,14 @@ impl Cluster {
     /// running cluster through member `through` (`serve --join`), with
     /// `extra` flags.
     pub fn join(&mut self, id: u64, through: u64, extra: &[&str]) {
-        let join = self.address(through);
+        let seeds = [self.address(through)];
+        self.join_through(id, &seeds, extra);
+    }
+
+    /// As [`Cluster::join`], with `--join` listing `seeds` (any of which may
+    /// be down, or not a member at all).
+    pub fn join_through(&mut self, id: u64, seeds: &[String], extra: &[&str]) {
+        let join = seeds.join(",");
         self.members.retain(|m| m.id != id);
         let address = self.reserved.remove(&id).unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
         let member = Member {

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use tokio_stream::StreamExt as _;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+use tonic_reflection::pb::v1::ServerReflectionRequest;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-use tonic_reflection::pb::v1::ServerReflectionRequest;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -83,8 +83,7 @@ fn health_reflection_probes_histograms_and_the_cluster_table_tell_an_operator_wh
         for id in 1..=3 {
             eventually(Duration::from_secs(10), "every member reports SERVING", || async move {
                 health_of(cluster_ref, id, "").await == Some(ServingStatus::Serving as i32)
-                    && health_of(cluster_ref, id, "raft.client.v1.Client").await
-                        == Some(ServingStatus::Serving as i32)
+                    && health_of(cluster_ref, id, "raft.client.v1.Client").await == Some(ServingStatus::Serving as i32)
             })
             .await;
         }
@@ -99,7 +98,8 @@ fn health_reflection_probes_histograms_and_the_cluster_table_tell_an_operator_wh
             MessageRequest::FileContainingSymbol("raft.client.v1.Client".into()),
         ];
         let requests = asks.map(|ask| ServerReflectionRequest { host: String::new(), message_request: Some(ask) });
-        let mut answers = reflection.server_reflection_info(tokio_stream::iter(requests)).await.expect("reflection").into_inner();
+        let mut answers =
+            reflection.server_reflection_info(tokio_stream::iter(requests)).await.expect("reflection").into_inner();
         let listed = match answers.next().await.expect("an answer").expect("listed").message_response {
             Some(MessageResponse::ListServicesResponse(list)) => {
                 list.service.into_iter().map(|s| s.name).collect::<Vec<_>>()
@@ -262,7 +262,8 @@ fn a_cluster_that_lost_its_quorum_is_rebuilt_from_a_backup_and_goes_on() {
             .output()
             .expect("certs");
         assert!(certs.status.success());
-        let mut writer = ClusterClient::with_transport(old.addresses(), tls_transport(&dir, "client-app")).expect("client");
+        let mut writer =
+            ClusterClient::with_transport(old.addresses(), tls_transport(&dir, "client-app")).expect("client");
         let refused = writer.backup().await.expect_err("a writer may not back up");
         assert_eq!(refused.code(), Some(tonic::Code::PermissionDenied), "{refused}");
         assert!(refused.to_string().contains("admin"), "{refused}");
@@ -390,4 +391,64 @@ fn a_cluster_that_lost_its_quorum_is_rebuilt_from_a_backup_and_goes_on() {
 fn run_and_return<T>(test: impl std::future::Future<Output = T>) -> T {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     runtime.block_on(async { tokio::time::timeout(LIMIT, test).await.expect("within the time limit") })
+}
+
+#[test]
+fn a_joiner_takes_a_list_of_seeds_says_when_none_answers_and_refuses_an_address_that_cannot_be_one() {
+    // An address that cannot be valid stops the member at start, naming it.
+    let scratch = tempfile::tempdir().expect("temporary directory");
+    let listen = format!("127.0.0.1:{}", raft_host_e2e::free_port());
+    let output = Command::new(raft_host_e2e::binary())
+        .args(["serve", "--id", "9", "--cluster", "ops-join", "--listen", &listen, "--plaintext", "true"])
+        .args(["--data-dir", scratch.path().join("data").to_str().expect("utf-8")])
+        .args(["--join", "127.0.0.1:7001,not-an-address"])
+        .output()
+        .expect("raft-host runs");
+    assert!(!output.status.success(), "an invalid seed is an error at start");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--join") && stderr.contains("not-an-address"), "{stderr}");
+
+    let mut cluster = Cluster::start(3, "ops-join");
+    run(LIMIT, async {
+        cluster.leader(Duration::from_secs(20)).await;
+        // The first seed is down; the second is a member.
+        let dead = format!("127.0.0.1:{}", raft_host_e2e::free_port());
+        cluster.join_through(4, &[dead.clone(), cluster.address(2)], &[]);
+        let cluster_ref = &cluster;
+        eventually(Duration::from_secs(30), "member 4 joins and is promoted", || async move {
+            let members = cluster_ref.client_of(1).members().await;
+            members.is_ok_and(|m| m.members.iter().any(|m| m.id == 4 && m.kind == "voter"))
+        })
+        .await;
+
+        // No seed answers: the joiner says which and why while it retries.
+        cluster.join_through(5, std::slice::from_ref(&dead), &[]);
+        let (cluster_ref, dead) = (&cluster, &dead);
+        eventually(Duration::from_secs(30), "the joiner logs what it could not reach", || async move {
+            let log = cluster_ref.log_of(5);
+            log.contains("no seed has done the membership change yet") && log.contains(dead.as_str())
+        })
+        .await;
+    });
+}
+
+#[test]
+fn completions_for_bash_zsh_and_fish_name_every_command_and_bash_parses_them() {
+    for shell in ["bash", "zsh", "fish"] {
+        let output = Command::new(raft_host_e2e::binary()).args(["completions", shell]).output().expect("runs");
+        assert!(output.status.success(), "{shell}: {}", String::from_utf8_lossy(&output.stderr));
+        let script = stdout_of(&output);
+        for command in ["serve", "snapshot", "endpoint", "members", "completions"] {
+            assert!(script.contains(command), "{shell} completes {command}");
+        }
+        // Each shell checks its own script's syntax, where it is installed.
+        let check = Command::new(shell).arg("-n").stdin(std::process::Stdio::piped()).spawn();
+        if let Ok(mut child) = check {
+            child.stdin.take().expect("stdin").write_all(script.as_bytes()).expect("script");
+            let status = child.wait().expect("shell exits");
+            assert!(status.success(), "{shell} -n rejects its completion script");
+        } else {
+            assert_ne!(shell, "bash", "bash is on every machine this runs on");
+        }
+    }
 }

@@ -96,6 +96,13 @@ enum Command {
     /// new cluster's data directories from one (after losing quorum, or to
     /// copy a cluster).
     Snapshot(snapshot::SnapshotArgs),
+    /// Prints a completion script for a shell: `source <(raft-host
+    /// completions bash)`, or save it where the shell looks (for zsh a file
+    /// `_raft-host` on $fpath, for fish ~/.config/fish/completions/).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Makes a cluster's certificates without openssl: its CA, a member's
     /// certificate (id and addresses), a client's (name and role).
     Certs(certs::CertsArgs),
@@ -143,6 +150,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Validate(args) => demo::validate(&args),
         Command::Certs(args) => certs::certs(args),
         Command::Snapshot(args) => snapshot::snapshot(args),
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(shell, &mut Cli::command(), "raft-host", &mut std::io::stdout());
+            Ok(())
+        }
     }
 }
 

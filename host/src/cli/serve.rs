@@ -80,11 +80,13 @@ pub struct ServeArgs {
     /// guarantees: for benchmarks only.
     #[arg(long, env = "RAFT_HOST_UNSAFE_NO_FSYNC")]
     unsafe_no_fsync: Option<bool>,
-    /// Join a running cluster through this member (host:port) instead of
-    /// bootstrapping one with --peer: start empty, be added as a learner,
-    /// catch up (from the log or a snapshot), then be promoted to voter.
-    #[arg(long, env = "RAFT_HOST_JOIN")]
-    join: Option<String>,
+    /// Join a running cluster through these members (host:port; repeat or
+    /// comma-separate; any of them may be down) instead of bootstrapping one
+    /// with --peer: start empty, be added as a learner, catch up (from the
+    /// log or a snapshot), then be promoted to voter.
+    #[arg(long, env = "RAFT_HOST_JOIN", value_delimiter = ',')]
+    #[serde(default)]
+    join: Vec<String>,
     /// With --join: stay a learner (promote later with `members promote`).
     #[arg(long, env = "RAFT_HOST_JOIN_AS_LEARNER")]
     join_as_learner: Option<bool>,
@@ -162,7 +164,9 @@ impl ServeArgs {
         self.module_ready_timeout_secs = self.module_ready_timeout_secs.or(file.module_ready_timeout_secs);
         self.metrics_listen = self.metrics_listen.or(file.metrics_listen);
         self.unsafe_no_fsync = self.unsafe_no_fsync.or(file.unsafe_no_fsync);
-        self.join = self.join.or(file.join);
+        if self.join.is_empty() {
+            self.join = file.join;
+        }
         self.join_as_learner = self.join_as_learner.or(file.join_as_learner);
         self.snapshot_threshold_entries = self.snapshot_threshold_entries.or(file.snapshot_threshold_entries);
         self.snapshot_keep_entries = self.snapshot_keep_entries.or(file.snapshot_keep_entries);
@@ -244,7 +248,7 @@ impl ServeArgs {
         if args.unsafe_no_fsync == Some(true) {
             config.durability = Durability::UnsafeNoSync;
         }
-        if args.join.is_some() && !config.peers.is_empty() {
+        if !args.join.is_empty() && !config.peers.is_empty() {
             bail!("--join and --peer do not go together: --peer bootstraps a new cluster, --join enters a running one");
         }
         config.join = args.join;
@@ -390,6 +394,12 @@ pub fn dev(args: DevArgs) -> anyhow::Result<()> {
         let mut servers = Vec::new();
         for config in configs {
             servers.push(Server::start(config).await?);
+        }
+        // The instructions come after the election's log lines, last.
+        if let Some(first) = servers.first()
+            && !first.wait_for_leader(std::time::Duration::from_secs(10)).await
+        {
+            tracing::warn!("no leader after 10 s; the members keep trying");
         }
         let all = addresses.join(",");
         println!("raft-host dev: {} member(s) on {all}, data in {}", ids.len(), root.display());

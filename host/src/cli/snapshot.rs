@@ -277,7 +277,8 @@ fn restore(file: &Path, data_dir: &Path, id: u64, cluster: Option<String>, peers
         header.term,
         voters
     );
-    let others: Vec<String> = addresses.iter().filter(|(peer, _)| **peer != id).map(|(p, a)| format!("{p}={a}")).collect();
+    let others: Vec<String> =
+        addresses.iter().filter(|(peer, _)| **peer != id).map(|(p, a)| format!("{p}={a}")).collect();
     println!(
         "start it with: raft-host serve --id {id} --cluster {cluster} --data-dir {} --listen {} --peer {}",
         data_dir.display(),

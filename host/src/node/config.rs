@@ -72,7 +72,7 @@ pub struct NodeConfig {
     /// Join a running cluster through this member (host:port) instead of
     /// bootstrapping one: start with no configuration, ask to be added as a
     /// learner, catch up, then ask to be promoted.
-    pub join: Option<String>,
+    pub join: Vec<String>,
     /// With `join`: stay a learner (promote later with `members promote`).
     pub join_as_learner: bool,
     /// How members reach each other, and who this one is to them: TLS with
@@ -108,7 +108,7 @@ impl NodeConfig {
             min_free_disk_bytes: 128 << 20,
             routes: BTreeMap::new(),
             stream_idle_timeout: Duration::from_secs(30),
-            join: None,
+            join: Vec::new(),
             join_as_learner: false,
             transport: Transport::Plaintext,
         }
@@ -131,6 +131,11 @@ impl NodeConfig {
         }
         if self.tick.is_zero() {
             return fail("the tick must be longer than zero".into());
+        }
+        for seed in &self.join {
+            if let Err(error) = crate::client::check_address(seed) {
+                return fail(format!("--join: {error}"));
+            }
         }
         if let Some(tls) = self.transport.tls() {
             let expected = Principal::Member { cluster: self.cluster_id.clone(), id: self.id };

@@ -353,8 +353,10 @@ impl CoreTask {
                         // The apply task drops `done` when the install fails,
                         // and stops: its own error says why.
                         installed.await.map_err(|_| NodeError::TaskLost(Task::Apply))?;
-                        persisted(tokio::task::spawn_blocking(move || timed_persist(&store, &entries, hard_state.as_ref(), &histograms)))
-                            .await
+                        persisted(tokio::task::spawn_blocking(move || {
+                            timed_persist(&store, &entries, hard_state.as_ref(), &histograms)
+                        }))
+                        .await
                     });
                     persisting = Some((rest, write));
                 } else if ready.entries.is_empty() && ready.hard_state.is_none_or(|hs| self.only_commit_moved(&hs)) {

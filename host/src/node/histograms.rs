@@ -35,14 +35,26 @@ impl NodeHistograms {
     /// Appends every histogram in the Prometheus text format.
     pub fn render(&self, out: &mut String) {
         let series: [(&Histogram, &str, &str); 5] = [
-            (&self.persist, "raft_host_log_persist_seconds", "One append to the log (entries and hard state), fsync included."),
-            (&self.persist_entries, "raft_host_log_persist_entries", "Entries per append to the log (group commit batch size)."),
+            (
+                &self.persist,
+                "raft_host_log_persist_seconds",
+                "One append to the log (entries and hard state), fsync included.",
+            ),
+            (
+                &self.persist_entries,
+                "raft_host_log_persist_entries",
+                "Entries per append to the log (group commit batch size).",
+            ),
             (
                 &self.propose_to_commit,
                 "raft_host_propose_to_commit_seconds",
                 "From a proposal on the leader to its commit by a quorum.",
             ),
-            (&self.apply_batch, "raft_host_apply_batch_seconds", "One batch of committed entries applied through the guests and written to the store."),
+            (
+                &self.apply_batch,
+                "raft_host_apply_batch_seconds",
+                "One batch of committed entries applied through the guests and written to the store.",
+            ),
             (&self.apply_batch_entries, "raft_host_apply_batch_entries", "Entries per applied batch."),
         ];
         for (histogram, name, help) in series {

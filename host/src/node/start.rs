@@ -10,10 +10,10 @@ use super::core::{CoreHandle, CoreInbox, CoreTask};
 use super::deploy::Deployer;
 use super::disk::{self, DiskSpace};
 use super::error::{NodeError, Task};
+use super::histograms::NodeHistograms;
 use super::join::join;
 use super::members::Members;
 use super::modules::{BuiltIn, ModuleRegistry};
-use super::histograms::NodeHistograms;
 use super::peers::{Peers, SnapshotCounters, SnapshotReports};
 use super::request::RequestError;
 use super::shutdown::{Shutdown, ShutdownSignal};
@@ -188,7 +188,10 @@ impl Node {
     /// Starts joining the cluster named by `--join`, unless this member
     /// already belongs to it (a restart after joining).
     fn join_if_asked(&self) {
-        let Some(through) = self.config.join.clone() else { return };
+        if self.config.join.is_empty() {
+            return;
+        }
+        let through = self.config.join.clone();
         if self.handles.members.current().conf.members().contains(&self.config.id) {
             return;
         }
@@ -203,7 +206,7 @@ async fn open_store(config: &NodeConfig) -> Result<Store, NodeError> {
     let options = StoreOptions { durability: config.durability, ..StoreOptions::default() };
     let dir = config.data_dir.clone();
     let store = on_storage_thread(move || Store::open(&dir, &identity, &options)).await??;
-    if config.join.is_none() {
+    if config.join.is_empty() {
         let voters: BTreeSet<NodeId> = config.peers.keys().copied().chain([config.id]).collect();
         let mut addresses = config.peers.clone();
         addresses.insert(config.id, config.advertise.clone());

@@ -20,11 +20,12 @@ use crate::process;
 use crate::raft::{ConfChange, ConfChangeKind, NodeId, Role};
 use crate::wire::client_pb::client_server::Client;
 use crate::wire::client_pb::{
-    self, ActivateRequest, ActivateResponse, BackupChunk, BackupHeader, BackupRequest, ChangeMembershipRequest, DeployProgress, DeployRequest, LeadershipEvent,
-    Member, MembersRequest, MembersResponse, MembershipChange, ModuleVersionInfo, ModulesRequest, ModulesResponse,
-    ReadRequest, ReadResponse, RemoveModuleRequest, RemoveModuleResponse, SetOfflineRequest, SetOfflineResponse,
-    StateMachineStatus, StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse, WatchRequest,
-    WriteRequest, WriteResponse, backup_chunk, client_client::ClientClient, outcome,
+    self, ActivateRequest, ActivateResponse, BackupChunk, BackupHeader, BackupRequest, ChangeMembershipRequest,
+    DeployProgress, DeployRequest, LeadershipEvent, Member, MembersRequest, MembersResponse, MembershipChange,
+    ModuleVersionInfo, ModulesRequest, ModulesResponse, ReadRequest, ReadResponse, RemoveModuleRequest,
+    RemoveModuleResponse, SetOfflineRequest, SetOfflineResponse, StateMachineStatus, StatusRequest, StatusResponse,
+    TransferLeaderRequest, TransferLeaderResponse, WatchRequest, WriteRequest, WriteResponse, backup_chunk,
+    client_client::ClientClient, outcome,
 };
 use crate::wire::{
     ClientRole, FORWARDED_KEY, LEADER_ADDR_KEY, LEADER_ID_KEY, NO_RETRY_KEY, Principal, REQUEST_ID_KEY,

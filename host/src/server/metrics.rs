@@ -154,9 +154,9 @@ pub fn render(
     let _ = writeln!(out, "# TYPE raft_host_client_requests_total counter");
     // Series for codes never answered are left out, except OK.
     let answered = |m: usize| {
-        (0..CODES).filter(move |&code| code == 0 || counters.by_method_and_code[m][code].count() > 0).map(move |code| {
-            (code, format!("method=\"{}\",code=\"{:?}\"", METHODS[m], Code::from(code as i32)))
-        })
+        (0..CODES)
+            .filter(move |&code| code == 0 || counters.by_method_and_code[m][code].count() > 0)
+            .map(move |code| (code, format!("method=\"{}\",code=\"{:?}\"", METHODS[m], Code::from(code as i32))))
     };
     for m in 0..METHODS.len() {
         for (code, labels) in answered(m) {

@@ -144,6 +144,12 @@ impl Server {
         self.metrics_addr
     }
 
+    /// Waits until this member knows a leader (at most `limit`); whether it does.
+    pub async fn wait_for_leader(&self, limit: std::time::Duration) -> bool {
+        let mut leadership = self.node.handles().core.leadership();
+        tokio::time::timeout(limit, leadership.wait_for(|view| view.leader.is_some())).await.is_ok_and(|r| r.is_ok())
+    }
+
     /// Reads this member's certificate, key and CA bundle again (SIGHUP):
     /// connections made from now on, both ways, use them; open ones go on.
     /// The certificate must still name this member. `Ok(false)`: the member
