@@ -167,6 +167,9 @@ fn health_reflection_probes_histograms_and_the_cluster_table_tell_an_operator_wh
         }
         let healthy = cli(&cluster, &["endpoint", "health", "--cluster", "--addr", &first]);
         assert!(healthy.status.success(), "all healthy: {}", stdout_of(&healthy));
+        let probe = cli(&cluster, &["endpoint", "probe", "--addr", &first]);
+        assert!(probe.status.success(), "the container health check passes: {}", stdout_of(&probe));
+        assert!(stdout_of(&probe).contains("SERVING"), "{}", stdout_of(&probe));
 
         // Without a quorum the survivor says why it does not serve.
         let survivor = if leader == 1 { 2 } else { 1 };
@@ -185,6 +188,9 @@ fn health_reflection_probes_histograms_and_the_cluster_table_tell_an_operator_wh
         let unhealthy = cli(&cluster, &["endpoint", "health", "--addr", &at]);
         assert!(!unhealthy.status.success(), "a member with no leader is unhealthy: {}", stdout_of(&unhealthy));
         assert!(stdout_of(&unhealthy).contains("no leader"), "{}", stdout_of(&unhealthy));
+        let probe = cli(&cluster, &["endpoint", "probe", "--addr", &at]);
+        assert!(!probe.status.success(), "the container health check fails: {}", stdout_of(&probe));
+        assert!(stdout_of(&probe).contains("NOT_SERVING"), "{}", stdout_of(&probe));
     });
 }
 

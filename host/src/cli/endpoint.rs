@@ -23,6 +23,19 @@ enum What {
     /// Whether each member is ready (online, a leader known, applied close
     /// to commit); exits 1 if one is not.
     Health(Each),
+    /// Asks one member's gRPC health service (grpc.health.v1), as
+    /// grpc_health_probe does: exits 0 when it answers SERVING. For
+    /// container health checks.
+    Probe(ProbeArgs),
+}
+
+#[derive(Args)]
+struct ProbeArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The service to ask about ("" for the whole member).
+    #[arg(long, default_value = "")]
+    service: String,
 }
 
 #[derive(Args)]
@@ -46,6 +59,7 @@ struct Answer {
 pub fn endpoint(args: EndpointArgs) -> anyhow::Result<()> {
     let runtime = super::runtime()?;
     match args.what {
+        What::Probe(probe) => runtime.block_on(probe_health(&probe)),
         What::Status(each) => {
             let answers = runtime.block_on(ask_each(&each))?;
             let most_committed = answers.iter().filter_map(|a| a.status.as_ref().ok()).map(|s| s.commit_index).max();
@@ -170,4 +184,22 @@ async fn futures_join_all<F: std::future::Future<Output = Answer> + Send + 'stat
         }
     }
     out
+}
+
+/// One gRPC health check of the first address given.
+async fn probe_health(probe: &ProbeArgs) -> anyhow::Result<()> {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let address = probe.target.addresses().first().context("no address given")?;
+    let channel = probe.target.transport()?.channel(address).map_err(anyhow::Error::msg)?;
+    let request = HealthCheckRequest { service: probe.service.clone() };
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(5), HealthClient::new(channel).check(request))
+        .await
+        .with_context(|| format!("{address} did not answer within 5 s"))?
+        .with_context(|| format!("{address} did not answer the health check"))?;
+    let status = ServingStatus::try_from(answer.into_inner().status).unwrap_or(ServingStatus::Unknown);
+    println!("{address}: {}", status.as_str_name());
+    if status != ServingStatus::Serving {
+        bail!("{address} is not serving");
+    }
+    Ok(())
 }
