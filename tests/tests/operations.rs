@@ -342,6 +342,18 @@ fn a_cluster_that_lost_its_quorum_is_rebuilt_from_a_backup_and_goes_on() {
         std::fs::remove_dir_all(old.data_dir(id)).expect("wipe");
     }
     old.kill(1);
+    // The survivor's directory, stopped, backs up too (no barrier: what it
+    // had applied, which here is everything).
+    let offline = old.root().join("survivor.backup");
+    let dir = old.data_dir(1);
+    let saved = cli(
+        &old,
+        &["snapshot", "save", offline.to_str().expect("utf-8"), "--from-data-dir", dir.to_str().expect("utf-8")],
+    );
+    assert!(saved.status.success(), "offline save: {}", String::from_utf8_lossy(&saved.stderr));
+    let survivor = backup_status(&old, &offline);
+    assert_eq!(survivor["state_machines"], status["state_machines"], "the survivor held what the backup holds");
+    assert!(survivor["index"].as_u64() >= status["index"].as_u64());
 
     // A new cluster of three from the backup, on new addresses.
     let mut new = Cluster::prepared(3, "ops-backup", &[]);

@@ -8,8 +8,8 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use raft_host::node::built_in_state_machines;
 use raft_host::raft::ConfState;
-use raft_host::storage::{BackupFile, BackupWriter, Identity, Membership, Store, StoreOptions};
-use raft_host::wire::client_pb::backup_chunk;
+use raft_host::storage::{BackupFile, BackupWriter, Identity, Membership, Store, StoreOptions, backup_header};
+use raft_host::wire::client_pb::{BackupHeader, backup_chunk};
 use raft_host::wire::hex;
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
@@ -36,6 +36,11 @@ enum Action {
         /// Replace FILE if it exists.
         #[arg(long)]
         force: bool,
+        /// Read a stopped member's data directory instead of asking a
+        /// running member: what it had applied, with no read barrier (after
+        /// losing quorum, when no member can confirm a commit index).
+        #[arg(long, value_name = "DIR")]
+        from_data_dir: Option<PathBuf>,
     },
     /// Checks FILE whole (length, checksum, every record, by restoring it
     /// into a temporary directory) and says what it holds: where and when
@@ -71,7 +76,10 @@ enum Action {
 
 pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<()> {
     match args.action {
-        Action::Save { file, target, force } => save(&file, &target, force),
+        Action::Save { file, target, force, from_data_dir } => match from_data_dir {
+            Some(dir) => save_offline(&file, &dir, force),
+            None => save(&file, &target, force),
+        },
         Action::Status { file, json } => status(&file, json),
         Action::Restore { file, data_dir, id, cluster, peers } => restore(&file, &data_dir, id, cluster, &peers),
     }
@@ -107,16 +115,20 @@ fn save(file: &Path, target: &Target, force: bool) -> anyhow::Result<()> {
             .with_context(|| format!("syncing {}", partial.display()))?;
         Ok::<_, anyhow::Error>(header)
     });
+    finish_save(file, &partial, header)
+}
+
+/// Reads the backup written to `partial` back whole and gives it `file`'s name.
+fn finish_save(file: &Path, partial: &Path, header: anyhow::Result<BackupHeader>) -> anyhow::Result<()> {
     let header = match header {
         Ok(header) => header,
         Err(error) => {
-            let _ = std::fs::remove_file(&partial);
+            let _ = std::fs::remove_file(partial);
             return Err(error);
         }
     };
-    // What was written is read back whole before it takes the file's name.
-    let checked = BackupFile::open(&partial).with_context(|| format!("checking {}", partial.display()))?;
-    std::fs::rename(&partial, file).with_context(|| format!("renaming {} to {}", partial.display(), file.display()))?;
+    let checked = BackupFile::open(partial).with_context(|| format!("checking {}", partial.display()))?;
+    std::fs::rename(partial, file).with_context(|| format!("renaming {} to {}", partial.display(), file.display()))?;
     println!(
         "saved {}: cluster {:?}, index {}, term {}, {} bytes of records, from member {}; sha256 {}",
         file.display(),
@@ -128,6 +140,44 @@ fn save(file: &Path, target: &Target, force: bool) -> anyhow::Result<()> {
         checked.checksum()
     );
     Ok(())
+}
+
+fn save_offline(file: &Path, dir: &Path, force: bool) -> anyhow::Result<()> {
+    if file.exists() && !force {
+        bail!("{} exists; pass --force to replace it", file.display());
+    }
+    let partial = partial_path(file);
+    let header = (|| {
+        let identity = Identity::of_data_dir(dir)?;
+        // The store is locked while a member runs on it: this fails then.
+        let store = Store::open(dir, &identity, &StoreOptions::default())
+            .with_context(|| format!("opening {} (is its member stopped?)", dir.display()))?;
+        let reader = store.snapshot_reader()?;
+        let total = reader.total_bytes()?;
+        let header = backup_header(&reader, &identity.cluster_id, identity.node_id, total);
+        let out = std::fs::File::create(&partial).with_context(|| format!("creating {}", partial.display()))?;
+        let mut writer = BackupWriter::new(std::io::BufWriter::with_capacity(1 << 20, out), &header)?;
+        let progress = Progress::new(total);
+        let mut failed = None;
+        reader.for_each_chunk(1 << 20, |records| match writer.write_records(&records) {
+            Ok(()) => {
+                progress.show(total - writer.records_left());
+                true
+            }
+            Err(error) => {
+                failed = Some(error);
+                false
+            }
+        })?;
+        progress.done();
+        if let Some(error) = failed {
+            return Err(anyhow::Error::new(error).context(format!("writing {}", partial.display())));
+        }
+        let out = writer.finish()?;
+        out.into_inner().map_err(|e| e.into_error()).and_then(|file| file.sync_all())?;
+        Ok::<_, anyhow::Error>(header)
+    })();
+    finish_save(file, &partial, header)
 }
 
 fn partial_path(file: &Path) -> PathBuf {
@@ -230,12 +280,19 @@ fn status(file: &Path, as_json: bool) -> anyhow::Result<()> {
     }
     println!("{}: a raft-host backup, format {}, sha256 {}", file.display(), header.format, backup.checksum());
     println!(
-        "  taken from member {} of cluster {:?} (raft-host {}) at index {}, term {}, {} ms after the epoch",
-        header.member_id, header.cluster, header.version, header.index, header.term, header.created_unix_ms
+        "  taken from member {} of cluster {:?} (raft-host {}) at index {}, term {}, at {}",
+        header.member_id,
+        header.cluster,
+        header.version,
+        header.index,
+        header.term,
+        utc_time(header.created_unix_ms)
     );
     println!(
         "  members then: voters {:?}, learners {:?}, removed {:?}",
-        header.voters, header.learners, contents.membership.removed
+        header.voters,
+        header.learners,
+        contents.membership.removed.iter().collect::<Vec<_>>()
     );
     println!("  {} bytes of records, {} client sessions", header.total_bytes, contents.sessions);
     println!("  {:<16} {:>10}  {:<64}  active module", "state machine", "keys", "state digest");
@@ -286,4 +343,34 @@ fn restore(file: &Path, data_dir: &Path, id: u64, cluster: Option<String>, peers
         others.join(",")
     );
     Ok(())
+}
+
+/// `ms` after the Unix epoch as `YYYY-MM-DD hh:mm:ss UTC` (the civil date
+/// from a day count, as in Howard Hinnant's `civil_from_days`).
+fn utc_time(ms: u64) -> String {
+    let seconds = ms / 1000;
+    let (days, of_day) = ((seconds / 86_400) as i64, seconds % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    let (hour, minute, second) = (of_day / 3600, of_day % 3600 / 60, of_day % 60);
+    format!("{year:04}-{month:02}-{day:02} {hour:02}:{minute:02}:{second:02} UTC")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utc_time;
+
+    #[test]
+    fn times_print_as_utc_calendar_dates() {
+        assert_eq!(utc_time(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc_time(951_782_400_000), "2000-02-29 00:00:00 UTC");
+        assert_eq!(utc_time(1_796_164_837_560), "2026-12-01 22:40:37 UTC");
+    }
 }

@@ -18,14 +18,15 @@ use crate::node::{
 };
 use crate::process;
 use crate::raft::{ConfChange, ConfChangeKind, NodeId, Role};
+use crate::storage::backup_header;
 use crate::wire::client_pb::client_server::Client;
 use crate::wire::client_pb::{
-    self, ActivateRequest, ActivateResponse, BackupChunk, BackupHeader, BackupRequest, ChangeMembershipRequest,
-    DeployProgress, DeployRequest, LeadershipEvent, Member, MembersRequest, MembersResponse, MembershipChange,
-    ModuleVersionInfo, ModulesRequest, ModulesResponse, ReadRequest, ReadResponse, RemoveModuleRequest,
-    RemoveModuleResponse, SetOfflineRequest, SetOfflineResponse, StateMachineStatus, StatusRequest, StatusResponse,
-    TransferLeaderRequest, TransferLeaderResponse, WatchRequest, WriteRequest, WriteResponse, backup_chunk,
-    client_client::ClientClient, outcome,
+    self, ActivateRequest, ActivateResponse, BackupChunk, BackupRequest, ChangeMembershipRequest, DeployProgress,
+    DeployRequest, LeadershipEvent, Member, MembersRequest, MembersResponse, MembershipChange, ModuleVersionInfo,
+    ModulesRequest, ModulesResponse, ReadRequest, ReadResponse, RemoveModuleRequest, RemoveModuleResponse,
+    SetOfflineRequest, SetOfflineResponse, StateMachineStatus, StatusRequest, StatusResponse, TransferLeaderRequest,
+    TransferLeaderResponse, WatchRequest, WriteRequest, WriteResponse, backup_chunk, client_client::ClientClient,
+    outcome,
 };
 use crate::wire::{
     ClientRole, FORWARDED_KEY, LEADER_ADDR_KEY, LEADER_ID_KEY, NO_RETRY_KEY, Principal, REQUEST_ID_KEY,
@@ -769,22 +770,7 @@ impl Client for ClientService {
         .instrument(span.clone())
         .await?;
         let (reader, total_bytes) = reader;
-        let meta = reader.meta().clone();
-        let header = BackupHeader {
-            format: crate::storage::BACKUP_FORMAT,
-            cluster: self.config.node.cluster_id.clone(),
-            member_id: self.config.node.id,
-            index: meta.index,
-            term: meta.term,
-            voters: meta.conf_state.voters.iter().copied().collect(),
-            learners: meta.conf_state.learners.iter().copied().collect(),
-            voters_outgoing: meta.conf_state.voters_outgoing.iter().copied().collect(),
-            total_bytes,
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            created_unix_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
-        };
+        let header = backup_header(&reader, &self.config.node.cluster_id, self.config.node.id, total_bytes);
         let (tx, rx) = mpsc::channel(BACKUP_QUEUE);
         let idle = self.config.node.stream_idle_timeout;
         let runtime = tokio::runtime::Handle::current();

@@ -16,7 +16,7 @@
 //! used, so a truncated or corrupt backup is refused up front and never
 //! restores half a state.
 
-use super::{Membership, Store, StoreError};
+use super::{Membership, SnapshotReader, Store, StoreError};
 use crate::raft::{ConfState, SnapshotMeta};
 use crate::wire::client_pb::BackupHeader;
 use crate::wire::hex;
@@ -54,6 +54,27 @@ pub enum BackupError {
     Format { path: PathBuf, found: u32 },
     #[error("restoring {path}: {source}")]
     Store { path: PathBuf, source: StoreError },
+}
+
+/// The header of a backup of `reader`'s view, served by member
+/// `member_id` of `cluster`, with `total_bytes` of records.
+pub fn backup_header(reader: &SnapshotReader, cluster: &str, member_id: u64, total_bytes: u64) -> BackupHeader {
+    let meta = reader.meta();
+    BackupHeader {
+        format: BACKUP_FORMAT,
+        cluster: cluster.to_string(),
+        member_id,
+        index: meta.index,
+        term: meta.term,
+        voters: meta.conf_state.voters.iter().copied().collect(),
+        learners: meta.conf_state.learners.iter().copied().collect(),
+        voters_outgoing: meta.conf_state.voters_outgoing.iter().copied().collect(),
+        total_bytes,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        created_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    }
 }
 
 /// Writes a backup file as its records arrive: marker and header first,

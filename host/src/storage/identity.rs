@@ -75,6 +75,37 @@ pub(crate) fn write(dir: &Path, identity: &Identity) -> Result<(), StoreError> {
 /// Reads and checks the identity file against what the caller expects.
 pub(crate) fn check(dir: &Path, expected: &Identity) -> Result<(), StoreError> {
     expected.validate()?;
+    let (format, found) = read(dir)?;
+    if format > FORMAT_VERSION {
+        return Err(StoreError::NewerFormat { dir: dir.to_path_buf(), found: format, supported: FORMAT_VERSION });
+    }
+    if found.cluster_id != expected.cluster_id {
+        return Err(StoreError::WrongCluster {
+            dir: dir.to_path_buf(),
+            found: found.cluster_id,
+            expected: expected.cluster_id.clone(),
+        });
+    }
+    if found.node_id != expected.node_id {
+        return Err(StoreError::WrongNode { dir: dir.to_path_buf(), found: found.node_id, expected: expected.node_id });
+    }
+    Ok(())
+}
+
+impl Identity {
+    /// The identity a data directory's file records (checksum verified),
+    /// for tools that open a member's directory offline.
+    pub fn of_data_dir(dir: &Path) -> Result<Identity, StoreError> {
+        let (format, identity) = read(dir)?;
+        if format > FORMAT_VERSION {
+            return Err(StoreError::NewerFormat { dir: dir.to_path_buf(), found: format, supported: FORMAT_VERSION });
+        }
+        Ok(identity)
+    }
+}
+
+/// The format and identity the identity file of `dir` records.
+fn read(dir: &Path) -> Result<(u32, Identity), StoreError> {
     let path = dir.join(IDENTITY_FILE);
     let text = fs::read_to_string(&path).map_err(|e| StoreError::Io { path: path.clone(), source: e })?;
     let corrupt = |why: &str| StoreError::Corrupt { dir: dir.to_path_buf(), what: format!("{IDENTITY_FILE}: {why}") };
@@ -91,20 +122,7 @@ pub(crate) fn check(dir: &Path, expected: &Identity) -> Result<(), StoreError> {
     let format: u32 = field("format")?.parse().map_err(|_| corrupt("unreadable format"))?;
     let cluster_id = field("cluster_id")?.to_string();
     let node_id: u64 = field("node_id")?.parse().map_err(|_| corrupt("unreadable node_id"))?;
-    if format > FORMAT_VERSION {
-        return Err(StoreError::NewerFormat { dir: dir.to_path_buf(), found: format, supported: FORMAT_VERSION });
-    }
-    if cluster_id != expected.cluster_id {
-        return Err(StoreError::WrongCluster {
-            dir: dir.to_path_buf(),
-            found: cluster_id,
-            expected: expected.cluster_id.clone(),
-        });
-    }
-    if node_id != expected.node_id {
-        return Err(StoreError::WrongNode { dir: dir.to_path_buf(), found: node_id, expected: expected.node_id });
-    }
-    Ok(())
+    Ok((format, Identity { cluster_id, node_id }))
 }
 
 #[cfg(test)]

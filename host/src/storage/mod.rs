@@ -37,7 +37,7 @@ mod membership;
 mod modules;
 mod snapshot;
 
-pub use self::backup::{BACKUP_FORMAT, BackupError, BackupFile, BackupWriter};
+pub use self::backup::{BACKUP_FORMAT, BackupError, BackupFile, BackupWriter, backup_header};
 pub use self::identity::{FORMAT_VERSION, IDENTITY_FILE, Identity};
 pub use self::membership::{MemberRole, Membership};
 pub use self::modules::{ModuleKey, StoredVersion};
