@@ -335,25 +335,42 @@ fn the_cli_writes_reads_reports_and_benchmarks_and_sigterm_stops_a_member_gracef
             "--json",
         ]);
         assert!(bench.status.success(), "{}", String::from_utf8_lossy(&bench.stderr));
-        let figures = value_of(&bench.stdout);
-        assert_eq!(figures["errors"], 0, "{figures}");
-        assert_eq!(figures["connections"], 2, "{figures}");
-        assert!(figures["writes_per_sec"].as_f64().is_some_and(|w| w > 0.0), "{figures}");
-        assert!(figures["read_latency"]["p99_us"].as_u64().is_some_and(|p| p > 0), "{figures}");
-        // Every member process reports the CPU it spent during the run, and
-        // the leader's spends some on every write.
-        let processes = figures["processes_cpu"].as_array().expect("processes_cpu");
-        assert_eq!(processes.len(), 3, "three processes of one member each: {figures}");
-        let leader_process =
-            processes.iter().find(|p| p["members"][0]["role"] == "leader").expect("the leader's process");
-        assert!(leader_process["cpu_us_per_op"].as_f64().is_some_and(|us| us > 0.0), "{figures}");
-        assert!(processes.iter().all(|p| p["resident_bytes"].as_u64().is_some_and(|b| b > 1 << 20)), "{figures}");
-        assert!(figures["bench_cpu_us_per_op"].as_f64().is_some_and(|us| us > 0.0), "{figures}");
+        // One JSON object per path: batched, then unary, on the same cluster.
+        let runs: Vec<serde_json::Value> =
+            String::from_utf8_lossy(&bench.stdout).lines().map(|line| value_of(line.as_bytes())).collect();
+        let paths: Vec<&str> = runs.iter().filter_map(|run| run["path"].as_str()).collect();
+        assert_eq!(paths, ["batched", "unary"], "both paths, in one run");
+        for figures in &runs {
+            assert_eq!(figures["errors"], 0, "{figures}");
+            assert_eq!(figures["connections"], 2, "{figures}");
+            assert!(figures["writes_per_sec"].as_f64().is_some_and(|w| w > 0.0), "{figures}");
+            assert!(figures["read_latency"]["p99_us"].as_u64().is_some_and(|p| p > 0), "{figures}");
+            // Every member process reports the CPU it spent during the run, and
+            // the leader's spends some on every write.
+            let processes = figures["processes_cpu"].as_array().expect("processes_cpu");
+            assert_eq!(processes.len(), 3, "three processes of one member each: {figures}");
+            let leader_process =
+                processes.iter().find(|p| p["members"][0]["role"] == "leader").expect("the leader's process");
+            assert!(leader_process["cpu_us_per_op"].as_f64().is_some_and(|us| us > 0.0), "{figures}");
+            assert!(processes.iter().all(|p| p["resident_bytes"].as_u64().is_some_and(|b| b > 1 << 20)), "{figures}");
+            assert!(figures["bench_cpu_us_per_op"].as_f64().is_some_and(|us| us > 0.0), "{figures}");
+        }
         let refused = cli(&["bench", "--addr", &all, "--clients", "2", "--connections", "3"]);
         assert_eq!(refused.status.code(), Some(1));
         assert!(String::from_utf8_lossy(&refused.stderr).contains("--connections must be between 1 and --clients"));
         let unreachable = format!("127.0.0.1:{}", raft_host_e2e::free_port());
-        let bench = cli(&["bench", "--addr", &unreachable, "--clients", "1", "--duration-secs", "1", "--json"]);
+        let bench = cli(&[
+            "bench",
+            "--addr",
+            &unreachable,
+            "--clients",
+            "1",
+            "--duration-secs",
+            "1",
+            "--path",
+            "unary",
+            "--json",
+        ]);
         let figures = value_of(&bench.stdout);
         assert!(figures["errors"].as_u64().is_some_and(|e| e > 0), "failures are counted: {figures}");
         assert!(figures["first_error"].as_str().is_some_and(|e| e.contains("connect")), "{figures}");

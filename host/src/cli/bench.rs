@@ -48,9 +48,22 @@ pub struct BenchArgs {
     /// directory, so write latency can be read against the physical floor.
     #[arg(long)]
     disk: Option<PathBuf>,
-    /// Print one JSON object instead of a report.
+    /// Which client path: `batched` (writes and reads of every client
+    /// sharing a connection coalesced on its `Batch` stream), `unary` (one
+    /// call each), or `both`, one run after the other on the same cluster.
+    #[arg(long, value_enum, default_value = "both")]
+    path: PathArg,
+    /// Print one JSON object per path instead of a report.
     #[arg(long)]
     json: bool,
+}
+
+/// See [`BenchArgs::path`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum PathArg {
+    Batched,
+    Unary,
+    Both,
 }
 
 /// What one client saw. Writes are kept per phase (a number the driver of
@@ -63,6 +76,19 @@ pub(super) struct ClientResult {
 }
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let paths: &[bool] = match args.path {
+        PathArg::Batched => &[true],
+        PathArg::Unary => &[false],
+        PathArg::Both => &[true, false],
+    };
+    for &batching in paths {
+        bench_path(&args, batching)?;
+    }
+    Ok(())
+}
+
+/// One run of the bench, over the batched path or the unary one.
+fn bench_path(args: &BenchArgs, batching: bool) -> anyhow::Result<()> {
     if args.clients == 0 || args.duration_secs == 0 {
         bail!("--clients and --duration-secs must be at least 1");
     }
@@ -98,6 +124,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             };
             // No retries: a failure is counted, never hidden by a retry.
             client.deadline = Duration::ZERO;
+            client.batching = batching;
             let ctx = ClientContext {
                 id: id as u64,
                 state_machine: args.state_machine.clone(),
@@ -144,7 +171,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         processes: processes_cpu(&members_before, &members_after),
         bench_cpu_seconds: bench_before.zip(bench_after).map(|(b, a)| a.cpu_seconds - b.cpu_seconds),
     };
-    report(&args, &results, elapsed, disk, &cpu)
+    report(args, batching, &results, elapsed, disk, &cpu)
 }
 
 /// Each member's status, by position in the address list, asked of all at
@@ -324,6 +351,7 @@ pub(super) fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
 
 fn report(
     args: &BenchArgs,
+    batching: bool,
     results: &[ClientResult],
     elapsed: f64,
     disk: Option<Histogram<u64>>,
@@ -355,6 +383,7 @@ fn report(
         })
         .collect();
     let summary = json!({
+        "path": if batching { "batched" } else { "unary" },
         "clients": args.clients,
         "connections": args.connections.unwrap_or(args.clients),
         "duration_secs": elapsed,
@@ -376,7 +405,8 @@ fn report(
         return Ok(());
     }
     println!(
-        "{} clients on {} connection(s) for {elapsed:.1} s, {} B values, read ratio {}",
+        "{} path: {} clients on {} connection(s) for {elapsed:.1} s, {} B values, read ratio {}",
+        if batching { "batched" } else { "unary" },
         args.clients,
         args.connections.unwrap_or(args.clients),
         args.value_size,

@@ -14,22 +14,22 @@
 use super::config::ServerConfig;
 use super::metrics::{Method, MetricsSource, PeerCounters, Probe, RequestCounters};
 use crate::node::{
-    Consistency, DeployStep, LeadershipView, Members, Membership, NodeHandles, RequestError, check_name,
+    Consistency, DeployStep, LeadershipView, Members, Membership, NodeHandles, RequestError, ShutdownSignal, check_name,
 };
 use crate::process;
 use crate::raft::{ConfChange, ConfChangeKind, NodeId, Role};
 use crate::storage::backup_header;
 use crate::wire::client_pb::client_server::Client;
 use crate::wire::client_pb::{
-    self, ActivateRequest, ActivateResponse, BackupChunk, BackupRequest, ChangeMembershipRequest, DeployProgress,
-    DeployRequest, LeadershipEvent, Member, MembersRequest, MembersResponse, MembershipChange, ModuleVersionInfo,
-    ModulesRequest, ModulesResponse, ReadRequest, ReadResponse, RemoveModuleRequest, RemoveModuleResponse,
-    SetOfflineRequest, SetOfflineResponse, StateMachineStatus, StatusRequest, StatusResponse, TransferLeaderRequest,
-    TransferLeaderResponse, WatchRequest, WriteRequest, WriteResponse, backup_chunk, client_client::ClientClient,
-    outcome,
+    self, ActivateRequest, ActivateResponse, BackupChunk, BackupRequest, BatchAnswer, BatchItem, BatchRequest,
+    BatchResponse, ChangeMembershipRequest, DeployProgress, DeployRequest, LeadershipEvent, Member, MembersRequest,
+    MembersResponse, MembershipChange, ModuleVersionInfo, ModulesRequest, ModulesResponse, ReadRequest, ReadResponse,
+    RemoveModuleRequest, RemoveModuleResponse, SetOfflineRequest, SetOfflineResponse, StateMachineStatus,
+    StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse, WatchRequest, WriteRequest,
+    WriteResponse, backup_chunk, batch_answer, batch_item, client_client::ClientClient, outcome,
 };
 use crate::wire::{
-    ClientRole, FORWARDED_KEY, LEADER_ADDR_KEY, LEADER_ID_KEY, NO_RETRY_KEY, Principal, REQUEST_ID_KEY,
+    ClientRole, FORWARDED_KEY, LEADER_ADDR_KEY, LEADER_ID_KEY, NO_RETRY_KEY, Principal, REQUEST_ID_KEY, batch_error_of,
     encode_addresses, hex, parse_hash, pb,
 };
 use std::pin::Pin;
@@ -96,6 +96,46 @@ impl tonic::service::Interceptor for ClientGate {
 }
 
 impl ClientService {
+    /// The answer to one item of a batch stream: exactly what the unary
+    /// call would have answered, as the item's outcome or error.
+    async fn answer_item(self: Arc<Self>, item: BatchItem, write_refusal: Option<Status>) -> BatchAnswer {
+        let started = std::time::Instant::now();
+        let (method, result) = match item.request {
+            Some(batch_item::Request::Write(write)) => {
+                let result = match write_refusal {
+                    Some(refusal) => Err(refusal),
+                    None => self.traced_write(write, false, new_request_id()).await.map(|response| {
+                        let leader = leader_of(&response);
+                        (batch_answer::Answer::Write(response.into_inner()), leader)
+                    }),
+                };
+                (Some(Method::Write), result)
+            }
+            Some(batch_item::Request::Read(read)) => {
+                let result = self.traced_read(read, false, new_request_id()).await.map(|response| {
+                    let leader = leader_of(&response);
+                    (batch_answer::Answer::Read(response.into_inner()), leader)
+                });
+                (Some(Method::Read), result)
+            }
+            None => {
+                (None, Err(Status::invalid_argument("a batch item holds a write or a read; this one holds neither")))
+            }
+        };
+        if let Some(method) = method {
+            let code = result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
+            self.counters.record(method, code, started.elapsed());
+        }
+        match result {
+            Ok((answer, leader_addr)) => BatchAnswer { id: item.id, answer: Some(answer), leader_addr },
+            Err(status) => BatchAnswer {
+                id: item.id,
+                answer: Some(batch_answer::Answer::Error(batch_error_of(&status))),
+                leader_addr: String::new(),
+            },
+        }
+    }
+
     /// A membership change, in the request's span.
     async fn change_membership_in(
         &self,
@@ -151,6 +191,11 @@ fn require<T>(request: &Request<T>, needed: ClientRole, what: &str) -> Result<()
 
 /// The client API of one member.
 pub struct ClientService {
+    /// The service itself, for the tasks of batch streams.
+    me: std::sync::Weak<ClientService>,
+    /// Turns when the member starts stopping: batch streams end then, so
+    /// a graceful stop does not wait for clients to close them.
+    stop: ShutdownSignal,
     config: Arc<ServerConfig>,
     node: NodeHandles,
     counters: RequestCounters,
@@ -174,11 +219,26 @@ const PROMOTE_LAG_MAX: u64 = 1_000;
 impl ClientService {
     /// The client API of the node behind `node`; `peers` counts the peer
     /// protocol's refusals, for the metrics.
-    pub fn new(config: Arc<ServerConfig>, node: NodeHandles, peers: Arc<PeerCounters>) -> ClientService {
+    pub fn new(
+        config: Arc<ServerConfig>,
+        node: NodeHandles,
+        peers: Arc<PeerCounters>,
+        stop: ShutdownSignal,
+    ) -> Arc<ClientService> {
         let admission_max = config.max_pending_requests.min(Semaphore::MAX_PERMITS);
         let admission = Arc::new(Semaphore::new(admission_max));
         let deploys = Arc::new(Semaphore::new(DEPLOYS_AT_ONCE_MAX));
-        ClientService { config, node, counters: RequestCounters::default(), peers, admission, admission_max, deploys }
+        Arc::new_cyclic(|me| ClientService {
+            me: me.clone(),
+            stop,
+            config,
+            node,
+            counters: RequestCounters::default(),
+            peers,
+            admission,
+            admission_max,
+            deploys,
+        })
     }
 
     /// Client requests waiting for an answer now.
@@ -267,6 +327,11 @@ fn is_forwarded<T>(request: &Request<T>) -> bool {
 
 /// Tells the client, on a forwarded answer, where the leader is, so its
 /// next request skips the extra hop.
+/// The leader a forwarded answer names, if it was forwarded.
+fn leader_of<T>(response: &Response<T>) -> String {
+    response.metadata().get(LEADER_ADDR_KEY).and_then(|value| value.to_str().ok()).unwrap_or_default().to_string()
+}
+
 fn with_leader<T>(mut response: Response<T>, address: &str) -> Response<T> {
     if let Ok(value) = address.parse() {
         response.metadata_mut().insert(LEADER_ADDR_KEY, value);
@@ -293,11 +358,14 @@ fn request_id<T>(request: &Request<T>) -> String {
         .and_then(|value| value.to_str().ok())
         .filter(|id| !id.is_empty() && id.len() <= 64)
         .map(str::to_string)
-        .unwrap_or_else(|| {
-            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            format!("{:08x}-{n}", process::instance_id() as u32)
-        })
+        .unwrap_or_else(new_request_id)
+}
+
+/// A request id no other request of this process has.
+fn new_request_id() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{:08x}-{n}", process::instance_id() as u32)
 }
 
 /// The gRPC status for a request error; retryable ones are UNAVAILABLE or
@@ -364,6 +432,18 @@ fn members_pb(membership: &Membership) -> Vec<Member> {
 type WatchEvents = Pin<Box<dyn Stream<Item = Result<LeadershipEvent, Status>> + Send>>;
 type DeployEvents = Pin<Box<dyn Stream<Item = Result<DeployProgress, Status>> + Send>>;
 type BackupChunks = Pin<Box<dyn Stream<Item = Result<BackupChunk, Status>> + Send>>;
+type BatchAnswers = Pin<Box<dyn Stream<Item = Result<BatchResponse, Status>> + Send>>;
+
+/// Items of one batch stream worked on at once; past it the stream is not
+/// read until some are answered, so a client's sends wait (its HTTP/2
+/// window fills) instead of the member's memory growing.
+const BATCH_ITEMS_IN_FLIGHT_MAX: usize = 16_384;
+
+/// Answers in one response message at most.
+const BATCH_ANSWERS_PER_MESSAGE_MAX: usize = 4_096;
+
+/// Response messages queued for a batch stream's client.
+const BATCH_RESPONSE_QUEUE: usize = 16;
 
 /// Bytes of records per backup message.
 const BACKUP_CHUNK_BYTES: usize = 1 << 20;
@@ -454,7 +534,16 @@ impl ClientService {
     async fn handle_write(&self, request: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
         require(&request, ClientRole::Writer, "a write")?;
         let (was_forwarded, id) = (is_forwarded(&request), request_id(&request));
-        let write = request.into_inner();
+        self.traced_write(request.into_inner(), was_forwarded, id).await
+    }
+
+    /// A write in its span (the fields that follow it across members).
+    async fn traced_write(
+        &self,
+        write: WriteRequest,
+        was_forwarded: bool,
+        id: String,
+    ) -> Result<Response<WriteResponse>, Status> {
         let span = tracing::info_span!(
             "write",
             request = %id,
@@ -515,7 +604,16 @@ impl ClientService {
     async fn handle_read(&self, request: Request<ReadRequest>) -> Result<Response<ReadResponse>, Status> {
         require(&request, ClientRole::Reader, "a read")?;
         let (was_forwarded, id) = (is_forwarded(&request), request_id(&request));
-        let read = request.into_inner();
+        self.traced_read(request.into_inner(), was_forwarded, id).await
+    }
+
+    /// A read in its span.
+    async fn traced_read(
+        &self,
+        read: ReadRequest,
+        was_forwarded: bool,
+        id: String,
+    ) -> Result<Response<ReadResponse>, Status> {
         let span = tracing::info_span!(
             "read",
             request = %id,
@@ -796,6 +894,59 @@ impl Client for ClientService {
                 }
                 Ok(()) if !sent => tracing::warn!(idle = ?idle, "backup abandoned: the client stopped reading"),
                 Ok(()) => tracing::info!(bytes = total_bytes, "backup streamed"),
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type BatchStream = BatchAnswers;
+
+    async fn batch(&self, request: Request<Streaming<BatchRequest>>) -> Result<Response<Self::BatchStream>, Status> {
+        require(&request, ClientRole::Reader, "a batch")?;
+        // Checked once for the stream: the role is the connection's.
+        let write_refusal = require(&request, ClientRole::Writer, "a write").err();
+        let service = self.me.upgrade().ok_or_else(|| status_of(RequestError::ShuttingDown))?;
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(BATCH_RESPONSE_QUEUE);
+        let mut stop = self.stop.clone();
+        tokio::spawn(async move {
+            let mut working = tokio::task::JoinSet::new();
+            let mut reading = true;
+            loop {
+                tokio::select! {
+                    // Stopping: take nothing more, answer what is under way,
+                    // then end the stream (the client opens one elsewhere).
+                    _ = stop.wait(), if reading => reading = false,
+                    message = inbound.message(), if reading && working.len() < BATCH_ITEMS_IN_FLIGHT_MAX => {
+                        match message {
+                            Ok(Some(batch)) => {
+                                service.counters.batch_items.observe(batch.items.len() as u64);
+                                for item in batch.items {
+                                    working.spawn(service.clone().answer_item(item, write_refusal.clone()));
+                                }
+                            }
+                            // The client is done sending (or gone): answer what is under way.
+                            Ok(None) | Err(_) => reading = false,
+                        }
+                    }
+                    Some(done) = working.join_next(), if !working.is_empty() => {
+                        let mut answers = Vec::with_capacity(64);
+                        answers.extend(done.ok());
+                        while answers.len() < BATCH_ANSWERS_PER_MESSAGE_MAX {
+                            match working.try_join_next() {
+                                Some(done) => answers.extend(done.ok()),
+                                None => break,
+                            }
+                        }
+                        if tx.send(Ok(BatchResponse { answers })).await.is_err() {
+                            // Nobody reads the answers: the items under way
+                            // finish (a write's outcome is kept in its session).
+                            working.detach_all();
+                            return;
+                        }
+                    }
+                    else => break,
+                }
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -35,6 +35,9 @@ impl ServerConfig {
     /// Largest gRPC message of the client API: a command or query at its
     /// limit, plus room for the other fields.
     pub(super) fn client_message_bytes_max(&self) -> usize {
-        self.node.max_command_bytes + (64 << 10)
+        // A Batch message carries many commands (a client fills it to
+        // 256 KiB, plus one item of up to that); each command is still held
+        // to --max-command-bytes on its own.
+        self.node.max_command_bytes.max(1 << 20) + (64 << 10)
     }
 }

@@ -27,11 +27,16 @@ const CODES: usize = 17;
 /// Counters and latencies of the client API, by method and gRPC code.
 pub struct RequestCounters {
     by_method_and_code: [[Histogram; CODES]; 2],
+    /// Items per message received on `Batch` streams.
+    pub batch_items: Histogram,
 }
 
 impl Default for RequestCounters {
     fn default() -> RequestCounters {
-        RequestCounters { by_method_and_code: std::array::from_fn(|_| std::array::from_fn(|_| Histogram::durations())) }
+        RequestCounters {
+            by_method_and_code: std::array::from_fn(|_| std::array::from_fn(|_| Histogram::durations())),
+            batch_items: Histogram::sizes(),
+        }
     }
 }
 
@@ -171,6 +176,9 @@ pub fn render(
             counters.by_method_and_code[m][code].render(&mut out, name, &labels);
         }
     }
+    let name = "raft_host_client_batch_items";
+    write_header(&mut out, name, "Writes and reads per message received on Batch streams.");
+    counters.batch_items.render(&mut out, name, "");
     histograms.render(&mut out);
     out
 }

@@ -72,7 +72,8 @@ impl Server {
         };
         let node = Node::start(config.node.clone()).await?;
         let refusals = Arc::new(PeerCounters::default());
-        let clients = Arc::new(ClientService::new(config.clone(), node.handles().clone(), refusals.clone()));
+        let clients =
+            ClientService::new(config.clone(), node.handles().clone(), refusals.clone(), node.shutdown_signal());
         let cluster = config.node.cluster_id.clone();
         let limits = PeerLimits {
             snapshot_bytes_max: config.node.max_snapshot_bytes,

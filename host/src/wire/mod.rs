@@ -9,6 +9,7 @@
 //! keeps it so). Nothing here holds state or starts a task. This file only
 //! declares the layer's files and what they export.
 
+mod batch;
 pub mod bounded;
 pub mod certs;
 pub mod client_pb;
@@ -19,6 +20,7 @@ mod peer;
 mod tls;
 mod transport;
 
+pub use self::batch::{batch_error_of, status_of_batch_error};
 pub use self::bounded::{ENTRIES_PER_ENVELOPE_MAX, MESSAGES_PER_ENVELOPE_MAX};
 pub use self::entry::{Payload, StampedPayload, decode_addresses, decode_payload, encode_addresses, encode_payload};
 pub use self::hash::{hex, parse_hash};

@@ -5,6 +5,10 @@
 //! next member when one is down, and backs off when the cluster is busy.
 //! Writes carry a client id and sequence number, so a retry after a lost
 //! answer is applied once (the member answers it from the session table).
+//! Writes and reads of every client sharing a connection travel together on
+//! one `Batch` stream ([`batch`]), unless `batching` is turned off.
+
+mod batch;
 
 use crate::wire::client_pb::{
     self, ActivateRequest, ActivateResponse, BackupChunk, BackupHeader, BackupRequest, ChangeMembershipRequest,
@@ -14,6 +18,8 @@ use crate::wire::client_pb::{
     client_client::ClientClient,
 };
 use crate::wire::{LEADER_ADDR_KEY, NO_RETRY_KEY, Transport, client_pb::outcome};
+use batch::Batcher;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use thiserror::Error;
 use tonic::transport::{Channel, Endpoint};
@@ -71,7 +77,9 @@ pub fn outcome_of(outcome: Option<client_pb::Outcome>) -> Outcome {
 /// A client of one cluster.
 pub struct ClusterClient {
     addresses: Vec<String>,
-    channels: Vec<Option<ClientClient<Channel>>>,
+    /// Per member, once dialed: the gRPC client and the batcher on its
+    /// connection (shared with clients made by `sharing_connections`).
+    channels: Vec<Option<(ClientClient<Channel>, Arc<Batcher>)>>,
     /// Plaintext, or TLS with this client's certificate.
     transport: Transport,
     /// The member tried first.
@@ -80,6 +88,10 @@ pub struct ClusterClient {
     next_sequence: u64,
     /// How long one call keeps retrying.
     pub deadline: Duration,
+    /// Whether writes and reads go through the `Batch` stream, coalesced
+    /// with those of every client sharing the connection (on by default),
+    /// or one unary call each. A member without `Batch` turns it off.
+    pub batching: bool,
 }
 
 impl ClusterClient {
@@ -108,6 +120,7 @@ impl ClusterClient {
             client_id: random_client_id(),
             next_sequence: 1,
             deadline: Duration::from_secs(30),
+            batching: true,
         })
     }
 
@@ -126,6 +139,7 @@ impl ClusterClient {
             client_id: random_client_id(),
             next_sequence: 1,
             deadline: self.deadline,
+            batching: self.batching,
         })
     }
 
@@ -152,11 +166,34 @@ impl ClusterClient {
 
     /// Sends a prepared write (any client id and sequence), with retries.
     pub async fn write_request(&mut self, request: WriteRequest) -> Result<WriteResponse, ClientError> {
+        // A command too large to share a message gains nothing from
+        // batching, and alone it gets the member's own size check.
+        if self.batching && request.command.len() < batch::BYTES_PER_MESSAGE_MAX {
+            let batched = self
+                .retry_on(ClusterClient::batcher, |batcher| {
+                    let request = request.clone();
+                    async move { batcher.write(request).await }
+                })
+                .await;
+            if !self.batch_unsupported(&batched) {
+                return batched;
+            }
+        }
         self.retry(|mut client| {
             let request = request.clone();
             async move { client.write(request).await }
         })
         .await
+    }
+
+    /// Whether `result` says the member has no `Batch` (an older version):
+    /// batching is then turned off for this client.
+    fn batch_unsupported<T>(&mut self, result: &Result<T, ClientError>) -> bool {
+        let unsupported = matches!(result, Err(ClientError::Refused { code: Code::Unimplemented, .. }));
+        if unsupported {
+            self.batching = false;
+        }
+        unsupported
     }
 
     /// Answers `query` on `state_machine` with the given consistency.
@@ -167,6 +204,17 @@ impl ClusterClient {
         consistency: Consistency,
     ) -> Result<ReadResponse, ClientError> {
         let request = ReadRequest { state_machine: state_machine.to_string(), query, consistency: consistency.into() };
+        if self.batching && request.query.len() < batch::BYTES_PER_MESSAGE_MAX {
+            let batched = self
+                .retry_on(ClusterClient::batcher, |batcher| {
+                    let request = request.clone();
+                    async move { batcher.read(request).await }
+                })
+                .await;
+            if !self.batch_unsupported(&batched) {
+                return batched;
+            }
+        }
         self.retry(|mut client| {
             let request = request.clone();
             async move { client.read(request).await }
@@ -331,12 +379,21 @@ impl ClusterClient {
     }
 
     fn channel(&mut self, at: usize) -> Result<ClientClient<Channel>, ClientError> {
+        Ok(self.connection(at)?.0)
+    }
+
+    fn batcher(&mut self, at: usize) -> Result<Arc<Batcher>, ClientError> {
+        Ok(self.connection(at)?.1)
+    }
+
+    fn connection(&mut self, at: usize) -> Result<(ClientClient<Channel>, Arc<Batcher>), ClientError> {
         if self.channels[at].is_none() {
             let channel = self.transport.connect(endpoint(&self.addresses[at])?);
             let client = ClientClient::new(channel)
                 .max_decoding_message_size(MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(MESSAGE_BYTES_MAX);
-            self.channels[at] = Some(client);
+            let batcher = Arc::new(Batcher::new(client.clone()));
+            self.channels[at] = Some((client, batcher));
         }
         Ok(self.channels[at].clone().expect("set above"))
     }
@@ -349,12 +406,26 @@ impl ClusterClient {
         F: Fn(ClientClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
+        self.retry_on(ClusterClient::channel, call).await
+    }
+
+    /// As [`ClusterClient::retry`], with `call` given what `connect` makes
+    /// of the member it goes to (its gRPC client, or its batcher).
+    async fn retry_on<C, T, F, Fut>(
+        &mut self,
+        connect: fn(&mut ClusterClient, usize) -> Result<C, ClientError>,
+        call: F,
+    ) -> Result<T, ClientError>
+    where
+        F: Fn(C) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
         let started = Instant::now();
         let mut attempts = 0;
         let mut backoff = Duration::from_millis(20);
         loop {
             attempts += 1;
-            let client = self.channel(self.current)?;
+            let client = connect(self, self.current)?;
             let status = match tokio::time::timeout(CALL_TIMEOUT, call(client)).await {
                 Ok(Ok(response)) => {
                     // A follower that forwarded the request names the leader.

@@ -1,0 +1,160 @@
+//! The batched client protocol against real members over TLS: many callers
+//! coalesced onto one stream per connection, each answered exactly as the
+//! unary call would answer it, and a raw stream in which items fail one by
+//! one without ending the stream.
+
+use raft_host::client::{ClusterClient, Consistency, outcome_of};
+use raft_host::wire::client_pb::{
+    BatchItem, BatchRequest, ReadRequest, WriteRequest, batch_answer, batch_item, client_client::ClientClient,
+};
+use raft_host_e2e::{Cluster, get, put, read_value, run, tls_transport};
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn sample(metrics: &str, name: &str) -> f64 {
+    metrics.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
+}
+
+fn metrics_of(cluster: &Cluster, id: u64) -> String {
+    use std::io::{Read as _, Write as _};
+    let address = cluster.metrics_address(id);
+    let mut stream = std::net::TcpStream::connect(&address).expect("metrics port");
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").expect("request");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("response");
+    text
+}
+
+#[test]
+fn many_callers_on_one_connection_share_batch_messages_and_every_write_is_applied_once() {
+    let cluster = Cluster::start(3, "batch-callers");
+    run(LIMIT, async {
+        let leader = cluster.leader(Duration::from_secs(20)).await;
+        // Start at a follower: its answers name the leader, and the callers
+        // move there, batching all the way.
+        let follower = if leader == 1 { 2 } else { 1 };
+        let mut first = cluster.client_at(vec![cluster.address(follower), cluster.address(leader)]);
+        assert!(first.batching, "batching is the default");
+        let mut tasks = Vec::new();
+        for caller in 0..128 {
+            let mut client = first.sharing_connections().expect("a client on the same connection");
+            tasks.push(tokio::spawn(async move {
+                for n in 0..25 {
+                    let answer = client.write("kv", put(&format!("c{caller}-{n}"), &format!("{n}"))).await;
+                    assert!(answer.is_ok(), "caller {caller} write {n}: {answer:?}");
+                }
+                let value = read_value(&mut client, &format!("c{caller}-24"), Consistency::Linearizable).await;
+                assert_eq!(value.as_deref(), Some("24"), "caller {caller} reads its last write");
+            }));
+        }
+        for task in tasks {
+            task.await.expect("a caller");
+        }
+        let statuses = cluster.agreed(Duration::from_secs(20)).await;
+        // 128 × 25 writes, one entry each (plus the leader's own entries).
+        assert!(statuses[0].applied_index >= 3_200, "{}", statuses[0].applied_index);
+        for key in ["c0-0", "c77-13", "c127-24"] {
+            assert!(read_value(&mut first, key, Consistency::Linearizable).await.is_some(), "{key}");
+        }
+        // The leader took them in far fewer messages than items.
+        let metrics = metrics_of(&cluster, leader);
+        let messages = sample(&metrics, "raft_host_client_batch_items_count");
+        let items = sample(&metrics, "raft_host_client_batch_items_sum");
+        assert!(items >= 3_000.0, "the leader answered the writes over Batch: {items} items");
+        assert!(messages * 2.0 < items, "{items} items came in {messages} messages: coalesced");
+        let writes_ok = "raft_host_client_requests_total{method=\"write\",code=\"Ok\"}";
+        assert!(sample(&metrics, writes_ok) >= 3_000.0, "batched items are counted as writes");
+    });
+}
+
+#[test]
+fn each_item_of_a_raw_batch_stream_gets_its_own_answer_or_error_and_the_stream_goes_on() {
+    let cluster = Cluster::start(3, "batch-raw");
+    run(LIMIT, async {
+        let leader = cluster.leader(Duration::from_secs(20)).await;
+        let mut admin = cluster.client();
+        admin.write("kv", put("seen", "yes")).await.expect("write");
+        // A reader may read through Batch, but its writes are refused, item by item.
+        let dir = cluster.certs_dir().expect("TLS").to_path_buf();
+        let made = Command::new(raft_host_e2e::binary())
+            .args(["certs", "client", "--dir", dir.to_str().expect("utf-8"), "--name", "viewer", "--role", "reader"])
+            .output()
+            .expect("certs");
+        assert!(made.status.success());
+        let channel = tls_transport(&dir, "client-viewer").channel(&cluster.address(leader)).expect("channel");
+        let mut grpc = ClientClient::new(channel);
+        let (sender, requests) = tokio::sync::mpsc::channel(4);
+        let mut answers =
+            grpc.batch(tokio_stream::wrappers::ReceiverStream::new(requests)).await.expect("stream").into_inner();
+        let read = |id, state_machine: &str| BatchItem {
+            id,
+            request: Some(batch_item::Request::Read(ReadRequest {
+                state_machine: state_machine.into(),
+                query: get("seen"),
+                consistency: Consistency::Linearizable as i32,
+            })),
+        };
+        let write = BatchItem {
+            id: 2,
+            request: Some(batch_item::Request::Write(WriteRequest {
+                state_machine: "kv".into(),
+                command: put("seen", "overwritten"),
+                ..WriteRequest::default()
+            })),
+        };
+        let items = vec![read(1, "kv"), write, BatchItem { id: 3, request: None }, read(4, "no-such-machine")];
+        sender.send(BatchRequest { items }).await.expect("send");
+        let mut got = BTreeMap::new();
+        while got.len() < 4 {
+            let response = answers.message().await.expect("answers").expect("more answers");
+            for answer in response.answers {
+                got.insert(answer.id, answer.answer.expect("an answer"));
+            }
+        }
+        match &got[&1] {
+            batch_answer::Answer::Read(response) => {
+                assert_eq!(outcome_of(response.outcome.clone()), Ok(br#"{"value":"yes"}"#.to_vec()));
+            }
+            other => panic!("item 1: {other:?}"),
+        }
+        let error = |id: u64| match &got[&id] {
+            batch_answer::Answer::Error(error) => (tonic::Code::from(error.code), error.message.clone()),
+            other => panic!("item {id} should have failed: {other:?}"),
+        };
+        let (code, message) = error(2);
+        assert_eq!(code, tonic::Code::PermissionDenied, "{message}");
+        assert!(message.contains("writer"), "names the role it needs: {message}");
+        assert_eq!(error(3).0, tonic::Code::InvalidArgument);
+        let (code, message) = error(4);
+        assert_eq!(code, tonic::Code::InvalidArgument, "{message}");
+        assert!(message.contains("no-such-machine"), "{message}");
+        // The stream carries on after the errors.
+        sender.send(BatchRequest { items: vec![read(5, "kv")] }).await.expect("send again");
+        let response = answers.message().await.expect("answers").expect("an answer");
+        assert_eq!(response.answers[0].id, 5);
+        drop(sender);
+        assert!(
+            answers.message().await.expect("clean end").is_none(),
+            "the member ends the stream when the client does"
+        );
+        assert_eq!(read_value(&mut admin, "seen", Consistency::Linearizable).await.as_deref(), Some("yes"));
+    });
+}
+
+#[test]
+fn the_unary_path_still_serves_a_client_that_turns_batching_off() {
+    let cluster = Cluster::start(3, "batch-unary");
+    run(LIMIT, async {
+        cluster.leader(Duration::from_secs(20)).await;
+        let mut client: ClusterClient = cluster.client();
+        client.batching = false;
+        client.write("kv", put("plain", "1")).await.expect("unary write");
+        assert_eq!(read_value(&mut client, "plain", Consistency::Lease).await.as_deref(), Some("1"));
+        let leader = cluster.leader(Duration::from_secs(5)).await;
+        let metrics = metrics_of(&cluster, leader);
+        assert_eq!(sample(&metrics, "raft_host_client_batch_items_count"), 0.0, "nothing came over Batch");
+    });
+}
