@@ -237,6 +237,12 @@ fn backup_status(cluster: &Cluster, file: &Path) -> serde_json::Value {
     serde_json::from_str(&stdout_of(&output)).expect("JSON")
 }
 
+/// `raft-host snapshot restore FILE --data-dir DIR --id ID --peer PEERS`.
+fn restore(cluster: &Cluster, file: &Path, dir: &Path, id: u64, peers: &str) -> Output {
+    let (file, dir) = (file.to_str().expect("utf-8"), dir.to_str().expect("utf-8"));
+    cli(cluster, &["snapshot", "restore", file, "--data-dir", dir, "--id", &id.to_string(), "--peer", peers])
+}
+
 #[test]
 fn a_cluster_that_lost_its_quorum_is_rebuilt_from_a_backup_and_goes_on() {
     let mut old = Cluster::start(3, "ops-backup");
@@ -316,20 +322,7 @@ fn a_cluster_that_lost_its_quorum_is_rebuilt_from_a_backup_and_goes_on() {
     std::fs::write(&corrupt, &flipped).expect("write");
     for (file, why) in [(&truncated, "truncated"), (&corrupt, "SHA-256")] {
         let target = old.root().join("refused-dir");
-        let restored = cli(
-            &old,
-            &[
-                "snapshot",
-                "restore",
-                file.to_str().expect("utf-8"),
-                "--data-dir",
-                target.to_str().expect("utf-8"),
-                "--id",
-                "1",
-                "--peer",
-                "1=127.0.0.1:1",
-            ],
-        );
+        let restored = restore(&old, file, &target, 1, "1=127.0.0.1:1");
         assert!(!restored.status.success());
         let stderr = String::from_utf8_lossy(&restored.stderr);
         assert!(stderr.contains(why), "{why}: {stderr}");
@@ -359,21 +352,7 @@ fn a_cluster_that_lost_its_quorum_is_rebuilt_from_a_backup_and_goes_on() {
     let mut new = Cluster::prepared(3, "ops-backup", &[]);
     let peers: Vec<String> = (1..=3).map(|id| format!("{id}={}", new.address(id))).collect();
     for id in 1..=3u64 {
-        let dir = new.data_dir(id);
-        let restored = cli(
-            &old,
-            &[
-                "snapshot",
-                "restore",
-                backup.to_str().expect("utf-8"),
-                "--data-dir",
-                dir.to_str().expect("utf-8"),
-                "--id",
-                &id.to_string(),
-                "--peer",
-                &peers.join(","),
-            ],
-        );
+        let restored = restore(&old, &backup, &new.data_dir(id), id, &peers.join(","));
         assert!(restored.status.success(), "restore {id}: {}", String::from_utf8_lossy(&restored.stderr));
     }
     new.spawn_all();

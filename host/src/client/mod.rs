@@ -166,34 +166,14 @@ impl ClusterClient {
 
     /// Sends a prepared write (any client id and sequence), with retries.
     pub async fn write_request(&mut self, request: WriteRequest) -> Result<WriteResponse, ClientError> {
-        // A command too large to share a message gains nothing from
-        // batching, and alone it gets the member's own size check.
-        if self.batching && request.command.len() < batch::BYTES_PER_MESSAGE_MAX {
-            let batched = self
-                .retry_on(ClusterClient::batcher, |batcher| {
-                    let request = request.clone();
-                    async move { batcher.write(request).await }
-                })
-                .await;
-            if !self.batch_unsupported(&batched) {
-                return batched;
-            }
-        }
-        self.retry(|mut client| {
-            let request = request.clone();
-            async move { client.write(request).await }
-        })
+        let fits = request.command.len() < batch::BYTES_PER_MESSAGE_MAX;
+        self.send(
+            request,
+            fits,
+            |batcher, request| async move { batcher.write(request).await },
+            |mut client, request| async move { client.write(request).await },
+        )
         .await
-    }
-
-    /// Whether `result` says the member has no `Batch` (an older version):
-    /// batching is then turned off for this client.
-    fn batch_unsupported<T>(&mut self, result: &Result<T, ClientError>) -> bool {
-        let unsupported = matches!(result, Err(ClientError::Refused { code: Code::Unimplemented, .. }));
-        if unsupported {
-            self.batching = false;
-        }
-        unsupported
     }
 
     /// Answers `query` on `state_machine` with the given consistency.
@@ -204,22 +184,37 @@ impl ClusterClient {
         consistency: Consistency,
     ) -> Result<ReadResponse, ClientError> {
         let request = ReadRequest { state_machine: state_machine.to_string(), query, consistency: consistency.into() };
-        if self.batching && request.query.len() < batch::BYTES_PER_MESSAGE_MAX {
-            let batched = self
-                .retry_on(ClusterClient::batcher, |batcher| {
-                    let request = request.clone();
-                    async move { batcher.read(request).await }
-                })
-                .await;
-            if !self.batch_unsupported(&batched) {
-                return batched;
-            }
-        }
-        self.retry(|mut client| {
-            let request = request.clone();
-            async move { client.read(request).await }
-        })
+        let fits = request.query.len() < batch::BYTES_PER_MESSAGE_MAX;
+        self.send(
+            request,
+            fits,
+            |batcher, request| async move { batcher.read(request).await },
+            |mut client, request| async move { client.read(request).await },
+        )
         .await
+    }
+
+    /// `request` over the member's `Batch` stream when batching is on and
+    /// it `fits` in a shared message (a larger one gains nothing from
+    /// batching, and alone it gets the member's own size check), else over
+    /// the unary call; with retries either way. A member without `Batch`
+    /// (an older version) turns batching off for this client.
+    async fn send<Q, T, B, BF, U, UF>(&mut self, request: Q, fits: bool, batched: B, unary: U) -> Result<T, ClientError>
+    where
+        Q: Clone,
+        B: Fn(Arc<Batcher>, Q) -> BF,
+        BF: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+        U: Fn(ClientClient<Channel>, Q) -> UF,
+        UF: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        if self.batching && fits {
+            let result = self.retry_on(ClusterClient::batcher, |batcher| batched(batcher, request.clone())).await;
+            if !matches!(result, Err(ClientError::Refused { code: Code::Unimplemented, .. })) {
+                return result;
+            }
+            self.batching = false;
+        }
+        self.retry(|client| unary(client, request.clone())).await
     }
 
     /// Deploys `module` for `state_machine` through the leader, and with
