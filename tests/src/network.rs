@@ -45,8 +45,12 @@ impl Network {
                 if from == to {
                     continue;
                 }
-                // Bound here, so the address is taken before any member starts.
-                let listener = std::net::TcpListener::bind(("127.0.0.1", crate::free_port())).expect("a proxy port");
+                // Bound here and held, so the address is taken before any
+                // member starts. Port 0: the kernel picks one that nothing
+                // holds, and no outgoing connection can take it while it is
+                // bound (a port picked by `free_port` and bound a moment
+                // later could be taken in between; that happened once).
+                let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).expect("a proxy port");
                 listener.set_nonblocking(true).expect("nonblocking");
                 let listen = listener.local_addr().expect("address").to_string();
                 let cut = Arc::new(AtomicBool::new(false));
