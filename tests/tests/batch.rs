@@ -71,6 +71,59 @@ fn many_callers_on_one_connection_share_batch_messages_and_every_write_is_applie
 }
 
 #[test]
+fn a_follower_forwards_the_items_it_is_sent_to_the_leader_on_a_batch_stream_of_its_own() {
+    let cluster = Cluster::start(3, "batch-forward");
+    run(LIMIT, async {
+        let leader = cluster.leader(Duration::from_secs(20)).await;
+        let follower = if leader == 1 { 2 } else { 1 };
+        let mut grpc = ClientClient::new(cluster.channel(follower));
+        let (sender, requests) = tokio::sync::mpsc::channel(8);
+        let mut answers =
+            grpc.batch(tokio_stream::wrappers::ReceiverStream::new(requests)).await.expect("stream").into_inner();
+        let item = |id: u64| BatchItem {
+            id,
+            request_id: String::new(),
+            request: Some(batch_item::Request::Write(WriteRequest {
+                state_machine: "kv".into(),
+                command: put(&format!("f{id}"), "x"),
+                // A session of its own per item: one session keeps only 32
+                // answers, and these are all under way at once.
+                client_id: format!("forwarding-test-{id}").into_bytes(),
+                sequence: 1,
+                lowest_unanswered: 1,
+            })),
+        };
+        for message in 0..5u64 {
+            let items = (1..=200).map(|n| item(message * 200 + n)).collect();
+            sender.send(BatchRequest { items }).await.expect("send");
+        }
+        let mut answered = 0;
+        while answered < 1_000 {
+            let response = answers.message().await.expect("answers").expect("more answers");
+            for answer in response.answers {
+                match answer.answer {
+                    Some(batch_answer::Answer::Write(write)) => assert!(write.index > 0),
+                    other => panic!("item {}: {other:?}", answer.id),
+                }
+                assert_eq!(answer.leader_addr, cluster.address(leader), "the answer names the leader");
+                answered += 1;
+            }
+        }
+        drop(sender);
+        cluster.agreed(Duration::from_secs(20)).await;
+        let leader_metrics = metrics_of(&cluster, leader);
+        let items = sample(&leader_metrics, "raft_host_client_batch_items_sum");
+        let messages = sample(&leader_metrics, "raft_host_client_batch_items_count");
+        assert!(items >= 1_000.0, "the leader took the forwarded writes over Batch: {items}");
+        assert!(messages * 4.0 < items, "{items} forwarded items in {messages} messages: coalesced");
+        let mut client = cluster.client();
+        for key in ["f1", "f777", "f1000"] {
+            assert_eq!(read_value(&mut client, key, Consistency::Linearizable).await.as_deref(), Some("x"), "{key}");
+        }
+    });
+}
+
+#[test]
 fn each_item_of_a_raw_batch_stream_gets_its_own_answer_or_error_and_the_stream_goes_on() {
     let cluster = Cluster::start(3, "batch-raw");
     run(LIMIT, async {
@@ -91,6 +144,7 @@ fn each_item_of_a_raw_batch_stream_gets_its_own_answer_or_error_and_the_stream_g
             grpc.batch(tokio_stream::wrappers::ReceiverStream::new(requests)).await.expect("stream").into_inner();
         let read = |id, state_machine: &str| BatchItem {
             id,
+            request_id: format!("raw-{id}"),
             request: Some(batch_item::Request::Read(ReadRequest {
                 state_machine: state_machine.into(),
                 query: get("seen"),
@@ -99,13 +153,19 @@ fn each_item_of_a_raw_batch_stream_gets_its_own_answer_or_error_and_the_stream_g
         };
         let write = BatchItem {
             id: 2,
+            request_id: String::new(),
             request: Some(batch_item::Request::Write(WriteRequest {
                 state_machine: "kv".into(),
                 command: put("seen", "overwritten"),
                 ..WriteRequest::default()
             })),
         };
-        let items = vec![read(1, "kv"), write, BatchItem { id: 3, request: None }, read(4, "no-such-machine")];
+        let items = vec![
+            read(1, "kv"),
+            write,
+            BatchItem { id: 3, request: None, request_id: String::new() },
+            read(4, "no-such-machine"),
+        ];
         sender.send(BatchRequest { items }).await.expect("send");
         let mut got = BTreeMap::new();
         while got.len() < 4 {
@@ -148,12 +208,13 @@ fn each_item_of_a_raw_batch_stream_gets_its_own_answer_or_error_and_the_stream_g
 fn the_unary_path_still_serves_a_client_that_turns_batching_off() {
     let cluster = Cluster::start(3, "batch-unary");
     run(LIMIT, async {
-        cluster.leader(Duration::from_secs(20)).await;
-        let mut client: ClusterClient = cluster.client();
+        let leader = cluster.leader(Duration::from_secs(20)).await;
+        // The leader itself, so nothing is forwarded (a follower forwards
+        // over Batch whatever path its client took).
+        let mut client: ClusterClient = cluster.client_of(leader);
         client.batching = false;
         client.write("kv", put("plain", "1")).await.expect("unary write");
         assert_eq!(read_value(&mut client, "plain", Consistency::Lease).await.as_deref(), Some("1"));
-        let leader = cluster.leader(Duration::from_secs(5)).await;
         let metrics = metrics_of(&cluster, leader);
         assert_eq!(sample(&metrics, "raft_host_client_batch_items_count"), 0.0, "nothing came over Batch");
     });

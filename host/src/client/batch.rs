@@ -3,9 +3,10 @@
 //! request to one task, which sends whatever has queued up as one message
 //! and hands each answer back to its caller as it arrives.
 //!
-//! There is no linger timer: a request waits only while the previous
-//! message is being handed to the connection, so a lone caller pays nothing
-//! and many callers fill each message by themselves (up to
+//! There is no linger timer: a request waits only one turn of the
+//! scheduler and while the previous message is being handed to the
+//! connection, so a lone caller pays next to nothing and many callers fill
+//! each message by themselves (up to
 //! [`ITEMS_PER_MESSAGE_MAX`] items or [`BYTES_PER_MESSAGE_MAX`] bytes). Each
 //! answer is what the unary call would have answered, errors included (as
 //! a status with the same routing metadata), so the caller routes and
@@ -17,7 +18,7 @@ use crate::wire::client_pb::{
     BatchItem, BatchRequest, ReadRequest, ReadResponse, WriteRequest, WriteResponse, batch_answer, batch_item,
     client_client::ClientClient,
 };
-use crate::wire::{LEADER_ADDR_KEY, status_of_batch_error};
+use crate::wire::{FORWARDED_KEY, LEADER_ADDR_KEY, status_of_batch_error};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use tokio::sync::{mpsc, oneshot};
@@ -45,6 +46,7 @@ type Reply = oneshot::Sender<Result<Answered, Status>>;
 struct Queued {
     request: batch_item::Request,
     bytes: usize,
+    request_id: String,
     reply: Reply,
 }
 
@@ -54,25 +56,42 @@ struct Answered {
     leader_addr: String,
 }
 
-/// The batching side of one connection to one member.
-pub(super) struct Batcher {
+/// The batching side of one connection to one member: a client's, or a
+/// follower's towards its leader.
+pub struct Batcher {
     queue: mpsc::Sender<Queued>,
     /// The task's end of the queue, until the first request starts it
     /// (inside the caller's runtime).
-    idle: Mutex<Option<(mpsc::Receiver<Queued>, ClientClient<Channel>)>>,
+    idle: Mutex<Option<(mpsc::Receiver<Queued>, ClientClient<Channel>, bool)>>,
 }
 
 impl Batcher {
-    /// A batcher over `client`'s connection; its task starts with the first request.
-    pub(super) fn new(client: ClientClient<Channel>) -> Batcher {
+    /// A client's batcher over `client`'s connection; its task starts with
+    /// the first request.
+    pub fn new(client: ClientClient<Channel>) -> Batcher {
+        Batcher::with_mark(client, false)
+    }
+
+    /// A follower's batcher towards its leader: its streams are marked
+    /// forwarded, so the leader never forwards their items again.
+    pub fn forwarding(client: ClientClient<Channel>) -> Batcher {
+        Batcher::with_mark(client, true)
+    }
+
+    fn with_mark(client: ClientClient<Channel>, forwarded: bool) -> Batcher {
         let (queue, receiver) = mpsc::channel(QUEUE);
-        Batcher { queue, idle: Mutex::new(Some((receiver, client))) }
+        Batcher { queue, idle: Mutex::new(Some((receiver, client, forwarded))) }
     }
 
     /// A write, answered as the unary `Write` would answer it.
-    pub(super) async fn write(&self, request: WriteRequest) -> Result<Response<WriteResponse>, Status> {
+    pub async fn write(&self, request: WriteRequest) -> Result<Response<WriteResponse>, Status> {
+        self.write_as(request, String::new()).await
+    }
+
+    /// A write logged under `request_id` on the member (empty: it makes one).
+    pub async fn write_as(&self, request: WriteRequest, request_id: String) -> Result<Response<WriteResponse>, Status> {
         let bytes = request.command.len() + request.client_id.len() + request.state_machine.len();
-        let answered = self.call(batch_item::Request::Write(request), bytes).await?;
+        let answered = self.call(batch_item::Request::Write(request), bytes, request_id).await?;
         match answered.answer {
             batch_answer::Answer::Write(response) => Ok(with_leader(response, &answered.leader_addr)),
             _ => Err(Status::internal("the member answered a write with something else")),
@@ -80,22 +99,28 @@ impl Batcher {
     }
 
     /// A read, answered as the unary `Read` would answer it.
-    pub(super) async fn read(&self, request: ReadRequest) -> Result<Response<ReadResponse>, Status> {
+    pub async fn read(&self, request: ReadRequest) -> Result<Response<ReadResponse>, Status> {
+        self.read_as(request, String::new()).await
+    }
+
+    /// A read logged under `request_id` on the member (empty: it makes one).
+    pub async fn read_as(&self, request: ReadRequest, request_id: String) -> Result<Response<ReadResponse>, Status> {
         let bytes = request.query.len() + request.state_machine.len();
-        let answered = self.call(batch_item::Request::Read(request), bytes).await?;
+        let answered = self.call(batch_item::Request::Read(request), bytes, request_id).await?;
         match answered.answer {
             batch_answer::Answer::Read(response) => Ok(with_leader(response, &answered.leader_addr)),
             _ => Err(Status::internal("the member answered a read with something else")),
         }
     }
 
-    async fn call(&self, request: batch_item::Request, bytes: usize) -> Result<Answered, Status> {
-        if let Some((receiver, client)) = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take() {
-            tokio::spawn(run(client, receiver));
+    async fn call(&self, request: batch_item::Request, bytes: usize, request_id: String) -> Result<Answered, Status> {
+        let idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        if let Some((receiver, client, forwarded)) = idle {
+            tokio::spawn(run(client, receiver, forwarded));
         }
         let (reply, answer) = oneshot::channel();
         self.queue
-            .send(Queued { request, bytes, reply })
+            .send(Queued { request, bytes, request_id, reply })
             .await
             .map_err(|_| Status::unavailable("the batching task stopped"))?;
         answer.await.map_err(|_| Status::unavailable("the batch stream ended before it answered"))?
@@ -114,7 +139,7 @@ fn with_leader<T>(message: T, leader_addr: &str) -> Response<T> {
 
 /// The task: one stream at a time to the member, opened when a request
 /// comes and opened again after it breaks; ends when every caller is gone.
-async fn run(client: ClientClient<Channel>, mut queue: mpsc::Receiver<Queued>) {
+async fn run(client: ClientClient<Channel>, mut queue: mpsc::Receiver<Queued>, forwarded: bool) {
     let mut next_id = 0u64;
     let mut carried: Option<Queued> = None;
     loop {
@@ -127,7 +152,11 @@ async fn run(client: ClientClient<Channel>, mut queue: mpsc::Receiver<Queued>) {
         };
         let (sender, requests) = mpsc::channel::<BatchRequest>(SEND_QUEUE);
         let mut grpc = client.clone();
-        let mut answers = match grpc.batch(tokio_stream::wrappers::ReceiverStream::new(requests)).await {
+        let mut opening = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(requests));
+        if forwarded {
+            opening.metadata_mut().insert(FORWARDED_KEY, tonic::metadata::MetadataValue::from_static("1"));
+        }
+        let mut answers = match grpc.batch(opening).await {
             Ok(response) => response.into_inner(),
             Err(status) => {
                 let _ = first.reply.send(Err(status));
@@ -138,6 +167,13 @@ async fn run(client: ClientClient<Channel>, mut queue: mpsc::Receiver<Queued>) {
         stream.push(&mut next_id, first);
         let mut callers_left = true;
         let broke = loop {
+            // A message just begun waits one turn of the scheduler (no
+            // timer), so requests that tasks ready to run are about to hand
+            // over join it: without it, a member forwarding the items of a
+            // batch would send each alone, its task woken after every one.
+            if stream.batch.len() == 1 {
+                tokio::task::yield_now().await;
+            }
             while callers_left && stream.has_room() {
                 match queue.try_recv() {
                     Ok(queued) => stream.push(&mut next_id, queued),
@@ -199,7 +235,7 @@ impl Stream {
     fn push(&mut self, next_id: &mut u64, queued: Queued) {
         *next_id += 1;
         self.inflight.insert(*next_id, queued.reply);
-        self.batch.push(BatchItem { id: *next_id, request: Some(queued.request) });
+        self.batch.push(BatchItem { id: *next_id, request: Some(queued.request), request_id: queued.request_id });
         self.batch_bytes += queued.bytes;
     }
 

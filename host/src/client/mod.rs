@@ -10,6 +10,8 @@
 
 mod batch;
 
+pub use batch::{BYTES_PER_MESSAGE_MAX, Batcher};
+
 use crate::wire::client_pb::{
     self, ActivateRequest, ActivateResponse, BackupChunk, BackupHeader, BackupRequest, ChangeMembershipRequest,
     DeployProgress, DeployRequest, MembersRequest, MembersResponse, MembershipChange, ModulesRequest, ModulesResponse,
@@ -18,7 +20,6 @@ use crate::wire::client_pb::{
     client_client::ClientClient,
 };
 use crate::wire::{LEADER_ADDR_KEY, NO_RETRY_KEY, Transport, client_pb::outcome};
-use batch::Batcher;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use thiserror::Error;
@@ -74,12 +75,17 @@ pub fn outcome_of(outcome: Option<client_pb::Outcome>) -> Outcome {
     }
 }
 
+/// The connections of a family of clients (one and those made by
+/// `sharing_connections`), by member address: the gRPC client and the
+/// batcher on it.
+type Connections = Arc<std::sync::Mutex<std::collections::HashMap<String, (ClientClient<Channel>, Arc<Batcher>)>>>;
+
 /// A client of one cluster.
 pub struct ClusterClient {
     addresses: Vec<String>,
     /// Per member, once dialed: the gRPC client and the batcher on its
     /// connection (shared with clients made by `sharing_connections`).
-    channels: Vec<Option<(ClientClient<Channel>, Arc<Batcher>)>>,
+    connections: Connections,
     /// Plaintext, or TLS with this client's certificate.
     transport: Transport,
     /// The member tried first.
@@ -111,10 +117,10 @@ impl ClusterClient {
         for address in &addresses {
             endpoint(address)?;
         }
-        let channels = addresses.iter().map(|_| None).collect();
+        let connections = Connections::default();
         Ok(ClusterClient {
             addresses,
-            channels,
+            connections,
             transport,
             current: 0,
             client_id: random_client_id(),
@@ -125,15 +131,17 @@ impl ClusterClient {
     }
 
     /// Another client of the same members, with its own id and sequence,
-    /// that shares this one's connections: HTTP/2 carries both clients'
-    /// calls side by side, as a pool of connections does for many callers.
+    /// that shares this one's connections, and those either opens later (to
+    /// a leader it learns of): HTTP/2 carries both clients' calls side by
+    /// side, and their writes and reads travel in the same batches, as a
+    /// pool of connections does for many callers.
     pub fn sharing_connections(&mut self) -> Result<ClusterClient, ClientError> {
         for at in 0..self.addresses.len() {
             self.channel(at)?;
         }
         Ok(ClusterClient {
             addresses: self.addresses.clone(),
-            channels: self.channels.clone(),
+            connections: self.connections.clone(),
             transport: self.transport.clone(),
             current: self.current,
             client_id: random_client_id(),
@@ -382,15 +390,18 @@ impl ClusterClient {
     }
 
     fn connection(&mut self, at: usize) -> Result<(ClientClient<Channel>, Arc<Batcher>), ClientError> {
-        if self.channels[at].is_none() {
-            let channel = self.transport.connect(endpoint(&self.addresses[at])?);
-            let client = ClientClient::new(channel)
-                .max_decoding_message_size(MESSAGE_BYTES_MAX)
-                .max_encoding_message_size(MESSAGE_BYTES_MAX);
-            let batcher = Arc::new(Batcher::new(client.clone()));
-            self.channels[at] = Some((client, batcher));
+        let address = &self.addresses[at];
+        let mut open = self.connections.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(connection) = open.get(address) {
+            return Ok(connection.clone());
         }
-        Ok(self.channels[at].clone().expect("set above"))
+        let channel = self.transport.connect(endpoint(address)?);
+        let client = ClientClient::new(channel)
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX);
+        let connection = (client.clone(), Arc::new(Batcher::new(client)));
+        open.insert(address.clone(), connection.clone());
+        Ok(connection)
     }
 
     /// Calls `call` on the current member until it succeeds, fails for
@@ -471,7 +482,6 @@ impl ClusterClient {
             None => {
                 endpoint(address)?;
                 self.addresses.push(address.to_string());
-                self.channels.push(None);
                 self.current = self.addresses.len() - 1;
             }
         }
@@ -534,7 +544,9 @@ mod tests {
             assert_ne!(second.client_id(), first.client_id(), "a session of its own");
             assert_eq!(second.next_sequence, 1);
             assert_eq!(second.addresses, first.addresses);
-            assert!(second.channels.iter().all(Option::is_some), "every connection is shared, not opened anew");
+            let open = |client: &ClusterClient| client.connections.lock().map(|open| open.len()).unwrap_or(0);
+            assert_eq!(open(&second), 2, "every connection is shared, not opened anew");
+            assert!(std::sync::Arc::ptr_eq(&first.connections, &second.connections));
         });
     }
 }

@@ -13,6 +13,7 @@
 
 use super::config::ServerConfig;
 use super::metrics::{Method, MetricsSource, PeerCounters, Probe, RequestCounters};
+use crate::client::{BYTES_PER_MESSAGE_MAX, Batcher};
 use crate::node::{
     Consistency, DeployStep, LeadershipView, Members, Membership, NodeHandles, RequestError, ShutdownSignal, check_name,
 };
@@ -98,13 +99,21 @@ impl tonic::service::Interceptor for ClientGate {
 impl ClientService {
     /// The answer to one item of a batch stream: exactly what the unary
     /// call would have answered, as the item's outcome or error.
-    async fn answer_item(self: Arc<Self>, item: BatchItem, write_refusal: Option<Status>) -> BatchAnswer {
+    async fn answer_item(
+        self: Arc<Self>,
+        item: BatchItem,
+        forwarded: bool,
+        write_refusal: Option<Status>,
+    ) -> BatchAnswer {
         let started = std::time::Instant::now();
+        let request_id = Some(item.request_id)
+            .filter(|id| !id.is_empty() && id.len() <= REQUEST_ID_BYTES_MAX)
+            .unwrap_or_else(new_request_id);
         let (method, result) = match item.request {
             Some(batch_item::Request::Write(write)) => {
                 let result = match write_refusal {
                     Some(refusal) => Err(refusal),
-                    None => self.traced_write(write, false, new_request_id()).await.map(|response| {
+                    None => self.traced_write(write, forwarded, request_id).await.map(|response| {
                         let leader = leader_of(&response);
                         (batch_answer::Answer::Write(response.into_inner()), leader)
                     }),
@@ -112,7 +121,7 @@ impl ClientService {
                 (Some(Method::Write), result)
             }
             Some(batch_item::Request::Read(read)) => {
-                let result = self.traced_read(read, false, new_request_id()).await.map(|response| {
+                let result = self.traced_read(read, forwarded, request_id).await.map(|response| {
                     let leader = leader_of(&response);
                     (batch_answer::Answer::Read(response.into_inner()), leader)
                 });
@@ -196,6 +205,9 @@ pub struct ClientService {
     /// Turns when the member starts stopping: batch streams end then, so
     /// a graceful stop does not wait for clients to close them.
     stop: ShutdownSignal,
+    /// Per leader id (and the address it had): the batcher that carries
+    /// requests this member forwards to it.
+    forwarders: std::sync::Mutex<std::collections::HashMap<u64, (String, Arc<Batcher>)>>,
     config: Arc<ServerConfig>,
     node: NodeHandles,
     counters: RequestCounters,
@@ -231,6 +243,7 @@ impl ClientService {
         Arc::new_cyclic(|me| ClientService {
             me: me.clone(),
             stop,
+            forwarders: std::sync::Mutex::default(),
             config,
             node,
             counters: RequestCounters::default(),
@@ -292,15 +305,30 @@ impl ClientService {
         Ok(())
     }
 
-    /// The leader to forward to, and its address for the client to use next time.
-    fn forward_target(&self, error: &RequestError, forwarded: bool) -> Option<(ClientClient<Channel>, String)> {
+    /// The leader to forward to (its unary client and the batcher that
+    /// carries forwarded items to it), and its address for the client to
+    /// use next time.
+    fn forward_target(
+        &self,
+        error: &RequestError,
+        forwarded: bool,
+    ) -> Option<(ClientClient<Channel>, Arc<Batcher>, String)> {
         match error {
             RequestError::NotLeader { leader: Some((id, address)) } if !forwarded => {
                 let channel = self.node.members.channel(*id).ok()?;
                 let limit = self.config.client_message_bytes_max();
                 let client =
                     ClientClient::new(channel).max_decoding_message_size(limit).max_encoding_message_size(limit);
-                Some((client, address.clone()))
+                let mut forwarders = self.forwarders.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let batcher = match forwarders.get(id) {
+                    Some((known, batcher)) if known == address => batcher.clone(),
+                    _ => {
+                        let batcher = Arc::new(Batcher::forwarding(client.clone()));
+                        forwarders.insert(*id, (address.clone(), batcher.clone()));
+                        batcher
+                    }
+                };
+                Some((client, batcher, address.clone()))
             }
             _ => None,
         }
@@ -356,10 +384,13 @@ fn request_id<T>(request: &Request<T>) -> String {
         .metadata()
         .get(REQUEST_ID_KEY)
         .and_then(|value| value.to_str().ok())
-        .filter(|id| !id.is_empty() && id.len() <= 64)
+        .filter(|id| !id.is_empty() && id.len() <= REQUEST_ID_BYTES_MAX)
         .map(str::to_string)
         .unwrap_or_else(new_request_id)
 }
+
+/// Longest request id taken from a client; a longer one is replaced.
+const REQUEST_ID_BYTES_MAX: usize = 64;
 
 /// A request id no other request of this process has.
 fn new_request_id() -> String {
@@ -591,9 +622,13 @@ impl ClientService {
                 }))
             }
             Err(error) => match self.forward_target(&error, was_forwarded) {
-                Some((mut leader, address)) => {
+                Some((mut leader, batcher, address)) => {
                     tracing::debug!(leader = %address, "forwarding the write to the leader");
-                    let answer = self.forwarding(leader.write(forwarded(write, &id))).await?;
+                    let answer = if write.command.len() < BYTES_PER_MESSAGE_MAX {
+                        self.forwarding(batcher.write_as(write, id)).await?
+                    } else {
+                        self.forwarding(leader.write(forwarded(write, &id))).await?
+                    };
                     Ok(with_leader(answer, &address))
                 }
                 None => Err(status_of(error)),
@@ -648,8 +683,12 @@ impl ClientService {
                 Ok(Response::new(ReadResponse { outcome: Some(outcome_pb(reply.outcome)), index: reply.index }))
             }
             Err(error) => match self.forward_target(&error, was_forwarded) {
-                Some((mut leader, address)) => {
-                    let answer = self.forwarding(leader.read(forwarded(read, &id))).await?;
+                Some((mut leader, batcher, address)) => {
+                    let answer = if read.query.len() < BYTES_PER_MESSAGE_MAX {
+                        self.forwarding(batcher.read_as(read, id)).await?
+                    } else {
+                        self.forwarding(leader.read(forwarded(read, &id))).await?
+                    };
                     Ok(with_leader(answer, &address))
                 }
                 None => Err(status_of(error)),
@@ -905,6 +944,8 @@ impl Client for ClientService {
         require(&request, ClientRole::Reader, "a batch")?;
         // Checked once for the stream: the role is the connection's.
         let write_refusal = require(&request, ClientRole::Writer, "a write").err();
+        // A follower's stream of forwarded items: they are not forwarded again.
+        let forwarded = is_forwarded(&request);
         let service = self.me.upgrade().ok_or_else(|| status_of(RequestError::ShuttingDown))?;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(BATCH_RESPONSE_QUEUE);
@@ -922,7 +963,7 @@ impl Client for ClientService {
                             Ok(Some(batch)) => {
                                 service.counters.batch_items.observe(batch.items.len() as u64);
                                 for item in batch.items {
-                                    working.spawn(service.clone().answer_item(item, write_refusal.clone()));
+                                    working.spawn(service.clone().answer_item(item, forwarded, write_refusal.clone()));
                                 }
                             }
                             // The client is done sending (or gone): answer what is under way.
