@@ -290,6 +290,11 @@ impl Cluster {
         self.member(id).metrics.clone()
     }
 
+    /// Member `id`'s metrics, as a scrape gets them.
+    pub fn metrics(&self, id: u64) -> String {
+        http_get(&self.metrics_address(id), "/metrics").1
+    }
+
     fn member(&self, id: u64) -> &Member {
         self.members.iter().find(|m| m.id == id).expect("member exists")
     }
@@ -610,6 +615,25 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// `GET path` on `address` (plain HTTP/1.1): the status code and the body.
+pub fn http_get(address: &str, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(address).expect("metrics port answers");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("a status line");
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default();
+    (code, body)
+}
+
+/// The value of sample `name` (labels included, as written) in a metrics
+/// exposition.
+pub fn metric(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// A kv put command.

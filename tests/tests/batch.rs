@@ -7,26 +7,12 @@ use raft_host::client::{ClusterClient, Consistency, outcome_of};
 use raft_host::wire::client_pb::{
     BatchItem, BatchRequest, ReadRequest, WriteRequest, batch_answer, batch_item, client_client::ClientClient,
 };
-use raft_host_e2e::{Cluster, get, put, read_value, run, tls_transport};
+use raft_host_e2e::{Cluster, get, metric, put, read_value, run, tls_transport};
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(120);
-
-fn sample(metrics: &str, name: &str) -> f64 {
-    metrics.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
-}
-
-fn metrics_of(cluster: &Cluster, id: u64) -> String {
-    use std::io::{Read as _, Write as _};
-    let address = cluster.metrics_address(id);
-    let mut stream = std::net::TcpStream::connect(&address).expect("metrics port");
-    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").expect("request");
-    let mut text = String::new();
-    stream.read_to_string(&mut text).expect("response");
-    text
-}
 
 #[test]
 fn many_callers_on_one_connection_share_batch_messages_and_every_write_is_applied_once() {
@@ -60,13 +46,13 @@ fn many_callers_on_one_connection_share_batch_messages_and_every_write_is_applie
             assert!(read_value(&mut first, key, Consistency::Linearizable).await.is_some(), "{key}");
         }
         // The leader took them in far fewer messages than items.
-        let metrics = metrics_of(&cluster, leader);
-        let messages = sample(&metrics, "raft_host_client_batch_items_count");
-        let items = sample(&metrics, "raft_host_client_batch_items_sum");
+        let metrics = cluster.metrics(leader);
+        let messages = metric(&metrics, "raft_host_client_batch_items_count").unwrap_or(0.0);
+        let items = metric(&metrics, "raft_host_client_batch_items_sum").unwrap_or(0.0);
         assert!(items >= 3_000.0, "the leader answered the writes over Batch: {items} items");
         assert!(messages * 2.0 < items, "{items} items came in {messages} messages: coalesced");
         let writes_ok = "raft_host_client_requests_total{method=\"write\",code=\"Ok\"}";
-        assert!(sample(&metrics, writes_ok) >= 3_000.0, "batched items are counted as writes");
+        assert!(metric(&metrics, writes_ok).unwrap_or(0.0) >= 3_000.0, "batched items are counted as writes");
     });
 }
 
@@ -111,9 +97,9 @@ fn a_follower_forwards_the_items_it_is_sent_to_the_leader_on_a_batch_stream_of_i
         }
         drop(sender);
         cluster.agreed(Duration::from_secs(20)).await;
-        let leader_metrics = metrics_of(&cluster, leader);
-        let items = sample(&leader_metrics, "raft_host_client_batch_items_sum");
-        let messages = sample(&leader_metrics, "raft_host_client_batch_items_count");
+        let leader_metrics = cluster.metrics(leader);
+        let items = metric(&leader_metrics, "raft_host_client_batch_items_sum").unwrap_or(0.0);
+        let messages = metric(&leader_metrics, "raft_host_client_batch_items_count").unwrap_or(0.0);
         assert!(items >= 1_000.0, "the leader took the forwarded writes over Batch: {items}");
         assert!(messages * 4.0 < items, "{items} forwarded items in {messages} messages: coalesced");
         let mut client = cluster.client();
@@ -215,7 +201,11 @@ fn the_unary_path_still_serves_a_client_that_turns_batching_off() {
         client.batching = false;
         client.write("kv", put("plain", "1")).await.expect("unary write");
         assert_eq!(read_value(&mut client, "plain", Consistency::Lease).await.as_deref(), Some("1"));
-        let metrics = metrics_of(&cluster, leader);
-        assert_eq!(sample(&metrics, "raft_host_client_batch_items_count"), 0.0, "nothing came over Batch");
+        let metrics = cluster.metrics(leader);
+        assert_eq!(
+            metric(&metrics, "raft_host_client_batch_items_count").unwrap_or(0.0),
+            0.0,
+            "nothing came over Batch"
+        );
     });
 }

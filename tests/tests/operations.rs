@@ -5,8 +5,8 @@
 
 use raft_host::client::{ClusterClient, Consistency, outcome_of};
 use raft_host::wire::client_pb::WriteRequest;
-use raft_host_e2e::{Cluster, put, read_value, run, tls_transport};
-use std::io::{Read as _, Write as _};
+use raft_host_e2e::{Cluster, http_get, metric, put, read_value, run, tls_transport};
+use std::io::Write as _;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -19,18 +19,6 @@ use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
 const LIMIT: Duration = Duration::from_secs(120);
-
-/// `GET path` on `address` (plain HTTP/1.1): the status code and the body.
-fn http_get(address: &str, path: &str) -> (u16, String) {
-    let mut stream = std::net::TcpStream::connect(address).expect("metrics port answers");
-    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("a status line");
-    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default();
-    (code, body)
-}
 
 /// Runs the CLI with the cluster's admin certificate.
 fn cli(cluster: &Cluster, args: &[&str]) -> Output {
@@ -58,11 +46,6 @@ where
         assert!(Instant::now() < deadline, "{what} within {within:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// The value of the one sample `name` (no labels) in an exposition.
-fn sample(metrics: &str, name: &str) -> Option<f64> {
-    metrics.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 #[test]
@@ -139,13 +122,13 @@ fn health_reflection_probes_histograms_and_the_cluster_table_tell_an_operator_wh
             "raft_host_apply_batch_entries",
         ] {
             assert!(metrics.contains(&format!("# TYPE {histogram} histogram")), "{histogram} is exposed");
-            let count = sample(&metrics, &format!("{histogram}_count")).expect("a count");
+            let count = metric(&metrics, &format!("{histogram}_count")).expect("a count");
             assert!(count >= 1.0, "{histogram} counted the writes: {count}");
             let inf = format!("{histogram}_bucket{{le=\"+Inf\"}} {count}");
             assert!(metrics.contains(&inf), "the +Inf bucket of {histogram} holds every observation");
         }
         assert!(
-            sample(&metrics, "raft_host_propose_to_commit_seconds_count").unwrap_or(0.0) >= 20.0,
+            metric(&metrics, "raft_host_propose_to_commit_seconds_count").unwrap_or(0.0) >= 20.0,
             "the leader timed every write from proposal to commit"
         );
         let writes_ok = "raft_host_client_request_duration_seconds_count{method=\"write\",code=\"Ok\"}";
