@@ -94,9 +94,7 @@ fn save(file: &Path, target: &Target, force: bool) -> anyhow::Result<()> {
     let header = runtime.block_on(async {
         let mut client = target.client()?;
         let (header, mut stream) = client.backup().await.context("the backup could not start")?;
-        let out = std::fs::File::create(&partial).with_context(|| format!("creating {}", partial.display()))?;
-        let mut writer = BackupWriter::new(std::io::BufWriter::with_capacity(1 << 20, out), &header)
-            .with_context(|| format!("writing {}", partial.display()))?;
+        let mut writer = create_backup(&partial, &header)?;
         let progress = Progress::new(header.total_bytes);
         while let Some(message) = stream.message().await.context("the backup stream broke off")? {
             match message.part {
@@ -108,11 +106,7 @@ fn save(file: &Path, target: &Target, force: bool) -> anyhow::Result<()> {
             }
         }
         progress.done();
-        let out = writer.finish().with_context(|| format!("finishing {}", partial.display()))?;
-        out.into_inner()
-            .map_err(|e| e.into_error())
-            .and_then(|file| file.sync_all())
-            .with_context(|| format!("syncing {}", partial.display()))?;
+        close_backup(writer, &partial)?;
         Ok::<_, anyhow::Error>(header)
     });
     finish_save(file, &partial, header)
@@ -155,8 +149,7 @@ fn save_offline(file: &Path, dir: &Path, force: bool) -> anyhow::Result<()> {
         let reader = store.snapshot_reader()?;
         let total = reader.total_bytes()?;
         let header = backup_header(&reader, &identity.cluster_id, identity.node_id, total);
-        let out = std::fs::File::create(&partial).with_context(|| format!("creating {}", partial.display()))?;
-        let mut writer = BackupWriter::new(std::io::BufWriter::with_capacity(1 << 20, out), &header)?;
+        let mut writer = create_backup(&partial, &header)?;
         let progress = Progress::new(total);
         let mut failed = None;
         reader.for_each_chunk(1 << 20, |records| match writer.write_records(&records) {
@@ -173,11 +166,28 @@ fn save_offline(file: &Path, dir: &Path, force: bool) -> anyhow::Result<()> {
         if let Some(error) = failed {
             return Err(anyhow::Error::new(error).context(format!("writing {}", partial.display())));
         }
-        let out = writer.finish()?;
-        out.into_inner().map_err(|e| e.into_error()).and_then(|file| file.sync_all())?;
+        close_backup(writer, &partial)?;
         Ok::<_, anyhow::Error>(header)
     })();
     finish_save(file, &partial, header)
+}
+
+type BackupOut = BackupWriter<std::io::BufWriter<std::fs::File>>;
+
+/// A new backup file at `partial`, its marker and `header` written.
+fn create_backup(partial: &Path, header: &BackupHeader) -> anyhow::Result<BackupOut> {
+    let out = std::fs::File::create(partial).with_context(|| format!("creating {}", partial.display()))?;
+    BackupWriter::new(std::io::BufWriter::with_capacity(1 << 20, out), header)
+        .with_context(|| format!("writing {}", partial.display()))
+}
+
+/// Writes the checksum once every record is in, and syncs the file.
+fn close_backup(writer: BackupOut, partial: &Path) -> anyhow::Result<()> {
+    let out = writer.finish().with_context(|| format!("finishing {}", partial.display()))?;
+    out.into_inner()
+        .map_err(|e| e.into_error())
+        .and_then(|file| file.sync_all())
+        .with_context(|| format!("syncing {}", partial.display()))
 }
 
 fn partial_path(file: &Path) -> PathBuf {
