@@ -502,11 +502,13 @@ fn a_cluster_under_mixed_faults_stays_linearizable_and_loses_no_acknowledged_wri
         let acknowledged =
             ops.iter().filter(|op| op.completed.is_some() && !matches!(op.op, RegisterOp::Get { .. })).count();
         let unknown = ops.iter().filter(|op| op.completed.is_none()).count();
+        let checking = Instant::now();
         let checked = linearizable::check(&ops);
+        let checked_in = checking.elapsed();
         let faults: Vec<String> = nemesis.counts.iter().map(|(fault, n)| format!("{fault:?}={n}")).collect();
         println!(
             "fault suite: seed {seed}, {} ops, {acknowledged} acknowledged writes, {unknown} unknown outcomes, \
-             faults {}, members {:?} at index {}, anomalies {}",
+             faults {}, members {:?} at index {}, anomalies {} (checked in {checked_in:.1?})",
             ops.len(),
             faults.join(" "),
             statuses.iter().map(|s| s.id).collect::<Vec<_>>(),
