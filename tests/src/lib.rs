@@ -177,8 +177,8 @@ impl Cluster {
     }
 
     /// The network between the members, for a cluster started with one.
-    pub fn network(&self) -> Option<&network::Network> {
-        self.network.as_deref()
+    pub fn network(&self) -> Option<Arc<network::Network>> {
+        self.network.clone()
     }
 
     /// Sets fault hook `name` of member `id` to `value` (it reads its hooks

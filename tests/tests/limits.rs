@@ -299,7 +299,9 @@ fn stalled_snapshot_stream(
 #[test]
 fn a_stalled_forged_snapshot_stream_gives_way_to_the_leaders() {
     run(LIMIT, async {
-        let mut cluster = Cluster::start_with(3, "e2e-limits-snap", &SMALL_LOG);
+        // Links through proxies: the leader's snapshot to member 4 is held
+        // back until the forged stream is in.
+        let mut cluster = Cluster::start_faulty(3, 1, "e2e-limits-snap", &SMALL_LOG);
         let leader = cluster.leader(SETTLE).await;
         let mut client = cluster.client();
         for i in 0..300 {
@@ -310,15 +312,24 @@ fn a_stalled_forged_snapshot_stream_gives_way_to_the_leaders() {
         cluster.client().change_membership(MembershipChange::Remove, spare, "").await.expect("removed");
         // A fresh member joins; before the leader's snapshot reaches it, a
         // stream forged with the leader's own certificate starts and stalls.
+        let network = cluster.network().expect("proxied links");
+        network.cut(leader, 4);
         cluster.join(4, leader, &[]);
+        // Once it has the members' addresses from the join's answer, it
+        // takes snapshot streams from the leader.
         let deadline = Instant::now() + SETTLE;
-        while cluster.status(4).await.is_none() {
-            assert!(Instant::now() < deadline, "member 4 never answered");
+        while !cluster.log_of(4).contains("added to the cluster as a learner") {
+            assert!(Instant::now() < deadline, "member 4 never joined\n{}", cluster.log_of(4));
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let term = cluster.status(leader).await.expect("status").term;
         let forged = forged_first_chunk("e2e-limits-snap", leader, 4, term, 100 << 20);
         let (call, _keep_open) = stalled_snapshot_stream(&cluster, leader, 4, forged);
+        while cluster.status(4).await.is_none_or(|s| s.snapshot_staged_bytes == 0) {
+            assert!(Instant::now() < deadline, "the forged chunk was never staged");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        network.heal();
         let statuses = cluster.agreed(SETTLE * 2).await;
         assert!(statuses.iter().any(|s| s.id == 4), "member 4 caught up");
         let log = cluster.log_of(4);
