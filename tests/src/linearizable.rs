@@ -489,11 +489,8 @@ mod tests {
     fn unknown_writes_are_narrowed_without_changing_the_verdict() {
         // Observed, so it took effect before its first observer completed:
         // the read of "absent" after that is a read back in time.
-        let back = vec![
-            op(0, 0, None, put_unknown("a")),
-            op(1, 1, Some(2), get(Some("a"))),
-            op(2, 3, Some(4), get(None)),
-        ];
+        let back =
+            vec![op(0, 0, None, put_unknown("a")), op(1, 1, Some(2), get(Some("a"))), op(2, 3, Some(4), get(None))];
         assert!(check(&back).is_err());
         // Never observed: it may have happened last, so nothing is wrong.
         let unseen = vec![
@@ -613,10 +610,7 @@ mod tests {
         }
         // And a wrong answer among them is still found.
         let mut history = simulated_history(20_000, 40, 7);
-        let last_read = history
-            .iter()
-            .rposition(|op| matches!(op.op, RegisterOp::Get { .. }))
-            .expect("a read");
+        let last_read = history.iter().rposition(|op| matches!(op.op, RegisterOp::Get { .. })).expect("a read");
         history[last_read].op = RegisterOp::Get { value: Some("never written".into()) };
         assert!(check(&history).is_err());
     }

@@ -40,7 +40,7 @@ mod sessions;
 mod shutdown;
 mod start;
 
-pub use self::apply::{ApplyHandle, ApplyStatus, MachineStatus};
+pub use self::apply::{ApplyHandle, ApplyStatus, Digests, MachineStatus};
 pub use self::config::NodeConfig;
 pub use self::core::{CoreHandle, CoreStatus, LeadershipView};
 pub use self::deploy::{Activated, DeployStep, Deployer};

@@ -15,7 +15,8 @@ use super::config::ServerConfig;
 use super::metrics::{Method, MetricsSource, PeerCounters, Probe, RequestCounters};
 use crate::client::{BYTES_PER_MESSAGE_MAX, Batcher};
 use crate::node::{
-    Consistency, DeployStep, LeadershipView, Members, Membership, NodeHandles, RequestError, ShutdownSignal, check_name,
+    Consistency, DeployStep, Digests, LeadershipView, Members, Membership, NodeHandles, RequestError, ShutdownSignal,
+    check_name,
 };
 use crate::process;
 use crate::raft::{ConfChange, ConfChangeKind, NodeId, Role};
@@ -696,10 +697,11 @@ impl ClientService {
         }
     }
 
-    /// This member's status, as `Status` and the metrics report it.
-    pub async fn status_now(&self) -> Result<StatusResponse, Status> {
+    /// This member's status, as `Status` and the metrics report it; the
+    /// state digests (which read all the state) only when asked for.
+    pub async fn status_now(&self, digests: Digests) -> Result<StatusResponse, Status> {
         let core = self.node.core.status().await.map_err(status_of)?;
-        let applied = self.node.applied.status().await.map_err(status_of)?;
+        let applied = self.node.applied.status(digests).await.map_err(status_of)?;
         let members = members_pb(&self.node.members.current());
         let state_machines = applied
             .state_machines
@@ -744,7 +746,7 @@ impl ClientService {
 
 impl MetricsSource for ClientService {
     async fn probe(&self, probe: Probe) -> Result<String, String> {
-        let status = self.status_now().await.map_err(|status| status.message().to_string())?;
+        let status = self.status_now(Digests::Skipped).await.map_err(|status| status.message().to_string())?;
         match probe {
             Probe::Alive => Ok(format!("alive: member {} in term {}", status.id, status.term)),
             Probe::Ready => super::health::ready(&status).map(|()| {
@@ -757,7 +759,7 @@ impl MetricsSource for ClientService {
     }
 
     async fn render(&self) -> Result<String, String> {
-        let status = self.status_now().await.map_err(|status| status.message().to_string())?;
+        let status = self.status_now(Digests::Skipped).await.map_err(|status| status.message().to_string())?;
         Ok(super::metrics::render(
             &status,
             &self.counters,
@@ -789,7 +791,7 @@ impl Client for ClientService {
 
     async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         require(&request, ClientRole::Reader, "status")?;
-        self.status_now().await.map(Response::new)
+        self.status_now(Digests::Taken).await.map(Response::new)
     }
     type DeployStream = DeployEvents;
 

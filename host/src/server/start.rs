@@ -11,7 +11,7 @@ use super::config::ServerConfig;
 use super::health;
 use super::metrics::{self, PeerCounters};
 use super::peer_service::{PeerGate, PeerLimits, PeerService};
-use crate::node::{Node, NodeError, ShutdownSignal};
+use crate::node::{Digests, Node, NodeError, ShutdownSignal};
 use crate::wire::client_pb::client_server::ClientServer;
 use crate::wire::pb::raft_control_server::RaftControlServer;
 use crate::wire::pb::raft_peer_server::RaftPeerServer;
@@ -102,7 +102,7 @@ impl Server {
         let source = clients.clone();
         let status = move || {
             let source = source.clone();
-            async move { source.status_now().await.ok() }
+            async move { source.status_now(Digests::Skipped).await.ok() }
         };
         tokio::spawn(health::report(reporter, status, node.shutdown_signal()));
         let reflection = tonic_reflection::server::Builder::configure()

@@ -226,6 +226,11 @@ struct Inner {
     log_writer: Mutex<()>,
 }
 
+/// A point-in-time view of the replicated state ([`Store::state_view`]).
+pub struct StateView {
+    view: fjall::Snapshot,
+}
+
 /// A node's durable store. Cheap to clone; clones share the database.
 #[derive(Clone)]
 pub struct Store {
@@ -621,15 +626,27 @@ impl Store {
         Ok(())
     }
 
+    /// A consistent view of every state machine's state as applied now,
+    /// for digests taken later on another thread (taking it is cheap; it
+    /// pins what it saw until dropped).
+    pub fn state_view(&self) -> StateView {
+        StateView { view: self.inner.db.snapshot() }
+    }
+
     /// A digest of a state machine's whole state (its own keys, without the
     /// name that prefixes them in the store, and values, in order): equal on
     /// replicas that applied the same entries, and equal for two state
-    /// machines that hold the same pairs.
+    /// machines that hold the same pairs. It reads all of it: keep it off
+    /// the apply thread (see [`Store::state_view`]).
     pub fn state_digest(&self, state_machine: &str) -> Result<[u8; 32], StoreError> {
+        self.state_digest_in(&self.state_view(), state_machine)
+    }
+
+    /// [`Store::state_digest`] as `view` saw the state.
+    pub fn state_digest_in(&self, view: &StateView, state_machine: &str) -> Result<[u8; 32], StoreError> {
         let prefix = state_key(state_machine, &[])?;
         let mut hasher = Sha256::new();
-        let snapshot = self.inner.db.snapshot();
-        for guard in snapshot.prefix(&self.inner.state, &prefix) {
+        for guard in view.view.prefix(&self.inner.state, &prefix) {
             let (key, value) = guard.into_inner().map_err(|e| self.inner.db_error(e))?;
             let user_key = &key[prefix.len()..];
             let value = self.inner.unseal(&value, || format!("state key {user_key:?}"))?;
