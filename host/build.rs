@@ -9,7 +9,8 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let peer = ["../proto/raft.proto", "../proto/entry.proto"];
     let client = ["../proto/client.proto"];
-    for proto in peer.iter().chain(&client) {
+    let etcd = ["../proto/etcd_kv.proto"];
+    for proto in peer.iter().chain(&client).chain(&etcd) {
         println!("cargo:rerun-if-changed={proto}");
     }
     let peer = protox::compile(peer, ["../proto"])?;
@@ -23,5 +24,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .codec_path("crate::wire::bounded::BoundedCodec")
         .compile_fds(peer)?;
     tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(client)?;
+    // etcd's Put, for the bench's side-by-side runs; no server.
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(false)
+        .compile_fds(protox::compile(etcd, ["../proto"])?)?;
     Ok(())
 }

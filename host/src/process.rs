@@ -31,9 +31,30 @@ const USER_HZ: f64 = 100.0;
 
 /// This process's usage, or `None` where `/proc/self` is not readable.
 pub fn usage() -> Option<ProcessUsage> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    usage_at("/proc/self")
+}
+
+/// Another process's usage (the bench reads etcd's this way), or `None`
+/// where it is gone or not readable.
+pub fn usage_of(pid: u32) -> Option<ProcessUsage> {
+    usage_at(&format!("/proc/{pid}"))
+}
+
+fn usage_at(dir: &str) -> Option<ProcessUsage> {
+    let stat = std::fs::read_to_string(format!("{dir}/stat")).ok()?;
+    let status = std::fs::read_to_string(format!("{dir}/status")).ok()?;
     Some(ProcessUsage { cpu_seconds: cpu_seconds_of(&stat)?, resident_bytes: resident_bytes_of(&status)? })
+}
+
+/// The ids of the processes on this machine whose command name is `name`.
+pub fn pids_named(name: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let mut pids: Vec<u32> = entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim() == name))
+        .collect();
+    pids.sort_unstable();
+    pids
 }
 
 /// utime + stime (fields 14 and 15) of a `/proc/<pid>/stat` line. The
@@ -80,6 +101,18 @@ mod tests {
     }
 
     #[cfg(target_os = "linux")]
+    #[test]
+    fn another_process_is_found_by_name_and_read_like_this_one() {
+        let mut sleeper = std::process::Command::new("sleep").arg("30").spawn().expect("sleep");
+        let pid = sleeper.id();
+        assert!(pids_named("sleep").contains(&pid));
+        let usage = usage_of(pid).expect("its usage");
+        assert!(usage.resident_bytes > 0);
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+        assert_eq!(usage_of(pid), None, "a reaped process has no usage");
+    }
+
     #[test]
     fn this_process_reports_its_own_usage_and_cpu_time_only_grows() {
         let before = usage().expect("readable on Linux");

@@ -209,3 +209,53 @@ fn the_unary_path_still_serves_a_client_that_turns_batching_off() {
         );
     });
 }
+
+#[test]
+fn the_bench_against_etcd_refuses_what_it_cannot_measure_with_a_clear_error() {
+    let bench = |extra: &[&str]| {
+        let output = Command::new(raft_host_e2e::binary())
+            .args(["bench", "--etcd", "--clients", "1", "--duration-secs", "1"])
+            .args(extra)
+            .output()
+            .expect("raft-host runs");
+        assert!(!output.status.success(), "{extra:?} should fail");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let reads = bench(&["--read-ratio", "0.5", "--addr", "127.0.0.1:1"]);
+    assert!(reads.contains("--etcd measures writes only"), "{reads}");
+    // Nothing listens on port 1 of loopback.
+    let nobody = bench(&["--addr", "127.0.0.1:1"]);
+    assert!(nobody.contains("connecting to etcd at 127.0.0.1:1"), "{nobody}");
+}
+
+/// `tests/compare-etcd.sh` (Debian's etcd-server, installed if missing, and
+/// `raft-host dev`, side by side) when `RAFT_ETCD_COMPARE=1` asks for it:
+/// it installs a package and runs for a while, so not in the default suite.
+#[test]
+fn etcd_and_raft_host_run_side_by_side_when_asked() {
+    if std::env::var_os("RAFT_ETCD_COMPARE").is_none() {
+        eprintln!("skipped: set RAFT_ETCD_COMPARE=1 to run tests/compare-etcd.sh");
+        return;
+    }
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("compare-etcd.sh");
+    let output = Command::new(script)
+        .env("RAFT_HOST_BIN", raft_host_e2e::binary())
+        .env("RAFT_COMPARE_SECS", "2")
+        .env("RAFT_COMPARE_CLIENTS", "1 16")
+        .env("RAFT_COMPARE_PATHS", "batched")
+        .output()
+        .expect("the script runs");
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{table}\n{}", String::from_utf8_lossy(&output.stderr));
+    for system in ["| etcd |", "| raft-host (batched) |"] {
+        let rows: Vec<&str> = table.lines().filter(|line| line.contains(system)).collect();
+        assert_eq!(rows.len(), 2, "one row per client count for {system}:\n{table}");
+        for row in rows {
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            let writes: f64 = cells[3].replace(',', "").parse().expect("writes/s");
+            assert!(writes > 0.0, "{row}");
+            assert_eq!(cells[7], "0", "no errors: {row}");
+        }
+    }
+    assert!(table.contains("x etcd's writes/s"), "{table}");
+}

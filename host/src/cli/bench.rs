@@ -8,6 +8,8 @@ use anyhow::{Context, bail};
 use clap::Args;
 use hdrhistogram::Histogram;
 use raft_host::client::{ClusterClient, outcome_of};
+use raft_host::wire::etcd_pb::PutRequest;
+use raft_host::wire::etcd_pb::kv_client::KvClient;
 use serde_json::json;
 use std::io::{IsTerminal, Write as _};
 use std::path::PathBuf;
@@ -56,6 +58,13 @@ pub struct BenchArgs {
     /// Print one JSON object per path instead of a report.
     #[arg(long)]
     json: bool,
+    /// Drive an etcd cluster instead: `--addr` lists its client endpoints
+    /// (host:port, plaintext), and the same closed-loop clients send etcd
+    /// `Put`s of the same keys and values over the same number of shared
+    /// connections, for a side-by-side figure (`tests/compare-etcd.sh`).
+    /// CPU and memory are those of every `etcd` process on this machine.
+    #[arg(long)]
+    etcd: bool,
 }
 
 /// See [`BenchArgs::path`].
@@ -76,6 +85,9 @@ pub(super) struct ClientResult {
 }
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    if args.etcd {
+        return bench_etcd(&args);
+    }
     let paths: &[bool] = match args.path {
         PathArg::Batched => &[true],
         PathArg::Unary => &[false],
@@ -87,8 +99,9 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One run of the bench, over the batched path or the unary one.
-fn bench_path(args: &BenchArgs, batching: bool) -> anyhow::Result<()> {
+/// The number of connections the run's clients share, once its settings
+/// are checked.
+fn checked_connections(args: &BenchArgs) -> anyhow::Result<usize> {
     if args.clients == 0 || args.duration_secs == 0 {
         bail!("--clients and --duration-secs must be at least 1");
     }
@@ -99,13 +112,137 @@ fn bench_path(args: &BenchArgs, batching: bool) -> anyhow::Result<()> {
     if connections == 0 || connections > args.clients {
         bail!("--connections must be between 1 and --clients ({}), got {connections}", args.clients);
     }
+    Ok(connections)
+}
+
+/// The settings of one client of the run, sharing the run's counters.
+fn context_of(args: &BenchArgs, id: usize, counters: &RunCounters) -> ClientContext {
+    ClientContext {
+        id: id as u64,
+        state_machine: args.state_machine.clone(),
+        value: "v".repeat(args.value_size),
+        keys: args.keys.max(1),
+        read_ratio: args.read_ratio,
+        consistency: args.consistency.into(),
+        done: counters.done.clone(),
+        failed: counters.failed.clone(),
+        stop: counters.stop.clone(),
+        phase: Arc::new(AtomicUsize::new(0)),
+        phases: 1,
+    }
+}
+
+/// What every client of a run counts into, and the flag that ends it.
+#[derive(Default)]
+struct RunCounters {
+    done: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl RunCounters {
+    /// Lets the clients run for `duration` (with a progress line on a
+    /// terminal), stops them, and gathers what each saw.
+    async fn finish(
+        &self,
+        tasks: Vec<tokio::task::JoinHandle<anyhow::Result<ClientResult>>>,
+        duration: Duration,
+        started: Instant,
+        progress: bool,
+    ) -> anyhow::Result<Vec<ClientResult>> {
+        while started.elapsed() < duration {
+            tokio::time::sleep(Duration::from_millis(500).min(duration.saturating_sub(started.elapsed()))).await;
+            if progress {
+                let secs = started.elapsed().as_secs_f64();
+                let ops = self.done.load(Ordering::Relaxed);
+                eprint!(
+                    "\r{secs:5.1}s  {ops} ok ({:.0}/s)  {} errors",
+                    ops as f64 / secs.max(1e-9),
+                    self.failed.load(Ordering::Relaxed)
+                );
+                let _ = std::io::stderr().flush();
+            }
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        if progress {
+            eprintln!();
+        }
+        let mut results = Vec::new();
+        for task in tasks {
+            results.push(task.await.context("a client task failed")??);
+        }
+        Ok(results)
+    }
+}
+
+/// One run against etcd (`--etcd`): writes only, plaintext, connections
+/// spread over the endpoints given.
+fn bench_etcd(args: &BenchArgs) -> anyhow::Result<()> {
+    let connections = checked_connections(args)?;
+    if args.read_ratio > 0.0 {
+        bail!("--etcd measures writes only; leave --read-ratio at 0");
+    }
+    let disk = args.disk.as_deref().map(measure_fdatasync).transpose()?;
+    let runtime = super::runtime()?;
+    let duration = Duration::from_secs(args.duration_secs);
+    let counters = RunCounters::default();
+    let pids = raft_host::process::pids_named("etcd");
+    let usage_of = |pids: &[u32]| pids.iter().map(|&pid| raft_host::process::usage_of(pid)).collect::<Vec<_>>();
+    let etcd_before = usage_of(&pids);
+    let bench_before = raft_host::process::usage();
+    let started = Instant::now();
+    let results = runtime.block_on(async {
+        let addresses = args.target.addresses();
+        let mut channels = Vec::with_capacity(connections);
+        for n in 0..connections {
+            let address = &addresses[n % addresses.len()];
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+                .with_context(|| format!("etcd endpoint {address:?}"))?
+                .tcp_nodelay(true)
+                .connect()
+                .await
+                .with_context(|| format!("connecting to etcd at {address}"))?;
+            channels.push(channel);
+        }
+        let tasks = (0..args.clients)
+            .map(|id| {
+                let client = KvClient::new(channels[id % connections].clone());
+                tokio::spawn(run_client(Load::Etcd(client), context_of(args, id, &counters)))
+            })
+            .collect();
+        counters.finish(tasks, duration, started, std::io::stderr().is_terminal() && !args.json).await
+    })?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let bench_after = raft_host::process::usage();
+    let etcd_after = usage_of(&pids);
+    let processes = pids
+        .iter()
+        .zip(etcd_before.iter().zip(&etcd_after))
+        .filter_map(|(pid, (before, after))| {
+            let (before, after) = (before.as_ref()?, after.as_ref()?);
+            Some(ProcessCpu {
+                name: format!("etcd (pid {pid})"),
+                members: Vec::new(),
+                cpu_seconds: after.cpu_seconds - before.cpu_seconds,
+                resident_bytes: after.resident_bytes,
+            })
+        })
+        .collect();
+    let cpu = CpuUse {
+        processes,
+        bench_cpu_seconds: bench_before.zip(bench_after).map(|(b, a)| a.cpu_seconds - b.cpu_seconds),
+    };
+    report(args, "etcd", &results, elapsed, disk, &cpu)
+}
+
+/// One run of the bench, over the batched path or the unary one.
+fn bench_path(args: &BenchArgs, batching: bool) -> anyhow::Result<()> {
+    let connections = checked_connections(args)?;
     let disk = args.disk.as_deref().map(measure_fdatasync).transpose()?;
     let transport = args.target.transport()?;
     let runtime = super::runtime()?;
     let duration = Duration::from_secs(args.duration_secs);
-    let done = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
+    let counters = RunCounters::default();
     let members_before = runtime.block_on(sample_members(args.target.addresses(), &transport));
     let bench_before = raft_host::process::usage();
     let started = Instant::now();
@@ -125,44 +262,9 @@ fn bench_path(args: &BenchArgs, batching: bool) -> anyhow::Result<()> {
             // No retries: a failure is counted, never hidden by a retry.
             client.deadline = Duration::ZERO;
             client.batching = batching;
-            let ctx = ClientContext {
-                id: id as u64,
-                state_machine: args.state_machine.clone(),
-                value: "v".repeat(args.value_size),
-                keys: args.keys.max(1),
-                read_ratio: args.read_ratio,
-                consistency: args.consistency.into(),
-                done: done.clone(),
-                failed: failed.clone(),
-                stop: stop.clone(),
-                phase: Arc::new(AtomicUsize::new(0)),
-                phases: 1,
-            };
-            tasks.push(tokio::spawn(run_client(client, ctx)));
+            tasks.push(tokio::spawn(run_client(Load::Raft(client), context_of(args, id, &counters))));
         }
-        let progress = std::io::stderr().is_terminal() && !args.json;
-        while started.elapsed() < duration {
-            tokio::time::sleep(Duration::from_millis(500).min(duration.saturating_sub(started.elapsed()))).await;
-            if progress {
-                let secs = started.elapsed().as_secs_f64();
-                let ops = done.load(Ordering::Relaxed);
-                eprint!(
-                    "\r{secs:5.1}s  {ops} ok ({:.0}/s)  {} errors",
-                    ops as f64 / secs.max(1e-9),
-                    failed.load(Ordering::Relaxed)
-                );
-                let _ = std::io::stderr().flush();
-            }
-        }
-        stop.store(true, Ordering::Relaxed);
-        if progress {
-            eprintln!();
-        }
-        let mut results = Vec::new();
-        for task in tasks {
-            results.push(task.await.context("a client task failed")??);
-        }
-        anyhow::Ok(results)
+        counters.finish(tasks, duration, started, std::io::stderr().is_terminal() && !args.json).await
     })?;
     let elapsed = started.elapsed().as_secs_f64();
     let bench_after = raft_host::process::usage();
@@ -171,7 +273,7 @@ fn bench_path(args: &BenchArgs, batching: bool) -> anyhow::Result<()> {
         processes: processes_cpu(&members_before, &members_after),
         bench_cpu_seconds: bench_before.zip(bench_after).map(|(b, a)| a.cpu_seconds - b.cpu_seconds),
     };
-    report(args, batching, &results, elapsed, disk, &cpu)
+    report(args, if batching { "batched" } else { "unary" }, &results, elapsed, disk, &cpu)
 }
 
 /// Each member's status, by position in the address list, asked of all at
@@ -205,19 +307,20 @@ struct CpuUse {
 /// One member process: several members when they share it (`raft-host
 /// dev`), whose figures are then counted once.
 struct ProcessCpu {
+    /// What the report calls it.
+    name: String,
     /// Ids and roles of the members it runs.
     members: Vec<(u64, String)>,
     cpu_seconds: f64,
     resident_bytes: u64,
 }
 
-impl ProcessCpu {
-    fn label(&self) -> String {
-        let names: Vec<String> = self.members.iter().map(|(id, role)| format!("{id} ({role})")).collect();
-        match names.len() {
-            1 => format!("member {}", names[0]),
-            _ => format!("members {} in one process", names.join(" + ")),
-        }
+/// What a report calls a process running `members`.
+fn label_of(members: &[(u64, String)]) -> String {
+    let names: Vec<String> = members.iter().map(|(id, role)| format!("{id} ({role})")).collect();
+    match names.len() {
+        1 => format!("member {}", names[0]),
+        _ => format!("members {} in one process", names.join(" + ")),
     }
 }
 
@@ -242,6 +345,7 @@ fn processes_cpu(
             None => processes.push((
                 after.process_instance,
                 ProcessCpu {
+                    name: String::new(),
                     members: vec![member],
                     cpu_seconds: after.process_cpu_seconds - before.process_cpu_seconds,
                     resident_bytes: after.process_resident_bytes,
@@ -249,7 +353,13 @@ fn processes_cpu(
             )),
         }
     }
-    processes.into_iter().map(|(_, process)| process).collect()
+    processes
+        .into_iter()
+        .map(|(_, mut process)| {
+            process.name = label_of(&process.members);
+            process
+        })
+        .collect()
 }
 
 pub(super) struct ClientContext {
@@ -272,7 +382,53 @@ pub(super) fn latency_histogram() -> anyhow::Result<Histogram<u64>> {
     Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).context("histogram bounds")
 }
 
-pub(super) async fn run_client(mut client: ClusterClient, ctx: ClientContext) -> anyhow::Result<ClientResult> {
+/// What a bench client drives: a raft-host cluster through the Rust
+/// client, or etcd through its `KV.Put` (`--etcd`).
+pub(super) enum Load {
+    Raft(ClusterClient),
+    Etcd(KvClient<tonic::transport::Channel>),
+}
+
+impl Load {
+    /// Writes `value` under `key`; the failure, if any, as the report shows it.
+    async fn write(&mut self, ctx: &ClientContext, key: &str) -> Result<(), String> {
+        match self {
+            Load::Raft(client) => {
+                let command = format!(r#"{{"op":"put","key":"{key}","value":"{}"}}"#, ctx.value).into_bytes();
+                answered(client.write(&ctx.state_machine, command).await.map(|r| outcome_of(r.outcome)))
+            }
+            Load::Etcd(client) => {
+                let put = PutRequest {
+                    key: key.as_bytes().to_vec(),
+                    value: ctx.value.as_bytes().to_vec(),
+                    ..Default::default()
+                };
+                client.put(put).await.map(|_| ()).map_err(|status| format!("etcd: {}", status.message()))
+            }
+        }
+    }
+
+    async fn read(&mut self, ctx: &ClientContext, key: &str) -> Result<(), String> {
+        match self {
+            Load::Raft(client) => {
+                let query = format!(r#"{{"op":"get","key":"{key}"}}"#).into_bytes();
+                answered(client.read(&ctx.state_machine, query, ctx.consistency).await.map(|r| outcome_of(r.outcome)))
+            }
+            // `bench_etcd` refuses a read ratio.
+            Load::Etcd(_) => Err("etcd reads are not measured".to_string()),
+        }
+    }
+}
+
+fn answered<E: std::fmt::Display>(outcome: Result<Result<Vec<u8>, String>, E>) -> Result<(), String> {
+    match outcome {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(refused)) => Err(format!("the state machine refused: {refused}")),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+pub(super) async fn run_client(mut load: Load, ctx: ClientContext) -> anyhow::Result<ClientResult> {
     let writes = (0..ctx.phases.max(1)).map(|_| latency_histogram()).collect::<anyhow::Result<Vec<_>>>()?;
     let mut result = ClientResult { writes, reads: latency_histogram()?, errors: 0, first_error: None };
     // A per-client xorshift: cheap, and reproducible for a given client id.
@@ -288,26 +444,15 @@ pub(super) async fn run_client(mut client: ClusterClient, ctx: ClientContext) ->
         let is_read = (next() % 1_000_000) as f64 / 1_000_000.0 < ctx.read_ratio;
         let began = Instant::now();
         let phase = ctx.phase.load(Ordering::Relaxed).min(result.writes.len() - 1);
-        let outcome = if is_read {
-            let query = format!(r#"{{"op":"get","key":"{key}"}}"#).into_bytes();
-            client.read(&ctx.state_machine, query, ctx.consistency).await.map(|r| outcome_of(r.outcome))
-        } else {
-            let command = format!(r#"{{"op":"put","key":"{key}","value":"{}"}}"#, ctx.value).into_bytes();
-            client.write(&ctx.state_machine, command).await.map(|r| outcome_of(r.outcome))
-        };
+        let outcome = if is_read { load.read(&ctx, &key).await } else { load.write(&ctx, &key).await };
         let micros = began.elapsed().as_micros() as u64;
-        let error = match outcome {
-            Ok(Ok(_)) => None,
-            Ok(Err(refused)) => Some(format!("the state machine refused: {refused}")),
-            Err(error) => Some(error.to_string()),
-        };
-        match error {
-            None => {
+        match outcome {
+            Ok(()) => {
                 let histogram = if is_read { &mut result.reads } else { &mut result.writes[phase] };
                 histogram.saturating_record(micros.max(1));
                 ctx.done.fetch_add(1, Ordering::Relaxed);
             }
-            Some(error) => {
+            Err(error) => {
                 result.errors += 1;
                 result.first_error.get_or_insert(error);
                 ctx.failed.fetch_add(1, Ordering::Relaxed);
@@ -351,7 +496,7 @@ pub(super) fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
 
 fn report(
     args: &BenchArgs,
-    batching: bool,
+    path: &str,
     results: &[ClientResult],
     elapsed: f64,
     disk: Option<Histogram<u64>>,
@@ -383,7 +528,7 @@ fn report(
         })
         .collect();
     let summary = json!({
-        "path": if batching { "batched" } else { "unary" },
+        "path": path,
         "clients": args.clients,
         "connections": args.connections.unwrap_or(args.clients),
         "duration_secs": elapsed,
@@ -405,8 +550,7 @@ fn report(
         return Ok(());
     }
     println!(
-        "{} path: {} clients on {} connection(s) for {elapsed:.1} s, {} B values, read ratio {}",
-        if batching { "batched" } else { "unary" },
+        "{path} path: {} clients on {} connection(s) for {elapsed:.1} s, {} B values, read ratio {}",
         args.clients,
         args.connections.unwrap_or(args.clients),
         args.value_size,
@@ -438,14 +582,14 @@ fn report(
     }
     if !cpu.processes.is_empty() || cpu.bench_cpu_seconds.is_some() {
         let mut parts: Vec<String> =
-            cpu.processes.iter().map(|p| format!("{} {:.0}", p.label(), per_op_us(p.cpu_seconds))).collect();
+            cpu.processes.iter().map(|p| format!("{} {:.0}", p.name, per_op_us(p.cpu_seconds))).collect();
         if let Some(seconds) = cpu.bench_cpu_seconds {
             parts.push(format!("this bench {:.0}", per_op_us(seconds)));
         }
         let total = cpu.processes.iter().map(|p| p.cpu_seconds).sum::<f64>() + cpu.bench_cpu_seconds.unwrap_or(0.0);
         println!("   cpu: µs per operation: {}; total {:.0}", parts.join(", "), per_op_us(total));
         let memory: Vec<String> =
-            cpu.processes.iter().map(|p| format!("{} {} MiB", p.label(), p.resident_bytes >> 20)).collect();
+            cpu.processes.iter().map(|p| format!("{} {} MiB", p.name, p.resident_bytes >> 20)).collect();
         if !memory.is_empty() {
             println!("memory: resident {}", memory.join(", "));
         }
@@ -498,6 +642,6 @@ mod tests {
         assert_eq!(processes.len(), 1);
         assert_eq!(processes[0].members, vec![(1, "leader".to_string()), (2, "follower".to_string())]);
         assert!((processes[0].cpu_seconds - 2.5).abs() < 1e-9);
-        assert_eq!(processes[0].label(), "members 1 (leader) + 2 (follower) in one process");
+        assert_eq!(processes[0].name, "members 1 (leader) + 2 (follower) in one process");
     }
 }

@@ -5,7 +5,7 @@
 //! has its own hash and the guest behaves the same) is deployed for `kv`
 //! and activated, and the writes during the deploy are measured apart.
 
-use super::bench::{ClientContext, errors_of, latency_histogram, percentiles, print_errors, run_client};
+use super::bench::{ClientContext, Load, errors_of, latency_histogram, percentiles, print_errors, run_client};
 use super::client::Target;
 use anyhow::{Context, bail};
 use clap::Args;
@@ -96,7 +96,7 @@ pub fn bench_deploy(args: BenchDeployArgs) -> anyhow::Result<()> {
                 phase: phase.clone(),
                 phases,
             };
-            tasks.push(tokio::spawn(run_client(client, ctx)));
+            tasks.push(tokio::spawn(run_client(Load::Raft(client), ctx)));
         }
         let mut deployer = args.target.client()?;
         deployer.deadline = Duration::from_secs(600);

@@ -14,6 +14,7 @@ pub mod bounded;
 pub mod certs;
 pub mod client_pb;
 mod entry;
+pub mod etcd_pb;
 mod hash;
 pub mod pb;
 mod peer;
