@@ -85,3 +85,25 @@ fn serve_speaks_plaintext_only_when_told_and_needs_all_three_tls_files() {
     assert!(String::from_utf8_lossy(&partial.stderr).contains("all three of --ca, --cert and --key"));
     assert!(!dir.path().join("data").exists(), "refused before touching the data directory");
 }
+
+#[test]
+fn serve_refuses_store_memory_below_what_the_engine_takes_from_a_flag_or_a_config_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("utf-8 path");
+    let base = ["serve", "--id", "1", "--listen", "127.0.0.1:1", "--data-dir", data, "--plaintext", "true"];
+    let memtable = raft_host(&[&base[..], &["--memtable-bytes", "1000"]].concat());
+    assert_eq!(memtable.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&memtable.stderr).contains("--memtable-bytes must be at least 1048576"));
+
+    let config = dir.path().join("member.toml");
+    std::fs::write(
+        &config,
+        format!("id = 1\nlisten = \"127.0.0.1:1\"\ndata-dir = {data:?}\nplaintext = true\njournal-bytes = 1\n"),
+    )
+    .expect("config file");
+    let file = raft_host(&["serve", "--config", config.to_str().expect("utf-8 path")]);
+    assert_eq!(file.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&file.stderr).contains("--journal-bytes must be at least 67108864"));
+    assert!(!dir.path().join("data").exists(), "refused before touching the data directory");
+}

@@ -7,7 +7,8 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use raft_host::raft::{ConfState, Entry, EntryKind, HardState, Index, LogStore, MemLogStore, StorageError, Term};
 use raft_host::storage::{
-    ApplyBatch, Durability, Identity, Membership, ModuleKey, StagingStart, StateWrite, Store, StoreError, StoreOptions,
+    ApplyBatch, Durability, Identity, MEMTABLE_BYTES_MIN, Membership, ModuleKey, StagingStart, StateWrite, Store,
+    StoreError, StoreMemory, StoreOptions,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -696,4 +697,50 @@ fn a_new_commit_index_rides_with_the_next_append_and_a_new_term_is_synced_at_onc
     assert_eq!(store.hard_state(), HardState { term: 2, vote: None, commit: 2 });
     drop(store);
     assert_eq!(open(dir.path()).hard_state(), HardState { term: 2, vote: None, commit: 2 });
+}
+
+/// Table files fjall has flushed for the store's keyspaces
+/// (`db/keyspaces/<id>/tables/`; id 0 is fjall's own, which flushes its
+/// little records on a schedule of its own).
+fn flushed_tables(dir: &Path) -> usize {
+    let keyspaces = dir.join("db").join("keyspaces");
+    files_under(dir)
+        .iter()
+        .filter_map(|path| path.strip_prefix(&keyspaces).ok())
+        .filter(|rest| {
+            let parts: Vec<_> = rest.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+            parts.len() == 3 && parts[0] != "0" && parts[1] == "tables"
+        })
+        .count()
+}
+
+#[test]
+fn the_memtable_size_a_store_is_made_with_decides_when_it_flushes() {
+    let write_4_mib = |store: &Store| {
+        let entries: Vec<Entry> = (1..=64).map(|i| entry(i, 1, 64 << 10)).collect();
+        store.persist(&entries, None).expect("persist");
+    };
+    let small = tempfile::tempdir().expect("tempdir");
+    let mut options = options();
+    options.memory.memtable_bytes = MEMTABLE_BYTES_MIN;
+    let store = Store::open(small.path(), &identity(), &options).expect("store opens");
+    write_4_mib(&store);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while flushed_tables(small.path()) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a 1 MiB memtable was never flushed: {:?}",
+            files_under(small.path())
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    drop(store);
+
+    // The default (8 MiB) holds the same 4 MiB in memory.
+    let default = tempfile::tempdir().expect("tempdir");
+    let store = open(default.path());
+    write_4_mib(&store);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(flushed_tables(default.path()), 0, "{:?}", files_under(default.path()));
+    assert_eq!(StoreMemory::default().memtable_bytes, 8 << 20);
 }

@@ -4,7 +4,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use raft_host::raft::NodeId;
 use raft_host::server::{Server, ServerConfig};
-use raft_host::storage::Durability;
+use raft_host::storage::{Durability, JOURNAL_BYTES_MIN, MEMTABLE_BYTES_MIN};
 use raft_host::wire::certs;
 use raft_host::wire::{ClientRole, Tls, TlsFiles, Transport};
 use serde::Deserialize;
@@ -111,6 +111,20 @@ pub struct ServeArgs {
     /// still serves reads, until space is freed.
     #[arg(long, env = "RAFT_HOST_MIN_FREE_DISK_BYTES")]
     min_free_disk_bytes: Option<u64>,
+    /// The storage's block cache, in bytes (default 16 MiB): on-disk blocks
+    /// read again without the disk.
+    #[arg(long, env = "RAFT_HOST_CACHE_BYTES")]
+    cache_bytes: Option<u64>,
+    /// Each keyspace's memtable (the log, the state, sessions, ...) is
+    /// flushed past this many bytes (default 8 MiB, at least 1 MiB). Fixed
+    /// when the data directory is created: an existing one keeps its size.
+    #[arg(long, env = "RAFT_HOST_MEMTABLE_BYTES")]
+    memtable_bytes: Option<u64>,
+    /// The storage's write-ahead journals in all, in bytes (default and
+    /// least 64 MiB): past it, memtables are flushed so old journals can
+    /// go. A restart replays at most this much.
+    #[arg(long, env = "RAFT_HOST_JOURNAL_BYTES")]
+    journal_bytes: Option<u64>,
     /// Largest snapshot this member accepts from a leader, in bytes, as the
     /// leader announces it (default 256 GiB).
     #[arg(long, env = "RAFT_HOST_MAX_SNAPSHOT_BYTES")]
@@ -174,6 +188,9 @@ impl ServeArgs {
         self.upload_expiry_secs = self.upload_expiry_secs.or(file.upload_expiry_secs);
         self.max_snapshot_bytes = self.max_snapshot_bytes.or(file.max_snapshot_bytes);
         self.min_free_disk_bytes = self.min_free_disk_bytes.or(file.min_free_disk_bytes);
+        self.cache_bytes = self.cache_bytes.or(file.cache_bytes);
+        self.memtable_bytes = self.memtable_bytes.or(file.memtable_bytes);
+        self.journal_bytes = self.journal_bytes.or(file.journal_bytes);
         self.stream_idle_timeout_secs = self.stream_idle_timeout_secs.or(file.stream_idle_timeout_secs);
         self.worker_threads = self.worker_threads.or(file.worker_threads);
         self.ca = self.ca.or(file.ca);
@@ -258,6 +275,16 @@ impl ServeArgs {
         config.snapshot_keep_entries = args.snapshot_keep_entries.unwrap_or(config.snapshot_keep_entries);
         config.max_snapshot_bytes = args.max_snapshot_bytes.unwrap_or(config.max_snapshot_bytes);
         config.min_free_disk_bytes = args.min_free_disk_bytes.unwrap_or(config.min_free_disk_bytes);
+        let memory = &mut config.store_memory;
+        memory.cache_bytes = args.cache_bytes.unwrap_or(memory.cache_bytes);
+        memory.memtable_bytes = args.memtable_bytes.unwrap_or(memory.memtable_bytes);
+        memory.journal_bytes = args.journal_bytes.unwrap_or(memory.journal_bytes);
+        if memory.memtable_bytes < MEMTABLE_BYTES_MIN {
+            bail!("--memtable-bytes must be at least {MEMTABLE_BYTES_MIN} (1 MiB), got {}", memory.memtable_bytes);
+        }
+        if memory.journal_bytes < JOURNAL_BYTES_MIN {
+            bail!("--journal-bytes must be at least {JOURNAL_BYTES_MIN} (64 MiB), got {}", memory.journal_bytes);
+        }
         match args.max_module_versions {
             Some(0) => bail!("--max-module-versions must be at least 1"),
             Some(most) => config.max_module_versions = most,

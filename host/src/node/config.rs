@@ -6,7 +6,7 @@ use super::error::NodeError;
 use super::sessions::SessionLimits;
 use crate::raft::NodeId;
 use crate::runtime::Limits;
-use crate::storage::Durability;
+use crate::storage::{Durability, StoreMemory};
 use crate::wire::{Principal, Transport};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -60,6 +60,8 @@ pub struct NodeConfig {
     /// Free bytes kept on the data disk: below it the member takes no new
     /// entries (see `node::disk`).
     pub min_free_disk_bytes: u64,
+    /// What the store keeps in memory (cache, memtables, journals).
+    pub store_memory: StoreMemory,
     /// Largest snapshot a member accepts, as its sender announces it.
     pub max_snapshot_bytes: u64,
     /// How long a snapshot or deploy stream may go without a message
@@ -106,6 +108,7 @@ impl NodeConfig {
             upload_expiry: Duration::from_secs(3600),
             max_snapshot_bytes: 256 << 30,
             min_free_disk_bytes: 128 << 20,
+            store_memory: StoreMemory::default(),
             routes: BTreeMap::new(),
             stream_idle_timeout: Duration::from_secs(30),
             join: Vec::new(),

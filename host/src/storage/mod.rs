@@ -135,13 +135,40 @@ pub struct StoreOptions {
     pub durability: Durability,
     /// fjall background threads (flush, compaction).
     pub worker_threads: usize,
-    /// fjall block cache.
-    pub cache_bytes: u64,
+    pub memory: StoreMemory,
 }
 
 impl Default for StoreOptions {
     fn default() -> StoreOptions {
-        StoreOptions { durability: Durability::Fsync, worker_threads: 1, cache_bytes: 64 << 20 }
+        StoreOptions { durability: Durability::Fsync, worker_threads: 1, memory: StoreMemory::default() }
+    }
+}
+
+/// What the store may keep in memory, and so what a member holds at rest
+/// and how long a restart replays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreMemory {
+    /// The block cache, shared by every keyspace: blocks of the on-disk
+    /// tables, read again without touching the disk.
+    pub cache_bytes: u64,
+    /// Each keyspace's memtable (log, state, sessions, ...) is flushed to a
+    /// table past this size. fjall records it when a data directory is
+    /// created: a data directory keeps the size it was made with.
+    pub memtable_bytes: u64,
+    /// The write-ahead journals in all: past this, fjall flushes memtables
+    /// so old journals can go. What a restart replays is at most this.
+    pub journal_bytes: u64,
+}
+
+/// fjall refuses journals under 64 MiB in all.
+pub const JOURNAL_BYTES_MIN: u64 = 64 << 20;
+
+/// Memtables below this flush so often that writes stall on them.
+pub const MEMTABLE_BYTES_MIN: u64 = 1 << 20;
+
+impl Default for StoreMemory {
+    fn default() -> StoreMemory {
+        StoreMemory { cache_bytes: 16 << 20, memtable_bytes: 8 << 20, journal_bytes: JOURNAL_BYTES_MIN }
     }
 }
 
@@ -262,12 +289,17 @@ impl Store {
             tracing::warn!(dir = %dir.display(), "storage runs WITHOUT fsync: a crash or power loss can lose acknowledged writes; benchmarks only");
         }
         let db_error = |source| StoreError::Db { dir: dir.to_path_buf(), source };
+        let memory = options.memory;
         let db = Database::builder(&db_dir)
             .worker_threads(options.worker_threads.max(1))
-            .cache_size(options.cache_bytes)
+            .cache_size(memory.cache_bytes)
+            .max_journaling_size(memory.journal_bytes.max(JOURNAL_BYTES_MIN))
             .open()
             .map_err(db_error)?;
-        let keyspace = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(db_error);
+        let memtable_bytes = memory.memtable_bytes.max(MEMTABLE_BYTES_MIN);
+        let keyspace = |name: &str| {
+            db.keyspace(name, || KeyspaceCreateOptions::default().max_memtable_size(memtable_bytes)).map_err(db_error)
+        };
         let (log, meta, state, sessions, modules, staging) = (
             keyspace("log")?,
             keyspace("meta")?,
