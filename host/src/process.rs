@@ -105,7 +105,12 @@ mod tests {
     fn another_process_is_found_by_name_and_read_like_this_one() {
         let mut sleeper = std::process::Command::new("sleep").arg("30").spawn().expect("sleep");
         let pid = sleeper.id();
-        assert!(pids_named("sleep").contains(&pid));
+        // Until the child has exec'd `sleep`, it still carries our name.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !pids_named("sleep").contains(&pid) {
+            assert!(std::time::Instant::now() < deadline, "pid {pid} never showed up as sleep");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         let usage = usage_of(pid).expect("its usage");
         assert!(usage.resident_bytes > 0);
         let _ = sleeper.kill();
