@@ -53,6 +53,11 @@ fn many_callers_on_one_connection_share_batch_messages_and_every_write_is_applie
         assert!(messages * 2.0 < items, "{items} items came in {messages} messages: coalesced");
         let writes_ok = "raft_host_client_requests_total{method=\"write\",code=\"Ok\"}";
         assert!(metric(&metrics, writes_ok).unwrap_or(0.0) >= 3_000.0, "batched items are counted as writes");
+        // And proposed to the core a message at a time, not one by one.
+        let proposals = metric(&metrics, "raft_host_client_batch_writes_proposed_together_count").unwrap_or(0.0);
+        let together = metric(&metrics, "raft_host_client_batch_writes_proposed_together_sum").unwrap_or(0.0);
+        assert!(together >= 3_000.0, "the leader proposed the batched writes together: {together}");
+        assert!(proposals * 2.0 < together, "{together} writes in {proposals} proposals");
     });
 }
 
@@ -258,4 +263,71 @@ fn etcd_and_raft_host_run_side_by_side_when_asked() {
         }
     }
     assert!(table.contains("x etcd's writes/s"), "{table}");
+}
+
+#[test]
+fn writes_of_one_message_proposed_together_are_each_answered_on_their_own() {
+    let cluster = Cluster::start(3, "batch-together");
+    run(LIMIT, async {
+        let leader = cluster.leader(Duration::from_secs(20)).await;
+        let dir = cluster.certs_dir().expect("TLS").to_path_buf();
+        let channel = tls_transport(&dir, "client-admin").channel(&cluster.address(leader)).expect("channel");
+        let mut grpc = ClientClient::new(channel);
+        let (sender, requests) = tokio::sync::mpsc::channel(4);
+        let mut answers =
+            grpc.batch(tokio_stream::wrappers::ReceiverStream::new(requests)).await.expect("stream").into_inner();
+        let write = |id: u64, state_machine: &str, key: &str, client_id: &[u8], sequence: u64| BatchItem {
+            id,
+            request_id: format!("together-{id}"),
+            request: Some(batch_item::Request::Write(WriteRequest {
+                state_machine: state_machine.into(),
+                command: put(key, &format!("v{id}")),
+                client_id: client_id.to_vec(),
+                sequence,
+                ..WriteRequest::default()
+            })),
+        };
+        // Good writes around refused ones, and a retry of a session's
+        // write inside the same message.
+        let items = vec![
+            write(1, "kv", "t1", b"", 0),
+            write(2, "no-such-machine", "t2", b"", 0),
+            write(3, "kv", "t3", b"session-a", 0),
+            write(4, "kv", "t4", b"session-b", 1),
+            write(5, "kv", "t4", b"session-b", 1),
+            write(6, "kv", "t6", b"", 0),
+        ];
+        sender.send(BatchRequest { items }).await.expect("send");
+        let mut got = BTreeMap::new();
+        while got.len() < 6 {
+            let response = answers.message().await.expect("answers").expect("more answers");
+            for answer in response.answers {
+                got.insert(answer.id, answer.answer.expect("an answer"));
+            }
+        }
+        let written = |id: u64| match &got[&id] {
+            batch_answer::Answer::Write(response) => response.clone(),
+            other => panic!("item {id} should have been written: {other:?}"),
+        };
+        let refused = |id: u64| match &got[&id] {
+            batch_answer::Answer::Error(error) => (tonic::Code::from(error.code), error.message.clone()),
+            other => panic!("item {id} should have been refused: {other:?}"),
+        };
+        let (code, message) = refused(2);
+        assert_eq!(code, tonic::Code::InvalidArgument, "{message}");
+        assert!(message.contains("no-such-machine"), "{message}");
+        let (code, message) = refused(3);
+        assert_eq!(code, tonic::Code::InvalidArgument, "{message}");
+        assert!(message.contains("sequence number"), "{message}");
+        let (first, retry) = (written(4), written(5));
+        assert_eq!((first.index, first.outcome.clone()), (retry.index, retry.outcome.clone()), "one entry, one answer");
+        let (one, six) = (written(1), written(6));
+        assert!(one.index < first.index && first.index < six.index, "in the message's order");
+        drop(sender);
+        let mut client = cluster.client();
+        assert_eq!(read_value(&mut client, "t1", Consistency::Linearizable).await.as_deref(), Some("v1"));
+        assert_eq!(read_value(&mut client, "t4", Consistency::Linearizable).await.as_deref(), Some("v4"));
+        assert_eq!(read_value(&mut client, "t2", Consistency::Linearizable).await, None);
+        assert_eq!(read_value(&mut client, "t3", Consistency::Linearizable).await, None);
+    });
 }

@@ -25,7 +25,7 @@ use crate::runtime::{EntryInfo, Machine, WriteBatch};
 use crate::storage::{ApplyBatch, StateView, StateWrite, Store, StoreError};
 use crate::wire::pb::{self, session_reply::Result as ReplyResult};
 use crate::wire::{Payload, StampedPayload, decode_addresses, decode_payload, hex};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -36,6 +36,14 @@ use tokio::sync::{Notify, oneshot};
 pub(super) enum ApplyMsg {
     /// A client waits for the entry proposed at `index` in `term`.
     Await { index: Index, term: Term, reply: oneshot::Sender<Result<WriteReply, RequestError>> },
+    /// A client waits for the `count` entries proposed from `first_index`
+    /// on in `term`, to be answered with all their outcomes at once.
+    AwaitMany {
+        first_index: Index,
+        term: Term,
+        count: u64,
+        reply: oneshot::Sender<Vec<Result<WriteReply, RequestError>>>,
+    },
     /// Committed entries, in log order, and their size for back-pressure.
     Committed { entries: Vec<Entry>, bytes: u64 },
     /// Serve a query once `index` is applied (0: at once, a stale read).
@@ -243,7 +251,8 @@ pub(super) struct Applier {
     applied: (Index, Term),
     /// The replicated clock: the latest entry timestamp applied.
     clock_ms: u64,
-    waiters: BTreeMap<Index, (Term, oneshot::Sender<Result<WriteReply, RequestError>>)>,
+    waiters: BTreeMap<Index, (Term, Waiter)>,
+    groups: Groups,
     reads: BTreeMap<Index, Vec<ReadJob>>,
     progress: Arc<ApplyProgress>,
     run: WriteRun,
@@ -281,6 +290,7 @@ impl Applier {
             applied,
             clock_ms,
             waiters: BTreeMap::new(),
+            groups: Groups::default(),
             reads: BTreeMap::new(),
             progress: Arc::new(ApplyProgress::default()),
             run: WriteRun::default(),
@@ -307,14 +317,11 @@ impl Applier {
 
     fn handle(&mut self, message: ApplyMsg) -> Result<(), ApplyError> {
         match message {
-            ApplyMsg::Await { index, term, reply } => {
-                if index <= self.applied.0 {
-                    // Cannot happen in order, but never leave a client hanging.
-                    let _ = reply.send(Err(RequestError::OutcomeUnknown(format!(
-                        "entry {index} was applied before its client started waiting"
-                    ))));
-                } else {
-                    self.waiters.insert(index, (term, reply));
+            ApplyMsg::Await { index, term, reply } => self.wait_for(index, term, Waiter::One(reply)),
+            ApplyMsg::AwaitMany { first_index, term, count, reply } => {
+                let group = self.groups.open(count as usize, reply);
+                for (slot, index) in (first_index..first_index + count).enumerate() {
+                    self.wait_for(index, term, Waiter::InGroup { group, slot });
                 }
             }
             ApplyMsg::Committed { entries, bytes } => {
@@ -368,9 +375,19 @@ impl Applier {
         Ok(())
     }
 
+    fn wait_for(&mut self, index: Index, term: Term, waiter: Waiter) {
+        if index <= self.applied.0 {
+            // Cannot happen in order, but never leave a client hanging.
+            let early = format!("entry {index} was applied before its client started waiting");
+            self.groups.answer(waiter, Err(RequestError::OutcomeUnknown(early)));
+        } else {
+            self.waiters.insert(index, (term, waiter));
+        }
+    }
+
     fn fail_waiters(&mut self, error: impl Fn() -> RequestError) {
-        for (_, (_, reply)) in std::mem::take(&mut self.waiters) {
-            let _ = reply.send(Err(error()));
+        for (_, (_, waiter)) in std::mem::take(&mut self.waiters) {
+            self.groups.answer(waiter, Err(error()));
         }
     }
 
@@ -556,9 +573,9 @@ impl Applier {
 
     fn answer_writes(&mut self) {
         for decided in std::mem::take(&mut self.decided) {
-            if let Some((term, reply)) = self.waiters.remove(&decided.index) {
+            if let Some((term, waiter)) = self.waiters.remove(&decided.index) {
                 let result = if term == decided.term { decided.result } else { Err(slot_taken(decided.index)) };
-                let _ = reply.send(result);
+                self.groups.answer(waiter, result);
             }
         }
         // Waiters at applied indexes that held no write of theirs (a new
@@ -568,8 +585,8 @@ impl Applier {
             if *entry.key() > applied {
                 break;
             }
-            let (index, (_, reply)) = entry.remove_entry();
-            let _ = reply.send(Err(slot_taken(index)));
+            let (index, (_, waiter)) = entry.remove_entry();
+            self.groups.answer(waiter, Err(slot_taken(index)));
         }
     }
 
@@ -611,6 +628,64 @@ impl Applier {
             })
             .collect();
         (ApplyStatus { applied_index: self.applied.0, state_machines }, self.store.state_view())
+    }
+}
+
+/// Who waits on one proposed entry.
+enum Waiter {
+    One(oneshot::Sender<Result<WriteReply, RequestError>>),
+    /// Slot `slot` of an open group (see [`Groups`]).
+    InGroup {
+        group: u64,
+        slot: usize,
+    },
+}
+
+type GroupReply = oneshot::Sender<Vec<Result<WriteReply, RequestError>>>;
+
+/// Callers of several consecutive entries (a client batch's writes), each
+/// answered once, when the last of its entries is.
+#[derive(Default)]
+struct Groups {
+    next: u64,
+    open: HashMap<u64, Group>,
+}
+
+struct Group {
+    answers: Vec<Option<Result<WriteReply, RequestError>>>,
+    missing: usize,
+    reply: GroupReply,
+}
+
+impl Groups {
+    fn open(&mut self, size: usize, reply: GroupReply) -> u64 {
+        let id = self.next;
+        self.next += 1;
+        self.open.insert(id, Group { answers: (0..size).map(|_| None).collect(), missing: size, reply });
+        id
+    }
+
+    fn answer(&mut self, waiter: Waiter, result: Result<WriteReply, RequestError>) {
+        match waiter {
+            Waiter::One(reply) => {
+                let _ = reply.send(result);
+            }
+            Waiter::InGroup { group, slot } => {
+                let Some(open) = self.open.get_mut(&group) else { return };
+                if let Some(answer) = open.answers.get_mut(slot)
+                    && answer.is_none()
+                {
+                    *answer = Some(result);
+                    open.missing -= 1;
+                }
+                if open.missing == 0
+                    && let Some(done) = self.open.remove(&group)
+                {
+                    let answers = done.answers.into_iter().map(|a| a.unwrap_or(Err(RequestError::ShuttingDown)));
+                    let _ = done.reply.send(answers.collect());
+                }
+            }
+        }
     }
 }
 

@@ -41,10 +41,28 @@ const INBOX_CAPACITY: usize = 16_384;
 /// Work for the core task.
 pub(super) enum CoreMsg {
     Peer(Vec<Message>),
-    Propose { payload: Payload, reply: oneshot::Sender<Result<WriteReply, RequestError>> },
-    ConfChange { change: ConfChange, reply: oneshot::Sender<Result<WriteReply, RequestError>> },
-    TransferLeader { to: NodeId, reply: oneshot::Sender<Result<(), RequestError>> },
-    SetOffline { offline: bool, reply: oneshot::Sender<Result<(), RequestError>> },
+    Propose {
+        payload: Payload,
+        reply: oneshot::Sender<Result<WriteReply, RequestError>>,
+    },
+    /// Writes that arrived together (one client batch): proposed in one go,
+    /// at consecutive indexes, and answered together.
+    ProposeMany {
+        payloads: Vec<Payload>,
+        reply: oneshot::Sender<Vec<Result<WriteReply, RequestError>>>,
+    },
+    ConfChange {
+        change: ConfChange,
+        reply: oneshot::Sender<Result<WriteReply, RequestError>>,
+    },
+    TransferLeader {
+        to: NodeId,
+        reply: oneshot::Sender<Result<(), RequestError>>,
+    },
+    SetOffline {
+        offline: bool,
+        reply: oneshot::Sender<Result<(), RequestError>>,
+    },
     Read(ReadRequest),
     Status(oneshot::Sender<CoreStatus>),
 }
@@ -105,6 +123,19 @@ impl CoreHandle {
     /// Proposes a client command and waits for its outcome.
     pub async fn write(&self, command: pb::Command) -> Result<WriteReply, RequestError> {
         self.propose(Payload::Command(command)).await
+    }
+
+    /// Proposes client commands that arrived together and waits for all
+    /// their outcomes, one per command in order. Each command stands alone
+    /// (one may fail while the others apply); what they save over as many
+    /// [`CoreHandle::write`]s is a message, a reply channel and a wake-up
+    /// for each.
+    pub async fn write_many(
+        &self,
+        commands: Vec<pb::Command>,
+    ) -> Result<Vec<Result<WriteReply, RequestError>>, RequestError> {
+        let payloads = commands.into_iter().map(Payload::Command).collect();
+        self.ask(|reply| CoreMsg::ProposeMany { payloads, reply }).await
     }
 
     /// Proposes an entry (a command, a module chunk, an activation) and waits
@@ -189,6 +220,26 @@ impl CoreHandle {
     }
 }
 
+/// Who waits on gathered proposals: one caller, or a caller of `count`
+/// consecutive ones (answered together by the apply task).
+enum ProposalReply {
+    One(oneshot::Sender<Result<WriteReply, RequestError>>),
+    Many { count: u64, reply: oneshot::Sender<Vec<Result<WriteReply, RequestError>>> },
+}
+
+impl ProposalReply {
+    fn fail(self, error: impl Fn() -> RequestError) {
+        match self {
+            ProposalReply::One(reply) => {
+                let _ = reply.send(Err(error()));
+            }
+            ProposalReply::Many { count, reply } => {
+                let _ = reply.send((0..count).map(|_| Err(error())).collect());
+            }
+        }
+    }
+}
+
 /// A read waiting for its ReadIndex round.
 struct PendingRead {
     state_machine: String,
@@ -222,7 +273,10 @@ pub(super) struct CoreTask {
     next_read_ctx: u64,
     /// The last timestamp stamped into an entry; stamps never go back.
     last_stamp_ms: u64,
-    proposals: Vec<(Payload, oneshot::Sender<Result<WriteReply, RequestError>>)>,
+    /// Gathered since the last proposal, in order; `proposal_replies` says
+    /// who waits on them (one reply may cover several).
+    proposals: Vec<Payload>,
+    proposal_replies: Vec<ProposalReply>,
     /// Batches proposed while leading and not yet seen committed: the last
     /// index of each, when it was proposed and how many entries it held.
     uncommitted: VecDeque<(Index, Instant, u64)>,
@@ -263,6 +317,7 @@ impl CoreTask {
             next_read_ctx: 0,
             last_stamp_ms: 0,
             proposals: Vec::new(),
+            proposal_replies: Vec::new(),
             uncommitted: VecDeque::new(),
             histograms,
         };
@@ -402,7 +457,18 @@ impl CoreTask {
                     }
                 }
             }
-            CoreMsg::Propose { payload, reply } => self.proposals.push((payload, reply)),
+            CoreMsg::Propose { payload, reply } => {
+                self.proposals.push(payload);
+                self.proposal_replies.push(ProposalReply::One(reply));
+            }
+            CoreMsg::ProposeMany { payloads, reply } => {
+                if payloads.is_empty() {
+                    let _ = reply.send(Vec::new());
+                } else {
+                    self.proposal_replies.push(ProposalReply::Many { count: payloads.len() as u64, reply });
+                    self.proposals.extend(payloads);
+                }
+            }
             CoreMsg::ConfChange { change, reply } => {
                 // Writes gathered so far go first, in their own batch.
                 self.propose_gathered()?;
@@ -465,23 +531,33 @@ impl CoreTask {
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let now_ms = now_ms.saturating_add_signed(crate::faults::clock_offset_ms());
         let stamp = now_ms.max(self.last_stamp_ms);
-        let (payloads, replies): (Vec<_>, Vec<_>) = std::mem::take(&mut self.proposals).into_iter().unzip();
-        let payloads = payloads.into_iter().map(|payload| encode_payload(stamp, payload)).collect();
+        let payloads = std::mem::take(&mut self.proposals).into_iter().map(|p| encode_payload(stamp, p)).collect();
+        let replies = std::mem::take(&mut self.proposal_replies);
         match self.raft.propose(payloads) {
             Ok(proposed) => {
                 self.last_stamp_ms = stamp;
-                let count = replies.len() as u64;
-                self.uncommitted.push_back((proposed.first_index + count - 1, Instant::now(), count));
-                for (offset, reply) in replies.into_iter().enumerate() {
-                    let index = proposed.first_index + offset as u64;
-                    self.send_apply(ApplyMsg::Await { index, term: proposed.term, reply })?;
+                let mut index = proposed.first_index;
+                for reply in replies {
+                    match reply {
+                        ProposalReply::One(reply) => {
+                            self.send_apply(ApplyMsg::Await { index, term: proposed.term, reply })?;
+                            index += 1;
+                        }
+                        ProposalReply::Many { count, reply } => {
+                            let (first_index, term) = (index, proposed.term);
+                            self.send_apply(ApplyMsg::AwaitMany { first_index, term, count, reply })?;
+                            index += count;
+                        }
+                    }
                 }
+                let count = index - proposed.first_index;
+                self.uncommitted.push_back((index - 1, Instant::now(), count));
                 Ok(())
             }
             Err(error) => {
                 let refusal = self.refusal(error)?;
                 for reply in replies {
-                    let _ = reply.send(Err(refusal.clone()));
+                    reply.fail(|| refusal.clone());
                 }
                 Ok(())
             }
@@ -658,8 +734,9 @@ impl CoreTask {
     }
 
     fn fail_proposals(&mut self, error: impl Fn() -> RequestError) {
-        for (_, reply) in self.proposals.drain(..) {
-            let _ = reply.send(Err(error()));
+        self.proposals.clear();
+        for reply in self.proposal_replies.drain(..) {
+            reply.fail(&error);
         }
     }
 

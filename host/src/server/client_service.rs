@@ -100,6 +100,118 @@ impl tonic::service::Interceptor for ClientGate {
 impl ClientService {
     /// The answer to one item of a batch stream: exactly what the unary
     /// call would have answered, as the item's outcome or error.
+    /// Splits a batch message: on the leader, the writes a writer sent are
+    /// proposed together (one message to the core, one answer back for all);
+    /// everything else, and every item on a follower (which forwards), goes
+    /// on its own.
+    fn writes_to_propose_together(
+        &self,
+        items: Vec<BatchItem>,
+        write_refusal: &Option<Status>,
+    ) -> (Vec<(u64, String, WriteRequest)>, Vec<BatchItem>) {
+        let leads = self.node.core.current_leadership().role == Role::Leader;
+        if !leads || write_refusal.is_some() {
+            return (Vec::new(), items);
+        }
+        let (mut writes, mut others) = (Vec::new(), Vec::new());
+        for item in items {
+            match item.request {
+                Some(batch_item::Request::Write(write)) => writes.push((item.id, item.request_id, write)),
+                request => others.push(BatchItem { request, ..item }),
+            }
+        }
+        (writes, others)
+    }
+
+    /// Answers a batch message's writes proposed together. Each stands
+    /// alone: one refused or failed does not touch the others, and those
+    /// refused because leadership moved meanwhile take the one-by-one path
+    /// (which forwards).
+    async fn answer_writes_together(
+        self: Arc<Self>,
+        writes: Vec<(u64, String, WriteRequest)>,
+        forwarded: bool,
+    ) -> Vec<BatchAnswer> {
+        let started = std::time::Instant::now();
+        let mut answers = Vec::with_capacity(writes.len());
+        let mut proposed = Vec::with_capacity(writes.len());
+        let mut commands = Vec::with_capacity(writes.len());
+        for (id, request_id, write) in writes {
+            match self.command_of(&write) {
+                Ok(command) => {
+                    commands.push(command);
+                    proposed.push((id, request_id, write));
+                }
+                Err(status) => answers.push(self.write_refused(id, &status, started)),
+            }
+        }
+        if proposed.is_empty() {
+            return answers;
+        }
+        let permits =
+            u32::try_from(proposed.len()).ok().and_then(|n| self.admission.clone().try_acquire_many_owned(n).ok());
+        let Some(_pending) = permits else {
+            let busy = status_of(RequestError::Busy(format!(
+                "{} requests are waiting on this member (limit {})",
+                self.pending(),
+                self.admission_max
+            )));
+            answers.extend(proposed.iter().map(|(id, _, _)| self.write_refused(*id, &busy, started)));
+            return answers;
+        };
+        self.counters.batch_writes_proposed_together.observe(proposed.len() as u64);
+        let span = tracing::info_span!(
+            "write_batch",
+            writes = proposed.len(),
+            first_request = %proposed[0].1,
+            forwarded
+        );
+        let results = match self.node.core.write_many(commands).instrument(span).await {
+            Ok(results) => results,
+            Err(error) => {
+                let status = status_of(error);
+                answers.extend(proposed.iter().map(|(id, _, _)| self.write_refused(*id, &status, started)));
+                return answers;
+            }
+        };
+        let mut moved = tokio::task::JoinSet::new();
+        for ((id, request_id, write), result) in proposed.into_iter().zip(results) {
+            match result {
+                Ok(reply) => {
+                    self.counters.record(Method::Write, tonic::Code::Ok, started.elapsed());
+                    let response = WriteResponse {
+                        outcome: Some(outcome_pb(reply.outcome)),
+                        index: reply.index,
+                        term: reply.term,
+                    };
+                    answers.push(BatchAnswer {
+                        id,
+                        answer: Some(batch_answer::Answer::Write(response)),
+                        leader_addr: String::new(),
+                    });
+                }
+                // Leadership moved between the split and the proposal.
+                Err(RequestError::NotLeader { leader: Some(_) }) if !forwarded => {
+                    let item = BatchItem { id, request: Some(batch_item::Request::Write(write)), request_id };
+                    moved.spawn(self.clone().answer_item(item, forwarded, None));
+                }
+                Err(error) => answers.push(self.write_refused(id, &status_of(error), started)),
+            }
+        }
+        answers.extend(moved.join_all().await);
+        answers
+    }
+
+    /// A batch write's error answer, counted in the request metrics.
+    fn write_refused(&self, id: u64, status: &Status, started: std::time::Instant) -> BatchAnswer {
+        self.counters.record(Method::Write, status.code(), started.elapsed());
+        BatchAnswer {
+            id,
+            answer: Some(batch_answer::Answer::Error(batch_error_of(status))),
+            leader_addr: String::new(),
+        }
+    }
+
     async fn answer_item(
         self: Arc<Self>,
         item: BatchItem,
@@ -593,26 +705,8 @@ impl ClientService {
         was_forwarded: bool,
         id: String,
     ) -> Result<Response<WriteResponse>, Status> {
-        self.check_state_machine(&write.state_machine, true)?;
-        self.check_size("command", write.command.len())?;
-        if write.client_id.len() > CLIENT_ID_MAX_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "client_id of {} bytes is above the limit of {CLIENT_ID_MAX_BYTES} bytes",
-                write.client_id.len()
-            )));
-        }
-        if !write.client_id.is_empty() && write.sequence == 0 {
-            return Err(Status::invalid_argument("a write with a client_id needs a sequence number from 1 on"));
-        }
-        self.check_disk()?;
+        let command = self.command_of(&write)?;
         let _pending = self.admit()?;
-        let command = pb::Command {
-            state_machine: write.state_machine.clone(),
-            command: write.command.clone(),
-            client_id: write.client_id.clone(),
-            sequence: write.sequence,
-            lowest_unanswered: write.lowest_unanswered,
-        };
         match self.node.core.write(command).await {
             Ok(reply) => {
                 tracing::debug!(index = reply.index, term = reply.term, "write applied");
@@ -635,6 +729,30 @@ impl ClientService {
                 None => Err(status_of(error)),
             },
         }
+    }
+
+    /// The log entry a client write becomes, once it passes the checks a
+    /// write gets before it is proposed.
+    fn command_of(&self, write: &WriteRequest) -> Result<pb::Command, Status> {
+        self.check_state_machine(&write.state_machine, true)?;
+        self.check_size("command", write.command.len())?;
+        if write.client_id.len() > CLIENT_ID_MAX_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "client_id of {} bytes is above the limit of {CLIENT_ID_MAX_BYTES} bytes",
+                write.client_id.len()
+            )));
+        }
+        if !write.client_id.is_empty() && write.sequence == 0 {
+            return Err(Status::invalid_argument("a write with a client_id needs a sequence number from 1 on"));
+        }
+        self.check_disk()?;
+        Ok(pb::Command {
+            state_machine: write.state_machine.clone(),
+            command: write.command.clone(),
+            client_id: write.client_id.clone(),
+            sequence: write.sequence,
+            lowest_unanswered: write.lowest_unanswered,
+        })
     }
 
     async fn handle_read(&self, request: Request<ReadRequest>) -> Result<Response<ReadResponse>, Status> {
@@ -964,8 +1082,13 @@ impl Client for ClientService {
                         match message {
                             Ok(Some(batch)) => {
                                 service.counters.batch_items.observe(batch.items.len() as u64);
-                                for item in batch.items {
-                                    working.spawn(service.clone().answer_item(item, forwarded, write_refusal.clone()));
+                                let (writes, others) = service.writes_to_propose_together(batch.items, &write_refusal);
+                                if !writes.is_empty() {
+                                    working.spawn(service.clone().answer_writes_together(writes, forwarded));
+                                }
+                                for item in others {
+                                    let (service, refusal) = (service.clone(), write_refusal.clone());
+                                    working.spawn(async move { vec![service.answer_item(item, forwarded, refusal).await] });
                                 }
                             }
                             // The client is done sending (or gone): answer what is under way.
@@ -974,10 +1097,10 @@ impl Client for ClientService {
                     }
                     Some(done) = working.join_next(), if !working.is_empty() => {
                         let mut answers = Vec::with_capacity(64);
-                        answers.extend(done.ok());
+                        answers.extend(done.into_iter().flatten());
                         while answers.len() < BATCH_ANSWERS_PER_MESSAGE_MAX {
                             match working.try_join_next() {
-                                Some(done) => answers.extend(done.ok()),
+                                Some(done) => answers.extend(done.into_iter().flatten()),
                                 None => break,
                             }
                         }

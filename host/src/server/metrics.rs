@@ -29,6 +29,8 @@ pub struct RequestCounters {
     by_method_and_code: [[Histogram; CODES]; 2],
     /// Items per message received on `Batch` streams.
     pub batch_items: Histogram,
+    /// Writes of one `Batch` message proposed to the core together.
+    pub batch_writes_proposed_together: Histogram,
 }
 
 impl Default for RequestCounters {
@@ -36,6 +38,7 @@ impl Default for RequestCounters {
         RequestCounters {
             by_method_and_code: std::array::from_fn(|_| std::array::from_fn(|_| Histogram::durations())),
             batch_items: Histogram::sizes(),
+            batch_writes_proposed_together: Histogram::sizes(),
         }
     }
 }
@@ -179,6 +182,9 @@ pub fn render(
     let name = "raft_host_client_batch_items";
     write_header(&mut out, name, "Writes and reads per message received on Batch streams.");
     counters.batch_items.render(&mut out, name, "");
+    let name = "raft_host_client_batch_writes_proposed_together";
+    write_header(&mut out, name, "Writes of one Batch message the leader proposed in one go and answered together.");
+    counters.batch_writes_proposed_together.render(&mut out, name, "");
     histograms.render(&mut out);
     out
 }
