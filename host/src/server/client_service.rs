@@ -179,6 +179,19 @@ impl ClientService {
             match result {
                 Ok(reply) => {
                     self.counters.record(Method::Write, tonic::Code::Ok, started.elapsed());
+                    // The one-by-one path's span and line, for following a
+                    // request across members; paid only when debug is on.
+                    if tracing::enabled!(tracing::Level::DEBUG) {
+                        let span = tracing::info_span!(
+                            "write",
+                            request = %request_id,
+                            state_machine = %write.state_machine,
+                            client = %hex(&write.client_id),
+                            sequence = write.sequence,
+                            forwarded
+                        );
+                        span.in_scope(|| tracing::debug!(index = reply.index, term = reply.term, "write applied"));
+                    }
                     let response = WriteResponse {
                         outcome: Some(outcome_pb(reply.outcome)),
                         index: reply.index,
