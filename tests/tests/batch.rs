@@ -331,3 +331,31 @@ fn writes_of_one_message_proposed_together_are_each_answered_on_their_own() {
         assert_eq!(read_value(&mut client, "t3", Consistency::Linearizable).await, None);
     });
 }
+
+#[test]
+fn concurrent_linearizable_reads_share_read_index_rounds() {
+    let cluster = Cluster::start(3, "batch-reads");
+    run(LIMIT, async {
+        let leader = cluster.leader(Duration::from_secs(20)).await;
+        let mut first = cluster.client_at(vec![cluster.address(leader)]);
+        first.write("kv", put("shared", "v")).await.expect("write");
+        let mut tasks = Vec::new();
+        for _ in 0..64 {
+            let mut client = first.sharing_connections().expect("a client on the same connection");
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..20 {
+                    let value = read_value(&mut client, "shared", Consistency::Linearizable).await;
+                    assert_eq!(value.as_deref(), Some("v"), "every read sees the write");
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.expect("a reader");
+        }
+        let metrics = cluster.metrics(leader);
+        let rounds = metric(&metrics, "raft_host_read_index_reads_count").unwrap_or(0.0);
+        let reads = metric(&metrics, "raft_host_read_index_reads_sum").unwrap_or(0.0);
+        assert!(reads >= 64.0 * 20.0, "the leader ran the reads through ReadIndex: {reads}");
+        assert!(rounds * 2.0 < reads, "{reads} reads took {rounds} rounds");
+    });
+}

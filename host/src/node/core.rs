@@ -64,6 +64,8 @@ pub(super) enum CoreMsg {
         reply: oneshot::Sender<Result<(), RequestError>>,
     },
     Read(ReadRequest),
+    /// Reads that arrived together (one client batch): one ReadIndex round.
+    ReadMany(Vec<ReadRequest>),
     Status(oneshot::Sender<CoreStatus>),
 }
 
@@ -152,6 +154,32 @@ impl CoreHandle {
         consistency: Consistency,
     ) -> Result<ReadReply, RequestError> {
         self.ask(|reply| CoreMsg::Read(ReadRequest { state_machine, query, consistency, reply })).await?
+    }
+
+    /// Linearizable reads that arrived together, served by one ReadIndex
+    /// round; their answers in order, each on its own.
+    pub async fn read_many(
+        &self,
+        reads: Vec<(String, Vec<u8>)>,
+    ) -> Result<Vec<Result<ReadReply, RequestError>>, RequestError> {
+        let (mut requests, mut answers) = (Vec::with_capacity(reads.len()), Vec::with_capacity(reads.len()));
+        for (state_machine, query) in reads {
+            let (reply, answer) = oneshot::channel();
+            requests.push(ReadRequest { state_machine, query, consistency: Consistency::Linearizable, reply });
+            answers.push(answer);
+        }
+        self.offer(CoreMsg::ReadMany(requests))?;
+        // One deadline for all: they are answered at about the same time.
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        let mut out = Vec::with_capacity(answers.len());
+        for answer in answers {
+            out.push(match tokio::time::timeout_at(deadline, answer).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(RequestError::ShuttingDown),
+                Err(_) => Err(RequestError::Timeout(self.request_timeout)),
+            });
+        }
+        Ok(out)
     }
 
     /// Waits until this member has applied everything committed when it was
@@ -269,7 +297,11 @@ pub(super) struct CoreTask {
     compacting: Option<JoinHandle<Result<(), StoreError>>>,
     apply: ApplyLink,
     leadership: watch::Sender<LeadershipView>,
-    reads: HashMap<u64, PendingRead>,
+    /// ReadIndex rounds under way, by context: each serves every read
+    /// gathered before it started.
+    reads: HashMap<u64, Vec<PendingRead>>,
+    /// Reads that arrived since the last round started.
+    gathered_reads: Vec<PendingRead>,
     next_read_ctx: u64,
     /// The last timestamp stamped into an entry; stamps never go back.
     last_stamp_ms: u64,
@@ -314,6 +346,7 @@ impl CoreTask {
             apply,
             leadership,
             reads: HashMap::new(),
+            gathered_reads: Vec::new(),
             next_read_ctx: 0,
             last_stamp_ms: 0,
             proposals: Vec::new(),
@@ -374,6 +407,7 @@ impl CoreTask {
                         }
                     }
                     self.propose_gathered()?;
+                    self.read_gathered()?;
                 }
                 Some(to) = snapshot_reports.next() => self.raft.report_snapshot(to)?,
                 _ = progress.drained.notified() => {}
@@ -437,7 +471,7 @@ impl CoreTask {
             self.after_persist(rest)?;
         }
         self.fail_proposals(|| RequestError::ShuttingDown);
-        for (_, read) in self.reads.drain() {
+        for read in self.reads.drain().flat_map(|(_, reads)| reads).chain(self.gathered_reads.drain(..)) {
             let _ = read.reply.send(Err(RequestError::ShuttingDown));
         }
         Ok(())
@@ -499,6 +533,11 @@ impl CoreTask {
                 let _ = reply.send(outcome);
             }
             CoreMsg::Read(request) => self.start_read(request)?,
+            CoreMsg::ReadMany(requests) => {
+                for request in requests {
+                    self.start_read(request)?;
+                }
+            }
             CoreMsg::Status(reply) => {
                 let _ = reply.send(CoreStatus {
                     role: self.raft.role(),
@@ -628,26 +667,36 @@ impl CoreTask {
             // No lease right now (a new leader, or acks are late): a ReadIndex
             // round gives the same guarantee, a round trip later.
         }
+        let deadline = Instant::now() + self.config.request_timeout;
+        let pending =
+            PendingRead { state_machine: request.state_machine, query: request.query, reply: request.reply, deadline };
+        self.gathered_reads.push(pending);
+        Ok(())
+    }
+
+    /// Starts one ReadIndex round for every read gathered since the last:
+    /// each arrived before the round began, so the index it confirms is at
+    /// least every one of them needs, and a burst of reads costs one
+    /// heartbeat round instead of one each.
+    fn read_gathered(&mut self) -> Result<(), NodeError> {
+        if self.gathered_reads.is_empty() {
+            return Ok(());
+        }
+        let reads = std::mem::take(&mut self.gathered_reads);
         self.next_read_ctx += 1;
         let ctx = self.next_read_ctx;
-        match self.raft.read_index(ctx) {
+        let refusal = match self.raft.read_index(ctx) {
             Ok(()) => {
-                let deadline = Instant::now() + self.config.request_timeout;
-                let pending = PendingRead {
-                    state_machine: request.state_machine,
-                    query: request.query,
-                    reply: request.reply,
-                    deadline,
-                };
-                self.reads.insert(ctx, pending);
+                self.histograms.read_index_reads.observe(reads.len() as u64);
+                self.reads.insert(ctx, reads);
+                return Ok(());
             }
-            Err(ReadIndexError::NoLeader) => {
-                let _ = request.reply.send(Err(RequestError::NoLeader));
-            }
-            Err(ReadIndexError::Busy) => {
-                let _ = request.reply.send(Err(RequestError::Busy("too many reads are waiting".into())));
-            }
+            Err(ReadIndexError::NoLeader) => RequestError::NoLeader,
+            Err(ReadIndexError::Busy) => RequestError::Busy("too many reads are waiting".into()),
             Err(ReadIndexError::Raft(fatal)) => return Err(fatal.into()),
+        };
+        for read in reads {
+            let _ = read.reply.send(Err(refusal.clone()));
         }
         Ok(())
     }
@@ -655,14 +704,15 @@ impl CoreTask {
     fn expire_reads(&mut self) {
         let now = Instant::now();
         let timeout = self.config.request_timeout;
-        self.reads.retain(|_, read| {
-            if read.deadline > now {
+        // A round's reads share the deadline of the first of them.
+        self.reads.retain(|_, reads| {
+            if reads.first().is_none_or(|read| read.deadline > now) {
                 return true;
             }
-            // The sender may be gone already (the service timed out first).
-            let (reply, _) = oneshot::channel();
-            let reply = std::mem::replace(&mut read.reply, reply);
-            let _ = reply.send(Err(RequestError::Timeout(timeout)));
+            // The senders may be gone already (the service timed out first).
+            for read in reads.drain(..) {
+                let _ = read.reply.send(Err(RequestError::Timeout(timeout)));
+            }
             false
         });
     }
@@ -684,7 +734,7 @@ impl CoreTask {
             self.send_apply(ApplyMsg::Committed { entries: rest.committed_entries, bytes })?;
         }
         for state in rest.read_states {
-            if let Some(read) = self.reads.remove(&state.ctx) {
+            for read in self.reads.remove(&state.ctx).into_iter().flatten() {
                 self.send_apply(ApplyMsg::Read(ReadJob {
                     index: state.index,
                     state_machine: read.state_machine,
@@ -714,7 +764,7 @@ impl CoreTask {
     fn on_leadership_change(&mut self, role: Role, leader: Option<NodeId>) {
         let was = self.leadership.borrow().clone();
         tracing::info!(node = self.config.id, role = role.as_str(), leader = ?leader, term = self.raft.term(), "leadership changed");
-        for (_, read) in self.reads.drain() {
+        for read in self.reads.drain().flat_map(|(_, reads)| reads) {
             let _ = read.reply.send(Err(RequestError::LeadershipChanged));
         }
         if was.role == Role::Leader && role != Role::Leader {

@@ -17,6 +17,8 @@ pub struct NodeHistograms {
     pub apply_batch: Histogram,
     /// Entries per applied batch.
     pub apply_batch_entries: Histogram,
+    /// Linearizable reads served by one ReadIndex round.
+    pub read_index_reads: Histogram,
 }
 
 impl Default for NodeHistograms {
@@ -27,6 +29,7 @@ impl Default for NodeHistograms {
             propose_to_commit: Histogram::durations(),
             apply_batch: Histogram::durations(),
             apply_batch_entries: Histogram::sizes(),
+            read_index_reads: Histogram::sizes(),
         }
     }
 }
@@ -34,7 +37,7 @@ impl Default for NodeHistograms {
 impl NodeHistograms {
     /// Appends every histogram in the Prometheus text format.
     pub fn render(&self, out: &mut String) {
-        let series: [(&Histogram, &str, &str); 5] = [
+        let series: [(&Histogram, &str, &str); 6] = [
             (
                 &self.persist,
                 "raft_host_log_persist_seconds",
@@ -56,6 +59,11 @@ impl NodeHistograms {
                 "One batch of committed entries applied through the guests and written to the store.",
             ),
             (&self.apply_batch_entries, "raft_host_apply_batch_entries", "Entries per applied batch."),
+            (
+                &self.read_index_reads,
+                "raft_host_read_index_reads",
+                "Linearizable reads served by one ReadIndex round (reads gathered while the last round started).",
+            ),
         ];
         for (histogram, name, help) in series {
             write_header(out, name, help);

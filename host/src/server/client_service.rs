@@ -101,26 +101,104 @@ impl ClientService {
     /// The answer to one item of a batch stream: exactly what the unary
     /// call would have answered, as the item's outcome or error.
     /// Splits a batch message: on the leader, the writes a writer sent are
-    /// proposed together (one message to the core, one answer back for all);
+    /// proposed together (one message to the core, one answer back for
+    /// all), and its linearizable reads share one ReadIndex round;
     /// everything else, and every item on a follower (which forwards), goes
     /// on its own.
-    fn writes_to_propose_together(
-        &self,
-        items: Vec<BatchItem>,
-        write_refusal: &Option<Status>,
-    ) -> (Vec<(u64, String, WriteRequest)>, Vec<BatchItem>) {
-        let leads = self.node.core.current_leadership().role == Role::Leader;
-        if !leads || write_refusal.is_some() {
-            return (Vec::new(), items);
+    fn together(&self, items: Vec<BatchItem>, write_refusal: &Option<Status>) -> Together {
+        let mut together = Together::default();
+        if self.node.core.current_leadership().role != Role::Leader {
+            together.others = items;
+            return together;
         }
-        let (mut writes, mut others) = (Vec::new(), Vec::new());
+        let linearizable = client_pb::Consistency::Linearizable as i32;
         for item in items {
             match item.request {
-                Some(batch_item::Request::Write(write)) => writes.push((item.id, item.request_id, write)),
-                request => others.push(BatchItem { request, ..item }),
+                Some(batch_item::Request::Write(write)) if write_refusal.is_none() => {
+                    together.writes.push((item.id, item.request_id, write));
+                }
+                Some(batch_item::Request::Read(read)) if read.consistency == linearizable => {
+                    together.reads.push((item.id, item.request_id, read));
+                }
+                request => together.others.push(BatchItem { request, ..item }),
             }
         }
-        (writes, others)
+        together
+    }
+
+    /// Answers a batch message's linearizable reads, served by one ReadIndex
+    /// round. As with writes, each stands alone, and those refused because
+    /// leadership moved take the one-by-one path (which forwards).
+    async fn answer_reads_together(
+        self: Arc<Self>,
+        reads: Vec<(u64, String, ReadRequest)>,
+        forwarded: bool,
+    ) -> Vec<BatchAnswer> {
+        let started = std::time::Instant::now();
+        let mut answers = Vec::with_capacity(reads.len());
+        let mut asked = Vec::with_capacity(reads.len());
+        let mut queries = Vec::with_capacity(reads.len());
+        for (id, request_id, read) in reads {
+            let checked = self
+                .check_state_machine(&read.state_machine, false)
+                .and_then(|()| self.check_size("query", read.query.len()));
+            match checked {
+                Ok(()) => {
+                    queries.push((read.state_machine.clone(), read.query.clone()));
+                    asked.push((id, request_id, read));
+                }
+                Err(status) => answers.push(self.refused(Method::Read, id, &status, started)),
+            }
+        }
+        if asked.is_empty() {
+            return answers;
+        }
+        let permits =
+            u32::try_from(asked.len()).ok().and_then(|n| self.admission.clone().try_acquire_many_owned(n).ok());
+        let Some(_pending) = permits else {
+            let busy = self.busy();
+            answers.extend(asked.iter().map(|(id, _, _)| self.refused(Method::Read, *id, &busy, started)));
+            return answers;
+        };
+        let results = match self.node.core.read_many(queries).await {
+            Ok(results) => results,
+            Err(error) => {
+                let status = status_of(error);
+                answers.extend(asked.iter().map(|(id, _, _)| self.refused(Method::Read, *id, &status, started)));
+                return answers;
+            }
+        };
+        let mut moved = tokio::task::JoinSet::new();
+        for ((id, request_id, read), result) in asked.into_iter().zip(results) {
+            match result {
+                Ok(reply) => {
+                    self.counters.record(Method::Read, tonic::Code::Ok, started.elapsed());
+                    let response = ReadResponse { outcome: Some(outcome_pb(reply.outcome)), index: reply.index };
+                    answers.push(BatchAnswer {
+                        id,
+                        answer: Some(batch_answer::Answer::Read(response)),
+                        leader_addr: String::new(),
+                    });
+                }
+                // Leadership moved between the split and the round.
+                Err(RequestError::NotLeader { leader: Some(_) } | RequestError::LeadershipChanged) if !forwarded => {
+                    let item = BatchItem { id, request: Some(batch_item::Request::Read(read)), request_id };
+                    moved.spawn(self.clone().answer_item(item, forwarded, None));
+                }
+                Err(error) => answers.push(self.refused(Method::Read, id, &status_of(error), started)),
+            }
+        }
+        answers.extend(moved.join_all().await);
+        answers
+    }
+
+    /// The status a request turned away for want of room gets.
+    fn busy(&self) -> Status {
+        status_of(RequestError::Busy(format!(
+            "{} requests are waiting on this member (limit {})",
+            self.pending(),
+            self.admission_max
+        )))
     }
 
     /// Answers a batch message's writes proposed together. Each stands
@@ -142,7 +220,7 @@ impl ClientService {
                     commands.push(command);
                     proposed.push((id, request_id, write));
                 }
-                Err(status) => answers.push(self.write_refused(id, &status, started)),
+                Err(status) => answers.push(self.refused(Method::Write, id, &status, started)),
             }
         }
         if proposed.is_empty() {
@@ -151,12 +229,8 @@ impl ClientService {
         let permits =
             u32::try_from(proposed.len()).ok().and_then(|n| self.admission.clone().try_acquire_many_owned(n).ok());
         let Some(_pending) = permits else {
-            let busy = status_of(RequestError::Busy(format!(
-                "{} requests are waiting on this member (limit {})",
-                self.pending(),
-                self.admission_max
-            )));
-            answers.extend(proposed.iter().map(|(id, _, _)| self.write_refused(*id, &busy, started)));
+            let busy = self.busy();
+            answers.extend(proposed.iter().map(|(id, _, _)| self.refused(Method::Write, *id, &busy, started)));
             return answers;
         };
         self.counters.batch_writes_proposed_together.observe(proposed.len() as u64);
@@ -170,7 +244,7 @@ impl ClientService {
             Ok(results) => results,
             Err(error) => {
                 let status = status_of(error);
-                answers.extend(proposed.iter().map(|(id, _, _)| self.write_refused(*id, &status, started)));
+                answers.extend(proposed.iter().map(|(id, _, _)| self.refused(Method::Write, *id, &status, started)));
                 return answers;
             }
         };
@@ -208,16 +282,16 @@ impl ClientService {
                     let item = BatchItem { id, request: Some(batch_item::Request::Write(write)), request_id };
                     moved.spawn(self.clone().answer_item(item, forwarded, None));
                 }
-                Err(error) => answers.push(self.write_refused(id, &status_of(error), started)),
+                Err(error) => answers.push(self.refused(Method::Write, id, &status_of(error), started)),
             }
         }
         answers.extend(moved.join_all().await);
         answers
     }
 
-    /// A batch write's error answer, counted in the request metrics.
-    fn write_refused(&self, id: u64, status: &Status, started: std::time::Instant) -> BatchAnswer {
-        self.counters.record(Method::Write, status.code(), started.elapsed());
+    /// A batch item's error answer, counted in the request metrics.
+    fn refused(&self, method: Method, id: u64, status: &Status, started: std::time::Instant) -> BatchAnswer {
+        self.counters.record(method, status.code(), started.elapsed());
         BatchAnswer {
             id,
             answer: Some(batch_answer::Answer::Error(batch_error_of(status))),
@@ -387,13 +461,7 @@ impl ClientService {
 
     /// A permit for one more waiting request, held until it is answered.
     fn admit(&self) -> Result<OwnedSemaphorePermit, Status> {
-        self.admission.clone().try_acquire_owned().map_err(|_| {
-            status_of(RequestError::Busy(format!(
-                "{} requests are waiting on this member (limit {})",
-                self.pending(),
-                self.admission_max
-            )))
-        })
+        self.admission.clone().try_acquire_owned().map_err(|_| self.busy())
     }
 
     /// A name is checked against the active versions only where they are
@@ -685,6 +753,14 @@ impl ClientService {
         }
         Ok((first.state_machine, bytes, !first.no_activate))
     }
+}
+
+/// A batch message's items, split by how the leader serves them.
+#[derive(Default)]
+struct Together {
+    writes: Vec<(u64, String, WriteRequest)>,
+    reads: Vec<(u64, String, ReadRequest)>,
+    others: Vec<BatchItem>,
 }
 
 impl ClientService {
@@ -1095,9 +1171,12 @@ impl Client for ClientService {
                         match message {
                             Ok(Some(batch)) => {
                                 service.counters.batch_items.observe(batch.items.len() as u64);
-                                let (writes, others) = service.writes_to_propose_together(batch.items, &write_refusal);
+                                let Together { writes, reads, others } = service.together(batch.items, &write_refusal);
                                 if !writes.is_empty() {
                                     working.spawn(service.clone().answer_writes_together(writes, forwarded));
+                                }
+                                if !reads.is_empty() {
+                                    working.spawn(service.clone().answer_reads_together(reads, forwarded));
                                 }
                                 for item in others {
                                     let (service, refusal) = (service.clone(), write_refusal.clone());
