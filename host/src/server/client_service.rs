@@ -153,20 +153,13 @@ impl ClientService {
         if asked.is_empty() {
             return answers;
         }
-        let permits =
-            u32::try_from(asked.len()).ok().and_then(|n| self.admission.clone().try_acquire_many_owned(n).ok());
-        let Some(_pending) = permits else {
-            let busy = self.busy();
-            answers.extend(asked.iter().map(|(id, _, _)| self.refused(Method::Read, *id, &busy, started)));
-            return answers;
+        let _pending = match self.admit_many(asked.len()) {
+            Ok(permits) => permits,
+            Err(busy) => return self.refuse_all(Method::Read, &asked, &busy, started, answers),
         };
         let results = match self.node.core.read_many(queries).await {
             Ok(results) => results,
-            Err(error) => {
-                let status = status_of(error);
-                answers.extend(asked.iter().map(|(id, _, _)| self.refused(Method::Read, *id, &status, started)));
-                return answers;
-            }
+            Err(error) => return self.refuse_all(Method::Read, &asked, &status_of(error), started, answers),
         };
         let mut moved = tokio::task::JoinSet::new();
         for ((id, request_id, read), result) in asked.into_iter().zip(results) {
@@ -189,6 +182,25 @@ impl ClientService {
             }
         }
         answers.extend(moved.join_all().await);
+        answers
+    }
+
+    /// Room for `n` requests at once, or the status that turns them away.
+    fn admit_many(&self, n: usize) -> Result<OwnedSemaphorePermit, Status> {
+        let permits = u32::try_from(n).ok().and_then(|n| self.admission.clone().try_acquire_many_owned(n).ok());
+        permits.ok_or_else(|| self.busy())
+    }
+
+    /// `answers` with every one of `items` refused with `status`.
+    fn refuse_all<T>(
+        &self,
+        method: Method,
+        items: &[(u64, String, T)],
+        status: &Status,
+        started: std::time::Instant,
+        mut answers: Vec<BatchAnswer>,
+    ) -> Vec<BatchAnswer> {
+        answers.extend(items.iter().map(|(id, _, _)| self.refused(method, *id, status, started)));
         answers
     }
 
@@ -226,12 +238,9 @@ impl ClientService {
         if proposed.is_empty() {
             return answers;
         }
-        let permits =
-            u32::try_from(proposed.len()).ok().and_then(|n| self.admission.clone().try_acquire_many_owned(n).ok());
-        let Some(_pending) = permits else {
-            let busy = self.busy();
-            answers.extend(proposed.iter().map(|(id, _, _)| self.refused(Method::Write, *id, &busy, started)));
-            return answers;
+        let _pending = match self.admit_many(proposed.len()) {
+            Ok(permits) => permits,
+            Err(busy) => return self.refuse_all(Method::Write, &proposed, &busy, started, answers),
         };
         self.counters.batch_writes_proposed_together.observe(proposed.len() as u64);
         let span = tracing::info_span!(
@@ -242,11 +251,7 @@ impl ClientService {
         );
         let results = match self.node.core.write_many(commands).instrument(span).await {
             Ok(results) => results,
-            Err(error) => {
-                let status = status_of(error);
-                answers.extend(proposed.iter().map(|(id, _, _)| self.refused(Method::Write, *id, &status, started)));
-                return answers;
-            }
+            Err(error) => return self.refuse_all(Method::Write, &proposed, &status_of(error), started, answers),
         };
         let mut moved = tokio::task::JoinSet::new();
         for ((id, request_id, write), result) in proposed.into_iter().zip(results) {
