@@ -15,8 +15,8 @@ use super::config::ServerConfig;
 use super::metrics::{Method, MetricsSource, PeerCounters, Probe, RequestCounters};
 use crate::client::{BYTES_PER_MESSAGE_MAX, Batcher};
 use crate::node::{
-    Consistency, DeployStep, Digests, LeadershipView, Members, Membership, NodeHandles, RequestError, ShutdownSignal,
-    check_name,
+    Consistency, DeployStep, Digests, LeadershipView, Members, Membership, NodeHandles, ReadReply, RequestError,
+    ShutdownSignal, WriteReply, check_name,
 };
 use crate::process;
 use crate::raft::{ConfChange, ConfChangeKind, NodeId, Role};
@@ -98,8 +98,6 @@ impl tonic::service::Interceptor for ClientGate {
 }
 
 impl ClientService {
-    /// The answer to one item of a batch stream: exactly what the unary
-    /// call would have answered, as the item's outcome or error.
     /// Splits a batch message: on the leader, the writes a writer sent are
     /// proposed together (one message to the core, one answer back for
     /// all), and its linearizable reads share one ReadIndex round;
@@ -166,10 +164,9 @@ impl ClientService {
             match result {
                 Ok(reply) => {
                     self.counters.record(Method::Read, tonic::Code::Ok, started.elapsed());
-                    let response = ReadResponse { outcome: Some(outcome_pb(reply.outcome)), index: reply.index };
                     answers.push(BatchAnswer {
                         id,
-                        answer: Some(batch_answer::Answer::Read(response)),
+                        answer: Some(batch_answer::Answer::Read(read_response(reply))),
                         leader_addr: String::new(),
                     });
                 }
@@ -271,14 +268,9 @@ impl ClientService {
                         );
                         span.in_scope(|| tracing::debug!(index = reply.index, term = reply.term, "write applied"));
                     }
-                    let response = WriteResponse {
-                        outcome: Some(outcome_pb(reply.outcome)),
-                        index: reply.index,
-                        term: reply.term,
-                    };
                     answers.push(BatchAnswer {
                         id,
-                        answer: Some(batch_answer::Answer::Write(response)),
+                        answer: Some(batch_answer::Answer::Write(write_response(reply))),
                         leader_addr: String::new(),
                     });
                 }
@@ -297,13 +289,11 @@ impl ClientService {
     /// A batch item's error answer, counted in the request metrics.
     fn refused(&self, method: Method, id: u64, status: &Status, started: std::time::Instant) -> BatchAnswer {
         self.counters.record(method, status.code(), started.elapsed());
-        BatchAnswer {
-            id,
-            answer: Some(batch_answer::Answer::Error(batch_error_of(status))),
-            leader_addr: String::new(),
-        }
+        error_answer(id, status)
     }
 
+    /// The answer to one item of a batch stream: exactly what the unary
+    /// call would have answered, as the item's outcome or error.
     async fn answer_item(
         self: Arc<Self>,
         item: BatchItem,
@@ -342,11 +332,7 @@ impl ClientService {
         }
         match result {
             Ok((answer, leader_addr)) => BatchAnswer { id: item.id, answer: Some(answer), leader_addr },
-            Err(status) => BatchAnswer {
-                id: item.id,
-                answer: Some(batch_answer::Answer::Error(batch_error_of(&status))),
-                leader_addr: String::new(),
-            },
+            Err(status) => error_answer(item.id, &status),
         }
     }
 
@@ -552,13 +538,13 @@ fn is_forwarded<T>(request: &Request<T>) -> bool {
     request.metadata().contains_key(FORWARDED_KEY)
 }
 
-/// Tells the client, on a forwarded answer, where the leader is, so its
-/// next request skips the extra hop.
 /// The leader a forwarded answer names, if it was forwarded.
 fn leader_of<T>(response: &Response<T>) -> String {
     response.metadata().get(LEADER_ADDR_KEY).and_then(|value| value.to_str().ok()).unwrap_or_default().to_string()
 }
 
+/// Tells the client, on a forwarded answer, where the leader is, so its
+/// next request skips the extra hop.
 fn with_leader<T>(mut response: Response<T>, address: &str) -> Response<T> {
     if let Ok(value) = address.parse() {
         response.metadata_mut().insert(LEADER_ADDR_KEY, value);
@@ -631,6 +617,21 @@ pub(super) fn status_of(error: RequestError) -> Status {
         }
         RequestError::Internal(_) => Status::internal(message),
     }
+}
+
+/// What a client is sent for an applied write.
+fn write_response(reply: WriteReply) -> WriteResponse {
+    WriteResponse { outcome: Some(outcome_pb(reply.outcome)), index: reply.index, term: reply.term }
+}
+
+/// What a client is sent for an answered read.
+fn read_response(reply: ReadReply) -> ReadResponse {
+    ReadResponse { outcome: Some(outcome_pb(reply.outcome)), index: reply.index }
+}
+
+/// A batch item's error answer.
+fn error_answer(id: u64, status: &Status) -> BatchAnswer {
+    BatchAnswer { id, answer: Some(batch_answer::Answer::Error(batch_error_of(status))), leader_addr: String::new() }
 }
 
 fn outcome_pb(outcome: Result<Vec<u8>, String>) -> client_pb::Outcome {
@@ -804,11 +805,7 @@ impl ClientService {
         match self.node.core.write(command).await {
             Ok(reply) => {
                 tracing::debug!(index = reply.index, term = reply.term, "write applied");
-                Ok(Response::new(WriteResponse {
-                    outcome: Some(outcome_pb(reply.outcome)),
-                    index: reply.index,
-                    term: reply.term,
-                }))
+                Ok(Response::new(write_response(reply)))
             }
             Err(error) => match self.forward_target(&error, was_forwarded) {
                 Some((mut leader, batcher, address)) => {
@@ -892,9 +889,7 @@ impl ClientService {
             _ => self.node.core.read(read.state_machine.clone(), read.query.clone(), consistency).await,
         };
         match result {
-            Ok(reply) => {
-                Ok(Response::new(ReadResponse { outcome: Some(outcome_pb(reply.outcome)), index: reply.index }))
-            }
+            Ok(reply) => Ok(Response::new(read_response(reply))),
             Err(error) => match self.forward_target(&error, was_forwarded) {
                 Some((mut leader, batcher, address)) => {
                     let answer = if read.query.len() < BYTES_PER_MESSAGE_MAX {
