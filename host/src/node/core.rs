@@ -268,12 +268,11 @@ impl ProposalReply {
     }
 }
 
-/// A read waiting for its ReadIndex round.
-struct PendingRead {
-    state_machine: String,
-    query: Vec<u8>,
-    reply: oneshot::Sender<Result<ReadReply, RequestError>>,
+/// A ReadIndex round under way and the reads it will serve.
+struct ReadRound {
+    /// Past it, the round's reads are answered with a timeout.
     deadline: Instant,
+    reads: Vec<ReadRequest>,
 }
 
 /// What is left of a Ready once its entries and hard state went to disk.
@@ -299,9 +298,9 @@ pub(super) struct CoreTask {
     leadership: watch::Sender<LeadershipView>,
     /// ReadIndex rounds under way, by context: each serves every read
     /// gathered before it started.
-    reads: HashMap<u64, Vec<PendingRead>>,
+    reads: HashMap<u64, ReadRound>,
     /// Reads that arrived since the last round started.
-    gathered_reads: Vec<PendingRead>,
+    gathered_reads: Vec<ReadRequest>,
     next_read_ctx: u64,
     /// The last timestamp stamped into an entry; stamps never go back.
     last_stamp_ms: u64,
@@ -471,7 +470,7 @@ impl CoreTask {
             self.after_persist(rest)?;
         }
         self.fail_proposals(|| RequestError::ShuttingDown);
-        for read in self.reads.drain().flat_map(|(_, reads)| reads).chain(self.gathered_reads.drain(..)) {
+        for read in self.reads.drain().flat_map(|(_, round)| round.reads).chain(self.gathered_reads.drain(..)) {
             let _ = read.reply.send(Err(RequestError::ShuttingDown));
         }
         Ok(())
@@ -667,10 +666,7 @@ impl CoreTask {
             // No lease right now (a new leader, or acks are late): a ReadIndex
             // round gives the same guarantee, a round trip later.
         }
-        let deadline = Instant::now() + self.config.request_timeout;
-        let pending =
-            PendingRead { state_machine: request.state_machine, query: request.query, reply: request.reply, deadline };
-        self.gathered_reads.push(pending);
+        self.gathered_reads.push(request);
         Ok(())
     }
 
@@ -688,7 +684,8 @@ impl CoreTask {
         let refusal = match self.raft.read_index(ctx) {
             Ok(()) => {
                 self.histograms.read_index_reads.observe(reads.len() as u64);
-                self.reads.insert(ctx, reads);
+                let deadline = Instant::now() + self.config.request_timeout;
+                self.reads.insert(ctx, ReadRound { deadline, reads });
                 return Ok(());
             }
             Err(ReadIndexError::NoLeader) => RequestError::NoLeader,
@@ -704,13 +701,12 @@ impl CoreTask {
     fn expire_reads(&mut self) {
         let now = Instant::now();
         let timeout = self.config.request_timeout;
-        // A round's reads share the deadline of the first of them.
-        self.reads.retain(|_, reads| {
-            if reads.first().is_none_or(|read| read.deadline > now) {
+        self.reads.retain(|_, round| {
+            if round.deadline > now {
                 return true;
             }
             // The senders may be gone already (the service timed out first).
-            for read in reads.drain(..) {
+            for read in round.reads.drain(..) {
                 let _ = read.reply.send(Err(RequestError::Timeout(timeout)));
             }
             false
@@ -734,7 +730,7 @@ impl CoreTask {
             self.send_apply(ApplyMsg::Committed { entries: rest.committed_entries, bytes })?;
         }
         for state in rest.read_states {
-            for read in self.reads.remove(&state.ctx).into_iter().flatten() {
+            for read in self.reads.remove(&state.ctx).into_iter().flat_map(|round| round.reads) {
                 self.send_apply(ApplyMsg::Read(ReadJob {
                     index: state.index,
                     state_machine: read.state_machine,
@@ -764,7 +760,7 @@ impl CoreTask {
     fn on_leadership_change(&mut self, role: Role, leader: Option<NodeId>) {
         let was = self.leadership.borrow().clone();
         tracing::info!(node = self.config.id, role = role.as_str(), leader = ?leader, term = self.raft.term(), "leadership changed");
-        for read in self.reads.drain().flat_map(|(_, reads)| reads) {
+        for read in self.reads.drain().flat_map(|(_, round)| round.reads) {
             let _ = read.reply.send(Err(RequestError::LeadershipChanged));
         }
         if was.role == Role::Leader && role != Role::Leader {
