@@ -5,7 +5,8 @@
 
 use raft_host::client::{ClusterClient, Consistency, outcome_of};
 use raft_host::wire::client_pb::{
-    BatchItem, BatchRequest, ReadRequest, WriteRequest, batch_answer, batch_item, client_client::ClientClient,
+    BatchItem, BatchRequest, BatchResponse, ReadRequest, WriteRequest, batch_answer, batch_item,
+    client_client::ClientClient,
 };
 use raft_host_e2e::{Cluster, get, metric, put, read_value, run, tls_transport};
 use std::collections::BTreeMap;
@@ -13,6 +14,29 @@ use std::process::Command;
 use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(120);
+
+/// Reads a raw batch stream until `count` items are answered, by item id.
+async fn answers_by_id(
+    answers: &mut tonic::Streaming<BatchResponse>,
+    count: usize,
+) -> BTreeMap<u64, batch_answer::Answer> {
+    let mut got = BTreeMap::new();
+    while got.len() < count {
+        let response = answers.message().await.expect("answers").expect("more answers");
+        for answer in response.answers {
+            got.insert(answer.id, answer.answer.expect("an answer"));
+        }
+    }
+    got
+}
+
+/// The code and message of item `id`'s error answer.
+fn error_of(got: &BTreeMap<u64, batch_answer::Answer>, id: u64) -> (tonic::Code, String) {
+    match &got[&id] {
+        batch_answer::Answer::Error(error) => (tonic::Code::from(error.code), error.message.clone()),
+        other => panic!("item {id} should have failed: {other:?}"),
+    }
+}
 
 #[test]
 fn many_callers_on_one_connection_share_batch_messages_and_every_write_is_applied_once() {
@@ -158,23 +182,14 @@ fn each_item_of_a_raw_batch_stream_gets_its_own_answer_or_error_and_the_stream_g
             read(4, "no-such-machine"),
         ];
         sender.send(BatchRequest { items }).await.expect("send");
-        let mut got = BTreeMap::new();
-        while got.len() < 4 {
-            let response = answers.message().await.expect("answers").expect("more answers");
-            for answer in response.answers {
-                got.insert(answer.id, answer.answer.expect("an answer"));
-            }
-        }
+        let got = answers_by_id(&mut answers, 4).await;
         match &got[&1] {
             batch_answer::Answer::Read(response) => {
                 assert_eq!(outcome_of(response.outcome.clone()), Ok(br#"{"value":"yes"}"#.to_vec()));
             }
             other => panic!("item 1: {other:?}"),
         }
-        let error = |id: u64| match &got[&id] {
-            batch_answer::Answer::Error(error) => (tonic::Code::from(error.code), error.message.clone()),
-            other => panic!("item {id} should have failed: {other:?}"),
-        };
+        let error = |id: u64| error_of(&got, id);
         let (code, message) = error(2);
         assert_eq!(code, tonic::Code::PermissionDenied, "{message}");
         assert!(message.contains("writer"), "names the role it needs: {message}");
@@ -298,21 +313,12 @@ fn writes_of_one_message_proposed_together_are_each_answered_on_their_own() {
             write(6, "kv", "t6", b"", 0),
         ];
         sender.send(BatchRequest { items }).await.expect("send");
-        let mut got = BTreeMap::new();
-        while got.len() < 6 {
-            let response = answers.message().await.expect("answers").expect("more answers");
-            for answer in response.answers {
-                got.insert(answer.id, answer.answer.expect("an answer"));
-            }
-        }
+        let got = answers_by_id(&mut answers, 6).await;
         let written = |id: u64| match &got[&id] {
             batch_answer::Answer::Write(response) => response.clone(),
             other => panic!("item {id} should have been written: {other:?}"),
         };
-        let refused = |id: u64| match &got[&id] {
-            batch_answer::Answer::Error(error) => (tonic::Code::from(error.code), error.message.clone()),
-            other => panic!("item {id} should have been refused: {other:?}"),
-        };
+        let refused = |id: u64| error_of(&got, id);
         let (code, message) = refused(2);
         assert_eq!(code, tonic::Code::InvalidArgument, "{message}");
         assert!(message.contains("no-such-machine"), "{message}");
