@@ -153,6 +153,9 @@ fn pair_bytes(key: &[u8], value: &Option<Vec<u8>>) -> usize {
 pub struct WriteBatch {
     overlay: Overlay,
     bytes: usize,
+    /// Each command's writes, in apply order, with its entry's index: the
+    /// overlay keeps only each key's last value, a watcher sees them all.
+    changes: Vec<(u64, Vec<u8>, Option<Vec<u8>>)>,
 }
 
 impl WriteBatch {
@@ -161,8 +164,9 @@ impl WriteBatch {
         self.bytes
     }
 
-    fn extend(&mut self, writes: Overlay) {
+    fn extend(&mut self, index: u64, writes: Overlay) {
         for (key, value) in writes {
+            self.changes.push((index, key.clone(), value.clone()));
             let added = pair_bytes(&key, &value);
             if let Some(old) = self.overlay.get(&key) {
                 self.bytes -= pair_bytes(&key, old);
@@ -172,10 +176,22 @@ impl WriteBatch {
         }
     }
 
-    /// The batch's writes, for `state_machine`'s key space.
-    pub fn into_writes(self, state_machine: &str) -> Vec<StateWrite> {
+    /// The batch's writes, for `state_machine`'s key space: each key's
+    /// last value, and every command's writes in apply order with their
+    /// entries' indexes (the change history's records).
+    pub fn into_writes(self, state_machine: &str) -> (Vec<StateWrite>, Vec<(u64, StateWrite)>) {
         let name = state_machine.to_string();
-        self.overlay.into_iter().map(|(key, value)| StateWrite { state_machine: name.clone(), key, value }).collect()
+        let last = self
+            .overlay
+            .into_iter()
+            .map(|(key, value)| StateWrite { state_machine: name.clone(), key, value })
+            .collect();
+        let changes = self
+            .changes
+            .into_iter()
+            .map(|(index, key, value)| (index, StateWrite { state_machine: name.clone(), key, value }))
+            .collect();
+        (last, changes)
     }
 }
 
@@ -432,7 +448,7 @@ impl Machine {
         for (entry, command) in commands {
             outcomes.push(self.apply(*entry, command, &mut batch)?);
         }
-        Ok((outcomes, batch.into_writes(&self.name)))
+        Ok((outcomes, batch.into_writes(&self.name).0))
     }
 
     /// Applies one committed command over `batch` (the writes of the
@@ -448,7 +464,7 @@ impl Machine {
             self.call(entry, true, CallKind::Apply, &mut batch.overlay, |b, s| b.call_apply(s, command))?;
         let outcome = self.reply_within_limits(outcome);
         if outcome.is_ok() {
-            batch.extend(writes);
+            batch.extend(entry.index, writes);
         }
         Ok(outcome)
     }
@@ -489,9 +505,9 @@ impl Machine {
         let outcome = outcome.and_then(|r| r.map_err(|message| CallError::Returned(cut(message, limit))));
         let mut batch = WriteBatch::default();
         if outcome.is_ok() {
-            batch.extend(writes);
+            batch.extend(at.index, writes);
         }
-        Ok((outcome, batch.into_writes(&self.name)))
+        Ok((outcome, batch.into_writes(&self.name).0))
     }
 
     /// A fresh instance, its context already set to `entry`. Instantiation

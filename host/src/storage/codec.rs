@@ -66,7 +66,7 @@ pub fn decode_entry(index: Index, value: &[u8]) -> Result<Entry, DecodeError> {
 }
 
 /// Appends a CRC32 to a metadata value.
-fn seal(mut body: Vec<u8>) -> Vec<u8> {
+pub(super) fn seal(mut body: Vec<u8>) -> Vec<u8> {
     let crc = crc32fast::hash(&body);
     body.extend_from_slice(&crc.to_be_bytes());
     body

@@ -12,6 +12,8 @@
 //!   sessions   client id -> checksummed session record
 //!   modules    module chunks, upload and version records, active versions
 //!              (replicated); compiled artifacts (local): see [`modules`]
+//!   history    every applied guest write with the value it replaced, by
+//!              index, for watchers (see [`history`])
 //!   staging    a snapshot being received (see [`snapshot`])
 //! ```
 //!
@@ -32,12 +34,14 @@
 
 mod backup;
 mod codec;
+mod history;
 mod identity;
 mod membership;
 mod modules;
 mod snapshot;
 
 pub use self::backup::{BACKUP_FORMAT, BackupError, BackupFile, BackupWriter, backup_header};
+pub use self::history::{Change, HistoryFilter, HistoryLimits, HistoryPage, HistoryPosition, HistoryRead, PageLimits};
 pub use self::identity::{FORMAT_VERSION, IDENTITY_FILE, Identity};
 pub use self::membership::{MemberRole, Membership};
 pub use self::modules::{ModuleKey, StoredVersion};
@@ -136,11 +140,17 @@ pub struct StoreOptions {
     /// fjall background threads (flush, compaction).
     pub worker_threads: usize,
     pub memory: StoreMemory,
+    pub history: HistoryLimits,
 }
 
 impl Default for StoreOptions {
     fn default() -> StoreOptions {
-        StoreOptions { durability: Durability::Fsync, worker_threads: 1, memory: StoreMemory::default() }
+        StoreOptions {
+            durability: Durability::Fsync,
+            worker_threads: 1,
+            memory: StoreMemory::default(),
+            history: HistoryLimits::default(),
+        }
     }
 }
 
@@ -191,6 +201,10 @@ pub struct ApplyBatch {
     /// so that the time guests observe never goes back, across restarts too.
     pub clock_ms: u64,
     pub writes: Vec<StateWrite>,
+    /// The same writes one by one, in the order they were applied, each
+    /// with the index of its entry (`writes` holds each key's last): the
+    /// change history's records.
+    pub changes: Vec<(Index, StateWrite)>,
     /// Session records by client id; `None` expires the session.
     pub sessions: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     /// Module chunks and records (deploys and activations); `None` deletes.
@@ -214,6 +228,7 @@ struct Cached {
     commit_unwritten: bool,
     conf_state: ConfState,
     applied: (Index, Term),
+    history: history::HistoryMark,
 }
 
 impl Cached {
@@ -246,6 +261,8 @@ struct Inner {
     sessions: Keyspace,
     modules: Keyspace,
     staging: Keyspace,
+    history: Keyspace,
+    history_limits: HistoryLimits,
     durability: Durability,
     cached: Mutex<Cached>,
     /// Serializes writers of the log, so `cached` can be unlocked while a
@@ -300,13 +317,14 @@ impl Store {
         let keyspace = |name: &str| {
             db.keyspace(name, || KeyspaceCreateOptions::default().max_memtable_size(memtable_bytes)).map_err(db_error)
         };
-        let (log, meta, state, sessions, modules, staging) = (
+        let (log, meta, state, sessions, modules, staging, history) = (
             keyspace("log")?,
             keyspace("meta")?,
             keyspace("state")?,
             keyspace("sessions")?,
             keyspace("modules")?,
             keyspace("staging")?,
+            keyspace("history")?,
         );
         let placeholder = Cached {
             first_index: 1,
@@ -317,6 +335,7 @@ impl Store {
             commit_unwritten: false,
             conf_state: ConfState::default(),
             applied: (0, 0),
+            history: history::HistoryMark::default(),
         };
         let inner = Inner {
             dir: dir.to_path_buf(),
@@ -327,6 +346,8 @@ impl Store {
             sessions,
             modules,
             staging,
+            history,
+            history_limits: options.history,
             durability: options.durability,
             cached: Mutex::new(placeholder),
             log_writer: Mutex::new(()),
@@ -518,10 +539,17 @@ impl Store {
             fjall_batch.insert(&inner.meta, META_MEMBERS, codec::encode_members(&membership.addresses));
             fjall_batch.insert(&inner.meta, META_REMOVED, codec::encode_ids(&membership.removed));
         }
+        let history = inner.record_history(
+            &mut fjall_batch,
+            &batch.changes,
+            cached.history,
+            (cached.applied.0, batch.applied_index),
+        )?;
         fjall_batch.insert(&inner.meta, META_APPLIED, codec::encode_applied(batch.applied_index, batch.applied_term));
         fjall_batch.insert(&inner.meta, META_APPLY_CLOCK, codec::encode_blob(&batch.clock_ms.to_be_bytes()));
         fjall_batch.commit().map_err(|e| inner.db_error(e))?;
         cached.applied = (batch.applied_index, batch.applied_term);
+        cached.history = history;
         if let Some(membership) = &batch.membership {
             cached.conf_state = membership.conf.clone();
         }
@@ -606,9 +634,7 @@ impl Store {
 
     /// A guest's value for `key`.
     pub fn state_get(&self, state_machine: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let full_key = state_key(state_machine, key)?;
-        let value = self.inner.state.get(&full_key).map_err(|e| self.inner.db_error(e))?;
-        value.map(|v| self.inner.unseal(&v, || format!("state key {key:?} of {state_machine:?}"))).transpose()
+        self.inner.state_value(state_machine, key)
     }
 
     /// A guest's keys in `[start, end)` (to the end of its state when `end`
@@ -724,6 +750,12 @@ impl Inner {
         self.cached.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    fn state_value(&self, state_machine: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let full_key = state_key(state_machine, key)?;
+        let value = self.state.get(&full_key).map_err(|e| self.db_error(e))?;
+        value.map(|v| self.unseal(&v, || format!("state key {key:?} of {state_machine:?}"))).transpose()
+    }
+
     fn persist_mode(&self) -> Option<PersistMode> {
         match self.durability {
             Durability::Fsync => Some(PersistMode::SyncData),
@@ -762,6 +794,10 @@ impl Inner {
         let conf_state = self.read_meta(META_CONF_STATE, codec::decode_conf_state)?.unwrap_or_default();
         let snapshot = self.read_meta(META_SNAPSHOT, codec::decode_snapshot_meta)?.unwrap_or_default();
         let applied = self.read_meta(META_APPLIED, codec::decode_applied)?.unwrap_or((0, 0));
+        // A directory from before the history holds none of it.
+        let history = self
+            .read_meta(history::META_HISTORY, history::decode_mark)?
+            .unwrap_or(history::HistoryMark { floor: applied.0, bytes: 0 });
 
         let mut term_runs: Vec<(Index, Term)> = Vec::new();
         let mut expected = snapshot.index + 1;
@@ -803,6 +839,7 @@ impl Inner {
             commit_unwritten: false,
             conf_state,
             applied,
+            history,
         })
     }
 }

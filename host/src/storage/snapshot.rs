@@ -23,6 +23,7 @@
 //! batch moves the applied position, drops the log and removes the marker.
 //! A crash in between redoes the install when the store opens.
 
+use super::history::META_HISTORY;
 use super::{
     META_APPLIED, META_APPLY_CLOCK, META_CONF_STATE, META_HARD_STATE, META_MEMBERS, META_REMOVED, META_SNAPSHOT, Store,
     StoreError, codec, modules,
@@ -37,11 +38,13 @@ const TAG_STATE: u8 = b's';
 const TAG_SESSION: u8 = b'e';
 const TAG_MODULE: u8 = b'm';
 const TAG_META: u8 = b'M';
+const TAG_HISTORY: u8 = b'h';
 /// The staged snapshot is complete and verified (its value: the meta).
 const TAG_COMPLETE: u8 = 0xff;
 
 /// Metadata keys a snapshot carries.
-const SNAPSHOT_META_KEYS: [&[u8]; 5] = [META_APPLIED, META_APPLY_CLOCK, META_CONF_STATE, META_MEMBERS, META_REMOVED];
+const SNAPSHOT_META_KEYS: [&[u8]; 6] =
+    [META_APPLIED, META_APPLY_CLOCK, META_CONF_STATE, META_MEMBERS, META_REMOVED, META_HISTORY];
 
 /// A record's tag and its two lengths.
 const RECORD_FRAMING_BYTES: usize = 9;
@@ -89,7 +92,12 @@ impl SnapshotReader {
                 return Ok(());
             }
         }
-        let keyspaces = [(TAG_STATE, &inner.state), (TAG_SESSION, &inner.sessions), (TAG_MODULE, &inner.modules)];
+        let keyspaces = [
+            (TAG_STATE, &inner.state),
+            (TAG_SESSION, &inner.sessions),
+            (TAG_MODULE, &inner.modules),
+            (TAG_HISTORY, &inner.history),
+        ];
         for (tag, keyspace) in keyspaces {
             for guard in self.view.iter(keyspace) {
                 let (key, value) = guard.into_inner().map_err(|e| inner.db_error(e))?;
@@ -156,7 +164,7 @@ impl Staging {
             })?;
             rest = tail;
             match tag {
-                TAG_STATE | TAG_SESSION => {}
+                TAG_STATE | TAG_SESSION | TAG_HISTORY => {}
                 TAG_MODULE if modules::is_replicated(key) => {}
                 TAG_META if SNAPSHOT_META_KEYS.contains(&key) => {
                     if key == META_APPLIED {
@@ -301,8 +309,11 @@ impl Store {
         let _writer = inner.log_writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         inner.state.clear().map_err(|e| inner.db_error(e))?;
         inner.sessions.clear().map_err(|e| inner.db_error(e))?;
-        // A snapshot without removed members has none; it must not inherit ours.
+        inner.history.clear().map_err(|e| inner.db_error(e))?;
+        // A snapshot without removed members has none; it must not inherit
+        // ours. One without a history (from an older version) starts one.
         inner.meta.remove(META_REMOVED).map_err(|e| inner.db_error(e))?;
+        inner.meta.remove(META_HISTORY).map_err(|e| inner.db_error(e))?;
         self.remove_replicated_modules()?;
         let mut batch = inner.db.batch();
         let mut bytes = 0;
@@ -314,6 +325,7 @@ impl Store {
                 TAG_STATE => &inner.state,
                 TAG_SESSION => &inner.sessions,
                 TAG_MODULE => &inner.modules,
+                TAG_HISTORY => &inner.history,
                 TAG_META => &inner.meta,
                 _ => continue,
             };
@@ -355,6 +367,9 @@ impl Store {
         cached.hard_state = hard_state;
         cached.conf_state = meta.conf_state.clone();
         cached.applied = (meta.index, meta.term);
+        cached.history = inner
+            .read_meta(META_HISTORY, super::history::decode_mark)?
+            .unwrap_or(super::history::HistoryMark { floor: meta.index, bytes: 0 });
         Ok(())
     }
 

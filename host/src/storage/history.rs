@@ -1,0 +1,652 @@
+//! The change history: every guest write a member applies, with the value
+//! it replaced, kept by log index so that watchers can be served from the
+//! store, from any index the history still holds, at their own pace.
+//!
+//! Layout, in the `history` keyspace:
+//! ```text
+//! index (u64 BE) seq (u32 BE) -> checksummed [len][state machine][key len u32][key]
+//!                                            [0 | 1 value len u32 value][0 | 1 prev len u32 prev]
+//! ```
+//! and in `meta`, `history` -> (floor, bytes): the history holds every
+//! change at an index above the floor, and its records take `bytes`.
+//!
+//! The records of a batch of applied entries land in the same atomic batch
+//! as the writes themselves ([`Store::apply`]), so the history never lags or
+//! leads the state. They are compacted there too, whole indexes at a time,
+//! oldest first, to the configured number of indexes and bytes. The history
+//! travels in snapshots and backups, so a member that installs one serves
+//! the same watches as the leader that sent it.
+//!
+//! The history is not replicated state: two members may keep different
+//! lengths of it (their limits may differ), and state digests ignore it.
+
+use super::codec::{self, DecodeError};
+use super::{Inner, META_APPLIED, Store, StoreError};
+use crate::raft::Index;
+use fjall::Readable;
+use std::collections::HashMap;
+
+/// Key of the history's mark in `meta`.
+pub(super) const META_HISTORY: &[u8] = b"history";
+
+/// How much history a member keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HistoryLimits {
+    /// Log indexes of changes kept behind the applied index (0 keeps none:
+    /// nothing can be watched).
+    pub entries: u64,
+    /// Bytes of records kept: past this the oldest indexes go first.
+    pub bytes: u64,
+}
+
+impl Default for HistoryLimits {
+    fn default() -> HistoryLimits {
+        HistoryLimits { entries: 100_000, bytes: 64 << 20 }
+    }
+}
+
+impl HistoryLimits {
+    /// Whether any history is kept.
+    pub fn keeps_history(&self) -> bool {
+        self.entries > 0 && self.bytes > 0
+    }
+}
+
+/// Where the history starts and how large it is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct HistoryMark {
+    /// Every change at an index above this is held.
+    pub floor: Index,
+    pub bytes: u64,
+}
+
+/// Records deleted per applied batch at most (whole indexes are finished):
+/// compaction keeps pace with appends without a pause of its own.
+const COMPACT_RECORDS_PER_BATCH: usize = 4096;
+
+/// Indexes the history may run over its limit before compaction starts, so
+/// that it runs in steps rather than on every batch.
+const COMPACT_SLACK_ENTRIES: u64 = 256;
+
+/// One change to one key, as a watcher sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// The log index of the entry that made it.
+    pub index: Index,
+    pub state_machine: String,
+    pub key: Vec<u8>,
+    /// The new value; `None` for a delete.
+    pub value: Option<Vec<u8>>,
+    /// The value before the change; `None` if the key had none.
+    pub previous: Option<Vec<u8>>,
+}
+
+impl Change {
+    /// Bytes of keys and values it carries.
+    pub fn bytes(&self) -> usize {
+        self.key.len() + self.value.as_ref().map_or(0, Vec::len) + self.previous.as_ref().map_or(0, Vec::len)
+    }
+}
+
+/// Which changes a watcher wants: one state machine's keys in
+/// `[start, end)` (to the end of its keys when `end` is `None`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HistoryFilter {
+    pub state_machine: String,
+    pub start: Vec<u8>,
+    pub end: Option<Vec<u8>>,
+}
+
+impl HistoryFilter {
+    /// Every key of `state_machine` that starts with `prefix`.
+    pub fn prefix(state_machine: &str, prefix: &[u8]) -> HistoryFilter {
+        HistoryFilter {
+            state_machine: state_machine.to_string(),
+            start: prefix.to_vec(),
+            end: super::prefix_end(prefix).filter(|_| !prefix.is_empty()),
+        }
+    }
+
+    fn matches(&self, state_machine: &[u8], key: &[u8]) -> bool {
+        state_machine == self.state_machine.as_bytes()
+            && key >= self.start.as_slice()
+            && self.end.as_deref().is_none_or(|end| key < end)
+    }
+}
+
+/// A position in the history: the next record to read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HistoryPosition {
+    pub index: Index,
+    pub seq: u32,
+}
+
+impl HistoryPosition {
+    /// The first record of `index`.
+    pub fn at(index: Index) -> HistoryPosition {
+        HistoryPosition { index, seq: 0 }
+    }
+}
+
+/// How much one page may hold.
+#[derive(Clone, Copy, Debug)]
+pub struct PageLimits {
+    /// A page ends at the first index boundary past this many changes or
+    /// bytes...
+    pub changes: usize,
+    pub bytes: usize,
+    /// ...or past this many records read (matching or not), so a narrow
+    /// filter over a long history still answers in bounded time.
+    pub scanned: usize,
+    /// A page ends inside one index only past this many bytes (one entry's
+    /// changes larger than a message).
+    pub hard_bytes: usize,
+}
+
+/// What one read of the history found.
+#[derive(Debug)]
+pub enum HistoryRead {
+    Page(HistoryPage),
+    /// The history no longer holds changes at the index asked for: only
+    /// those above `floor`.
+    Compacted {
+        floor: Index,
+    },
+}
+
+/// Matching changes from one position on, in log order.
+#[derive(Debug)]
+pub struct HistoryPage {
+    pub changes: Vec<Change>,
+    /// Every matching change at or below this index is in this page or was
+    /// before the position read from.
+    pub covered: Index,
+    /// Where the next page starts.
+    pub next: HistoryPosition,
+    /// The applied index of the view the page was read from.
+    pub applied: Index,
+}
+
+fn record_key(index: Index, seq: u32) -> [u8; 12] {
+    let mut key = [0; 12];
+    key[..8].copy_from_slice(&index.to_be_bytes());
+    key[8..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn decode_record_key(key: &[u8]) -> Result<HistoryPosition, DecodeError> {
+    let key: [u8; 12] = key.try_into().map_err(|_| DecodeError("history key is not 12 bytes"))?;
+    let (index, seq) = key.split_at(8);
+    Ok(HistoryPosition {
+        index: Index::from_be_bytes(index.try_into().expect("8 bytes")),
+        seq: u32::from_be_bytes(seq.try_into().expect("4 bytes")),
+    })
+}
+
+fn push_sized(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn push_optional(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
+    match bytes {
+        Some(bytes) => {
+            out.push(1);
+            push_sized(out, bytes);
+        }
+        None => out.push(0),
+    }
+}
+
+fn encode_record(state_machine: &str, key: &[u8], value: Option<&[u8]>, previous: Option<&[u8]>) -> Vec<u8> {
+    let sized = |v: Option<&[u8]>| v.map_or(1, |v| 5 + v.len());
+    let mut out = Vec::with_capacity(1 + state_machine.len() + 4 + key.len() + sized(value) + sized(previous) + 4);
+    out.push(state_machine.len() as u8);
+    out.extend_from_slice(state_machine.as_bytes());
+    push_sized(&mut out, key);
+    push_optional(&mut out, value);
+    push_optional(&mut out, previous);
+    codec::seal(out)
+}
+
+/// Reads a record's fields off the front of its body.
+struct RecordReader<'a>(&'a [u8]);
+
+impl<'a> RecordReader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.0.len() < n {
+            return Err(DecodeError("history record ends early"));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn sized(&mut self) -> Result<&'a [u8], DecodeError> {
+        let len = u32::from_be_bytes(self.take(4)?.try_into().expect("4 bytes"));
+        self.take(len as usize)
+    }
+
+    fn optional(&mut self) -> Result<Option<&'a [u8]>, DecodeError> {
+        match self.take(1)?[0] {
+            0 => Ok(None),
+            1 => self.sized().map(Some),
+            _ => Err(DecodeError("history record has an unknown value tag")),
+        }
+    }
+}
+
+/// The state machine and key of a record body, and a reader at its values.
+fn record_head(body: &[u8]) -> Result<(&[u8], &[u8], RecordReader<'_>), DecodeError> {
+    let mut reader = RecordReader(body);
+    let name_len = reader.take(1)?[0] as usize;
+    let name = reader.take(name_len)?;
+    let key = reader.sized()?;
+    Ok((name, key, reader))
+}
+
+pub(super) fn encode_mark(mark: &HistoryMark) -> Vec<u8> {
+    let mut out = Vec::with_capacity(20);
+    out.extend_from_slice(&mark.floor.to_be_bytes());
+    out.extend_from_slice(&mark.bytes.to_be_bytes());
+    codec::seal(out)
+}
+
+pub(super) fn decode_mark(value: &[u8]) -> Result<HistoryMark, DecodeError> {
+    let body = codec::unseal(value)?;
+    let body: [u8; 16] = body.try_into().map_err(|_| DecodeError("history mark is not 16 bytes"))?;
+    let (floor, bytes) = body.split_at(8);
+    Ok(HistoryMark {
+        floor: u64::from_be_bytes(floor.try_into().expect("8 bytes")),
+        bytes: u64::from_be_bytes(bytes.try_into().expect("8 bytes")),
+    })
+}
+
+impl Inner {
+    /// Adds the records of `changes` (in apply order, each with the index
+    /// that made it) to `batch`, then compacts what the limits no longer
+    /// keep. Returns the new mark, which `batch` also writes.
+    pub(super) fn record_history(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        changes: &[(Index, super::StateWrite)],
+        mut mark: HistoryMark,
+        (applied_before, applied): (Index, Index),
+    ) -> Result<HistoryMark, StoreError> {
+        let limits = self.history_limits;
+        if limits.keeps_history() {
+            // The value each key held before the batch is in the store (the
+            // batch is not committed yet); within the batch, the last change.
+            let mut latest: HashMap<(&str, &[u8]), Option<&[u8]>> = HashMap::new();
+            let mut seq = (0, 0u32);
+            for (index, write) in changes {
+                let previous = match latest.get(&(write.state_machine.as_str(), write.key.as_slice())) {
+                    Some(value) => value.map(<[u8]>::to_vec),
+                    None => self.state_value(&write.state_machine, &write.key)?,
+                };
+                if previous.is_none() && write.value.is_none() {
+                    // Deleting a key that is not there changes nothing.
+                    continue;
+                }
+                seq = if seq.0 == *index { (*index, seq.1 + 1) } else { (*index, 0) };
+                let record =
+                    encode_record(&write.state_machine, &write.key, write.value.as_deref(), previous.as_deref());
+                mark.bytes += (12 + record.len()) as u64;
+                batch.insert(&self.history, record_key(seq.0, seq.1), record);
+                latest.insert((write.state_machine.as_str(), write.key.as_slice()), write.value.as_deref());
+            }
+        }
+        // This batch's own records are not in the store yet: compaction
+        // reaches no further than what earlier batches applied.
+        let keep_above = applied.saturating_sub(limits.entries).min(applied_before);
+        let over_entries = mark.floor + COMPACT_SLACK_ENTRIES < keep_above;
+        if !limits.keeps_history() || over_entries || mark.bytes > limits.bytes {
+            mark = self.compact_history(batch, mark, keep_above, applied_before)?;
+        }
+        if !limits.keeps_history() {
+            mark.floor = applied;
+        }
+        batch.insert(&self.meta, META_HISTORY, encode_mark(&mark));
+        Ok(mark)
+    }
+
+    /// Deletes the oldest records up to `upto`, whole indexes at a time,
+    /// until none is left at or below `keep_above` and the records fit in
+    /// three quarters of their bytes (room to grow before the next round);
+    /// at most about [`COMPACT_RECORDS_PER_BATCH`] records per call.
+    fn compact_history(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        mut mark: HistoryMark,
+        keep_above: Index,
+        upto: Index,
+    ) -> Result<HistoryMark, StoreError> {
+        let bytes_target = self.history_limits.bytes - self.history_limits.bytes / 4;
+        let mut deleted = 0;
+        let mut deleting: Option<Index> = None;
+        for guard in self.history.range(record_key(mark.floor + 1, 0)..=record_key(upto, u32::MAX)) {
+            let (key, value) = guard.into_inner().map_err(|e| self.db_error(e))?;
+            let position = decode_record_key(&key)
+                .map_err(|DecodeError(why)| self.corrupt(format!("history key {:?}: {why}", &key[..])))?;
+            if deleting != Some(position.index) {
+                // Every record below this index is deleted now.
+                if let Some(index) = deleting {
+                    mark.floor = index;
+                }
+                if position.index > keep_above && mark.bytes <= bytes_target {
+                    mark.floor = mark.floor.max(keep_above);
+                    return Ok(mark);
+                }
+                if deleted >= COMPACT_RECORDS_PER_BATCH {
+                    return Ok(mark);
+                }
+                deleting = Some(position.index);
+            }
+            batch.remove(&self.history, key.to_vec());
+            mark.bytes = mark.bytes.saturating_sub((key.len() + value.len()) as u64);
+            deleted += 1;
+        }
+        // No record at or below `upto` is left.
+        mark.floor = mark.floor.max(deleting.unwrap_or(0)).max(keep_above);
+        Ok(mark)
+    }
+}
+
+impl Store {
+    /// The history's floor: changes at indexes above it can be watched.
+    pub fn history_floor(&self) -> Index {
+        self.inner.lock().history.floor
+    }
+
+    /// Whether this member keeps a change history at all.
+    pub fn keeps_history(&self) -> bool {
+        self.inner.history_limits.keeps_history()
+    }
+
+    /// The changes `filter` matches from `from` on, as far as this member
+    /// has applied, from one consistent view of the store: at most a page
+    /// of them (see [`PageLimits`]). [`HistoryRead::Compacted`] if the
+    /// history no longer reaches back to `from`.
+    pub fn history_page(
+        &self,
+        from: HistoryPosition,
+        filter: &HistoryFilter,
+        limits: PageLimits,
+    ) -> Result<HistoryRead, StoreError> {
+        let inner = &self.inner;
+        let view = inner.db.snapshot();
+        let applied = match view.get(&inner.meta, META_APPLIED).map_err(|e| inner.db_error(e))? {
+            Some(value) => {
+                codec::decode_applied(&value)
+                    .map_err(|DecodeError(why)| inner.corrupt(format!("the applied position: {why}")))?
+                    .0
+            }
+            None => 0,
+        };
+        let floor = match view.get(&inner.meta, META_HISTORY).map_err(|e| inner.db_error(e))? {
+            Some(value) => {
+                decode_mark(&value).map_err(|DecodeError(why)| inner.corrupt(format!("the history mark: {why}")))?.floor
+            }
+            None => applied,
+        };
+        if from.index <= floor {
+            return Ok(HistoryRead::Compacted { floor });
+        }
+        let mut page = HistoryPage {
+            changes: Vec::new(),
+            covered: applied.max(from.index - 1),
+            next: HistoryPosition::at(applied.max(from.index - 1) + 1),
+            applied,
+        };
+        if from.index > applied {
+            return Ok(HistoryRead::Page(page));
+        }
+        let (mut bytes, mut scanned) = (0, 0);
+        let mut last_index = None;
+        for guard in view.range(&inner.history, record_key(from.index, from.seq)..=record_key(applied, u32::MAX)) {
+            let (key, value) = guard.into_inner().map_err(|e| inner.db_error(e))?;
+            let position = decode_record_key(&key)
+                .map_err(|DecodeError(why)| inner.corrupt(format!("history key {:?}: {why}", &key[..])))?;
+            let full = page.changes.len() >= limits.changes || bytes >= limits.bytes || scanned >= limits.scanned;
+            if last_index != Some(position.index) && full {
+                page.covered = position.index - 1;
+                page.next = HistoryPosition::at(position.index);
+                return Ok(HistoryRead::Page(page));
+            }
+            if bytes >= limits.hard_bytes {
+                // One index's changes outgrow a page: the next page goes on
+                // inside it, and this one covers only the index before.
+                page.covered = position.index - 1;
+                page.next = position;
+                return Ok(HistoryRead::Page(page));
+            }
+            last_index = Some(position.index);
+            scanned += 1;
+            let corrupt = |why: &str| inner.corrupt(format!("history record {position:?}: {why}"));
+            let body = codec::unseal(&value).map_err(|DecodeError(why)| corrupt(why))?;
+            let (name, user_key, mut rest) = record_head(body).map_err(|DecodeError(why)| corrupt(why))?;
+            if !filter.matches(name, user_key) {
+                continue;
+            }
+            let new_value = rest.optional().map_err(|DecodeError(why)| corrupt(why))?;
+            let previous = rest.optional().map_err(|DecodeError(why)| corrupt(why))?;
+            let change = Change {
+                index: position.index,
+                state_machine: filter.state_machine.clone(),
+                key: user_key.to_vec(),
+                value: new_value.map(<[u8]>::to_vec),
+                previous: previous.map(<[u8]>::to_vec),
+            };
+            bytes += change.bytes();
+            page.changes.push(change);
+        }
+        Ok(HistoryRead::Page(page))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::{ConfState, Entry, EntryKind};
+    use crate::storage::{ApplyBatch, Durability, Identity, StagingStart, StateWrite, StoreOptions};
+
+    const ALL: PageLimits =
+        PageLimits { changes: usize::MAX, bytes: usize::MAX, scanned: usize::MAX, hard_bytes: usize::MAX };
+
+    fn open(dir: &std::path::Path, history: HistoryLimits) -> Store {
+        let options = StoreOptions { durability: Durability::UnsafeNoSync, history, ..StoreOptions::default() };
+        Store::open(dir, &Identity::new("history", 1), &options).expect("store opens")
+    }
+
+    fn write(index: Index, key: &str, value: Option<&str>) -> (Index, StateWrite) {
+        let write = StateWrite {
+            state_machine: "kv".into(),
+            key: key.as_bytes().to_vec(),
+            value: value.map(|v| v.as_bytes().to_vec()),
+        };
+        (index, write)
+    }
+
+    /// Applies `changes` as one batch up to `applied`, with the log holding
+    /// the entries (so the store reopens), and `writes` each key's last.
+    fn apply(store: &Store, applied: Index, changes: Vec<(Index, StateWrite)>) {
+        let last = store.applied().0;
+        let entries: Vec<Entry> = (last + 1..=applied)
+            .map(|index| Entry { term: 1, index, kind: EntryKind::Normal, data: bytes::Bytes::from_static(b"e") })
+            .collect();
+        store.persist(&entries, None).expect("persist");
+        let mut writes: Vec<StateWrite> = Vec::new();
+        for (_, change) in &changes {
+            writes.retain(|w| w.key != change.key);
+            writes.push(change.clone());
+        }
+        let batch = ApplyBatch { applied_index: applied, applied_term: 1, writes, changes, ..ApplyBatch::default() };
+        store.apply(&batch).expect("apply");
+    }
+
+    fn page(store: &Store, from: Index, filter: &HistoryFilter, limits: PageLimits) -> HistoryPage {
+        match store.history_page(HistoryPosition::at(from), filter, limits).expect("read") {
+            HistoryRead::Page(page) => page,
+            HistoryRead::Compacted { floor } => panic!("compacted at {floor}"),
+        }
+    }
+
+    fn shown(changes: &[Change]) -> Vec<String> {
+        let text = |v: &Option<Vec<u8>>| v.as_deref().map_or("-".to_string(), |v| String::from_utf8_lossy(v).into());
+        changes
+            .iter()
+            .map(|c| {
+                format!("{} {} {} was {}", c.index, String::from_utf8_lossy(&c.key), text(&c.value), text(&c.previous))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_change_is_kept_in_log_order_with_the_value_it_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path(), HistoryLimits::default());
+        apply(&store, 2, vec![write(1, "a", Some("1")), write(1, "b", Some("1")), write(2, "a", Some("2"))]);
+        // A delete of a key that is not there changes nothing and is not kept.
+        apply(&store, 4, vec![write(3, "a", None), write(3, "zz", None), write(4, "a", Some("3"))]);
+        let everything = HistoryFilter::prefix("kv", b"");
+        let all = page(&store, 1, &everything, ALL);
+        assert_eq!(
+            shown(&all.changes),
+            ["1 a 1 was -", "1 b 1 was -", "2 a 2 was 1", "3 a - was 2", "4 a 3 was -"],
+            "each change once, the previous value within a batch from the batch"
+        );
+        assert_eq!((all.covered, all.next, all.applied), (4, HistoryPosition::at(5), 4));
+        assert_eq!(shown(&page(&store, 3, &everything, ALL).changes), ["3 a - was 2", "4 a 3 was -"]);
+        let only_b = HistoryFilter { state_machine: "kv".into(), start: b"b".to_vec(), end: Some(b"c".to_vec()) };
+        assert_eq!(shown(&page(&store, 1, &only_b, ALL).changes), ["1 b 1 was -"]);
+        let other = HistoryFilter::prefix("other", b"");
+        assert!(page(&store, 1, &other, ALL).changes.is_empty(), "another state machine's changes are not mine");
+        // Ahead of what is applied: nothing yet, and nothing claimed past the start.
+        let ahead = page(&store, 9, &everything, ALL);
+        assert!(ahead.changes.is_empty());
+        assert_eq!((ahead.covered, ahead.next), (8, HistoryPosition::at(9)));
+
+        drop(store);
+        let store = open(dir.path(), HistoryLimits::default());
+        assert_eq!(page(&store, 1, &everything, ALL).changes, all.changes, "kept across a restart");
+    }
+
+    #[test]
+    fn pages_end_between_entries_unless_one_entry_outgrows_a_page() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path(), HistoryLimits::default());
+        let mut changes = vec![write(1, "a", Some("1")), write(2, "b", Some("1"))];
+        changes.extend((0..5).map(|n| write(3, &format!("c{n}"), Some("x"))));
+        changes.push(write(4, "d", Some("1")));
+        apply(&store, 4, changes);
+        let everything = HistoryFilter::prefix("kv", b"");
+        let two = PageLimits { changes: 2, ..ALL };
+        let first = page(&store, 1, &everything, two);
+        assert_eq!((first.changes.len(), first.covered, first.next), (2, 2, HistoryPosition::at(3)));
+        // Entry 3's five changes stay together although the page holds two.
+        let second = page(&store, 3, &everything, two);
+        assert_eq!((second.changes.len(), second.covered, second.next), (5, 3, HistoryPosition::at(4)));
+        // Past the hard limit a page ends inside an entry and covers only
+        // the one before; the next goes on from there.
+        let tight = PageLimits { hard_bytes: 5, ..ALL };
+        let cut = page(&store, 3, &everything, tight);
+        assert_eq!(cut.covered, 2);
+        assert!(cut.next.index == 3 && cut.next.seq > 0, "{:?}", cut.next);
+        let HistoryRead::Page(rest) = store.history_page(cut.next, &everything, ALL).expect("read") else {
+            panic!("compacted")
+        };
+        let mut joined = cut.changes.clone();
+        joined.extend(rest.changes);
+        assert_eq!(joined, page(&store, 3, &everything, ALL).changes, "nothing lost or repeated at the cut");
+    }
+
+    #[test]
+    fn compaction_keeps_the_newest_entries_and_refuses_older_starts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limits = HistoryLimits { entries: 100, bytes: 64 << 20 };
+        let store = open(dir.path(), limits);
+        for index in 1..=1000 {
+            apply(&store, index, vec![write(index, &format!("k{}", index % 7), Some(&index.to_string()))]);
+        }
+        let floor = store.history_floor();
+        assert!(floor >= 1000 - 100 - COMPACT_SLACK_ENTRIES - 1 && floor <= 900, "floor {floor}");
+        let everything = HistoryFilter::prefix("kv", b"");
+        match store.history_page(HistoryPosition::at(floor), &everything, ALL).expect("read") {
+            HistoryRead::Compacted { floor: said } => assert_eq!(said, floor),
+            HistoryRead::Page(_) => panic!("a start at the floor is compacted"),
+        }
+        let kept = page(&store, floor + 1, &everything, ALL);
+        assert_eq!(kept.changes.len() as u64, 1000 - floor, "everything above the floor is there");
+        assert_eq!(kept.changes.first().map(|c| c.index), Some(floor + 1));
+        let stored = store.inner.history.iter().count() as u64;
+        assert_eq!(stored, 1000 - floor, "nothing at or below the floor is left on disk");
+        let bytes: u64 = store
+            .inner
+            .history
+            .iter()
+            .map(|g| g.into_inner().map(|(k, v)| (k.len() + v.len()) as u64).expect("record"))
+            .sum();
+        assert_eq!(store.inner.lock().history.bytes, bytes, "the byte count is exact");
+    }
+
+    #[test]
+    fn compaction_by_bytes_drops_the_oldest_entries_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limits = HistoryLimits { entries: 1_000_000, bytes: 64 << 10 };
+        let store = open(dir.path(), limits);
+        let value = "v".repeat(1000);
+        for index in 1..=300 {
+            apply(&store, index, vec![write(index, "k", Some(&value))]);
+        }
+        let mark = store.inner.lock().history;
+        assert!(mark.bytes <= limits.bytes + 4096, "{mark:?}");
+        assert!(mark.floor > 200, "{mark:?}");
+        let kept = page(&store, mark.floor + 1, &HistoryFilter::prefix("kv", b""), ALL);
+        assert_eq!(kept.changes.len() as u64, 300 - mark.floor);
+    }
+
+    #[test]
+    fn a_member_without_history_keeps_none_and_a_new_limit_applies_on_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path(), HistoryLimits::default());
+        apply(&store, 3, vec![write(1, "a", Some("1")), write(3, "b", Some("1"))]);
+        drop(store);
+        let store = open(dir.path(), HistoryLimits { entries: 0, bytes: 64 << 20 });
+        assert!(!store.keeps_history());
+        apply(&store, 4, vec![write(4, "c", Some("1"))]);
+        assert_eq!(store.history_floor(), 4);
+        assert_eq!(store.inner.history.iter().count(), 0, "the old history is dropped");
+    }
+
+    #[test]
+    fn a_snapshot_carries_the_history_and_its_floor() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let leader = open(&dir.path().join("leader"), HistoryLimits::default());
+        leader.bootstrap(&ConfState::with_voters([1, 2, 3]), &Default::default()).expect("bootstrap");
+        apply(&leader, 5, vec![write(2, "a", Some("1")), write(5, "a", None)]);
+        let reader = leader.snapshot_reader().expect("reader");
+        let follower = open(&dir.path().join("follower"), HistoryLimits::default());
+        // The follower had a history of its own, which the snapshot replaces.
+        apply(&follower, 1, vec![write(1, "stale", Some("x"))]);
+        let StagingStart::Fresh(mut staging) = follower.begin_staging(reader.meta().clone()).expect("staging") else {
+            panic!("not staged yet")
+        };
+        reader.for_each_chunk(1 << 20, |chunk| staging.write_chunk(&chunk).is_ok()).expect("stream");
+        let meta = staging.finish().expect("finish");
+        follower.install_snapshot(&meta).expect("install");
+        let everything = HistoryFilter::prefix("kv", b"");
+        assert_eq!(page(&follower, 1, &everything, ALL).changes, page(&leader, 1, &everything, ALL).changes);
+        assert_eq!(follower.history_floor(), leader.history_floor());
+        assert_eq!(follower.state_digest("kv").expect("digest"), leader.state_digest("kv").expect("digest"));
+    }
+
+    #[test]
+    fn a_corrupt_record_is_an_error_not_a_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path(), HistoryLimits::default());
+        apply(&store, 1, vec![write(1, "a", Some("1"))]);
+        store.inner.history.insert(record_key(1, 0), b"garbage".to_vec()).expect("insert");
+        let error = store.history_page(HistoryPosition::at(1), &HistoryFilter::prefix("kv", b""), ALL).unwrap_err();
+        assert!(error.to_string().contains("history record"), "{error}");
+    }
+}
