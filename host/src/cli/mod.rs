@@ -14,6 +14,7 @@ mod members;
 mod modules;
 mod serve;
 mod snapshot;
+mod watch;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -50,6 +51,10 @@ enum Command {
     Read(client::ReadArgs),
     /// Prints a member's view of the cluster.
     Status(client::StatusArgs),
+    /// Prints a state machine's changes (a key prefix or range) as they
+    /// commit, from now or from a log index; follows the cluster across
+    /// member failures and resumes without a gap or a repeat.
+    Watch(watch::WatchArgs),
     /// Every member's status or health in one table (with --cluster, every
     /// member the cluster lists).
     Endpoint(endpoint::EndpointArgs),
@@ -135,6 +140,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Write(args) => client::write(args),
         Command::Read(args) => client::read(args),
         Command::Status(args) => client::status(args),
+        Command::Watch(args) => watch::watch(args),
         Command::Endpoint(args) => endpoint::endpoint(args),
         Command::Deploy(args) => modules::deploy(args),
         Command::Modules(args) => modules::modules(args),

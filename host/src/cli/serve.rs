@@ -125,6 +125,15 @@ pub struct ServeArgs {
     /// go. A restart replays at most this much.
     #[arg(long, env = "RAFT_HOST_JOURNAL_BYTES")]
     journal_bytes: Option<u64>,
+    /// Log indexes of change history kept for watchers behind the applied
+    /// index (default 100000; 0 keeps none and refuses watches). A watch
+    /// from further back is told to re-read ("compacted").
+    #[arg(long, env = "RAFT_HOST_WATCH_HISTORY_ENTRIES")]
+    watch_history_entries: Option<u64>,
+    /// Bytes of change history kept at most (default 64 MiB): past it the
+    /// oldest indexes go first. It travels in snapshots and backups.
+    #[arg(long, env = "RAFT_HOST_WATCH_HISTORY_BYTES")]
+    watch_history_bytes: Option<u64>,
     /// Largest snapshot this member accepts from a leader, in bytes, as the
     /// leader announces it (default 256 GiB).
     #[arg(long, env = "RAFT_HOST_MAX_SNAPSHOT_BYTES")]
@@ -191,6 +200,8 @@ impl ServeArgs {
         self.cache_bytes = self.cache_bytes.or(file.cache_bytes);
         self.memtable_bytes = self.memtable_bytes.or(file.memtable_bytes);
         self.journal_bytes = self.journal_bytes.or(file.journal_bytes);
+        self.watch_history_entries = self.watch_history_entries.or(file.watch_history_entries);
+        self.watch_history_bytes = self.watch_history_bytes.or(file.watch_history_bytes);
         self.stream_idle_timeout_secs = self.stream_idle_timeout_secs.or(file.stream_idle_timeout_secs);
         self.worker_threads = self.worker_threads.or(file.worker_threads);
         self.ca = self.ca.or(file.ca);
@@ -282,6 +293,9 @@ impl ServeArgs {
         if memory.memtable_bytes < MEMTABLE_BYTES_MIN {
             bail!("--memtable-bytes must be at least {MEMTABLE_BYTES_MIN} (1 MiB), got {}", memory.memtable_bytes);
         }
+        let history = &mut config.store_history;
+        history.entries = args.watch_history_entries.unwrap_or(history.entries);
+        history.bytes = args.watch_history_bytes.unwrap_or(history.bytes);
         if memory.journal_bytes < JOURNAL_BYTES_MIN {
             bail!("--journal-bytes must be at least {JOURNAL_BYTES_MIN} (64 MiB), got {}", memory.journal_bytes);
         }

@@ -9,8 +9,10 @@
 //! one `Batch` stream ([`batch`]), unless `batching` is turned off.
 
 mod batch;
+mod watch;
 
 pub use batch::{BYTES_PER_MESSAGE_MAX, Batcher};
+pub use watch::{ChangeBatch, ChangeWatch, WatchSpec};
 
 use crate::wire::client_pb::{
     self, ActivateRequest, ActivateResponse, BackupChunk, BackupHeader, BackupRequest, ChangeMembershipRequest,
@@ -45,6 +47,11 @@ pub enum ClientError {
     /// The cluster refused the request itself; retrying will not help.
     #[error("{message}")]
     Refused { code: Code, message: String },
+    /// A watch asked for changes the member's history no longer holds: it
+    /// holds those above `floor`. Re-read the state, then watch from the
+    /// index after that read.
+    #[error("{message}")]
+    Compacted { floor: u64, message: String },
     /// Retrying did not succeed before the deadline.
     #[error("gave up after {attempts} attempts in {elapsed:?}: {last}")]
     GaveUp { attempts: u32, elapsed: Duration, last: String },
@@ -55,6 +62,7 @@ impl ClientError {
     pub fn code(&self) -> Option<Code> {
         match self {
             ClientError::Refused { code, .. } => Some(*code),
+            ClientError::Compacted { .. } => Some(Code::OutOfRange),
             _ => None,
         }
     }

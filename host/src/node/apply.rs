@@ -171,9 +171,16 @@ pub struct ApplyHandle {
     tx: mpsc::Sender<ApplyMsg>,
     request_timeout: Duration,
     store: Store,
+    applied_index: tokio::sync::watch::Receiver<Index>,
 }
 
 impl ApplyHandle {
+    /// The index this member has applied and made durable, updated after
+    /// every applied batch: watchers wait on it for new changes.
+    pub fn applied_index(&self) -> tokio::sync::watch::Receiver<Index> {
+        self.applied_index.clone()
+    }
+
     /// A stale read: answered from this member's applied state, with no
     /// round trip to the leader.
     pub async fn stale_read(&self, state_machine: String, query: Vec<u8>) -> Result<ReadReply, RequestError> {
@@ -226,6 +233,7 @@ pub(super) fn spawn(
     let (tx, inbox) = mpsc::channel();
     let link = ApplyLink { tx: tx.clone(), progress: applier.progress.clone() };
     let store = applier.store.clone();
+    let applied_index = applier.applied_index.subscribe();
     let thread = std::thread::Builder::new()
         .name(format!("apply-{id}"))
         .spawn(move || {
@@ -237,7 +245,7 @@ pub(super) fn spawn(
             result
         })
         .map_err(|source| NodeError::Spawn { task: Task::Apply, source })?;
-    Ok((link, ApplyHandle { tx, request_timeout, store }, thread))
+    Ok((link, ApplyHandle { tx, request_timeout, store, applied_index }, thread))
 }
 
 /// The apply task's state.
@@ -264,6 +272,8 @@ pub(super) struct Applier {
     /// A membership change applied in this run, for the next flush.
     pending_membership: Option<Membership>,
     histograms: Arc<NodeHistograms>,
+    /// The durable applied index, published for watchers.
+    applied_index: tokio::sync::watch::Sender<Index>,
 }
 
 impl Applier {
@@ -299,6 +309,7 @@ impl Applier {
             members,
             pending_membership: None,
             histograms: Arc::default(),
+            applied_index: tokio::sync::watch::Sender::new(applied.0),
         })
     }
 
@@ -371,8 +382,20 @@ impl Applier {
         self.modules.forget_progress();
         self.fail_waiters(|| RequestError::OutcomeUnknown("this member installed a snapshot from the leader".into()));
         self.members.publish(self.store.membership()?);
+        self.publish_applied();
         tracing::info!(index = snapshot.index, term = snapshot.term, "snapshot installed");
         Ok(())
+    }
+
+    /// Tells watchers how far the store has applied (only when it moved:
+    /// a wake-up per batch is all they cost the apply thread).
+    fn publish_applied(&self) {
+        let durable = self.store.applied().0;
+        self.applied_index.send_if_modified(|published| {
+            let moved = *published != durable;
+            *published = durable;
+            moved
+        });
     }
 
     fn wait_for(&mut self, index: Index, term: Term, waiter: Waiter) {
@@ -497,10 +520,11 @@ impl Applier {
     /// position durable in one batch, then answers the clients.
     fn flush(&mut self) -> Result<(), ApplyError> {
         let run = std::mem::take(&mut self.run);
-        let mut writes = match &run.machine {
+        let (mut writes, mut changes) = match &run.machine {
             Some(name) => run.batch.into_writes(name),
-            None => Vec::new(),
+            None => (Vec::new(), Vec::new()),
         };
+        changes.extend(self.pending_writes.iter().map(|write| (self.applied.0, write.clone())));
         writes.append(&mut self.pending_writes);
         let modules = self.modules.take_changes();
         let membership = self.pending_membership.take();
@@ -510,6 +534,7 @@ impl Applier {
                 applied_term: self.applied.1,
                 clock_ms: self.clock_ms,
                 writes,
+                changes,
                 sessions: self.sessions.take_changes(),
                 modules,
                 membership: membership.clone(),
@@ -518,6 +543,7 @@ impl Applier {
         if let Some(membership) = membership {
             self.members.publish(membership);
         }
+        self.publish_applied();
         self.modules.prepare_completed();
         self.answer_writes();
         Ok(())

@@ -6,7 +6,7 @@ use super::error::NodeError;
 use super::sessions::SessionLimits;
 use crate::raft::NodeId;
 use crate::runtime::Limits;
-use crate::storage::{Durability, StoreMemory};
+use crate::storage::{Durability, HistoryLimits, StoreMemory};
 use crate::wire::{Principal, Transport};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -62,6 +62,8 @@ pub struct NodeConfig {
     pub min_free_disk_bytes: u64,
     /// What the store keeps in memory (cache, memtables, journals).
     pub store_memory: StoreMemory,
+    /// How much change history the store keeps for watchers.
+    pub store_history: HistoryLimits,
     /// Largest snapshot a member accepts, as its sender announces it.
     pub max_snapshot_bytes: u64,
     /// How long a snapshot or deploy stream may go without a message
@@ -109,6 +111,7 @@ impl NodeConfig {
             max_snapshot_bytes: 256 << 30,
             min_free_disk_bytes: 128 << 20,
             store_memory: StoreMemory::default(),
+            store_history: HistoryLimits::default(),
             routes: BTreeMap::new(),
             stream_idle_timeout: Duration::from_secs(30),
             join: Vec::new(),

@@ -203,8 +203,12 @@ impl Node {
 /// records its initial configuration, one that joins starts with none.
 async fn open_store(config: &NodeConfig) -> Result<Store, NodeError> {
     let identity = Identity::new(config.cluster_id.clone(), config.id);
-    let options =
-        StoreOptions { durability: config.durability, memory: config.store_memory, ..StoreOptions::default() };
+    let options = StoreOptions {
+        durability: config.durability,
+        memory: config.store_memory,
+        history: config.store_history,
+        ..StoreOptions::default()
+    };
     let dir = config.data_dir.clone();
     let store = on_storage_thread(move || Store::open(&dir, &identity, &options)).await??;
     if config.join.is_empty() {

@@ -11,6 +11,8 @@
 //! membership changes, leader transfers and maintenance `admin`. Members
 //! count as `admin` (they forward writes and join through this API).
 
+mod watch;
+
 use super::config::ServerConfig;
 use super::metrics::{Method, MetricsSource, PeerCounters, Probe, RequestCounters};
 use crate::client::{BYTES_PER_MESSAGE_MAX, Batcher};
@@ -27,8 +29,9 @@ use crate::wire::client_pb::{
     BatchResponse, ChangeMembershipRequest, DeployProgress, DeployRequest, LeadershipEvent, Member, MembersRequest,
     MembersResponse, MembershipChange, ModuleVersionInfo, ModulesRequest, ModulesResponse, ReadRequest, ReadResponse,
     RemoveModuleRequest, RemoveModuleResponse, SetOfflineRequest, SetOfflineResponse, StateMachineStatus,
-    StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse, WatchRequest, WriteRequest,
-    WriteResponse, backup_chunk, batch_answer, batch_item, client_client::ClientClient, outcome,
+    StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse, WatchChangesRequest,
+    WatchChangesResponse, WatchRequest, WriteRequest, WriteResponse, backup_chunk, batch_answer, batch_item,
+    client_client::ClientClient, outcome,
 };
 use crate::wire::{
     ClientRole, FORWARDED_KEY, LEADER_ADDR_KEY, LEADER_ID_KEY, NO_RETRY_KEY, Principal, REQUEST_ID_KEY, batch_error_of,
@@ -661,6 +664,7 @@ fn members_pb(membership: &Membership) -> Vec<Member> {
 }
 
 type WatchEvents = Pin<Box<dyn Stream<Item = Result<LeadershipEvent, Status>> + Send>>;
+type ChangeStream = Pin<Box<dyn Stream<Item = Result<WatchChangesResponse, Status>> + Send>>;
 type DeployEvents = Pin<Box<dyn Stream<Item = Result<DeployProgress, Status>> + Send>>;
 type BackupChunks = Pin<Box<dyn Stream<Item = Result<BackupChunk, Status>> + Send>>;
 type BatchAnswers = Pin<Box<dyn Stream<Item = Result<BatchResponse, Status>> + Send>>;
@@ -848,6 +852,9 @@ impl ClientService {
 
     async fn handle_read(&self, request: Request<ReadRequest>) -> Result<Response<ReadResponse>, Status> {
         require(&request, ClientRole::Reader, "a read")?;
+        if Self::is_forwarded_barrier(&request) {
+            return self.forwarded_barrier().await.map(Response::new);
+        }
         let (was_forwarded, id) = (is_forwarded(&request), request_id(&request));
         self.traced_read(request.into_inner(), was_forwarded, id).await
     }
@@ -1208,6 +1215,17 @@ impl Client for ClientService {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type WatchChangesStream = ChangeStream;
+
+    async fn watch_changes(
+        &self,
+        request: Request<WatchChangesRequest>,
+    ) -> Result<Response<Self::WatchChangesStream>, Status> {
+        require(&request, ClientRole::Reader, "watching changes")?;
+        let messages = self.start_watch(request).await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(messages))))
     }
 
     type WatchStream = WatchEvents;

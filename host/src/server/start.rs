@@ -201,7 +201,11 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServerError
 
 fn client_server(config: &ServerConfig, clients: Arc<ClientService>) -> ClientServer<ClientService> {
     let limit = config.client_message_bytes_max();
-    ClientServer::from_arc(clients).max_decoding_message_size(limit).max_encoding_message_size(limit)
+    // Answers may be larger than requests: a change stream's message holds
+    // a page plus one change of a maximal value and previous value.
+    ClientServer::from_arc(clients)
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit.max(crate::wire::WATCH_MESSAGE_BYTES_MAX))
 }
 
 fn peer_server(peers: Arc<PeerService>) -> RaftPeerServer<PeerService> {

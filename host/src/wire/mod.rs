@@ -31,6 +31,6 @@ pub use self::peer::{
 };
 pub use self::tls::{Admitted, ClientRole, Principal, Tls, TlsConnector, TlsError, TlsFiles, plaintext_incoming};
 pub use self::transport::{
-    CONTROL_MESSAGE_BYTES_MAX, FORWARDED_KEY, LEADER_ADDR_KEY, LEADER_ID_KEY, NO_RETRY_KEY, PEER_MESSAGE_BYTES_MAX,
-    REQUEST_ID_KEY, Transport, control_client, peer_client,
+    CONTROL_MESSAGE_BYTES_MAX, FORWARDED_KEY, HISTORY_FLOOR_KEY, LEADER_ADDR_KEY, LEADER_ID_KEY, NO_RETRY_KEY,
+    PEER_MESSAGE_BYTES_MAX, REQUEST_ID_KEY, Transport, WATCH_MESSAGE_BYTES_MAX, control_client, peer_client,
 };

@@ -25,6 +25,12 @@ pub const REQUEST_ID_KEY: &str = "raft-request-id";
 /// Set on a refusal that retrying as is cannot change (a quota), where its
 /// code alone (RESOURCE_EXHAUSTED) would read as "busy, retry".
 pub const NO_RETRY_KEY: &str = "raft-no-retry";
+/// On a watch refused as compacted: the member's change history holds
+/// changes only at indexes above this one.
+pub const HISTORY_FLOOR_KEY: &str = "raft-history-floor";
+/// Largest message of a change stream: a page of changes plus one change
+/// of a maximal value and previous value.
+pub const WATCH_MESSAGE_BYTES_MAX: usize = 12 << 20;
 /// Set on a request a member forwarded to the leader; such a request is never
 /// forwarded again, so a stale view of leadership cannot loop.
 pub const FORWARDED_KEY: &str = "raft-forwarded";
