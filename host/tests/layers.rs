@@ -382,8 +382,12 @@ fn module_edges(files: &[SourceFile]) -> Edges {
 /// The files of `folder` each of its files uses, and the paths that cannot
 /// be placed (a name the facade does not export, a glob through it).
 fn file_edges(files: &[SourceFile], folder: &str) -> (Edges, Vec<String>) {
-    let siblings: BTreeSet<&str> =
-        files.iter().filter_map(|f| f.in_folder()).filter(|(d, _)| *d == folder).map(|(_, name)| name).collect();
+    let siblings: BTreeSet<&str> = files
+        .iter()
+        .filter_map(|f| f.in_folder())
+        .filter(|(d, name)| *d == folder && !name.contains('/'))
+        .map(|(_, name)| name)
+        .collect();
     let facade = files.iter().find(|f| f.path == format!("{folder}/mod.rs"));
     // Each name the facade re-exports, and the file it comes from.
     let mut exported: BTreeMap<String, String> = BTreeMap::new();
@@ -404,8 +408,17 @@ fn file_edges(files: &[SourceFile], folder: &str) -> (Edges, Vec<String>) {
         if in_folder != folder || name == "mod" {
             continue;
         }
+        // A file in a subfolder (`server/client_service/watch.rs`) is a
+        // child module of its sibling file of that name: part of it, whose
+        // `super` is that file and whose `super::super` is the folder.
+        let (name, nested) = match name.split_once('/') {
+            Some((parent, _)) => (parent, true),
+            None => (name, false),
+        };
         for path in paths(&file.code) {
             let rest = match path.segments.as_slice() {
+                [root, up, rest @ ..] if nested && root == "super" && up == "super" => rest,
+                [root, ..] if nested && root == "super" => continue,
                 [root, rest @ ..] if root == "super" => rest,
                 [root, module, rest @ ..] if root == "crate" && module == folder => rest,
                 _ => continue,
@@ -603,6 +616,18 @@ fn the_checker_resolves_the_facade_and_finds_a_cycle_between_files() {
     let (_, unresolved) =
         file_edges(&[file("node/mod.rs", "mod a;"), file("node/a.rs", "use super::Nowhere;")], "node");
     assert_eq!(unresolved, vec!["node/a.rs uses super::Nowhere".to_string()]);
+
+    // A child module in a subfolder is part of its parent file: its `super`
+    // is that file, its `super::super` the folder.
+    let nested = vec![
+        file("node/mod.rs", "mod a;\nmod b;\n"),
+        file("node/a.rs", "mod child;\nfn f() {}\n"),
+        file("node/a/child.rs", "use super::f;\nuse super::super::b::Thing;\n"),
+        file("node/b.rs", "pub struct Thing;\n"),
+    ];
+    let (edges, unresolved) = file_edges(&nested, "node");
+    assert!(unresolved.is_empty(), "{unresolved:?}");
+    assert_eq!(edges.keys().cloned().collect::<Vec<_>>(), vec![("a".to_string(), "b".to_string())]);
 }
 
 #[test]

@@ -207,6 +207,7 @@ fn apply_batches_are_atomic_and_scoped_by_state_machine() {
             applied_term: 1,
             clock_ms: 1_700_000_000_000,
             writes: vec![write("kv", "a", Some("1")), write("kv", "b", Some("2")), write("bank", "a", Some("100"))],
+            changes: vec![],
             sessions: vec![(b"client-7".to_vec(), Some(b"seq 3".to_vec()))],
             modules: vec![],
             membership: None,
@@ -233,6 +234,7 @@ fn apply_batches_are_atomic_and_scoped_by_state_machine() {
             applied_term: 1,
             clock_ms: 1_700_000_000_000,
             writes: vec![write("kv-copy", "a", Some("1")), write("kv-copy", "b", Some("2"))],
+            changes: vec![],
             ..ApplyBatch::default()
         })
         .expect("apply");
@@ -243,6 +245,7 @@ fn apply_batches_are_atomic_and_scoped_by_state_machine() {
             applied_term: 1,
             clock_ms: 1_700_000_000_000,
             writes: vec![write("kv", "b", None)],
+            changes: vec![],
             sessions: vec![],
             modules: vec![],
             membership: None,
@@ -388,6 +391,7 @@ fn populated_dir() -> tempfile::TempDir {
                 applied_term: 1,
                 clock_ms: 0,
                 writes,
+                changes: vec![],
                 sessions: vec![],
                 modules: vec![],
                 membership: None,
@@ -539,6 +543,7 @@ fn drive(raft: &mut raft_host::raft::Raft<Store>, store: &Store) -> u64 {
                     applied_term: last.term,
                     clock_ms: 0,
                     writes,
+                    changes: vec![],
                     sessions: vec![],
                     modules: vec![],
                     membership: None,
@@ -602,6 +607,7 @@ fn a_snapshot_moves_the_replicated_state_at_one_point_and_leaves_local_artifacts
             applied_term: 1,
             clock_ms: 1234,
             writes: vec![kv_write("a", Some("1")), kv_write("b", Some("2"))],
+            changes: vec![],
             sessions: vec![(b"client".to_vec(), Some(b"session".to_vec()))],
             modules: vec![(ModuleKey::Active("kv".into()), Some(hash.to_vec()))],
             membership: Some(Membership { conf: conf.clone(), addresses: addresses.clone(), removed: [5].into() }),
@@ -616,6 +622,7 @@ fn a_snapshot_moves_the_replicated_state_at_one_point_and_leaves_local_artifacts
             applied_index: 4,
             applied_term: 1,
             writes: vec![kv_write("c", Some("3"))],
+            changes: vec![],
             ..ApplyBatch::default()
         })
         .expect("apply");
@@ -637,6 +644,7 @@ fn a_snapshot_moves_the_replicated_state_at_one_point_and_leaves_local_artifacts
             applied_index: 1,
             applied_term: 1,
             writes: vec![kv_write("z", Some("old"))],
+            changes: vec![],
             membership: Some(Membership { conf: conf.clone(), addresses: addresses.clone(), removed: [6].into() }),
             ..ApplyBatch::default()
         })

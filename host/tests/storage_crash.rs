@@ -68,6 +68,7 @@ fn child(dir: &Path) {
                 applied_term: entries[entries.len() - 1].term,
                 clock_ms: last,
                 writes,
+                changes: vec![],
                 sessions: vec![],
                 modules: vec![],
                 membership: None,

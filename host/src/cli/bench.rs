@@ -7,7 +7,7 @@ use super::client::{ConsistencyArg, Target};
 use anyhow::{Context, bail};
 use clap::Args;
 use hdrhistogram::Histogram;
-use raft_host::client::{ClusterClient, outcome_of};
+use raft_host::client::{ClusterClient, Consistency, WatchSpec, outcome_of};
 use raft_host::wire::etcd_pb::PutRequest;
 use raft_host::wire::etcd_pb::kv_client::KvClient;
 use serde_json::json;
@@ -65,6 +65,11 @@ pub struct BenchArgs {
     /// CPU and memory are those of every `etcd` process on this machine.
     #[arg(long)]
     etcd: bool,
+    /// Watchers of the state machine's every change during the run, spread
+    /// over the members (`WatchChanges`): the report adds the changes
+    /// delivered per second and how far behind the last write they ended.
+    #[arg(long, default_value_t = 0)]
+    watchers: usize,
 }
 
 /// See [`BenchArgs::path`].
@@ -246,6 +251,8 @@ fn bench_path(args: &BenchArgs, batching: bool) -> anyhow::Result<()> {
     let members_before = runtime.block_on(sample_members(args.target.addresses(), &transport));
     let bench_before = raft_host::process::usage();
     let started = Instant::now();
+    let watched = Arc::new(AtomicU64::new(0));
+    let watchers = runtime.block_on(start_watchers(args, &counters, &watched))?;
     let results = runtime.block_on(async {
         let mut tasks = Vec::new();
         let mut pool = Vec::with_capacity(connections);
@@ -273,7 +280,72 @@ fn bench_path(args: &BenchArgs, batching: bool) -> anyhow::Result<()> {
         processes: processes_cpu(&members_before, &members_after),
         bench_cpu_seconds: bench_before.zip(bench_after).map(|(b, a)| a.cpu_seconds - b.cpu_seconds),
     };
-    report(args, if batching { "batched" } else { "unary" }, &results, elapsed, disk, &cpu)
+    let path = if batching { "batched" } else { "unary" };
+    report(args, path, &results, elapsed, disk, &cpu)?;
+    if !watchers.is_empty() {
+        let delivered = watched.load(Ordering::Relaxed);
+        let lags = runtime.block_on(async {
+            let mut lags = Vec::new();
+            for watcher in watchers {
+                lags.push(watcher.await.context("a watcher failed")??);
+            }
+            Ok::<_, anyhow::Error>(lags)
+        })?;
+        let behind = lags.iter().max().copied().unwrap_or(0);
+        let per_second = delivered as f64 / elapsed;
+        if args.json {
+            println!(
+                "{}",
+                json!({"path": path, "watchers": args.watchers, "changes_delivered": delivered,
+                       "changes_per_sec": per_second, "most_indexes_behind_at_end": behind})
+            );
+        } else {
+            println!(
+                "watch:    {} watchers, {delivered} changes delivered ({per_second:.0}/s in all, {:.0}/s each); \
+                 at the end the furthest behind was {behind} indexes",
+                args.watchers,
+                per_second / args.watchers as f64
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Starts `--watchers` watchers of every change of the run's state machine,
+/// one per member in turn, counting what they receive into `watched`; each
+/// ends with the run and answers how many indexes it was behind then.
+async fn start_watchers(
+    args: &BenchArgs,
+    counters: &RunCounters,
+    watched: &Arc<AtomicU64>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<anyhow::Result<u64>>>> {
+    let mut out = Vec::with_capacity(args.watchers);
+    let transport = args.target.transport()?;
+    let addresses = args.target.addresses();
+    for n in 0..args.watchers {
+        // Each watcher starts at its own member, and falls back on the others.
+        let mut order = addresses.to_vec();
+        order.rotate_left(n % addresses.len());
+        let home = order[0].clone();
+        let mut client = ClusterClient::with_transport(order, transport.clone())?;
+        let spec = WatchSpec { consistency: Consistency::Stale, ..WatchSpec::prefix(&args.state_machine, b"") };
+        let mut watch = client.watch(spec)?;
+        watch.next().await.context("starting a watcher")?;
+        let (stop, watched, transport) = (counters.stop.clone(), watched.clone(), transport.clone());
+        out.push(tokio::spawn(async move {
+            let mut last_seen = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let next = tokio::time::timeout(Duration::from_millis(200), watch.next()).await;
+                let Ok(batch) = next else { continue };
+                let batch = batch?;
+                watched.fetch_add(batch.changes.len() as u64, Ordering::Relaxed);
+                last_seen = batch.covered_index;
+            }
+            let now = ClusterClient::status_at(&home, &transport).await.map_or(0, |s| s.applied_index);
+            Ok(now.saturating_sub(last_seen))
+        }));
+    }
+    Ok(out)
 }
 
 /// Each member's status, by position in the address list, asked of all at

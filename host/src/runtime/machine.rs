@@ -159,13 +159,18 @@ pub struct WriteBatch {
 }
 
 impl WriteBatch {
-    /// Bytes of keys and values the batch holds.
+    /// Bytes of keys and values the batch holds and will write: each key's
+    /// last value, and each change with the value it replaced.
     pub fn bytes(&self) -> usize {
         self.bytes
     }
 
     fn extend(&mut self, index: u64, writes: Overlay) {
         for (key, value) in writes {
+            // Every change is kept (and made a history record with the
+            // value it replaced), not only each key's last: a run of
+            // commands rewriting the same keys is bounded by all of them.
+            self.bytes += 2 * pair_bytes(&key, &value);
             self.changes.push((index, key.clone(), value.clone()));
             let added = pair_bytes(&key, &value);
             if let Some(old) = self.overlay.get(&key) {

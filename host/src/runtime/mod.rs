@@ -97,7 +97,7 @@ impl Default for Limits {
             scan_pairs_max: 10_000,
             scan_bytes_max: 8 << 20,
             reply_bytes_max: 1 << 20,
-            batch_write_bytes_max: 64 << 20,
+            batch_write_bytes_max: 16 << 20,
         }
     }
 }
