@@ -22,7 +22,7 @@ use super::sessions::{Admission, SessionLimits, Sessions, session_reply};
 use super::shutdown::Shutdown;
 use crate::raft::{ConfChangeEntry, Entry, EntryKind, Index, NodeId, SnapshotMeta, Term};
 use crate::runtime::{EntryInfo, Machine, WriteBatch};
-use crate::storage::{ApplyBatch, StateView, StateWrite, Store, StoreError};
+use crate::storage::{ApplyBatch, StateChange, StateView, StateWrite, Store, StoreError};
 use crate::wire::pb::{self, session_reply::Result as ReplyResult};
 use crate::wire::{Payload, StampedPayload, decode_addresses, decode_payload, hex};
 use std::collections::{BTreeMap, HashMap};
@@ -524,7 +524,12 @@ impl Applier {
             Some(name) => run.batch.into_writes(name),
             None => (Vec::new(), Vec::new()),
         };
-        changes.extend(self.pending_writes.iter().map(|write| (self.applied.0, write.clone())));
+        let index = self.applied.0;
+        changes.extend(self.pending_writes.iter().map(|write| StateChange {
+            index,
+            write: write.clone(),
+            previous: None,
+        }));
         writes.append(&mut self.pending_writes);
         let modules = self.modules.take_changes();
         let membership = self.pending_membership.take();

@@ -9,7 +9,7 @@
 use super::wasi::{self, EntryEntropy};
 use super::{GuestState, Limits, Module, Runtime, RuntimeError, StateMachine};
 use crate::runtime::raft::host::{context, kv};
-use crate::storage::{StateWrite, Store, StoreError};
+use crate::storage::{StateChange, StateWrite, Store, StoreError};
 use std::collections::BTreeMap;
 use std::ops::{Bound, ControlFlow};
 use std::sync::Arc;
@@ -119,6 +119,10 @@ pub(crate) struct CallContext {
     limits: Limits,
     batch: Overlay,
     current: Overlay,
+    /// What an apply call read from the store (keys neither it nor the
+    /// batch had written): the values its writes replace, for the change
+    /// history, which then needs no second lookup.
+    store_reads: Overlay,
     writable: bool,
     entry: EntryInfo,
     entropy: EntryEntropy,
@@ -153,9 +157,10 @@ fn pair_bytes(key: &[u8], value: &Option<Vec<u8>>) -> usize {
 pub struct WriteBatch {
     overlay: Overlay,
     bytes: usize,
-    /// Each command's writes, in apply order, with its entry's index: the
-    /// overlay keeps only each key's last value, a watcher sees them all.
-    changes: Vec<(u64, Vec<u8>, Option<Vec<u8>>)>,
+    /// Each command's writes, in apply order, with its entry's index and,
+    /// when known here, the value each replaced: the overlay keeps only
+    /// each key's last value, a watcher sees them all.
+    changes: Vec<StateChange>,
 }
 
 impl WriteBatch {
@@ -165,13 +170,18 @@ impl WriteBatch {
         self.bytes
     }
 
-    fn extend(&mut self, index: u64, writes: Overlay) {
+    /// Adds a command's `writes` (made at `index`); `reads` are the values
+    /// it read from the store, which its writes replace.
+    fn extend(&mut self, index: u64, writes: Overlay, reads: &Overlay) {
         for (key, value) in writes {
             // Every change is kept (and made a history record with the
             // value it replaced), not only each key's last: a run of
             // commands rewriting the same keys is bounded by all of them.
             self.bytes += 2 * pair_bytes(&key, &value);
-            self.changes.push((index, key.clone(), value.clone()));
+            let previous = self.overlay.get(&key).or_else(|| reads.get(&key)).cloned();
+            // The state machine's name is filled in by `into_writes`.
+            let write = StateWrite { state_machine: String::new(), key: key.clone(), value: value.clone() };
+            self.changes.push(StateChange { index, write, previous });
             let added = pair_bytes(&key, &value);
             if let Some(old) = self.overlay.get(&key) {
                 self.bytes -= pair_bytes(&key, old);
@@ -184,18 +194,17 @@ impl WriteBatch {
     /// The batch's writes, for `state_machine`'s key space: each key's
     /// last value, and every command's writes in apply order with their
     /// entries' indexes (the change history's records).
-    pub fn into_writes(self, state_machine: &str) -> (Vec<StateWrite>, Vec<(u64, StateWrite)>) {
+    pub fn into_writes(self, state_machine: &str) -> (Vec<StateWrite>, Vec<StateChange>) {
         let name = state_machine.to_string();
         let last = self
             .overlay
             .into_iter()
             .map(|(key, value)| StateWrite { state_machine: name.clone(), key, value })
             .collect();
-        let changes = self
-            .changes
-            .into_iter()
-            .map(|(index, key, value)| (index, StateWrite { state_machine: name.clone(), key, value }))
-            .collect();
+        let mut changes = self.changes;
+        for change in &mut changes {
+            change.write.state_machine.clone_from(&name);
+        }
         (last, changes)
     }
 }
@@ -204,7 +213,13 @@ impl CallContext {
     fn lookup(&mut self, key: &[u8]) -> wasmtime::Result<Option<Vec<u8>>> {
         let value = match self.current.get(key).or_else(|| self.batch.get(key)) {
             Some(value) => value.clone(),
-            None => self.store.state_get(&self.state_machine, key).map_err(|e| self.fail(e))?,
+            None => {
+                let stored = self.store.state_get(&self.state_machine, key).map_err(|e| self.fail(e))?;
+                if self.writable {
+                    self.store_reads.insert(key.to_vec(), stored.clone());
+                }
+                stored
+            }
         };
         self.count_read(value.as_ref().map_or(0, Vec::len))?;
         Ok(value)
@@ -469,7 +484,8 @@ impl Machine {
             self.call(entry, true, CallKind::Apply, &mut batch.overlay, |b, s| b.call_apply(s, command))?;
         let outcome = self.reply_within_limits(outcome);
         if outcome.is_ok() {
-            batch.extend(entry.index, writes);
+            let reads = self.instance.as_mut().map(|i| std::mem::take(&mut i.store.data_mut().call.store_reads));
+            batch.extend(entry.index, writes, &reads.unwrap_or_default());
         }
         Ok(outcome)
     }
@@ -510,7 +526,7 @@ impl Machine {
         let outcome = outcome.and_then(|r| r.map_err(|message| CallError::Returned(cut(message, limit))));
         let mut batch = WriteBatch::default();
         if outcome.is_ok() {
-            batch.extend(at.index, writes);
+            batch.extend(at.index, writes, &Overlay::new());
         }
         Ok((outcome, batch.into_writes(&self.name).0))
     }
@@ -575,6 +591,7 @@ impl Machine {
                 state_machine: self.name.clone(),
                 limits: self.runtime.limits.clone(),
                 batch: Overlay::new(),
+                store_reads: Overlay::new(),
                 current: Overlay::new(),
                 writable,
                 entry,
@@ -646,6 +663,7 @@ impl Machine {
             call.writable = writable;
             call.batch = std::mem::take(batch);
             call.current.clear();
+            call.store_reads.clear();
             call.store_failure = None;
             call.start_call();
         }
@@ -703,6 +721,7 @@ mod tests {
             state_machine: "sm".into(),
             limits,
             batch: Overlay::new(),
+            store_reads: Overlay::new(),
             current: Overlay::new(),
             writable: true,
             entry: EntryInfo { index: 1, term: 1, timestamp_ms: 0 },

@@ -269,7 +269,7 @@ impl Inner {
     pub(super) fn record_history(
         &self,
         batch: &mut fjall::OwnedWriteBatch,
-        changes: &[(Index, super::StateWrite)],
+        changes: &[super::StateChange],
         mut mark: HistoryMark,
         (applied_before, applied): (Index, Index),
     ) -> Result<HistoryMark, StoreError> {
@@ -279,10 +279,13 @@ impl Inner {
             // batch is not committed yet); within the batch, the last change.
             let mut latest: HashMap<(&str, &[u8]), Option<&[u8]>> = HashMap::new();
             let mut seq = (0, 0u32);
-            for (index, write) in changes {
+            for super::StateChange { index, write, previous } in changes {
                 let previous = match latest.get(&(write.state_machine.as_str(), write.key.as_slice())) {
                     Some(value) => value.map(<[u8]>::to_vec),
-                    None => self.state_value(&write.state_machine, &write.key)?,
+                    None => match previous {
+                        Some(known) => known.clone(),
+                        None => self.state_value(&write.state_machine, &write.key)?,
+                    },
                 };
                 if previous.is_none() && write.value.is_none() {
                     // Deleting a key that is not there changes nothing.
@@ -448,7 +451,7 @@ impl Store {
 mod tests {
     use super::*;
     use crate::raft::{ConfState, Entry, EntryKind};
-    use crate::storage::{ApplyBatch, Durability, Identity, StagingStart, StateWrite, StoreOptions};
+    use crate::storage::{ApplyBatch, Durability, Identity, StagingStart, StateChange, StateWrite, StoreOptions};
 
     const ALL: PageLimits =
         PageLimits { changes: usize::MAX, bytes: usize::MAX, scanned: usize::MAX, hard_bytes: usize::MAX };
@@ -458,27 +461,27 @@ mod tests {
         Store::open(dir, &Identity::new("history", 1), &options).expect("store opens")
     }
 
-    fn write(index: Index, key: &str, value: Option<&str>) -> (Index, StateWrite) {
+    fn write(index: Index, key: &str, value: Option<&str>) -> StateChange {
         let write = StateWrite {
             state_machine: "kv".into(),
             key: key.as_bytes().to_vec(),
             value: value.map(|v| v.as_bytes().to_vec()),
         };
-        (index, write)
+        StateChange { index, write, previous: None }
     }
 
     /// Applies `changes` as one batch up to `applied`, with the log holding
     /// the entries (so the store reopens), and `writes` each key's last.
-    fn apply(store: &Store, applied: Index, changes: Vec<(Index, StateWrite)>) {
+    fn apply(store: &Store, applied: Index, changes: Vec<StateChange>) {
         let last = store.applied().0;
         let entries: Vec<Entry> = (last + 1..=applied)
             .map(|index| Entry { term: 1, index, kind: EntryKind::Normal, data: bytes::Bytes::from_static(b"e") })
             .collect();
         store.persist(&entries, None).expect("persist");
         let mut writes: Vec<StateWrite> = Vec::new();
-        for (_, change) in &changes {
-            writes.retain(|w| w.key != change.key);
-            writes.push(change.clone());
+        for change in &changes {
+            writes.retain(|w| w.key != change.write.key);
+            writes.push(change.write.clone());
         }
         let batch = ApplyBatch { applied_index: applied, applied_term: 1, writes, changes, ..ApplyBatch::default() };
         store.apply(&batch).expect("apply");
@@ -529,6 +532,12 @@ mod tests {
         drop(store);
         let store = open(dir.path(), HistoryLimits::default());
         assert_eq!(page(&store, 1, &everything, ALL).changes, all.changes, "kept across a restart");
+
+        // A previous value the applier already knows (the guest read it) is
+        // taken as is, without a lookup.
+        let known = StateChange { previous: Some(Some(b"read by the guest".to_vec())), ..write(5, "b", Some("2")) };
+        apply(&store, 5, vec![known]);
+        assert_eq!(shown(&page(&store, 5, &everything, ALL).changes), ["5 b 2 was read by the guest"]);
     }
 
     #[test]

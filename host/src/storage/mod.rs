@@ -190,6 +190,17 @@ pub struct StateWrite {
     pub value: Option<Vec<u8>>,
 }
 
+/// One guest write as the change history records it: the entry's index,
+/// the write, and the value it replaced when the caller knows it (the guest
+/// read it, or the batch wrote it before).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateChange {
+    pub index: Index,
+    pub write: StateWrite,
+    /// `Some(None)`: the key had no value; `None`: not known, looked up.
+    pub previous: Option<Option<Vec<u8>>>,
+}
+
 /// Everything the apply of a run of committed entries changes, made durable
 /// atomically by [`Store::apply`].
 #[derive(Clone, Debug, Default)]
@@ -204,7 +215,7 @@ pub struct ApplyBatch {
     /// The same writes one by one, in the order they were applied, each
     /// with the index of its entry (`writes` holds each key's last): the
     /// change history's records.
-    pub changes: Vec<(Index, StateWrite)>,
+    pub changes: Vec<StateChange>,
     /// Session records by client id; `None` expires the session.
     pub sessions: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     /// Module chunks and records (deploys and activations); `None` deletes.
