@@ -95,7 +95,9 @@ macro_rules! export {
     };
 }
 
-/// The state machine's replicated key-value store.
+/// The state machine's replicated key-value store. Built for anything but
+/// WebAssembly (`cargo test` on the machine), it is [`testing::TestHost`]'s
+/// store in memory.
 pub mod kv {
     use crate::bindings::raft::host::kv as raw;
     use serde::Serialize;
@@ -103,25 +105,30 @@ pub mod kv {
 
     pub use raw::KvError;
 
+    #[cfg(not(target_arch = "wasm32"))]
+    use crate::testing::kv as backend;
+    #[cfg(target_arch = "wasm32")]
+    use raw as backend;
+
     /// The value of `key`.
     pub fn get(key: &[u8]) -> Option<Vec<u8>> {
-        raw::get(key)
+        backend::get(key)
     }
 
     /// Writes `value` under `key` (only inside `apply` and `migrate`).
     pub fn set(key: &[u8], value: &[u8]) -> Result<(), String> {
-        raw::set(key, value).map_err(describe)
+        backend::set(key, value).map_err(describe)
     }
 
     /// Removes `key`.
     pub fn delete(key: &[u8]) -> Result<(), String> {
-        raw::delete(key).map_err(describe)
+        backend::delete(key).map_err(describe)
     }
 
     /// Pairs with `start <= key < end` (to the last key when `end` is `None`),
     /// in key order, at most `limit`.
     pub fn scan(start: &[u8], end: Option<&[u8]>, limit: u32) -> Vec<(Vec<u8>, Vec<u8>)> {
-        raw::scan(start, end, limit).into_iter().map(|p| (p.key, p.value)).collect()
+        backend::scan(start, end, limit).into_iter().map(|p| (p.key, p.value)).collect()
     }
 
     /// Reads a JSON value.
@@ -143,32 +150,41 @@ pub mod kv {
 }
 
 /// The log entry being applied, deterministic time and randomness, and logs.
+/// Built for anything but WebAssembly, [`testing::TestHost`] sets them.
 pub mod context {
     use crate::bindings::raft::host::context as raw;
 
     pub use raw::{EntryInfo, Level};
 
+    #[cfg(not(target_arch = "wasm32"))]
+    use crate::testing::context as backend;
+    #[cfg(target_arch = "wasm32")]
+    use raw as backend;
+
     /// The entry being applied (in `query`, the last applied entry).
     pub fn entry() -> EntryInfo {
-        raw::entry()
+        backend::entry()
     }
 
     /// Milliseconds since the Unix epoch, stamped by the leader into the entry.
     pub fn now_ms() -> u64 {
-        raw::entry().timestamp_ms
+        backend::entry().timestamp_ms
     }
 
     /// The next number of a sequence seeded by the entry: identical on every
     /// replica.
     pub fn random_u64() -> u64 {
-        raw::random_u64()
+        backend::random_u64()
     }
 
     /// Writes a line to the host's log.
     pub fn log(level: Level, message: &str) {
-        raw::log(level, message)
+        backend::log(level, message)
     }
 }
+
+#[cfg(not(target_arch = "wasm32"))]
+pub mod testing;
 
 /// JSON commands and replies (human-writable; what the CLI sends).
 pub mod json {

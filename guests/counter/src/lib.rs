@@ -37,3 +37,31 @@ impl StateMachine for Counter {
 }
 
 raft_guest::export!(Counter);
+
+/// The counter's logic, run on the machine by `cargo test` against
+/// `raft_guest::testing::TestHost` (no cluster, no WebAssembly build).
+#[cfg(test)]
+mod tests {
+    use super::Counter;
+    use raft_guest::testing::TestHost;
+
+    #[test]
+    fn adds_answer_the_new_value_and_a_get_sees_it() {
+        let mut host = TestHost::<Counter>::new();
+        assert_eq!(host.apply(br#"{"op":"add","by":5}"#), Ok(b"5".to_vec()));
+        assert_eq!(host.apply(br#"{"op":"add","by":-7}"#), Ok(b"-2".to_vec()));
+        assert_eq!(host.query(br#"{"op":"get"}"#), Ok(b"-2".to_vec()));
+        assert_eq!(host.get(b"count"), Some(b"-2".to_vec()), "the state is the JSON number");
+    }
+
+    #[test]
+    fn an_overflow_or_a_malformed_command_is_refused_and_changes_nothing() {
+        let mut host = TestHost::<Counter>::new();
+        host.insert(b"count", i64::MAX.to_string().as_bytes());
+        let refused = host.apply(br#"{"op":"add","by":1}"#).expect_err("overflow");
+        assert!(refused.contains("overflows"), "{refused}");
+        assert!(host.apply(br#"{"op":"add"}"#).expect_err("no by").starts_with("invalid JSON"));
+        assert_eq!(host.get(b"count"), Some(i64::MAX.to_string().into_bytes()), "nothing written");
+        assert!(host.query(br#"{"op":"add","by":1}"#).is_err(), "a query is not a command");
+    }
+}
