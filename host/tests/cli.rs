@@ -107,3 +107,64 @@ fn serve_refuses_store_memory_below_what_the_engine_takes_from_a_flag_or_a_confi
     assert!(String::from_utf8_lossy(&file.stderr).contains("--journal-bytes must be at least 67108864"));
     assert!(!dir.path().join("data").exists(), "refused before touching the data directory");
 }
+
+#[test]
+fn run_answers_each_line_through_the_runtime_and_ends_with_the_members_state_digest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("commands.jsonl");
+    let lines = [
+        r#"{"apply": {"op":"put","key":"a","value":"1"}}"#,
+        "# a comment, and an empty line, are skipped",
+        "",
+        r#"{"apply": {"op":"put","key":"a","value":"2"}}"#,
+        r#"{"query": {"op":"get","key":"a"}}"#,
+        r#"{"apply": "not json"}"#,
+        r#"{"query": {"op":"put","key":"b","value":"no"}}"#,
+        "garbage",
+        r#"{"apply": {"op":"put","key":"b","value":"x"}, "time_ms": 1800000000000}"#,
+    ];
+    std::fs::write(&input, lines.join("\n")).expect("write");
+    let output = raft_host(&["run", "--input", input.to_str().expect("utf-8 path")]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let printed: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON object a line"))
+        .collect();
+    assert_eq!(printed.len(), 8, "{printed:?}");
+    assert_eq!(printed[0]["ok"], serde_json::json!({"previous": null}));
+    assert_eq!((printed[1]["ok"]["previous"].as_str(), printed[1]["index"].as_u64()), (Some("1"), Some(2)));
+    assert_eq!((printed[2]["ok"]["value"].as_str(), printed[2]["query_at"].as_u64()), (Some("2"), Some(2)));
+    assert!(printed[3]["error"].as_str().is_some_and(|e| e.contains("invalid JSON")), "{}", printed[3]);
+    assert!(printed[4]["error"].is_string(), "a query cannot write: {}", printed[4]);
+    assert!(printed[5]["input_error"].as_str().is_some_and(|e| e.contains("not a JSON object")), "{}", printed[5]);
+    for answer in &printed[..5] {
+        assert!(answer["fuel"].as_u64().is_some_and(|fuel| fuel > 0), "fuel is counted: {answer}");
+    }
+    // The digest is the one a member holding the same pairs reports.
+    let store_dir = tempfile::tempdir().expect("tempdir");
+    let store = raft_host::storage::Store::open(
+        store_dir.path(),
+        &raft_host::storage::Identity::new("digest", 1),
+        &raft_host::storage::StoreOptions::default(),
+    )
+    .expect("store");
+    let write = |key: &str, value: &str| raft_host::storage::StateWrite {
+        state_machine: "kv".into(),
+        key: key.into(),
+        value: Some(value.into()),
+    };
+    store
+        .apply(&raft_host::storage::ApplyBatch {
+            applied_index: 1,
+            applied_term: 1,
+            writes: vec![write("a", "2"), write("b", "x")],
+            ..Default::default()
+        })
+        .expect("apply");
+    let expected = raft_host::wire::hex(&store.state_digest("kv").expect("digest"));
+    assert_eq!(printed[7], serde_json::json!({"applied": 4, "keys": 2, "state_digest": expected}));
+
+    let missing = raft_host(&["run", "/no/such/guest.wasm"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/no/such/guest.wasm"));
+}

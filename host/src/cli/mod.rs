@@ -12,6 +12,7 @@ mod demo;
 mod endpoint;
 mod members;
 mod modules;
+mod run;
 mod serve;
 mod snapshot;
 mod watch;
@@ -93,6 +94,11 @@ enum Command {
     /// in-memory network): elects a leader, writes, crashes the leader,
     /// re-elects, restarts the old leader and checks every replica converged.
     Demo(DemoArgs),
+    /// Applies commands and answers queries (one JSON object a line:
+    /// {"apply": C}, {"query": Q}, {"migrate": PREVIOUS}) with a module, on
+    /// a temporary store through the same runtime as a member; prints each
+    /// answer or error with the fuel it used, then the state digest.
+    Run(run::RunArgs),
     /// Checks that a WebAssembly component fits the raft:host/state-machine
     /// world and compiles under the host's limits, as a deploy would, and
     /// prints its hash and size. Without a path, checks the built-in kv guest.
@@ -154,6 +160,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::BenchGuest(args) => bench_guest::bench_guest(args),
         Command::Demo(args) => demo::demo(&args),
         Command::Validate(args) => demo::validate(&args),
+        Command::Run(args) => run::run(args),
         Command::Certs(args) => certs::certs(args),
         Command::Snapshot(args) => snapshot::snapshot(args),
         Command::Completions { shell } => {

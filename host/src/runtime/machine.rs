@@ -414,6 +414,7 @@ pub struct Machine {
     entropy: EntryEntropy,
     instance: Option<Instance>,
     instantiations: u64,
+    last_fuel_used: u64,
 }
 
 /// Which export a call runs; also salts the entry's random seed so `apply`
@@ -437,7 +438,14 @@ impl Machine {
             entropy: EntryEntropy::new(),
             instance: None,
             instantiations: 0,
+            last_fuel_used: 0,
         }
+    }
+
+    /// Fuel the last call used (what `--fuel-per-call` budgets; a call out
+    /// of fuel used all of it).
+    pub fn last_fuel_used(&self) -> u64 {
+        self.last_fuel_used
     }
 
     /// The module's content hash.
@@ -670,6 +678,7 @@ impl Machine {
         instance.store.data_mut().limiter.refused = None;
         instance.store.set_fuel(fuel).map_err(|e| RuntimeError::Engine(e.to_string()))?;
         let result = f(&instance.bindings, &mut instance.store);
+        self.last_fuel_used = fuel.saturating_sub(instance.store.get_fuel().unwrap_or(0));
         let data = instance.store.data_mut();
         *batch = std::mem::take(&mut data.call.batch);
         let writes = std::mem::take(&mut data.call.current);
