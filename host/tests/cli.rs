@@ -168,3 +168,58 @@ fn run_answers_each_line_through_the_runtime_and_ends_with_the_members_state_dig
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/no/such/guest.wasm"));
 }
+
+/// `cargo ARGS` in `dir` on `target`, without the outer build's settings
+/// (its target, flags and jobserver must not leak into a nested build).
+fn nested_cargo(dir: &std::path::Path, target: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command.args(args).arg("--target-dir").arg(target).current_dir(dir);
+    for (key, _) in std::env::vars() {
+        let keep = key == "CARGO_HOME" || key == "CARGO_NET_OFFLINE";
+        if (key.starts_with("CARGO_") && !keep) || key.starts_with("RUSTC") || key == "RUSTFLAGS" {
+            command.env_remove(&key);
+        }
+    }
+    command.output().expect("cargo runs")
+}
+
+#[test]
+fn new_makes_a_rust_guest_whose_tests_pass_and_whose_component_validates_and_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let project = dir.path().join("tally");
+    let made = raft_host(&["new", "tally", "--lang", "rust", "--dir", project.to_str().expect("utf-8 path")]);
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    for file in ["Cargo.toml", "Cargo.lock", "src/lib.rs", "README.md", "wit/raft-host.wit"] {
+        assert!(project.join(file).exists(), "{file} is created");
+    }
+    let again = raft_host(&["new", "tally", "--dir", project.to_str().expect("utf-8 path")]);
+    assert!(!again.status.success(), "an existing project is never overwritten");
+    let bad = raft_host(&["new", "Not A Name"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a project name"));
+
+    // target/<profile>/deps/<test>: the guests' nested builds share one
+    // target directory next to the outer one.
+    let exe = std::env::current_exe().expect("test executable");
+    let target = exe.ancestors().nth(3).expect("inside the target directory").join("guest-native");
+    let tested = nested_cargo(&project, &target, &["test", "--release"]);
+    let stdout = String::from_utf8_lossy(&tested.stdout);
+    assert!(tested.status.success(), "cargo test: {stdout}{}", String::from_utf8_lossy(&tested.stderr));
+    assert!(stdout.contains("test result: ok. 2 passed"), "{stdout}");
+    let built = nested_cargo(&project, &target, &["build", "--release", "--target", "wasm32-wasip2"]);
+    assert!(built.status.success(), "cargo build: {}", String::from_utf8_lossy(&built.stderr));
+    let component = target.join("wasm32-wasip2/release/tally.wasm");
+    let component = component.to_str().expect("utf-8 path");
+    let valid = raft_host(&["validate", component]);
+    assert!(valid.status.success(), "{}", String::from_utf8_lossy(&valid.stderr));
+    let input = dir.path().join("commands.jsonl");
+    std::fs::write(
+        &input,
+        "{\"apply\": {\"op\":\"add\",\"key\":\"a\",\"by\":2}}\n{\"query\": {\"op\":\"get\",\"key\":\"a\"}}\n",
+    )
+    .expect("write");
+    let ran = raft_host(&["run", component, "--sm", "tally", "--input", input.to_str().expect("utf-8 path")]);
+    let printed = String::from_utf8_lossy(&ran.stdout);
+    assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
+    let lines: Vec<serde_json::Value> = printed.lines().map(|l| serde_json::from_str(l).expect("JSON")).collect();
+    assert_eq!((lines[0]["ok"].as_i64(), lines[1]["ok"].as_i64()), (Some(2), Some(2)), "{printed}");
+}

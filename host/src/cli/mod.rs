@@ -12,6 +12,7 @@ mod demo;
 mod endpoint;
 mod members;
 mod modules;
+mod new;
 mod run;
 mod serve;
 mod snapshot;
@@ -94,6 +95,9 @@ enum Command {
     /// in-memory network): elects a leader, writes, crashes the leader,
     /// re-elects, restarts the old leader and checks every replica converged.
     Demo(DemoArgs),
+    /// Creates a ready-to-build guest project (source, tests, build steps,
+    /// README) from the templates kept in the repository.
+    New(new::NewArgs),
     /// Applies commands and answers queries (one JSON object a line:
     /// {"apply": C}, {"query": Q}, {"migrate": PREVIOUS}) with a module, on
     /// a temporary store through the same runtime as a member; prints each
@@ -161,6 +165,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo::demo(&args),
         Command::Validate(args) => demo::validate(&args),
         Command::Run(args) => run::run(args),
+        Command::New(args) => new::new(args),
         Command::Certs(args) => certs::certs(args),
         Command::Snapshot(args) => snapshot::snapshot(args),
         Command::Completions { shell } => {
