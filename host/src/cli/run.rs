@@ -69,6 +69,26 @@ fn shown(reply: &[u8]) -> Value {
     }
 }
 
+/// The next log entry: one index on, stamped `time` or 1 ms after the last
+/// (the clock never goes back).
+fn next_entry(index: &mut u64, clock: &mut u64, time: Option<u64>) -> EntryInfo {
+    *index += 1;
+    *clock = time.unwrap_or(*clock + 1).max(*clock);
+    EntryInfo { index: *index, term: 1, timestamp_ms: *clock }
+}
+
+/// Makes an entry's writes durable with its position, as a member does.
+fn commit(store: &Store, entry: EntryInfo, writes: Vec<raft_host::storage::StateWrite>) -> anyhow::Result<()> {
+    let batch = ApplyBatch {
+        applied_index: entry.index,
+        applied_term: entry.term,
+        clock_ms: entry.timestamp_ms,
+        writes,
+        ..ApplyBatch::default()
+    };
+    Ok(store.apply(&batch)?)
+}
+
 /// Runs `raft-host run`.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let (name, bytes) = match &args.path {
@@ -112,34 +132,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 machine.query(at, &request)?.map(|reply| shown(&reply))
             }
             Call::Apply(command) => {
-                index += 1;
-                clock = time.unwrap_or(clock + 1).max(clock);
-                let entry = EntryInfo { index, term: 1, timestamp_ms: clock };
+                let entry = next_entry(&mut index, &mut clock, time);
                 let (outcomes, writes) = machine.apply_batch(&[(entry, &command)])?;
                 let outcome = outcomes.into_iter().next().context("one outcome per command")?;
-                store.apply(&ApplyBatch {
-                    applied_index: index,
-                    applied_term: 1,
-                    clock_ms: clock,
-                    writes,
-                    ..ApplyBatch::default()
-                })?;
+                commit(&store, entry, writes)?;
                 report["index"] = json!(index);
                 outcome.map(|reply| shown(&reply))
             }
             Call::Migrate(previous) => {
-                index += 1;
-                clock = time.unwrap_or(clock + 1).max(clock);
-                let entry = EntryInfo { index, term: 1, timestamp_ms: clock };
+                let entry = next_entry(&mut index, &mut clock, time);
                 let (outcome, writes) = machine.migrate(entry, &previous)?;
-                let writes = if outcome.is_ok() { writes } else { Vec::new() };
-                store.apply(&ApplyBatch {
-                    applied_index: index,
-                    applied_term: 1,
-                    clock_ms: clock,
-                    writes,
-                    ..ApplyBatch::default()
-                })?;
+                commit(&store, entry, if outcome.is_ok() { writes } else { Vec::new() })?;
                 report["index"] = json!(index);
                 outcome.map(|()| Value::Null)
             }
