@@ -132,3 +132,51 @@ fn a_javascript_counter_replaces_the_rust_counter_in_place_and_back() {
         cluster.agreed(SETTLE).await;
     });
 }
+
+#[test]
+fn new_makes_a_python_guest_whose_tests_pass_and_whose_component_validates_and_runs() {
+    // The pinned componentize-py the repository's Python guest is built
+    // with, installed once for every test that needs it.
+    polyglot_guest("python-kv", "python_kv.wasm");
+    let exe = std::env::current_exe().expect("test executable path");
+    let venv = exe.ancestors().nth(3).expect("inside the target directory").join("polyglot-guests/python-venv");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let project = dir.path().join("tally");
+    let raft_host = |args: &[&str]| {
+        std::process::Command::new(raft_host_e2e::binary()).args(args).output().expect("raft-host runs")
+    };
+    let made = raft_host(&["new", "tally", "--lang", "python", "--dir", project.to_str().expect("utf-8 path")]);
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+
+    let tested = std::process::Command::new("python3")
+        .args(["-m", "unittest", "-v"])
+        .current_dir(&project)
+        .output()
+        .expect("python3 runs");
+    let report = String::from_utf8_lossy(&tested.stderr);
+    assert!(tested.status.success() && report.contains("Ran 2 tests"), "{report}");
+
+    let built = std::process::Command::new(project.join("build.sh"))
+        .env("RAFT_GUEST_PYTHON_VENV", &venv)
+        .output()
+        .expect("build.sh runs");
+    assert!(
+        built.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&built.stdout),
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let component = project.join("tally.wasm");
+    let component = component.to_str().expect("utf-8 path");
+    let valid = raft_host(&["validate", component]);
+    assert!(valid.status.success(), "{}", String::from_utf8_lossy(&valid.stderr));
+    let input = dir.path().join("commands.jsonl");
+    std::fs::write(&input, "{\"apply\": {\"op\":\"add\",\"key\":\"a\",\"by\":2}}\n{\"query\": {\"op\":\"get\",\"key\":\"a\"}}\n{\"apply\": \"nope\"}\n")
+        .expect("write");
+    let ran = raft_host(&["run", component, "--sm", "tally", "--input", input.to_str().expect("utf-8 path")]);
+    let printed = String::from_utf8_lossy(&ran.stdout);
+    assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
+    let lines: Vec<serde_json::Value> = printed.lines().map(|l| serde_json::from_str(l).expect("JSON")).collect();
+    assert_eq!((lines[0]["ok"].as_i64(), lines[1]["ok"].as_i64()), (Some(2), Some(2)), "{printed}");
+    assert!(lines[2]["error"].as_str().is_some_and(|e| e.contains("invalid JSON")), "{printed}");
+}

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 #[derive(Clone, Copy, ValueEnum)]
 enum Lang {
     Rust,
+    Python,
 }
 
 #[derive(Args)]
@@ -21,8 +22,9 @@ pub struct NewArgs {
     /// Where to create it (default: a new folder NAME here).
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// The `raft-guest` crate (guest-sdk) the project builds against
-    /// (default: the one in the source tree this raft-host was built from).
+    /// For Rust: the `raft-guest` crate (guest-sdk) the project builds
+    /// against (default: the one in the source tree this raft-host was
+    /// built from).
     #[arg(long)]
     sdk: Option<PathBuf>,
 }
@@ -37,6 +39,21 @@ const RUST: &[(&str, &str)] = &[
     ("wit/raft-host.wit", include_str!("../../../wit/raft-host.wit")),
     (".gitignore", "/target\n"),
 ];
+
+/// The Python template (componentize-py); its tests run with `python3 -m
+/// unittest`, against a host in memory.
+const PYTHON: &[(&str, &str)] = &[
+    ("app.py", include_str!("../../../guests/templates/python/app.py")),
+    ("test_app.py", include_str!("../../../guests/templates/python/test_app.py")),
+    ("requirements.txt", include_str!("../../../guests/templates/python/requirements.txt")),
+    ("build.sh", include_str!("../../../guests/templates/python/build.sh")),
+    ("README.md", include_str!("../../../guests/templates/python/README.md")),
+    ("wit/raft-host.wit", include_str!("../../../wit/raft-host.wit")),
+    (".gitignore", include_str!("../../../guests/templates/python/gitignore")),
+];
+
+/// Files of a template that are run, not read.
+const EXECUTABLES: &[&str] = &["build.sh"];
 
 /// Runs `raft-host new`.
 pub fn new(args: NewArgs) -> anyhow::Result<()> {
@@ -54,34 +71,49 @@ pub fn new(args: NewArgs) -> anyhow::Result<()> {
     if dir.exists() && std::fs::read_dir(&dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
         bail!("{} already exists and is not empty; choose another --dir", dir.display());
     }
-    let sdk = match &args.sdk {
-        Some(sdk) => sdk.clone(),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-sdk"),
+    let (files, sdk) = match args.lang {
+        Lang::Rust => (RUST, rust_sdk(args.sdk.as_deref())?.display().to_string()),
+        Lang::Python => (PYTHON, String::new()),
     };
+    let crate_stem = name.replace('-', "_");
+    for (path, template) in files {
+        let text = template.replace("{{name}}", name).replace("{{crate}}", &crate_stem).replace("{{sdk}}", &sdk);
+        let target = dir.join(path);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        std::fs::write(&target, text).with_context(|| format!("writing {}", target.display()))?;
+        if EXECUTABLES.contains(path) {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755))
+                .with_context(|| format!("making {} executable", target.display()))?;
+        }
+    }
+    let (language, test, build, component) = match args.lang {
+        Lang::Rust => (
+            "Rust",
+            "cargo test",
+            "cargo build --release --target wasm32-wasip2",
+            format!("target/wasm32-wasip2/release/{crate_stem}.wasm"),
+        ),
+        Lang::Python => ("Python", "python3 -m unittest", "./build.sh", format!("{name}.wasm")),
+    };
+    println!("created {} ({name}, {language}); next:", dir.display());
+    println!("  cd {} && {test} && {build}", dir.display());
+    println!("  raft-host run {component} --sm {name} < commands.jsonl");
+    println!("  raft-host deploy --name {name} {component}");
+    Ok(())
+}
+
+/// The raft-guest crate a Rust project builds against: `--sdk`, or the one
+/// in the source tree this binary was built from.
+fn rust_sdk(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let sdk = given.map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-sdk"), Path::to_path_buf);
     let sdk = sdk.canonicalize().with_context(|| {
         format!("the raft-guest crate is not at {}; give its folder (guest-sdk) with --sdk", sdk.display())
     })?;
     if !sdk.join("Cargo.toml").exists() {
         bail!("{} holds no Cargo.toml; --sdk names the raft-guest crate's folder (guest-sdk)", sdk.display());
     }
-    let files = match args.lang {
-        Lang::Rust => RUST,
-    };
-    let crate_stem = name.replace('-', "_");
-    for (path, template) in files {
-        let text = template
-            .replace("{{name}}", name)
-            .replace("{{crate}}", &crate_stem)
-            .replace("{{sdk}}", &sdk.display().to_string());
-        let target = dir.join(path);
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-        }
-        std::fs::write(&target, text).with_context(|| format!("writing {}", target.display()))?;
-    }
-    println!("created {} ({name}, Rust); next:", dir.display());
-    println!("  cd {} && cargo test && cargo build --release --target wasm32-wasip2", dir.display());
-    println!("  raft-host run target/wasm32-wasip2/release/{crate_stem}.wasm --sm {name} < commands.jsonl");
-    println!("  raft-host deploy --name {name} target/wasm32-wasip2/release/{crate_stem}.wasm");
-    Ok(())
+    Ok(sdk)
 }
