@@ -3,12 +3,9 @@
 //! a slow watcher costs a page of memory and the store the rest.
 
 use super::{ClientService, forwarded, is_forwarded, outcome_pb, request_id, status_of};
-use crate::node::RequestError;
+use crate::node::{RequestError, check_name};
 use crate::raft::{Index, Role};
-use crate::storage::{
-    Change, HistoryFilter, HistoryPosition, HistoryRead, PageLimits, STATE_KEY_MAX_BYTES, STATE_MACHINE_NAME_MAX_BYTES,
-    Store,
-};
+use crate::storage::{Change, HistoryFilter, HistoryPosition, HistoryRead, PageLimits, STATE_KEY_MAX_BYTES, Store};
 use crate::wire::HISTORY_FLOOR_KEY;
 use crate::wire::client_pb::{self, ReadRequest, WatchChangesRequest, WatchChangesResponse};
 use std::time::Duration;
@@ -39,11 +36,7 @@ impl ClientService {
     /// Checks a watch request: names, bounds and options.
     pub(super) fn plan_watch(&self, request: &WatchChangesRequest) -> Result<WatchPlan, Status> {
         let name = &request.state_machine;
-        if name.is_empty() || name.len() > STATE_MACHINE_NAME_MAX_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "state_machine must be 1 to {STATE_MACHINE_NAME_MAX_BYTES} bytes (for example \"kv\")"
-            )));
-        }
+        check_name(name).map_err(Status::invalid_argument)?;
         for (what, key) in
             [("prefix", &request.prefix), ("range_start", &request.range_start), ("range_end", &request.range_end)]
         {
