@@ -10,6 +10,7 @@ mod certs;
 mod client;
 mod demo;
 mod endpoint;
+mod guest_tools;
 mod members;
 mod modules;
 mod new;
@@ -98,6 +99,14 @@ enum Command {
     /// Creates a ready-to-build guest project (source, tests, build steps,
     /// README) from the templates kept in the repository.
     New(new::NewArgs),
+    /// Writes C bindings (a header, their source and the world's type
+    /// object, from wit-bindgen's C generator) for the state-machine world,
+    /// for guests in C or C++.
+    Bindings(guest_tools::BindingsArgs),
+    /// Wraps a core WebAssembly module (clang's output for wasm32-wasi,
+    /// linked with the bindings) into a state-machine component, checked
+    /// against the world.
+    Componentize(guest_tools::ComponentizeArgs),
     /// Applies commands and answers queries (one JSON object a line:
     /// {"apply": C}, {"query": Q}, {"migrate": PREVIOUS}) with a module, on
     /// a temporary store through the same runtime as a member; prints each
@@ -166,6 +175,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Validate(args) => demo::validate(&args),
         Command::Run(args) => run::run(args),
         Command::New(args) => new::new(args),
+        Command::Bindings(args) => guest_tools::bindings(args),
+        Command::Componentize(args) => guest_tools::componentize(args),
         Command::Certs(args) => certs::certs(args),
         Command::Snapshot(args) => snapshot::snapshot(args),
         Command::Completions { shell } => {
