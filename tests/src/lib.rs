@@ -681,6 +681,9 @@ pub fn polyglot_guest(dir: &str, file: &str) -> Vec<u8> {
         .arg("bash")
         .arg(&script)
         .arg(&out)
+        // C and C++ guests take their bindings and componentize step from
+        // the raft-host under test.
+        .env("RAFT_HOST", binary())
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
     assert!(

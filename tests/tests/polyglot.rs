@@ -1,5 +1,6 @@
-//! Guests written in Python and JavaScript, built by their own toolchains
-//! (componentize-py, componentize-js) with no manual step, deployed through
+//! Guests written in Python, JavaScript, C and C++, built by their own
+//! toolchains (componentize-py, componentize-js, clang with wasi-libc and
+//! libc++) with no manual step, deployed through
 //! the ordinary deploy path into a 3-member cluster of real processes.
 
 use raft_host::client::{ClusterClient, Consistency, outcome_of};
@@ -179,4 +180,165 @@ fn new_makes_a_python_guest_whose_tests_pass_and_whose_component_validates_and_r
     let lines: Vec<serde_json::Value> = printed.lines().map(|l| serde_json::from_str(l).expect("JSON")).collect();
     assert_eq!((lines[0]["ok"].as_i64(), lines[1]["ok"].as_i64()), (Some(2), Some(2)), "{printed}");
     assert!(lines[2]["error"].as_str().is_some_and(|e| e.contains("invalid JSON")), "{printed}");
+}
+
+/// Commands for the kv contract, the awkward ones included: escapes of every
+/// kind, a surrogate pair, field order, spacing, null and absent options,
+/// empty keys and values; and inputs that must be refused.
+const KV_COMMANDS: &[&str] = &[
+    r#"{"op":"put","key":"a","value":"1"}"#,
+    r#"{"op":"put","key":"a","value":"2"}"#,
+    r#"{"op":"put","key":"ünï \"quoted\"","value":"line\nbreak\ttab é ☃ \u0001\u001f\u007f\ud83d\ude00 \/ \b\f\r"}"#,
+    r#"{"value":"v","key":"order","op":"put"}"#,
+    "  {\"op\" : \"put\" ,\n \"key\":\"spaced\",\"value\":\"x\"}  ",
+    r#"{"op":"cas","key":"a","expected":"2","value":"3"}"#,
+    r#"{"op":"cas","key":"a","expected":"2","value":"4"}"#,
+    r#"{"op":"cas","key":"new","expected":null,"value":"x"}"#,
+    r#"{"op":"cas","key":"absent-expected","value":"y"}"#,
+    r#"{"op":"delete","key":"a"}"#,
+    r#"{"op":"delete","key":"a"}"#,
+    r#"{"op":"put","key":"b","value":""}"#,
+    r#"{"op":"put","key":"","value":"the empty key"}"#,
+];
+const KV_REFUSED: &[&str] = &[
+    r#"{"op":"put","key":"a"}"#,
+    r#"{"op":"nope"}"#,
+    "not json",
+    r#"{"op":"put","key":"a","value":1}"#,
+    r#"{"op":"put","key":"a","value":"1","extra":{"a":[1,{"b":null}]}}"#,
+    r#"{"op":"put","key":"a","key":"b","value":"1"}"#,
+    r#"{"op":"put","key":"\ud800","value":"lone surrogate"}"#,
+    r#"{"op":"put","key":"a","value":"1"} trailing"#,
+    "{\"op\":\"put\",\"key\":\"a\",\"value\":\"raw \u{1} control\"}",
+    r#"{"op":"put","key":"a","value":"1",}"#,
+    r#"[{"op":"put","key":"a","value":"1"}]"#,
+    r#"{"op":1}"#,
+    r#"{"key":"a","value":"1"}"#,
+    r#"{"op":"delete","key":null}"#,
+    r#"{"op":"get","key":"a"}"#,
+];
+const KV_QUERIES: &[&str] = &[
+    r#"{"op":"get","key":"a"}"#,
+    r#"{"op":"get","key":"ünï \"quoted\""}"#,
+    r#"{"op":"get","key":"new"}"#,
+    r#"{"op":"range","start":"","end":null,"limit":100}"#,
+    r#"{"op":"range","start":"b","end":"z","limit":1}"#,
+    r#"{"op":"range","start":"","limit":4294967295}"#,
+];
+const KV_QUERIES_REFUSED: &[&str] = &[
+    r#"{"op":"range","start":"","limit":4294967296}"#,
+    r#"{"op":"range","start":"","limit":-1}"#,
+    r#"{"op":"range","start":"","limit":1.0}"#,
+    r#"{"op":"range","start":"","limit":1e2}"#,
+    r#"{"op":"range","start":"","end":5,"limit":1}"#,
+    r#"{"op":"range","limit":1}"#,
+    r#"{"op":"put","key":"a","value":"1"}"#,
+    r#"{"op":"get","key":"a","extra":null}"#,
+];
+
+/// A command's outcome as the state machine returned it, byte for byte.
+async fn raw_write(client: &mut ClusterClient, name: &str, command: &str) -> Result<Vec<u8>, String> {
+    let response = client.write(name, command.as_bytes().to_vec()).await.expect("write reaches the cluster");
+    outcome_of(response.outcome)
+}
+
+async fn raw_read(client: &mut ClusterClient, name: &str, query: &str) -> Result<Vec<u8>, String> {
+    let response =
+        client.read(name, query.as_bytes().to_vec(), Consistency::Linearizable).await.expect("read reaches the cluster");
+    outcome_of(response.outcome)
+}
+
+#[test]
+fn c_and_cpp_kv_guests_answer_and_store_like_the_rust_kv_byte_for_byte() {
+    let guests = [("ckv", polyglot_guest("c-kv", "c_kv.wasm")), ("cppkv", polyglot_guest("cpp-kv", "cpp_kv.wasm"))];
+    for (name, module) in &guests {
+        // Small and free of WASI: nothing but raft:host is imported.
+        assert!(module.len() < 128 << 10, "{name}: {} bytes", module.len());
+        assert!(!module.windows(5).any(|w| w == b"wasi:"), "{name} imports WASI");
+    }
+    run(LIMIT, async move {
+        let cluster = Cluster::start(3, "e2e-c-cpp");
+        cluster.leader(SETTLE).await;
+        let mut client = cluster.client();
+        for (name, module) in &guests {
+            let deployed = client.deploy(name, module, true, |_| {}).await.expect("deploy");
+            assert_eq!(deployed.phase, "activated", "{name}");
+        }
+        for command in KV_COMMANDS {
+            let rust = raw_write(&mut client, "kv", command).await;
+            assert!(rust.is_ok(), "{command}: {rust:?}");
+            for (name, _) in &guests {
+                assert_eq!(raw_write(&mut client, name, command).await, rust, "{name}: {command}");
+            }
+        }
+        for command in KV_REFUSED {
+            assert!(raw_write(&mut client, "kv", command).await.is_err(), "kv refuses {command}");
+            for (name, _) in &guests {
+                let answer = raw_write(&mut client, name, command).await;
+                assert!(answer.is_err(), "{name} refuses {command}: {answer:?}");
+            }
+        }
+        for (queries, refused) in [(KV_QUERIES, false), (KV_QUERIES_REFUSED, true)] {
+            for query in queries {
+                let rust = raw_read(&mut client, "kv", query).await;
+                assert_eq!(rust.is_err(), refused, "kv: {query}: {rust:?}");
+                for (name, _) in &guests {
+                    let answer = raw_read(&mut client, name, query).await;
+                    if refused {
+                        assert!(answer.is_err(), "{name} refuses {query}: {answer:?}");
+                    } else {
+                        assert_eq!(answer, rust, "{name}: {query}");
+                    }
+                }
+            }
+        }
+        let statuses = cluster.agreed(SETTLE).await;
+        for (name, _) in &guests {
+            assert_eq!(digest_of(&statuses[0], name), digest_of(&statuses[0], "kv"), "{name}: the same state, byte for byte");
+        }
+    });
+}
+
+#[test]
+fn new_makes_a_c_guest_whose_tests_pass_and_whose_component_validates_and_runs() {
+    // The toolchain the C kv guest is built with, installed once.
+    polyglot_guest("c-kv", "c_kv.wasm");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let project = dir.path().join("tally");
+    let binary = raft_host_e2e::binary();
+    let raft_host = |args: &[&str]| std::process::Command::new(&binary).args(args).output().expect("raft-host runs");
+    let made = raft_host(&["new", "tally", "--lang", "c", "--dir", project.to_str().expect("utf-8 path")]);
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let make = |target: &[&str]| {
+        let output = std::process::Command::new("make")
+            .args(target)
+            .env("RAFT_HOST", &binary)
+            .current_dir(&project)
+            .output()
+            .expect("make runs");
+        let printed = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert!(output.status.success(), "make {target:?}:\n{printed}");
+        printed
+    };
+    let tested = make(&["test"]);
+    assert!(tested.contains("all tests passed"), "{tested}");
+    make(&[]);
+    let component = project.join("tally.wasm");
+    let component = component.to_str().expect("utf-8 path");
+    let valid = raft_host(&["validate", component]);
+    assert!(valid.status.success(), "{}", String::from_utf8_lossy(&valid.stderr));
+    let input = dir.path().join("commands.jsonl");
+    std::fs::write(
+        &input,
+        "{\"apply\": {\"op\":\"add\",\"key\":\"a\",\"by\":2}}\n{\"apply\": {\"op\":\"add\",\"key\":\"a\",\"by\":-7}}\n\
+         {\"query\": {\"op\":\"get\",\"key\":\"a\"}}\n{\"apply\": \"nope\"}\n",
+    )
+    .expect("write");
+    let ran = raft_host(&["run", component, "--sm", "tally", "--input", input.to_str().expect("utf-8 path")]);
+    let printed = String::from_utf8_lossy(&ran.stdout);
+    assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
+    let lines: Vec<serde_json::Value> = printed.lines().map(|l| serde_json::from_str(l).expect("JSON")).collect();
+    let answers: Vec<Option<i64>> = lines[..3].iter().map(|line| line["ok"].as_i64()).collect();
+    assert_eq!(answers, [Some(2), Some(-5), Some(-5)], "{printed}");
+    assert!(lines[3]["error"].as_str().is_some_and(|e| e.contains("invalid JSON")), "{printed}");
 }
