@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 enum Lang {
     Rust,
     Python,
+    C,
 }
 
 #[derive(Args)]
@@ -52,6 +53,22 @@ const PYTHON: &[(&str, &str)] = &[
     (".gitignore", include_str!("../../../guests/templates/python/gitignore")),
 ];
 
+/// The C template (clang for wasm32-wasi, `raft-host bindings` and
+/// `componentize`); `make test` runs its tests natively against a host in
+/// memory. json.c is the C kv guest's own.
+const C: &[(&str, &str)] = &[
+    ("app.c", include_str!("../../../guests/templates/c/app.c")),
+    ("json.c", include_str!("../../../guests/c-kv/json.c")),
+    ("json.h", include_str!("../../../guests/c-kv/json.h")),
+    ("test_app.c", include_str!("../../../guests/templates/c/test_app.c")),
+    ("test_host.c", include_str!("../../../guests/templates/c/test_host.c")),
+    ("test_host.h", include_str!("../../../guests/templates/c/test_host.h")),
+    ("Makefile", include_str!("../../../guests/templates/c/Makefile")),
+    ("README.md", include_str!("../../../guests/templates/c/README.md")),
+    ("wit/raft-host.wit", include_str!("../../../wit/raft-host.wit")),
+    (".gitignore", include_str!("../../../guests/templates/c/gitignore")),
+];
+
 /// Files of a template that are run, not read.
 const EXECUTABLES: &[&str] = &["build.sh"];
 
@@ -74,6 +91,7 @@ pub fn new(args: NewArgs) -> anyhow::Result<()> {
     let (files, sdk) = match args.lang {
         Lang::Rust => (RUST, rust_sdk(args.sdk.as_deref())?.display().to_string()),
         Lang::Python => (PYTHON, String::new()),
+        Lang::C => (C, String::new()),
     };
     let crate_stem = name.replace('-', "_");
     for (path, template) in files {
@@ -97,6 +115,7 @@ pub fn new(args: NewArgs) -> anyhow::Result<()> {
             format!("target/wasm32-wasip2/release/{crate_stem}.wasm"),
         ),
         Lang::Python => ("Python", "python3 -m unittest", "./build.sh", format!("{name}.wasm")),
+        Lang::C => ("C", "make test", "make", format!("{name}.wasm")),
     };
     println!("created {} ({name}, {language}); next:", dir.display());
     println!("  cd {} && {test} && {build}", dir.display());
