@@ -51,17 +51,20 @@ fn world_from(wit: Option<&std::path::Path>) -> anyhow::Result<(wit_parser::Reso
     Ok((resolve, world))
 }
 
-fn world() -> anyhow::Result<(wit_parser::Resolve, wit_parser::WorldId)> {
-    world_from(None)
+/// wit-bindgen's C bindings for the state-machine world of `wit` (default:
+/// the built-in contract).
+fn c_bindings(wit: Option<&std::path::Path>) -> anyhow::Result<wit_bindgen_core::Files> {
+    let (mut resolve, world) = world_from(wit)?;
+    let mut files = wit_bindgen_core::Files::default();
+    wit_bindgen_c::Opts::default().build().generate(&mut resolve, world, &mut files)?;
+    Ok(files)
 }
 
 /// Runs `raft-host bindings`.
 pub fn bindings(args: BindingsArgs) -> anyhow::Result<()> {
-    let (mut resolve, world) = world_from(args.wit.as_deref())?;
-    let mut files = wit_bindgen_core::Files::default();
-    match args.lang {
-        BindingsLang::C => wit_bindgen_c::Opts::default().build().generate(&mut resolve, world, &mut files)?,
-    }
+    let files = match args.lang {
+        BindingsLang::C => c_bindings(args.wit.as_deref())?,
+    };
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     for (name, contents) in files.iter() {
         let path = args.out.join(name);
@@ -88,7 +91,8 @@ fn component_of(module: &[u8]) -> anyhow::Result<Vec<u8>> {
     if wasmparser::Parser::is_component(module) {
         bail!("this is already a component; give the core module the compiler wrote");
     }
-    if let Some(import) = preview1_import(module)? {
+    let shape = module_shape(module)?;
+    if let Some(import) = shape.preview1_import {
         bail!(
             "the module imports {import} (WASI preview 1): a guest may import only raft:host's interfaces; \
              leave out stdio, files and clocks of the C library (no printf, no iostream), \
@@ -96,8 +100,8 @@ fn component_of(module: &[u8]) -> anyhow::Result<Vec<u8>> {
         );
     }
     let mut module = module.to_vec();
-    if !has_component_type(&module)? {
-        let (resolve, world) = world()?;
+    if !shape.has_component_type {
+        let (resolve, world) = world_from(None)?;
         wit_component::embed_component_metadata(&mut module, &resolve, world, wit_component::StringEncoding::UTF8, false)
             .context("embedding the world")?;
     }
@@ -109,29 +113,35 @@ fn component_of(module: &[u8]) -> anyhow::Result<Vec<u8>> {
         .context("the module does not implement the state-machine world")
 }
 
-fn preview1_import(module: &[u8]) -> anyhow::Result<Option<String>> {
-    for payload in wasmparser::Parser::new(0).parse_all(module) {
-        if let wasmparser::Payload::ImportSection(imports) = payload.context("not a WebAssembly module")? {
-            for import in imports.into_imports() {
-                let import = import.context("not a WebAssembly module")?;
-                if import.module.starts_with("wasi_snapshot_preview1") || import.module.starts_with("wasi_unstable") {
-                    return Ok(Some(format!("{}::{}", import.module, import.name)));
-                }
-            }
-        }
-    }
-    Ok(None)
+/// What `component_of` needs to know of a core module, from one read of it.
+struct ModuleShape {
+    /// Its first WASI preview 1 import, as `module::name`.
+    preview1_import: Option<String>,
+    /// Whether it carries a world (the bindings' `component-type` section).
+    has_component_type: bool,
 }
 
-fn has_component_type(module: &[u8]) -> anyhow::Result<bool> {
+fn module_shape(module: &[u8]) -> anyhow::Result<ModuleShape> {
+    let mut shape = ModuleShape { preview1_import: None, has_component_type: false };
     for payload in wasmparser::Parser::new(0).parse_all(module) {
-        if let wasmparser::Payload::CustomSection(section) = payload.context("not a WebAssembly module")? {
-            if section.name().starts_with("component-type") {
-                return Ok(true);
+        match payload.context("not a WebAssembly module")? {
+            wasmparser::Payload::ImportSection(imports) => {
+                for import in imports.into_imports() {
+                    let import = import.context("not a WebAssembly module")?;
+                    let preview1 =
+                        import.module.starts_with("wasi_snapshot_preview1") || import.module.starts_with("wasi_unstable");
+                    if preview1 && shape.preview1_import.is_none() {
+                        shape.preview1_import = Some(format!("{}::{}", import.module, import.name));
+                    }
+                }
             }
+            wasmparser::Payload::CustomSection(section) if section.name().starts_with("component-type") => {
+                shape.has_component_type = true;
+            }
+            _ => {}
         }
     }
-    Ok(false)
+    Ok(shape)
 }
 
 #[cfg(test)]
@@ -140,9 +150,7 @@ mod tests {
 
     #[test]
     fn bindings_are_generated_from_the_built_in_world() {
-        let (mut resolve, world) = world().expect("world");
-        let mut files = wit_bindgen_core::Files::default();
-        wit_bindgen_c::Opts::default().build().generate(&mut resolve, world, &mut files).expect("bindings");
+        let files = c_bindings(None).expect("bindings");
         let names: Vec<&str> = files.iter().map(|(name, _)| name).collect();
         assert!(names.contains(&"state_machine.h") && names.contains(&"state_machine.c"), "{names:?}");
         assert!(names.contains(&"state_machine_component_type.o"), "{names:?}");
