@@ -1,6 +1,8 @@
 //! Test fixture: misbehaves on command, to prove the host survives it.
 //! Commands (plain text): `loop`, `alloc` (grow memory without bound),
-//! `recurse`, `trap` (panic), `write-then-fail`, `write-then-trap`, `ok`
+//! `recurse`, `trap` (panic), `write-then-fail`, `write-then-trap`, `ok`,
+//! `leak` (keeps 1 MiB more in its memory on every call, as a garbage
+//! collector that falls behind does: only an old instance runs out)
 //! (writes `ok` = `yes`), `print` (200 KB to stdout), `entropy` (replies with time and random numbers);
 //! and what makes the host work for it: `flood` (4 MiB values under new keys
 //! until stopped), `fill` (12 values of 1 MiB), `scan-all` (a scan asking for
@@ -9,7 +11,13 @@
 //! query `read` (value of `ok`), `write` (tries to write from a query).
 
 use raft_guest::{StateMachine, context, kv};
+use std::cell::RefCell;
 use std::hint::black_box;
+
+thread_local! {
+    /// What `leak` keeps between calls: it lives as long as the instance.
+    static LEAKED: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
 
 struct Hostile;
 
@@ -52,6 +60,11 @@ impl StateMachine for Hostile {
                 }
                 eprintln!("done printing");
                 Ok(b"printed".to_vec())
+            }
+            b"leak" => {
+                LEAKED.with(|leaked| leaked.borrow_mut().push(black_box(vec![1u8; 1 << 20])));
+                kv::set(b"leak", b"held")?;
+                Ok(b"leaked".to_vec())
             }
             b"ok" => {
                 kv::set(b"ok", b"yes")?;

@@ -414,6 +414,7 @@ pub struct Machine {
     entropy: EntryEntropy,
     instance: Option<Instance>,
     instantiations: u64,
+    retried_on_fresh: u64,
     last_fuel_used: u64,
 }
 
@@ -438,6 +439,7 @@ impl Machine {
             entropy: EntryEntropy::new(),
             instance: None,
             instantiations: 0,
+            retried_on_fresh: 0,
             last_fuel_used: 0,
         }
     }
@@ -453,9 +455,16 @@ impl Machine {
         self.module.hash()
     }
 
-    /// How many instances were created (one, plus one after each trap).
+    /// How many instances were created (one, plus one after each trap, plus
+    /// one for each call run again on a fresh instance).
     pub fn instantiations(&self) -> u64 {
         self.instantiations
+    }
+
+    /// How many failed calls ran again on a fresh instance because the
+    /// instance they failed on had served earlier calls.
+    pub fn retried_on_fresh(&self) -> u64 {
+        self.retried_on_fresh
     }
 
     /// Throws the instance away; the next call creates a fresh one. (Tests
@@ -638,13 +647,42 @@ impl Machine {
 
     /// One guest call with fresh fuel, the entry's context and an empty
     /// `current` overlay over `batch`. Returns the call's result and writes.
+    ///
+    /// A call that fails on an instance that served earlier calls runs again
+    /// on a fresh instance, and that run decides. An old instance carries
+    /// what its earlier calls left in its memory (a garbage collector that
+    /// fell behind, a cache), so whether it runs out of memory or fuel
+    /// depends on its age, and ages differ between replicas (a member that
+    /// restarted holds a younger instance). A fresh instance's run depends
+    /// only on the module, the entry and the store: the same everywhere.
     fn call<R>(
         &mut self,
         entry: EntryInfo,
         writable: bool,
         kind: CallKind,
         batch: &mut Overlay,
-        f: impl FnOnce(&StateMachine, &mut wasmtime::Store<GuestState>) -> wasmtime::Result<R>,
+        f: impl Fn(&StateMachine, &mut wasmtime::Store<GuestState>) -> wasmtime::Result<R>,
+    ) -> Result<(Result<R, CallError>, Overlay), RuntimeError> {
+        let reused = self.instance.is_some();
+        let (outcome, writes) = self.call_once(entry, writable, kind, batch, &f)?;
+        match outcome {
+            Err(CallError::Returned(message)) => Ok((Err(CallError::Returned(message)), writes)),
+            Err(failure) if reused => {
+                tracing::info!(state_machine = %self.name, index = entry.index, error = %failure, "running the call again on a fresh instance, whose verdict every replica shares");
+                self.retried_on_fresh += 1;
+                self.call_once(entry, writable, kind, batch, &f)
+            }
+            outcome => Ok((outcome, writes)),
+        }
+    }
+
+    fn call_once<R>(
+        &mut self,
+        entry: EntryInfo,
+        writable: bool,
+        kind: CallKind,
+        batch: &mut Overlay,
+        f: &impl Fn(&StateMachine, &mut wasmtime::Store<GuestState>) -> wasmtime::Result<R>,
     ) -> Result<(Result<R, CallError>, Overlay), RuntimeError> {
         self.entropy.enter(entry.index, entry.term, entry.timestamp_ms, kind as u8);
         let fuel = self.runtime.limits.fuel_per_call;
