@@ -1,5 +1,5 @@
 // The counter state machine in JavaScript, built into a component by
-// componentize-js: the same commands, answers and stored state as the Rust
+// componentize-qjs (QuickJS): the same commands, answers and stored state as the Rust
 // counter (guests/counter), so either can replace the other in a running
 // cluster.
 //
@@ -11,17 +11,18 @@
 // variables: the host may re-create the instance between any two calls.
 
 import { get, set } from 'raft:host/kv@0.1.0';
+import { utf8Decode, utf8Encode } from './utf8.js';
 
-const KEY = new TextEncoder().encode('count');
+const KEY = utf8Encode('count');
 const I64_MIN = -(2n ** 63n);
 const I64_MAX = 2n ** 63n - 1n;
 
 function decode(bytes) {
   let message;
   try {
-    message = JSON.parse(new TextDecoder().decode(bytes));
+    message = JSON.parse(utf8Decode(bytes));
   } catch (error) {
-    throw `invalid JSON: ${error.message}`;
+    throw `invalid JSON: ${typeof error === 'string' ? error : error.message}`;
   }
   if (message === null || typeof message !== 'object' || typeof message.op !== 'string') {
     throw 'invalid JSON: expected an object with an "op"';
@@ -30,15 +31,16 @@ function decode(bytes) {
 }
 
 function current() {
+  // An absent key is null with QuickJS (undefined with componentize-js).
   const stored = get(KEY);
-  if (stored === undefined) {
+  if (stored == null) {
     return 0n;
   }
-  return BigInt(new TextDecoder().decode(stored));
+  return BigInt(utf8Decode(stored));
 }
 
 function encode(value) {
-  return new TextEncoder().encode(value.toString());
+  return utf8Encode(value.toString());
 }
 
 export function apply(command) {

@@ -1,5 +1,5 @@
 //! Guests written in Python, JavaScript, C and C++, built by their own
-//! toolchains (componentize-py, componentize-js, clang with wasi-libc and
+//! toolchains (componentize-py, componentize-qjs, clang with wasi-libc and
 //! libc++) with no manual step, deployed through
 //! the ordinary deploy path into a 3-member cluster of real processes.
 
@@ -108,7 +108,7 @@ fn a_python_kv_answers_like_the_rust_kv_and_sees_only_the_entry() {
 fn a_javascript_counter_replaces_the_rust_counter_in_place_and_back() {
     let module = polyglot_guest("js-counter", "js_counter.wasm");
     run(LIMIT, async move {
-        let cluster = Cluster::start(3, "e2e-javascript");
+        let mut cluster = Cluster::start(3, "e2e-javascript");
         cluster.leader(SETTLE).await;
         let mut client = cluster.client();
         let rust_counter = {
@@ -120,11 +120,21 @@ fn a_javascript_counter_replaces_the_rust_counter_in_place_and_back() {
         let deployed = client.deploy("counter", &module, true, |_| {}).await.expect("deploy the JavaScript guest");
         assert_eq!(deployed.phase, "activated");
         assert_eq!(write(&mut client, "counter", r#"{"op":"add","by":2}"#).await.as_deref(), Ok("7"));
+        // A member that applies the JavaScript entries later, in a younger
+        // instance than its peers', must reach the same state.
+        let leader = cluster.leader(SETTLE).await;
+        let late = (1..=3).find(|&id| id != leader).expect("a follower");
+        cluster.kill(late);
+        for _ in 0..50 {
+            write(&mut client, "counter", r#"{"op":"add","by":1}"#).await.expect("add");
+        }
+        assert_eq!(write(&mut client, "counter", r#"{"op":"add","by":-50}"#).await.as_deref(), Ok("7"));
         assert_eq!(read(&mut client, "counter", r#"{"op":"get"}"#).await.as_deref(), Ok("7"));
         let refused = write(&mut client, "counter", r#"{"op":"sub","by":1}"#).await;
         assert!(refused.as_ref().is_err_and(|e| e.contains("unknown variant")), "{refused:?}");
         let big = write(&mut client, "counter", r#"{"op":"add","by":9007199254740991}"#).await;
         assert_eq!(big.as_deref(), Ok("9007199254740998"), "64-bit arithmetic, not doubles");
+        cluster.spawn(late);
         cluster.agreed(SETTLE).await;
 
         // Back to the Rust counter, which reads the state JavaScript wrote.
@@ -167,19 +177,60 @@ fn new_makes_a_python_guest_whose_tests_pass_and_whose_component_validates_and_r
         String::from_utf8_lossy(&built.stdout),
         String::from_utf8_lossy(&built.stderr)
     );
-    let component = project.join("tally.wasm");
+    validate_and_run_tally(&project.join("tally.wasm"));
+}
+
+/// Validates a made project's component, then runs the tally commands
+/// through it as a member would (`raft-host run`) and checks the answers.
+fn validate_and_run_tally(component: &std::path::Path) {
+    let raft_host = |args: &[&str]| {
+        std::process::Command::new(raft_host_e2e::binary()).args(args).output().expect("raft-host runs")
+    };
     let component = component.to_str().expect("utf-8 path");
     let valid = raft_host(&["validate", component]);
     assert!(valid.status.success(), "{}", String::from_utf8_lossy(&valid.stderr));
+    let dir = tempfile::tempdir().expect("tempdir");
     let input = dir.path().join("commands.jsonl");
-    std::fs::write(&input, "{\"apply\": {\"op\":\"add\",\"key\":\"a\",\"by\":2}}\n{\"query\": {\"op\":\"get\",\"key\":\"a\"}}\n{\"apply\": \"nope\"}\n")
-        .expect("write");
+    std::fs::write(
+        &input,
+        "{\"apply\": {\"op\":\"add\",\"key\":\"a\",\"by\":2}}\n{\"apply\": {\"op\":\"add\",\"key\":\"a\",\"by\":-7}}\n\
+         {\"query\": {\"op\":\"get\",\"key\":\"a\"}}\n{\"apply\": \"nope\"}\n",
+    )
+    .expect("write");
     let ran = raft_host(&["run", component, "--sm", "tally", "--input", input.to_str().expect("utf-8 path")]);
     let printed = String::from_utf8_lossy(&ran.stdout);
     assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
     let lines: Vec<serde_json::Value> = printed.lines().map(|l| serde_json::from_str(l).expect("JSON")).collect();
-    assert_eq!((lines[0]["ok"].as_i64(), lines[1]["ok"].as_i64()), (Some(2), Some(2)), "{printed}");
-    assert!(lines[2]["error"].as_str().is_some_and(|e| e.contains("invalid JSON")), "{printed}");
+    let answers: Vec<Option<i64>> = lines[..3].iter().map(|line| line["ok"].as_i64()).collect();
+    assert_eq!(answers, [Some(2), Some(-5), Some(-5)], "{printed}");
+    assert!(lines[3]["error"].as_str().is_some_and(|e| e.contains("invalid JSON")), "{printed}");
+}
+
+#[test]
+fn new_makes_a_javascript_guest_whose_tests_pass_and_whose_component_validates_and_runs() {
+    // The pinned componentize-qjs the repository's JavaScript counter is
+    // built with, installed (and in npm's cache) once for both.
+    polyglot_guest("js-counter", "js_counter.wasm");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let project = dir.path().join("tally");
+    let made = std::process::Command::new(raft_host_e2e::binary())
+        .args(["new", "tally", "--lang", "js", "--dir", project.to_str().expect("utf-8 path")])
+        .output()
+        .expect("raft-host runs");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let npm = |args: &[&str]| {
+        let output =
+            std::process::Command::new("npm").args(args).current_dir(&project).output().expect("npm runs");
+        let printed = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert!(output.status.success(), "npm {args:?}:\n{printed}");
+        printed
+    };
+    // Against the host in memory (test_host.js), before any toolchain.
+    let tested = npm(&["test"]);
+    assert!(tested.contains("# pass 2") && tested.contains("# fail 0"), "{tested}");
+    npm(&["ci", "--no-audit", "--no-fund", "--loglevel=error"]);
+    npm(&["run", "build"]);
+    validate_and_run_tally(&project.join("tally.wasm"));
 }
 
 /// Commands for the kv contract, the awkward ones included: escapes of every
@@ -323,22 +374,5 @@ fn new_makes_a_c_guest_whose_tests_pass_and_whose_component_validates_and_runs()
     let tested = make(&["test"]);
     assert!(tested.contains("all tests passed"), "{tested}");
     make(&[]);
-    let component = project.join("tally.wasm");
-    let component = component.to_str().expect("utf-8 path");
-    let valid = raft_host(&["validate", component]);
-    assert!(valid.status.success(), "{}", String::from_utf8_lossy(&valid.stderr));
-    let input = dir.path().join("commands.jsonl");
-    std::fs::write(
-        &input,
-        "{\"apply\": {\"op\":\"add\",\"key\":\"a\",\"by\":2}}\n{\"apply\": {\"op\":\"add\",\"key\":\"a\",\"by\":-7}}\n\
-         {\"query\": {\"op\":\"get\",\"key\":\"a\"}}\n{\"apply\": \"nope\"}\n",
-    )
-    .expect("write");
-    let ran = raft_host(&["run", component, "--sm", "tally", "--input", input.to_str().expect("utf-8 path")]);
-    let printed = String::from_utf8_lossy(&ran.stdout);
-    assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
-    let lines: Vec<serde_json::Value> = printed.lines().map(|l| serde_json::from_str(l).expect("JSON")).collect();
-    let answers: Vec<Option<i64>> = lines[..3].iter().map(|line| line["ok"].as_i64()).collect();
-    assert_eq!(answers, [Some(2), Some(-5), Some(-5)], "{printed}");
-    assert!(lines[3]["error"].as_str().is_some_and(|e| e.contains("invalid JSON")), "{printed}");
+    validate_and_run_tally(&project.join("tally.wasm"));
 }

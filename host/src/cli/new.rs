@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 enum Lang {
     Rust,
     Python,
+    Js,
     C,
 }
 
@@ -53,6 +54,25 @@ const PYTHON: &[(&str, &str)] = &[
     (".gitignore", include_str!("../../../guests/templates/python/gitignore")),
 ];
 
+/// The JavaScript template (componentize-qjs); its tests run with `node
+/// --test`, against a host in memory. utf8.js and the lock file are the
+/// JavaScript counter's: one pinned toolchain for both.
+const JS: &[(&str, &str)] = &[
+    ("app.js", include_str!("../../../guests/templates/js/app.js")),
+    ("utf8.js", include_str!("../../../guests/js-counter/utf8.js")),
+    ("app.test.js", include_str!("../../../guests/templates/js/app.test.js")),
+    ("test_host.js", include_str!("../../../guests/templates/js/test_host.js")),
+    ("package.json", include_str!("../../../guests/templates/js/package.json")),
+    ("package-lock.json", include_str!("../../../guests/js-counter/package-lock.json")),
+    ("README.md", include_str!("../../../guests/templates/js/README.md")),
+    ("wit/raft-host.wit", include_str!("../../../wit/raft-host.wit")),
+    (".gitignore", include_str!("../../../guests/templates/js/gitignore")),
+];
+
+/// The package name in the JavaScript counter's lock file, which becomes
+/// the project's.
+const JS_COUNTER_PACKAGE: &str = "\"raft-host-js-counter\"";
+
 /// The C template (clang for wasm32-wasi, `raft-host bindings` and
 /// `componentize`); `make test` runs its tests natively against a host in
 /// memory. json.c is the C kv guest's own.
@@ -91,11 +111,14 @@ pub fn new(args: NewArgs) -> anyhow::Result<()> {
     let (files, sdk) = match args.lang {
         Lang::Rust => (RUST, rust_sdk(args.sdk.as_deref())?.display().to_string()),
         Lang::Python => (PYTHON, String::new()),
+        Lang::Js => (JS, String::new()),
         Lang::C => (C, String::new()),
     };
     let crate_stem = name.replace('-', "_");
     for (path, template) in files {
-        let text = template.replace("{{name}}", name).replace("{{crate}}", &crate_stem).replace("{{sdk}}", &sdk);
+        let text = template
+            .replace(JS_COUNTER_PACKAGE, "\"{{name}}\"")
+            .replace("{{name}}", name).replace("{{crate}}", &crate_stem).replace("{{sdk}}", &sdk);
         let target = dir.join(path);
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
@@ -115,6 +138,7 @@ pub fn new(args: NewArgs) -> anyhow::Result<()> {
             format!("target/wasm32-wasip2/release/{crate_stem}.wasm"),
         ),
         Lang::Python => ("Python", "python3 -m unittest", "./build.sh", format!("{name}.wasm")),
+        Lang::Js => ("JavaScript", "npm test", "npm ci && npm run build", format!("{name}.wasm")),
         Lang::C => ("C", "make test", "make", format!("{name}.wasm")),
     };
     println!("created {} ({name}, {language}); next:", dir.display());
