@@ -16,7 +16,11 @@ use std::path::Path;
 pub const IDENTITY_FILE: &str = "IDENTITY";
 
 /// The on-disk format this build writes and the newest it can read.
-pub const FORMAT_VERSION: u32 = 1;
+/// Format 2 stores the log in chunks (see `storage::log`); a format 1
+/// directory is read as it is and marked format 2 when it opens, before
+/// anything of format 2 is written, so an older build refuses it with
+/// [`StoreError::NewerFormat`] rather than misreading it.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// The cluster and node a data directory belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,17 +76,27 @@ pub(crate) fn write(dir: &Path, identity: &Identity) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Reads and checks the identity file against what the caller expects.
+/// Reads and checks the identity file against what the caller expects;
+/// marks an older format's directory as this format's.
 pub(crate) fn check(dir: &Path, expected: &Identity) -> Result<(), StoreError> {
     expected.validate()?;
     let (format, found) = read(dir)?;
+    check_found(dir, format, &found, expected)?;
+    if format < FORMAT_VERSION {
+        tracing::info!(dir = %dir.display(), from = format, to = FORMAT_VERSION, "upgrading the data directory's format");
+        write(dir, expected)?;
+    }
+    Ok(())
+}
+
+fn check_found(dir: &Path, format: u32, found: &Identity, expected: &Identity) -> Result<(), StoreError> {
     if format > FORMAT_VERSION {
         return Err(StoreError::NewerFormat { dir: dir.to_path_buf(), found: format, supported: FORMAT_VERSION });
     }
     if found.cluster_id != expected.cluster_id {
         return Err(StoreError::WrongCluster {
             dir: dir.to_path_buf(),
-            found: found.cluster_id,
+            found: found.cluster_id.clone(),
             expected: expected.cluster_id.clone(),
         });
     }
@@ -149,7 +163,10 @@ mod tests {
         let text = format!("{body}checksum = {:08x}\n", crc32fast::hash(body.as_bytes()));
         fs::write(dir.path().join(IDENTITY_FILE), text).expect("write");
         let err = check(dir.path(), &me).expect_err("newer format");
-        assert!(matches!(err, StoreError::NewerFormat { found: 2, supported: 1, .. }), "{err}");
+        assert!(
+            matches!(err, StoreError::NewerFormat { found, supported, .. } if found == FORMAT_VERSION + 1 && supported == FORMAT_VERSION),
+            "{err}"
+        );
 
         write(dir.path(), &me).expect("write");
         let edited =
@@ -157,6 +174,18 @@ mod tests {
         fs::write(dir.path().join(IDENTITY_FILE), edited).expect("write");
         let err = check(dir.path(), &Identity::new("c", 2)).expect_err("hand edit breaks the checksum");
         assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_older_format_is_accepted_and_marked_as_this_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let me = Identity::new("c", 1);
+        let body = render_body(1, &me);
+        let text = format!("{body}checksum = {:08x}\n", crc32fast::hash(body.as_bytes()));
+        fs::write(dir.path().join(IDENTITY_FILE), text).expect("write");
+        check(dir.path(), &me).expect("format 1 opens");
+        assert_eq!(read(dir.path()).expect("read").0, FORMAT_VERSION);
+        assert!(check(dir.path(), &Identity::new("other", 1)).is_err(), "and is still checked");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! ```text
 //! DIR/IDENTITY   format version, cluster id, node id (checked before opening)
 //! DIR/db/        one fjall database with the keyspaces
-//!   log        index (u64 BE) -> checksummed entry
+//!   log        entries appended together, one record (see [`log`])
 //!   meta       hard state, membership, snapshot point, applied position
 //!   state      [len(sm)][sm][key] -> checksummed value, per state machine
 //!   sessions   client id -> checksummed session record
@@ -36,6 +36,7 @@ mod backup;
 mod codec;
 mod history;
 mod identity;
+mod log;
 mod membership;
 mod modules;
 mod snapshot;
@@ -51,7 +52,7 @@ use crate::raft::{ConfState, Entry, HardState, Index, LogStore, NodeId, Snapshot
 use codec::DecodeError;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -233,6 +234,9 @@ struct Cached {
     /// Term runs of the log: `(first index of the run, term)`, ascending, so
     /// `term(i)` never reads an entry (which may be a megabyte-sized module chunk).
     term_runs: Vec<(Index, Term)>,
+    /// Where each record of the log starts, ascending (the first may start
+    /// before `first_index`).
+    chunks: VecDeque<log::ChunkStart>,
     hard_state: HardState,
     /// `hard_state.commit` moved past what the disk holds (see
     /// [`Store::record_commit`]).
@@ -251,8 +255,18 @@ impl Cached {
         self.term_runs.get(run.checked_sub(1)?).map(|&(_, term)| term)
     }
 
+    /// The record holding `index` (which must be in the log).
+    fn chunk_of(&self, index: Index) -> Option<log::ChunkStart> {
+        let at = self.chunks.partition_point(|chunk| chunk.first <= index);
+        self.chunks.get(at.checked_sub(1)?).copied()
+    }
+
     fn record_appended(&mut self, entries: &[Entry]) {
         let Some(first) = entries.first() else { return };
+        self.chunks.retain(|chunk| chunk.first < first.index);
+        for run in log::chunk_runs(entries) {
+            self.chunks.push_back(log::ChunkStart { first: run[0].index, legacy: false });
+        }
         self.term_runs.retain(|&(start, _)| start < first.index);
         for entry in entries {
             if self.term_runs.last().is_none_or(|&(_, term)| term != entry.term) {
@@ -342,6 +356,7 @@ impl Store {
             last_index: 0,
             snapshot: SnapshotMeta::default(),
             term_runs: Vec::new(),
+            chunks: VecDeque::new(),
             hard_state: HardState::default(),
             commit_unwritten: false,
             conf_state: ConfState::default(),
@@ -452,9 +467,20 @@ impl Store {
         }
         let inner = &self.inner;
         let _writer = inner.log_writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let (log_first, log_last, unwritten) = {
+        let (log_first, log_last, unwritten, replaced, head) = {
             let cached = inner.lock();
-            (cached.first_index, cached.last_index, cached.commit_unwritten.then_some(cached.hard_state))
+            let from = entries.first().map_or(Index::MAX, |e| e.index);
+            // Records from `from` on are replaced; the one holding `from`, if
+            // it starts before, keeps its entries before `from`.
+            let replaced: Vec<log::ChunkStart> = cached.chunks.iter().filter(|c| c.first >= from).copied().collect();
+            let head = (from <= cached.last_index).then(|| cached.chunk_of(from)).flatten().filter(|c| c.first < from && !c.legacy);
+            (
+                cached.first_index,
+                cached.last_index,
+                cached.commit_unwritten.then_some(cached.hard_state),
+                replaced,
+                head,
+            )
         };
         // A commit index recorded without a write goes down with this batch.
         let hard_state = hard_state.or(unwritten.as_ref());
@@ -464,13 +490,22 @@ impl Store {
                 return Err(StoreError::InvalidAppend { first: first.index, log_first, log_last });
             }
             debug_assert!(entries.windows(2).all(|w| w[1].index == w[0].index + 1), "entries are contiguous");
-            let new_last = first.index + entries.len() as u64 - 1;
-            // Drop a stale suffix that the new entries do not overwrite.
-            for index in new_last + 1..=log_last {
-                batch.remove(&inner.log, codec::log_key(index));
+            // Every item of a batch shares one sequence number, so no key
+            // may appear twice: a record the new ones overwrite is not
+            // removed first.
+            let written: Vec<([u8; 9], Vec<u8>)> = log::chunk_runs(entries).into_iter().map(log::encode_chunk).collect();
+            for chunk in &replaced {
+                let key = chunk.key();
+                if !written.iter().any(|(new, _)| new[..] == key[..]) {
+                    batch.remove(&inner.log, key);
+                }
             }
-            for entry in entries {
-                batch.insert(&inner.log, codec::log_key(entry.index), codec::encode_entry(entry));
+            if let Some(head) = head {
+                let kept = self.entries_before(head, first.index)?;
+                batch.insert(&inner.log, head.key(), log::encode_chunk(&kept).1);
+            }
+            for (key, value) in written {
+                batch.insert(&inner.log, key, value);
             }
         }
         if let Some(hs) = hard_state {
@@ -586,11 +621,16 @@ impl Store {
         let term = cached.term(index).ok_or(StoreError::InvalidCompaction { index, why: "index is past the log" })?;
         let snapshot = SnapshotMeta { index, term, conf_state: cached.conf_state.clone() };
         let mut batch = inner.db.batch().durability(inner.persist_mode());
-        for i in cached.first_index..=index {
-            batch.remove(&inner.log, codec::log_key(i));
+        // Records wholly at or below `index` go; one that holds entries on
+        // both sides stays until a later compaction passes its end.
+        let last_of = |at: usize| cached.chunks.get(at + 1).map_or(cached.last_index, |next| next.first - 1);
+        let dropped = (0..cached.chunks.len()).take_while(|&at| last_of(at) <= index).count();
+        for chunk in cached.chunks.iter().take(dropped) {
+            batch.remove(&inner.log, chunk.key());
         }
         batch.insert(&inner.meta, META_SNAPSHOT, codec::encode_snapshot_meta(&snapshot));
         batch.commit().map_err(|e| inner.db_error(e))?;
+        cached.chunks.drain(..dropped);
         let first = index + 1;
         let keep_from = cached.term_runs.partition_point(|&(start, _)| start <= first).saturating_sub(1);
         cached.term_runs.drain(..keep_from);
@@ -811,25 +851,37 @@ impl Inner {
             .unwrap_or(history::HistoryMark { floor: applied.0, bytes: 0 });
 
         let mut term_runs: Vec<(Index, Term)> = Vec::new();
+        let mut chunks = VecDeque::new();
         let mut expected = snapshot.index + 1;
         let mut last_term = snapshot.term;
         for guard in self.log.iter() {
             let (key, value) = guard.into_inner().map_err(|e| self.db_error(e))?;
-            let index = codec::decode_log_key(&key)
-                .map_err(|DecodeError(why)| self.corrupt(format!("log key {key:?}: {why}")))?;
-            if index != expected {
-                return Err(self.corrupt(format!("log entry {expected} is missing (found {index} next)")));
+            let (start, entries) = log::parse_record(&key, &value)
+                .map_err(|DecodeError(why)| self.corrupt(format!("log record {:?}: {why}", &key[..])))?;
+            // Only the first record may reach back past the snapshot point.
+            if start.first > expected || (start.first < expected && !chunks.is_empty()) {
+                return Err(self.corrupt(format!("log entry {expected} is missing (found {} next)", start.first)));
             }
-            let entry = codec::decode_entry(index, &value)
-                .map_err(|DecodeError(why)| self.corrupt(format!("log entry {index}: {why}")))?;
-            if entry.term < last_term {
-                return Err(self.corrupt(format!("log entry {index} has term {} after term {last_term}", entry.term)));
+            chunks.push_back(start);
+            for item in entries {
+                let (index, bytes) = item
+                    .map_err(|DecodeError(why)| self.corrupt(format!("log record at {}: {why}", start.first)))?;
+                if index < expected {
+                    continue;
+                }
+                let entry = codec::decode_entry(index, bytes)
+                    .map_err(|DecodeError(why)| self.corrupt(format!("log entry {index}: {why}")))?;
+                if entry.term < last_term {
+                    return Err(
+                        self.corrupt(format!("log entry {index} has term {} after term {last_term}", entry.term))
+                    );
+                }
+                if term_runs.last().is_none_or(|&(_, t)| t != entry.term) {
+                    term_runs.push((index, entry.term));
+                }
+                last_term = entry.term;
+                expected += 1;
             }
-            if term_runs.last().is_none_or(|&(_, t)| t != entry.term) {
-                term_runs.push((index, entry.term));
-            }
-            last_term = entry.term;
-            expected += 1;
         }
         let last_index = expected - 1;
         if hard_state.commit > last_index {
@@ -846,6 +898,7 @@ impl Inner {
             last_index,
             snapshot,
             term_runs,
+            chunks,
             hard_state,
             commit_unwritten: false,
             conf_state,
@@ -885,7 +938,7 @@ impl LogStore for Store {
     }
 
     fn entries(&self, low: Index, high: Index, max_bytes: u64) -> Result<Vec<Entry>, StorageError> {
-        {
+        let start = {
             let cached = self.inner.lock();
             if low < cached.first_index {
                 return Err(StorageError::Compacted(low));
@@ -893,31 +946,97 @@ impl LogStore for Store {
             if high > cached.last_index + 1 {
                 return Err(StorageError::Unavailable(high - 1));
             }
-        }
+            if low >= high {
+                return Ok(Vec::new());
+            }
+            cached.chunk_of(low)
+        };
+        let Some(start) = start else {
+            return Err(self.inner.corrupt(format!("log entry {low} is in no record")).into());
+        };
+        self.entries_from(start, low, high, max_bytes)
+    }
+}
+
+impl Store {
+    /// [`LogStore::entries`] from the record `start`, which held `low` when
+    /// looked up: a compaction may have dropped it since.
+    fn entries_from(
+        &self,
+        start: log::ChunkStart,
+        low: Index,
+        high: Index,
+        max_bytes: u64,
+    ) -> Result<Vec<Entry>, StorageError> {
         let mut out = Vec::new();
         let mut total = 0u64;
-        for guard in self.inner.log.range(codec::log_key(low)..codec::log_key(high)) {
+        'records: for guard in self.inner.log.range(log::scan_from(start.first)..) {
             let (key, value) = guard.into_inner().map_err(|e| StorageError::from(self.inner.db_error(e)))?;
-            let index = codec::decode_log_key(&key).map_err(|DecodeError(why)| {
-                StorageError::from(self.inner.corrupt(format!("log key {key:?}: {why}")))
+            let (_, entries) = log::parse_record(&key, &value).map_err(|DecodeError(why)| {
+                StorageError::from(self.inner.corrupt(format!("log record {:?}: {why}", &key[..])))
             })?;
-            let expected = low + out.len() as u64;
-            if index != expected {
-                return Err(self.inner.corrupt(format!("log entry {expected} is missing")).into());
+            for item in entries {
+                let (index, bytes) = item.map_err(|DecodeError(why)| {
+                    StorageError::from(self.inner.corrupt(format!("log record {:?}: {why}", &key[..])))
+                })?;
+                if index < low {
+                    continue;
+                }
+                if index >= high {
+                    break 'records;
+                }
+                let expected = low + out.len() as u64;
+                if index != expected {
+                    if out.is_empty() && low < self.inner.lock().first_index {
+                        return Err(StorageError::Compacted(low));
+                    }
+                    return Err(self.inner.corrupt(format!("log entry {expected} is missing")).into());
+                }
+                let entry = codec::decode_entry(index, bytes).map_err(|DecodeError(why)| {
+                    StorageError::from(self.inner.corrupt(format!("log entry {index}: {why}")))
+                })?;
+                total += entry.size_bytes();
+                if !out.is_empty() && total > max_bytes {
+                    break 'records;
+                }
+                out.push(entry);
             }
-            let entry = codec::decode_entry(index, &value).map_err(|DecodeError(why)| {
-                StorageError::from(self.inner.corrupt(format!("log entry {index}: {why}")))
-            })?;
-            total += entry.size_bytes();
-            if !out.is_empty() && total > max_bytes {
-                break;
-            }
-            out.push(entry);
         }
-        if out.is_empty() && low < high {
+        if out.is_empty() {
+            // Compacted away since the check above, or lost.
+            if low < self.inner.lock().first_index {
+                return Err(StorageError::Compacted(low));
+            }
             return Err(self.inner.corrupt(format!("log entry {low} is missing")).into());
         }
         Ok(out)
+    }
+
+    /// The entries of the log record starting at `head` that come before
+    /// `before`, to write it back shortened.
+    fn entries_before(&self, head: log::ChunkStart, before: Index) -> Result<Vec<Entry>, StoreError> {
+        let inner = &self.inner;
+        let key = head.key();
+        let value = inner
+            .log
+            .get(&key)
+            .map_err(|e| inner.db_error(e))?
+            .ok_or_else(|| inner.corrupt(format!("log record at {} is missing", head.first)))?;
+        let (_, entries) = log::parse_record(&key, &value)
+            .map_err(|DecodeError(why)| inner.corrupt(format!("log record at {}: {why}", head.first)))?;
+        let mut kept = Vec::new();
+        for item in entries {
+            let (index, bytes) =
+                item.map_err(|DecodeError(why)| inner.corrupt(format!("log record at {}: {why}", head.first)))?;
+            if index >= before {
+                break;
+            }
+            kept.push(
+                codec::decode_entry(index, bytes)
+                    .map_err(|DecodeError(why)| inner.corrupt(format!("log entry {index}: {why}")))?,
+            );
+        }
+        Ok(kept)
     }
 }
 
@@ -945,4 +1064,76 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::EntryKind;
+    use bytes::Bytes;
+
+    fn entry(index: Index, term: Term) -> Entry {
+        Entry { term, index, kind: EntryKind::Normal, data: Bytes::from(vec![index as u8; 40]) }
+    }
+
+    fn options() -> StoreOptions {
+        StoreOptions { durability: Durability::UnsafeNoSync, ..StoreOptions::default() }
+    }
+
+    #[test]
+    fn a_format_1_log_of_one_record_per_entry_reads_appends_truncates_and_compacts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let identity = Identity::new("old", 1);
+        {
+            let store = Store::open(dir.path(), &identity, &options()).expect("open");
+            // What format 1 wrote: each entry under its plain index.
+            let mut batch = store.inner.db.batch();
+            for index in 1..=10 {
+                batch.insert(&store.inner.log, codec::log_key(index), codec::encode_entry(&entry(index, 1)));
+            }
+            let hard_state = HardState { term: 1, vote: Some(1), commit: 6 };
+            batch.insert(&store.inner.meta, META_HARD_STATE, codec::encode_hard_state(&hard_state));
+            batch.commit().expect("commit");
+        }
+        let store = Store::open(dir.path(), &identity, &options()).expect("reopen");
+        let all: Vec<Entry> = (1..=10).map(|i| entry(i, 1)).collect();
+        assert_eq!(store.entries(1, 11, u64::MAX).expect("read"), all);
+        assert_eq!(store.entries(4, 7, u64::MAX).expect("read"), all[3..6]);
+
+        // Appended after, and replacing a suffix that starts among the old records.
+        store.persist(&(11..=14).map(|i| entry(i, 1)).collect::<Vec<_>>(), None).expect("append");
+        let replacement: Vec<Entry> = (8..=12).map(|i| entry(i, 2)).collect();
+        store.persist(&replacement, None).expect("replace a suffix");
+        let expected: Vec<Entry> = all[..7].iter().cloned().chain(replacement.iter().cloned()).collect();
+        assert_eq!(store.entries(1, 13, u64::MAX).expect("read"), expected);
+        assert_eq!(store.last_index().expect("last"), 12);
+
+        store
+            .apply(&ApplyBatch { applied_index: 9, applied_term: 2, ..ApplyBatch::default() })
+            .expect("apply up to 9");
+        store.compact(5).expect("compact among the old records");
+        drop(store);
+        let store = Store::open(dir.path(), &identity, &options()).expect("reopen after compaction");
+        assert_eq!(store.first_index().expect("first"), 6);
+        assert_eq!(store.entries(6, 13, u64::MAX).expect("read"), expected[5..]);
+        assert_eq!(store.term(9).expect("term"), 2);
+        assert!(matches!(store.entries(5, 7, u64::MAX), Err(StorageError::Compacted(5))));
+    }
+
+    #[test]
+    fn a_read_racing_a_compaction_is_told_compacted_not_corrupt() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), &Identity::new("race", 1), &options()).expect("open");
+        for start in (1..=60).step_by(6) {
+            store.persist(&(start..start + 6).map(|i| entry(i, 1)).collect::<Vec<_>>(), None).expect("append");
+        }
+        store.apply(&ApplyBatch { applied_index: 60, applied_term: 1, ..ApplyBatch::default() }).expect("apply");
+        // The reader looked its record up before the compaction removed it.
+        let start = store.inner.lock().chunk_of(8).expect("a record holds 8");
+        store.compact(30).expect("compact");
+        assert!(store.inner.log.get(start.key()).expect("get").is_none(), "the record is gone");
+        assert!(matches!(store.entries_from(start, 8, 10, u64::MAX), Err(StorageError::Compacted(8))));
+        assert!(matches!(store.entries(8, 10, u64::MAX), Err(StorageError::Compacted(8))));
+        assert_eq!(store.entries(31, 40, u64::MAX).expect("read").len(), 9);
+    }
 }

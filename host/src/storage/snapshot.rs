@@ -343,8 +343,8 @@ impl Store {
         let mut hard_state = cached.hard_state;
         hard_state.commit = hard_state.commit.max(meta.index);
         let mut last = inner.db.batch().durability(inner.persist_mode());
-        for index in cached.first_index..=cached.last_index {
-            last.remove(&inner.log, codec::log_key(index));
+        for chunk in &cached.chunks {
+            last.remove(&inner.log, chunk.key());
         }
         last.insert(&inner.meta, META_SNAPSHOT, codec::encode_snapshot_meta(meta));
         last.insert(&inner.meta, META_HARD_STATE, codec::encode_hard_state(&hard_state));
@@ -363,6 +363,7 @@ impl Store {
         cached.first_index = meta.index + 1;
         cached.last_index = meta.index;
         cached.term_runs.clear();
+        cached.chunks.clear();
         cached.snapshot = meta.clone();
         cached.hard_state = hard_state;
         cached.conf_state = meta.conf_state.clone();
