@@ -2,20 +2,31 @@
 //! it replaced, kept by log index so that watchers can be served from the
 //! store, from any index the history still holds, at their own pace.
 //!
-//! Layout, in the `history` keyspace:
+//! Layout, in the `history` keyspace: one record per applied batch that
+//! changed anything, under the first and last index of its changes,
 //! ```text
-//! index (u64 BE) seq (u32 BE) -> checksummed [len][state machine][key len u32][key]
-//!                                            [0 | 1 value len u32 value][0 | 1 prev len u32 prev]
+//! first (u64 BE) last (u64 BE) -> checksummed [count u32] count x change
+//! change: [index u64][len][state machine][key len u32][key]
+//!         [0 | 1 value len u32 value][0 | 1 prev len u32 prev]
 //! ```
-//! and in `meta`, `history` -> (floor, bytes): the history holds every
-//! change at an index above the floor, and its records take `bytes`.
+//! in apply order; a change's place among those of its index is its `seq`.
+//! In `meta`, `history` -> (floor, bytes): the history holds every change
+//! at an index above the floor, and its records take `bytes`. Directories
+//! of format 1 hold one record per change under `index (u64 BE) seq (u32
+//! BE)`, a change without the index; they are read alike and compacted away.
+//!
+//! One record per batch rather than per change is what keeps the history
+//! cheap in an LSM tree, where each record costs a memtable insert, a place
+//! in a flushed table and a tombstone, whatever its size.
 //!
 //! The records of a batch of applied entries land in the same atomic batch
 //! as the writes themselves ([`Store::apply`]), so the history never lags or
-//! leads the state. They are compacted there too, whole indexes at a time,
-//! oldest first, to the configured number of indexes and bytes. The history
-//! travels in snapshots and backups, so a member that installs one serves
-//! the same watches as the leader that sent it.
+//! leads the state. They are compacted there too, whole records at a time,
+//! oldest first, to the configured number of indexes and bytes; the store
+//! remembers the records it wrote, so compaction reads back only records
+//! from before it opened. The history travels in snapshots and backups, so
+//! a member that installs one serves the same watches as the leader that
+//! sent it.
 //!
 //! The history is not replicated state: two members may keep different
 //! lengths of it (their limits may differ), and state digests ignore it.
@@ -24,7 +35,7 @@ use super::codec::{self, DecodeError};
 use super::{Inner, META_APPLIED, Store, StoreError};
 use crate::raft::Index;
 use fjall::Readable;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 /// Key of the history's mark in `meta`.
 pub(super) const META_HISTORY: &[u8] = b"history";
@@ -60,9 +71,42 @@ pub(super) struct HistoryMark {
     pub bytes: u64,
 }
 
-/// Records deleted per applied batch at most (whole indexes are finished):
-/// compaction keeps pace with appends without a pause of its own.
+/// Records deleted per applied batch at most: compaction keeps pace with
+/// appends without a pause of its own.
 const COMPACT_RECORDS_PER_BATCH: usize = 4096;
+
+/// What one stored record covers: its changes' first and last index and
+/// the bytes of its key and value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct RecordSpan {
+    pub first: Index,
+    pub last: Index,
+    pub bytes: u64,
+    /// A format 1 record: one change, at this `seq` of `first`.
+    legacy_seq: Option<u32>,
+}
+
+impl RecordSpan {
+    fn key(&self) -> Vec<u8> {
+        match self.legacy_seq {
+            Some(seq) => legacy_key(self.first, seq).to_vec(),
+            None => record_key(self.first, self.last).to_vec(),
+        }
+    }
+}
+
+/// Records this store wrote since it opened (or since a snapshot replaced
+/// the history), oldest first.
+pub(super) type KnownRecords = VecDeque<RecordSpan>;
+
+/// What [`Inner::record_history`] changes once its batch commits.
+#[derive(Debug)]
+pub(super) struct HistoryUpdate {
+    pub mark: HistoryMark,
+    /// Known records compacted away (from the front).
+    pub dropped_known: usize,
+    pub written: Option<RecordSpan>,
+}
 
 /// Indexes the history may run over its limit before compaction starts, so
 /// that it runs in steps rather than on every batch.
@@ -167,20 +211,38 @@ pub struct HistoryPage {
     pub applied: Index,
 }
 
-fn record_key(index: Index, seq: u32) -> [u8; 12] {
+fn record_key(first: Index, last: Index) -> [u8; 16] {
+    let mut key = [0; 16];
+    key[..8].copy_from_slice(&first.to_be_bytes());
+    key[8..].copy_from_slice(&last.to_be_bytes());
+    key
+}
+
+fn legacy_key(index: Index, seq: u32) -> [u8; 12] {
     let mut key = [0; 12];
     key[..8].copy_from_slice(&index.to_be_bytes());
     key[8..].copy_from_slice(&seq.to_be_bytes());
     key
 }
 
-fn decode_record_key(key: &[u8]) -> Result<HistoryPosition, DecodeError> {
-    let key: [u8; 12] = key.try_into().map_err(|_| DecodeError("history key is not 12 bytes"))?;
-    let (index, seq) = key.split_at(8);
-    Ok(HistoryPosition {
-        index: Index::from_be_bytes(index.try_into().expect("8 bytes")),
-        seq: u32::from_be_bytes(seq.try_into().expect("4 bytes")),
-    })
+/// The span a record's key names (its bytes counted from `value_len`).
+fn decode_span(key: &[u8], value_len: usize) -> Result<RecordSpan, DecodeError> {
+    let bytes = (key.len() + value_len) as u64;
+    let index = |at: usize| Index::from_be_bytes(key[at..at + 8].try_into().expect("8 bytes"));
+    match key.len() {
+        16 => {
+            let (first, last) = (index(0), index(8));
+            if first > last {
+                return Err(DecodeError("history record ends before it starts"));
+            }
+            Ok(RecordSpan { first, last, bytes, legacy_seq: None })
+        }
+        12 => {
+            let seq = u32::from_be_bytes(key[8..].try_into().expect("4 bytes"));
+            Ok(RecordSpan { first: index(0), last: index(0), bytes, legacy_seq: Some(seq) })
+        }
+        _ => Err(DecodeError("history key is neither 12 nor 16 bytes")),
+    }
 }
 
 fn push_sized(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -198,15 +260,13 @@ fn push_optional(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
     }
 }
 
-fn encode_record(state_machine: &str, key: &[u8], value: Option<&[u8]>, previous: Option<&[u8]>) -> Vec<u8> {
-    let sized = |v: Option<&[u8]>| v.map_or(1, |v| 5 + v.len());
-    let mut out = Vec::with_capacity(1 + state_machine.len() + 4 + key.len() + sized(value) + sized(previous) + 4);
+/// One change's fields, appended to a record body.
+fn push_change(out: &mut Vec<u8>, state_machine: &str, key: &[u8], value: Option<&[u8]>, previous: Option<&[u8]>) {
     out.push(state_machine.len() as u8);
     out.extend_from_slice(state_machine.as_bytes());
-    push_sized(&mut out, key);
-    push_optional(&mut out, value);
-    push_optional(&mut out, previous);
-    codec::seal(out)
+    push_sized(out, key);
+    push_optional(out, value);
+    push_optional(out, previous);
 }
 
 /// Reads a record's fields off the front of its body.
@@ -222,8 +282,16 @@ impl<'a> RecordReader<'a> {
         Ok(head)
     }
 
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_be_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+
     fn sized(&mut self) -> Result<&'a [u8], DecodeError> {
-        let len = u32::from_be_bytes(self.take(4)?.try_into().expect("4 bytes"));
+        let len = self.u32()?;
         self.take(len as usize)
     }
 
@@ -236,13 +304,54 @@ impl<'a> RecordReader<'a> {
     }
 }
 
-/// The state machine and key of a record body, and a reader at its values.
-fn record_head(body: &[u8]) -> Result<(&[u8], &[u8], RecordReader<'_>), DecodeError> {
+/// One change as stored, borrowed from its record.
+struct StoredChange<'a> {
+    position: HistoryPosition,
+    state_machine: &'a [u8],
+    key: &'a [u8],
+    value: Option<&'a [u8]>,
+    previous: Option<&'a [u8]>,
+}
+
+/// The changes of one stored record, in order, checked against its span.
+fn record_changes<'a>(span: RecordSpan, value: &'a [u8]) -> Result<Vec<StoredChange<'a>>, DecodeError> {
+    let body = codec::unseal(value)?;
     let mut reader = RecordReader(body);
-    let name_len = reader.take(1)?[0] as usize;
-    let name = reader.take(name_len)?;
-    let key = reader.sized()?;
-    Ok((name, key, reader))
+    let change = |reader: &mut RecordReader<'a>, position| -> Result<StoredChange<'a>, DecodeError> {
+        let name_len = reader.take(1)?[0] as usize;
+        let state_machine = reader.take(name_len)?;
+        let key = reader.sized()?;
+        let value = reader.optional()?;
+        let previous = reader.optional()?;
+        Ok(StoredChange { position, state_machine, key, value, previous })
+    };
+    let changes = match span.legacy_seq {
+        Some(seq) => vec![change(&mut reader, HistoryPosition { index: span.first, seq })?],
+        None => {
+            let count = reader.u32()?;
+            let mut changes = Vec::with_capacity(count.min(1 << 16) as usize);
+            let mut position = HistoryPosition { index: span.first, seq: 0 };
+            for at in 0..count {
+                let index = reader.u64()?;
+                if index < span.first || index > span.last || (at > 0 && index < position.index) {
+                    return Err(DecodeError("history change outside its record's indexes or out of order"));
+                }
+                position = match at > 0 && index == position.index {
+                    true => HistoryPosition { index, seq: position.seq + 1 },
+                    false => HistoryPosition::at(index),
+                };
+                changes.push(change(&mut reader, position)?);
+            }
+            if changes.first().map(|c| c.position.index) != Some(span.first) || position.index != span.last {
+                return Err(DecodeError("history record's key does not match its changes"));
+            }
+            changes
+        }
+    };
+    if !reader.0.is_empty() {
+        return Err(DecodeError("history record has trailing bytes"));
+    }
+    Ok(changes)
 }
 
 pub(super) fn encode_mark(mark: &HistoryMark) -> Vec<u8> {
@@ -263,95 +372,137 @@ pub(super) fn decode_mark(value: &[u8]) -> Result<HistoryMark, DecodeError> {
 }
 
 impl Inner {
-    /// Adds the records of `changes` (in apply order, each with the index
-    /// that made it) to `batch`, then compacts what the limits no longer
-    /// keep. Returns the new mark, which `batch` also writes.
+    /// Adds one record holding `changes` (in apply order, each with the
+    /// index that made it) to `batch`, then compacts what the limits no
+    /// longer keep. The mark it returns is written by `batch` too; the
+    /// caller takes the update once `batch` commits.
     pub(super) fn record_history(
         &self,
         batch: &mut fjall::OwnedWriteBatch,
         changes: &[super::StateChange],
-        mut mark: HistoryMark,
+        mark: HistoryMark,
+        known: &KnownRecords,
         (applied_before, applied): (Index, Index),
-    ) -> Result<HistoryMark, StoreError> {
+    ) -> Result<HistoryUpdate, StoreError> {
         let limits = self.history_limits;
-        if limits.keeps_history() {
-            // The value each key held before the batch is in the store (the
-            // batch is not committed yet); within the batch, the last change.
-            let mut latest: HashMap<(&str, &[u8]), Option<&[u8]>> = HashMap::new();
-            let mut seq = (0, 0u32);
-            for super::StateChange { index, write, previous } in changes {
-                let previous = match latest.get(&(write.state_machine.as_str(), write.key.as_slice())) {
-                    Some(value) => value.map(<[u8]>::to_vec),
-                    None => match previous {
-                        Some(known) => known.clone(),
-                        None => self.state_value(&write.state_machine, &write.key)?,
-                    },
-                };
-                if previous.is_none() && write.value.is_none() {
-                    // Deleting a key that is not there changes nothing.
-                    continue;
-                }
-                seq = if seq.0 == *index { (*index, seq.1 + 1) } else { (*index, 0) };
-                let record =
-                    encode_record(&write.state_machine, &write.key, write.value.as_deref(), previous.as_deref());
-                mark.bytes += (12 + record.len()) as u64;
-                batch.insert(&self.history, record_key(seq.0, seq.1), record);
-                latest.insert((write.state_machine.as_str(), write.key.as_slice()), write.value.as_deref());
-            }
-        }
-        // This batch's own records are not in the store yet: compaction
+        let mut update = HistoryUpdate { mark, dropped_known: 0, written: None };
+        // This batch's own record is not in the store yet: compaction
         // reaches no further than what earlier batches applied.
         let keep_above = applied.saturating_sub(limits.entries).min(applied_before);
         let over_entries = mark.floor + COMPACT_SLACK_ENTRIES < keep_above;
         if !limits.keeps_history() || over_entries || mark.bytes > limits.bytes {
-            mark = self.compact_history(batch, mark, keep_above, applied_before)?;
+            self.compact_history(batch, &mut update, known, keep_above, applied_before)?;
         }
-        if !limits.keeps_history() {
-            mark.floor = applied;
+        if limits.keeps_history() {
+            update.written = self.write_record(batch, changes, &mut update.mark)?;
+        } else {
+            update.mark.floor = applied;
         }
-        batch.insert(&self.meta, META_HISTORY, encode_mark(&mark));
-        Ok(mark)
+        batch.insert(&self.meta, META_HISTORY, encode_mark(&update.mark));
+        Ok(update)
     }
 
-    /// Deletes the oldest records up to `upto`, whole indexes at a time,
-    /// until none is left at or below `keep_above` and the records fit in
-    /// three quarters of their bytes (room to grow before the next round);
-    /// at most about [`COMPACT_RECORDS_PER_BATCH`] records per call.
+    /// The record of a batch's changes, if any changed anything.
+    fn write_record(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        changes: &[super::StateChange],
+        mark: &mut HistoryMark,
+    ) -> Result<Option<RecordSpan>, StoreError> {
+        // The value each key held before the batch is in the store (the
+        // batch is not committed yet); within the batch, the last change.
+        let mut latest: HashMap<(&str, &[u8]), Option<&[u8]>> = HashMap::new();
+        let mut body = vec![0; 4];
+        let (mut count, mut first, mut last) = (0u32, None, 0);
+        for super::StateChange { index, write, previous } in changes {
+            let previous = match latest.get(&(write.state_machine.as_str(), write.key.as_slice())) {
+                Some(value) => value.map(<[u8]>::to_vec),
+                None => match previous {
+                    Some(known) => known.clone(),
+                    None => self.state_value(&write.state_machine, &write.key)?,
+                },
+            };
+            if previous.is_none() && write.value.is_none() {
+                // Deleting a key that is not there changes nothing.
+                continue;
+            }
+            body.extend_from_slice(&index.to_be_bytes());
+            push_change(&mut body, &write.state_machine, &write.key, write.value.as_deref(), previous.as_deref());
+            latest.insert((write.state_machine.as_str(), write.key.as_slice()), write.value.as_deref());
+            count += 1;
+            first.get_or_insert(*index);
+            last = *index;
+        }
+        let Some(first) = first else { return Ok(None) };
+        body[..4].copy_from_slice(&count.to_be_bytes());
+        let value = codec::seal(body);
+        let key = record_key(first, last);
+        let span = RecordSpan { first, last, bytes: (key.len() + value.len()) as u64, legacy_seq: None };
+        mark.bytes += span.bytes;
+        batch.insert(&self.history, key, value);
+        Ok(Some(span))
+    }
+
+    /// Deletes the oldest records, whole, while one ends at or below
+    /// `keep_above` or the records take more than three quarters of their
+    /// bytes (room to grow before the next round); at most
+    /// [`COMPACT_RECORDS_PER_BATCH`] records per call, none past `upto`.
+    /// Records this store wrote are taken from `known`; older ones (from
+    /// before it opened) are read to find their spans.
     fn compact_history(
         &self,
         batch: &mut fjall::OwnedWriteBatch,
-        mut mark: HistoryMark,
+        update: &mut HistoryUpdate,
+        known: &KnownRecords,
         keep_above: Index,
         upto: Index,
-    ) -> Result<HistoryMark, StoreError> {
+    ) -> Result<(), StoreError> {
         let bytes_target = self.history_limits.bytes - self.history_limits.bytes / 4;
+        let keeps = self.history_limits.keeps_history();
         let mut deleted = 0;
-        let mut deleting: Option<Index> = None;
-        for guard in self.history.range(record_key(mark.floor + 1, 0)..=record_key(upto, u32::MAX)) {
-            let (key, value) = guard.into_inner().map_err(|e| self.db_error(e))?;
-            let position = decode_record_key(&key)
-                .map_err(|DecodeError(why)| self.corrupt(format!("history key {:?}: {why}", &key[..])))?;
-            if deleting != Some(position.index) {
-                // Every record below this index is deleted now.
-                if let Some(index) = deleting {
-                    mark.floor = index;
-                }
-                if position.index > keep_above && mark.bytes <= bytes_target {
-                    mark.floor = mark.floor.max(keep_above);
-                    return Ok(mark);
-                }
-                if deleted >= COMPACT_RECORDS_PER_BATCH {
-                    return Ok(mark);
-                }
-                deleting = Some(position.index);
+        // Drops `span` if it is due; false at the first record kept.
+        let mut drop_if_due = |span: RecordSpan, mark: &mut HistoryMark| -> bool {
+            if deleted >= COMPACT_RECORDS_PER_BATCH {
+                return false;
             }
-            batch.remove(&self.history, key.to_vec());
-            mark.bytes = mark.bytes.saturating_sub((key.len() + value.len()) as u64);
+            let due = !keeps || span.last <= keep_above || mark.bytes > bytes_target;
+            if !due || span.last > upto {
+                // Nothing is left between the floor and this record.
+                mark.floor = mark.floor.max(keep_above.min(span.first - 1));
+                return false;
+            }
+            batch.remove(&self.history, span.key());
+            mark.bytes = mark.bytes.saturating_sub(span.bytes);
+            mark.floor = mark.floor.max(span.last);
             deleted += 1;
+            true
+        };
+        // Every stored record starts above the floor; those before the
+        // first known one are from before this store opened.
+        let low = legacy_key(update.mark.floor + 1, 0).to_vec();
+        let older = match known.front() {
+            Some(front) => self.history.range(low..front.key()),
+            None => self.history.range(low..),
+        };
+        for guard in older {
+            let (key, value) = guard.into_inner().map_err(|e| self.db_error(e))?;
+            let span = decode_span(&key, value.len())
+                .map_err(|DecodeError(why)| self.corrupt(format!("history key {:?}: {why}", &key[..])))?;
+            if !drop_if_due(span, &mut update.mark) {
+                return Ok(());
+            }
+        }
+        for span in known {
+            if !drop_if_due(*span, &mut update.mark) {
+                return Ok(());
+            }
+            update.dropped_known += 1;
         }
         // No record at or below `upto` is left.
-        mark.floor = mark.floor.max(deleting.unwrap_or(0)).max(keep_above);
-        Ok(mark)
+        if deleted < COMPACT_RECORDS_PER_BATCH {
+            update.mark.floor = update.mark.floor.max(keep_above);
+        }
+        Ok(())
     }
 }
 
@@ -404,44 +555,60 @@ impl Store {
         if from.index > applied {
             return Ok(HistoryRead::Page(page));
         }
+        // The record holding `from.index` may start before it; a format 1
+        // record holds one change, found under its own position.
+        let holding = view
+            .range(&inner.history, ..=record_key(from.index, Index::MAX).to_vec())
+            .next_back()
+            .map(|guard| guard.into_inner().map_err(|e| inner.db_error(e)))
+            .transpose()?
+            .map(|(key, value)| decode_span(&key, value.len()).map(|span| (span, key)))
+            .transpose()
+            .map_err(|DecodeError(why)| inner.corrupt(format!("history key: {why}")))?;
+        let start = match holding {
+            Some((span, key)) if span.legacy_seq.is_none() && span.last >= from.index => key.to_vec(),
+            _ => legacy_key(from.index, from.seq).to_vec(),
+        };
         let (mut bytes, mut scanned) = (0, 0);
         let mut last_index = None;
-        for guard in view.range(&inner.history, record_key(from.index, from.seq)..=record_key(applied, u32::MAX)) {
+        for guard in view.range(&inner.history, start..=record_key(applied, Index::MAX).to_vec()) {
             let (key, value) = guard.into_inner().map_err(|e| inner.db_error(e))?;
-            let position = decode_record_key(&key)
-                .map_err(|DecodeError(why)| inner.corrupt(format!("history key {:?}: {why}", &key[..])))?;
-            let full = page.changes.len() >= limits.changes || bytes >= limits.bytes || scanned >= limits.scanned;
-            if last_index != Some(position.index) && full {
-                page.covered = position.index - 1;
-                page.next = HistoryPosition::at(position.index);
-                return Ok(HistoryRead::Page(page));
+            let corrupt = |why: &str| inner.corrupt(format!("history record {:?}: {why}", &key[..]));
+            let span = decode_span(&key, value.len()).map_err(|DecodeError(why)| corrupt(why))?;
+            let changes = record_changes(span, &value).map_err(|DecodeError(why)| corrupt(why))?;
+            for stored in changes {
+                let position = stored.position;
+                if position < from {
+                    continue;
+                }
+                let full = page.changes.len() >= limits.changes || bytes >= limits.bytes || scanned >= limits.scanned;
+                if last_index != Some(position.index) && full {
+                    page.covered = position.index - 1;
+                    page.next = HistoryPosition::at(position.index);
+                    return Ok(HistoryRead::Page(page));
+                }
+                if bytes >= limits.hard_bytes {
+                    // One index's changes outgrow a page: the next page goes
+                    // on inside it, and this one covers only the index before.
+                    page.covered = position.index - 1;
+                    page.next = position;
+                    return Ok(HistoryRead::Page(page));
+                }
+                last_index = Some(position.index);
+                scanned += 1;
+                if !filter.matches(stored.state_machine, stored.key) {
+                    continue;
+                }
+                let change = Change {
+                    index: position.index,
+                    state_machine: filter.state_machine.clone(),
+                    key: stored.key.to_vec(),
+                    value: stored.value.map(<[u8]>::to_vec),
+                    previous: stored.previous.map(<[u8]>::to_vec),
+                };
+                bytes += change.bytes();
+                page.changes.push(change);
             }
-            if bytes >= limits.hard_bytes {
-                // One index's changes outgrow a page: the next page goes on
-                // inside it, and this one covers only the index before.
-                page.covered = position.index - 1;
-                page.next = position;
-                return Ok(HistoryRead::Page(page));
-            }
-            last_index = Some(position.index);
-            scanned += 1;
-            let corrupt = |why: &str| inner.corrupt(format!("history record {position:?}: {why}"));
-            let body = codec::unseal(&value).map_err(|DecodeError(why)| corrupt(why))?;
-            let (name, user_key, mut rest) = record_head(body).map_err(|DecodeError(why)| corrupt(why))?;
-            if !filter.matches(name, user_key) {
-                continue;
-            }
-            let new_value = rest.optional().map_err(|DecodeError(why)| corrupt(why))?;
-            let previous = rest.optional().map_err(|DecodeError(why)| corrupt(why))?;
-            let change = Change {
-                index: position.index,
-                state_machine: filter.state_machine.clone(),
-                key: user_key.to_vec(),
-                value: new_value.map(<[u8]>::to_vec),
-                previous: previous.map(<[u8]>::to_vec),
-            };
-            bytes += change.bytes();
-            page.changes.push(change);
         }
         Ok(HistoryRead::Page(page))
     }
@@ -452,6 +619,7 @@ mod tests {
     use super::*;
     use crate::raft::{ConfState, Entry, EntryKind};
     use crate::storage::{ApplyBatch, Durability, Identity, StagingStart, StateChange, StateWrite, StoreOptions};
+    use crate::storage::history::{META_HISTORY, encode_mark};
 
     const ALL: PageLimits =
         PageLimits { changes: usize::MAX, bytes: usize::MAX, scanned: usize::MAX, hard_bytes: usize::MAX };
@@ -654,8 +822,65 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open(dir.path(), HistoryLimits::default());
         apply(&store, 1, vec![write(1, "a", Some("1"))]);
-        store.inner.history.insert(record_key(1, 0), b"garbage".to_vec()).expect("insert");
+        store.inner.history.insert(record_key(1, 1), b"garbage".to_vec()).expect("insert");
         let error = store.history_page(HistoryPosition::at(1), &HistoryFilter::prefix("kv", b""), ALL).unwrap_err();
         assert!(error.to_string().contains("history record"), "{error}");
+        // A record whose key names other indexes than its changes hold.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path(), HistoryLimits::default());
+        apply(&store, 2, vec![write(1, "a", Some("1")), write(2, "a", Some("2"))]);
+        let value = store.inner.history.get(record_key(1, 2)).expect("get").expect("the record");
+        store.inner.history.remove(record_key(1, 2)).expect("remove");
+        store.inner.history.insert(record_key(1, 3), value).expect("insert");
+        let error = store.history_page(HistoryPosition::at(1), &HistoryFilter::prefix("kv", b""), ALL).unwrap_err();
+        assert!(error.to_string().contains("does not match"), "{error}");
+    }
+
+    #[test]
+    fn a_format_1_history_of_one_record_per_change_reads_and_compacts_with_the_new_records() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limits = HistoryLimits { entries: 6, bytes: 64 << 20 };
+        let store = open(dir.path(), limits);
+        apply(&store, 4, Vec::new());
+        // What format 1 wrote for entries 2 and 4: a record per change.
+        let old = |state_machine: &str, key: &str, value: &str| {
+            let mut body = Vec::new();
+            push_change(&mut body, state_machine, key.as_bytes(), Some(value.as_bytes()), None);
+            codec::seal(body)
+        };
+        let records = [(legacy_key(2, 0), old("kv", "a", "1")), (legacy_key(2, 1), old("kv", "b", "1")), (legacy_key(4, 0), old("kv", "a", "2"))];
+        let bytes: u64 = records.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum();
+        for (key, value) in &records {
+            store.inner.history.insert(key, value).expect("insert");
+        }
+        let mark = HistoryMark { floor: 1, bytes };
+        store.inner.meta.insert(META_HISTORY, encode_mark(&mark)).expect("mark");
+        drop(store);
+        let store = open(dir.path(), limits);
+        let replacing = StateChange { previous: Some(Some(b"2".to_vec())), ..write(5, "a", Some("3")) };
+        apply(&store, 6, vec![replacing, write(6, "c", Some("1"))]);
+        let everything = HistoryFilter::prefix("kv", b"");
+        assert_eq!(
+            shown(&page(&store, 2, &everything, ALL).changes),
+            ["2 a 1 was -", "2 b 1 was -", "4 a 2 was -", "5 a 3 was 2", "6 c 1 was -"]
+        );
+        let from_second = HistoryPosition { index: 2, seq: 1 };
+        let HistoryRead::Page(rest) = store.history_page(from_second, &everything, ALL).expect("read") else {
+            panic!("compacted")
+        };
+        assert_eq!(rest.changes.len(), 4, "a position inside an old index");
+        // Past the entry limit the old records go first, read to find them.
+        for index in 7..=300 {
+            apply(&store, index, vec![write(index, "k", Some("v"))]);
+        }
+        assert!(store.history_floor() > 6, "floor {}", store.history_floor());
+        assert!(store.inner.history.iter().all(|g| g.key().expect("key").len() == 16), "no format 1 record is left");
+        let bytes: u64 = store
+            .inner
+            .history
+            .iter()
+            .map(|g| g.into_inner().map(|(k, v)| (k.len() + v.len()) as u64).expect("record"))
+            .sum();
+        assert_eq!(store.inner.lock().history.bytes, bytes, "the byte count stays exact");
     }
 }

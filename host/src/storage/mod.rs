@@ -244,6 +244,8 @@ struct Cached {
     conf_state: ConfState,
     applied: (Index, Term),
     history: history::HistoryMark,
+    /// The history records this store wrote, oldest first.
+    history_records: history::KnownRecords,
 }
 
 impl Cached {
@@ -362,6 +364,7 @@ impl Store {
             conf_state: ConfState::default(),
             applied: (0, 0),
             history: history::HistoryMark::default(),
+            history_records: history::KnownRecords::new(),
         };
         let inner = Inner {
             dir: dir.to_path_buf(),
@@ -589,13 +592,16 @@ impl Store {
             &mut fjall_batch,
             &batch.changes,
             cached.history,
+            &cached.history_records,
             (cached.applied.0, batch.applied_index),
         )?;
         fjall_batch.insert(&inner.meta, META_APPLIED, codec::encode_applied(batch.applied_index, batch.applied_term));
         fjall_batch.insert(&inner.meta, META_APPLY_CLOCK, codec::encode_blob(&batch.clock_ms.to_be_bytes()));
         fjall_batch.commit().map_err(|e| inner.db_error(e))?;
         cached.applied = (batch.applied_index, batch.applied_term);
-        cached.history = history;
+        cached.history = history.mark;
+        cached.history_records.drain(..history.dropped_known);
+        cached.history_records.extend(history.written);
         if let Some(membership) = &batch.membership {
             cached.conf_state = membership.conf.clone();
         }
@@ -904,6 +910,7 @@ impl Inner {
             conf_state,
             applied,
             history,
+            history_records: history::KnownRecords::new(),
         })
     }
 }

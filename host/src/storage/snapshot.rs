@@ -371,6 +371,8 @@ impl Store {
         cached.history = inner
             .read_meta(META_HISTORY, super::history::decode_mark)?
             .unwrap_or(super::history::HistoryMark { floor: meta.index, bytes: 0 });
+        // The records came with the snapshot: compaction reads them.
+        cached.history_records.clear();
         Ok(())
     }
 
