@@ -57,6 +57,25 @@ pub fn pids_named(name: &str) -> Vec<u32> {
     pids
 }
 
+/// The memory this process may use: the machine's (`MemTotal`), or its
+/// control group's limit where that is lower (a container's). `None` where
+/// neither is readable.
+pub fn memory_available_bytes() -> Option<u64> {
+    let machine = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| mem_total_of(&text));
+    let group = std::fs::read_to_string("/sys/fs/cgroup/memory.max").ok().and_then(|text| text.trim().parse().ok());
+    match (machine, group) {
+        (Some(machine), Some(group)) => Some(machine.min(group)),
+        (machine, group) => machine.or(group),
+    }
+}
+
+/// `MemTotal` of a `/proc/meminfo` text, in bytes.
+fn mem_total_of(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|line| line.starts_with("MemTotal:"))?;
+    let kib: u64 = line.trim_start_matches("MemTotal:").trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// utime + stime (fields 14 and 15) of a `/proc/<pid>/stat` line. The
 /// command name (field 2) is in parentheses and may hold spaces, so the
 /// fields are counted from the last `)`.
@@ -92,6 +111,14 @@ mod tests {
         let status = "Name:\traft-host\nVmPeak:\t  900 kB\nVmRSS:\t   51200 kB\nThreads:\t9\n";
         assert_eq!(resident_bytes_of(status), Some(51200 * 1024));
         assert_eq!(resident_bytes_of("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn memory_comes_from_meminfo_or_the_control_group_whichever_is_lower() {
+        assert_eq!(mem_total_of("MemTotal:       24576000 kB\nMemFree: 1 kB\n"), Some(24576000 * 1024));
+        assert_eq!(mem_total_of("MemFree: 1 kB\n"), None);
+        let here = memory_available_bytes().expect("readable on Linux");
+        assert!(here > 64 << 20, "{here}");
     }
 
     #[test]

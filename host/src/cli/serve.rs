@@ -115,6 +115,12 @@ pub struct ServeArgs {
     /// read again without the disk.
     #[arg(long, env = "RAFT_HOST_CACHE_BYTES")]
     cache_bytes: Option<u64>,
+    /// The guests' latest values kept in memory in front of the storage, in
+    /// bytes (default: 1/512 of the machine's or container's memory, from
+    /// 16 MiB to 256 MiB; 0 turns it off): a read of a hot key skips the
+    /// storage's search of memtables and tables.
+    #[arg(long, env = "RAFT_HOST_STATE_CACHE_BYTES")]
+    state_cache_bytes: Option<u64>,
     /// Each keyspace's memtable (the log, the state, sessions, ...) is
     /// flushed past this many bytes (default 8 MiB, at least 1 MiB). Fixed
     /// when the data directory is created: an existing one keeps its size.
@@ -198,6 +204,7 @@ impl ServeArgs {
         self.max_snapshot_bytes = self.max_snapshot_bytes.or(file.max_snapshot_bytes);
         self.min_free_disk_bytes = self.min_free_disk_bytes.or(file.min_free_disk_bytes);
         self.cache_bytes = self.cache_bytes.or(file.cache_bytes);
+        self.state_cache_bytes = self.state_cache_bytes.or(file.state_cache_bytes);
         self.memtable_bytes = self.memtable_bytes.or(file.memtable_bytes);
         self.journal_bytes = self.journal_bytes.or(file.journal_bytes);
         self.watch_history_entries = self.watch_history_entries.or(file.watch_history_entries);
@@ -288,6 +295,7 @@ impl ServeArgs {
         config.min_free_disk_bytes = args.min_free_disk_bytes.unwrap_or(config.min_free_disk_bytes);
         let memory = &mut config.store_memory;
         memory.cache_bytes = args.cache_bytes.unwrap_or(memory.cache_bytes);
+        memory.state_cache_bytes = args.state_cache_bytes.unwrap_or(memory.state_cache_bytes);
         memory.memtable_bytes = args.memtable_bytes.unwrap_or(memory.memtable_bytes);
         memory.journal_bytes = args.journal_bytes.unwrap_or(memory.journal_bytes);
         if memory.memtable_bytes < MEMTABLE_BYTES_MIN {

@@ -110,7 +110,8 @@ impl NodeConfig {
             upload_expiry: Duration::from_secs(3600),
             max_snapshot_bytes: 256 << 30,
             min_free_disk_bytes: 128 << 20,
-            store_memory: StoreMemory::default(),
+            store_memory: crate::process::memory_available_bytes()
+                .map_or_else(StoreMemory::default, StoreMemory::for_memory),
             store_history: HistoryLimits::default(),
             routes: BTreeMap::new(),
             stream_idle_timeout: Duration::from_secs(30),

@@ -373,6 +373,9 @@ impl Store {
             .unwrap_or(super::history::HistoryMark { floor: meta.index, bytes: 0 });
         // The records came with the snapshot: compaction reads them.
         cached.history_records.clear();
+        // Last: a read that began before the state was replaced is not
+        // cached after it.
+        inner.state_cache.clear();
         Ok(())
     }
 

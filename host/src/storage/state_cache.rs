@@ -1,0 +1,184 @@
+//! A cache of the guests' latest values, in front of the `state` keyspace.
+//!
+//! Every guest call that reads a key goes through here; most write a key
+//! they have just read (the kv guest answers a put with the value it
+//! replaced). A read that misses in an LSM tree searches each memtable and
+//! probes each table's filter and blocks: ~3-4 us here, the largest cost of
+//! applying a command. A hit is a hash lookup and a copy.
+//!
+//! Invariants: an entry is the committed value of its key (or that it has
+//! none). [`Store::apply`] writes through after its batch commits, and only
+//! then bumps the generation; a miss fills the cache only if no commit
+//! happened since it began reading, so a value read before a commit is never
+//! cached after it. A snapshot install or restore clears it. Bounded by the
+//! bytes of its keys and values plus a per-entry overhead; 0 turns it off.
+//!
+//! [`Store::apply`]: super::Store::apply
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// What an entry costs beyond its key and value (hash table slot, the
+/// `Arc`'s counts, the key's `Vec`), for the byte bound.
+const ENTRY_OVERHEAD_BYTES: u64 = 64;
+
+/// A value as cached: `None` if the key has none.
+type Value = Option<Arc<[u8]>>;
+
+#[derive(Clone)]
+struct Weigh;
+
+impl quick_cache::Weighter<Vec<u8>, Value> for Weigh {
+    fn weight(&self, key: &Vec<u8>, value: &Value) -> u64 {
+        key.len() as u64 + value.as_ref().map_or(0, |v| v.len() as u64) + ENTRY_OVERHEAD_BYTES
+    }
+}
+
+type Entries = quick_cache::sync::Cache<Vec<u8>, Value, Weigh, rustc_hash::FxBuildHasher>;
+
+/// See the module documentation.
+pub(super) struct StateCache {
+    entries: Option<Entries>,
+    /// Commits that changed the state, so far.
+    generation: AtomicU64,
+}
+
+/// Where a miss started, for [`StateCache::fill`].
+#[derive(Clone, Copy)]
+pub(super) struct MissStart(u64);
+
+impl StateCache {
+    /// A cache of at most `bytes` (none at 0).
+    pub fn new(bytes: u64) -> StateCache {
+        let entries = (bytes > 0).then(|| {
+            let items = (bytes / (ENTRY_OVERHEAD_BYTES + 256)).max(16) as usize;
+            Entries::with(items, bytes, Weigh, rustc_hash::FxBuildHasher, Default::default())
+        });
+        StateCache { entries, generation: AtomicU64::new(0) }
+    }
+
+    /// The cached value of the state key `key`: `Some(None)` if it is known
+    /// to have none, `None` if not cached; and where a miss starts.
+    pub fn get(&self, key: &[u8]) -> (Option<Option<Vec<u8>>>, MissStart) {
+        let start = MissStart(self.generation.load(Ordering::Acquire));
+        let found = self.entries.as_ref().and_then(|entries| entries.get(key));
+        (found.map(|value| value.map(|v| v.to_vec())), start)
+    }
+
+    /// Caches what a miss that began at `start` read from the store, unless
+    /// a commit happened since.
+    pub fn fill(&self, key: Vec<u8>, value: Option<&[u8]>, start: MissStart) {
+        let Some(entries) = &self.entries else { return };
+        if self.generation.load(Ordering::Acquire) != start.0 {
+            return;
+        }
+        entries.insert(key.clone(), value.map(Arc::from));
+        // A commit slipped in while inserting: the value may be older than
+        // its write-through, so neither stays.
+        if self.generation.load(Ordering::Acquire) != start.0 {
+            entries.remove(&key);
+        }
+    }
+
+    /// After a batch committed: its writes, as `(state key, value)`.
+    pub fn write_through<'a>(&self, writes: impl Iterator<Item = (Vec<u8>, Option<&'a [u8]>)>) {
+        if let Some(entries) = &self.entries {
+            for (key, value) in writes {
+                entries.insert(key, value.map(Arc::from));
+            }
+        }
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// After the state was replaced wholesale.
+    pub fn clear(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        if let Some(entries) = &self.entries {
+            entries.clear();
+        }
+    }
+
+    /// Bytes held, for metrics and tests.
+    pub fn bytes(&self) -> u64 {
+        self.entries.as_ref().map_or(0, |entries| entries.weight())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hits_give_the_value_or_its_absence_and_writes_go_through() {
+        let cache = StateCache::new(1 << 20);
+        let (found, start) = cache.get(b"k");
+        assert_eq!(found, None, "nothing cached yet");
+        cache.fill(b"k".to_vec(), Some(b"v1"), start);
+        cache.fill(b"absent".to_vec(), None, cache.get(b"absent").1);
+        assert_eq!(cache.get(b"k").0, Some(Some(b"v1".to_vec())));
+        assert_eq!(cache.get(b"absent").0, Some(None));
+        cache.write_through([(b"k".to_vec(), Some(&b"v2"[..])), (b"absent".to_vec(), Some(&b"now"[..]))].into_iter());
+        assert_eq!(cache.get(b"k").0, Some(Some(b"v2".to_vec())));
+        assert_eq!(cache.get(b"absent").0, Some(Some(b"now".to_vec())));
+        cache.write_through([(b"k".to_vec(), None)].into_iter());
+        assert_eq!(cache.get(b"k").0, Some(None), "a delete is cached as absent");
+        cache.clear();
+        assert_eq!(cache.get(b"k").0, None);
+    }
+
+    #[test]
+    fn a_value_read_before_a_commit_is_not_cached_after_it() {
+        let cache = StateCache::new(1 << 20);
+        let (_, start) = cache.get(b"k");
+        // The reader read "old" from the store; a commit then wrote "new"
+        // (it was not cached, so the write-through put it there)...
+        cache.write_through([(b"other".to_vec(), Some(&b"x"[..]))].into_iter());
+        // ...and the reader's fill comes last.
+        cache.fill(b"k".to_vec(), Some(b"old"), start);
+        assert_eq!(cache.get(b"k").0, None, "the stale read is not kept");
+        let (_, after_clear) = cache.get(b"k");
+        cache.clear();
+        cache.fill(b"k".to_vec(), Some(b"old"), after_clear);
+        assert_eq!(cache.get(b"k").0, None, "nor one read before a snapshot replaced the state");
+    }
+
+    #[test]
+    fn a_working_set_that_fits_is_served_from_the_cache_under_uniform_writes() {
+        // The apply path: read the key, then write it through. New entries
+        // enter a probationary queue first; with every key read again
+        // before long they must all make it to the main one.
+        let cache = StateCache::new(16 << 20);
+        let keys = 20_000u64;
+        let mut seed = 12345u64;
+        let (mut hits, mut reads) = (0u64, 0u64);
+        for round in 0..10 * keys {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let key = ((seed >> 33) % keys).to_be_bytes().to_vec();
+            let (found, start) = cache.get(&key);
+            if found.is_none() {
+                cache.fill(key.clone(), None, start);
+            }
+            if round >= 5 * keys {
+                reads += 1;
+                hits += u64::from(found.is_some());
+            }
+            cache.write_through([(key, Some(&[7u8; 256][..]))].into_iter());
+        }
+        assert!(hits * 100 >= reads * 99, "{hits} hits in {reads} reads");
+    }
+
+    #[test]
+    fn the_cache_holds_at_most_its_bytes_and_zero_turns_it_off() {
+        let cache = StateCache::new(64 << 10);
+        for i in 0..10_000u32 {
+            let start = cache.get(&i.to_be_bytes()).1;
+            cache.fill(i.to_be_bytes().to_vec(), Some(&[7u8; 200]), start);
+        }
+        assert!(cache.bytes() <= 64 << 10, "{} bytes", cache.bytes());
+        assert!(cache.bytes() > 32 << 10, "and it is used: {} bytes", cache.bytes());
+        let off = StateCache::new(0);
+        off.fill(b"k".to_vec(), Some(b"v"), off.get(b"k").1);
+        assert_eq!(off.get(b"k").0, None);
+        assert_eq!(off.bytes(), 0);
+    }
+}
