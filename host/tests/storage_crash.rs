@@ -69,6 +69,7 @@ fn child(dir: &Path) {
                 clock_ms: last,
                 writes,
                 changes: vec![],
+                sessions_checkpoint: None,
                 sessions: vec![],
                 modules: vec![],
                 membership: None,

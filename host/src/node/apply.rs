@@ -534,13 +534,20 @@ impl Applier {
         let modules = self.modules.take_changes();
         let membership = self.pending_membership.take();
         if self.applied.0 > self.store.applied().0 || !writes.is_empty() || !modules.is_empty() {
+            // Now and then the whole table, so the store's log of session
+            // changes stays short.
+            let (sessions, sessions_checkpoint) = match self.store.session_checkpoint_due() {
+                true => (self.sessions.take_changes_as_checkpoint(), Some(self.sessions.encode_all())),
+                false => (self.sessions.take_changes(), None),
+            };
             self.store.apply(&ApplyBatch {
                 applied_index: self.applied.0,
                 applied_term: self.applied.1,
                 clock_ms: self.clock_ms,
                 writes,
                 changes,
-                sessions: self.sessions.take_changes(),
+                sessions,
+                sessions_checkpoint,
                 modules,
                 membership: membership.clone(),
             })?;

@@ -141,6 +141,21 @@ impl Sessions {
         }
     }
 
+    /// Forgets the changes since the last `take_changes`, for a batch that
+    /// writes the whole table instead ([`Sessions::encode_all`]).
+    pub fn take_changes_as_checkpoint(&mut self) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        self.changed.clear();
+        Vec::new()
+    }
+
+    /// Every session's record, encoded, in client id order: a checkpoint of
+    /// the table for the store.
+    pub fn encode_all(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut all: Vec<_> = self.records.iter().map(|(client, r)| (client.clone(), r.encode_to_vec())).collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
     /// The changes to write to the store with the applied entries that made
     /// them, encoded.
     pub fn take_changes(&mut self) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
@@ -224,6 +239,19 @@ mod tests {
         // A client that claims more than it has does not lose this answer.
         s.record(b"c", session_reply(11, 11, 1, &Ok(Vec::new())), 50, 0);
         assert!(matches!(s.admit(b"c", 11), Admission::Duplicate(_)));
+    }
+
+    #[test]
+    fn a_checkpoint_holds_every_session_and_clears_the_changes() {
+        let mut s = Sessions::load(SessionLimits::default(), Vec::new()).expect("empty");
+        s.record(b"b", session_reply(1, 1, 1, &Ok(Vec::new())), 0, 0);
+        s.record(b"a", session_reply(1, 2, 1, &Ok(Vec::new())), 0, 0);
+        let all = s.encode_all();
+        assert_eq!(all.iter().map(|(c, _)| c.as_slice()).collect::<Vec<_>>(), [&b"a"[..], b"b"]);
+        assert!(s.take_changes_as_checkpoint().is_empty());
+        assert!(s.take_changes().is_empty(), "the checkpoint covered them");
+        let reloaded = Sessions::load(SessionLimits::default(), all).expect("decodes");
+        assert!(matches!(reloaded.admit(b"a", 1), Admission::Duplicate(_)));
     }
 
     #[test]

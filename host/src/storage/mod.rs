@@ -9,7 +9,8 @@
 //!   log        entries appended together, one record (see [`log`])
 //!   meta       hard state, membership, snapshot point, applied position
 //!   state      [len(sm)][sm][key] -> checksummed value, per state machine
-//!   sessions   client id -> checksummed session record
+//!   session_log the client session table as checkpoints and changes (see
+//!              [`session_log`]); `sessions`: format 1's, one per client
 //!   modules    module chunks, upload and version records, active versions
 //!              (replicated); compiled artifacts (local): see [`modules`]
 //!   history    every applied guest write with the value it replaced, by
@@ -39,6 +40,7 @@ mod identity;
 mod log;
 mod membership;
 mod modules;
+mod session_log;
 mod snapshot;
 mod state_cache;
 
@@ -47,6 +49,7 @@ pub use self::history::{Change, HistoryFilter, HistoryLimits, HistoryPage, Histo
 pub use self::identity::{FORMAT_VERSION, IDENTITY_FILE, Identity};
 pub use self::membership::{MemberRole, Membership};
 pub use self::modules::{ModuleKey, StoredVersion};
+pub use self::session_log::{SessionChange, SessionLogMark};
 pub use self::snapshot::{SnapshotReader, Staging, StagingStart};
 
 use crate::raft::{ConfState, Entry, HardState, Index, LogStore, NodeId, SnapshotMeta, StorageError, Term};
@@ -236,8 +239,13 @@ pub struct ApplyBatch {
     /// with the index of its entry (`writes` holds each key's last): the
     /// change history's records.
     pub changes: Vec<StateChange>,
-    /// Session records by client id; `None` expires the session.
-    pub sessions: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// Session records by client id that changed; `None` expires the
+    /// session.
+    pub sessions: Vec<SessionChange>,
+    /// Every session's record, by client id: a checkpoint of the table that
+    /// replaces what the store holds (`sessions` is then ignored). The apply
+    /// task sends one when [`Store::session_checkpoint_due`].
+    pub sessions_checkpoint: Option<Vec<(Vec<u8>, Vec<u8>)>>,
     /// Module chunks and records (deploys and activations); `None` deletes.
     pub modules: Vec<(ModuleKey, Option<Vec<u8>>)>,
     /// The membership after a membership change.
@@ -265,6 +273,10 @@ struct Cached {
     history: history::HistoryMark,
     /// The history records this store wrote, oldest first.
     history_records: history::KnownRecords,
+    session_log: SessionLogMark,
+    /// The index of the last session record written, and the `seq` the
+    /// next changes at that index take.
+    session_changes_at: (Index, u32),
 }
 
 impl Cached {
@@ -305,6 +317,7 @@ struct Inner {
     meta: Keyspace,
     state: Keyspace,
     sessions: Keyspace,
+    session_log: Keyspace,
     modules: Keyspace,
     staging: Keyspace,
     history: Keyspace,
@@ -364,7 +377,7 @@ impl Store {
         let keyspace = |name: &str| {
             db.keyspace(name, || KeyspaceCreateOptions::default().max_memtable_size(memtable_bytes)).map_err(db_error)
         };
-        let (log, meta, state, sessions, modules, staging, history) = (
+        let (log, meta, state, sessions, modules, staging, history, session_log) = (
             keyspace("log")?,
             keyspace("meta")?,
             keyspace("state")?,
@@ -372,6 +385,7 @@ impl Store {
             keyspace("modules")?,
             keyspace("staging")?,
             keyspace("history")?,
+            keyspace("session_log")?,
         );
         let placeholder = Cached {
             first_index: 1,
@@ -385,6 +399,8 @@ impl Store {
             applied: (0, 0),
             history: history::HistoryMark::default(),
             history_records: history::KnownRecords::new(),
+            session_log: SessionLogMark::default(),
+            session_changes_at: (0, 0),
         };
         let inner = Inner {
             dir: dir.to_path_buf(),
@@ -393,6 +409,7 @@ impl Store {
             meta,
             state,
             sessions,
+            session_log,
             modules,
             staging,
             history,
@@ -594,12 +611,8 @@ impl Store {
                 None => fjall_batch.remove(&inner.state, key),
             }
         }
-        for (client, record) in &batch.sessions {
-            match record {
-                Some(record) => fjall_batch.insert(&inner.sessions, client.clone(), codec::encode_blob(record)),
-                None => fjall_batch.remove(&inner.sessions, client.clone()),
-            }
-        }
+        let (session_log, session_changes_at) =
+            inner.record_sessions(&mut fjall_batch, batch, cached.session_log, cached.session_changes_at)?;
         for (key, value) in &batch.modules {
             match value {
                 Some(value) => fjall_batch.insert(&inner.modules, key.encode()?, codec::encode_blob(value)),
@@ -626,6 +639,8 @@ impl Store {
         cached.history = history.mark;
         cached.history_records.drain(..history.dropped_known);
         cached.history_records.extend(history.written);
+        cached.session_log = session_log;
+        cached.session_changes_at = session_changes_at;
         if let Some(membership) = &batch.membership {
             cached.conf_state = membership.conf.clone();
         }
@@ -702,15 +717,31 @@ impl Store {
         Ok(u64::from_be_bytes(bytes))
     }
 
-    /// Every client session, in client id order (read once when a node starts).
+    /// Every client session, in client id order (read once when a node
+    /// starts, and after a snapshot install): format 1's records, then the
+    /// session log's checkpoint and changes on top.
     pub fn session_scan(&self) -> Result<KeyValues, StoreError> {
-        let mut out = Vec::new();
-        for guard in self.inner.sessions.iter() {
-            let (key, value) = guard.into_inner().map_err(|e| self.inner.db_error(e))?;
-            let value = self.inner.unseal(&value, || format!("session {:?}", &key[..]))?;
-            out.push((key.to_vec(), value));
+        let inner = &self.inner;
+        let mut reader = session_log::TableReader::default();
+        for guard in inner.sessions.iter() {
+            let (key, value) = guard.into_inner().map_err(|e| inner.db_error(e))?;
+            let value = inner.unseal(&value, || format!("session {:?}", &key[..]))?;
+            reader.table.insert(key.to_vec(), value);
         }
-        Ok(out)
+        for guard in inner.session_log.iter() {
+            let (key, value) = guard.into_inner().map_err(|e| inner.db_error(e))?;
+            reader
+                .read(&key, &value)
+                .map_err(|DecodeError(why)| inner.corrupt(format!("session log record {:?}: {why}", &key[..])))?;
+        }
+        inner.lock().session_log = reader.mark;
+        Ok(reader.table.into_iter().collect())
+    }
+
+    /// Whether the next apply batch should carry a checkpoint of the
+    /// session table ([`ApplyBatch::sessions_checkpoint`]).
+    pub fn session_checkpoint_due(&self) -> bool {
+        self.inner.lock().session_log.checkpoint_due()
     }
 
     /// Bytes the state cache holds now.
@@ -821,10 +852,10 @@ impl Store {
         Ok(out)
     }
 
-    /// A client's session record.
+    /// A client's session record (reads the whole table: for tools and
+    /// tests).
     pub fn session_get(&self, client: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let value = self.inner.sessions.get(client).map_err(|e| self.inner.db_error(e))?;
-        value.map(|v| self.inner.unseal(&v, || format!("session {client:?}"))).transpose()
+        Ok(self.session_scan()?.into_iter().find_map(|(c, record)| (c == client).then_some(record)))
     }
 }
 
@@ -846,6 +877,49 @@ impl Inner {
         let value = value.map(|v| self.unseal(&v, || format!("state key {key:?} of {state_machine:?}"))).transpose()?;
         self.state_cache.fill(full_key, value.as_deref(), miss);
         Ok(value)
+    }
+
+    /// Adds a batch's session changes (or checkpoint) to `batch`; returns
+    /// the log's mark and where its changes are, once `batch` commits.
+    fn record_sessions(
+        &self,
+        fjall_batch: &mut fjall::OwnedWriteBatch,
+        batch: &ApplyBatch,
+        mut mark: SessionLogMark,
+        (last_index, last_seq): (Index, u32),
+    ) -> Result<(SessionLogMark, (Index, u32)), StoreError> {
+        let index = batch.applied_index;
+        if let Some(table) = &batch.sessions_checkpoint {
+            // Everything up to this index goes (changes written at it before
+            // would sort after the checkpoint), format 1's records too: the
+            // checkpoint holds every session. Its own keys are not removed
+            // first: a batch holds each key once.
+            let parts = session_log::encode_checkpoint(index, table);
+            for guard in self.session_log.range(..session_log::records_from(index + 1).to_vec()) {
+                let key = guard.key().map_err(|e| self.db_error(e))?;
+                if !parts.iter().any(|(part, _)| part[..] == key[..]) {
+                    fjall_batch.remove(&self.session_log, key.to_vec());
+                }
+            }
+            for guard in self.sessions.iter() {
+                fjall_batch.remove(&self.sessions, guard.key().map_err(|e| self.db_error(e))?.to_vec());
+            }
+            mark = SessionLogMark::default();
+            for (key, value) in parts {
+                mark.checkpoint_bytes += (key.len() + value.len()) as u64;
+                fjall_batch.insert(&self.session_log, key, value);
+            }
+            return Ok((mark, (index, 0)));
+        }
+        if batch.sessions.is_empty() {
+            return Ok((mark, (last_index, last_seq)));
+        }
+        let seq = if last_index == index { last_seq } else { 0 };
+        let key = session_log::changes_key(index, seq);
+        let value = session_log::encode_changes(&batch.sessions);
+        mark.changes_bytes += (key.len() + value.len()) as u64;
+        fjall_batch.insert(&self.session_log, key, value);
+        Ok((mark, (index, seq + 1)))
     }
 
     fn persist_mode(&self) -> Option<PersistMode> {
@@ -946,6 +1020,8 @@ impl Inner {
             applied,
             history,
             history_records: history::KnownRecords::new(),
+            session_log: SessionLogMark::default(),
+            session_changes_at: (0, 0),
         })
     }
 }
@@ -1194,6 +1270,59 @@ mod tests {
         follower.install_snapshot(&staging.finish().expect("finish")).expect("install");
         assert_eq!(follower.state_get("kv", b"a").expect("read"), Some(b"from the leader".to_vec()));
         assert_eq!(follower.state_get("kv", b"b").expect("read"), None);
+    }
+
+    #[test]
+    fn sessions_are_changes_on_a_checkpoint_that_replaces_everything_before_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let identity = Identity::new("sessions", 1);
+        let one = |client: &str, record: Option<&str>| {
+            (client.as_bytes().to_vec(), record.map(|r| r.as_bytes().to_vec()))
+        };
+        let apply = |store: &Store, index: Index, sessions: Vec<SessionChange>, checkpoint: Option<Vec<(&str, &str)>>| {
+            let sessions_checkpoint =
+                checkpoint.map(|all| all.into_iter().map(|(c, r)| (c.as_bytes().to_vec(), r.as_bytes().to_vec())).collect());
+            if store.last_index().expect("last") < index {
+                store.persist(&[entry(index, 1)], None).expect("persist");
+            }
+            let batch = ApplyBatch { applied_index: index, applied_term: 1, sessions, sessions_checkpoint, ..ApplyBatch::default() };
+            store.apply(&batch).expect("apply");
+        };
+        let table = |store: &Store| -> Vec<(String, String)> {
+            store
+                .session_scan()
+                .expect("scan")
+                .into_iter()
+                .map(|(c, r)| (String::from_utf8(c).expect("utf-8"), String::from_utf8(r).expect("utf-8")))
+                .collect()
+        };
+        {
+            let store = Store::open(dir.path(), &identity, &options()).expect("open");
+            // Format 1's records: one per client, in `sessions`.
+            for (client, record) in [("old-a", "a0"), ("old-b", "b0")] {
+                store.inner.sessions.insert(client, codec::encode_blob(record.as_bytes())).expect("insert");
+            }
+            apply(&store, 1, vec![one("old-a", Some("a1")), one("new", Some("n1"))], None);
+            apply(&store, 2, vec![one("old-b", None)], None);
+            // Two batches at one index, the second a checkpoint: the first's
+            // changes must not outlive it.
+            apply(&store, 3, vec![one("new", Some("n3"))], None);
+            assert_eq!(table(&store), [("new".into(), "n3".into()), ("old-a".into(), "a1".into())]);
+        }
+        let store = Store::open(dir.path(), &identity, &options()).expect("reopen");
+        assert_eq!(table(&store), [("new".into(), "n3".into()), ("old-a".into(), "a1".into())]);
+        apply(&store, 3, Vec::new(), Some(vec![("new", "n3x"), ("old-a", "a1")]));
+        apply(&store, 4, vec![one("late", Some("l4"))], None);
+        assert_eq!(store.inner.sessions.iter().count(), 0, "format 1's records are gone");
+        let records: Vec<Vec<u8>> = store.inner.session_log.iter().map(|g| g.key().expect("key").to_vec()).collect();
+        assert_eq!(records.len(), 2, "the checkpoint's one part and the changes after it: {records:?}");
+        drop(store);
+        let store = Store::open(dir.path(), &identity, &options()).expect("reopen");
+        assert_eq!(
+            table(&store),
+            [("late".into(), "l4".into()), ("new".into(), "n3x".into()), ("old-a".into(), "a1".into())]
+        );
+        assert!(!store.session_checkpoint_due(), "a few bytes of changes do not call for one");
     }
 
     #[test]

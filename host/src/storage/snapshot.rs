@@ -35,7 +35,10 @@ use fjall::Readable;
 pub(super) const META_INSTALLING: &[u8] = b"installing";
 
 const TAG_STATE: u8 = b's';
+/// Format 1's session records, one per client.
 const TAG_SESSION: u8 = b'e';
+/// The session log's checkpoints and changes.
+const TAG_SESSION_LOG: u8 = b'l';
 const TAG_MODULE: u8 = b'm';
 const TAG_META: u8 = b'M';
 const TAG_HISTORY: u8 = b'h';
@@ -95,6 +98,7 @@ impl SnapshotReader {
         let keyspaces = [
             (TAG_STATE, &inner.state),
             (TAG_SESSION, &inner.sessions),
+            (TAG_SESSION_LOG, &inner.session_log),
             (TAG_MODULE, &inner.modules),
             (TAG_HISTORY, &inner.history),
         ];
@@ -164,7 +168,7 @@ impl Staging {
             })?;
             rest = tail;
             match tag {
-                TAG_STATE | TAG_SESSION | TAG_HISTORY => {}
+                TAG_STATE | TAG_SESSION | TAG_SESSION_LOG | TAG_HISTORY => {}
                 TAG_MODULE if modules::is_replicated(key) => {}
                 TAG_META if SNAPSHOT_META_KEYS.contains(&key) => {
                     if key == META_APPLIED {
@@ -309,6 +313,7 @@ impl Store {
         let _writer = inner.log_writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         inner.state.clear().map_err(|e| inner.db_error(e))?;
         inner.sessions.clear().map_err(|e| inner.db_error(e))?;
+        inner.session_log.clear().map_err(|e| inner.db_error(e))?;
         inner.history.clear().map_err(|e| inner.db_error(e))?;
         // A snapshot without removed members has none; it must not inherit
         // ours. One without a history (from an older version) starts one.
@@ -324,6 +329,7 @@ impl Store {
             let target = match tag {
                 TAG_STATE => &inner.state,
                 TAG_SESSION => &inner.sessions,
+                TAG_SESSION_LOG => &inner.session_log,
                 TAG_MODULE => &inner.modules,
                 TAG_HISTORY => &inner.history,
                 TAG_META => &inner.meta,
