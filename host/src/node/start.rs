@@ -210,7 +210,14 @@ async fn open_store(config: &NodeConfig) -> Result<Store, NodeError> {
         ..StoreOptions::default()
     };
     let dir = config.data_dir.clone();
+    let started = std::time::Instant::now();
     let store = on_storage_thread(move || Store::open(&dir, &identity, &options)).await??;
+    tracing::info!(
+        node = config.id,
+        applied = store.applied().0,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "store opened"
+    );
     if config.join.is_empty() {
         let voters: BTreeSet<NodeId> = config.peers.keys().copied().chain([config.id]).collect();
         let mut addresses = config.peers.clone();
