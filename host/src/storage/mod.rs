@@ -593,10 +593,10 @@ impl Store {
             return Err(StoreError::AppliedBackwards { from: cached.applied.0, to: batch.applied_index });
         }
         let mut fjall_batch = inner.db.batch();
-        let mut state_keys = Vec::with_capacity(batch.writes.len());
+        // The keys and values as stored, shared with the state cache.
+        let mut stored = Vec::with_capacity(batch.writes.len());
         for write in &batch.writes {
-            let key = state_key(&write.state_machine, &write.key)?;
-            state_keys.push(key.clone());
+            let key = fjall::Slice::from(state_key(&write.state_machine, &write.key)?);
             match &write.value {
                 Some(value) => {
                     if value.len() > STATE_VALUE_MAX_BYTES {
@@ -606,9 +606,14 @@ impl Store {
                             limit: STATE_VALUE_MAX_BYTES,
                         });
                     }
-                    fjall_batch.insert(&inner.state, key, codec::encode_blob(value));
+                    let value = fjall::Slice::from(codec::encode_blob(value));
+                    fjall_batch.insert(&inner.state, key.clone(), value.clone());
+                    stored.push((key, Some(value)));
                 }
-                None => fjall_batch.remove(&inner.state, key),
+                None => {
+                    fjall_batch.remove(&inner.state, key.clone());
+                    stored.push((key, None));
+                }
             }
         }
         let (session_log, session_changes_at) =
@@ -634,7 +639,7 @@ impl Store {
         fjall_batch.insert(&inner.meta, META_APPLIED, codec::encode_applied(batch.applied_index, batch.applied_term));
         fjall_batch.insert(&inner.meta, META_APPLY_CLOCK, codec::encode_blob(&batch.clock_ms.to_be_bytes()));
         fjall_batch.commit().map_err(|e| inner.db_error(e))?;
-        inner.state_cache.write_through(state_keys.into_iter().zip(batch.writes.iter().map(|w| w.value.as_deref())));
+        inner.state_cache.write_through(stored.into_iter());
         cached.applied = (batch.applied_index, batch.applied_term);
         cached.history = history.mark;
         cached.history_records.drain(..history.dropped_known);
@@ -873,9 +878,10 @@ impl Inner {
         if let Some(value) = cached {
             return Ok(value);
         }
-        let value = self.state.get(&full_key).map_err(|e| self.db_error(e))?;
-        let value = value.map(|v| self.unseal(&v, || format!("state key {key:?} of {state_machine:?}"))).transpose()?;
-        self.state_cache.fill(full_key, value.as_deref(), miss);
+        let stored = self.state.get(&full_key).map_err(|e| self.db_error(e))?;
+        let value =
+            stored.as_ref().map(|v| self.unseal(v, || format!("state key {key:?} of {state_machine:?}"))).transpose()?;
+        self.state_cache.fill(fjall::Slice::from(full_key), stored, miss);
         Ok(value)
     }
 

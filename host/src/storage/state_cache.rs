@@ -6,6 +6,10 @@
 //! probes each table's filter and blocks: ~3-4 us here, the largest cost of
 //! applying a command. A hit is a hash lookup and a copy.
 //!
+//! Entries are the values as stored (with their checksum, which was made or
+//! verified here), shared with the store's own copies: caching a value
+//! allocates nothing.
+//!
 //! Invariants: an entry is the committed value of its key (or that it has
 //! none). [`Store::apply`] writes through after its batch commits, and only
 //! then bumps the generation; a miss fills the cache only if no commit
@@ -15,26 +19,29 @@
 //!
 //! [`Store::apply`]: super::Store::apply
 
-use std::sync::Arc;
+use fjall::Slice;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// What an entry costs beyond its key and value (hash table slot, the
-/// `Arc`'s counts, the key's `Vec`), for the byte bound.
+/// slices' headers and counts), for the byte bound.
 const ENTRY_OVERHEAD_BYTES: u64 = 64;
 
-/// A value as cached: `None` if the key has none.
-type Value = Option<Arc<[u8]>>;
+/// Bytes of the checksum that ends a stored value.
+const CHECKSUM_BYTES: usize = 4;
+
+/// A value as stored (sealed), or `None` if the key has none.
+type Value = Option<Slice>;
 
 #[derive(Clone)]
 struct Weigh;
 
-impl quick_cache::Weighter<Vec<u8>, Value> for Weigh {
-    fn weight(&self, key: &Vec<u8>, value: &Value) -> u64 {
+impl quick_cache::Weighter<Slice, Value> for Weigh {
+    fn weight(&self, key: &Slice, value: &Value) -> u64 {
         key.len() as u64 + value.as_ref().map_or(0, |v| v.len() as u64) + ENTRY_OVERHEAD_BYTES
     }
 }
 
-type Entries = quick_cache::sync::Cache<Vec<u8>, Value, Weigh, rustc_hash::FxBuildHasher>;
+type Entries = quick_cache::sync::Cache<Slice, Value, Weigh, rustc_hash::FxBuildHasher>;
 
 /// See the module documentation.
 pub(super) struct StateCache {
@@ -57,22 +64,24 @@ impl StateCache {
         StateCache { entries, generation: AtomicU64::new(0) }
     }
 
-    /// The cached value of the state key `key`: `Some(None)` if it is known
-    /// to have none, `None` if not cached; and where a miss starts.
+    /// The cached value of the state key `key` (without its checksum):
+    /// `Some(None)` if it is known to have none, `None` if not cached; and
+    /// where a miss starts.
     pub fn get(&self, key: &[u8]) -> (Option<Option<Vec<u8>>>, MissStart) {
         let start = MissStart(self.generation.load(Ordering::Acquire));
         let found = self.entries.as_ref().and_then(|entries| entries.get(key));
-        (found.map(|value| value.map(|v| v.to_vec())), start)
+        let body = |sealed: Slice| sealed[..sealed.len().saturating_sub(CHECKSUM_BYTES)].to_vec();
+        (found.map(|value| value.map(body)), start)
     }
 
-    /// Caches what a miss that began at `start` read from the store, unless
-    /// a commit happened since.
-    pub fn fill(&self, key: Vec<u8>, value: Option<&[u8]>, start: MissStart) {
+    /// Caches what a miss that began at `start` read from the store (the
+    /// stored value, checksum verified), unless a commit happened since.
+    pub fn fill(&self, key: Slice, value: Option<Slice>, start: MissStart) {
         let Some(entries) = &self.entries else { return };
         if self.generation.load(Ordering::Acquire) != start.0 {
             return;
         }
-        entries.insert(key.clone(), value.map(Arc::from));
+        entries.insert(key.clone(), value);
         // A commit slipped in while inserting: the value may be older than
         // its write-through, so neither stays.
         if self.generation.load(Ordering::Acquire) != start.0 {
@@ -80,11 +89,12 @@ impl StateCache {
         }
     }
 
-    /// After a batch committed: its writes, as `(state key, value)`.
-    pub fn write_through<'a>(&self, writes: impl Iterator<Item = (Vec<u8>, Option<&'a [u8]>)>) {
+    /// After a batch committed: its writes, as `(state key, value as
+    /// stored)`.
+    pub fn write_through(&self, writes: impl Iterator<Item = (Slice, Option<Slice>)>) {
         if let Some(entries) = &self.entries {
             for (key, value) in writes {
-                entries.insert(key, value.map(Arc::from));
+                entries.insert(key, value);
             }
         }
         self.generation.fetch_add(1, Ordering::AcqRel);
@@ -108,19 +118,28 @@ impl StateCache {
 mod tests {
     use super::*;
 
+    /// A value as the store keeps it: the bytes and a checksum.
+    fn sealed(value: &[u8]) -> Option<Slice> {
+        Some(Slice::from(crate::storage::codec::seal(value.to_vec())))
+    }
+
+    fn key(bytes: &[u8]) -> Slice {
+        Slice::from(bytes)
+    }
+
     #[test]
     fn hits_give_the_value_or_its_absence_and_writes_go_through() {
         let cache = StateCache::new(1 << 20);
         let (found, start) = cache.get(b"k");
         assert_eq!(found, None, "nothing cached yet");
-        cache.fill(b"k".to_vec(), Some(b"v1"), start);
-        cache.fill(b"absent".to_vec(), None, cache.get(b"absent").1);
+        cache.fill(key(b"k"), sealed(b"v1"), start);
+        cache.fill(key(b"absent"), None, cache.get(b"absent").1);
         assert_eq!(cache.get(b"k").0, Some(Some(b"v1".to_vec())));
         assert_eq!(cache.get(b"absent").0, Some(None));
-        cache.write_through([(b"k".to_vec(), Some(&b"v2"[..])), (b"absent".to_vec(), Some(&b"now"[..]))].into_iter());
+        cache.write_through([(key(b"k"), sealed(b"v2")), (key(b"absent"), sealed(b"now"))].into_iter());
         assert_eq!(cache.get(b"k").0, Some(Some(b"v2".to_vec())));
         assert_eq!(cache.get(b"absent").0, Some(Some(b"now".to_vec())));
-        cache.write_through([(b"k".to_vec(), None)].into_iter());
+        cache.write_through([(key(b"k"), None)].into_iter());
         assert_eq!(cache.get(b"k").0, Some(None), "a delete is cached as absent");
         cache.clear();
         assert_eq!(cache.get(b"k").0, None);
@@ -132,13 +151,13 @@ mod tests {
         let (_, start) = cache.get(b"k");
         // The reader read "old" from the store; a commit then wrote "new"
         // (it was not cached, so the write-through put it there)...
-        cache.write_through([(b"other".to_vec(), Some(&b"x"[..]))].into_iter());
+        cache.write_through([(key(b"other"), sealed(b"x"))].into_iter());
         // ...and the reader's fill comes last.
-        cache.fill(b"k".to_vec(), Some(b"old"), start);
+        cache.fill(key(b"k"), sealed(b"old"), start);
         assert_eq!(cache.get(b"k").0, None, "the stale read is not kept");
         let (_, after_clear) = cache.get(b"k");
         cache.clear();
-        cache.fill(b"k".to_vec(), Some(b"old"), after_clear);
+        cache.fill(key(b"k"), sealed(b"old"), after_clear);
         assert_eq!(cache.get(b"k").0, None, "nor one read before a snapshot replaced the state");
     }
 
@@ -153,7 +172,7 @@ mod tests {
         let (mut hits, mut reads) = (0u64, 0u64);
         for round in 0..10 * keys {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            let key = ((seed >> 33) % keys).to_be_bytes().to_vec();
+            let key = key(&((seed >> 33) % keys).to_be_bytes());
             let (found, start) = cache.get(&key);
             if found.is_none() {
                 cache.fill(key.clone(), None, start);
@@ -162,7 +181,7 @@ mod tests {
                 reads += 1;
                 hits += u64::from(found.is_some());
             }
-            cache.write_through([(key, Some(&[7u8; 256][..]))].into_iter());
+            cache.write_through([(key, sealed(&[7u8; 256]))].into_iter());
         }
         assert!(hits * 100 >= reads * 99, "{hits} hits in {reads} reads");
     }
@@ -172,12 +191,12 @@ mod tests {
         let cache = StateCache::new(64 << 10);
         for i in 0..10_000u32 {
             let start = cache.get(&i.to_be_bytes()).1;
-            cache.fill(i.to_be_bytes().to_vec(), Some(&[7u8; 200]), start);
+            cache.fill(key(&i.to_be_bytes()), sealed(&[7u8; 200]), start);
         }
         assert!(cache.bytes() <= 64 << 10, "{} bytes", cache.bytes());
         assert!(cache.bytes() > 32 << 10, "and it is used: {} bytes", cache.bytes());
         let off = StateCache::new(0);
-        off.fill(b"k".to_vec(), Some(b"v"), off.get(b"k").1);
+        off.fill(key(b"k"), sealed(b"v"), off.get(b"k").1);
         assert_eq!(off.get(b"k").0, None);
         assert_eq!(off.bytes(), 0);
     }
