@@ -31,11 +31,15 @@ fn command(key: u64, value: &str) -> Vec<u8> {
 /// this thread's CPU, of the whole process's (fjall's flushes and
 /// compactions run on threads of their own) and of wall time.
 fn run(store: &Store, machine: &mut Machine, index: &mut u64, run_for: Duration, rng: &mut impl Rng) -> [f64; 3] {
-    let value = "v".repeat(VALUE_BYTES);
+    // Random letters and digits: real values do not compress away.
+    let values: Vec<String> = (0..1024)
+        .map(|_| (0..VALUE_BYTES).map(|_| rng.sample(rand::distr::Alphanumeric) as char).collect())
+        .collect();
     let (mut count, started) = (0u64, Instant::now());
     let (thread_started, process_started) = (cpu("/proc/thread-self/stat"), cpu("/proc/self/stat"));
     while started.elapsed() < run_for {
-        let commands: Vec<Vec<u8>> = (0..BATCH).map(|_| command(rng.random_range(0..KEYS), &value)).collect();
+        let commands: Vec<Vec<u8>> =
+            (0..BATCH).map(|_| command(rng.random_range(0..KEYS), &values[rng.random_range(0..values.len())])).collect();
         let first = *index + 1;
         let entries: Vec<(EntryInfo, &[u8])> = commands
             .iter()

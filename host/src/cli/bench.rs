@@ -34,7 +34,8 @@ pub struct BenchArgs {
     /// How long to run, in seconds.
     #[arg(long, default_value_t = 10)]
     duration_secs: u64,
-    /// Bytes per written value.
+    /// Bytes per written value (random letters and digits, which do not
+    /// compress away).
     #[arg(long, default_value_t = 256)]
     value_size: usize,
     /// Distinct keys written and read.
@@ -125,7 +126,8 @@ fn context_of(args: &BenchArgs, id: usize, counters: &RunCounters) -> ClientCont
     ClientContext {
         id: id as u64,
         state_machine: args.state_machine.clone(),
-        value: "v".repeat(args.value_size),
+        values: counters.values(args.value_size),
+        next_value: AtomicUsize::new(id),
         keys: args.keys.max(1),
         read_ratio: args.read_ratio,
         consistency: args.consistency.into(),
@@ -143,9 +145,35 @@ struct RunCounters {
     done: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+    values: std::sync::OnceLock<Arc<Vec<String>>>,
+}
+
+/// Distinct values the clients of a run cycle through.
+pub(super) const VALUE_POOL: usize = 4096;
+
+/// `count` values of `size` random letters and digits: like real data they
+/// do not compress away (a value of one repeated letter shrinks a
+/// hundredfold in the storage engines' compression, and flatters them).
+pub(super) fn random_values(count: usize, size: usize) -> Vec<String> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    // splitmix64, with a fixed seed: every run writes the same values.
+    let mut state = 0x5eed_u64;
+    let mut next = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    (0..count).map(|_| (0..size).map(|_| ALPHABET[(next() % ALPHABET.len() as u64) as usize] as char).collect()).collect()
 }
 
 impl RunCounters {
+    /// The run's pool of values, made once.
+    fn values(&self, size: usize) -> Arc<Vec<String>> {
+        self.values.get_or_init(|| Arc::new(random_values(VALUE_POOL, size))).clone()
+    }
+
     /// Lets the clients run for `duration` (with a progress line on a
     /// terminal), stops them, and gathers what each saw.
     async fn finish(
@@ -437,7 +465,9 @@ fn processes_cpu(
 pub(super) struct ClientContext {
     pub id: u64,
     pub state_machine: String,
-    pub value: String,
+    /// The values written, in turn (see [`random_values`]).
+    pub values: Arc<Vec<String>>,
+    pub next_value: AtomicUsize,
     pub keys: u64,
     pub read_ratio: f64,
     pub consistency: raft_host::client::Consistency,
@@ -464,15 +494,16 @@ pub(super) enum Load {
 impl Load {
     /// Writes `value` under `key`; the failure, if any, as the report shows it.
     async fn write(&mut self, ctx: &ClientContext, key: &str) -> Result<(), String> {
+        let value = &ctx.values[ctx.next_value.fetch_add(1, Ordering::Relaxed) % ctx.values.len()];
         match self {
             Load::Raft(client) => {
-                let command = format!(r#"{{"op":"put","key":"{key}","value":"{}"}}"#, ctx.value).into_bytes();
+                let command = format!(r#"{{"op":"put","key":"{key}","value":"{value}"}}"#).into_bytes();
                 answered(client.write(&ctx.state_machine, command).await.map(|r| outcome_of(r.outcome)))
             }
             Load::Etcd(client) => {
                 let put = PutRequest {
                     key: key.as_bytes().to_vec(),
-                    value: ctx.value.as_bytes().to_vec(),
+                    value: value.as_bytes().to_vec(),
                     ..Default::default()
                 };
                 client.put(put).await.map(|_| ()).map_err(|status| format!("etcd: {}", status.message()))

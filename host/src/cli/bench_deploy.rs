@@ -80,13 +80,15 @@ pub fn bench_deploy(args: BenchDeployArgs) -> anyhow::Result<()> {
     let mut deploys = Vec::new();
     let results = runtime.block_on(async {
         let mut tasks = Vec::new();
+        let values = Arc::new(super::bench::random_values(super::bench::VALUE_POOL, 256));
         for id in 0..args.clients {
             let mut client = args.target.client()?;
             client.deadline = Duration::ZERO;
             let ctx = ClientContext {
                 id: id as u64,
                 state_machine: "kv".into(),
-                value: "v".repeat(256),
+                values: values.clone(),
+                next_value: AtomicUsize::new(id),
                 keys: 100_000,
                 read_ratio: 0.0,
                 consistency: Consistency::Linearizable,
