@@ -77,6 +77,10 @@ const META_OFFLINE: &[u8] = b"offline";
 /// Key-value pairs of a guest's state, in key order.
 pub type KeyValues = Vec<(Vec<u8>, Vec<u8>)>;
 
+/// Keyspaces written in index order and compacted from the front, whose
+/// large records are kept apart from their keys (see [`Store::open`]).
+const APPEND_ONLY_KEYSPACES: [&str; 3] = ["log", "history", "session_log"];
+
 /// Longest state machine name (it prefixes every key of its state).
 pub const STATE_MACHINE_NAME_MAX_BYTES: usize = 64;
 /// Largest guest key and value.
@@ -375,7 +379,19 @@ impl Store {
             .map_err(db_error)?;
         let memtable_bytes = memory.memtable_bytes.max(MEMTABLE_BYTES_MIN);
         let keyspace = |name: &str| {
-            db.keyspace(name, || KeyspaceCreateOptions::default().max_memtable_size(memtable_bytes)).map_err(db_error)
+            db.keyspace(name, || {
+                let options = KeyspaceCreateOptions::default().max_memtable_size(memtable_bytes);
+                // Written in index order and dropped from the front: records
+                // of over 1 KiB (most, batched) go to blob files written
+                // once, so compaction moves small pointers instead of
+                // rewriting values, and a blob file whose records are all
+                // gone is dropped whole. Fixed when the keyspace is created.
+                match APPEND_ONLY_KEYSPACES.contains(&name) {
+                    true => options.with_kv_separation(Some(fjall::KvSeparationOptions::default())),
+                    false => options,
+                }
+            })
+            .map_err(db_error)
         };
         let (log, meta, state, sessions, modules, staging, history, session_log) = (
             keyspace("log")?,
