@@ -9,7 +9,12 @@
 
 use crate::wire::pb::{SessionRecord, SessionReply, session_reply};
 use prost::Message as _;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use rustc_hash::{FxHashMap, FxHashSet};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+/// A client's id, shared by the table's indexes (cloning it copies nothing).
+type ClientId = Arc<[u8]>;
 
 /// Answers kept per client: a client may have this many writes in flight
 /// and still retry any of them.
@@ -46,12 +51,12 @@ impl Default for SessionLimits {
 /// The table, kept in memory and mirrored to the store by the apply task.
 pub struct Sessions {
     limits: SessionLimits,
-    records: HashMap<Vec<u8>, SessionRecord>,
+    records: FxHashMap<ClientId, SessionRecord>,
     /// `(last_used_ms, client id)`, to find the least recently used session.
-    by_age: BTreeSet<(u64, Vec<u8>)>,
+    by_age: BTreeSet<(u64, ClientId)>,
     /// Clients whose session changed (or was dropped) since the last
     /// `take_changes`; their records are encoded once, when taken.
-    changed: HashSet<Vec<u8>>,
+    changed: FxHashSet<ClientId>,
 }
 
 /// A stored session record that does not decode.
@@ -67,13 +72,15 @@ impl Sessions {
     pub fn load(limits: SessionLimits, stored: Vec<(Vec<u8>, Vec<u8>)>) -> Result<Sessions, SessionDecodeError> {
         let mut sessions = Sessions {
             limits,
-            records: HashMap::with_capacity(stored.len()),
+            records: FxHashMap::default(),
             by_age: BTreeSet::new(),
-            changed: HashSet::new(),
+            changed: FxHashSet::default(),
         };
+        sessions.records.reserve(stored.len());
         for (client, bytes) in stored {
             let record = SessionRecord::decode(bytes.as_slice())
                 .map_err(|source| SessionDecodeError { client: client.clone(), source })?;
+            let client: ClientId = client.into();
             sessions.by_age.insert((record.last_used_ms, client.clone()));
             sessions.records.insert(client, record);
         }
@@ -102,11 +109,17 @@ impl Sessions {
     /// `now_ms`. The client has the answers below `lowest_unanswered` (0:
     /// it did not say), which are dropped.
     pub fn record(&mut self, client: &[u8], reply: SessionReply, lowest_unanswered: u64, now_ms: u64) {
-        if !self.records.contains_key(client) && self.records.len() >= self.limits.max_sessions {
-            self.evict_oldest();
-        }
-        let record = self.records.entry(client.to_vec()).or_default();
-        self.by_age.remove(&(record.last_used_ms, client.to_vec()));
+        let id: ClientId = match self.records.get_key_value(client) {
+            Some((id, _)) => id.clone(),
+            None => {
+                if self.records.len() >= self.limits.max_sessions {
+                    self.evict_oldest();
+                }
+                client.into()
+            }
+        };
+        let record = self.records.entry(id.clone()).or_default();
+        self.by_age.remove(&(record.last_used_ms, id.clone()));
         record.last_used_ms = record.last_used_ms.max(now_ms);
         record.highest_sequence = record.highest_sequence.max(reply.sequence);
         // Never past this write: its own answer is what a retry needs.
@@ -116,8 +129,8 @@ impl Sessions {
         let answered_below = record.answered_below;
         record.replies.retain(|r| r.sequence > floor && r.sequence >= answered_below);
         record.replies.sort_by_key(|r| r.sequence);
-        self.by_age.insert((record.last_used_ms, client.to_vec()));
-        self.changed.insert(client.to_vec());
+        self.by_age.insert((record.last_used_ms, id.clone()));
+        self.changed.insert(id);
     }
 
     /// Drops sessions idle for longer than the lifetime, as of entry time
@@ -151,7 +164,7 @@ impl Sessions {
     /// Every session's record, encoded, in client id order: a checkpoint of
     /// the table for the store.
     pub fn encode_all(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
-        let mut all: Vec<_> = self.records.iter().map(|(client, r)| (client.clone(), r.encode_to_vec())).collect();
+        let mut all: Vec<_> = self.records.iter().map(|(client, r)| (client.to_vec(), r.encode_to_vec())).collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
     }
@@ -164,7 +177,7 @@ impl Sessions {
             .drain()
             .map(|client| {
                 let record = self.records.get(&client).map(|r| r.encode_to_vec());
-                (client, record)
+                (client.to_vec(), record)
             })
             .collect();
         changes.sort_by(|a, b| a.0.cmp(&b.0));
@@ -233,7 +246,7 @@ mod tests {
         for sequence in 1..=10 {
             s.record(b"c", session_reply(sequence, sequence, 1, &Ok(vec![0; 100])), sequence, 0);
         }
-        assert_eq!(s.records[&b"c".to_vec()].replies.len(), 1, "only the answer still unconfirmed is kept");
+        assert_eq!(s.records[&b"c"[..]].replies.len(), 1, "only the answer still unconfirmed is kept");
         assert!(matches!(s.admit(b"c", 10), Admission::Duplicate(_)), "a retry of the last write is answered");
         assert_eq!(s.admit(b"c", 9), Admission::Expired { highest: 10 }, "an answered write is never re-applied");
         // A client that claims more than it has does not lose this answer.
