@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Side by side, in one run on this machine: a 3-member etcd (Debian's
-# etcd-server, installed here if missing) and a 3-member raft-host
-# (`raft-host dev`), both on loopback with fsync on, driven by the same
+# etcd-server, installed here if missing) and a 3-member raft-host (three
+# `raft-host serve` processes, as etcd's three, each with one worker thread
+# since the three share the machine's cores), both on loopback with fsync
+# on, driven by the same
 # closed-loop load generator (`raft-host bench`, with `--etcd` for etcd):
 # 256-byte puts over shared connections, at several client counts. Prints a
 # Markdown table of writes/s, latency and CPU per write (members plus the
@@ -11,6 +13,7 @@
 #   RAFT_COMPARE_SECS      seconds per run (default 10)
 #   RAFT_COMPARE_CLIENTS   client counts (default "1 64 256")
 #   RAFT_COMPARE_PATHS     raft-host client paths (default "batched unary")
+#   RAFT_COMPARE_WORKERS   worker threads of each raft-host member (default 1)
 #   RAFT_HOST_BIN          a raft-host binary (default: built here, release)
 #   RAFT_COMPARE_JSON      a file to write every run's JSON line to
 set -euo pipefail
@@ -19,6 +22,7 @@ cd "$(dirname "$0")/.."
 secs="${RAFT_COMPARE_SECS:-10}"
 clients_list="${RAFT_COMPARE_CLIENTS:-1 64 256}"
 paths="${RAFT_COMPARE_PATHS:-batched unary}"
+workers="${RAFT_COMPARE_WORKERS:-1}"
 
 if ! command -v etcd >/dev/null; then
     echo "installing Debian's etcd-server" >&2
@@ -63,8 +67,16 @@ for i in 1 2 3; do
 done
 etcd_endpoints="127.0.0.1:$(etcd_client 1),127.0.0.1:$(etcd_client 2),127.0.0.1:$(etcd_client 3)"
 
-"$RAFT_HOST_BIN" dev --port "$raft_port" --data-dir "$work/raft" >"$work/raft.log" 2>&1 &
-pids+=("$!")
+for id in 1 2 3; do
+    peers=()
+    for peer in 1 2 3; do
+        [ "$peer" = "$id" ] || peers+=(--peer "$peer=127.0.0.1:$((raft_port + peer - 1))")
+    done
+    "$RAFT_HOST_BIN" serve --id "$id" --cluster compare --listen "127.0.0.1:$((raft_port + id - 1))" \
+        --data-dir "$work/raft-$id" --plaintext true --worker-threads "$workers" "${peers[@]}" \
+        >"$work/raft-$id.log" 2>&1 &
+    pids+=("$!")
+done
 raft_endpoints="127.0.0.1:$raft_port,127.0.0.1:$((raft_port + 1)),127.0.0.1:$((raft_port + 2))"
 
 # Both clusters up: etcd answers a put, raft-host a write.
@@ -74,7 +86,7 @@ until "$RAFT_HOST_BIN" bench --etcd --addr "$etcd_endpoints" --clients 1 --durat
     sleep 0.5
 done
 until "$RAFT_HOST_BIN" write --addr "$raft_endpoints" '{"op":"put","key":"warmup","value":"1"}' >/dev/null 2>&1; do
-    [ "$SECONDS" -lt "$deadline" ] || { echo "raft-host did not start:" >&2; cat "$work/raft.log" >&2; exit 1; }
+    [ "$SECONDS" -lt "$deadline" ] || { echo "raft-host did not start:" >&2; cat "$work"/raft-*.log >&2; exit 1; }
     sleep 0.5
 done
 
