@@ -662,6 +662,12 @@ mod tests {
         }
     }
 
+    /// Bytes of keys and values the history keyspace holds.
+    fn stored_bytes(store: &Store) -> u64 {
+        let record = |g: fjall::Guard| g.into_inner().map(|(k, v)| (k.len() + v.len()) as u64).expect("record");
+        store.inner.history.iter().map(record).sum()
+    }
+
     fn shown(changes: &[Change]) -> Vec<String> {
         let text = |v: &Option<Vec<u8>>| v.as_deref().map_or("-".to_string(), |v| String::from_utf8_lossy(v).into());
         changes
@@ -757,13 +763,7 @@ mod tests {
         assert_eq!(kept.changes.first().map(|c| c.index), Some(floor + 1));
         let stored = store.inner.history.iter().count() as u64;
         assert_eq!(stored, 1000 - floor, "nothing at or below the floor is left on disk");
-        let bytes: u64 = store
-            .inner
-            .history
-            .iter()
-            .map(|g| g.into_inner().map(|(k, v)| (k.len() + v.len()) as u64).expect("record"))
-            .sum();
-        assert_eq!(store.inner.lock().history.bytes, bytes, "the byte count is exact");
+        assert_eq!(store.inner.lock().history.bytes, stored_bytes(&store), "the byte count is exact");
     }
 
     #[test]
@@ -875,12 +875,6 @@ mod tests {
         }
         assert!(store.history_floor() > 6, "floor {}", store.history_floor());
         assert!(store.inner.history.iter().all(|g| g.key().expect("key").len() == 16), "no format 1 record is left");
-        let bytes: u64 = store
-            .inner
-            .history
-            .iter()
-            .map(|g| g.into_inner().map(|(k, v)| (k.len() + v.len()) as u64).expect("record"))
-            .sum();
-        assert_eq!(store.inner.lock().history.bytes, bytes, "the byte count stays exact");
+        assert_eq!(store.inner.lock().history.bytes, stored_bytes(&store), "the byte count stays exact");
     }
 }
