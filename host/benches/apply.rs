@@ -32,14 +32,14 @@ fn command(key: u64, value: &str) -> Vec<u8> {
 /// compactions run on threads of their own) and of wall time.
 fn run(store: &Store, machine: &mut Machine, index: &mut u64, run_for: Duration, rng: &mut impl Rng) -> [f64; 3] {
     // Random letters and digits: real values do not compress away.
-    let values: Vec<String> = (0..1024)
-        .map(|_| (0..VALUE_BYTES).map(|_| rng.sample(rand::distr::Alphanumeric) as char).collect())
-        .collect();
+    let values: Vec<String> =
+        (0..1024).map(|_| (0..VALUE_BYTES).map(|_| rng.sample(rand::distr::Alphanumeric) as char).collect()).collect();
     let (mut count, started) = (0u64, Instant::now());
     let (thread_started, process_started) = (cpu("/proc/thread-self/stat"), cpu("/proc/self/stat"));
     while started.elapsed() < run_for {
-        let commands: Vec<Vec<u8>> =
-            (0..BATCH).map(|_| command(rng.random_range(0..KEYS), &values[rng.random_range(0..values.len())])).collect();
+        let commands: Vec<Vec<u8>> = (0..BATCH)
+            .map(|_| command(rng.random_range(0..KEYS), &values[rng.random_range(0..values.len())]))
+            .collect();
         let first = *index + 1;
         let entries: Vec<(EntryInfo, &[u8])> = commands
             .iter()
@@ -53,8 +53,14 @@ fn run(store: &Store, machine: &mut Machine, index: &mut u64, run_for: Duration,
             assert!(outcome.is_ok(), "{outcome:?}");
         }
         let (writes, changes) = batch.into_writes("kv");
-        let apply =
-            ApplyBatch { applied_index: *index, applied_term: 1, clock_ms: first, writes, changes, ..ApplyBatch::default() };
+        let apply = ApplyBatch {
+            applied_index: *index,
+            applied_term: 1,
+            clock_ms: first,
+            writes,
+            changes,
+            ..ApplyBatch::default()
+        };
         store.apply(&apply).expect("store commit");
         count += BATCH as u64;
     }
@@ -71,7 +77,8 @@ fn cpu(stat: &str) -> Duration {
     let stat = std::fs::read_to_string(stat).unwrap_or_default();
     // utime and stime are fields 14 and 15, in clock ticks (100 per second
     // on Linux), counted after the command name's closing parenthesis.
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
     let field = |at: usize| fields.get(at).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
     let ticks = field(11) + field(12);
     Duration::from_millis(ticks * 10)

@@ -219,8 +219,7 @@ fn new_makes_a_javascript_guest_whose_tests_pass_and_whose_component_validates_a
         .expect("raft-host runs");
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
     let npm = |args: &[&str]| {
-        let output =
-            std::process::Command::new("npm").args(args).current_dir(&project).output().expect("npm runs");
+        let output = std::process::Command::new("npm").args(args).current_dir(&project).output().expect("npm runs");
         let printed = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
         assert!(output.status.success(), "npm {args:?}:\n{printed}");
         printed
@@ -294,8 +293,10 @@ async fn raw_write(client: &mut ClusterClient, name: &str, command: &str) -> Res
 }
 
 async fn raw_read(client: &mut ClusterClient, name: &str, query: &str) -> Result<Vec<u8>, String> {
-    let response =
-        client.read(name, query.as_bytes().to_vec(), Consistency::Linearizable).await.expect("read reaches the cluster");
+    let response = client
+        .read(name, query.as_bytes().to_vec(), Consistency::Linearizable)
+        .await
+        .expect("read reaches the cluster");
     outcome_of(response.outcome)
 }
 
@@ -345,7 +346,11 @@ fn c_and_cpp_kv_guests_answer_and_store_like_the_rust_kv_byte_for_byte() {
         }
         let statuses = cluster.agreed(SETTLE).await;
         for (name, _) in &guests {
-            assert_eq!(digest_of(&statuses[0], name), digest_of(&statuses[0], "kv"), "{name}: the same state, byte for byte");
+            assert_eq!(
+                digest_of(&statuses[0], name),
+                digest_of(&statuses[0], "kv"),
+                "{name}: the same state, byte for byte"
+            );
         }
     });
 }

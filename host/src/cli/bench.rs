@@ -165,7 +165,9 @@ pub(super) fn random_values(count: usize, size: usize) -> Vec<String> {
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
     };
-    (0..count).map(|_| (0..size).map(|_| ALPHABET[(next() % ALPHABET.len() as u64) as usize] as char).collect()).collect()
+    (0..count)
+        .map(|_| (0..size).map(|_| ALPHABET[(next() % ALPHABET.len() as u64) as usize] as char).collect())
+        .collect()
 }
 
 impl RunCounters {
@@ -501,11 +503,8 @@ impl Load {
                 answered(client.write(&ctx.state_machine, command).await.map(|r| outcome_of(r.outcome)))
             }
             Load::Etcd(client) => {
-                let put = PutRequest {
-                    key: key.as_bytes().to_vec(),
-                    value: value.as_bytes().to_vec(),
-                    ..Default::default()
-                };
+                let put =
+                    PutRequest { key: key.as_bytes().to_vec(), value: value.as_bytes().to_vec(), ..Default::default() };
                 client.put(put).await.map(|_| ()).map_err(|status| format!("etcd: {}", status.message()))
             }
         }

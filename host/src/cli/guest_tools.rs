@@ -102,8 +102,14 @@ fn component_of(module: &[u8]) -> anyhow::Result<Vec<u8>> {
     let mut module = module.to_vec();
     if !shape.has_component_type {
         let (resolve, world) = world_from(None)?;
-        wit_component::embed_component_metadata(&mut module, &resolve, world, wit_component::StringEncoding::UTF8, false)
-            .context("embedding the world")?;
+        wit_component::embed_component_metadata(
+            &mut module,
+            &resolve,
+            world,
+            wit_component::StringEncoding::UTF8,
+            false,
+        )
+        .context("embedding the world")?;
     }
     wit_component::ComponentEncoder::default()
         .module(&module)
@@ -128,8 +134,8 @@ fn module_shape(module: &[u8]) -> anyhow::Result<ModuleShape> {
             wasmparser::Payload::ImportSection(imports) => {
                 for import in imports.into_imports() {
                     let import = import.context("not a WebAssembly module")?;
-                    let preview1 =
-                        import.module.starts_with("wasi_snapshot_preview1") || import.module.starts_with("wasi_unstable");
+                    let preview1 = import.module.starts_with("wasi_snapshot_preview1")
+                        || import.module.starts_with("wasi_unstable");
                     if preview1 && shape.preview1_import.is_none() {
                         shape.preview1_import = Some(format!("{}::{}", import.module, import.name));
                     }

@@ -118,7 +118,9 @@ pub fn new(args: NewArgs) -> anyhow::Result<()> {
     for (path, template) in files {
         let text = template
             .replace(JS_COUNTER_PACKAGE, "\"{{name}}\"")
-            .replace("{{name}}", name).replace("{{crate}}", &crate_stem).replace("{{sdk}}", &sdk);
+            .replace("{{name}}", name)
+            .replace("{{crate}}", &crate_stem)
+            .replace("{{sdk}}", &sdk);
         let target = dir.join(path);
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;

@@ -70,12 +70,8 @@ pub struct SessionDecodeError {
 impl Sessions {
     /// The table as stored (`(client id, encoded record)` pairs).
     pub fn load(limits: SessionLimits, stored: Vec<(Vec<u8>, Vec<u8>)>) -> Result<Sessions, SessionDecodeError> {
-        let mut sessions = Sessions {
-            limits,
-            records: FxHashMap::default(),
-            by_age: BTreeSet::new(),
-            changed: FxHashSet::default(),
-        };
+        let mut sessions =
+            Sessions { limits, records: FxHashMap::default(), by_age: BTreeSet::new(), changed: FxHashSet::default() };
         sessions.records.reserve(stored.len());
         for (client, bytes) in stored {
             let record = SessionRecord::decode(bytes.as_slice())

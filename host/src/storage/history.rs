@@ -618,8 +618,8 @@ impl Store {
 mod tests {
     use super::*;
     use crate::raft::{ConfState, Entry, EntryKind};
-    use crate::storage::{ApplyBatch, Durability, Identity, StagingStart, StateChange, StateWrite, StoreOptions};
     use crate::storage::history::{META_HISTORY, encode_mark};
+    use crate::storage::{ApplyBatch, Durability, Identity, StagingStart, StateChange, StateWrite, StoreOptions};
 
     const ALL: PageLimits =
         PageLimits { changes: usize::MAX, bytes: usize::MAX, scanned: usize::MAX, hard_bytes: usize::MAX };
@@ -848,7 +848,11 @@ mod tests {
             push_change(&mut body, state_machine, key.as_bytes(), Some(value.as_bytes()), None);
             codec::seal(body)
         };
-        let records = [(legacy_key(2, 0), old("kv", "a", "1")), (legacy_key(2, 1), old("kv", "b", "1")), (legacy_key(4, 0), old("kv", "a", "2"))];
+        let records = [
+            (legacy_key(2, 0), old("kv", "a", "1")),
+            (legacy_key(2, 1), old("kv", "b", "1")),
+            (legacy_key(4, 0), old("kv", "a", "2")),
+        ];
         let bytes: u64 = records.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum();
         for (key, value) in &records {
             store.inner.history.insert(key, value).expect("insert");

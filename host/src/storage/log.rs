@@ -149,7 +149,8 @@ pub(super) fn parse_record<'a>(key: &[u8], value: &'a [u8]) -> Result<(ChunkStar
         }
         9 if key[8] == CHUNK_KEY_TAG => {
             let first = codec::decode_log_key(&key[..8])?;
-            let (count, rest) = value.split_first_chunk::<4>().ok_or(DecodeError("log chunk shorter than its count"))?;
+            let (count, rest) =
+                value.split_first_chunk::<4>().ok_or(DecodeError("log chunk shorter than its count"))?;
             let remaining = u32::from_be_bytes(*count);
             if remaining == 0 {
                 return Err(DecodeError("log chunk holds no entry"));

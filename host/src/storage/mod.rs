@@ -530,7 +530,10 @@ impl Store {
             // Records from `from` on are replaced; the one holding `from`, if
             // it starts before, keeps its entries before `from`.
             let replaced: Vec<log::ChunkStart> = cached.chunks.iter().filter(|c| c.first >= from).copied().collect();
-            let head = (from <= cached.last_index).then(|| cached.chunk_of(from)).flatten().filter(|c| c.first < from && !c.legacy);
+            let head = (from <= cached.last_index)
+                .then(|| cached.chunk_of(from))
+                .flatten()
+                .filter(|c| c.first < from && !c.legacy);
             (
                 cached.first_index,
                 cached.last_index,
@@ -550,7 +553,8 @@ impl Store {
             // Every item of a batch shares one sequence number, so no key
             // may appear twice: a record the new ones overwrite is not
             // removed first.
-            let written: Vec<([u8; 9], Vec<u8>)> = log::chunk_runs(entries).into_iter().map(log::encode_chunk).collect();
+            let written: Vec<([u8; 9], Vec<u8>)> =
+                log::chunk_runs(entries).into_iter().map(log::encode_chunk).collect();
             for chunk in &replaced {
                 let key = chunk.key();
                 if !written.iter().any(|(new, _)| new[..] == key[..]) {
@@ -895,8 +899,10 @@ impl Inner {
             return Ok(value);
         }
         let stored = self.state.get(&full_key).map_err(|e| self.db_error(e))?;
-        let value =
-            stored.as_ref().map(|v| self.unseal(v, || format!("state key {key:?} of {state_machine:?}"))).transpose()?;
+        let value = stored
+            .as_ref()
+            .map(|v| self.unseal(v, || format!("state key {key:?} of {state_machine:?}")))
+            .transpose()?;
         self.state_cache.fill(fjall::Slice::from(full_key), stored, miss);
         Ok(value)
     }
@@ -1001,8 +1007,8 @@ impl Inner {
             }
             chunks.push_back(start);
             for item in entries {
-                let (index, bytes) = item
-                    .map_err(|DecodeError(why)| self.corrupt(format!("log record at {}: {why}", start.first)))?;
+                let (index, bytes) =
+                    item.map_err(|DecodeError(why)| self.corrupt(format!("log record at {}: {why}", start.first)))?;
                 if index < expected {
                     continue;
                 }
@@ -1249,9 +1255,7 @@ mod tests {
         assert_eq!(store.entries(1, 13, u64::MAX).expect("read"), expected);
         assert_eq!(store.last_index().expect("last"), 12);
 
-        store
-            .apply(&ApplyBatch { applied_index: 9, applied_term: 2, ..ApplyBatch::default() })
-            .expect("apply up to 9");
+        store.apply(&ApplyBatch { applied_index: 9, applied_term: 2, ..ApplyBatch::default() }).expect("apply up to 9");
         store.compact(5).expect("compact among the old records");
         drop(store);
         let store = Store::open(dir.path(), &identity, &options()).expect("reopen after compaction");
@@ -1271,7 +1275,9 @@ mod tests {
         };
         let apply = |store: &Store, index: Index, writes: Vec<StateWrite>| {
             store.persist(&[entry(index, 1)], None).expect("persist");
-            store.apply(&ApplyBatch { applied_index: index, applied_term: 1, writes, ..ApplyBatch::default() }).expect("apply");
+            store
+                .apply(&ApplyBatch { applied_index: index, applied_term: 1, writes, ..ApplyBatch::default() })
+                .expect("apply");
         };
         let leader = Store::open(&dir.path().join("leader"), &Identity::new("c", 1), &options()).expect("open");
         leader.bootstrap(&ConfState::with_voters([1, 2]), &Default::default()).expect("bootstrap");
@@ -1298,18 +1304,24 @@ mod tests {
     fn sessions_are_changes_on_a_checkpoint_that_replaces_everything_before_it() {
         let dir = tempfile::tempdir().expect("tempdir");
         let identity = Identity::new("sessions", 1);
-        let one = |client: &str, record: Option<&str>| {
-            (client.as_bytes().to_vec(), record.map(|r| r.as_bytes().to_vec()))
-        };
-        let apply = |store: &Store, index: Index, sessions: Vec<SessionChange>, checkpoint: Option<Vec<(&str, &str)>>| {
-            let sessions_checkpoint =
-                checkpoint.map(|all| all.into_iter().map(|(c, r)| (c.as_bytes().to_vec(), r.as_bytes().to_vec())).collect());
-            if store.last_index().expect("last") < index {
-                store.persist(&[entry(index, 1)], None).expect("persist");
-            }
-            let batch = ApplyBatch { applied_index: index, applied_term: 1, sessions, sessions_checkpoint, ..ApplyBatch::default() };
-            store.apply(&batch).expect("apply");
-        };
+        let one =
+            |client: &str, record: Option<&str>| (client.as_bytes().to_vec(), record.map(|r| r.as_bytes().to_vec()));
+        let apply =
+            |store: &Store, index: Index, sessions: Vec<SessionChange>, checkpoint: Option<Vec<(&str, &str)>>| {
+                let sessions_checkpoint = checkpoint
+                    .map(|all| all.into_iter().map(|(c, r)| (c.as_bytes().to_vec(), r.as_bytes().to_vec())).collect());
+                if store.last_index().expect("last") < index {
+                    store.persist(&[entry(index, 1)], None).expect("persist");
+                }
+                let batch = ApplyBatch {
+                    applied_index: index,
+                    applied_term: 1,
+                    sessions,
+                    sessions_checkpoint,
+                    ..ApplyBatch::default()
+                };
+                store.apply(&batch).expect("apply");
+            };
         let table = |store: &Store| -> Vec<(String, String)> {
             store
                 .session_scan()

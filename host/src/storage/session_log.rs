@@ -126,7 +126,9 @@ pub(super) fn encode_checkpoint(index: Index, table: &[(Vec<u8>, Vec<u8>)]) -> V
 /// What a stored record of the log is.
 pub(super) enum Record {
     /// A part of the checkpoint at `index`.
-    Checkpoint { index: Index },
+    Checkpoint {
+        index: Index,
+    },
     Changes,
 }
 
@@ -186,7 +188,8 @@ impl TableReader {
     /// Reads one record of the log, in key order.
     pub fn read(&mut self, key: &[u8], value: &[u8]) -> Result<(), DecodeError> {
         let mut changes = Vec::new();
-        let kind = decode_record(key, value, |client, record| changes.push((client.to_vec(), record.map(<[u8]>::to_vec))))?;
+        let kind =
+            decode_record(key, value, |client, record| changes.push((client.to_vec(), record.map(<[u8]>::to_vec))))?;
         let bytes = (key.len() + value.len()) as u64;
         match kind {
             Record::Checkpoint { index } => {
