@@ -300,7 +300,8 @@ impl Cached {
 
     fn record_appended(&mut self, entries: &[Entry]) {
         let Some(first) = entries.first() else { return };
-        self.chunks.retain(|chunk| chunk.first < first.index);
+        let kept = self.chunks.partition_point(|chunk| chunk.first < first.index);
+        self.chunks.truncate(kept);
         for run in log::chunk_runs(entries) {
             self.chunks.push_back(log::ChunkStart { first: run[0].index, legacy: false });
         }
@@ -529,7 +530,8 @@ impl Store {
             let from = entries.first().map_or(Index::MAX, |e| e.index);
             // Records from `from` on are replaced; the one holding `from`, if
             // it starts before, keeps its entries before `from`.
-            let replaced: Vec<log::ChunkStart> = cached.chunks.iter().filter(|c| c.first >= from).copied().collect();
+            let from_chunk = cached.chunks.partition_point(|c| c.first < from);
+            let replaced: Vec<log::ChunkStart> = cached.chunks.range(from_chunk..).copied().collect();
             let head = (from <= cached.last_index)
                 .then(|| cached.chunk_of(from))
                 .flatten()
