@@ -84,6 +84,68 @@ pub fn unseal(value: &[u8]) -> Result<&[u8], DecodeError> {
     Ok(body)
 }
 
+/// Appends `bytes` with its length before it (u32 BE).
+pub(super) fn push_sized(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// Appends `0` for none, or `1` and the bytes as [`push_sized`] does.
+pub(super) fn push_optional(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
+    match bytes {
+        Some(bytes) => {
+            out.push(1);
+            push_sized(out, bytes);
+        }
+        None => out.push(0),
+    }
+}
+
+/// Reads the fields [`push_sized`] and [`push_optional`] write (and
+/// big-endian integers) off the front of a record's body.
+pub(super) struct FieldReader<'a>(&'a [u8]);
+
+impl<'a> FieldReader<'a> {
+    pub fn new(body: &'a [u8]) -> FieldReader<'a> {
+        FieldReader(body)
+    }
+
+    pub fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.0.len() < n {
+            return Err(DecodeError("record ends early"));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    pub fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_be_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+
+    pub fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+
+    pub fn sized(&mut self) -> Result<&'a [u8], DecodeError> {
+        let len = self.u32()?;
+        self.take(len as usize)
+    }
+
+    pub fn optional(&mut self) -> Result<Option<&'a [u8]>, DecodeError> {
+        match self.take(1)?[0] {
+            0 => Ok(None),
+            1 => self.sized().map(Some),
+            _ => Err(DecodeError("record has an unknown value tag")),
+        }
+    }
+
+    /// The body must end here.
+    pub fn finish(self) -> Result<(), DecodeError> {
+        if self.0.is_empty() { Ok(()) } else { Err(DecodeError("record has trailing bytes")) }
+    }
+}
+
 /// Reads big-endian integers off the front of a slice.
 struct Reader<'a>(&'a [u8]);
 

@@ -245,63 +245,13 @@ fn decode_span(key: &[u8], value_len: usize) -> Result<RecordSpan, DecodeError> 
     }
 }
 
-fn push_sized(out: &mut Vec<u8>, bytes: &[u8]) {
-    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
-    out.extend_from_slice(bytes);
-}
-
-fn push_optional(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
-    match bytes {
-        Some(bytes) => {
-            out.push(1);
-            push_sized(out, bytes);
-        }
-        None => out.push(0),
-    }
-}
-
 /// One change's fields, appended to a record body.
 fn push_change(out: &mut Vec<u8>, state_machine: &str, key: &[u8], value: Option<&[u8]>, previous: Option<&[u8]>) {
     out.push(state_machine.len() as u8);
     out.extend_from_slice(state_machine.as_bytes());
-    push_sized(out, key);
-    push_optional(out, value);
-    push_optional(out, previous);
-}
-
-/// Reads a record's fields off the front of its body.
-struct RecordReader<'a>(&'a [u8]);
-
-impl<'a> RecordReader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        if self.0.len() < n {
-            return Err(DecodeError("history record ends early"));
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
-    }
-
-    fn u32(&mut self) -> Result<u32, DecodeError> {
-        Ok(u32::from_be_bytes(self.take(4)?.try_into().expect("4 bytes")))
-    }
-
-    fn u64(&mut self) -> Result<u64, DecodeError> {
-        Ok(u64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes")))
-    }
-
-    fn sized(&mut self) -> Result<&'a [u8], DecodeError> {
-        let len = self.u32()?;
-        self.take(len as usize)
-    }
-
-    fn optional(&mut self) -> Result<Option<&'a [u8]>, DecodeError> {
-        match self.take(1)?[0] {
-            0 => Ok(None),
-            1 => self.sized().map(Some),
-            _ => Err(DecodeError("history record has an unknown value tag")),
-        }
-    }
+    codec::push_sized(out, key);
+    codec::push_optional(out, value);
+    codec::push_optional(out, previous);
 }
 
 /// One change as stored, borrowed from its record.
@@ -316,8 +266,8 @@ struct StoredChange<'a> {
 /// The changes of one stored record, in order, checked against its span.
 fn record_changes<'a>(span: RecordSpan, value: &'a [u8]) -> Result<Vec<StoredChange<'a>>, DecodeError> {
     let body = codec::unseal(value)?;
-    let mut reader = RecordReader(body);
-    let change = |reader: &mut RecordReader<'a>, position| -> Result<StoredChange<'a>, DecodeError> {
+    let mut reader = codec::FieldReader::new(body);
+    let change = |reader: &mut codec::FieldReader<'a>, position| -> Result<StoredChange<'a>, DecodeError> {
         let name_len = reader.take(1)?[0] as usize;
         let state_machine = reader.take(name_len)?;
         let key = reader.sized()?;
@@ -348,9 +298,7 @@ fn record_changes<'a>(span: RecordSpan, value: &'a [u8]) -> Result<Vec<StoredCha
             changes
         }
     };
-    if !reader.0.is_empty() {
-        return Err(DecodeError("history record has trailing bytes"));
-    }
+    reader.finish()?;
     Ok(changes)
 }
 
@@ -618,7 +566,6 @@ impl Store {
 mod tests {
     use super::*;
     use crate::raft::{ConfState, Entry, EntryKind};
-    use crate::storage::history::{META_HISTORY, encode_mark};
     use crate::storage::{ApplyBatch, Durability, Identity, StagingStart, StateChange, StateWrite, StoreOptions};
 
     const ALL: PageLimits =

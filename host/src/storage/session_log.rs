@@ -88,16 +88,8 @@ pub(super) fn encode_changes(changes: &[SessionChange]) -> Vec<u8> {
 }
 
 fn push_change(body: &mut Vec<u8>, client: &[u8], record: Option<&[u8]>) {
-    body.extend_from_slice(&(client.len() as u32).to_be_bytes());
-    body.extend_from_slice(client);
-    match record {
-        Some(record) => {
-            body.push(1);
-            body.extend_from_slice(&(record.len() as u32).to_be_bytes());
-            body.extend_from_slice(record);
-        }
-        None => body.push(0),
-    }
+    codec::push_sized(body, client);
+    codec::push_optional(body, record);
 }
 
 /// The records of a checkpoint of `table` at `index`: keys and values.
@@ -132,47 +124,25 @@ pub(super) enum Record {
     Changes,
 }
 
-/// Decodes one stored record of the log, giving its changes to `each`.
-pub(super) fn decode_record(
-    key: &[u8],
-    value: &[u8],
-    mut each: impl FnMut(&[u8], Option<&[u8]>),
-) -> Result<Record, DecodeError> {
-    let kind = match (key.len(), key.get(8)) {
-        (13, Some(&TAG_CHANGES)) => Record::Changes,
+/// What a stored record of the log is, from its key.
+pub(super) fn record_kind(key: &[u8]) -> Result<Record, DecodeError> {
+    match (key.len(), key.get(8)) {
+        (13, Some(&TAG_CHANGES)) => Ok(Record::Changes),
         (13, Some(&TAG_CHECKPOINT)) => {
-            Record::Checkpoint { index: Index::from_be_bytes(key[..8].try_into().expect("8 bytes")) }
+            Ok(Record::Checkpoint { index: Index::from_be_bytes(key[..8].try_into().expect("8 bytes")) })
         }
-        _ => return Err(DecodeError("session log key is neither changes nor a checkpoint part")),
-    };
-    let mut body = codec::unseal(value)?;
-    let mut take = |n: usize| -> Result<&[u8], DecodeError> {
-        if body.len() < n {
-            return Err(DecodeError("session log record ends early"));
-        }
-        let (head, rest) = body.split_at(n);
-        body = rest;
-        Ok(head)
-    };
-    let u32_at = |bytes: &[u8]| u32::from_be_bytes(bytes.try_into().expect("4 bytes")) as usize;
-    let count = u32_at(take(4)?);
-    for _ in 0..count {
-        let len = u32_at(take(4)?);
-        let client = take(len)?;
-        let record = match take(1)?[0] {
-            0 => None,
-            1 => {
-                let len = u32_at(take(4)?);
-                Some(take(len)?)
-            }
-            _ => return Err(DecodeError("session log record has an unknown tag")),
-        };
-        each(client, record);
+        _ => Err(DecodeError("session log key is neither changes nor a checkpoint part")),
     }
-    if !body.is_empty() {
-        return Err(DecodeError("session log record has trailing bytes"));
+}
+
+/// Gives the changes a stored record holds to `each`, in order.
+pub(super) fn decode_changes(value: &[u8], mut each: impl FnMut(&[u8], Option<&[u8]>)) -> Result<(), DecodeError> {
+    let mut reader = codec::FieldReader::new(codec::unseal(value)?);
+    for _ in 0..reader.u32()? {
+        let client = reader.sized()?;
+        each(client, reader.optional()?);
     }
-    Ok(kind)
+    reader.finish()
 }
 
 /// The table being read back: format 1 records first, then the log.
@@ -187,11 +157,8 @@ pub(super) struct TableReader {
 impl TableReader {
     /// Reads one record of the log, in key order.
     pub fn read(&mut self, key: &[u8], value: &[u8]) -> Result<(), DecodeError> {
-        let mut changes = Vec::new();
-        let kind =
-            decode_record(key, value, |client, record| changes.push((client.to_vec(), record.map(<[u8]>::to_vec))))?;
         let bytes = (key.len() + value.len()) as u64;
-        match kind {
+        match record_kind(key)? {
             Record::Checkpoint { index } => {
                 if self.checkpoint != Some(index) {
                     self.table.clear();
@@ -202,13 +169,15 @@ impl TableReader {
             }
             Record::Changes => self.mark.changes_bytes += bytes,
         }
-        for (client, record) in changes {
-            match record {
-                Some(record) => self.table.insert(client, record),
-                None => self.table.remove(&client),
-            };
-        }
-        Ok(())
+        let table = &mut self.table;
+        decode_changes(value, |client, record| match record {
+            Some(record) => {
+                table.insert(client.to_vec(), record.to_vec());
+            }
+            None => {
+                table.remove(client);
+            }
+        })
     }
 }
 
@@ -267,9 +236,9 @@ mod tests {
         for at in 0..value.len() {
             let mut broken = value.clone();
             broken[at] ^= 1;
-            assert!(decode_record(&changes_key(1, 0), &broken, |_, _| {}).is_err(), "byte {at}");
+            assert!(decode_changes(&broken, |_, _| {}).is_err(), "byte {at}");
         }
-        assert!(decode_record(b"short", &value, |_, _| {}).is_err(), "an unknown key");
+        assert!(record_kind(b"short").is_err(), "an unknown key");
     }
 
     #[test]
