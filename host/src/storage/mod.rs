@@ -298,13 +298,12 @@ impl Cached {
         self.chunks.get(at.checked_sub(1)?).copied()
     }
 
-    fn record_appended(&mut self, entries: &[Entry]) {
+    /// After `entries` were written as the records `runs` (one each).
+    fn record_appended(&mut self, entries: &[Entry], runs: &[&[Entry]]) {
         let Some(first) = entries.first() else { return };
         let kept = self.chunks.partition_point(|chunk| chunk.first < first.index);
         self.chunks.truncate(kept);
-        for run in log::chunk_runs(entries) {
-            self.chunks.push_back(log::ChunkStart { first: run[0].index, legacy: false });
-        }
+        self.chunks.extend(runs.iter().map(|run| log::ChunkStart { first: run[0].index, legacy: false }));
         self.term_runs.retain(|&(start, _)| start < first.index);
         for entry in entries {
             if self.term_runs.last().is_none_or(|&(_, term)| term != entry.term) {
@@ -547,6 +546,7 @@ impl Store {
         // A commit index recorded without a write goes down with this batch.
         let hard_state = hard_state.or(unwritten.as_ref());
         let mut batch = inner.db.batch().durability(inner.persist_mode());
+        let runs = log::chunk_runs(entries);
         if let Some(first) = entries.first() {
             if first.index < log_first || first.index > log_last + 1 {
                 return Err(StoreError::InvalidAppend { first: first.index, log_first, log_last });
@@ -555,8 +555,7 @@ impl Store {
             // Every item of a batch shares one sequence number, so no key
             // may appear twice: a record the new ones overwrite is not
             // removed first.
-            let written: Vec<([u8; 9], Vec<u8>)> =
-                log::chunk_runs(entries).into_iter().map(log::encode_chunk).collect();
+            let written: Vec<([u8; 9], Vec<u8>)> = runs.iter().map(|run| log::encode_chunk(run)).collect();
             for chunk in &replaced {
                 let key = chunk.key();
                 if !written.iter().any(|(new, _)| new[..] == key[..]) {
@@ -580,7 +579,7 @@ impl Store {
             std::thread::sleep(delay);
         }
         let mut cached = inner.lock();
-        cached.record_appended(entries);
+        cached.record_appended(entries, &runs);
         if let Some(hs) = hard_state {
             cached.hard_state = *hs;
             cached.commit_unwritten = false;
