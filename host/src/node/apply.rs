@@ -537,7 +537,7 @@ impl Applier {
             // Now and then the whole table, so the store's log of session
             // changes stays short.
             let (sessions, sessions_checkpoint) = match self.store.session_checkpoint_due() {
-                true => (self.sessions.take_changes_as_checkpoint(), Some(self.sessions.encode_all())),
+                true => (Vec::new(), Some(self.sessions.take_checkpoint())),
                 false => (self.sessions.take_changes(), None),
             };
             self.store.apply(&ApplyBatch {

@@ -150,16 +150,11 @@ impl Sessions {
         }
     }
 
-    /// Forgets the changes since the last `take_changes`, for a batch that
-    /// writes the whole table instead ([`Sessions::encode_all`]).
-    pub fn take_changes_as_checkpoint(&mut self) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
-        self.changed.clear();
-        Vec::new()
-    }
-
     /// Every session's record, encoded, in client id order: a checkpoint of
-    /// the table for the store.
-    pub fn encode_all(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+    /// the table for the store, which covers the changes since the last
+    /// `take_changes` (they are forgotten).
+    pub fn take_checkpoint(&mut self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.changed.clear();
         let mut all: Vec<_> = self.records.iter().map(|(client, r)| (client.to_vec(), r.encode_to_vec())).collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
@@ -255,9 +250,8 @@ mod tests {
         let mut s = Sessions::load(SessionLimits::default(), Vec::new()).expect("empty");
         s.record(b"b", session_reply(1, 1, 1, &Ok(Vec::new())), 0, 0);
         s.record(b"a", session_reply(1, 2, 1, &Ok(Vec::new())), 0, 0);
-        let all = s.encode_all();
+        let all = s.take_checkpoint();
         assert_eq!(all.iter().map(|(c, _)| c.as_slice()).collect::<Vec<_>>(), [&b"a"[..], b"b"]);
-        assert!(s.take_changes_as_checkpoint().is_empty());
         assert!(s.take_changes().is_empty(), "the checkpoint covered them");
         let reloaded = Sessions::load(SessionLimits::default(), all).expect("decodes");
         assert!(matches!(reloaded.admit(b"a", 1), Admission::Duplicate(_)));
