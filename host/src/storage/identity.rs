@@ -16,10 +16,11 @@ use std::path::Path;
 pub const IDENTITY_FILE: &str = "IDENTITY";
 
 /// The on-disk format this build writes and the newest it can read.
-/// Format 2 stores the log in chunks (see `storage::log`); a format 1
-/// directory is read as it is and marked format 2 when it opens, before
-/// anything of format 2 is written, so an older build refuses it with
-/// [`StoreError::NewerFormat`] rather than misreading it.
+/// Format 2 keeps the log, the change history and the session table one
+/// record per append or applied batch; a format 1 directory is read as it
+/// is and marked format 2 when it opens, before anything of format 2 is
+/// written, so an older build refuses it with [`StoreError::NewerFormat`]
+/// rather than misreading it.
 pub const FORMAT_VERSION: u32 = 2;
 
 /// The cluster and node a data directory belongs to.
@@ -52,18 +53,19 @@ impl Identity {
     }
 }
 
-fn render_body(format: u32, identity: &Identity) -> String {
-    format!(
+/// The identity file's text: its lines and the checksum over them.
+fn render(format: u32, identity: &Identity) -> String {
+    let body = format!(
         "raft-host data directory\nformat = {format}\ncluster_id = {}\nnode_id = {}\n",
         identity.cluster_id, identity.node_id
-    )
+    );
+    format!("{body}checksum = {:08x}\n", crc32fast::hash(body.as_bytes()))
 }
 
 /// Writes the identity file of a new data directory, durably.
 pub(crate) fn write(dir: &Path, identity: &Identity) -> Result<(), StoreError> {
     identity.validate()?;
-    let body = render_body(FORMAT_VERSION, identity);
-    let text = format!("{body}checksum = {:08x}\n", crc32fast::hash(body.as_bytes()));
+    let text = render(FORMAT_VERSION, identity);
     let io = |e| StoreError::Io { path: dir.join(IDENTITY_FILE), source: e };
     let tmp = dir.join(format!("{IDENTITY_FILE}.tmp"));
     let mut file = fs::File::create(&tmp).map_err(io)?;
@@ -81,27 +83,22 @@ pub(crate) fn write(dir: &Path, identity: &Identity) -> Result<(), StoreError> {
 pub(crate) fn check(dir: &Path, expected: &Identity) -> Result<(), StoreError> {
     expected.validate()?;
     let (format, found) = read(dir)?;
-    check_found(dir, format, &found, expected)?;
-    if format < FORMAT_VERSION {
-        tracing::info!(dir = %dir.display(), from = format, to = FORMAT_VERSION, "upgrading the data directory's format");
-        write(dir, expected)?;
-    }
-    Ok(())
-}
-
-fn check_found(dir: &Path, format: u32, found: &Identity, expected: &Identity) -> Result<(), StoreError> {
     if format > FORMAT_VERSION {
         return Err(StoreError::NewerFormat { dir: dir.to_path_buf(), found: format, supported: FORMAT_VERSION });
     }
     if found.cluster_id != expected.cluster_id {
         return Err(StoreError::WrongCluster {
             dir: dir.to_path_buf(),
-            found: found.cluster_id.clone(),
+            found: found.cluster_id,
             expected: expected.cluster_id.clone(),
         });
     }
     if found.node_id != expected.node_id {
         return Err(StoreError::WrongNode { dir: dir.to_path_buf(), found: found.node_id, expected: expected.node_id });
+    }
+    if format < FORMAT_VERSION {
+        tracing::info!(dir = %dir.display(), from = format, to = FORMAT_VERSION, "upgrading the data directory's format");
+        write(dir, expected)?;
     }
     Ok(())
 }
@@ -159,9 +156,7 @@ mod tests {
     fn newer_format_is_refused_and_edits_are_caught() {
         let dir = tempfile::tempdir().expect("tempdir");
         let me = Identity::new("c", 1);
-        let body = render_body(FORMAT_VERSION + 1, &me);
-        let text = format!("{body}checksum = {:08x}\n", crc32fast::hash(body.as_bytes()));
-        fs::write(dir.path().join(IDENTITY_FILE), text).expect("write");
+        fs::write(dir.path().join(IDENTITY_FILE), render(FORMAT_VERSION + 1, &me)).expect("write");
         let err = check(dir.path(), &me).expect_err("newer format");
         assert!(
             matches!(err, StoreError::NewerFormat { found, supported, .. } if found == FORMAT_VERSION + 1 && supported == FORMAT_VERSION),
@@ -180,9 +175,7 @@ mod tests {
     fn an_older_format_is_accepted_and_marked_as_this_one() {
         let dir = tempfile::tempdir().expect("tempdir");
         let me = Identity::new("c", 1);
-        let body = render_body(1, &me);
-        let text = format!("{body}checksum = {:08x}\n", crc32fast::hash(body.as_bytes()));
-        fs::write(dir.path().join(IDENTITY_FILE), text).expect("write");
+        fs::write(dir.path().join(IDENTITY_FILE), render(1, &me)).expect("write");
         check(dir.path(), &me).expect("format 1 opens");
         assert_eq!(read(dir.path()).expect("read").0, FORMAT_VERSION);
         assert!(check(dir.path(), &Identity::new("other", 1)).is_err(), "and is still checked");
