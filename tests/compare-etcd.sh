@@ -31,10 +31,7 @@ if ! command -v etcd >/dev/null; then
     $sudo apt-get update -q >&2
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q etcd-server >&2
 fi
-if [ -z "${RAFT_HOST_BIN:-}" ]; then
-    cargo build --release --bin raft-host >&2
-    RAFT_HOST_BIN="${CARGO_TARGET_DIR:-target}/release/raft-host"
-fi
+source tests/serve-members.sh
 
 work="$(mktemp -d -t raft-compare-etcd.XXXXXX)"
 pids=()
@@ -67,16 +64,7 @@ for i in 1 2 3; do
 done
 etcd_endpoints="127.0.0.1:$(etcd_client 1),127.0.0.1:$(etcd_client 2),127.0.0.1:$(etcd_client 3)"
 
-for id in 1 2 3; do
-    peers=()
-    for peer in 1 2 3; do
-        [ "$peer" = "$id" ] || peers+=(--peer "$peer=127.0.0.1:$((raft_port + peer - 1))")
-    done
-    "$RAFT_HOST_BIN" serve --id "$id" --cluster compare --listen "127.0.0.1:$((raft_port + id - 1))" \
-        --data-dir "$work/raft-$id" --plaintext true --worker-threads "$workers" "${peers[@]}" \
-        >"$work/raft-$id.log" 2>&1 &
-    pids+=("$!")
-done
+start_members compare "$raft_port" "$work" --worker-threads "$workers"
 raft_endpoints="127.0.0.1:$raft_port,127.0.0.1:$((raft_port + 1)),127.0.0.1:$((raft_port + 2))"
 
 # Both clusters up: etcd answers a put, raft-host a write.
@@ -86,7 +74,7 @@ until "$RAFT_HOST_BIN" bench --etcd --addr "$etcd_endpoints" --clients 1 --durat
     sleep 0.5
 done
 until "$RAFT_HOST_BIN" write --addr "$raft_endpoints" '{"op":"put","key":"warmup","value":"1"}' >/dev/null 2>&1; do
-    [ "$SECONDS" -lt "$deadline" ] || { echo "raft-host did not start:" >&2; cat "$work"/raft-*.log >&2; exit 1; }
+    [ "$SECONDS" -lt "$deadline" ] || { echo "raft-host did not start:" >&2; cat "$work"/member-*.log >&2; exit 1; }
     sleep 0.5
 done
 

@@ -15,10 +15,7 @@ cd "$(dirname "$0")/.."
 
 entries="${RAFT_RESTART_ENTRIES:-1000000}"
 keys="${RAFT_RESTART_KEYS:-1000000}"
-if [ -z "${RAFT_HOST_BIN:-}" ]; then
-    cargo build --release --bin raft-host >&2
-    RAFT_HOST_BIN="${CARGO_TARGET_DIR:-target}/release/raft-host"
-fi
+source tests/serve-members.sh
 
 work="$(mktemp -d -t raft-restart-bench.XXXXXX)"
 pids=()
@@ -33,17 +30,9 @@ base="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); p
 [ "$base" -gt 60000 ] && base=$((base - 1000))
 addresses="127.0.0.1:$((base + 1)),127.0.0.1:$((base + 2)),127.0.0.1:$((base + 3))"
 
-start_members() {
+restart_members() {
     pids=()
-    for id in 1 2 3; do
-        peers=()
-        for peer in 1 2 3; do
-            [ "$peer" = "$id" ] || peers+=(--peer "$peer=127.0.0.1:$((base + peer))")
-        done
-        "$RAFT_HOST_BIN" serve --id "$id" --cluster restart-bench --listen "127.0.0.1:$((base + id))" \
-            --data-dir "$work/member-$id" --plaintext true --log-format json "${peers[@]}" >>"$work/member-$id.log" 2>&1 &
-        pids+=("$!")
-    done
+    start_members restart-bench "$((base + 1))" "$work" --log-format json
 }
 
 # The first write answered after `since` (seconds of $EPOCHREALTIME), in ms.
@@ -56,7 +45,7 @@ first_write_ms() {
     python3 -c "import sys; print(round((float(sys.argv[2]) - float(sys.argv[1])) * 1000))" "$since" "$EPOCHREALTIME"
 }
 
-start_members
+restart_members
 first_write_ms "$EPOCHREALTIME" >/dev/null
 echo "loading $entries entries over $keys keys..." >&2
 applied=0
@@ -72,7 +61,7 @@ resident="$(for pid in "${pids[@]}"; do awk '/VmRSS/{printf "%d ", $2/1024}' "/p
 for pid in "${pids[@]}"; do kill -9 "$pid"; done
 wait 2>/dev/null || true
 restarted="$EPOCHREALTIME"
-start_members
+restart_members
 first="$(first_write_ms "$restarted")"
 # Each member's last "store opened" line: this restart's.
 opened="$(for id in 1 2 3; do

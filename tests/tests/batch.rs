@@ -249,7 +249,7 @@ fn the_bench_against_etcd_refuses_what_it_cannot_measure_with_a_clear_error() {
 }
 
 /// `tests/compare-etcd.sh` (Debian's etcd-server, installed if missing, and
-/// `raft-host dev`, side by side) when `RAFT_ETCD_COMPARE=1` asks for it:
+/// three `raft-host serve` members, side by side) when `RAFT_ETCD_COMPARE=1` asks for it:
 /// it installs a package and runs for a while, so not in the default suite.
 #[test]
 fn etcd_and_raft_host_run_side_by_side_when_asked() {
