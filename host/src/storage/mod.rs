@@ -904,7 +904,7 @@ impl Inner {
             .as_ref()
             .map(|v| self.unseal(v, || format!("state key {key:?} of {state_machine:?}")))
             .transpose()?;
-        self.state_cache.fill(fjall::Slice::from(full_key), stored, miss);
+        self.state_cache.fill(full_key, stored, miss);
         Ok(value)
     }
 

@@ -76,11 +76,12 @@ impl StateCache {
 
     /// Caches what a miss that began at `start` read from the store (the
     /// stored value, checksum verified), unless a commit happened since.
-    pub fn fill(&self, key: Slice, value: Option<Slice>, start: MissStart) {
+    pub fn fill(&self, key: Vec<u8>, value: Option<Slice>, start: MissStart) {
         let Some(entries) = &self.entries else { return };
         if self.generation.load(Ordering::Acquire) != start.0 {
             return;
         }
+        let key = Slice::from(key);
         entries.insert(key.clone(), value);
         // A commit slipped in while inserting: the value may be older than
         // its write-through, so neither stays.
@@ -132,8 +133,8 @@ mod tests {
         let cache = StateCache::new(1 << 20);
         let (found, start) = cache.get(b"k");
         assert_eq!(found, None, "nothing cached yet");
-        cache.fill(key(b"k"), sealed(b"v1"), start);
-        cache.fill(key(b"absent"), None, cache.get(b"absent").1);
+        cache.fill(b"k".to_vec(), sealed(b"v1"), start);
+        cache.fill(b"absent".to_vec(), None, cache.get(b"absent").1);
         assert_eq!(cache.get(b"k").0, Some(Some(b"v1".to_vec())));
         assert_eq!(cache.get(b"absent").0, Some(None));
         cache.write_through([(key(b"k"), sealed(b"v2")), (key(b"absent"), sealed(b"now"))].into_iter());
@@ -153,11 +154,11 @@ mod tests {
         // (it was not cached, so the write-through put it there)...
         cache.write_through([(key(b"other"), sealed(b"x"))].into_iter());
         // ...and the reader's fill comes last.
-        cache.fill(key(b"k"), sealed(b"old"), start);
+        cache.fill(b"k".to_vec(), sealed(b"old"), start);
         assert_eq!(cache.get(b"k").0, None, "the stale read is not kept");
         let (_, after_clear) = cache.get(b"k");
         cache.clear();
-        cache.fill(key(b"k"), sealed(b"old"), after_clear);
+        cache.fill(b"k".to_vec(), sealed(b"old"), after_clear);
         assert_eq!(cache.get(b"k").0, None, "nor one read before a snapshot replaced the state");
     }
 
@@ -175,7 +176,7 @@ mod tests {
             let key = key(&((seed >> 33) % keys).to_be_bytes());
             let (found, start) = cache.get(&key);
             if found.is_none() {
-                cache.fill(key.clone(), None, start);
+                cache.fill(key.to_vec(), None, start);
             }
             if round >= 5 * keys {
                 reads += 1;
@@ -191,12 +192,12 @@ mod tests {
         let cache = StateCache::new(64 << 10);
         for i in 0..10_000u32 {
             let start = cache.get(&i.to_be_bytes()).1;
-            cache.fill(key(&i.to_be_bytes()), sealed(&[7u8; 200]), start);
+            cache.fill(i.to_be_bytes().to_vec(), sealed(&[7u8; 200]), start);
         }
         assert!(cache.bytes() <= 64 << 10, "{} bytes", cache.bytes());
         assert!(cache.bytes() > 32 << 10, "and it is used: {} bytes", cache.bytes());
         let off = StateCache::new(0);
-        off.fill(key(b"k"), sealed(b"v"), off.get(b"k").1);
+        off.fill(b"k".to_vec(), sealed(b"v"), off.get(b"k").1);
         assert_eq!(off.get(b"k").0, None);
         assert_eq!(off.bytes(), 0);
     }
