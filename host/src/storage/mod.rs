@@ -375,6 +375,11 @@ impl Store {
             .worker_threads(options.worker_threads.max(1))
             .cache_size(memory.cache_bytes)
             .max_journaling_size(memory.journal_bytes.max(JOURNAL_BYTES_MIN))
+            // The journals only live until their memtables are flushed, and
+            // what they hold is mostly compressed again on flush (blob files,
+            // deeper tables): compressing it twice costs CPU on every write
+            // to save bytes that are dropped within seconds.
+            .journal_compression(fjall::CompressionType::None)
             .open()
             .map_err(db_error)?;
         let memtable_bytes = memory.memtable_bytes.max(MEMTABLE_BYTES_MIN);
