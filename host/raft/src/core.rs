@@ -29,7 +29,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 ///    that follow continue the log after it.
 /// 1. Persist `entries` (appending, after dropping any existing entries at or
 ///    past the first one's index) and `hard_state`, durably (fsync).
-///    `messages` may be sent before or while this happens.
+///    `messages` may be sent before or while this happens; so may those
+///    that [`Raft::take_messages`] gives before the next `Ready`.
 /// 2. Send `persisted_messages`: only now, because they promise that the
 ///    durable state of step 1 exists (a granted vote, an acknowledged append).
 /// 3. Apply `committed_entries` in order. They may include entries from step 1,
@@ -565,6 +566,17 @@ impl<S: LogStore> Raft<S> {
             || !self.persisted_messages.is_empty()
             || (!self.apply_paused && self.log.has_next_committed())
             || !self.read_states.is_empty()
+    }
+
+    /// The messages the next `Ready` would carry in `messages`, to send now,
+    /// while the driver still persists an earlier `Ready`. None of them
+    /// promises anything about this node's disk (those wait in
+    /// `persisted_messages`), so sending them early is what step 1 allows
+    /// anyway; it lets a leader ship the entries proposed during its own
+    /// fsync to the followers at once, so their writes overlap with it
+    /// instead of queueing behind it (Raft thesis §10.2.1).
+    pub fn take_messages(&mut self) -> Vec<Message> {
+        std::mem::take(&mut self.messages)
     }
 
     /// Collects what the driver must persist, send and apply. Must be followed

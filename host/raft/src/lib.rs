@@ -20,6 +20,10 @@
 //! 3. then apply `committed_entries`, and serve `read_states` once applied;
 //! 4. then call [`Raft::advance`].
 //!
+//! While a `Ready` is being persisted the core keeps taking inputs, and
+//! [`Raft::take_messages`] hands out the `messages` the next `Ready` would
+//! carry, so a leader's new entries reach the followers during its own fsync.
+//!
 //! A leader counts its own log towards a quorum only after `advance()`, so an
 //! entry is never committed on the strength of a copy that is not durable.
 //!

@@ -94,6 +94,9 @@ struct Sim {
     weights: Weights,
     /// Chance that an input reaches a node whose last `Ready` is unfinished.
     overlap_percent: u32,
+    /// Whether nodes send `take_messages()` while a `Ready` is unfinished,
+    /// as raft-host's driver does (half the seeds; the rest wait for it).
+    early_messages: bool,
     leaders: BTreeMap<Term, NodeId>,
     initial_conf: ConfState,
     committed: Vec<CommittedEntry>,
@@ -223,6 +226,9 @@ impl Sim {
             duplicate_percent: 0,
             weights: Weights::draw(&mut rng),
             overlap_percent: *[0, 30, 90].choose(&mut rng).expect("non-empty"),
+            // Drawn from the seed, not the schedule's generator: the other
+            // half replays exactly as before this option existed.
+            early_messages: (seed / 2).is_multiple_of(2),
             leaders: BTreeMap::new(),
             initial_conf: voters.clone(),
             committed: Vec::new(),
@@ -238,10 +244,11 @@ impl Sim {
             sim.start(slot).expect("fresh nodes start");
         }
         let c = sim.config_template.clone();
+        let early = sim.early_messages;
         sim.log(|| {
             format!(
-                "seed {seed}: {size} nodes, heartbeat_tick {}, pre_vote {}, check_quorum {}, max_message_bytes {}, inflight {} msgs / {} bytes",
-                c.heartbeat_tick, c.pre_vote, c.check_quorum, c.max_message_bytes, c.max_inflight_messages, c.max_inflight_bytes
+                "seed {seed}: {size} nodes, heartbeat_tick {}, pre_vote {}, check_quorum {}, max_message_bytes {}, inflight {} msgs / {} bytes, early messages {}",
+                c.heartbeat_tick, c.pre_vote, c.check_quorum, c.max_message_bytes, c.max_inflight_messages, c.max_inflight_bytes, early
             )
         });
         sim
@@ -293,6 +300,10 @@ impl Sim {
     fn take_ready(&mut self, slot: usize) -> Result<(), Violation> {
         let node = &mut self.nodes[slot];
         let Some(raft) = node.raft.as_mut() else { return Ok(()) };
+        if node.pending.is_some() && self.early_messages {
+            let early = raft.take_messages();
+            self.in_flight.extend(early);
+        }
         if node.pending.is_some() || !raft.has_ready() {
             return self.observe();
         }

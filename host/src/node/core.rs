@@ -4,7 +4,10 @@
 //! and after each wake-up drains its inbox without waiting (so a burst of
 //! client writes becomes one proposal, one append, one fsync) and then hands
 //! out `Ready`s. At most one `Ready` is being persisted at a time; the core
-//! keeps stepping meanwhile, which the Ready contract allows.
+//! keeps stepping meanwhile, which the Ready contract allows, and sends the
+//! messages that need no fsync at once (a leader's appends of the entries
+//! proposed during its own fsync: the followers write them in parallel
+//! instead of after it).
 //!
 //! The rest of the node and the server reach it through a [`CoreHandle`];
 //! the peer lanes report finished snapshot streams on their own channel.
@@ -462,6 +465,12 @@ impl CoreTask {
                         timed_persist(&store, &entries, hard_state.as_ref(), &histograms)
                     });
                     persisting = Some((rest, Box::pin(persisted(write))));
+                }
+            }
+            if persisting.is_some() {
+                let early = self.raft.take_messages();
+                if !early.is_empty() {
+                    self.peers.send(early);
                 }
             }
         }
