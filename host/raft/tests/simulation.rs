@@ -435,6 +435,15 @@ impl Sim {
 
     fn apply(&mut self, slot: usize, entry: &Entry) -> Result<(), Violation> {
         let node = &mut self.nodes[slot];
+        // What a node applied must survive its crash with the log under it.
+        if entry.index > node.durable.log_hashes.len() as Index {
+            return Err(format!(
+                "node {}: applied index {} but holds only {} entries durably",
+                node.id,
+                entry.index,
+                node.durable.log_hashes.len()
+            ));
+        }
         if entry.index != node.durable.applied + 1 {
             return Err(format!("node {}: applied index {} after {}", node.id, entry.index, node.durable.applied));
         }
