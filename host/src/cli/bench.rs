@@ -100,8 +100,9 @@ const LATENCIES_PER_FLUSH: usize = 64;
 
 impl ClientResult {
     /// Adds `pending` (write phase, or `None` for a read; microseconds) to
-    /// the histograms and empties it.
-    fn record(&mut self, pending: &mut Vec<(Option<usize>, u64)>) {
+    /// the histograms and its count to `done`, and empties it.
+    fn record(&mut self, pending: &mut Vec<(Option<usize>, u64)>, done: &AtomicU64) {
+        done.fetch_add(pending.len() as u64, Ordering::Relaxed);
         for (phase, micros) in pending.drain(..) {
             let histogram = match phase {
                 Some(phase) => &mut self.writes[phase],
@@ -575,8 +576,7 @@ pub(super) async fn run_client(mut load: Load, ctx: ClientContext) -> anyhow::Re
             Ok(()) => {
                 pending.push((if is_read { None } else { Some(phase) }, micros.max(1)));
                 if pending.len() == LATENCIES_PER_FLUSH {
-                    ctx.done.fetch_add(pending.len() as u64, Ordering::Relaxed);
-                    result.record(&mut pending);
+                    result.record(&mut pending, &ctx.done);
                 }
             }
             Err(error) => {
@@ -588,8 +588,7 @@ pub(super) async fn run_client(mut load: Load, ctx: ClientContext) -> anyhow::Re
             }
         }
     }
-    ctx.done.fetch_add(pending.len() as u64, Ordering::Relaxed);
-    result.record(&mut pending);
+    result.record(&mut pending, &ctx.done);
     Ok(result)
 }
 
