@@ -1,6 +1,9 @@
 //! This process's own resource use, for the metrics endpoint, `Status`, and
 //! `raft-host bench` (which turns it into CPU per operation). Read from
 //! Linux's `/proc/self`; elsewhere the figures are absent, never made up.
+//!
+//! Also the CPU priority of threads whose work is off the write path
+//! ([`BackgroundPriority`]): on Linux a thread's nice value is its own.
 
 /// CPU time and memory of this process so far.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -94,9 +97,204 @@ fn resident_bytes_of(status: &str) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// How much lower than the write path background work runs by default, in
+/// nice steps (see [`BackgroundPriority`]).
+pub const DEFAULT_BACKGROUND_NICE: i32 = 10;
+
+/// The highest nice value Linux has.
+const NICE_MAX: i32 = 19;
+
+/// Lowers the CPU priority of threads whose work a write does not wait for:
+/// the storage's flushes and compactions, and the apply task of a member
+/// that is not the leader (a follower's write is acknowledged once its log
+/// is durable; applying it later delays no client). When the cores are
+/// busy, the threads that carry a write from proposal to answer (network,
+/// consensus, the log's fsync, the leader's apply) then run first, which
+/// shortens every write's wait in the run queue. RocksDB lowers its
+/// compaction threads for the same reason.
+///
+/// Linux only, and relative to the priority the threads start with; a
+/// nice of 0 turns it off. Elsewhere a process's threads share one
+/// priority, so nothing is changed there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackgroundPriority {
+    /// Nice steps below the write path (0 to 19).
+    pub nice: i32,
+}
+
+impl BackgroundPriority {
+    /// Lower by `nice` steps, clamped to what Linux allows.
+    pub fn new(nice: i32) -> BackgroundPriority {
+        BackgroundPriority { nice: nice.clamp(0, NICE_MAX) }
+    }
+
+    /// Runs `start` on a helper thread lowered by this priority and returns
+    /// its result: threads that `start` spawns inherit the lower priority
+    /// (the storage's worker pool is spawned when its database opens). Fails
+    /// only if no thread can be spawned.
+    pub fn spawning_lowered<T: Send>(self, start: impl FnOnce() -> T + Send) -> std::io::Result<T> {
+        if self.nice == 0 || !cfg!(target_os = "linux") {
+            return Ok(start());
+        }
+        std::thread::scope(|scope| {
+            let helper = std::thread::Builder::new().name("lowered-start".into()).spawn_scoped(scope, move || {
+                if let Err(error) = lower_current_thread(self.nice) {
+                    tracing::warn!(%error, nice = self.nice, "could not lower the priority of background threads");
+                }
+                start()
+            })?;
+            Ok(helper.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+        })
+    }
+}
+
+/// The calling thread's nice value (Linux: the thread's own).
+pub fn current_thread_nice() -> std::io::Result<i32> {
+    #[cfg(target_os = "linux")]
+    {
+        Ok(rustix::process::getpriority_process(None)?)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+    }
+}
+
+/// Sets the calling thread's nice value. Raising a thread's priority back
+/// (a lower nice value) needs CAP_SYS_NICE or a high enough RLIMIT_NICE;
+/// see [`can_raise_priority`].
+pub fn set_current_thread_nice(nice: i32) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        Ok(rustix::process::setpriority_process(None, nice.clamp(-20, NICE_MAX))?)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = nice;
+        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+    }
+}
+
+/// Lowers the calling thread's priority by `steps` from where it is.
+fn lower_current_thread(steps: i32) -> std::io::Result<()> {
+    set_current_thread_nice(current_thread_nice()? + steps)
+}
+
+/// Whether this process may give a thread back the priority it lowered:
+/// tried once, on a throwaway thread, so that a thread that could not is
+/// never left lowered.
+pub fn can_raise_priority() -> bool {
+    static CAN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CAN.get_or_init(|| {
+        let probe = std::thread::Builder::new().name("nice-probe".into()).spawn(|| {
+            let Ok(base) = current_thread_nice() else { return false };
+            if base >= NICE_MAX {
+                return false;
+            }
+            lower_current_thread(1).is_ok() && set_current_thread_nice(base).is_ok()
+        });
+        probe.ok().and_then(|probe| probe.join().ok()).unwrap_or(false)
+    })
+}
+
+/// The priority of a thread that is background work at some times and on
+/// the write path at others (the apply task: a follower's, then a
+/// leader's). It can move back up only where [`can_raise_priority`]; where
+/// it cannot, the thread is never lowered.
+#[derive(Debug)]
+pub struct RolePriority {
+    /// The thread's nice value when it is on the write path.
+    base: i32,
+    /// Steps it goes down as background work; 0 when it must not.
+    steps: i32,
+    lowered: bool,
+}
+
+impl RolePriority {
+    /// For the calling thread, which starts on the write path.
+    pub fn for_current_thread(priority: BackgroundPriority) -> RolePriority {
+        let base = current_thread_nice().ok();
+        let steps = match base {
+            Some(_) if priority.nice > 0 && can_raise_priority() => priority.nice,
+            Some(_) if priority.nice > 0 => {
+                tracing::info!(
+                    "a follower's apply task runs at normal priority: giving it back when the member leads needs CAP_SYS_NICE or RLIMIT_NICE"
+                );
+                0
+            }
+            _ => 0,
+        };
+        RolePriority { base: base.unwrap_or(0), steps, lowered: false }
+    }
+
+    /// Lowers the calling thread while it does background work, and raises
+    /// it back when it does not. A failure leaves the priority as it was.
+    pub fn set_background(&mut self, background: bool) {
+        if self.steps == 0 || self.lowered == background {
+            return;
+        }
+        let nice = if background { (self.base + self.steps).min(NICE_MAX) } else { self.base };
+        match set_current_thread_nice(nice) {
+            Ok(()) => self.lowered = background,
+            Err(error) => tracing::warn!(%error, nice, "could not change the apply task's priority"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs `test` on a fresh thread, so a nice value it sets stays there.
+    fn on_own_thread(test: impl FnOnce() + Send + 'static) {
+        std::thread::spawn(test).join().expect("test thread");
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn threads_started_under_a_lowered_priority_inherit_it_and_the_caller_keeps_its_own() {
+        on_own_thread(|| {
+            let base = current_thread_nice().expect("nice");
+            let (inside, spawned) = BackgroundPriority::new(5)
+                .spawning_lowered(|| {
+                    let spawned = std::thread::spawn(|| current_thread_nice().expect("nice"));
+                    (current_thread_nice().expect("nice"), spawned.join().expect("spawned"))
+                })
+                .expect("helper thread");
+            assert_eq!((inside, spawned), ((base + 5).min(NICE_MAX), (base + 5).min(NICE_MAX)));
+            assert_eq!(current_thread_nice().expect("nice"), base);
+            // 0 runs where it is called, changing nothing.
+            let here = std::thread::current().id();
+            assert_eq!(BackgroundPriority::new(0).spawning_lowered(|| std::thread::current().id()).ok(), Some(here));
+        });
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_role_priority_lowers_its_thread_as_background_and_gives_it_back_only_where_it_can() {
+        on_own_thread(|| {
+            let base = current_thread_nice().expect("nice");
+            let mut role = RolePriority::for_current_thread(BackgroundPriority::new(7));
+            role.set_background(true);
+            let lowered = if can_raise_priority() { (base + 7).min(NICE_MAX) } else { base };
+            assert_eq!(current_thread_nice().expect("nice"), lowered);
+            role.set_background(true);
+            assert_eq!(current_thread_nice().expect("nice"), lowered, "twice is once");
+            role.set_background(false);
+            assert_eq!(current_thread_nice().expect("nice"), base);
+            // Off: never touched.
+            let mut off = RolePriority::for_current_thread(BackgroundPriority::new(0));
+            off.set_background(true);
+            assert_eq!(current_thread_nice().expect("nice"), base);
+        });
+    }
+
+    #[test]
+    fn background_nice_is_clamped_to_what_linux_has() {
+        assert_eq!(BackgroundPriority::new(-3).nice, 0);
+        assert_eq!(BackgroundPriority::new(40).nice, 19);
+        assert_eq!(BackgroundPriority::new(DEFAULT_BACKGROUND_NICE).nice, 10);
+    }
 
     #[test]
     fn stat_fields_are_counted_after_the_command_name_even_with_spaces_in_it() {

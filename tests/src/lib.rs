@@ -447,6 +447,11 @@ impl Cluster {
         }
     }
 
+    /// The process id of member `id`, if it runs.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.member(id).process.as_ref().map(|process| process.id())
+    }
+
     /// Sends SIGTERM to member `id` and returns its exit status, waiting at
     /// most `limit`.
     pub fn terminate(&mut self, id: u64, limit: Duration) -> Option<std::process::ExitStatus> {

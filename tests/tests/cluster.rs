@@ -384,3 +384,82 @@ fn the_cli_writes_reads_reports_and_benchmarks_and_sigterm_stops_a_member_gracef
         assert!(exit.success(), "exit status {exit:?}");
     });
 }
+
+/// The nice value of each thread of process `pid` whose name starts with
+/// `prefix`, read from `/proc/PID/task/TID/stat`.
+fn thread_nice(pid: u32, prefix: &str) -> Vec<i32> {
+    let mut found = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return found };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+        // "TID (NAME) STATE ..." where NAME may hold spaces; nice is the
+        // 19th field, the 17th after the name.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        if !stat[open + 1..close].starts_with(prefix) {
+            continue;
+        }
+        if let Some(nice) = stat[close + 1..].split_whitespace().nth(16).and_then(|n| n.parse().ok()) {
+            found.push(nice);
+        }
+    }
+    found
+}
+
+/// Whether this test runs as root, and so may raise a thread's priority back.
+fn running_as_root() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status.lines().any(|line| line.starts_with("Uid:") && line.split_whitespace().nth(1) == Some("0"))
+}
+
+#[test]
+fn flushes_compactions_and_a_followers_apply_run_below_the_write_path_and_the_leaders_apply_does_not() {
+    if !cfg!(target_os = "linux") {
+        return;
+    }
+    run(LIMIT, async {
+        let cluster = Cluster::start(3, "background-priority");
+        let leader = cluster.leader(SETTLE).await;
+        let pids: BTreeMap<u64, u32> = (1..=3).map(|id| (id, cluster.pid(id).expect("member runs"))).collect();
+        // A member that may not raise a thread back says so and leaves its
+        // apply task alone; as root it may, and must.
+        let apply_lowered = |id: u64| {
+            let unprivileged = cluster.log_of(id).contains("a follower's apply task runs at normal priority");
+            assert!(!(unprivileged && running_as_root()), "member {id} thinks root may not raise a thread's priority");
+            !unprivileged
+        };
+        // The apply task hears of leadership through a message: wait for it.
+        let settled = |leader: u64| {
+            pids.iter().all(|(&id, &pid)| {
+                let expected = if id != leader && apply_lowered(id) { 10 } else { 0 };
+                thread_nice(pid, "apply-") == vec![expected]
+            })
+        };
+        let deadline = Instant::now() + SETTLE;
+        while !settled(leader) {
+            let seen: Vec<_> = pids.iter().map(|(&id, &pid)| (id, thread_nice(pid, "apply-"))).collect();
+            assert!(Instant::now() < deadline, "apply threads' nice values with leader {leader}: {seen:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for (&id, &pid) in &pids {
+            let workers = thread_nice(pid, "fjall:worker");
+            assert!(!workers.is_empty() && workers.iter().all(|&nice| nice == 10), "member {id}: {workers:?}");
+            let network = thread_nice(pid, "tokio");
+            assert!(!network.is_empty() && network.iter().all(|&nice| nice == 0), "member {id}: {network:?}");
+        }
+
+        // Leadership moves: the new leader's apply task is back on the
+        // write path, the old one's below it.
+        let next = (1..=3).find(|&id| id != leader).expect("a follower");
+        cluster.client().transfer_leader(next).await.expect("leader transfer");
+        let deadline = Instant::now() + SETTLE;
+        while cluster.leader(SETTLE).await != next || !settled(next) {
+            let seen: Vec<_> = pids.iter().map(|(&id, &pid)| (id, thread_nice(pid, "apply-"))).collect();
+            assert!(Instant::now() < deadline, "apply threads' nice values after moving the lead to {next}: {seen:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Writes go on meanwhile, answered by the new leader.
+        let mut client = cluster.client();
+        let response = client.write("kv", put("after-transfer", "yes")).await.expect("write after the transfer");
+        assert!(outcome_of(response.outcome).is_ok());
+    });
+}

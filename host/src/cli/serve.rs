@@ -2,6 +2,7 @@
 
 use anyhow::{Context, bail};
 use clap::Args;
+use raft_host::process::BackgroundPriority;
 use raft_host::raft::NodeId;
 use raft_host::server::{Server, ServerConfig};
 use raft_host::storage::{Durability, JOURNAL_BYTES_MIN, MEMTABLE_BYTES_MIN};
@@ -154,6 +155,15 @@ pub struct ServeArgs {
     /// and less CPU per write (see README, Performance).
     #[arg(long, env = "RAFT_HOST_WORKER_THREADS")]
     worker_threads: Option<usize>,
+    /// How many nice steps below the write path the storage's flushes and
+    /// compactions, and the apply task while this member follows, run
+    /// (0 to 19, default 10; 0 turns it off). No write waits for them, so
+    /// on busy cores they give way to the threads a write does wait for.
+    /// Linux only; giving the apply task its priority back when the member
+    /// becomes leader needs CAP_SYS_NICE or RLIMIT_NICE (else only the
+    /// storage's threads are lowered).
+    #[arg(long, env = "RAFT_HOST_BACKGROUND_NICE")]
+    background_nice: Option<i32>,
     /// The cluster CA's certificate (PEM): peers and clients must hold a
     /// certificate it signed. With --cert and --key, the port speaks TLS only.
     #[arg(long, env = "RAFT_HOST_CA")]
@@ -211,6 +221,7 @@ impl ServeArgs {
         self.watch_history_bytes = self.watch_history_bytes.or(file.watch_history_bytes);
         self.stream_idle_timeout_secs = self.stream_idle_timeout_secs.or(file.stream_idle_timeout_secs);
         self.worker_threads = self.worker_threads.or(file.worker_threads);
+        self.background_nice = self.background_nice.or(file.background_nice);
         self.ca = self.ca.or(file.ca);
         self.cert = self.cert.or(file.cert);
         self.key = self.key.or(file.key);
@@ -315,6 +326,11 @@ impl ServeArgs {
         match args.upload_expiry_secs {
             Some(0) => bail!("--upload-expiry-secs must be at least 1"),
             Some(secs) => config.upload_expiry = Duration::from_secs(secs),
+            None => {}
+        }
+        match args.background_nice {
+            Some(nice @ 0..=19) => config.background = BackgroundPriority::new(nice),
+            Some(nice) => bail!("--background-nice must be 0 to 19, got {nice}"),
             None => {}
         }
         match args.stream_idle_timeout_secs {

@@ -12,6 +12,7 @@
 //! task through an [`ApplyHandle`]: stale reads and the applied side of
 //! the member's status.
 
+use super::config::NodeConfig;
 use super::error::{ApplyError, NodeError, Task};
 use super::histograms::NodeHistograms;
 use super::members::{Members, Membership};
@@ -20,7 +21,8 @@ use super::modules::ModuleRegistry;
 use super::request::{BARRIER, ReadReply, RequestError, WriteReply, await_answer};
 use super::sessions::{Admission, SessionLimits, Sessions, session_reply};
 use super::shutdown::Shutdown;
-use crate::raft::{ConfChangeEntry, Entry, EntryKind, Index, NodeId, SnapshotMeta, Term};
+use crate::process::{BackgroundPriority, RolePriority};
+use crate::raft::{ConfChangeEntry, Entry, EntryKind, Index, SnapshotMeta, Term};
 use crate::runtime::{EntryInfo, Machine, WriteBatch};
 use crate::storage::{ApplyBatch, StateChange, StateView, StateWrite, Store, StoreError};
 use crate::wire::pb::{self, session_reply::Result as ReplyResult};
@@ -51,6 +53,10 @@ pub(super) enum ApplyMsg {
     /// This node stopped being the leader: proposals still waiting may be
     /// committed by the next leader or lost; their clients retry.
     LeadershipLost,
+    /// This node became the leader (`true`) or stopped being it: the task
+    /// is on the write path only while it leads, and runs at background
+    /// priority otherwise (see [`BackgroundPriority`]).
+    Leading(bool),
     /// Report applied index and state digests.
     Status(oneshot::Sender<(ApplyStatus, StateView)>),
     /// Replace the state with the staged snapshot (after applying what came
@@ -225,10 +231,10 @@ pub(super) type ApplyThread = std::thread::JoinHandle<Result<(), ApplyError>>;
 pub(super) fn spawn(
     mut applier: Applier,
     histograms: Arc<NodeHistograms>,
-    id: NodeId,
-    request_timeout: Duration,
+    config: &NodeConfig,
     shutdown: Shutdown,
 ) -> Result<(ApplyLink, ApplyHandle, ApplyThread), NodeError> {
+    let (id, request_timeout, background) = (config.id, config.request_timeout, config.background);
     applier.histograms = histograms;
     let (tx, inbox) = mpsc::channel();
     let link = ApplyLink { tx: tx.clone(), progress: applier.progress.clone() };
@@ -237,7 +243,7 @@ pub(super) fn spawn(
     let thread = std::thread::Builder::new()
         .name(format!("apply-{id}"))
         .spawn(move || {
-            let result = applier.run(inbox);
+            let result = applier.run(inbox, background);
             if let Err(error) = &result {
                 tracing::error!(%error, "the apply task failed; stopping the member");
                 shutdown.begin();
@@ -315,12 +321,16 @@ impl Applier {
 
     /// Runs until the core says stop (or every sender is gone) or a fatal
     /// error.
-    fn run(mut self, inbox: mpsc::Receiver<ApplyMsg>) -> Result<(), ApplyError> {
+    fn run(mut self, inbox: mpsc::Receiver<ApplyMsg>, background: BackgroundPriority) -> Result<(), ApplyError> {
+        // Every node starts as a follower.
+        let mut priority = RolePriority::for_current_thread(background);
+        priority.set_background(true);
         while let Ok(message) = inbox.recv() {
-            if let ApplyMsg::Stop = message {
-                break;
+            match message {
+                ApplyMsg::Stop => break,
+                ApplyMsg::Leading(leading) => priority.set_background(!leading),
+                message => self.handle(message)?,
             }
-            self.handle(message)?;
         }
         self.fail_waiters(|| RequestError::ShuttingDown);
         Ok(())
@@ -364,8 +374,8 @@ impl Applier {
                 let _ = done.send(());
                 self.serve_due_reads()?;
             }
-            // `run` stops before handing it here.
-            ApplyMsg::Stop => {}
+            // `run` takes these before handing any here.
+            ApplyMsg::Stop | ApplyMsg::Leading(_) => {}
         }
         Ok(())
     }

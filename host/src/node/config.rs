@@ -4,6 +4,7 @@
 
 use super::error::NodeError;
 use super::sessions::SessionLimits;
+use crate::process::BackgroundPriority;
 use crate::raft::NodeId;
 use crate::runtime::Limits;
 use crate::storage::{Durability, HistoryLimits, StoreMemory};
@@ -64,6 +65,9 @@ pub struct NodeConfig {
     pub store_memory: StoreMemory,
     /// How much change history the store keeps for watchers.
     pub store_history: HistoryLimits,
+    /// How far below the write path the storage's background threads and
+    /// a follower's apply task run (see [`BackgroundPriority`]).
+    pub background: BackgroundPriority,
     /// Largest snapshot a member accepts, as its sender announces it.
     pub max_snapshot_bytes: u64,
     /// How long a snapshot or deploy stream may go without a message
@@ -113,6 +117,7 @@ impl NodeConfig {
             store_memory: crate::process::memory_available_bytes()
                 .map_or_else(StoreMemory::default, StoreMemory::for_memory),
             store_history: HistoryLimits::default(),
+            background: BackgroundPriority::new(crate::process::DEFAULT_BACKGROUND_NICE),
             routes: BTreeMap::new(),
             stream_idle_timeout: Duration::from_secs(30),
             join: Vec::new(),

@@ -777,6 +777,9 @@ impl CoreTask {
             // Best effort: if the apply task is gone the node is stopping anyway.
             let _ = self.apply.tx.send(ApplyMsg::LeadershipLost);
         }
+        if (was.role == Role::Leader) != (role == Role::Leader) {
+            let _ = self.apply.tx.send(ApplyMsg::Leading(role == Role::Leader));
+        }
     }
 
     fn publish_leadership(&self) {

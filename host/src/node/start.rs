@@ -98,7 +98,7 @@ impl Node {
         let shutdown = Shutdown::new();
         let histograms = Arc::new(NodeHistograms::default());
         let (apply_link, applied, apply) =
-            apply::spawn(applier, histograms.clone(), config.id, config.request_timeout, shutdown.clone())?;
+            apply::spawn(applier, histograms.clone(), &config, shutdown.clone())?;
         let snapshots = Arc::new(SnapshotCounters::default());
         let (peers, snapshot_reports) =
             Peers::new(&config.cluster_id, members.clone(), store.clone(), snapshots.clone());
@@ -207,6 +207,7 @@ async fn open_store(config: &NodeConfig) -> Result<Store, NodeError> {
         durability: config.durability,
         memory: config.store_memory,
         history: config.store_history,
+        background: config.background,
         ..StoreOptions::default()
     };
     let dir = config.data_dir.clone();

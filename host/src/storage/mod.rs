@@ -52,6 +52,7 @@ pub use self::modules::{ModuleKey, StoredVersion};
 pub use self::session_log::{SessionChange, SessionLogMark};
 pub use self::snapshot::{SnapshotReader, Staging, StagingStart};
 
+use crate::process::BackgroundPriority;
 use crate::raft::{ConfState, Entry, HardState, Index, LogStore, NodeId, SnapshotMeta, StorageError, Term};
 use codec::DecodeError;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
@@ -150,6 +151,11 @@ pub struct StoreOptions {
     pub worker_threads: usize,
     pub memory: StoreMemory,
     pub history: HistoryLimits,
+    /// The priority of the fjall background threads: no write waits for a
+    /// flush or a compaction, so they yield the cores to those that do
+    /// (none lower by default; a member's default is
+    /// [`DEFAULT_BACKGROUND_NICE`](crate::process::DEFAULT_BACKGROUND_NICE)).
+    pub background: BackgroundPriority,
 }
 
 impl Default for StoreOptions {
@@ -159,6 +165,7 @@ impl Default for StoreOptions {
             worker_threads: 1,
             memory: StoreMemory::default(),
             history: HistoryLimits::default(),
+            background: BackgroundPriority::new(0),
         }
     }
 }
@@ -371,7 +378,7 @@ impl Store {
         }
         let db_error = |source| StoreError::Db { dir: dir.to_path_buf(), source };
         let memory = options.memory;
-        let db = Database::builder(&db_dir)
+        let builder = Database::builder(&db_dir)
             .worker_threads(options.worker_threads.max(1))
             .cache_size(memory.cache_bytes)
             .max_journaling_size(memory.journal_bytes.max(JOURNAL_BYTES_MIN))
@@ -379,9 +386,9 @@ impl Store {
             // what they hold is mostly compressed again on flush (blob files,
             // deeper tables): compressing it twice costs CPU on every write
             // to save bytes that are dropped within seconds.
-            .journal_compression(fjall::CompressionType::None)
-            .open()
-            .map_err(db_error)?;
+            .journal_compression(fjall::CompressionType::None);
+        // The worker pool is spawned by `open` and inherits its priority.
+        let db = options.background.spawning_lowered(|| builder.open()).map_err(io)?.map_err(db_error)?;
         let memtable_bytes = memory.memtable_bytes.max(MEMTABLE_BYTES_MIN);
         let keyspace = |name: &str| {
             db.keyspace(name, || {
