@@ -412,7 +412,12 @@ async fn sample_members(
         .iter()
         .map(|address| {
             let (address, transport) = (address.clone(), transport.clone());
-            tokio::spawn(async move { ClusterClient::status_at(&address, &transport).await.ok() })
+            // A member busy starting up, or on cores a profiler just took,
+            // may miss one status call; without its figures the report
+            // would leave the member out of the CPU per operation.
+            tokio::spawn(async move {
+                retrying(STATUS_ATTEMPTS, STATUS_RETRY_PAUSE, || ClusterClient::status_at(&address, &transport)).await
+            })
         })
         .collect();
     let mut out = Vec::with_capacity(asks.len());
@@ -420,6 +425,27 @@ async fn sample_members(
         out.push(ask.await.ok().flatten());
     }
     out
+}
+
+/// Status calls per member before the report goes without its figures.
+const STATUS_ATTEMPTS: usize = 3;
+const STATUS_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The first success of up to `attempts` calls of `call`, `pause` apart.
+async fn retrying<T, E, F, Fut>(attempts: usize, pause: std::time::Duration, mut call: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    for attempt in 0..attempts {
+        if attempt > 0 {
+            tokio::time::sleep(pause).await;
+        }
+        if let Ok(value) = call().await {
+            return Some(value);
+        }
+    }
+    None
 }
 
 /// CPU used during the run: by each member process that answered before
@@ -742,7 +768,7 @@ pub(super) fn print_errors(errors: u64, first_error: Option<&str>) {
 
 #[cfg(test)]
 mod tests {
-    use super::processes_cpu;
+    use super::{processes_cpu, retrying};
     use raft_host::wire::client_pb::StatusResponse;
 
     fn sample(id: u64, role: &str, instance: u64, cpu: f64) -> Option<StatusResponse> {
@@ -771,5 +797,24 @@ mod tests {
         assert_eq!(processes[0].members, vec![(1, "leader".to_string()), (2, "follower".to_string())]);
         assert!((processes[0].cpu_seconds - 2.5).abs() < 1e-9);
         assert_eq!(processes[0].name, "members 1 (leader) + 2 (follower) in one process");
+    }
+
+    #[test]
+    fn a_status_call_is_retried_until_it_answers_and_given_up_after_its_attempts() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+        let pause = std::time::Duration::from_millis(1);
+        let mut calls = 0;
+        let answered = runtime.block_on(retrying(3, pause, || {
+            calls += 1;
+            let outcome: Result<u32, ()> = if calls < 3 { Err(()) } else { Ok(calls) };
+            std::future::ready(outcome)
+        }));
+        assert_eq!(answered, Some(3));
+        let mut calls = 0;
+        let never = runtime.block_on(retrying(3, pause, || {
+            calls += 1;
+            std::future::ready(Err::<u32, ()>(()))
+        }));
+        assert_eq!((never, calls), (None, 3));
     }
 }

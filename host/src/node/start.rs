@@ -97,8 +97,7 @@ impl Node {
 
         let shutdown = Shutdown::new();
         let histograms = Arc::new(NodeHistograms::default());
-        let (apply_link, applied, apply) =
-            apply::spawn(applier, histograms.clone(), &config, shutdown.clone())?;
+        let (apply_link, applied, apply) = apply::spawn(applier, histograms.clone(), &config, shutdown.clone())?;
         let snapshots = Arc::new(SnapshotCounters::default());
         let (peers, snapshot_reports) =
             Peers::new(&config.cluster_id, members.clone(), store.clone(), snapshots.clone());
