@@ -38,6 +38,8 @@ const SPARES: u64 = 4;
 /// up. The disk holds that plus the reserve, with room to spare.
 const RESERVE_BYTES: u64 = 32 << 20;
 const TMPFS_BYTES: u64 = 320 << 20;
+/// Faults the suite prints when it heals.
+const LAST_FAULTS_SHOWN: usize = 20;
 
 /// A small deterministic generator (xorshift64*), so a seed replays a run.
 struct Rng(u64);
@@ -465,6 +467,10 @@ fn a_cluster_under_mixed_faults_stays_linearizable_and_loses_no_acknowledged_wri
             tokio::time::sleep(Duration::from_millis(300 + rng.below(700))).await;
         }
 
+        // What came last, for a run that then fails to converge (a
+        // linearizability failure prints the whole schedule).
+        let last = nemesis.schedule.len().saturating_sub(LAST_FAULTS_SHOWN);
+        eprintln!("the last faults, voters {:?}:\n{}", nemesis.voters, nemesis.schedule[last..].join("\n"));
         // Heal: links, hooks, disks; every voter running.
         let cluster = &mut nemesis.cluster;
         if let Some(network) = cluster.network() {
