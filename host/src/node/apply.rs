@@ -50,12 +50,11 @@ pub(super) enum ApplyMsg {
     Committed { entries: Vec<Entry>, bytes: u64 },
     /// Serve a query once `index` is applied (0: at once, a stale read).
     Read(ReadJob),
-    /// This node stopped being the leader: proposals still waiting may be
-    /// committed by the next leader or lost; their clients retry.
-    LeadershipLost,
-    /// This node became the leader (`true`) or stopped being it: the task
+    /// This node became the leader (`true`) or stopped being it. The task
     /// is on the write path only while it leads, and runs at background
-    /// priority otherwise (see [`BackgroundPriority`]).
+    /// priority otherwise (see [`BackgroundPriority`]). When it stops,
+    /// proposals still waiting may be committed by the next leader or lost;
+    /// their clients retry.
     Leading(bool),
     /// Report applied index and state digests.
     Status(oneshot::Sender<(ApplyStatus, StateView)>),
@@ -328,15 +327,14 @@ impl Applier {
         while let Ok(message) = inbox.recv() {
             match message {
                 ApplyMsg::Stop => break,
-                ApplyMsg::Leading(leading) => priority.set_background(!leading),
-                message => self.handle(message)?,
+                message => self.handle(message, &mut priority)?,
             }
         }
         self.fail_waiters(|| RequestError::ShuttingDown);
         Ok(())
     }
 
-    fn handle(&mut self, message: ApplyMsg) -> Result<(), ApplyError> {
+    fn handle(&mut self, message: ApplyMsg, priority: &mut RolePriority) -> Result<(), ApplyError> {
         match message {
             ApplyMsg::Await { index, term, reply } => self.wait_for(index, term, Waiter::One(reply)),
             ApplyMsg::AwaitMany { first_index, term, count, reply } => {
@@ -361,10 +359,13 @@ impl Applier {
                     self.reads.entry(job.index).or_default().push(job);
                 }
             }
-            ApplyMsg::LeadershipLost => {
-                self.fail_waiters(|| {
-                    RequestError::OutcomeUnknown("leadership changed before the write committed".into())
-                });
+            ApplyMsg::Leading(leading) => {
+                priority.set_background(!leading);
+                if !leading {
+                    self.fail_waiters(|| {
+                        RequestError::OutcomeUnknown("leadership changed before the write committed".into())
+                    });
+                }
             }
             ApplyMsg::Status(reply) => {
                 let _ = reply.send(self.status());
@@ -374,8 +375,8 @@ impl Applier {
                 let _ = done.send(());
                 self.serve_due_reads()?;
             }
-            // `run` takes these before handing any here.
-            ApplyMsg::Stop | ApplyMsg::Leading(_) => {}
+            // `run` stops before handing it here.
+            ApplyMsg::Stop => {}
         }
         Ok(())
     }

@@ -772,13 +772,13 @@ impl CoreTask {
         for read in self.reads.drain().flat_map(|(_, round)| round.reads) {
             let _ = read.reply.send(Err(RequestError::LeadershipChanged));
         }
-        if was.role == Role::Leader && role != Role::Leader {
+        let leading = role == Role::Leader;
+        if was.role == Role::Leader && !leading {
             self.uncommitted.clear();
-            // Best effort: if the apply task is gone the node is stopping anyway.
-            let _ = self.apply.tx.send(ApplyMsg::LeadershipLost);
         }
-        if (was.role == Role::Leader) != (role == Role::Leader) {
-            let _ = self.apply.tx.send(ApplyMsg::Leading(role == Role::Leader));
+        if (was.role == Role::Leader) != leading {
+            // Best effort: if the apply task is gone the node is stopping anyway.
+            let _ = self.apply.tx.send(ApplyMsg::Leading(leading));
         }
     }
 
