@@ -79,15 +79,34 @@ fn mem_total_of(meminfo: &str) -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// utime + stime (fields 14 and 15) of a `/proc/<pid>/stat` line. The
-/// command name (field 2) is in parentheses and may hold spaces, so the
-/// fields are counted from the last `)`.
+/// The fields of a `/proc/<pid>/stat` line from field 3 on. The command
+/// name (field 2) is in parentheses and may hold spaces, so the fields are
+/// counted from the last `)`.
+fn fields_after_name(stat: &str) -> Option<std::str::SplitWhitespace<'_>> {
+    Some(stat[stat.rfind(')')? + 1..].split_whitespace())
+}
+
+/// utime + stime (fields 14 and 15) of a `/proc/<pid>/stat` line.
 fn cpu_seconds_of(stat: &str) -> Option<f64> {
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    let mut fields = after_name.split_whitespace().skip(11);
+    let mut fields = fields_after_name(stat)?.skip(11);
     let user: u64 = fields.next()?.parse().ok()?;
     let system: u64 = fields.next()?.parse().ok()?;
     Some((user + system) as f64 / USER_HZ)
+}
+
+/// The nice value (field 19 of its `stat`) of each thread of process `pid`
+/// whose name starts with `prefix`; empty where `/proc` is not readable.
+/// For checking [`BackgroundPriority`] from outside the process.
+pub fn thread_nice_values(pid: u32, prefix: &str) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    tasks
+        .flatten()
+        .filter(|task| std::fs::read_to_string(task.path().join("comm")).is_ok_and(|name| name.starts_with(prefix)))
+        .filter_map(|task| {
+            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            fields_after_name(&stat)?.nth(16)?.parse().ok()
+        })
+        .collect()
 }
 
 /// `VmRSS` of a `/proc/<pid>/status` text, in bytes.
@@ -286,6 +305,26 @@ mod tests {
             let mut off = RolePriority::for_current_thread(BackgroundPriority::new(0));
             off.set_background(true);
             assert_eq!(current_thread_nice().expect("nice"), base);
+        });
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_threads_nice_value_is_read_from_outside_by_its_name() {
+        on_own_thread(|| {
+            let lowered = std::thread::Builder::new()
+                .name("nice-read-test".into())
+                .spawn(|| {
+                    let base = current_thread_nice().expect("nice");
+                    set_current_thread_nice(base + 3).expect("lowering is always allowed");
+                    thread_nice_values(std::process::id(), "nice-read-test")
+                })
+                .expect("thread")
+                .join()
+                .expect("thread ran");
+            let base = current_thread_nice().expect("nice");
+            assert_eq!(lowered, vec![(base + 3).min(NICE_MAX)]);
+            assert!(thread_nice_values(std::process::id(), "no-such-thread-name").is_empty());
         });
     }
 

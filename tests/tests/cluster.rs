@@ -4,6 +4,7 @@
 //! graceful stop.
 
 use raft_host::client::{ClusterClient, Consistency, outcome_of};
+use raft_host::process::thread_nice_values;
 use raft_host::wire::client_pb::{WatchRequest, WriteRequest, client_client::ClientClient};
 use raft_host::wire::pb::{Envelope, Message, RequestVote, message::Body, raft_peer_client::RaftPeerClient};
 use raft_host_e2e::{Cluster, binary, put, read_value, run};
@@ -385,26 +386,6 @@ fn the_cli_writes_reads_reports_and_benchmarks_and_sigterm_stops_a_member_gracef
     });
 }
 
-/// The nice value of each thread of process `pid` whose name starts with
-/// `prefix`, read from `/proc/PID/task/TID/stat`.
-fn thread_nice(pid: u32, prefix: &str) -> Vec<i32> {
-    let mut found = Vec::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return found };
-    for task in tasks.flatten() {
-        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
-        // "TID (NAME) STATE ..." where NAME may hold spaces; nice is the
-        // 19th field, the 17th after the name.
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
-        if !stat[open + 1..close].starts_with(prefix) {
-            continue;
-        }
-        if let Some(nice) = stat[close + 1..].split_whitespace().nth(16).and_then(|n| n.parse().ok()) {
-            found.push(nice);
-        }
-    }
-    found
-}
-
 /// Whether this test runs as root, and so may raise a thread's priority back.
 fn running_as_root() -> bool {
     let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
@@ -431,19 +412,19 @@ fn flushes_compactions_and_a_followers_apply_run_below_the_write_path_and_the_le
         let settled = |leader: u64| {
             pids.iter().all(|(&id, &pid)| {
                 let expected = if id != leader && apply_lowered(id) { 10 } else { 0 };
-                thread_nice(pid, "apply-") == vec![expected]
+                thread_nice_values(pid, "apply-") == vec![expected]
             })
         };
         let deadline = Instant::now() + SETTLE;
         while !settled(leader) {
-            let seen: Vec<_> = pids.iter().map(|(&id, &pid)| (id, thread_nice(pid, "apply-"))).collect();
+            let seen: Vec<_> = pids.iter().map(|(&id, &pid)| (id, thread_nice_values(pid, "apply-"))).collect();
             assert!(Instant::now() < deadline, "apply threads' nice values with leader {leader}: {seen:?}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         for (&id, &pid) in &pids {
-            let workers = thread_nice(pid, "fjall:worker");
+            let workers = thread_nice_values(pid, "fjall:worker");
             assert!(!workers.is_empty() && workers.iter().all(|&nice| nice == 10), "member {id}: {workers:?}");
-            let network = thread_nice(pid, "tokio");
+            let network = thread_nice_values(pid, "tokio");
             assert!(!network.is_empty() && network.iter().all(|&nice| nice == 0), "member {id}: {network:?}");
         }
 
@@ -453,7 +434,7 @@ fn flushes_compactions_and_a_followers_apply_run_below_the_write_path_and_the_le
         cluster.client().transfer_leader(next).await.expect("leader transfer");
         let deadline = Instant::now() + SETTLE;
         while cluster.leader(SETTLE).await != next || !settled(next) {
-            let seen: Vec<_> = pids.iter().map(|(&id, &pid)| (id, thread_nice(pid, "apply-"))).collect();
+            let seen: Vec<_> = pids.iter().map(|(&id, &pid)| (id, thread_nice_values(pid, "apply-"))).collect();
             assert!(Instant::now() < deadline, "apply threads' nice values after moving the lead to {next}: {seen:?}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
