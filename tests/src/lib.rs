@@ -710,6 +710,7 @@ pub type Seen = (Vec<(u64, Vec<u8>)>, Vec<String>);
 /// kept with its log index, every failure counted.
 pub struct Writers {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    answered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     tasks: Vec<tokio::task::JoinHandle<Seen>>,
 }
 
@@ -724,9 +725,10 @@ impl Writers {
         command: fn(usize, u64) -> Vec<u8>,
     ) -> Writers {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let tasks = (0..count)
             .map(|writer| {
-                let (stop, state_machine) = (stop.clone(), state_machine.to_string());
+                let (stop, answered, state_machine) = (stop.clone(), answered.clone(), state_machine.to_string());
                 let mut client = cluster.client_at(addresses.clone());
                 tokio::spawn(async move {
                     client.deadline = Duration::from_secs(60);
@@ -736,7 +738,10 @@ impl Writers {
                         n += 1;
                         match client.write(&state_machine, command(writer, n)).await {
                             Ok(response) => match outcome_of(response.outcome) {
-                                Ok(bytes) => answers.push((response.index, bytes)),
+                                Ok(bytes) => {
+                                    answers.push((response.index, bytes));
+                                    answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                }
                                 Err(refused) => failures.push(format!("refused at {}: {refused}", response.index)),
                             },
                             Err(error) => failures.push(error.to_string()),
@@ -746,7 +751,24 @@ impl Writers {
                 })
             })
             .collect();
-        Writers { stop, tasks }
+        Writers { stop, answered, tasks }
+    }
+
+    /// Waits until the writers have had `more` answers beyond those they had
+    /// when called: proof that writes go on at this point of a test, without
+    /// a guess at how many a slow machine manages in a fixed time.
+    pub async fn progressed(&self, more: usize, within: Duration) {
+        let ordering = std::sync::atomic::Ordering::Relaxed;
+        let target = self.answered.load(ordering) + more;
+        let deadline = std::time::Instant::now() + within;
+        while self.answered.load(ordering) < target {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "writes stalled: {} answered, {target} awaited within {within:?}",
+                self.answered.load(ordering)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Stops the writers; every answer (sorted by index) and failure.
