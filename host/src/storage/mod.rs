@@ -82,6 +82,11 @@ pub type KeyValues = Vec<(Vec<u8>, Vec<u8>)>;
 /// large records are kept apart from their keys (see [`Store::open`]).
 const APPEND_ONLY_KEYSPACES: [&str; 3] = ["log", "history", "session_log"];
 
+/// The key whose removal an emptied keyspace keeps as its one table. It is
+/// removed only from a keyspace just emptied, before anything is written to
+/// it again, so it can shadow no record even if one had this key.
+const EMPTIED_MARKER: &[u8] = b"\0emptied";
+
 /// Longest state machine name (it prefixes every key of its state).
 pub const STATE_MACHINE_NAME_MAX_BYTES: usize = 64;
 /// Largest guest key and value.
@@ -339,6 +344,9 @@ struct Inner {
     /// Serializes writers of the log, so `cached` can be unlocked while a
     /// batch syncs: the core keeps reading terms and entries during an fsync.
     log_writer: Mutex<()>,
+    /// Serializes writers of the staging area, so it can be found empty and
+    /// cleared without a stream's chunk landing in between.
+    staging_writer: Mutex<()>,
 }
 
 /// A point-in-time view of the replicated state ([`Store::state_view`]).
@@ -446,6 +454,7 @@ impl Store {
             durability: options.durability,
             cached: Mutex::new(placeholder),
             log_writer: Mutex::new(()),
+            staging_writer: Mutex::new(()),
         };
         // An install interrupted by a crash may have copied the snapshot's
         // applied position before the log moved to it: that is checked once
@@ -466,7 +475,7 @@ impl Store {
         // What is left staged (a partly received snapshot, or one that waited
         // for its install) is useless after a restart: the leader sends a
         // fresh one.
-        store.inner.staging.clear().map_err(db_error)?;
+        store.inner.empty_keyspace(&store.inner.staging)?;
         Ok(store)
     }
 
@@ -970,6 +979,29 @@ impl Inner {
         }
     }
 
+    /// Removes every record of `keyspace` and the files that held them.
+    ///
+    /// fjall's `clear` alone is not enough on a member that runs for long:
+    /// it leaves the dropped tables' files on disk until the next restart,
+    /// and a keyspace left with no table keeps every journal it had
+    /// records in from being deleted (fjall issue #288). A member that
+    /// installed snapshots or received broken streams filled its disk that
+    /// way. So the records go to tables first, the tables are dropped as a
+    /// compaction does (their files deleted), `clear` journals the removal
+    /// (a replay after a crash brings nothing back), and a flushed marker
+    /// gives the keyspace a table newer than every journal before it.
+    /// Callers redo this after a crash (an install's marker, the staging
+    /// area emptied at open), so a crash midway loses nothing.
+    fn empty_keyspace(&self, keyspace: &Keyspace) -> Result<(), StoreError> {
+        use fjall::AbstractTree;
+        let db_error = |e| self.db_error(e);
+        keyspace.rotate_memtable_and_wait().map_err(db_error)?;
+        keyspace.tree.drop_range::<&[u8], _>(..).map_err(|e| db_error(fjall::Error::from(e)))?;
+        keyspace.clear().map_err(db_error)?;
+        keyspace.remove(EMPTIED_MARKER).map_err(db_error)?;
+        keyspace.rotate_memtable_and_wait().map_err(db_error)
+    }
+
     fn db_error(&self, source: fjall::Error) -> StoreError {
         StoreError::Db { dir: self.dir.clone(), source }
     }
@@ -1238,6 +1270,45 @@ mod tests {
 
     fn options() -> StoreOptions {
         StoreOptions { durability: Durability::UnsafeNoSync, ..StoreOptions::default() }
+    }
+
+    /// fjall keeps a journal until every keyspace with records in it has a
+    /// table at least as new; a keyspace cleared with fjall's `clear` has
+    /// none, and every journal after it stayed on disk (fjall issue #288).
+    #[test]
+    fn an_emptied_keyspace_keeps_no_journal_alive() {
+        use fjall::AbstractTree;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), &Identity::new("journals", 1), &options()).expect("open");
+        let inner = &store.inner;
+        let journals = || {
+            std::fs::read_dir(dir.path().join("db"))
+                .expect("db folder")
+                .flatten()
+                .filter(|entry| entry.file_name().to_string_lossy().ends_with(".jnl"))
+                .count()
+        };
+        let value = vec![7u8; 1 << 20];
+        let fill = |from: usize, count: usize| {
+            for i in from..from + count {
+                inner.state.insert(format!("key-{i}"), &value).expect("insert");
+            }
+            inner.state.rotate_memtable_and_wait().expect("flush");
+        };
+        // Unflushed when the first journal is sealed: that journal needs it.
+        inner.staging.insert(b"staged", &value).expect("stage");
+        fill(0, 80);
+        let before = inner.state.tree.get_highest_persisted_seqno().expect("state flushed");
+        inner.empty_keyspace(&inner.staging).expect("empty");
+        assert!(inner.staging.is_empty().expect("read"));
+        let emptied = inner.staging.tree.get_highest_persisted_seqno();
+        assert!(
+            emptied.is_some_and(|seqno| seqno > before),
+            "the emptied keyspace has a table newer than what came before it ({emptied:?} vs {before})"
+        );
+        fill(80, 256);
+        let journals = journals();
+        assert!(journals <= 2, "{journals} journals after 336 MiB of writes, with a 64 MiB budget");
     }
 
     #[test]

@@ -190,6 +190,7 @@ impl Staging {
             }
             batch.insert(&inner.staging, staged_key(&self.meta, tag, key), value);
         }
+        let _writer = inner.staging_writer();
         batch.commit().map_err(|e| inner.db_error(e))
     }
 
@@ -209,6 +210,7 @@ impl Staging {
             staged_key(&self.meta, TAG_COMPLETE, &[]),
             codec::encode_snapshot_meta(&self.meta),
         );
+        let _writer = inner.staging_writer();
         batch.commit().map_err(|e| inner.db_error(e))?;
         Ok(self.meta)
     }
@@ -246,6 +248,7 @@ impl Store {
         let applied = self.applied().0;
         let inner = &self.inner;
         let mut batch = inner.db.batch();
+        let _writer = inner.staging_writer();
         for guard in inner.staging.iter() {
             let key = guard.key().map_err(|e| inner.db_error(e))?;
             let Some((index, term)) = staged_point(&key) else { continue };
@@ -263,11 +266,19 @@ impl Store {
         let inner = &self.inner;
         let prefix = staged_key(meta, TAG_STATE, &[]);
         let mut batch = inner.db.batch();
+        let _writer = inner.staging_writer();
         for guard in inner.staging.prefix(&prefix[..16]) {
             let key = guard.key().map_err(|e| inner.db_error(e))?;
             batch.remove(&inner.staging, key.to_vec());
         }
-        batch.commit().map_err(|e| inner.db_error(e))
+        batch.commit().map_err(|e| inner.db_error(e))?;
+        inner.release_dead_staging()
+    }
+
+    /// Bytes of the staging area's files on disk, dead records included
+    /// (for tests and diagnostics; walks the keyspace's folder).
+    pub fn staging_disk_bytes(&self) -> u64 {
+        bytes_under(self.inner.staging.path())
     }
 
     /// Bytes of every snapshot staged now (for tests and metrics).
@@ -311,10 +322,9 @@ impl Store {
     pub(super) fn finish_install(&self, meta: &SnapshotMeta) -> Result<(), StoreError> {
         let inner = &self.inner;
         let _writer = inner.log_writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        inner.state.clear().map_err(|e| inner.db_error(e))?;
-        inner.sessions.clear().map_err(|e| inner.db_error(e))?;
-        inner.session_log.clear().map_err(|e| inner.db_error(e))?;
-        inner.history.clear().map_err(|e| inner.db_error(e))?;
+        for keyspace in [&inner.state, &inner.sessions, &inner.session_log, &inner.history] {
+            inner.empty_keyspace(keyspace)?;
+        }
         // A snapshot without removed members has none; it must not inherit
         // ours. One without a history (from an older version) starts one.
         inner.meta.remove(META_REMOVED).map_err(|e| inner.db_error(e))?;
@@ -359,6 +369,7 @@ impl Store {
         last.remove(&inner.meta, META_INSTALLING);
         // This snapshot's staging and any older one go; a newer one may be
         // waiting for its own install.
+        let staging_writer = inner.staging_writer();
         for guard in inner.staging.iter() {
             let key = guard.key().map_err(|e| inner.db_error(e))?;
             if staged_point(&key).is_some_and(|(index, _)| index <= meta.index) {
@@ -366,6 +377,8 @@ impl Store {
             }
         }
         last.commit().map_err(|e| inner.db_error(e))?;
+        inner.release_dead_staging()?;
+        drop(staging_writer);
         cached.first_index = meta.index + 1;
         cached.last_index = meta.index;
         cached.term_runs.clear();
@@ -465,6 +478,39 @@ impl Store {
 
 /// Reads one whole record of a snapshot stream from `input`, of which
 /// `left` bytes remain (and are counted down).
+impl super::Inner {
+    fn staging_writer(&self) -> std::sync::MutexGuard<'_, ()> {
+        // The guard protects no data, only the order of staging writes.
+        self.staging_writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Drops the staging area's tables once nothing live is staged. Removed
+    /// records stay on disk as long as their tables do, and fjall rewrites a
+    /// table only when its level fills: a member that keeps receiving broken
+    /// or installed streams would otherwise keep every one of them, until
+    /// its disk is too full to take the snapshot that would let it catch up.
+    /// The caller holds the staging writer's guard.
+    fn release_dead_staging(&self) -> Result<(), StoreError> {
+        if self.staging.is_empty().map_err(|e| self.db_error(e))? {
+            self.empty_keyspace(&self.staging)?;
+        }
+        Ok(())
+    }
+}
+
+/// Bytes of the files under `dir`, its folders included.
+fn bytes_under(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => bytes_under(&entry.path()),
+            Ok(meta) => meta.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
 fn read_record(input: &mut dyn std::io::Read, left: &mut u64) -> Result<(u8, Vec<u8>, Vec<u8>), String> {
     let cut = |e: std::io::Error| format!("the records end early ({e})");
     let mut take = |len: u64, left: &mut u64| -> Result<Vec<u8>, String> {
@@ -548,6 +594,30 @@ mod tests {
 
     /// A store whose log holds 1..=`applied`, applied there, with `keys` keys.
     fn store_at(dir: &std::path::Path, applied: Index, prefix: &str, keys: u64) -> Store {
+        store_with(dir, applied, prefix, keys, |_| vec![1; 16])
+    }
+
+    /// As [`store_at`], with values that do not compress (so their tables
+    /// take room on disk).
+    fn noisy_store_at(dir: &std::path::Path, applied: Index, prefix: &str, keys: u64) -> Store {
+        store_with(dir, applied, prefix, keys, |i| {
+            (0..8u64)
+                .flat_map(|j| {
+                    let mut x = (i * 8 + j).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                    x ^= x >> 31;
+                    x.wrapping_mul(0xbf58_476d_1ce4_e5b9).to_le_bytes()
+                })
+                .collect()
+        })
+    }
+
+    fn store_with(
+        dir: &std::path::Path,
+        applied: Index,
+        prefix: &str,
+        keys: u64,
+        value: impl Fn(u64) -> Vec<u8>,
+    ) -> Store {
         let store = open(dir);
         store.bootstrap(&ConfState::with_voters([1, 2, 3]), &Default::default()).expect("bootstrap");
         let entries: Vec<Entry> = (1..=applied)
@@ -558,7 +628,7 @@ mod tests {
             .map(|i| StateWrite {
                 state_machine: "kv".into(),
                 key: format!("{prefix}-{i}").into_bytes(),
-                value: Some(vec![1; 16]),
+                value: Some(value(i)),
             })
             .collect();
         store
@@ -606,5 +676,97 @@ mod tests {
         drop(reopened);
         // And the finished install is what the next open sees, checked in full.
         assert_eq!(open(&follower_dir).applied(), (50, 1));
+    }
+
+    /// Stages `reader`'s snapshot into `follower` up to `chunks` chunks (all
+    /// of it with `usize::MAX`), with the staged records flushed to tables.
+    fn stage(follower: &Store, reader: &SnapshotReader, chunks: usize) -> Staging {
+        let StagingStart::Fresh(mut staging) = follower.begin_staging(reader.meta().clone()).expect("begin") else {
+            panic!("nothing complete staged before");
+        };
+        let (mut sent, before) = (0, follower.staging_disk_bytes());
+        reader
+            .for_each_chunk(16 << 10, |chunk| {
+                staging.write_chunk(&chunk).expect("stage");
+                sent += 1;
+                sent < chunks
+            })
+            .expect("stream");
+        follower.inner.staging.rotate_memtable_and_wait().expect("flush");
+        assert!(follower.staging_disk_bytes() > before, "the staged records are in tables");
+        staging
+    }
+
+    /// A member that keeps receiving snapshot streams, broken or installed,
+    /// must not keep their removed records on disk until it fills.
+    #[test]
+    fn broken_and_installed_snapshot_streams_leave_no_tables_behind() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let leader = noisy_store_at(&root.path().join("leader"), 50, "leader", 5_000);
+        let reader = leader.snapshot_reader().expect("reader");
+        let follower = store_at(&root.path().join("follower"), 10, "follower", 5);
+
+        let broken = stage(&follower, &reader, 3);
+        follower.discard_staging(&broken.meta).expect("discard");
+        let emptied = follower.staging_disk_bytes();
+        assert!(emptied < 16 << 10, "a broken stream's records are gone from disk ({emptied} bytes left)");
+
+        let meta = stage(&follower, &reader, usize::MAX).finish().expect("complete");
+        follower.install_snapshot(&meta).expect("install");
+        let emptied = follower.staging_disk_bytes();
+        assert!(emptied < 16 << 10, "an installed snapshot's records are gone from disk ({emptied} bytes left)");
+        let installed = follower.state_scan("kv", b"leader-", Some(b"leader.".as_slice()), usize::MAX).expect("scan");
+        assert_eq!(installed.len(), 5_000);
+    }
+
+    /// Installing a snapshot replaces the state: the files of the state it
+    /// replaced go with it, not at the next restart.
+    #[test]
+    fn an_install_leaves_no_file_of_the_state_it_replaced() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let leader = store_at(&root.path().join("leader"), 50, "leader", 10);
+        let follower = noisy_store_at(&root.path().join("follower"), 10, "follower", 5_000);
+        for keyspace in [&follower.inner.state, &follower.inner.sessions, &follower.inner.history] {
+            keyspace.rotate_memtable_and_wait().expect("flush");
+        }
+        let replaced = bytes_under(follower.inner.state.path());
+        // History keeps values apart (in blob files): they must go too.
+        let noisy = |i: u64| -> Vec<u8> {
+            (0..512u64).flat_map(|j| (i * 512 + j).wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes()).collect()
+        };
+        for i in 0..200 {
+            follower.inner.history.insert(format!("h{i}"), noisy(i)).expect("history");
+        }
+        follower.inner.history.rotate_memtable_and_wait().expect("flush");
+        assert!(bytes_under(follower.inner.history.path()) > 512 << 10, "the history's values are on disk");
+        assert!(replaced > 64 << 10, "the follower's own state is on disk ({replaced} bytes)");
+        let meta = stage(&follower, &leader.snapshot_reader().expect("reader"), usize::MAX).finish().expect("complete");
+        follower.install_snapshot(&meta).expect("install");
+        let left = bytes_under(follower.inner.state.path());
+        let history_left = bytes_under(follower.inner.history.path());
+        assert!(history_left < 16 << 10, "{history_left} bytes of history on disk after the install");
+        assert!(left < 16 << 10, "{left} bytes of state on disk after installing a snapshot of 10 keys");
+        let scan = |prefix: &[u8], end: &[u8]| follower.state_scan("kv", prefix, Some(end), usize::MAX).expect("scan");
+        assert_eq!((scan(b"leader-", b"leader."), scan(b"follower-", b"follower.")).0.len(), 10);
+        assert!(scan(b"follower-", b"follower.").is_empty());
+    }
+
+    /// Releasing dead staging never drops a snapshot still staged: a newer
+    /// one waiting for its install survives an older stream's discard.
+    #[test]
+    fn a_complete_snapshot_survives_the_discard_of_another_stream() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let older_leader = noisy_store_at(&root.path().join("older"), 40, "older", 1_000);
+        let newer_leader = noisy_store_at(&root.path().join("newer"), 50, "newer", 1_000);
+        let follower = store_at(&root.path().join("follower"), 10, "follower", 5);
+        let waiting =
+            stage(&follower, &newer_leader.snapshot_reader().expect("reader"), usize::MAX).finish().expect("complete");
+        let broken = stage(&follower, &older_leader.snapshot_reader().expect("reader"), 1);
+        follower.discard_staging(&broken.meta).expect("discard");
+        assert!(follower.staging_disk_bytes() > 16 << 10, "the waiting snapshot's records are kept");
+        follower.install_snapshot(&waiting).expect("the waiting snapshot installs");
+        let installed = follower.state_scan("kv", b"newer-", Some(b"newer.".as_slice()), usize::MAX).expect("scan");
+        assert_eq!(installed.len(), 1_000);
+        assert!(follower.staging_disk_bytes() < 16 << 10);
     }
 }
