@@ -6,7 +6,9 @@
 //! reserve (`--min-free-disk-bytes`), the member takes no new entries: as
 //! leader it refuses proposals (`RESOURCE_EXHAUSTED`, naming the disk), as
 //! follower it lets the leader's appends with entries go unanswered (the
-//! leader retries, as for a lost message) and refuses snapshots. It still
+//! leader retries, as for a lost message) and refuses snapshots too large
+//! for what is left (a snapshot replaces the state, so one that fits is the
+//! way out when the member's own stale state fills the disk). It still
 //! answers heartbeats and votes, serves reads and applies what it already
 //! holds; the reserve is the room that needs. When space comes back, it
 //! takes entries again and catches up by the ordinary means, as etcd does
@@ -39,6 +41,27 @@ impl DiskSpace {
     /// Whether free space is below the reserve: no new entries are taken.
     pub fn is_low(&self) -> bool {
         self.low.load(Ordering::Relaxed)
+    }
+
+    /// Whether a snapshot stream of `total_bytes` may be staged. A member
+    /// with room takes any; a low one takes a snapshot that fits twice (its
+    /// records pass through the journal, then into tables) in what is free
+    /// above a quarter of the reserve. Refusing every snapshot while low
+    /// would leave a member stuck for good whenever its own stale state is
+    /// what fills the disk: installing a snapshot replaces that state.
+    pub fn admits_snapshot(&self, total_bytes: u64) -> bool {
+        let needed = total_bytes.saturating_mul(2).saturating_add(self.reserve_bytes / 4);
+        !self.is_low() || self.free_bytes() >= needed
+    }
+
+    /// Why a snapshot of `total_bytes` is refused while the disk is low.
+    pub fn snapshot_refusal(&self, total_bytes: u64) -> String {
+        format!(
+            "this member's data disk is nearly full ({} bytes free, below the reserve of {} bytes): a snapshot of \
+             {total_bytes} bytes needs twice its size free, above a quarter of the reserve",
+            self.free_bytes(),
+            self.reserve_bytes
+        )
     }
 
     /// Free bytes as last read (`u64::MAX` before the first reading).
@@ -119,5 +142,18 @@ mod tests {
         assert!(!space.is_low());
         let real = free_bytes_of(std::path::Path::new(".")).expect("statvfs");
         assert!(real > 0);
+    }
+
+    #[test]
+    fn a_low_disk_takes_a_snapshot_that_fits_twice_above_a_quarter_of_the_reserve() {
+        let space = DiskSpace::new(1000);
+        space.record(5000);
+        assert!(space.admits_snapshot(1 << 30), "room: the disk is not low, no guess at what a snapshot frees");
+        space.record(650);
+        assert!(space.is_low());
+        assert!(space.admits_snapshot(200), "2 x 200 + 250 = 650 fits");
+        assert!(!space.admits_snapshot(201));
+        assert!(space.snapshot_refusal(201).contains("650 bytes free"), "{}", space.snapshot_refusal(201));
+        assert!(!space.admits_snapshot(u64::MAX), "no overflow");
     }
 }

@@ -239,8 +239,8 @@ impl PeerService {
                 first.from, first.term
             )));
         }
-        if self.node.disk.is_low() {
-            return Err(Status::resource_exhausted(self.node.disk.refusal()));
+        if !self.node.disk.admits_snapshot(first.total_bytes) {
+            return Err(Status::resource_exhausted(self.node.disk.snapshot_refusal(first.total_bytes)));
         }
         let limit = self.limits.snapshot_bytes_max;
         if first.total_bytes == 0 || first.total_bytes > limit {
