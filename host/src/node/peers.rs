@@ -43,6 +43,11 @@ const SNAPSHOT_READ_AHEAD: usize = 4;
 const STREAM_BUFFER: usize = 8;
 /// How long one snapshot stream may take before it is abandoned.
 const SNAPSHOT_STREAM_TIMEOUT: Duration = Duration::from_secs(600);
+/// The pause after a peer's first failed snapshot stream, doubled with each
+/// failure in a row up to the longest: a member that refuses snapshots (its
+/// disk low, say) is not sent a full read of the state every tick.
+const SNAPSHOT_RETRY_MIN: Duration = Duration::from_millis(200);
+const SNAPSHOT_RETRY_MAX: Duration = Duration::from_secs(5);
 /// Finished snapshot streams not yet heard by the core. At most one stream
 /// runs per peer, so this only fills with a cluster of that many members;
 /// past it a stream's end waits for room.
@@ -91,6 +96,8 @@ pub(super) struct Peers {
     snapshot_ended: mpsc::Sender<NodeId>,
     /// Peers a snapshot is being streamed to.
     snapshots: Arc<Mutex<BTreeSet<NodeId>>>,
+    /// Snapshot streams that failed in a row, per peer.
+    snapshot_failures: Arc<Mutex<BTreeMap<NodeId, u32>>>,
     counters: Arc<SnapshotCounters>,
 }
 
@@ -112,6 +119,7 @@ impl Peers {
             store,
             snapshot_ended,
             snapshots: Arc::new(Mutex::new(BTreeSet::new())),
+            snapshot_failures: Arc::new(Mutex::new(BTreeMap::new())),
             counters,
         };
         (peers, SnapshotReports { ended })
@@ -176,7 +184,7 @@ impl Peers {
         }
         let channel = self.members.channel(to);
         let (store, ended, running) = (self.store.clone(), self.snapshot_ended.clone(), self.snapshots.clone());
-        let counters = self.counters.clone();
+        let (counters, failures) = (self.counters.clone(), self.snapshot_failures.clone());
         let (cluster_id, me) = (self.cluster_id.to_string(), self.me);
         tokio::spawn(async move {
             let started = Instant::now();
@@ -190,16 +198,33 @@ impl Peers {
                     counters.sent_bytes.fetch_add(bytes, Ordering::Relaxed);
                     let seconds = started.elapsed().as_secs_f64();
                     tracing::info!(peer = to, index, bytes, seconds, "snapshot sent");
+                    failures.lock().unwrap_or_else(|p| p.into_inner()).remove(&to);
                 }
                 Err(error) => {
                     counters.send_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(peer = to, %error, "snapshot not delivered; the leader retries");
+                    let in_a_row = {
+                        let mut failures = failures.lock().unwrap_or_else(|p| p.into_inner());
+                        let count = failures.entry(to).or_insert(0);
+                        *count = count.saturating_add(1);
+                        *count
+                    };
+                    let pause = snapshot_retry_pause(in_a_row);
+                    tracing::warn!(peer = to, %error, in_a_row, ?pause, "snapshot not delivered; the leader retries");
+                    // Still counted as running meanwhile: the core's next
+                    // request for this peer waits for the pause to end.
+                    tokio::time::sleep(pause).await;
                 }
             }
             running.lock().unwrap_or_else(|p| p.into_inner()).remove(&to);
             let _ = ended.send(to).await;
         });
     }
+}
+
+/// How long to wait after the `in_a_row`-th failed snapshot stream to a peer.
+fn snapshot_retry_pause(in_a_row: u32) -> Duration {
+    let doublings = in_a_row.saturating_sub(1).min(16);
+    (SNAPSHOT_RETRY_MIN * 2u32.pow(doublings)).min(SNAPSHOT_RETRY_MAX)
 }
 
 /// Reads a consistent view of the store on a blocking thread and streams it
@@ -378,5 +403,18 @@ fn message_bytes(message: &Message) -> u64 {
     match &message.body {
         MessageBody::AppendEntries { entries, .. } => entries.iter().map(|e| e.size_bytes()).sum::<u64>() + 64,
         _ => 64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_snapshot_streams_back_off_doubling_to_a_ceiling() {
+        let pauses: Vec<Duration> = [1, 2, 3, 5, 6, 100, u32::MAX].into_iter().map(snapshot_retry_pause).collect();
+        let ms = |millis| Duration::from_millis(millis);
+        assert_eq!(pauses, [ms(200), ms(400), ms(800), ms(3200), ms(5000), ms(5000), ms(5000)]);
+        assert_eq!(snapshot_retry_pause(0), SNAPSHOT_RETRY_MIN, "no failure counted yet: the shortest");
     }
 }
