@@ -377,7 +377,6 @@ impl Store {
             }
         }
         last.commit().map_err(|e| inner.db_error(e))?;
-        inner.release_dead_staging()?;
         drop(staging_writer);
         cached.first_index = meta.index + 1;
         cached.last_index = meta.index;
@@ -395,7 +394,11 @@ impl Store {
         // Last: a read that began before the state was replaced is not
         // cached after it.
         inner.state_cache.clear();
-        Ok(())
+        drop(cached);
+        // The staged records are removed: their space comes back once no
+        // other stream stages meanwhile (else when that one ends).
+        let _staging_writer = inner.staging_writer();
+        inner.release_dead_staging()
     }
 
     /// Fills this store, which must be new and empty, from the records of a
