@@ -216,12 +216,33 @@ impl SmallDisk {
         mounted.success().then(|| SmallDisk { mount: at.to_path_buf() })
     }
 
-    /// Fills the disk to `free` bytes.
+    /// Fills the disk to about `free` bytes. The member writes meanwhile, so
+    /// the filler grows a chunk at a time while more than `free` is left,
+    /// and gives a chunk back if the disk filled under it: the fault is a
+    /// nearly full disk, never a full one (that would be the member's own
+    /// ENOSPC, which the reserve exists to prevent).
     fn fill_to(&self, free: u64) {
-        let stats = rustix::fs::statvfs(&self.mount).expect("statvfs");
-        let available = stats.f_bavail * stats.f_frsize;
-        let filler = vec![0u8; available.saturating_sub(free) as usize];
-        std::fs::write(self.mount.join("filler"), filler).expect("filler file");
+        use std::io::Write;
+        const CHUNK: u64 = 1 << 20;
+        let available = || {
+            let stats = rustix::fs::statvfs(&self.mount).expect("statvfs");
+            stats.f_bavail * stats.f_frsize
+        };
+        let path = self.mount.join("filler");
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path).expect("filler file");
+        let chunk = vec![0u8; CHUNK as usize];
+        loop {
+            let left = available().saturating_sub(free);
+            if left == 0 {
+                return;
+            }
+            let step = left.min(CHUNK) as usize;
+            if file.write_all(&chunk[..step]).is_err() {
+                let written = file.metadata().expect("filler size").len();
+                file.set_len(written.saturating_sub(free.max(CHUNK))).expect("give room back");
+                return;
+            }
+        }
     }
 
     fn empty(&self) {
