@@ -56,6 +56,10 @@ const RECORD_FRAMING_BYTES: usize = 9;
 /// state value is at most 4 MiB, a module chunk 1 MiB).
 const RECORD_PART_BYTES_MAX: u64 = 64 << 20;
 
+/// Removed staging records kept rather than released (see
+/// `release_dead_staging`).
+const DEAD_STAGING_KEPT_BYTES: u64 = 64 << 10;
+
 /// Records copied per batch while installing, so a large state never sits
 /// in one batch in memory.
 const INSTALL_BATCH_BYTES: usize = 8 << 20;
@@ -492,9 +496,13 @@ impl super::Inner {
     /// table only when its level fills: a member that keeps receiving broken
     /// or installed streams would otherwise keep every one of them, until
     /// its disk is too full to take the snapshot that would let it catch up.
-    /// The caller holds the staging writer's guard.
+    /// Below [`DEAD_STAGING_KEPT_BYTES`] the flushes it takes are not worth
+    /// it. The caller holds the staging writer's guard.
     fn release_dead_staging(&self) -> Result<(), StoreError> {
-        if self.staging.is_empty().map_err(|e| self.db_error(e))? {
+        use fjall::AbstractTree;
+        let tree = &self.staging.tree;
+        let held = tree.disk_space().saturating_add(tree.active_memtable().size());
+        if held > DEAD_STAGING_KEPT_BYTES && self.staging.is_empty().map_err(|e| self.db_error(e))? {
             self.empty_keyspace(&self.staging)?;
         }
         Ok(())
@@ -709,7 +717,7 @@ mod tests {
         let reader = leader.snapshot_reader().expect("reader");
         let follower = store_at(&root.path().join("follower"), 10, "follower", 5);
 
-        let broken = stage(&follower, &reader, 3);
+        let broken = stage(&follower, &reader, 10);
         follower.discard_staging(&broken.meta).expect("discard");
         let emptied = follower.staging_disk_bytes();
         assert!(emptied < 16 << 10, "a broken stream's records are gone from disk ({emptied} bytes left)");
