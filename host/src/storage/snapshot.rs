@@ -491,6 +491,16 @@ impl super::Inner {
         self.staging_writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Drops whatever is staged: after a restart the leader sends a fresh
+    /// snapshot.
+    pub(super) fn drop_staging_at_open(&self) -> Result<(), StoreError> {
+        let _writer = self.staging_writer();
+        match self.staging.is_empty().map_err(|e| self.db_error(e))? {
+            true => self.release_dead_staging(),
+            false => self.empty_keyspace(&self.staging),
+        }
+    }
+
     /// Drops the staging area's tables once nothing live is staged. Removed
     /// records stay on disk as long as their tables do, and fjall rewrites a
     /// table only when its level fills: a member that keeps receiving broken
@@ -728,6 +738,21 @@ mod tests {
         assert!(emptied < 16 << 10, "an installed snapshot's records are gone from disk ({emptied} bytes left)");
         let installed = follower.state_scan("kv", b"leader-", Some(b"leader.".as_slice()), usize::MAX).expect("scan");
         assert_eq!(installed.len(), 5_000);
+    }
+
+    /// A stream cut off by a restart is dropped at open, files included.
+    #[test]
+    fn a_reopen_drops_a_partly_staged_snapshot_and_its_files() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let leader = noisy_store_at(&root.path().join("leader"), 50, "leader", 5_000);
+        let follower_dir = root.path().join("follower");
+        let follower = store_at(&follower_dir, 10, "follower", 5);
+        drop(stage(&follower, &leader.snapshot_reader().expect("reader"), 10));
+        drop(follower);
+        let reopened = open(&follower_dir);
+        assert_eq!(reopened.staged_bytes().expect("staged"), 0);
+        let left = reopened.staging_disk_bytes();
+        assert!(left < 16 << 10, "{left} bytes of the cut-off stream left on disk");
     }
 
     /// Installing a snapshot replaces the state: the files of the state it
