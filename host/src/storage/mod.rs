@@ -987,20 +987,23 @@ impl Inner {
     /// and a keyspace left with no table keeps every journal it had
     /// records in from being deleted (fjall issue #288). A member that
     /// installed snapshots or received broken streams filled its disk that
-    /// way. So the records go to tables first, the tables are dropped as a
-    /// compaction does (their files deleted), `clear` journals the removal
-    /// (a replay after a crash brings nothing back), and a flushed marker
-    /// gives the keyspace a table newer than every journal before it.
-    /// Callers redo this after a crash (an install's marker, the staging
-    /// area emptied at open), so a crash midway loses nothing.
+    /// way. So the tables are dropped as a compaction does (their files are
+    /// deleted), `clear` drops the memtables and journals the removal (a
+    /// replay after a crash brings nothing back; a flush already under way
+    /// is not registered), and the removal of a marker key, flushed in the
+    /// background, gives the keyspace a table newer than every journal
+    /// before it. Nothing here waits for a flush: an install runs it on a
+    /// follower that must catch up. Callers redo it after a crash (an
+    /// install's marker, the staging area at open), so a crash midway
+    /// loses nothing.
     fn empty_keyspace(&self, keyspace: &Keyspace) -> Result<(), StoreError> {
         use fjall::AbstractTree;
         let db_error = |e| self.db_error(e);
-        keyspace.rotate_memtable_and_wait().map_err(db_error)?;
         keyspace.tree.drop_range::<&[u8], _>(..).map_err(|e| db_error(fjall::Error::from(e)))?;
         keyspace.clear().map_err(db_error)?;
         keyspace.remove(EMPTIED_MARKER).map_err(db_error)?;
-        keyspace.rotate_memtable_and_wait().map_err(db_error)
+        keyspace.rotate_memtable().map_err(db_error)?;
+        Ok(())
     }
 
     fn db_error(&self, source: fjall::Error) -> StoreError {
@@ -1302,11 +1305,19 @@ mod tests {
         let before = inner.state.tree.get_highest_persisted_seqno().expect("state flushed");
         inner.empty_keyspace(&inner.staging).expect("empty");
         assert!(inner.staging.is_empty().expect("read"));
-        let emptied = inner.staging.tree.get_highest_persisted_seqno();
-        assert!(
-            emptied.is_some_and(|seqno| seqno > before),
-            "the emptied keyspace has a table newer than what came before it ({emptied:?} vs {before})"
-        );
+        // The marker is flushed in the background.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let emptied = inner.staging.tree.get_highest_persisted_seqno();
+            if emptied.is_some_and(|seqno| seqno > before) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the emptied keyspace has no table newer than what came before it ({emptied:?} vs {before})"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         fill(80, 256);
         let journals = journals();
         assert!(journals <= 2, "{journals} journals after 336 MiB of writes, with a 64 MiB budget");
