@@ -268,13 +268,21 @@ struct Nemesis {
 }
 
 impl Nemesis {
-    async fn leader(&self) -> Option<u64> {
-        for &id in &self.voters {
-            if let Some(status) = self.cluster.status(id).await
-                && status.role == "leader"
-            {
-                return Some(status.id);
+    /// The leader, asked of every member ever started; the voters are taken
+    /// from it. A membership change the nemesis saw fail may have committed
+    /// (or a joiner become a voter after the wait): a nemesis that kept its
+    /// own list then found no leader among "its" voters and skipped every
+    /// fault aimed at the leader.
+    async fn leader(&mut self) -> Option<u64> {
+        let known = self.voters.iter().copied().chain((1..self.next_spare).filter(|id| !self.voters.contains(id)));
+        for id in known.collect::<Vec<_>>() {
+            let Some(status) = self.cluster.status(id).await.filter(|s| s.role == "leader") else { continue };
+            let voters: Vec<u64> = status.members.iter().filter(|m| m.kind == "voter").map(|m| m.id).collect();
+            if !voters.is_empty() && voters != self.voters {
+                self.schedule.push(format!("  (voters are {voters:?}, not {:?})", self.voters));
+                self.voters = voters;
             }
+            return Some(status.id);
         }
         None
     }
