@@ -131,6 +131,10 @@ pub struct Raft<S: LogStore> {
     pending_conf_index: Index,
     /// The member leadership is being handed to, and ticks since it started.
     lead_transferee: Option<NodeId>,
+    /// When this node last told a voter to campaign at once (`ticks`): a
+    /// vote for a transfer ignores the followers' lease, so this node holds
+    /// none for an election timeout after.
+    timeout_now_sent_at: Option<u64>,
     transfer_elapsed: u32,
     /// Taken offline for maintenance: neither votes nor campaigns.
     offline: bool,
@@ -189,6 +193,7 @@ impl<S: LogStore> Raft<S> {
             apply_paused: false,
             pending_conf_index: 0,
             lead_transferee: None,
+            timeout_now_sent_at: None,
             transfer_elapsed: 0,
             offline: false,
             removed: false,
@@ -387,11 +392,18 @@ impl<S: LogStore> Raft<S> {
         // Stop counting the lease from the old election: the transfer has its
         // own timeout.
         if self.progress.get(&to).is_some_and(|pr| Some(pr.matched) == self.log.last_index().ok()) {
-            self.send(to, MessageBody::TimeoutNow);
+            self.send_timeout_now(to);
         } else {
             self.maybe_send_append(to, true)?;
         }
         Ok(())
+    }
+
+    /// Tells voter `to` to campaign at once, and remembers when (see
+    /// [`Self::lease_read_index`]).
+    fn send_timeout_now(&mut self, to: NodeId) {
+        self.timeout_now_sent_at = Some(self.ticks);
+        self.send(to, MessageBody::TimeoutNow);
     }
 
     /// Takes this node offline for maintenance (or brings it back): offline
@@ -451,8 +463,17 @@ impl<S: LogStore> Raft<S> {
     /// from a quorum within half an election timeout. The other half is the
     /// margin for message delay and clock drift between members, which a
     /// lease read trusts to be smaller; a ReadIndex read trusts nothing.
+    ///
+    /// No lease either while leadership is being handed over, nor for an
+    /// election timeout after a `TimeoutNow` went out: followers grant a
+    /// transfer's vote despite hearing from this leader, so a new leader may
+    /// commit while this one still counts its quorum as fresh.
     pub fn lease_read_index(&self) -> Option<Index> {
         if self.role != Role::Leader || !self.config.check_quorum {
+            return None;
+        }
+        let election = u64::from(self.config.election_tick);
+        if self.lead_transferee.is_some() || self.timeout_now_sent_at.is_some_and(|at| self.ticks - at < election) {
             return None;
         }
         let committed = self.log.committed();
@@ -1101,7 +1122,7 @@ impl<S: LogStore> Raft<S> {
             }
         }
         if self.lead_transferee == Some(from) && Some(index) == self.log.last_index().ok() {
-            self.send(from, MessageBody::TimeoutNow);
+            self.send_timeout_now(from);
         }
         let committed = self.log.committed();
         if self.maybe_commit()? {
@@ -1401,7 +1422,7 @@ impl<S: LogStore> Raft<S> {
             .map(|(id, _)| *id)
             .next();
         if let Some(to) = best {
-            self.send(to, MessageBody::TimeoutNow);
+            self.send_timeout_now(to);
         }
         Ok(())
     }

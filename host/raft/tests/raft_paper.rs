@@ -879,6 +879,32 @@ fn lease_read_needs_check_quorum_a_current_term_commit_and_a_fresh_quorum() {
     assert_eq!(c.node(1).lease_read_index(), Some(committed), "acks renew the lease");
 }
 
+/// A transfer's vote ignores the followers' lease, so a leader that sent
+/// TimeoutNow may already be replaced: it must not answer from its lease.
+#[test]
+fn a_leader_handing_over_holds_no_lease_until_an_election_timeout_after_timeout_now() {
+    let mut c = Cluster::new(3, false, true);
+    c.elect(1);
+    let committed = c.node(1).log().committed();
+    assert_eq!(c.node(1).lease_read_index(), Some(committed));
+    // Node 2 is caught up: TimeoutNow goes out at once, and is lost.
+    c.isolated = vec![2];
+    c.node(1).transfer_leader(2).expect("transfer");
+    assert_eq!(c.node(1).lease_read_index(), None, "no lease while handing over");
+    c.settle();
+    c.isolated.clear();
+    // The transfer is abandoned after an election timeout; node 3 keeps
+    // acking, yet no lease until an election timeout after TimeoutNow.
+    let mut ticks = 0;
+    while c.node(1).lease_read_index().is_none() {
+        c.tick_all(1);
+        ticks += 1;
+        assert_eq!(c.node(1).role(), Role::Leader);
+        assert!(ticks <= 30, "the lease never came back");
+    }
+    assert!(ticks >= 10, "a lease {ticks} ticks after TimeoutNow, within the election timeout");
+}
+
 #[test]
 fn paused_apply_holds_back_committed_entries_but_not_replication() {
     let mut c = Cluster::new(3, false, false);
