@@ -621,15 +621,18 @@ mod tests {
     /// As [`store_at`], with values that do not compress (so their tables
     /// take room on disk).
     fn noisy_store_at(dir: &std::path::Path, applied: Index, prefix: &str, keys: u64) -> Store {
-        store_with(dir, applied, prefix, keys, |i| {
-            (0..8u64)
-                .flat_map(|j| {
-                    let mut x = (i * 8 + j).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                    x ^= x >> 31;
-                    x.wrapping_mul(0xbf58_476d_1ce4_e5b9).to_le_bytes()
-                })
-                .collect()
-        })
+        store_with(dir, applied, prefix, keys, |i| noise(i, 8))
+    }
+
+    /// `words` 8-byte words that do not compress, the same for the same `seed`.
+    fn noise(seed: u64, words: u64) -> Vec<u8> {
+        (0..words)
+            .flat_map(|j| {
+                let mut x = (seed * words + j).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                x ^= x >> 31;
+                x.wrapping_mul(0xbf58_476d_1ce4_e5b9).to_le_bytes()
+            })
+            .collect()
     }
 
     fn store_with(
@@ -669,16 +672,7 @@ mod tests {
         let reader = leader.snapshot_reader().expect("reader");
         let follower_dir = root.path().join("follower");
         let follower = store_at(&follower_dir, 10, "follower", 5);
-        let StagingStart::Fresh(mut staging) = follower.begin_staging(reader.meta().clone()).expect("begin") else {
-            panic!("nothing staged before");
-        };
-        reader
-            .for_each_chunk(1024, |chunk| {
-                staging.write_chunk(&chunk).expect("stage");
-                true
-            })
-            .expect("stream");
-        let meta = staging.finish().expect("complete");
+        let meta = stage(&follower, &reader, usize::MAX).finish().expect("complete");
         // The install's first steps, then the crash.
         let inner = &follower.inner;
         let mut batch = inner.db.batch();
@@ -767,11 +761,8 @@ mod tests {
         }
         let replaced = bytes_under(follower.inner.state.path());
         // History keeps values apart (in blob files): they must go too.
-        let noisy = |i: u64| -> Vec<u8> {
-            (0..512u64).flat_map(|j| (i * 512 + j).wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes()).collect()
-        };
         for i in 0..200 {
-            follower.inner.history.insert(format!("h{i}"), noisy(i)).expect("history");
+            follower.inner.history.insert(format!("h{i}"), noise(i, 512)).expect("history");
         }
         follower.inner.history.rotate_memtable_and_wait().expect("flush");
         assert!(bytes_under(follower.inner.history.path()) > 512 << 10, "the history's values are on disk");
