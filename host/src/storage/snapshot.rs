@@ -506,8 +506,9 @@ impl super::Inner {
     /// table only when its level fills: a member that keeps receiving broken
     /// or installed streams would otherwise keep every one of them, until
     /// its disk is too full to take the snapshot that would let it catch up.
-    /// Below [`DEAD_STAGING_KEPT_BYTES`] the flushes it takes are not worth
-    /// it. The caller holds the staging writer's guard.
+    /// Below [`DEAD_STAGING_KEPT_BYTES`] the work it takes (a compaction, a
+    /// journal record, a marker table) is not worth it. The caller holds the
+    /// staging writer's guard.
     fn release_dead_staging(&self) -> Result<(), StoreError> {
         use fjall::AbstractTree;
         let tree = &self.staging.tree;
