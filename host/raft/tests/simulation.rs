@@ -20,6 +20,10 @@
 //!   earlier term (so every acknowledged write is in every later leader's log);
 //! - ReadIndex linearizability: a read's index covers every write committed
 //!   before the read was requested;
+//! - lease reads: in the seeds whose nodes' clocks run at one rate (every
+//!   tick reaches every live node), a leader's lease read index covers every
+//!   write committed anywhere, whatever the message delays, crashes and
+//!   leadership transfers;
 //! - snapshots: an installed snapshot's point is a committed entry;
 //! - liveness: once the network heals and every member is up and online, a
 //!   leader is elected and a new write commits on every member within a
@@ -36,7 +40,7 @@ use raft_core::{
     ConfChange, ConfChangeEntry, ConfChangeKind, ConfState, Config, Entry, EntryKind, Index, LogStore, MemLogStore,
     Message, MessageBody, NodeId, ProposeError, Raft, ReadIndexError, Ready, Role, SnapshotMeta, Term,
 };
-use rand::seq::IndexedRandom;
+use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
@@ -97,6 +101,10 @@ struct Sim {
     /// Whether nodes send `take_messages()` while a `Ready` is unfinished,
     /// as raft-host's driver does (half the seeds; the rest wait for it).
     early_messages: bool,
+    /// Whether a tick reaches every live node at once (clocks at one rate,
+    /// which a lease trusts), rather than one node at a time (unbounded
+    /// drift, where only ReadIndex reads are checked).
+    synchronized_clocks: bool,
     leaders: BTreeMap<Term, NodeId>,
     initial_conf: ConfState,
     committed: Vec<CommittedEntry>,
@@ -114,6 +122,7 @@ struct Stats {
     proposals_accepted: u64,
     entries_committed: u64,
     reads_served: u64,
+    lease_reads_served: u64,
     crashes: u64,
     elections: u64,
     snapshots_installed: u64,
@@ -229,6 +238,7 @@ impl Sim {
             // Drawn from the seed, not the schedule's generator: the other
             // half replays exactly as before this option existed.
             early_messages: (seed / 2).is_multiple_of(2),
+            synchronized_clocks: (seed / 4).is_multiple_of(2),
             leaders: BTreeMap::new(),
             initial_conf: voters.clone(),
             committed: Vec::new(),
@@ -244,11 +254,11 @@ impl Sim {
             sim.start(slot).expect("fresh nodes start");
         }
         let c = sim.config_template.clone();
-        let early = sim.early_messages;
+        let (early, synchronized) = (sim.early_messages, sim.synchronized_clocks);
         sim.log(|| {
             format!(
-                "seed {seed}: {size} nodes, heartbeat_tick {}, pre_vote {}, check_quorum {}, max_message_bytes {}, inflight {} msgs / {} bytes, early messages {}",
-                c.heartbeat_tick, c.pre_vote, c.check_quorum, c.max_message_bytes, c.max_inflight_messages, c.max_inflight_bytes, early
+                "seed {seed}: {size} nodes, heartbeat_tick {}, pre_vote {}, check_quorum {}, max_message_bytes {}, inflight {} msgs / {} bytes, early messages {}, synchronized clocks {}",
+                c.heartbeat_tick, c.pre_vote, c.check_quorum, c.max_message_bytes, c.max_inflight_messages, c.max_inflight_bytes, early, synchronized
             )
         });
         sim
@@ -583,6 +593,24 @@ impl Sim {
         self.take_ready(slot)
     }
 
+    /// A lease read at `slot`, served at once if the node holds a lease: its
+    /// index must cover every write committed anywhere so far.
+    fn lease_read(&mut self, slot: usize) -> Result<(), Violation> {
+        self.before_input(slot)?;
+        let floor = self.committed.len() as Index;
+        let Some(raft) = self.nodes[slot].raft.as_ref() else { return Ok(()) };
+        let (id, term) = (raft.id(), raft.term());
+        let Some(index) = raft.lease_read_index() else { return Ok(()) };
+        self.log(|| format!("lease read at {id} (term {term}): index {index}, floor {floor}"));
+        if index < floor {
+            return Err(format!(
+                "node {id}: lease read in term {term} served at index {index} but {floor} entries were committed (stale read)"
+            ));
+        }
+        self.stats.lease_reads_served += 1;
+        Ok(())
+    }
+
     fn change_network(&mut self) {
         let ids: Vec<NodeId> = self.nodes.iter().map(|n| n.id).collect();
         self.cut.clear();
@@ -662,6 +690,17 @@ impl Sim {
                     self.deliver(m?)?;
                 }
             }
+            Action::Tick if self.synchronized_clocks => {
+                // Every clock advances together, as often on average as one
+                // node's clock does otherwise.
+                if !live.is_empty() && self.rng.random_ratio(1, live.len() as u32) {
+                    let mut order = live.clone();
+                    order.shuffle(&mut self.rng);
+                    for slot in order {
+                        self.tick(slot)?;
+                    }
+                }
+            }
             Action::Tick => {
                 if let Some(&slot) = live.choose(&mut self.rng) {
                     self.tick(slot)?;
@@ -681,6 +720,13 @@ impl Sim {
                 let target = if self.rng.random_ratio(4, 5) { leader } else { live.choose(&mut self.rng).copied() };
                 if let Some(slot) = target {
                     self.propose(slot)?;
+                }
+            }
+            Action::Read if self.synchronized_clocks && self.rng.random_bool(0.5) => {
+                // Every node that thinks it leads, a deposed one included.
+                let leaders: Vec<usize> = live.iter().copied().filter(|&s| self.is_leader(s)).collect();
+                if let Some(&slot) = leaders.choose(&mut self.rng) {
+                    self.lease_read(slot)?;
                 }
             }
             Action::Read => {
@@ -973,10 +1019,12 @@ impl Sim {
             .map(|n| {
                 let r = n.raft.as_ref().expect("live");
                 format!(
-                    "node {} {} term {} commit {} applied {} (core: {}), pending ready: {}",
+                    "node {} {} term {} {:?} last {:?} commit {} applied {} (core: {}), pending ready: {}",
                     n.id,
                     r.role().as_str(),
                     r.term(),
+                    r.conf_state(),
+                    r.log().last_index().ok(),
                     r.log().committed(),
                     n.durable.applied,
                     r.log().applied(),
@@ -1154,6 +1202,7 @@ fn main() {
                             t.proposals_accepted += stats.proposals_accepted;
                             t.entries_committed += stats.entries_committed;
                             t.reads_served += stats.reads_served;
+                            t.lease_reads_served += stats.lease_reads_served;
                             t.crashes += stats.crashes;
                             t.elections += stats.elections;
                             t.snapshots_installed += stats.snapshots_installed;
@@ -1171,12 +1220,13 @@ fn main() {
     let t = totals.into_inner().expect("no poisoned lock");
     let violations = violations.into_inner();
     println!(
-        "{} s: {} elections, {} proposals accepted, {} entries committed, {} reads served, {} crashes, {} snapshots installed, {} membership changes applied",
+        "{} s: {} elections, {} proposals accepted, {} entries committed, {} reads served, {} lease reads served, {} crashes, {} snapshots installed, {} membership changes applied",
         started.elapsed().as_secs_f64().round(),
         t.elections,
         t.proposals_accepted,
         t.entries_committed,
         t.reads_served,
+        t.lease_reads_served,
         t.crashes,
         t.snapshots_installed,
         t.conf_changes_applied
