@@ -62,8 +62,9 @@ struct ReadyMark {
     snapshot: Option<Index>,
     /// The term and vote this Ready made durable, if it carried a hard state.
     term_vote: Option<(Term, Option<NodeId>)>,
-    /// Membership changes among the committed entries, applied in `advance`.
-    conf_changes: Vec<Bytes>,
+    /// Membership changes among the committed entries, by index, applied in
+    /// `advance`.
+    conf_changes: Vec<(Index, Bytes)>,
 }
 
 /// A ReadIndex round: a read at `index` for `requester`, safe once a quorum
@@ -111,9 +112,14 @@ pub struct Raft<S: LogStore> {
     read_rounds: VecDeque<ReadRound>,
     /// Highest read round each member has acknowledged this term.
     read_acks: BTreeMap<NodeId, u64>,
-    /// Never reset, so a response from an earlier term can never confirm a
-    /// round of a later one.
+    /// Numbers every heartbeat broadcast; never reset, so a response from an
+    /// earlier term can never confirm a round of a later one.
     last_read_seq: u64,
+    /// When this leader's heartbeats left: (first `read_seq` sent at a tick,
+    /// that tick), oldest first, for no longer than a lease lasts. A lease
+    /// counts from when an acknowledged heartbeat left, not from when its
+    /// answer arrived, which the network may have delayed by any amount.
+    heartbeats_sent: VecDeque<(u64, u64)>,
     /// Reads waiting for the leader's first commit of its term.
     reads_awaiting_commit: Vec<(NodeId, u64)>,
     /// Sizes of this leader's uncommitted proposals, by last index.
@@ -124,8 +130,15 @@ pub struct Raft<S: LogStore> {
     pending_ready: Option<ReadyMark>,
     /// Ticks since this node started; never reset (lease reads compare it).
     ticks: u64,
+    /// The node had been in a term before this start, so it may have
+    /// acknowledged a leader's lease just before it stopped: for an election
+    /// timeout after the start it votes as if it still heard that leader.
+    started_in_a_term: bool,
     /// The driver's apply queue is full: hand out no committed entries.
     apply_paused: bool,
+    /// The index of the last snapshot restored, whose configuration no
+    /// membership change at or before it may replace.
+    conf_restored_at: Index,
     /// Index of the last membership change in the log (leader only): the
     /// next one waits until it is applied.
     pending_conf_index: Index,
@@ -183,6 +196,7 @@ impl<S: LogStore> Raft<S> {
             read_rounds: VecDeque::new(),
             read_acks: BTreeMap::new(),
             last_read_seq: 0,
+            heartbeats_sent: VecDeque::new(),
             reads_awaiting_commit: Vec::new(),
             uncommitted: VecDeque::new(),
             uncommitted_bytes: 0,
@@ -190,7 +204,9 @@ impl<S: LogStore> Raft<S> {
             last_hard_state: HardState { term: hard_state.term, vote: hard_state.vote, commit: 0 },
             pending_ready: None,
             ticks: 0,
+            started_in_a_term: hard_state.term > 0,
             apply_paused: false,
+            conf_restored_at: 0,
             pending_conf_index: 0,
             lead_transferee: None,
             timeout_now_sent_at: None,
@@ -459,10 +475,15 @@ impl<S: LogStore> Raft<S> {
     /// The index a lease read may be served at without a ReadIndex round, or
     /// `None` when this node holds no lease: it must be the leader, have
     /// committed an entry of its term, run with CheckQuorum (so followers
-    /// refuse to elect anyone else while they hear from it), and have heard
-    /// from a quorum within half an election timeout. The other half is the
-    /// margin for message delay and clock drift between members, which a
-    /// lease read trusts to be smaller; a ReadIndex read trusts nothing.
+    /// refuse to elect anyone else for an election timeout after they hear
+    /// from it, and a restarted node for an election timeout after it starts),
+    /// and a quorum must have acknowledged a heartbeat that left within half
+    /// an election timeout. Message delay costs nothing (the lease counts
+    /// from the heartbeat's departure); the other half of the timeout is the
+    /// margin for the members' clocks running at different rates, which a
+    /// lease read trusts to be smaller; a ReadIndex read trusts nothing. The
+    /// driver must tick by its clock: a process paused for longer than the
+    /// lease must catch up on its ticks before it answers from it.
     ///
     /// No lease either while leadership is being handed over, nor for an
     /// election timeout after a `TimeoutNow` went out: followers grant a
@@ -480,14 +501,32 @@ impl<S: LogStore> Raft<S> {
         if self.log.term(committed).ok()? != self.term {
             return None;
         }
-        let window = u64::from(self.config.election_tick / 2).max(1);
+        let window = Self::lease_ticks(&self.config);
         let fresh = |id: NodeId| {
             Some(
                 id == self.id
-                    || self.progress.get(&id).and_then(|p| p.last_heard_tick).is_some_and(|t| self.ticks - t < window),
+                    || self
+                        .read_acks
+                        .get(&id)
+                        .and_then(|&seq| self.heartbeat_sent_tick(seq))
+                        .is_some_and(|sent| self.ticks - sent < window),
             )
         };
         (self.voters.vote_result(fresh) == VoteResult::Won).then_some(committed)
+    }
+
+    /// How long a lease lasts, in ticks from when an acknowledged heartbeat
+    /// left: half an election timeout. The member that acknowledged it
+    /// refuses other candidates for a whole election timeout after it arrived;
+    /// the other half is the margin for the members' clocks drifting apart.
+    fn lease_ticks(config: &Config) -> u64 {
+        u64::from(config.election_tick / 2).max(1)
+    }
+
+    /// The tick at which heartbeat `seq` left, if within a lease's length.
+    fn heartbeat_sent_tick(&self, seq: u64) -> Option<u64> {
+        let after = self.heartbeats_sent.partition_point(|&(first, _)| first <= seq);
+        after.checked_sub(1).map(|at| self.heartbeats_sent[at].1)
     }
 
     /// Pauses (or resumes) handing out committed entries, for a driver whose
@@ -520,10 +559,13 @@ impl<S: LogStore> Raft<S> {
             if let MessageBody::RequestVote { transfer: false, .. } = m.body {
                 // While a leader is known to be alive, a vote request must come
                 // from a node that cannot hear it: ignore it rather than let it
-                // depose a healthy leader.
+                // depose a healthy leader. This is also what makes the leader's
+                // lease safe, so a node that just restarted, and may have
+                // acknowledged a leader before it stopped, ignores it too.
+                let election = self.config.election_tick;
+                let just_started = self.started_in_a_term && self.ticks < u64::from(election);
                 let in_lease = self.config.check_quorum
-                    && self.leader.is_some()
-                    && self.election_elapsed < self.config.election_tick;
+                    && ((self.leader.is_some() && self.election_elapsed < election) || just_started);
                 if in_lease {
                     return Ok(());
                 }
@@ -630,7 +672,7 @@ impl<S: LogStore> Raft<S> {
                 .committed_entries
                 .iter()
                 .filter(|e| e.kind == EntryKind::ConfChange)
-                .map(|e| e.data.clone())
+                .map(|e| (e.index, e.data.clone()))
                 .collect(),
         });
         Ok(ready)
@@ -649,8 +691,12 @@ impl<S: LogStore> Raft<S> {
         if let Some(index) = mark.last_committed {
             self.log.applied_to(index);
         }
-        for data in mark.conf_changes {
-            self.apply_conf_change(&data)?;
+        for (index, data) in mark.conf_changes {
+            // A snapshot restored while this Ready was out already holds a
+            // later configuration: an older change must not replace it.
+            if index > self.conf_restored_at {
+                self.apply_conf_change(&data)?;
+            }
         }
         if std::mem::take(&mut self.transfer_after_apply) && self.role != Role::Leader {
             self.campaign_with(false, true)?;
@@ -694,6 +740,7 @@ impl<S: LogStore> Raft<S> {
         self.transfer_elapsed = 0;
         self.read_rounds.clear();
         self.read_acks.clear();
+        self.heartbeats_sent.clear();
         self.reads_awaiting_commit.clear();
         self.uncommitted.clear();
         self.uncommitted_bytes = 0;
@@ -961,9 +1008,6 @@ impl<S: LogStore> Raft<S> {
     }
 
     fn step_leader(&mut self, m: Message) -> Result<(), RaftError> {
-        if let Some(pr) = self.progress.get_mut(&m.from) {
-            pr.last_heard_tick = Some(self.ticks);
-        }
         match m.body {
             MessageBody::AppendEntriesResponse { success, index, hint_index, hint_term } => {
                 self.handle_append_response(m.from, success, index, hint_index, hint_term)?;
@@ -1069,6 +1113,7 @@ impl<S: LogStore> Raft<S> {
             self.log.commit_to(index);
         } else {
             self.apply_conf_state(&snapshot.conf_state);
+            self.conf_restored_at = index;
             self.log.restore(snapshot);
         }
         self.send(leader, MessageBody::AppendEntriesResponse { success: true, index, hint_index: 0, hint_term: 0 });
@@ -1236,7 +1281,18 @@ impl<S: LogStore> Raft<S> {
         Ok(())
     }
 
-    fn broadcast_heartbeat(&mut self) {
+    /// Sends a heartbeat to every member and returns its number, which the
+    /// answers echo (for read rounds and the lease).
+    fn broadcast_heartbeat(&mut self) -> u64 {
+        self.last_read_seq += 1;
+        let seq = self.last_read_seq;
+        if self.heartbeats_sent.back().is_none_or(|&(_, tick)| tick != self.ticks) {
+            self.heartbeats_sent.push_back((seq, self.ticks));
+        }
+        let lease = Self::lease_ticks(&self.config);
+        while self.heartbeats_sent.front().is_some_and(|&(_, tick)| self.ticks - tick >= lease) {
+            self.heartbeats_sent.pop_front();
+        }
         let committed = self.log.committed();
         let targets: Vec<(NodeId, Index)> = self
             .progress
@@ -1245,8 +1301,9 @@ impl<S: LogStore> Raft<S> {
             .map(|(id, pr)| (*id, pr.matched.min(committed)))
             .collect();
         for (id, commit) in targets {
-            self.send(id, MessageBody::Heartbeat { commit, read_seq: self.last_read_seq });
+            self.send(id, MessageBody::Heartbeat { commit, read_seq: seq });
         }
+        seq
     }
 
     /// Commits the highest index a quorum has, if it is from this term.
@@ -1283,9 +1340,8 @@ impl<S: LogStore> Raft<S> {
             self.reads_awaiting_commit.push((requester, ctx));
             return Ok(());
         }
-        self.last_read_seq += 1;
-        self.read_rounds.push_back(ReadRound { seq: self.last_read_seq, index: committed, requester, ctx });
-        self.broadcast_heartbeat();
+        let seq = self.broadcast_heartbeat();
+        self.read_rounds.push_back(ReadRound { seq, index: committed, requester, ctx });
         self.resolve_read_rounds();
         Ok(())
     }

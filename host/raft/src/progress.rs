@@ -98,9 +98,6 @@ pub struct Progress {
     pub inflights: Inflights,
     /// Heard from within the current CheckQuorum period.
     pub recent_active: bool,
-    /// The leader's tick count when it last heard from this member in its
-    /// term (for lease reads).
-    pub last_heard_tick: Option<u64>,
 }
 
 impl Progress {
@@ -112,7 +109,6 @@ impl Progress {
             probe_sent: false,
             inflights: Inflights::new(max_inflight_messages, max_inflight_bytes),
             recent_active: false,
-            last_heard_tick: None,
         }
     }
 

@@ -6,8 +6,8 @@
 
 use bytes::Bytes;
 use raft_core::{
-    ConfState, Config, Entry, EntryKind, HardState, Index, MemLogStore, Message, MessageBody, NodeId, ProposeError,
-    Raft, RaftError, ReadIndexError, ReadState, Role, Term,
+    ConfChange, ConfChangeEntry, ConfChangeKind, ConfState, Config, Entry, EntryKind, HardState, Index, MemLogStore,
+    Message, MessageBody, NodeId, ProposeError, Raft, RaftError, ReadIndexError, ReadState, Role, SnapshotMeta, Term,
 };
 use std::collections::BTreeMap;
 
@@ -449,9 +449,12 @@ fn leader_sends_heartbeats_during_idle_periods() {
     let beats: Vec<&Message> =
         out.messages.iter().filter(|m| matches!(m.body, MessageBody::Heartbeat { .. })).collect();
     assert_eq!(beats.len(), 2);
-    for m in beats {
-        assert_eq!(m.body, MessageBody::Heartbeat { commit: 1, read_seq: 0 }, "heartbeats carry the commit index");
-    }
+    assert_eq!(beats[0].body, beats[1].body, "one broadcast");
+    assert!(
+        matches!(beats[0].body, MessageBody::Heartbeat { commit: 1, read_seq } if read_seq > 0),
+        "heartbeats carry the commit index and their broadcast's number: {:?}",
+        beats[0].body
+    );
 }
 
 #[test]
@@ -865,7 +868,9 @@ fn lease_read_needs_check_quorum_a_current_term_commit_and_a_fresh_quorum() {
     let mut c = Cluster::new(3, false, true);
     c.elect(1);
     let committed = c.node(1).log().committed();
-    assert_eq!(c.node(1).lease_read_index(), Some(committed), "a fresh quorum acked the no-op");
+    assert_eq!(c.node(1).lease_read_index(), None, "no heartbeat of this leader was acknowledged yet");
+    c.tick_all(1);
+    assert_eq!(c.node(1).lease_read_index(), Some(committed), "a quorum acknowledged a heartbeat");
     assert_eq!(c.node(2).lease_read_index(), None, "followers hold no lease");
 
     // Cut the leader off: after half an election timeout without acks its
@@ -885,6 +890,7 @@ fn lease_read_needs_check_quorum_a_current_term_commit_and_a_fresh_quorum() {
 fn a_leader_handing_over_holds_no_lease_until_an_election_timeout_after_timeout_now() {
     let mut c = Cluster::new(3, false, true);
     c.elect(1);
+    c.tick_all(1);
     let committed = c.node(1).log().committed();
     assert_eq!(c.node(1).lease_read_index(), Some(committed));
     // Node 2 is caught up: TimeoutNow goes out at once, and is lost.
@@ -903,6 +909,112 @@ fn a_leader_handing_over_holds_no_lease_until_an_election_timeout_after_timeout_
         assert!(ticks <= 30, "the lease never came back");
     }
     assert!(ticks >= 10, "a lease {ticks} ticks after TimeoutNow, within the election timeout");
+}
+
+/// The highest index committed by any node of the cluster.
+fn cluster_committed(c: &mut Cluster) -> Index {
+    c.nodes.values().map(|r| r.log().committed()).max().unwrap_or(0)
+}
+
+/// A follower refuses other candidates for an election timeout after it last
+/// heard from the leader, counted from when it heard. An answer the network
+/// delayed proves only that the follower heard the heartbeat it answers, so
+/// the lease counts from when that heartbeat left, never from when the answer
+/// arrived: here a late answer arrives after the others elected a new leader.
+#[test]
+fn a_lease_counts_from_when_the_answered_heartbeat_left_not_from_when_the_answer_arrived() {
+    let mut c = Cluster::new(3, false, true);
+    c.elect(1);
+    c.tick_all(3);
+    // A read round sends a heartbeat at once; node 3's answer is held back.
+    c.node(1).read_index(1).expect("leader accepts");
+    let heartbeat = handle(c.node(1))
+        .all()
+        .into_iter()
+        .find(|m| m.to == 3 && matches!(m.body, MessageBody::Heartbeat { .. }))
+        .expect("a heartbeat to node 3");
+    c.node(3).step(heartbeat).expect("heartbeat");
+    let late_answer = handle(c.node(3)).all().into_iter().find(|m| m.to == 1).expect("node 3 answers");
+    // The leader is cut off; once the others' election timeout has run out
+    // they elect a new leader, which commits.
+    c.isolated = vec![1];
+    c.tick_all(10);
+    if c.node(2).role() != Role::Leader && c.node(3).role() != Role::Leader {
+        c.elect(2);
+    }
+    let committed = cluster_committed(&mut c);
+    assert!(committed > c.node(1).log().committed(), "the new leader committed");
+    c.node(1).step(late_answer).expect("late answer");
+    assert_eq!(c.node(1).role(), Role::Leader, "the old leader has not noticed yet (CheckQuorum has not run)");
+    let lease = c.node(1).lease_read_index();
+    assert!(lease.is_none_or(|index| index >= committed), "stale lease read at {lease:?}, {committed} committed");
+}
+
+/// A node that restarts has forgotten which leader it heard and when, so for
+/// an election timeout after it starts it votes for no one that the lease of
+/// a leader it may have acknowledged just before stopping still covers.
+#[test]
+fn a_restarted_follower_grants_no_vote_for_an_election_timeout() {
+    let mut c = Cluster::new(3, true, true);
+    c.elect(1);
+    c.tick_all(1);
+    let before = c.node(1).log().committed();
+    assert_eq!(c.node(1).lease_read_index(), Some(before), "node 2 and 3 acked: node 1 holds a lease");
+    // Node 2 restarts from its store at once; node 1 is cut off, and node 3,
+    // whose own timer ran out, campaigns.
+    let store = c.node(2).store_mut().clone();
+    let mut config = config(2);
+    config.pre_vote = true;
+    config.check_quorum = true;
+    c.nodes.insert(2, Raft::new(config, store).expect("restart"));
+    c.isolated = vec![1];
+    c.node(3).campaign().expect("campaign");
+    c.settle();
+    assert_ne!(c.node(3).role(), Role::Leader, "the restarted node voted within the old leader's lease");
+    let lease = c.node(1).lease_read_index();
+    let committed = cluster_committed(&mut c);
+    assert!(lease.is_none_or(|index| index >= committed), "stale lease read at {lease:?}, {committed} committed");
+    // After an election timeout node 2 votes again, and node 3 can win.
+    c.tick_all(10);
+    c.node(3).campaign().expect("campaign");
+    c.settle();
+    assert_eq!(c.node(3).role(), Role::Leader, "node 2 votes once an election timeout has passed");
+}
+
+/// A follower hands out a committed membership change; before the driver
+/// finishes that Ready, a snapshot of a later point (with a later
+/// configuration) arrives and is restored. Finishing the older Ready must not
+/// put the older configuration back: a node left with it may believe itself
+/// no voter while it is the only one, and the cluster never elects again.
+#[test]
+fn a_membership_change_handed_out_before_a_snapshot_does_not_undo_the_snapshot_s_configuration() {
+    let mut r = node(2, &[1, 2, 3]);
+    let add_learner = ConfChangeEntry {
+        change: ConfChange { kind: ConfChangeKind::AddLearner, node: 4, context: Bytes::new() },
+        conf: ConfState { learners: [4].into(), ..ConfState::with_voters([1, 2, 3]) },
+    };
+    let change = Entry { term: 1, index: 1, kind: EntryKind::ConfChange, data: add_learner.encode() };
+    r.step(msg(
+        1,
+        2,
+        1,
+        MessageBody::AppendEntries { prev_log_index: 0, prev_log_term: 0, entries: vec![change], leader_commit: 1 },
+    ))
+    .expect("append");
+    let first = r.ready().expect("ready");
+    assert_eq!(first.committed_entries.len(), 1, "the change is handed out");
+    r.store_mut().append(&first.entries);
+    if let Some(hs) = first.hard_state {
+        r.store_mut().set_hard_state(hs);
+    }
+    // Before the driver finishes the first Ready, a snapshot at 5 arrives
+    // (node 3 was removed and node 4 promoted meanwhile).
+    let later = ConfState::with_voters([1, 2, 4]);
+    let snapshot = SnapshotMeta { index: 5, term: 1, conf_state: later.clone() };
+    r.step(msg(1, 2, 1, MessageBody::InstallSnapshot { snapshot })).expect("snapshot");
+    assert_eq!(r.conf_state(), later);
+    r.advance().expect("advance");
+    assert_eq!(r.conf_state(), later, "the older change replaced the snapshot's configuration");
 }
 
 #[test]
