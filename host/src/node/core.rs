@@ -288,6 +288,36 @@ struct AfterPersist {
 /// Step 1 of a Ready (persist), running in the background.
 type PersistWrite = Pin<Box<dyn Future<Output = Result<(), NodeError>> + Send>>;
 
+/// Says how many ticks the core is owed by the monotonic clock, rather than
+/// counting timer fires: a process that was paused (SIGSTOP, a stalled VM, a
+/// starved runtime) catches up on the ticks it missed before it acts, so a
+/// leader never answers from a lease that its followers' clocks have let run
+/// out meanwhile (a lease is counted in ticks).
+struct TickClock {
+    origin: tokio::time::Instant,
+    period: Duration,
+    owed_until: u64,
+    /// Past two election timeouts more ticks change nothing (every timer
+    /// and lease has run out), so a long pause does not flood the peers
+    /// with one heartbeat per missed tick.
+    most_at_once: u64,
+}
+
+impl TickClock {
+    fn new(origin: tokio::time::Instant, period: Duration, election_ticks: u32) -> TickClock {
+        TickClock { origin, period, owed_until: 0, most_at_once: 2 * u64::from(election_ticks) + 1 }
+    }
+
+    /// The ticks due at `now` that were not handed out yet.
+    fn due(&mut self, now: tokio::time::Instant) -> u64 {
+        let elapsed = now.saturating_duration_since(self.origin).as_nanos();
+        let owed = u64::try_from(elapsed / self.period.as_nanos().max(1)).unwrap_or(u64::MAX);
+        let due = owed.saturating_sub(self.owed_until);
+        self.owed_until = self.owed_until.max(owed);
+        due.min(self.most_at_once)
+    }
+}
+
 /// The task that owns the consensus core.
 pub(super) struct CoreTask {
     raft: Raft<Store>,
@@ -315,6 +345,7 @@ pub(super) struct CoreTask {
     /// index of each, when it was proposed and how many entries it held.
     uncommitted: VecDeque<(Index, Instant, u64)>,
     histograms: Arc<NodeHistograms>,
+    clock: TickClock,
 }
 
 impl CoreTask {
@@ -338,6 +369,7 @@ impl CoreTask {
             request_timeout: config.request_timeout,
             transfer_limit: config.tick * config.election_ticks * 2,
         };
+        let clock = TickClock::new(tokio::time::Instant::now(), config.tick, config.election_ticks);
         let task = CoreTask {
             raft,
             store,
@@ -355,6 +387,7 @@ impl CoreTask {
             proposal_replies: Vec::new(),
             uncommitted: VecDeque::new(),
             histograms,
+            clock,
         };
         (task, handle, rx)
     }
@@ -395,7 +428,7 @@ impl CoreTask {
                     self.after_persist(rest)?;
                 }
                 _ = ticker.tick() => {
-                    self.raft.tick()?;
+                    self.tick_by_clock()?;
                     self.expire_reads();
                     self.maybe_compact()?;
                 }
@@ -658,8 +691,18 @@ impl CoreTask {
         RequestError::NotLeader { leader: leader.and_then(|id| self.members.address_of(id).map(|addr| (id, addr))) }
     }
 
+    /// Ticks the core as many times as the clock says it is owed.
+    fn tick_by_clock(&mut self) -> Result<(), NodeError> {
+        for _ in 0..self.clock.due(tokio::time::Instant::now()) {
+            self.raft.tick()?;
+        }
+        Ok(())
+    }
+
     fn start_read(&mut self, request: ReadRequest) -> Result<(), NodeError> {
         if request.consistency == Consistency::Lease {
+            // The lease is counted in ticks: bring them up to the clock first.
+            self.tick_by_clock()?;
             if self.raft.role() != Role::Leader {
                 let _ = request.reply.send(Err(self.not_leader(self.raft.leader())));
                 return Ok(());
@@ -836,5 +879,29 @@ fn finished_result<T>(handle: JoinHandle<T>) -> Option<T> {
     match handle.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
         Poll::Ready(Ok(value)) => Some(value),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TickClock;
+    use std::time::Duration;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_paused_process_catches_up_on_the_ticks_it_missed_at_once_and_bounded() {
+        let origin = tokio::time::Instant::now();
+        let mut clock = TickClock::new(origin, ms(100), 10);
+        assert_eq!(clock.due(origin + ms(50)), 0);
+        assert_eq!(clock.due(origin + ms(100)), 1);
+        assert_eq!(clock.due(origin + ms(150)), 0, "each tick is owed once");
+        assert_eq!(clock.due(origin + ms(350)), 2, "a late timer fire owes the ticks it missed");
+        // Paused for five seconds: two election timeouts and one, at once.
+        assert_eq!(clock.due(origin + ms(5350)), 21);
+        assert_eq!(clock.due(origin + ms(5450)), 1, "then one per period again");
+        assert_eq!(clock.due(origin + ms(5000)), 0, "an instant already counted owes nothing");
     }
 }
