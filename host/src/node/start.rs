@@ -24,7 +24,7 @@ use crate::wire::PEER_MESSAGE_BYTES_MAX;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::task::JoinHandle;
 
 /// The state machines every member starts with, built into the binary;
@@ -110,6 +110,7 @@ impl Node {
         tokio::spawn(deployer.clone().expire_abandoned_uploads(shutdown.signal()));
         let disk = Arc::new(DiskSpace::new(config.min_free_disk_bytes));
         tokio::spawn(disk::watch(disk.clone(), config.data_dir.clone(), shutdown.signal()));
+        tokio::spawn(hand_over_while_disk_low(core.clone(), disk.clone(), config.id, shutdown.signal()));
         let handles = NodeHandles { core, applied, deployer, modules, members, snapshots, store, disk, histograms };
         let node = Node { config, handles, shutdown, core: core_task, apply };
         node.join_if_asked();
@@ -135,23 +136,7 @@ impl Node {
     /// furthest along and waits (at most two election timeouts) until it
     /// has. Best effort: stopping goes on regardless.
     pub async fn hand_over_leadership(&self) {
-        let core = &self.handles.core;
-        let Ok(status) = core.status().await else { return };
-        if status.role != Role::Leader {
-            return;
-        }
-        let target = status
-            .matched
-            .iter()
-            .filter(|(id, _)| **id != self.config.id && status.conf.voters.contains(id))
-            .max_by_key(|(_, matched)| **matched)
-            .map(|(id, _)| *id);
-        let Some(to) = target else { return };
-        tracing::info!(node = self.config.id, to, "handing leadership over before stopping");
-        let moved = core.transfer_leader(to, |view| view.role != Role::Leader).await;
-        if let Err(RequestError::Timeout(_)) = moved {
-            tracing::warn!(node = self.config.id, to, "leadership did not move in time; stopping anyway");
-        }
+        hand_over(&self.handles.core, self.config.id, "stopping").await;
     }
 
     /// Asks every task to stop: the core finishes its in-flight write, the
@@ -321,5 +306,56 @@ async fn sweep_idle_modules(registry: Arc<ModuleRegistry>, mut stop: ShutdownSig
             Ok(Err(error)) => tracing::warn!(%error, "cannot look for idle module versions"),
             Err(_) => return,
         }
+    }
+}
+
+/// How long a leader's disk stays below the reserve before it hands
+/// leadership over: a leader that takes no entries stops every write while
+/// the other members may have room.
+const LOW_DISK_HANDOVER_AFTER: Duration = Duration::from_secs(2);
+/// Between two handovers tried by a leader whose disk stays low (a voter
+/// not caught up, low itself, is not taken).
+const LOW_DISK_HANDOVER_EVERY: Duration = Duration::from_secs(5);
+
+/// Hands leadership over while this member leads with a low disk.
+async fn hand_over_while_disk_low(core: CoreHandle, disk: Arc<DiskSpace>, me: NodeId, mut stop: ShutdownSignal) {
+    let (mut low_since, mut tried) = (None::<Instant>, None::<Instant>);
+    loop {
+        tokio::select! {
+            _ = stop.wait() => return,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+        if !disk.is_low() {
+            low_since = None;
+            continue;
+        }
+        let since = *low_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < LOW_DISK_HANDOVER_AFTER || tried.is_some_and(|at| at.elapsed() < LOW_DISK_HANDOVER_EVERY) {
+            continue;
+        }
+        tried = Some(Instant::now());
+        hand_over(&core, me, "the data disk is nearly full").await;
+    }
+}
+
+/// If this member leads, hands leadership to the voter whose log is
+/// furthest along and waits (at most two election timeouts) until it has.
+/// Best effort: a voter not caught up does not take it.
+async fn hand_over(core: &CoreHandle, me: NodeId, reason: &'static str) {
+    let Ok(status) = core.status().await else { return };
+    if status.role != Role::Leader {
+        return;
+    }
+    let target = status
+        .matched
+        .iter()
+        .filter(|(id, _)| **id != me && status.conf.voters.contains(id))
+        .max_by_key(|(_, matched)| **matched)
+        .map(|(id, _)| *id);
+    let Some(to) = target else { return };
+    tracing::info!(node = me, to, reason, "handing leadership over");
+    let moved = core.transfer_leader(to, |view| view.role != Role::Leader).await;
+    if let Err(RequestError::Timeout(_)) = moved {
+        tracing::warn!(node = me, to, reason, "leadership did not move in time");
     }
 }
