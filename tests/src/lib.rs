@@ -334,6 +334,11 @@ impl Cluster {
         self.extra = saved;
     }
 
+    /// Whether member `id` was started and not retired since.
+    pub fn has_member(&self, id: u64) -> bool {
+        self.members.iter().any(|m| m.id == id)
+    }
+
     /// Forgets member `id` (stopping it first): it was removed from the cluster.
     pub fn retire(&mut self, id: u64) {
         self.kill(id);

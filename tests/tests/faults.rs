@@ -268,16 +268,25 @@ struct Nemesis {
 }
 
 impl Nemesis {
-    /// The leader, asked of every member ever started; the voters are taken
-    /// from it. A membership change the nemesis saw fail may have committed
-    /// (or a joiner become a voter after the wait): a nemesis that kept its
-    /// own list then found no leader among "its" voters and skipped every
-    /// fault aimed at the leader.
+    /// The leader, asked of every member started and not retired; the
+    /// voters are taken from it. A membership change the nemesis saw fail
+    /// may have committed (or a joiner become a voter after the wait): a
+    /// nemesis that kept its own list then found no leader among "its"
+    /// voters and skipped every fault aimed at the leader.
     async fn leader(&mut self) -> Option<u64> {
         let known = self.voters.iter().copied().chain((1..self.next_spare).filter(|id| !self.voters.contains(id)));
-        for id in known.collect::<Vec<_>>() {
+        let running: Vec<u64> = known.filter(|&id| self.cluster.has_member(id)).collect();
+        for id in running {
             let Some(status) = self.cluster.status(id).await.filter(|s| s.role == "leader") else { continue };
-            let voters: Vec<u64> = status.members.iter().filter(|m| m.kind == "voter").map(|m| m.id).collect();
+            // A member retired here is out of the leader's configuration
+            // (its removal committed) unless that leader is stale; either
+            // way the nemesis has no process of it to aim at.
+            let voters: Vec<u64> = status
+                .members
+                .iter()
+                .filter(|m| m.kind == "voter" && self.cluster.has_member(m.id))
+                .map(|m| m.id)
+                .collect();
             if !voters.is_empty() && voters != self.voters {
                 self.schedule.push(format!("  (voters are {voters:?}, not {:?})", self.voters));
                 self.voters = voters;
