@@ -15,7 +15,9 @@
 //!              (replicated); compiled artifacts (local): see [`modules`]
 //!   history    every applied guest write with the value it replaced, by
 //!              index, for watchers (see [`history`])
-//!   staging    a snapshot being received (see [`snapshot`])
+//!   staging-INDEX-TERM  a snapshot being received or waiting for its
+//!              install, one keyspace each (see [`snapshot`]); `staging`:
+//!              the shared area of earlier releases, emptied at open
 //! ```
 //!
 //! Rules kept here:
@@ -335,7 +337,14 @@ struct Inner {
     sessions: Keyspace,
     session_log: Keyspace,
     modules: Keyspace,
+    /// The staging area of releases before 2026-12-06, shared by every
+    /// stream: emptied at open, never written since.
     staging: Keyspace,
+    /// Snapshots being received or waiting for their install, each in a
+    /// keyspace of its own ([`snapshot`]).
+    streams: Mutex<BTreeMap<(Index, Term), Keyspace>>,
+    /// What each keyspace is created with.
+    memtable_bytes: u64,
     history: Keyspace,
     history_limits: HistoryLimits,
     state_cache: state_cache::StateCache,
@@ -344,9 +353,6 @@ struct Inner {
     /// Serializes writers of the log, so `cached` can be unlocked while a
     /// batch syncs: the core keeps reading terms and entries during an fsync.
     log_writer: Mutex<()>,
-    /// Serializes writers of the staging area, so it can be found empty and
-    /// cleared without a stream's chunk landing in between.
-    staging_writer: Mutex<()>,
 }
 
 /// A point-in-time view of the replicated state ([`Store::state_view`]).
@@ -448,14 +454,16 @@ impl Store {
             session_log,
             modules,
             staging,
+            streams: Mutex::new(BTreeMap::new()),
+            memtable_bytes,
             history,
             history_limits: options.history,
             state_cache: state_cache::StateCache::new(memory.state_cache_bytes),
             durability: options.durability,
             cached: Mutex::new(placeholder),
             log_writer: Mutex::new(()),
-            staging_writer: Mutex::new(()),
         };
+        inner.find_staged_streams()?;
         // An install interrupted by a crash may have copied the snapshot's
         // applied position before the log moved to it: that is checked once
         // the install is finished, not before.

@@ -13,9 +13,13 @@
 //! as stored, with their own checksums; the transport adds a CRC32 per chunk
 //! and a SHA-256 over the whole stream.
 //!
-//! Receiving stages the records in a keyspace of their own, under the
-//! snapshot's (index, term), so a broken stream never touches the live state
-//! and a second stream never disturbs a snapshot waiting to be installed.
+//! Receiving stages the records in a keyspace of the stream's own, named
+//! after the snapshot's (index, term), so a broken stream never touches the
+//! live state and a second stream never disturbs a snapshot waiting to be
+//! installed. A stream that breaks off, or one installed, goes with its
+//! keyspace, files included, at once: removed records would otherwise stay
+//! on disk until fjall rewrote their tables, and a slow follower that gets
+//! one snapshot while the last installs never has an idle moment for that.
 //! A complete, verified snapshot gets a completion record; only such a one
 //! is installed. Installing is a redo operation: a
 //! marker naming the snapshot is made durable first, then the live
@@ -56,9 +60,12 @@ const RECORD_FRAMING_BYTES: usize = 9;
 /// state value is at most 4 MiB, a module chunk 1 MiB).
 const RECORD_PART_BYTES_MAX: u64 = 64 << 20;
 
-/// Removed staging records kept rather than released (see
-/// `release_dead_staging`).
-const DEAD_STAGING_KEPT_BYTES: u64 = 64 << 10;
+/// What the shared staging area of earlier releases may hold before its
+/// emptying at open is worth the work (see `drop_staging_at_open`).
+const LEGACY_STAGING_KEPT_BYTES: u64 = 64 << 10;
+
+/// Names of the keyspaces that stage one stream each.
+const STREAM_KEYSPACE_PREFIX: &str = "staging-";
 
 /// Records copied per batch while installing, so a large state never sits
 /// in one batch in memory.
@@ -154,6 +161,7 @@ pub enum StagingStart {
 /// A snapshot being received into the staging area.
 pub struct Staging {
     store: Store,
+    keyspace: fjall::Keyspace,
     meta: SnapshotMeta,
     applied_seen: Option<(Index, Term)>,
 }
@@ -192,9 +200,8 @@ impl Staging {
                     });
                 }
             }
-            batch.insert(&inner.staging, staged_key(&self.meta, tag, key), value);
+            batch.insert(&self.keyspace, staged_key(tag, key), value);
         }
-        let _writer = inner.staging_writer();
         batch.commit().map_err(|e| inner.db_error(e))
     }
 
@@ -209,12 +216,7 @@ impl Staging {
             });
         }
         let mut batch = inner.db.batch().durability(inner.persist_mode());
-        batch.insert(
-            &inner.staging,
-            staged_key(&self.meta, TAG_COMPLETE, &[]),
-            codec::encode_snapshot_meta(&self.meta),
-        );
-        let _writer = inner.staging_writer();
+        batch.insert(&self.keyspace, staged_key(TAG_COMPLETE, &[]), codec::encode_snapshot_meta(&self.meta));
         batch.commit().map_err(|e| inner.db_error(e))?;
         Ok(self.meta)
     }
@@ -250,48 +252,55 @@ impl Store {
             return Ok(StagingStart::AlreadyStaged(staged));
         }
         let applied = self.applied().0;
+        let point = (meta.index, meta.term);
         let inner = &self.inner;
-        let mut batch = inner.db.batch();
-        let _writer = inner.staging_writer();
-        for guard in inner.staging.iter() {
-            let key = guard.key().map_err(|e| inner.db_error(e))?;
-            let Some((index, term)) = staged_point(&key) else { continue };
-            if (index, term) == (meta.index, meta.term) || index <= applied {
-                batch.remove(&inner.staging, key.to_vec());
-            }
-        }
-        batch.commit().map_err(|e| inner.db_error(e))?;
-        Ok(StagingStart::Fresh(Staging { store: self.clone(), meta, applied_seen: None }))
+        inner.drop_streams(|staged| staged == point || staged.0 <= applied)?;
+        let keyspace = inner.open_stream(point)?;
+        Ok(StagingStart::Fresh(Staging { store: self.clone(), keyspace, meta, applied_seen: None }))
     }
 
     /// Drops what was staged of snapshot `meta` (a stream that broke off):
     /// nothing of it is left to fill the disk.
     pub fn discard_staging(&self, meta: &SnapshotMeta) -> Result<(), StoreError> {
-        let inner = &self.inner;
-        let prefix = staged_key(meta, TAG_STATE, &[]);
-        let mut batch = inner.db.batch();
-        let _writer = inner.staging_writer();
-        for guard in inner.staging.prefix(&prefix[..16]) {
-            let key = guard.key().map_err(|e| inner.db_error(e))?;
-            batch.remove(&inner.staging, key.to_vec());
-        }
-        batch.commit().map_err(|e| inner.db_error(e))?;
-        inner.release_dead_staging()
+        self.inner.drop_streams(|staged| staged == (meta.index, meta.term))
     }
 
-    /// Bytes of the staging area's files on disk, dead records included
-    /// (for tests and diagnostics; walks the keyspace's folder).
+    /// Bytes on disk of what staging holds or held: the streams' keyspaces,
+    /// those dropped but still open somewhere included, and the shared area
+    /// of earlier releases (for tests and diagnostics; walks the folders).
     pub fn staging_disk_bytes(&self) -> u64 {
-        bytes_under(self.inner.staging.path())
+        let inner = &self.inner;
+        let others = [
+            &inner.log,
+            &inner.meta,
+            &inner.state,
+            &inner.sessions,
+            &inner.session_log,
+            &inner.modules,
+            &inner.history,
+        ];
+        let Some(keyspaces) = inner.staging.path().parent() else { return 0 };
+        let Ok(folders) = std::fs::read_dir(keyspaces) else { return 0 };
+        folders
+            .flatten()
+            .map(|folder| folder.path())
+            // Folder 0 is fjall's own keyspace of keyspace names.
+            .filter(|path| path.file_name().is_some_and(|name| name != "0"))
+            .filter(|path| others.iter().all(|keyspace| keyspace.path() != path.as_path()))
+            .map(|path| bytes_under(&path))
+            .sum()
     }
 
     /// Bytes of every snapshot staged now (for tests and metrics).
     pub fn staged_bytes(&self) -> Result<u64, StoreError> {
         let inner = &self.inner;
         let mut total = 0u64;
-        for guard in inner.staging.iter() {
-            let (key, value) = guard.into_inner().map_err(|e| inner.db_error(e))?;
-            total += (key.len() + value.len()) as u64;
+        let streams: Vec<fjall::Keyspace> = inner.streams().values().cloned().collect();
+        for keyspace in streams {
+            for guard in keyspace.iter() {
+                let (key, value) = guard.into_inner().map_err(|e| inner.db_error(e))?;
+                total += (key.len() + value.len()) as u64;
+            }
         }
         Ok(total)
     }
@@ -299,9 +308,8 @@ impl Store {
     /// The staged snapshot at `(index, term)`, if it is complete.
     fn staged_snapshot(&self, index: Index, term: Term) -> Result<Option<SnapshotMeta>, StoreError> {
         let inner = &self.inner;
-        let probe = SnapshotMeta { index, term, conf_state: Default::default() };
-        let Some(value) = inner.staging.get(staged_key(&probe, TAG_COMPLETE, &[])).map_err(|e| inner.db_error(e))?
-        else {
+        let Some(keyspace) = inner.streams().get(&(index, term)).cloned() else { return Ok(None) };
+        let Some(value) = keyspace.get(staged_key(TAG_COMPLETE, &[])).map_err(|e| inner.db_error(e))? else {
             return Ok(None);
         };
         codec::decode_snapshot_meta(&value)
@@ -336,10 +344,16 @@ impl Store {
         self.remove_replicated_modules()?;
         let mut batch = inner.db.batch();
         let mut bytes = 0;
-        let prefix = staged_key(meta, TAG_STATE, &[]);
-        for guard in inner.staging.prefix(&prefix[..16]) {
+        let staged = inner.streams().get(&(meta.index, meta.term)).cloned().ok_or_else(|| {
+            inner.corrupt(format!(
+                "the install of snapshot ({}, {}) cannot be finished: its staged records are gone (an install \
+                 interrupted under a release before 2026-12-06 is finished by that release)",
+                meta.index, meta.term
+            ))
+        })?;
+        for guard in staged.iter() {
             let (key, value) = guard.into_inner().map_err(|e| inner.db_error(e))?;
-            let Some((&tag, key)) = key[16..].split_first() else { continue };
+            let Some((&tag, key)) = key.split_first() else { continue };
             let target = match tag {
                 TAG_STATE => &inner.state,
                 TAG_SESSION => &inner.sessions,
@@ -371,17 +385,7 @@ impl Store {
         last.insert(&inner.meta, META_APPLIED, codec::encode_applied(meta.index, meta.term));
         last.insert(&inner.meta, META_CONF_STATE, codec::encode_conf_state(&meta.conf_state));
         last.remove(&inner.meta, META_INSTALLING);
-        // This snapshot's staging and any older one go; a newer one may be
-        // waiting for its own install.
-        let staging_writer = inner.staging_writer();
-        for guard in inner.staging.iter() {
-            let key = guard.key().map_err(|e| inner.db_error(e))?;
-            if staged_point(&key).is_some_and(|(index, _)| index <= meta.index) {
-                last.remove(&inner.staging, key.to_vec());
-            }
-        }
         last.commit().map_err(|e| inner.db_error(e))?;
-        drop(staging_writer);
         cached.first_index = meta.index + 1;
         cached.last_index = meta.index;
         cached.term_runs.clear();
@@ -399,10 +403,10 @@ impl Store {
         // cached after it.
         inner.state_cache.clear();
         drop(cached);
-        // The staged records are removed: their space comes back once no
-        // other stream stages meanwhile (else when that one ends).
-        let _staging_writer = inner.staging_writer();
-        inner.release_dead_staging()
+        // This snapshot's staging and any older one go (after the marker: a
+        // crash before this drops them at open); a newer one may be waiting
+        // for its own install.
+        inner.drop_streams(|(index, _)| index <= meta.index)
     }
 
     /// Fills this store, which must be new and empty, from the records of a
@@ -483,41 +487,80 @@ impl Store {
     }
 }
 
-/// Reads one whole record of a snapshot stream from `input`, of which
-/// `left` bytes remain (and are counted down).
 impl super::Inner {
-    fn staging_writer(&self) -> std::sync::MutexGuard<'_, ()> {
-        // The guard protects no data, only the order of staging writes.
-        self.staging_writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// The streams staged now, by snapshot point.
+    fn streams(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<(Index, Term), fjall::Keyspace>> {
+        // The map is only ever left whole: a panic elsewhere cannot leave
+        // it half changed.
+        self.streams.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Creates the keyspace that stages the stream of snapshot `point`.
+    fn open_stream(&self, point: (Index, Term)) -> Result<fjall::Keyspace, StoreError> {
+        let memtable_bytes = self.memtable_bytes;
+        let keyspace = self
+            .db
+            .keyspace(&stream_keyspace_name(point), || {
+                fjall::KeyspaceCreateOptions::default().max_memtable_size(memtable_bytes)
+            })
+            .map_err(|e| self.db_error(e))?;
+        self.streams().insert(point, keyspace.clone());
+        Ok(keyspace)
+    }
+
+    /// Drops the staged streams whose point `dropped` picks, their files
+    /// with them (once nothing reads them any more).
+    fn drop_streams(&self, dropped: impl Fn((Index, Term)) -> bool) -> Result<(), StoreError> {
+        let gone: Vec<fjall::Keyspace> = {
+            let mut streams = self.streams();
+            let points: Vec<(Index, Term)> = streams.keys().copied().filter(|&point| dropped(point)).collect();
+            points.iter().filter_map(|point| streams.remove(point)).collect()
+        };
+        // The folder goes once the last handle does (a stream's writer, a
+        // journal not yet evicted that holds its records).
+        for keyspace in gone {
+            self.db.delete_keyspace(keyspace).map_err(|e| self.db_error(e))?;
+        }
+        Ok(())
+    }
+
+    /// Finds the streams staged before the store last closed (an install
+    /// interrupted by a crash reads its own).
+    pub(super) fn find_staged_streams(&self) -> Result<(), StoreError> {
+        for name in self.db.list_keyspace_names() {
+            if let Some(point) = stream_point(&name) {
+                let keyspace =
+                    self.db.keyspace(&name, fjall::KeyspaceCreateOptions::default).map_err(|e| self.db_error(e))?;
+                self.streams().insert(point, keyspace);
+            }
+        }
+        Ok(())
     }
 
     /// Drops whatever is staged: after a restart the leader sends a fresh
-    /// snapshot.
+    /// snapshot. The shared staging area of earlier releases is emptied
+    /// once (an empty one is left as it is: no flush, no table).
     pub(super) fn drop_staging_at_open(&self) -> Result<(), StoreError> {
-        let _writer = self.staging_writer();
-        match self.staging.is_empty().map_err(|e| self.db_error(e))? {
-            true => self.release_dead_staging(),
-            false => self.empty_keyspace(&self.staging),
-        }
-    }
-
-    /// Drops the staging area's tables once nothing live is staged. Removed
-    /// records stay on disk as long as their tables do, and fjall rewrites a
-    /// table only when its level fills: a member that keeps receiving broken
-    /// or installed streams would otherwise keep every one of them, until
-    /// its disk is too full to take the snapshot that would let it catch up.
-    /// Below [`DEAD_STAGING_KEPT_BYTES`] the work it takes (a compaction, a
-    /// journal record, a marker table) is not worth it. The caller holds the
-    /// staging writer's guard.
-    fn release_dead_staging(&self) -> Result<(), StoreError> {
         use fjall::AbstractTree;
+        self.drop_streams(|_| true)?;
         let tree = &self.staging.tree;
         let held = tree.disk_space().saturating_add(tree.active_memtable().size());
-        if held > DEAD_STAGING_KEPT_BYTES && self.staging.is_empty().map_err(|e| self.db_error(e))? {
+        if held > LEGACY_STAGING_KEPT_BYTES || !self.staging.is_empty().map_err(|e| self.db_error(e))? {
             self.empty_keyspace(&self.staging)?;
         }
         Ok(())
     }
+}
+
+/// The keyspace that stages snapshot `point`'s stream.
+fn stream_keyspace_name((index, term): (Index, Term)) -> String {
+    format!("{STREAM_KEYSPACE_PREFIX}{index}-{term}")
+}
+
+/// The snapshot point a staging keyspace is named after.
+fn stream_point(name: &str) -> Option<(Index, Term)> {
+    let (index, term) = name.strip_prefix(STREAM_KEYSPACE_PREFIX)?.split_once('-')?;
+    Some((index.parse().ok()?, term.parse().ok()?))
 }
 
 /// Bytes of the files under `dir`, its folders included.
@@ -587,21 +630,12 @@ fn split_sized(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
     (rest.len() >= len).then(|| rest.split_at(len))
 }
 
-/// `[index][term][tag][key]`: each snapshot stages apart.
-fn staged_key(meta: &SnapshotMeta, tag: u8, key: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(17 + key.len());
-    out.extend_from_slice(&meta.index.to_be_bytes());
-    out.extend_from_slice(&meta.term.to_be_bytes());
+/// A staged record's key in its stream's keyspace: its tag, then its key.
+fn staged_key(tag: u8, key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + key.len());
     out.push(tag);
     out.extend_from_slice(key);
     out
-}
-
-/// The (index, term) a staged key belongs to.
-fn staged_point(key: &[u8]) -> Option<(Index, Term)> {
-    let index = Index::from_be_bytes(key.get(..8)?.try_into().ok()?);
-    let term = Term::from_be_bytes(key.get(8..16)?.try_into().ok()?);
-    Some((index, term))
 }
 
 #[cfg(test)]
@@ -708,7 +742,7 @@ mod tests {
                 sent < chunks
             })
             .expect("stream");
-        follower.inner.staging.rotate_memtable_and_wait().expect("flush");
+        staging.keyspace.rotate_memtable_and_wait().expect("flush");
         assert!(follower.staging_disk_bytes() > before, "the staged records are in tables");
         staging
     }
@@ -722,8 +756,9 @@ mod tests {
         let reader = leader.snapshot_reader().expect("reader");
         let follower = store_at(&root.path().join("follower"), 10, "follower", 5);
 
-        let broken = stage(&follower, &reader, 10);
-        follower.discard_staging(&broken.meta).expect("discard");
+        // The receiver drops its writer before it discards, as here.
+        let broken = stage(&follower, &reader, 10).meta;
+        follower.discard_staging(&broken).expect("discard");
         let emptied = follower.staging_disk_bytes();
         assert!(emptied < 16 << 10, "a broken stream's records are gone from disk ({emptied} bytes left)");
 
@@ -789,12 +824,39 @@ mod tests {
         let follower = store_at(&root.path().join("follower"), 10, "follower", 5);
         let waiting =
             stage(&follower, &newer_leader.snapshot_reader().expect("reader"), usize::MAX).finish().expect("complete");
-        let broken = stage(&follower, &older_leader.snapshot_reader().expect("reader"), 1);
-        follower.discard_staging(&broken.meta).expect("discard");
+        let broken = stage(&follower, &older_leader.snapshot_reader().expect("reader"), 1).meta;
+        follower.discard_staging(&broken).expect("discard");
         assert!(follower.staging_disk_bytes() > 16 << 10, "the waiting snapshot's records are kept");
         follower.install_snapshot(&waiting).expect("the waiting snapshot installs");
         let installed = follower.state_scan("kv", b"newer-", Some(b"newer.".as_slice()), usize::MAX).expect("scan");
         assert_eq!(installed.len(), 1_000);
+        assert!(follower.staging_disk_bytes() < 16 << 10);
+    }
+
+    /// A slow follower gets one snapshot after another: the next is staged
+    /// while the last installs, so the staging area is never idle. Each
+    /// installed stream's files still go at its install.
+    #[test]
+    fn back_to_back_snapshots_release_each_installed_stream_while_the_next_is_staged() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let older_leader = noisy_store_at(&root.path().join("older"), 40, "older", 4_000);
+        let newer_leader = noisy_store_at(&root.path().join("newer"), 50, "newer", 2_000);
+        let follower = store_at(&root.path().join("follower"), 10, "follower", 5);
+        let first =
+            stage(&follower, &older_leader.snapshot_reader().expect("reader"), usize::MAX).finish().expect("complete");
+        let with_first = follower.staging_disk_bytes();
+        let next =
+            stage(&follower, &newer_leader.snapshot_reader().expect("reader"), usize::MAX).finish().expect("complete");
+        let with_both = follower.staging_disk_bytes();
+        follower.install_snapshot(&first).expect("install the first");
+        let left = follower.staging_disk_bytes();
+        assert!(
+            left <= with_both - with_first + (16 << 10),
+            "the installed stream's files stayed: {left} bytes staged, {with_both} with both, {with_first} with the first"
+        );
+        follower.install_snapshot(&next).expect("the next installs whole");
+        let installed = follower.state_scan("kv", b"newer-", Some(b"newer.".as_slice()), usize::MAX).expect("scan");
+        assert_eq!(installed.len(), 2_000);
         assert!(follower.staging_disk_bytes() < 16 << 10);
     }
 }
