@@ -343,7 +343,7 @@ struct Inner {
     /// Snapshots being received or waiting for their install, each in a
     /// keyspace of its own ([`snapshot`]).
     streams: Mutex<BTreeMap<(Index, Term), Keyspace>>,
-    /// What each keyspace is created with.
+    /// The memtable size keyspaces are created with (a stream's too).
     memtable_bytes: u64,
     history: Keyspace,
     history_limits: HistoryLimits,
