@@ -45,26 +45,34 @@ fn a_guest_that_makes_the_host_work_fails_the_same_entries_everywhere_with_bound
         }
 
         // Many writers at once, each command writing 12 MiB: runs of them
-        // are cut as their writes pile up, and every one is applied.
-        let writers: Vec<_> = (0..16)
-            .map(|_| {
-                let mut client = cluster.client();
-                tokio::spawn(async move {
-                    for _ in 0..4 {
-                        let response = client.write("hostile", b"fill".to_vec()).await.expect("commits");
-                        assert_eq!(outcome_of(response.outcome), Ok(b"filled".to_vec()));
-                    }
+        // are cut as their writes pile up, and every one is applied. Two
+        // rounds of 768 MiB each, and a ceiling below the 1.5 GiB they write
+        // in all: a member that kept what the guest made it write would pass
+        // it. Between rounds a member holds 230-1110 MiB on this 2-core
+        // machine (in-flight batches, memtables waiting for their flush,
+        // allocator pages), going up and down from one round to the next.
+        let mut statuses = Vec::new();
+        for round in 1..=2 {
+            let writers: Vec<_> = (0..16)
+                .map(|_| {
+                    let mut client = cluster.client();
+                    tokio::spawn(async move {
+                        for _ in 0..4 {
+                            let response = client.write("hostile", b"fill".to_vec()).await.expect("commits");
+                            assert_eq!(outcome_of(response.outcome), Ok(b"filled".to_vec()));
+                        }
+                    })
                 })
-            })
-            .collect();
-        for writer in writers {
-            writer.await.expect("writer");
-        }
-        let statuses = cluster.agreed(SETTLE).await;
-        for status in &statuses {
-            let rss = status.process_resident_bytes;
-            eprintln!("member {} resident after the hostile run: {} MiB", status.id, rss / MIB);
-            assert!(rss < 1024 * MIB, "member {} holds {} MiB", status.id, rss / MIB);
+                .collect();
+            for writer in writers {
+                writer.await.expect("writer");
+            }
+            statuses = cluster.agreed(SETTLE).await;
+            for status in &statuses {
+                let rss = status.process_resident_bytes;
+                eprintln!("member {} resident after hostile round {round}: {} MiB", status.id, rss / MIB);
+                assert!(rss < 1536 * MIB, "member {} holds {} MiB after round {round}", status.id, rss / MIB);
+            }
         }
 
         // Every member replays those entries after a crash and agrees.
