@@ -482,8 +482,8 @@ impl Store {
         }
         // What is left staged (a partly received snapshot, or one that waited
         // for its install) is useless after a restart: the leader sends a
-        // fresh one. An area already empty is left as it is (no flush, no
-        // table) unless it holds enough removed records to be worth it.
+        // fresh one. Every stream's keyspace goes; the shared area of earlier
+        // releases is emptied once.
         store.inner.drop_staging_at_open()?;
         Ok(store)
     }

@@ -529,9 +529,7 @@ impl super::Inner {
     pub(super) fn find_staged_streams(&self) -> Result<(), StoreError> {
         for name in self.db.list_keyspace_names() {
             if let Some(point) = stream_point(&name) {
-                let keyspace =
-                    self.db.keyspace(&name, fjall::KeyspaceCreateOptions::default).map_err(|e| self.db_error(e))?;
-                self.streams().insert(point, keyspace);
+                self.open_stream(point)?;
             }
         }
         Ok(())
@@ -557,10 +555,12 @@ fn stream_keyspace_name((index, term): (Index, Term)) -> String {
     format!("{STREAM_KEYSPACE_PREFIX}{index}-{term}")
 }
 
-/// The snapshot point a staging keyspace is named after.
+/// The snapshot point a staging keyspace is named after (only a name
+/// [`stream_keyspace_name`] would give: opening it by point opens it).
 fn stream_point(name: &str) -> Option<(Index, Term)> {
     let (index, term) = name.strip_prefix(STREAM_KEYSPACE_PREFIX)?.split_once('-')?;
-    Some((index.parse().ok()?, term.parse().ok()?))
+    let point = (index.parse().ok()?, term.parse().ok()?);
+    (stream_keyspace_name(point) == name).then_some(point)
 }
 
 /// Bytes of the files under `dir`, its folders included.
