@@ -21,6 +21,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // A command is decoded from its log entry once per member: as
+        // `Bytes` it borrows the entry's buffer instead of being copied.
+        .bytes(".raft.v1.Command.command")
+        .bytes(".raft.v1.Command.client_id")
         .codec_path("crate::wire::bounded::BoundedCodec")
         .compile_fds(peer)?;
     tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(client)?;

@@ -492,14 +492,16 @@ impl Applier {
                 }
             }
         }
-        let session = (command.client_id.as_slice(), command.sequence, command.lowest_unanswered);
+        let session = (&command.client_id[..], command.sequence, command.lowest_unanswered);
         let Some(machine) = self.machines.get_mut(&command.state_machine) else {
             let outcome = Err(format!("no state machine named {:?}", command.state_machine));
             self.finish_write(index, term, session, outcome);
             return Ok(());
         };
         let outcome = machine.apply(info, &command.command, &mut self.run.batch)?.map_err(|e| e.to_string());
-        self.run.machine = Some(command.state_machine.clone());
+        if self.run.machine.is_none() {
+            self.run.machine = Some(command.state_machine);
+        }
         self.finish_write(index, term, session, outcome);
         if self.run.batch.bytes() >= self.registry.runtime().limits().batch_write_bytes_max {
             // Bound what waits in memory: this entry and those before it go

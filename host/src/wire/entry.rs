@@ -38,7 +38,7 @@ pub fn decode_payload(entry: &Entry) -> Option<StampedPayload> {
     if entry.kind != EntryKind::Normal || entry.is_noop() {
         return None;
     }
-    let decoded = pb::EntryPayload::decode(entry.data.as_ref()).ok()?;
+    let decoded = pb::EntryPayload::decode(entry.data.clone()).ok()?;
     Some(StampedPayload { timestamp_ms: decoded.timestamp_ms, payload: decoded.kind? })
 }
 
@@ -72,8 +72,8 @@ mod tests {
     fn a_payload_round_trips_with_its_stamp() {
         let command = pb::Command {
             state_machine: "kv".into(),
-            command: b"{}".to_vec(),
-            client_id: b"c".to_vec(),
+            command: Bytes::from_static(b"{}"),
+            client_id: Bytes::from_static(b"c"),
             sequence: 3,
             lowest_unanswered: 2,
         };
