@@ -160,7 +160,15 @@ pub struct WriteBatch {
     /// Each command's writes, in apply order, with its entry's index and,
     /// when known here, the value each replaced: the overlay keeps only
     /// each key's last value, a watcher sees them all.
-    changes: Vec<StateChange>,
+    changes: Vec<BatchChange>,
+}
+
+/// A [`StateChange`] before its state machine is named.
+struct BatchChange {
+    index: u64,
+    key: Vec<u8>,
+    value: Option<Vec<u8>>,
+    previous: Option<Option<Vec<u8>>>,
 }
 
 impl WriteBatch {
@@ -179,9 +187,7 @@ impl WriteBatch {
             // commands rewriting the same keys is bounded by all of them.
             self.bytes += 2 * pair_bytes(&key, &value);
             let previous = self.overlay.get(&key).or_else(|| reads.get(&key)).cloned();
-            // The state machine's name is filled in by `into_writes`.
-            let write = StateWrite { state_machine: String::new(), key: key.clone(), value: value.clone() };
-            self.changes.push(StateChange { index, write, previous });
+            self.changes.push(BatchChange { index, key: key.clone(), value: value.clone(), previous });
             let added = pair_bytes(&key, &value);
             if let Some(old) = self.overlay.get(&key) {
                 self.bytes -= pair_bytes(&key, old);
@@ -195,16 +201,21 @@ impl WriteBatch {
     /// last value, and every command's writes in apply order with their
     /// entries' indexes (the change history's records).
     pub fn into_writes(self, state_machine: &str) -> (Vec<StateWrite>, Vec<StateChange>) {
-        let name = state_machine.to_string();
+        let name: Arc<str> = Arc::from(state_machine);
         let last = self
             .overlay
             .into_iter()
             .map(|(key, value)| StateWrite { state_machine: name.clone(), key, value })
             .collect();
-        let mut changes = self.changes;
-        for change in &mut changes {
-            change.write.state_machine.clone_from(&name);
-        }
+        let changes = self
+            .changes
+            .into_iter()
+            .map(|BatchChange { index, key, value, previous }| StateChange {
+                index,
+                write: StateWrite { state_machine: name.clone(), key, value },
+                previous,
+            })
+            .collect();
         (last, changes)
     }
 }

@@ -35,7 +35,7 @@ use super::codec::{self, DecodeError};
 use super::{Inner, META_APPLIED, Store, StoreError};
 use crate::raft::Index;
 use fjall::Readable;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 /// Key of the history's mark in `meta`.
 pub(super) const META_HISTORY: &[u8] = b"history";
@@ -245,6 +245,19 @@ fn decode_span(key: &[u8], value_len: usize) -> Result<RecordSpan, DecodeError> 
     }
 }
 
+/// Bytes [`push_change`] writes for `change` with its index, when its
+/// previous value is known (a looked-up one may make the record grow).
+fn change_bytes_estimate(change: &super::StateChange) -> usize {
+    let value = |v: Option<&[u8]>| v.map_or(1, |v| 5 + v.len());
+    let previous = change.previous.as_ref().map_or(1, |p| value(p.as_deref()));
+    8 + 1
+        + change.write.state_machine.len()
+        + 4
+        + change.write.key.len()
+        + value(change.write.value.as_deref())
+        + previous
+}
+
 /// One change's fields, appended to a record body.
 fn push_change(out: &mut Vec<u8>, state_machine: &str, key: &[u8], value: Option<&[u8]>, previous: Option<&[u8]>) {
     out.push(state_machine.len() as u8);
@@ -359,15 +372,20 @@ impl Inner {
     ) -> Result<Option<RecordSpan>, StoreError> {
         // The value each key held before the batch is in the store (the
         // batch is not committed yet); within the batch, the last change.
-        let mut latest: HashMap<(&str, &[u8]), Option<&[u8]>> = HashMap::new();
-        let mut body = vec![0; 4];
+        let mut latest: rustc_hash::FxHashMap<(&str, &[u8]), Option<&[u8]>> = Default::default();
+        let mut body = Vec::with_capacity(4 + changes.iter().map(change_bytes_estimate).sum::<usize>());
+        body.extend_from_slice(&[0; 4]);
         let (mut count, mut first, mut last) = (0u32, None, 0);
         for super::StateChange { index, write, previous } in changes {
-            let previous = match latest.get(&(write.state_machine.as_str(), write.key.as_slice())) {
-                Some(value) => value.map(<[u8]>::to_vec),
+            let looked_up;
+            let previous = match latest.get(&(&*write.state_machine, write.key.as_slice())) {
+                Some(value) => *value,
                 None => match previous {
-                    Some(known) => known.clone(),
-                    None => self.state_value(&write.state_machine, &write.key)?,
+                    Some(known) => known.as_deref(),
+                    None => {
+                        looked_up = self.state_value(&write.state_machine, &write.key)?;
+                        looked_up.as_deref()
+                    }
                 },
             };
             if previous.is_none() && write.value.is_none() {
@@ -375,8 +393,8 @@ impl Inner {
                 continue;
             }
             body.extend_from_slice(&index.to_be_bytes());
-            push_change(&mut body, &write.state_machine, &write.key, write.value.as_deref(), previous.as_deref());
-            latest.insert((write.state_machine.as_str(), write.key.as_slice()), write.value.as_deref());
+            push_change(&mut body, &write.state_machine, &write.key, write.value.as_deref(), previous);
+            latest.insert((&*write.state_machine, write.key.as_slice()), write.value.as_deref());
             count += 1;
             first.get_or_insert(*index);
             last = *index;

@@ -226,7 +226,8 @@ impl Default for StoreMemory {
 /// One guest write inside an apply batch; `None` deletes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StateWrite {
-    pub state_machine: String,
+    /// Shared by every write of a batch to the same state machine.
+    pub state_machine: Arc<str>,
     pub key: Vec<u8>,
     pub value: Option<Vec<u8>>,
 }
