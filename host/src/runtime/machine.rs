@@ -180,13 +180,16 @@ impl WriteBatch {
 
     /// Adds a command's `writes` (made at `index`); `reads` are the values
     /// it read from the store, which its writes replace.
-    fn extend(&mut self, index: u64, writes: Overlay, reads: &Overlay) {
+    fn extend(&mut self, index: u64, writes: Overlay, mut reads: Overlay) {
         for (key, value) in writes {
             // Every change is kept (and made a history record with the
             // value it replaced), not only each key's last: a run of
             // commands rewriting the same keys is bounded by all of them.
             self.bytes += 2 * pair_bytes(&key, &value);
-            let previous = self.overlay.get(&key).or_else(|| reads.get(&key)).cloned();
+            let previous = match self.overlay.get(&key) {
+                Some(earlier) => Some(earlier.clone()),
+                None => reads.remove(&key),
+            };
             self.changes.push(BatchChange { index, key: key.clone(), value: value.clone(), previous });
             let added = pair_bytes(&key, &value);
             if let Some(old) = self.overlay.get(&key) {
@@ -513,7 +516,7 @@ impl Machine {
         let outcome = self.reply_within_limits(outcome);
         if outcome.is_ok() {
             let reads = self.instance.as_mut().map(|i| std::mem::take(&mut i.store.data_mut().call.store_reads));
-            batch.extend(entry.index, writes, &reads.unwrap_or_default());
+            batch.extend(entry.index, writes, reads.unwrap_or_default());
         }
         Ok(outcome)
     }
@@ -554,7 +557,7 @@ impl Machine {
         let outcome = outcome.and_then(|r| r.map_err(|message| CallError::Returned(cut(message, limit))));
         let mut batch = WriteBatch::default();
         if outcome.is_ok() {
-            batch.extend(at.index, writes, &Overlay::new());
+            batch.extend(at.index, writes, Overlay::new());
         }
         Ok((outcome, batch.into_writes(&self.name).0))
     }
