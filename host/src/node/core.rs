@@ -675,15 +675,42 @@ impl CoreTask {
         }
         let applied = self.store.applied().0;
         let first = self.store.first_index()?;
-        let keep = self.config.snapshot_keep_entries;
-        if applied < first + self.config.snapshot_threshold_entries + keep {
+        let (keep, threshold) = (self.config.snapshot_keep_entries, self.config.snapshot_threshold_entries);
+        if applied < first + threshold + keep {
             return Ok(());
         }
-        let upto = applied - keep;
+        let upto = self.compaction_point(applied - keep, applied.saturating_sub(keep + threshold));
+        if upto < first + threshold / 4 {
+            // Held back: compacting a few entries at a time is churn.
+            return Ok(());
+        }
         let store = self.store.clone();
         tracing::debug!(upto, "compacting the log");
         self.compacting = Some(tokio::task::spawn_blocking(move || store.compact(upto)));
         Ok(())
+    }
+
+    /// Where a leader may compact its log to: `wanted`, or less while a
+    /// follower still needs the entries after it. A follower being sent a
+    /// snapshot continues from the log after the snapshot's index; had the
+    /// log been compacted past it meanwhile (a steady write rate passes the
+    /// kept tail during a transfer), it would be sent another snapshot, and
+    /// another, forever. Held back at most to `floor`: a follower further
+    /// behind than that is better served by a snapshot than by a log that
+    /// grows without bound.
+    fn compaction_point(&self, wanted: Index, floor: Index) -> Index {
+        use crate::raft::ProgressState;
+        let mut upto = wanted;
+        for id in self.raft.conf_state().members() {
+            let Some(progress) = self.raft.progress(id).filter(|_| id != self.config.id) else { continue };
+            let needs_after = match progress.state {
+                ProgressState::Snapshot { pending } => pending,
+                _ if progress.recent_active => progress.matched,
+                _ => continue,
+            };
+            upto = upto.min(needs_after.max(floor));
+        }
+        upto
     }
 
     fn not_leader(&self, leader: Option<NodeId>) -> RequestError {
