@@ -285,6 +285,11 @@ struct AfterPersist {
     read_states: Vec<ReadState>,
 }
 
+/// How far behind the applied index (in compaction thresholds plus kept
+/// tails) a follower catching up from the log may hold compaction back:
+/// after a snapshot it has to fetch what was written during the transfer.
+const CATCH_UP_HELD_THRESHOLDS: u64 = 10;
+
 /// Step 1 of a Ready (persist), running in the background.
 type PersistWrite = Pin<Box<dyn Future<Output = Result<(), NodeError>> + Send>>;
 
@@ -679,7 +684,8 @@ impl CoreTask {
         if applied < first + threshold + keep {
             return Ok(());
         }
-        let upto = self.compaction_point(applied - keep, applied.saturating_sub(keep + threshold));
+        let catch_up_held = CATCH_UP_HELD_THRESHOLDS * (threshold + keep);
+        let upto = self.compaction_point(applied - keep, applied.saturating_sub(catch_up_held));
         if upto < first + threshold / 4 {
             // Held back: compacting a few entries at a time is churn.
             return Ok(());
@@ -695,9 +701,10 @@ impl CoreTask {
     /// snapshot continues from the log after the snapshot's index; had the
     /// log been compacted past it meanwhile (a steady write rate passes the
     /// kept tail during a transfer), it would be sent another snapshot, and
-    /// another, forever. Held back at most to `floor`: a follower further
-    /// behind than that is better served by a snapshot than by a log that
-    /// grows without bound.
+    /// another, forever. That hold lasts as long as the transfer (which has
+    /// a timeout). A follower that answers and is catching up from the log
+    /// holds it back at most to `floor`: one that falls further behind is
+    /// better served by a snapshot than by a log that grows without bound.
     fn compaction_point(&self, wanted: Index, floor: Index) -> Index {
         use crate::raft::ProgressState;
         let mut upto = wanted;
@@ -705,10 +712,10 @@ impl CoreTask {
             let Some(progress) = self.raft.progress(id).filter(|_| id != self.config.id) else { continue };
             let needs_after = match progress.state {
                 ProgressState::Snapshot { pending } => pending,
-                _ if progress.recent_active => progress.matched,
+                _ if progress.recent_active => progress.matched.max(floor),
                 _ => continue,
             };
-            upto = upto.min(needs_after.max(floor));
+            upto = upto.min(needs_after);
         }
         upto
     }
