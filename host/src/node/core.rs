@@ -286,8 +286,8 @@ struct AfterPersist {
 }
 
 /// How far behind the applied index (in compaction thresholds plus kept
-/// tails) a follower catching up from the log may hold compaction back:
-/// after a snapshot it has to fetch what was written during the transfer.
+/// tails) a follower being sent a snapshot, or catching up from the log
+/// after one, may hold compaction back.
 const CATCH_UP_HELD_THRESHOLDS: u64 = 10;
 
 /// Step 1 of a Ready (persist), running in the background.
@@ -701,17 +701,18 @@ impl CoreTask {
     /// snapshot continues from the log after the snapshot's index; had the
     /// log been compacted past it meanwhile (a steady write rate passes the
     /// kept tail during a transfer), it would be sent another snapshot, and
-    /// another, forever. That hold lasts as long as the transfer (which has
-    /// a timeout). A follower that answers and is catching up from the log
-    /// holds it back at most to `floor`: one that falls further behind is
-    /// better served by a snapshot than by a log that grows without bound.
+    /// another, forever. A follower that answers and is catching up from
+    /// the log (after its snapshot, what was written during the transfer)
+    /// holds it back too. Neither holds it past `floor`: a stalled transfer
+    /// or a follower slower than the writes must not grow the log without
+    /// bound; further behind, a follower gets another snapshot.
     fn compaction_point(&self, wanted: Index, floor: Index) -> Index {
         use crate::raft::ProgressState;
         let mut upto = wanted;
         for id in self.raft.conf_state().members() {
             let Some(progress) = self.raft.progress(id).filter(|_| id != self.config.id) else { continue };
             let needs_after = match progress.state {
-                ProgressState::Snapshot { pending } => pending,
+                ProgressState::Snapshot { pending } => pending.max(floor),
                 _ if progress.recent_active => progress.matched.max(floor),
                 _ => continue,
             };
