@@ -21,8 +21,8 @@ use super::peers::{Peers, SnapshotReports};
 use super::request::{BARRIER, Consistency, ReadReply, RequestError, WriteReply, await_answer};
 use super::shutdown::ShutdownSignal;
 use crate::raft::{
-    ConfChange, ConfState, Entry, HardState, Index, LogStore, Message, NodeId, ProposeError, Raft, RaftError,
-    ReadIndexError, ReadState, Role, Term,
+    ConfChange, ConfState, Entry, HardState, Index, LogStore, Message, NodeId, Progress, ProgressState, ProposeError,
+    Raft, RaftError, ReadIndexError, ReadState, Role, Term,
 };
 use crate::storage::{Store, StoreError};
 use crate::wire::{Payload, encode_payload, pb};
@@ -289,6 +289,21 @@ struct AfterPersist {
 /// tails) a follower being sent a snapshot, or catching up from the log
 /// after one, may hold compaction back.
 const CATCH_UP_HELD_THRESHOLDS: u64 = 10;
+
+/// See [`CoreTask::compaction_point`]: `wanted`, held back by what the
+/// `followers` still need, never below `floor`.
+fn compaction_point<'a>(wanted: Index, floor: Index, followers: impl IntoIterator<Item = &'a Progress>) -> Index {
+    let mut upto = wanted;
+    for progress in followers {
+        let needs_after = match progress.state {
+            ProgressState::Snapshot { pending } => pending.max(floor),
+            _ if progress.recent_active => progress.matched.max(floor),
+            _ => continue,
+        };
+        upto = upto.min(needs_after);
+    }
+    upto
+}
 
 /// Step 1 of a Ready (persist), running in the background.
 type PersistWrite = Pin<Box<dyn Future<Output = Result<(), NodeError>> + Send>>;
@@ -707,18 +722,9 @@ impl CoreTask {
     /// or a follower slower than the writes must not grow the log without
     /// bound; further behind, a follower gets another snapshot.
     fn compaction_point(&self, wanted: Index, floor: Index) -> Index {
-        use crate::raft::ProgressState;
-        let mut upto = wanted;
-        for id in self.raft.conf_state().members() {
-            let Some(progress) = self.raft.progress(id).filter(|_| id != self.config.id) else { continue };
-            let needs_after = match progress.state {
-                ProgressState::Snapshot { pending } => pending.max(floor),
-                _ if progress.recent_active => progress.matched.max(floor),
-                _ => continue,
-            };
-            upto = upto.min(needs_after);
-        }
-        upto
+        let members = self.raft.conf_state().members();
+        let followers = members.iter().filter(|&&id| id != self.config.id).filter_map(|&id| self.raft.progress(id));
+        compaction_point(wanted, floor, followers)
     }
 
     fn not_leader(&self, leader: Option<NodeId>) -> RequestError {
@@ -919,7 +925,7 @@ fn finished_result<T>(handle: JoinHandle<T>) -> Option<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::TickClock;
+    use super::{Index, Progress, ProgressState, TickClock, compaction_point};
     use std::time::Duration;
 
     fn ms(n: u64) -> Duration {
@@ -938,5 +944,34 @@ mod tests {
         assert_eq!(clock.due(origin + ms(5350)), 21);
         assert_eq!(clock.due(origin + ms(5450)), 1, "then one per period again");
         assert_eq!(clock.due(origin + ms(5000)), 0, "an instant already counted owes nothing");
+    }
+
+    fn follower(state: ProgressState, matched: Index, recent_active: bool) -> Progress {
+        let mut progress = Progress::new(matched + 1, 8, 1 << 20);
+        (progress.state, progress.matched, progress.recent_active) = (state, matched, recent_active);
+        progress
+    }
+
+    #[test]
+    fn compaction_keeps_what_a_follower_being_sent_a_snapshot_continues_from_down_to_a_floor() {
+        let (wanted, floor) = (9_000, 2_000);
+        let caught_up = follower(ProgressState::Replicate, 9_500, true);
+        assert_eq!(compaction_point(wanted, floor, [&caught_up]), wanted, "nothing held when no one lags");
+        let receiving = follower(ProgressState::Snapshot { pending: 5_000 }, 0, true);
+        assert_eq!(
+            compaction_point(wanted, floor, [&caught_up, &receiving]),
+            5_000,
+            "the entries after the snapshot stay"
+        );
+        let catching_up = follower(ProgressState::Replicate, 6_000, true);
+        assert_eq!(compaction_point(wanted, floor, [&catching_up]), 6_000, "so do those a catching-up follower lacks");
+        let stalled = follower(ProgressState::Snapshot { pending: 100 }, 0, false);
+        assert_eq!(
+            compaction_point(wanted, floor, [&stalled, &caught_up]),
+            floor,
+            "a stalled transfer holds to the floor only"
+        );
+        let silent = follower(ProgressState::Probe, 10, false);
+        assert_eq!(compaction_point(wanted, floor, [&silent]), wanted, "a follower that does not answer holds nothing");
     }
 }
