@@ -185,18 +185,19 @@ impl WriteBatch {
             // Every change is kept (and made a history record with the
             // value it replaced), not only each key's last: a run of
             // commands rewriting the same keys is bounded by all of them.
-            self.bytes += 2 * pair_bytes(&key, &value);
-            let previous = match self.overlay.get(&key) {
-                Some(earlier) => Some(earlier.clone()),
+            let added = pair_bytes(&key, &value);
+            self.bytes += 2 * added;
+            // The overlay's last value for the key is what this write
+            // replaced, else the value the command read from the store.
+            let previous = match self.overlay.insert(key.clone(), value.clone()) {
+                Some(earlier) => {
+                    self.bytes -= pair_bytes(&key, &earlier);
+                    Some(earlier)
+                }
                 None => reads.remove(&key),
             };
-            self.changes.push(BatchChange { index, key: key.clone(), value: value.clone(), previous });
-            let added = pair_bytes(&key, &value);
-            if let Some(old) = self.overlay.get(&key) {
-                self.bytes -= pair_bytes(&key, old);
-            }
             self.bytes += added;
-            self.overlay.insert(key, value);
+            self.changes.push(BatchChange { index, key, value, previous });
         }
     }
 
