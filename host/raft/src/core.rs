@@ -893,6 +893,7 @@ impl<S: LogStore> Raft<S> {
                 }
                 let own = self.id;
                 for (id, pr) in self.progress.iter_mut() {
+                    pr.start_period();
                     pr.recent_active = *id == own;
                 }
             }

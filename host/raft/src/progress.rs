@@ -98,6 +98,15 @@ pub struct Progress {
     pub inflights: Inflights,
     /// Heard from within the current CheckQuorum period.
     pub recent_active: bool,
+    /// Heard from within the CheckQuorum period before the current one.
+    /// With `recent_active`, says whether the follower is answering without
+    /// the gap right after a period starts, when nobody has answered yet.
+    pub active_last_period: bool,
+    /// The index of the snapshot this follower was last sent, from the end
+    /// of its transfer until the follower acknowledges it (or shows it lacks
+    /// it); 0 otherwise. Meanwhile the follower installs it, and may be
+    /// silent for as long as that takes.
+    pub snapshot_sent: Index,
 }
 
 impl Progress {
@@ -109,12 +118,37 @@ impl Progress {
             probe_sent: false,
             inflights: Inflights::new(max_inflight_messages, max_inflight_bytes),
             recent_active: false,
+            active_last_period: false,
+            snapshot_sent: 0,
         }
     }
 
+    /// Whether the follower answered within the last one or two CheckQuorum
+    /// periods.
+    pub fn answering(&self) -> bool {
+        self.recent_active || self.active_last_period
+    }
+
+    /// A CheckQuorum period begins: nobody has answered in it yet.
+    pub fn start_period(&mut self) {
+        self.active_last_period = self.recent_active;
+        self.recent_active = false;
+    }
+
+    /// Probes from the follower's last known match; after a snapshot was
+    /// sent, from past the snapshot: the follower most likely holds it (or
+    /// is installing it), and probing lower would find the leader's log
+    /// compacted there and send another snapshot while the first is still
+    /// being installed. A follower that lacks it rejects, and the probe
+    /// falls back.
     pub fn become_probe(&mut self) {
+        let after = match self.state {
+            ProgressState::Snapshot { pending } => pending,
+            _ => 0,
+        };
         self.state = ProgressState::Probe;
-        self.next = self.matched + 1;
+        self.next = self.matched.max(after) + 1;
+        self.snapshot_sent = after.max(self.snapshot_sent);
         self.probe_sent = false;
         self.inflights.reset();
     }
@@ -130,6 +164,7 @@ impl Progress {
     /// until it lands or fails.
     pub fn become_snapshot(&mut self, pending: Index) {
         self.state = ProgressState::Snapshot { pending };
+        self.snapshot_sent = 0;
         self.probe_sent = false;
         self.inflights.reset();
     }
@@ -163,6 +198,9 @@ impl Progress {
             self.matched = index;
             self.probe_sent = false;
         }
+        if self.matched >= self.snapshot_sent {
+            self.snapshot_sent = 0;
+        }
         self.next = self.next.max(index + 1);
         updated
     }
@@ -189,6 +227,10 @@ impl Progress {
         }
         self.next = rejected.min(match_hint + 1).max(self.matched + 1);
         self.probe_sent = false;
+        if self.next <= self.snapshot_sent {
+            // It lacks the snapshot (its transfer or install failed).
+            self.snapshot_sent = 0;
+        }
         true
     }
 }

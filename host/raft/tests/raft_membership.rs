@@ -19,6 +19,11 @@ struct Cluster {
     sent: Vec<Message>,
     /// Snapshot streams fail (the rest of the traffic flows).
     drop_snapshots: bool,
+    /// Their acknowledgements of appends are lost, rejections and heartbeat
+    /// replies are not:
+    /// the shape of a follower still installing a delivered snapshot, whose
+    /// acknowledgement waits for the install while it answers heartbeats.
+    acks_lost_from: BTreeSet<NodeId>,
 }
 
 impl Cluster {
@@ -41,6 +46,7 @@ impl Cluster {
             snapshots_installed: BTreeMap::new(),
             sent: Vec::new(),
             drop_snapshots: false,
+            acks_lost_from: BTreeSet::new(),
         }
     }
 
@@ -91,7 +97,10 @@ impl Cluster {
             }
             for m in queue {
                 self.sent.push(m.clone());
-                let lost = self.isolated.contains(&m.from) || self.isolated.contains(&m.to);
+                let lost = self.isolated.contains(&m.from)
+                    || self.isolated.contains(&m.to)
+                    || (self.acks_lost_from.contains(&m.from)
+                        && matches!(m.body, MessageBody::AppendEntriesResponse { success: true, .. }));
                 if let MessageBody::InstallSnapshot { .. } = m.body {
                     // The driver streams the data, then reports the outcome.
                     let (from, to) = (m.from, m.to);
@@ -191,6 +200,36 @@ fn a_failed_snapshot_is_sent_again() {
     assert_eq!(c.snapshots_installed.get(&3), None);
     c.drop_snapshots = false;
     c.tick_all(2);
+    assert_eq!(c.snapshots_installed.get(&3), Some(&1));
+    assert_eq!(c.node(3).log().committed(), c.node(1).log().committed());
+}
+
+#[test]
+fn a_delivered_snapshot_is_not_followed_by_another_while_it_is_installed() {
+    let mut c = Cluster::new(3, 3);
+    c.elect(1);
+    c.isolated.insert(3);
+    c.write("w").expect("written");
+    let applied = c.node(1).log().applied();
+    let conf = c.node(1).conf_state();
+    c.node(1).store_mut().compact(applied, conf);
+    c.isolated.clear();
+    c.acks_lost_from.insert(3);
+    c.tick_all(6);
+    let snapshots_sent =
+        |c: &Cluster| c.sent.iter().filter(|m| matches!(m.body, MessageBody::InstallSnapshot { .. })).count();
+    // Heartbeat replies come and go meanwhile; each one lets the leader
+    // probe again, from past the snapshot (not from where the follower was
+    // before it, which is compacted and would mean another snapshot).
+    assert_eq!(snapshots_sent(&c), 1, "one snapshot while the first is being installed");
+    let probe_after_snapshot = c.sent.iter().any(|m| {
+        m.to == 3 && matches!(m.body, MessageBody::AppendEntries { prev_log_index, .. } if prev_log_index == applied)
+    });
+    assert!(probe_after_snapshot, "probed from the snapshot's index");
+    c.acks_lost_from.clear();
+    c.write("after").expect("written");
+    c.tick_all(2);
+    assert_eq!(snapshots_sent(&c), 1);
     assert_eq!(c.snapshots_installed.get(&3), Some(&1));
     assert_eq!(c.node(3).log().committed(), c.node(1).log().committed());
 }

@@ -99,6 +99,11 @@ pub struct ServeArgs {
     /// behind (default 1000); further behind, they get a snapshot.
     #[arg(long, env = "RAFT_HOST_SNAPSHOT_KEEP_ENTRIES")]
     snapshot_keep_entries: Option<u64>,
+    /// Bytes of log a leader keeps beyond the kept tail for followers
+    /// catching up, or installing a snapshot, before it compacts what they
+    /// still need (default 256 MiB).
+    #[arg(long, env = "RAFT_HOST_CATCH_UP_LOG_BYTES")]
+    catch_up_log_bytes: Option<u64>,
     /// Versions one state machine may hold, built-ins aside (default 16); a
     /// deploy past it is refused until one is removed (`modules remove`).
     #[arg(long, env = "RAFT_HOST_MAX_MODULE_VERSIONS")]
@@ -209,6 +214,7 @@ impl ServeArgs {
         self.join_as_learner = self.join_as_learner.or(file.join_as_learner);
         self.snapshot_threshold_entries = self.snapshot_threshold_entries.or(file.snapshot_threshold_entries);
         self.snapshot_keep_entries = self.snapshot_keep_entries.or(file.snapshot_keep_entries);
+        self.catch_up_log_bytes = self.catch_up_log_bytes.or(file.catch_up_log_bytes);
         self.max_module_versions = self.max_module_versions.or(file.max_module_versions);
         self.upload_expiry_secs = self.upload_expiry_secs.or(file.upload_expiry_secs);
         self.max_snapshot_bytes = self.max_snapshot_bytes.or(file.max_snapshot_bytes);
@@ -302,6 +308,7 @@ impl ServeArgs {
         config.snapshot_threshold_entries =
             args.snapshot_threshold_entries.unwrap_or(config.snapshot_threshold_entries);
         config.snapshot_keep_entries = args.snapshot_keep_entries.unwrap_or(config.snapshot_keep_entries);
+        config.catch_up_log_bytes = args.catch_up_log_bytes.unwrap_or(config.catch_up_log_bytes);
         config.max_snapshot_bytes = args.max_snapshot_bytes.unwrap_or(config.max_snapshot_bytes);
         config.min_free_disk_bytes = args.min_free_disk_bytes.unwrap_or(config.min_free_disk_bytes);
         let memory = &mut config.store_memory;

@@ -52,6 +52,12 @@ pub struct NodeConfig {
     /// Applied entries kept after a compaction, so followers a little
     /// behind catch up from the log rather than by snapshot.
     pub snapshot_keep_entries: u64,
+    /// How much log (estimated from the average entry size) a leader keeps
+    /// beyond the kept tail for followers catching up from it, or about to
+    /// continue from it after a snapshot. Past it they are sent a snapshot
+    /// instead; it bounds what a stalled transfer or a slow follower costs
+    /// the leader's disk.
+    pub catch_up_log_bytes: u64,
     /// Versions one state machine may hold (built-ins aside); a deploy past
     /// it is refused until one is removed.
     pub max_module_versions: usize,
@@ -110,6 +116,7 @@ impl NodeConfig {
             module_ready_timeout: Duration::from_secs(300),
             snapshot_threshold_entries: 10_000,
             snapshot_keep_entries: 1_000,
+            catch_up_log_bytes: 256 << 20,
             max_module_versions: 16,
             upload_expiry: Duration::from_secs(3600),
             max_snapshot_bytes: 256 << 30,

@@ -285,10 +285,26 @@ struct AfterPersist {
     read_states: Vec<ReadState>,
 }
 
-/// How far behind the applied index (in compaction thresholds plus kept
-/// tails) a follower being sent a snapshot, or catching up from the log
-/// after one, may hold compaction back.
-const CATCH_UP_HELD_THRESHOLDS: u64 = 10;
+/// The total size and count of the entries a member wrote to its log.
+#[derive(Default)]
+struct AppendedEntries {
+    bytes: u64,
+    entries: u64,
+}
+
+impl AppendedEntries {
+    fn add(&mut self, entries: &[Entry]) {
+        self.entries += entries.len() as u64;
+        self.bytes += entries.iter().map(Entry::size_bytes).sum::<u64>();
+    }
+
+    /// How many entries, of the average size seen so far, weigh `bytes`.
+    /// Before any were seen, entries are taken to weigh 1 KiB.
+    fn entries_in(&self, bytes: u64) -> u64 {
+        let average = if self.entries == 0 { 1024 } else { (self.bytes / self.entries).max(1) };
+        bytes / average
+    }
+}
 
 /// See [`CoreTask::compaction_point`]: `wanted`, held back by what the
 /// `followers` still need, never below `floor`.
@@ -296,11 +312,15 @@ fn compaction_point<'a>(wanted: Index, floor: Index, followers: impl IntoIterato
     let mut upto = wanted;
     for progress in followers {
         let needs_after = match progress.state {
-            ProgressState::Snapshot { pending } => pending.max(floor),
-            _ if progress.recent_active => progress.matched.max(floor),
+            ProgressState::Snapshot { pending } => pending,
+            // Silent or not: it may be installing the snapshot, which takes
+            // as long as it takes.
+            ProgressState::Probe if progress.snapshot_sent > 0 => progress.snapshot_sent,
+            ProgressState::Probe if progress.answering() => progress.next - 1,
+            ProgressState::Replicate if progress.answering() => progress.matched,
             _ => continue,
         };
-        upto = upto.min(needs_after);
+        upto = upto.min(needs_after.max(floor));
     }
     upto
 }
@@ -347,6 +367,9 @@ pub(super) struct CoreTask {
     members: Arc<Members>,
     /// A log compaction is running on a blocking thread.
     compacting: Option<JoinHandle<Result<(), StoreError>>>,
+    /// What the entries this member wrote to its log weigh, to turn
+    /// `catch_up_log_bytes` into a count of entries.
+    appended: AppendedEntries,
     apply: ApplyLink,
     leadership: watch::Sender<LeadershipView>,
     /// ReadIndex rounds under way, by context: each serves every read
@@ -397,6 +420,7 @@ impl CoreTask {
             peers,
             members,
             compacting: None,
+            appended: AppendedEntries::default(),
             apply,
             leadership,
             reads: HashMap::new(),
@@ -514,6 +538,7 @@ impl CoreTask {
                 } else {
                     let (store, histograms) = (self.store.clone(), self.histograms.clone());
                     let (entries, hard_state) = (ready.entries, ready.hard_state);
+                    self.appended.add(&entries);
                     let write = tokio::task::spawn_blocking(move || {
                         timed_persist(&store, &entries, hard_state.as_ref(), &histograms)
                     });
@@ -699,7 +724,7 @@ impl CoreTask {
         if applied < first + threshold + keep {
             return Ok(());
         }
-        let catch_up_held = CATCH_UP_HELD_THRESHOLDS * (threshold + keep);
+        let catch_up_held = self.appended.entries_in(self.config.catch_up_log_bytes);
         let upto = self.compaction_point(applied - keep, applied.saturating_sub(catch_up_held));
         if upto < first + threshold / 4 {
             // Held back: compacting a few entries at a time is churn.
@@ -718,7 +743,9 @@ impl CoreTask {
     /// kept tail during a transfer), it would be sent another snapshot, and
     /// another, forever. A follower that answers and is catching up from
     /// the log (after its snapshot, what was written during the transfer)
-    /// holds it back too. Neither holds it past `floor`: a stalled transfer
+    /// holds it back too, from its last answer in the previous CheckQuorum
+    /// period on (the current one's start wipes `recent_active` before any
+    /// follower could answer). Neither holds it past `floor`: a stalled transfer
     /// or a follower slower than the writes must not grow the log without
     /// bound; further behind, a follower gets another snapshot.
     fn compaction_point(&self, wanted: Index, floor: Index) -> Index {
@@ -925,7 +952,8 @@ fn finished_result<T>(handle: JoinHandle<T>) -> Option<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Index, Progress, ProgressState, TickClock, compaction_point};
+    use super::{AppendedEntries, Entry, Index, Progress, ProgressState, TickClock, compaction_point};
+    use crate::raft::EntryKind;
     use std::time::Duration;
 
     fn ms(n: u64) -> Duration {
@@ -973,5 +1001,55 @@ mod tests {
         );
         let silent = follower(ProgressState::Probe, 10, false);
         assert_eq!(compaction_point(wanted, floor, [&silent]), wanted, "a follower that does not answer holds nothing");
+    }
+
+    #[test]
+    fn compaction_keeps_what_a_follower_continues_from_while_it_installs_a_delivered_snapshot() {
+        let (wanted, floor) = (9_000, 2_000);
+        let mut installing = follower(ProgressState::Snapshot { pending: 5_000 }, 0, true);
+        installing.become_probe();
+        assert_eq!(installing.next, 5_001, "probed from past the snapshot, not from its old match");
+        assert_eq!(compaction_point(wanted, floor, [&installing]), 5_000, "the entries after the snapshot stay");
+        // An install may outlast CheckQuorum periods in which the follower
+        // says nothing.
+        installing.start_period();
+        installing.start_period();
+        assert!(!installing.answering());
+        assert_eq!(compaction_point(wanted, floor, [&installing]), 5_000, "held while it installs, silent or not");
+        assert_eq!(compaction_point(wanted, 6_000, [&installing]), 6_000, "down to the floor only");
+        // Installed and acknowledged: it holds what it has matched.
+        installing.maybe_update(5_000);
+        installing.become_replicate();
+        installing.recent_active = true;
+        assert_eq!(installing.snapshot_sent, 0);
+        assert_eq!(compaction_point(wanted, floor, [&installing]), 5_000);
+        installing.maybe_update(8_000);
+        assert_eq!(compaction_point(wanted, floor, [&installing]), 8_000);
+        // A follower that lacks the snapshot it was sent (its install
+        // failed) says so by rejecting the probe past it, and holds no more.
+        let mut failed = follower(ProgressState::Snapshot { pending: 5_000 }, 0, true);
+        failed.become_probe();
+        assert!(failed.maybe_decrease_to(5_000, 0));
+        assert_eq!(failed.snapshot_sent, 0);
+        failed.start_period();
+        failed.start_period();
+        assert_eq!(compaction_point(wanted, floor, [&failed]), wanted);
+    }
+
+    #[test]
+    fn the_log_kept_for_catching_up_is_counted_in_bytes() {
+        let mut appended = AppendedEntries::default();
+        assert_eq!(appended.entries_in(1 << 20), 1024, "1 KiB each before any is seen");
+        let small: Vec<Entry> = (1..=100)
+            .map(|index| Entry { term: 1, index, kind: EntryKind::Normal, data: vec![0; 100].into() })
+            .collect();
+        appended.add(&small);
+        let each = small[0].size_bytes();
+        assert_eq!(appended.entries_in(1 << 20), (1 << 20) / each);
+        let large: Vec<Entry> = (101..=200)
+            .map(|index| Entry { term: 1, index, kind: EntryKind::Normal, data: vec![0; 1 << 20].into() })
+            .collect();
+        appended.add(&large);
+        assert!(appended.entries_in(256 << 20) < 600, "large entries: few of them");
     }
 }
