@@ -52,7 +52,12 @@ impl Default for SessionLimits {
 pub struct Sessions {
     limits: SessionLimits,
     records: FxHashMap<ClientId, SessionRecord>,
-    /// `(last_used_ms, client id)`, to find the least recently used session.
+    /// One `(time, client id)` per session, the time at most its
+    /// `last_used_ms`: a write does not move its session here (that would
+    /// be a tree removal and insertion per write); an entry found older than
+    /// its session's use when it reaches the front is moved then. So the
+    /// front, once settled, is the least recently used session, exactly as
+    /// if every write had moved its entry.
     by_age: BTreeSet<(u64, ClientId)>,
     /// Clients whose session changed (or was dropped) since the last
     /// `take_changes`; their records are encoded once, when taken.
@@ -111,11 +116,12 @@ impl Sessions {
                 if self.records.len() >= self.limits.max_sessions {
                     self.evict_oldest();
                 }
-                client.into()
+                let id: ClientId = client.into();
+                self.by_age.insert((now_ms, id.clone()));
+                id
             }
         };
         let record = self.records.entry(id.clone()).or_default();
-        self.by_age.remove(&(record.last_used_ms, id.clone()));
         record.last_used_ms = record.last_used_ms.max(now_ms);
         record.highest_sequence = record.highest_sequence.max(reply.sequence);
         // Never past this write: its own answer is what a retry needs.
@@ -125,7 +131,6 @@ impl Sessions {
         let answered_below = record.answered_below;
         record.replies.retain(|r| r.sequence > floor && r.sequence >= answered_below);
         record.replies.sort_by_key(|r| r.sequence);
-        self.by_age.insert((record.last_used_ms, id.clone()));
         self.changed.insert(id);
     }
 
@@ -135,18 +140,35 @@ impl Sessions {
     /// is due: it looks at the oldest session only.
     pub fn expire(&mut self, now_ms: u64) {
         let horizon = now_ms.saturating_sub(self.limits.ttl_ms);
-        while let Some((last_used, _)) = self.by_age.first() {
-            if *last_used >= horizon {
+        // An entry's time is at most its session's: one at or past the
+        // horizon means every session is.
+        while let Some((time, _)) = self.by_age.first() {
+            if *time >= horizon {
                 break;
             }
-            self.evict_oldest();
+            self.take_front();
         }
     }
 
     fn evict_oldest(&mut self) {
-        if let Some((_, client)) = self.by_age.pop_first() {
-            self.records.remove(&client);
-            self.changed.insert(client);
+        while !self.by_age.is_empty() && !self.take_front() {}
+    }
+
+    /// Drops the session at the front of the age index if its entry is
+    /// current (and says so), else moves the entry to its session's time.
+    fn take_front(&mut self) -> bool {
+        let Some((time, client)) = self.by_age.pop_first() else { return false };
+        match self.records.get(&client) {
+            Some(record) if record.last_used_ms > time => {
+                self.by_age.insert((record.last_used_ms, client));
+                false
+            }
+            Some(_) => {
+                self.records.remove(&client);
+                self.changed.insert(client);
+                true
+            }
+            None => false,
         }
     }
 
@@ -255,6 +277,47 @@ mod tests {
         assert!(s.take_changes().is_empty(), "the checkpoint covered them");
         let reloaded = Sessions::load(SessionLimits::default(), all).expect("decodes");
         assert!(matches!(reloaded.admit(b"a", 1), Admission::Duplicate(_)));
+    }
+
+    proptest::proptest! {
+        /// The age index moved lazily evicts exactly the sessions a strict
+        /// least-recently-used order would, in the same order.
+        #[test]
+        fn sessions_go_in_least_recently_used_order(
+            ops in proptest::collection::vec((0u8..12, 0u64..50, proptest::bool::weighted(0.2)), 1..300)
+        ) {
+            let (ttl_ms, max_sessions) = (400, 5);
+            let mut s = Sessions::load(limits(ttl_ms, max_sessions), Vec::new()).expect("empty");
+            // The reference: each client's last use, the oldest found by a scan.
+            let mut model: Vec<(Vec<u8>, u64)> = Vec::new();
+            let mut now = 0;
+            let mut sequence = 0;
+            for (client, advance, expire) in ops {
+                now += advance;
+                let client = vec![client];
+                if expire {
+                    s.expire(now);
+                    model.retain(|(_, used)| *used >= now.saturating_sub(ttl_ms));
+                } else {
+                    sequence += 1;
+                    if !model.iter().any(|(c, _)| *c == client) && model.len() >= max_sessions {
+                        let oldest = model.iter().min_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0))).cloned();
+                        model.retain(|m| Some(m) != oldest.as_ref());
+                    }
+                    s.record(&client, session_reply(sequence, sequence, 1, &Ok(Vec::new())), 0, now);
+                    match model.iter_mut().find(|(c, _)| *c == client) {
+                        Some((_, used)) => *used = now,
+                        None => model.push((client, now)),
+                    }
+                }
+                let mut kept: Vec<Vec<u8>> = s.records.keys().map(|c| c.to_vec()).collect();
+                let mut expected: Vec<Vec<u8>> = model.iter().map(|(c, _)| c.clone()).collect();
+                kept.sort();
+                expected.sort();
+                proptest::prop_assert_eq!(kept, expected);
+                proptest::prop_assert_eq!(s.by_age.len(), s.records.len(), "one age entry per session");
+            }
+        }
     }
 
     #[test]
