@@ -27,7 +27,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".raft.v1.Command.client_id")
         .codec_path("crate::wire::bounded::BoundedCodec")
         .compile_fds(peer)?;
-    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(client)?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        // A write's command and client id go on into its log entry: as
+        // `Bytes` they are shared, not copied, on the way.
+        .bytes(".raft.client.v1.WriteRequest.command")
+        .bytes(".raft.client.v1.WriteRequest.client_id")
+        .compile_fds(client)?;
     // etcd's Put, for the bench's side-by-side runs; no server.
     tonic_prost_build::configure()
         .build_client(true)

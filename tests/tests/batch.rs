@@ -100,10 +100,10 @@ fn a_follower_forwards_the_items_it_is_sent_to_the_leader_on_a_batch_stream_of_i
             request_id: String::new(),
             request: Some(batch_item::Request::Write(WriteRequest {
                 state_machine: "kv".into(),
-                command: put(&format!("f{id}"), "x"),
+                command: put(&format!("f{id}"), "x").into(),
                 // A session of its own per item: one session keeps only 32
                 // answers, and these are all under way at once.
-                client_id: format!("forwarding-test-{id}").into_bytes(),
+                client_id: format!("forwarding-test-{id}").into_bytes().into(),
                 sequence: 1,
                 lowest_unanswered: 1,
             })),
@@ -171,7 +171,7 @@ fn each_item_of_a_raw_batch_stream_gets_its_own_answer_or_error_and_the_stream_g
             request_id: String::new(),
             request: Some(batch_item::Request::Write(WriteRequest {
                 state_machine: "kv".into(),
-                command: put("seen", "overwritten"),
+                command: put("seen", "overwritten").into(),
                 ..WriteRequest::default()
             })),
         };
@@ -296,8 +296,8 @@ fn writes_of_one_message_proposed_together_are_each_answered_on_their_own() {
             request_id: format!("together-{id}"),
             request: Some(batch_item::Request::Write(WriteRequest {
                 state_machine: state_machine.into(),
-                command: put(key, &format!("v{id}")),
-                client_id: client_id.to_vec(),
+                command: put(key, &format!("v{id}")).into(),
+                client_id: client_id.to_vec().into(),
                 sequence,
                 ..WriteRequest::default()
             })),

@@ -100,8 +100,8 @@ fn a_retried_write_is_applied_once_and_answered_with_the_first_answer() {
         cluster.leader(SETTLE).await;
         let add = |client_id: &[u8], sequence| WriteRequest {
             state_machine: "counter".into(),
-            command: br#"{"op":"add","by":5}"#.to_vec(),
-            client_id: client_id.to_vec(),
+            command: br#"{"op":"add","by":5}"#.to_vec().into(),
+            client_id: client_id.to_vec().into(),
             sequence,
             lowest_unanswered: 0,
         };
@@ -176,8 +176,8 @@ fn malformed_oversized_and_unknown_requests_get_clear_errors_and_change_nothing(
 
         let no_sequence = WriteRequest {
             state_machine: "kv".into(),
-            command: put("a", "1"),
-            client_id: b"c".to_vec(),
+            command: put("a", "1").into(),
+            client_id: b"c".to_vec().into(),
             sequence: 0,
             lowest_unanswered: 0,
         };

@@ -243,8 +243,8 @@ fn a_cluster_that_lost_its_quorum_is_rebuilt_from_a_backup_and_goes_on() {
         // A write under a session: the new cluster remembers its answer.
         let session_write = WriteRequest {
             state_machine: "kv".into(),
-            command: put("session-key", "first"),
-            client_id: b"backup-client".to_vec(),
+            command: put("session-key", "first").into(),
+            client_id: b"backup-client".to_vec().into(),
             sequence: 1,
             lowest_unanswered: 1,
         };

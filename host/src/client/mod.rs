@@ -98,7 +98,7 @@ pub struct ClusterClient {
     transport: Transport,
     /// The member tried first.
     current: usize,
-    client_id: Vec<u8>,
+    client_id: bytes::Bytes,
     next_sequence: u64,
     /// How long one call keeps retrying.
     pub deadline: Duration,
@@ -131,7 +131,7 @@ impl ClusterClient {
             connections,
             transport,
             current: 0,
-            client_id: random_client_id(),
+            client_id: random_client_id().into(),
             next_sequence: 1,
             deadline: Duration::from_secs(30),
             batching: true,
@@ -152,7 +152,7 @@ impl ClusterClient {
             connections: self.connections.clone(),
             transport: self.transport.clone(),
             current: self.current,
-            client_id: random_client_id(),
+            client_id: random_client_id().into(),
             next_sequence: 1,
             deadline: self.deadline,
             batching: self.batching,
@@ -171,7 +171,7 @@ impl ClusterClient {
         self.next_sequence += 1;
         let request = WriteRequest {
             state_machine: state_machine.to_string(),
-            command,
+            command: command.into(),
             client_id: self.client_id.clone(),
             sequence,
             // One write at a time: every earlier one was answered or given up.

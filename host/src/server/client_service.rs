@@ -843,8 +843,8 @@ impl ClientService {
         self.check_disk()?;
         Ok(pb::Command {
             state_machine: write.state_machine.clone(),
-            command: write.command.clone().into(),
-            client_id: write.client_id.clone().into(),
+            command: write.command.clone(),
+            client_id: write.client_id.clone(),
             sequence: write.sequence,
             lowest_unanswered: write.lowest_unanswered,
         })
