@@ -7,11 +7,18 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use raft_host::raft::{ConfState, Entry, EntryKind, HardState, Index, LogStore, MemLogStore, StorageError, Term};
 use raft_host::storage::{
-    ApplyBatch, Durability, Identity, MEMTABLE_BYTES_MIN, Membership, ModuleKey, StagingStart, StateWrite, Store,
-    StoreError, StoreMemory, StoreOptions,
+    ApplyBatch, Durability, Identity, MEMTABLE_BYTES_MIN, Membership, ModuleKey, SessionChanges, StagingStart,
+    StateWrite, Store, StoreError, StoreMemory, StoreOptions,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+/// A batch's change to one client's session.
+fn one_session(client: &[u8], record: &[u8]) -> SessionChanges {
+    let mut changes = SessionChanges::default();
+    changes.push(client, Some(record));
+    changes
+}
 
 fn identity() -> Identity {
     Identity::new("test-cluster", 1)
@@ -209,7 +216,7 @@ fn apply_batches_are_atomic_and_scoped_by_state_machine() {
             writes: vec![write("kv", "a", Some("1")), write("kv", "b", Some("2")), write("bank", "a", Some("100"))],
             changes: vec![],
             sessions_checkpoint: None,
-            sessions: vec![(b"client-7".to_vec(), Some(b"seq 3".to_vec()))],
+            sessions: one_session(b"client-7", b"seq 3"),
             modules: vec![],
             membership: None,
         })
@@ -248,7 +255,7 @@ fn apply_batches_are_atomic_and_scoped_by_state_machine() {
             writes: vec![write("kv", "b", None)],
             changes: vec![],
             sessions_checkpoint: None,
-            sessions: vec![],
+            sessions: SessionChanges::default(),
             modules: vec![],
             membership: None,
         })
@@ -395,7 +402,7 @@ fn populated_dir() -> tempfile::TempDir {
                 writes,
                 changes: vec![],
                 sessions_checkpoint: None,
-                sessions: vec![],
+                sessions: SessionChanges::default(),
                 modules: vec![],
                 membership: None,
             })
@@ -548,7 +555,7 @@ fn drive(raft: &mut raft_host::raft::Raft<Store>, store: &Store) -> u64 {
                     writes,
                     changes: vec![],
                     sessions_checkpoint: None,
-                    sessions: vec![],
+                    sessions: SessionChanges::default(),
                     modules: vec![],
                     membership: None,
                 })
@@ -613,7 +620,7 @@ fn a_snapshot_moves_the_replicated_state_at_one_point_and_leaves_local_artifacts
             writes: vec![kv_write("a", Some("1")), kv_write("b", Some("2"))],
             changes: vec![],
             sessions_checkpoint: None,
-            sessions: vec![(b"client".to_vec(), Some(b"session".to_vec()))],
+            sessions: one_session(b"client", b"session"),
             modules: vec![(ModuleKey::Active("kv".into()), Some(hash.to_vec()))],
             membership: Some(Membership { conf: conf.clone(), addresses: addresses.clone(), removed: [5].into() }),
         })

@@ -11,7 +11,7 @@
 
 use bytes::Bytes;
 use raft_host::raft::{Entry, EntryKind, HardState, Index, LogStore};
-use raft_host::storage::{ApplyBatch, Identity, StateWrite, Store, StoreOptions};
+use raft_host::storage::{ApplyBatch, Identity, SessionChanges, StateWrite, Store, StoreOptions};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::io::{BufRead, BufReader, Write};
@@ -70,7 +70,7 @@ fn child(dir: &Path) {
                 writes,
                 changes: vec![],
                 sessions_checkpoint: None,
-                sessions: vec![],
+                sessions: SessionChanges::default(),
                 modules: vec![],
                 membership: None,
             })

@@ -24,7 +24,7 @@ use super::shutdown::Shutdown;
 use crate::process::{BackgroundPriority, RolePriority};
 use crate::raft::{ConfChangeEntry, Entry, EntryKind, Index, SnapshotMeta, Term};
 use crate::runtime::{EntryInfo, Machine, WriteBatch};
-use crate::storage::{ApplyBatch, StateChange, StateView, StateWrite, Store, StoreError};
+use crate::storage::{ApplyBatch, SessionChanges, StateChange, StateView, StateWrite, Store, StoreError};
 use crate::wire::pb::{self, session_reply::Result as ReplyResult};
 use crate::wire::{Payload, StampedPayload, decode_addresses, decode_payload, hex};
 use std::collections::{BTreeMap, HashMap};
@@ -550,7 +550,7 @@ impl Applier {
             // Now and then the whole table, so the store's log of session
             // changes stays short.
             let (sessions, sessions_checkpoint) = match self.store.session_checkpoint_due() {
-                true => (Vec::new(), Some(self.sessions.take_checkpoint())),
+                true => (SessionChanges::default(), Some(self.sessions.take_checkpoint())),
                 false => (self.sessions.take_changes(), None),
             };
             self.store.apply(&ApplyBatch {

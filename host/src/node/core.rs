@@ -301,7 +301,7 @@ impl AppendedEntries {
     /// How many entries, of the average size seen so far, weigh `bytes`.
     /// Before any were seen, entries are taken to weigh 1 KiB.
     fn entries_in(&self, bytes: u64) -> u64 {
-        let average = if self.entries == 0 { 1024 } else { (self.bytes / self.entries).max(1) };
+        let average = self.bytes.checked_div(self.entries).unwrap_or(1024).max(1);
         bytes / average
     }
 }

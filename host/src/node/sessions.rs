@@ -7,6 +7,7 @@
 //! order and leader timestamps), so every replica keeps the same table and
 //! expires the same sessions at the same index.
 
+use crate::storage::SessionChanges;
 use crate::wire::pb::{SessionRecord, SessionReply, session_reply};
 use prost::Message as _;
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -183,17 +184,24 @@ impl Sessions {
     }
 
     /// The changes to write to the store with the applied entries that made
-    /// them, encoded.
-    pub fn take_changes(&mut self) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
-        let mut changes: Vec<_> = self
-            .changed
-            .drain()
-            .map(|client| {
-                let record = self.records.get(&client).map(|r| r.encode_to_vec());
-                (client.to_vec(), record)
-            })
-            .collect();
-        changes.sort_by(|a, b| a.0.cmp(&b.0));
+    /// them, encoded (in client id order).
+    pub fn take_changes(&mut self) -> SessionChanges {
+        let mut clients: Vec<ClientId> = self.changed.drain().collect();
+        clients.sort_unstable();
+        let mut records = Vec::with_capacity(clients.len());
+        let mut bytes = 0;
+        for client in clients {
+            let record = self.records.get(&client).map(|record| (record, record.encoded_len()));
+            bytes += 9 + client.len() + record.map_or(0, |(_, len)| 4 + len);
+            records.push((client, record));
+        }
+        let mut changes = SessionChanges::with_capacity(bytes);
+        for (client, record) in records {
+            match record {
+                Some((record, len)) => changes.push_encoded(&client, len, |buf| record.encode_raw(buf)),
+                None => changes.push(&client, None),
+            }
+        }
         changes
     }
 }
@@ -248,7 +256,7 @@ mod tests {
         s.record(b"d", session_reply(1, 4, 1, &Ok(Vec::new())), 0, 1400);
         assert_eq!(s.len(), 2, "the least recently used went at the limit");
         assert_eq!(s.admit(b"b", 1), Admission::Apply);
-        let changes = s.take_changes();
+        let changes = s.take_changes().decoded();
         assert!(changes.iter().any(|(c, r)| c == b"a" && r.is_none()));
         assert!(changes.iter().any(|(c, r)| c == b"d" && r.is_some()));
     }
@@ -325,7 +333,7 @@ mod tests {
         let mut s = Sessions::load(SessionLimits::default(), Vec::new()).expect("empty");
         let reply = session_reply(7, 3, 1, &Err("no".into()));
         s.record(b"c", reply.clone(), 0, 9);
-        let stored: Vec<_> = s.take_changes().into_iter().map(|(c, r)| (c, r.expect("kept"))).collect();
+        let stored: Vec<_> = s.take_changes().decoded().into_iter().map(|(c, r)| (c, r.expect("kept"))).collect();
         let reloaded = Sessions::load(SessionLimits::default(), stored).expect("decodes");
         assert_eq!(reloaded.admit(b"c", 7), Admission::Duplicate(reply));
         assert!(Sessions::load(SessionLimits::default(), vec![(b"x".to_vec(), vec![0xff, 0xff])]).is_err());

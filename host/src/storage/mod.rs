@@ -51,7 +51,7 @@ pub use self::history::{Change, HistoryFilter, HistoryLimits, HistoryPage, Histo
 pub use self::identity::{FORMAT_VERSION, IDENTITY_FILE, Identity};
 pub use self::membership::{MemberRole, Membership};
 pub use self::modules::{ModuleKey, StoredVersion};
-pub use self::session_log::{SessionChange, SessionLogMark};
+pub use self::session_log::{SessionChanges, SessionLogMark};
 pub use self::snapshot::{SnapshotReader, Staging, StagingStart};
 
 use crate::process::BackgroundPriority;
@@ -258,9 +258,8 @@ pub struct ApplyBatch {
     /// with the index of its entry (`writes` holds each key's last): the
     /// change history's records.
     pub changes: Vec<StateChange>,
-    /// Session records by client id that changed; `None` expires the
-    /// session.
-    pub sessions: Vec<SessionChange>,
+    /// Session records by client id that changed, or ended.
+    pub sessions: SessionChanges,
     /// Every session's record, by client id: a checkpoint of the table that
     /// replaces what the store holds (`sessions` is then ignored). The apply
     /// task sends one when [`Store::session_checkpoint_due`].
@@ -1416,10 +1415,13 @@ mod tests {
     fn sessions_are_changes_on_a_checkpoint_that_replaces_everything_before_it() {
         let dir = tempfile::tempdir().expect("tempdir");
         let identity = Identity::new("sessions", 1);
-        let one =
-            |client: &str, record: Option<&str>| (client.as_bytes().to_vec(), record.map(|r| r.as_bytes().to_vec()));
+        let one = |client, record| (client, record);
         let apply =
-            |store: &Store, index: Index, sessions: Vec<SessionChange>, checkpoint: Option<Vec<(&str, &str)>>| {
+            |store: &Store, index: Index, changes: Vec<(&str, Option<&str>)>, checkpoint: Option<Vec<(&str, &str)>>| {
+                let mut sessions = SessionChanges::default();
+                for (client, record) in changes {
+                    sessions.push(client.as_bytes(), record.map(str::as_bytes));
+                }
                 let sessions_checkpoint = checkpoint
                     .map(|all| all.into_iter().map(|(c, r)| (c.as_bytes().to_vec(), r.as_bytes().to_vec())).collect());
                 if store.last_index().expect("last") < index {

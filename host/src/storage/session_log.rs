@@ -37,8 +37,73 @@ const CHECKPOINT_MIN_BYTES: u64 = 1 << 20;
 const TAG_CHECKPOINT: u8 = 0x00;
 const TAG_CHANGES: u8 = 0x01;
 
-/// One session change: the client and its new record, `None` once it ends.
-pub type SessionChange = (Vec<u8>, Option<Vec<u8>>);
+/// A batch's session changes, encoded as they are added: the body of its
+/// changes record (without the checksum), so a change costs no allocation
+/// of its own on the way to the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionChanges {
+    /// The change count, then the changes; the count is kept current.
+    body: Vec<u8>,
+    count: u32,
+}
+
+impl Default for SessionChanges {
+    fn default() -> SessionChanges {
+        SessionChanges { body: vec![0; 4], count: 0 }
+    }
+}
+
+impl SessionChanges {
+    /// Room for changes of about `bytes` in all.
+    pub fn with_capacity(bytes: usize) -> SessionChanges {
+        let mut body = Vec::with_capacity(4 + bytes + 4);
+        body.extend_from_slice(&[0; 4]);
+        SessionChanges { body, count: 0 }
+    }
+
+    /// `client`'s session is now `record`, or has ended (`None`).
+    pub fn push(&mut self, client: &[u8], record: Option<&[u8]>) {
+        push_change(&mut self.body, client, record);
+        self.counted();
+    }
+
+    /// `client`'s session is now the record of `len` bytes that `encode`
+    /// appends to the buffer it is given.
+    pub fn push_encoded(&mut self, client: &[u8], len: usize, encode: impl FnOnce(&mut Vec<u8>)) {
+        codec::push_sized(&mut self.body, client);
+        self.body.push(1);
+        self.body.extend_from_slice(&(len as u32).to_be_bytes());
+        let start = self.body.len();
+        encode(&mut self.body);
+        debug_assert_eq!(self.body.len() - start, len, "a record's encoding is as long as announced");
+        self.counted();
+    }
+
+    fn counted(&mut self) {
+        self.count += 1;
+        self.body[..4].copy_from_slice(&self.count.to_be_bytes());
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// How many changes.
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    /// The changes, decoded back from their record.
+    #[cfg(test)]
+    pub fn decoded(&self) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        let mut changes = Vec::new();
+        decode_changes(&encode_changes(self), |client, record| {
+            changes.push((client.to_vec(), record.map(<[u8]>::to_vec)))
+        })
+        .expect("a batch's changes decode");
+        changes
+    }
+}
 
 /// How much of the session log is changes, and how large the table was at
 /// its last checkpoint.
@@ -77,14 +142,10 @@ pub(super) fn records_from(index: Index) -> [u8; 8] {
 }
 
 /// The record of a batch's session changes.
-pub(super) fn encode_changes(changes: &[SessionChange]) -> Vec<u8> {
-    let size: usize = changes.iter().map(|(c, r)| 9 + c.len() + r.as_ref().map_or(0, |r| 4 + r.len())).sum();
-    let mut body = Vec::with_capacity(4 + size + 4);
-    body.extend_from_slice(&(changes.len() as u32).to_be_bytes());
-    for (client, record) in changes {
-        push_change(&mut body, client, record.as_deref());
-    }
-    codec::seal(body)
+pub(super) fn encode_changes(changes: &SessionChanges) -> Vec<u8> {
+    let mut value = Vec::with_capacity(changes.body.len() + 4);
+    value.extend_from_slice(&changes.body);
+    codec::seal(value)
 }
 
 fn push_change(body: &mut Vec<u8>, client: &[u8], record: Option<&[u8]>) {
@@ -197,7 +258,14 @@ mod tests {
 
     #[test]
     fn changes_apply_in_index_order_and_a_checkpoint_starts_the_table_over() {
-        let one = |c: &str, r: Option<&str>| (c.as_bytes().to_vec(), r.map(|r| r.as_bytes().to_vec()));
+        let encode_changes = |changes: &[(&str, Option<&str>)]| {
+            let mut encoded = SessionChanges::default();
+            for (client, record) in changes {
+                encoded.push(client.as_bytes(), record.map(str::as_bytes));
+            }
+            encode_changes(&encoded)
+        };
+        let one = |c, r| (c, r);
         let mut records = vec![
             (changes_key(3, 0).to_vec(), encode_changes(&[one("a", Some("a3")), one("b", Some("b3"))])),
             (changes_key(5, 0).to_vec(), encode_changes(&[one("a", None), one("c", Some("c5"))])),
@@ -232,7 +300,9 @@ mod tests {
 
     #[test]
     fn damage_is_an_error() {
-        let value = encode_changes(&[(b"client".to_vec(), Some(b"record".to_vec()))]);
+        let mut changes = SessionChanges::default();
+        changes.push(b"client", Some(b"record"));
+        let value = encode_changes(&changes);
         for at in 0..value.len() {
             let mut broken = value.clone();
             broken[at] ^= 1;
