@@ -522,8 +522,17 @@ impl Applier {
         (client, sequence, lowest_unanswered): (&[u8], u64, u64),
         outcome: Outcome,
     ) {
+        // On a follower (or for a write whose client is gone) nobody waits:
+        // the session keeps the outcome itself rather than a copy.
+        if !self.waiters.contains_key(&index) {
+            if !client.is_empty() {
+                let reply = session_reply(sequence, index, term, outcome);
+                self.sessions.record(client, reply, lowest_unanswered, self.clock_ms);
+            }
+            return;
+        }
         if !client.is_empty() {
-            let reply = session_reply(sequence, index, term, &outcome);
+            let reply = session_reply(sequence, index, term, outcome.clone());
             self.sessions.record(client, reply, lowest_unanswered, self.clock_ms);
         }
         self.decided.push(Decided { index, term, result: Ok(WriteReply { outcome, index, term }) });

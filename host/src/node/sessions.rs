@@ -207,10 +207,10 @@ impl Sessions {
 }
 
 /// A reply for the session table.
-pub fn session_reply(sequence: u64, index: u64, term: u64, outcome: &Result<Vec<u8>, String>) -> SessionReply {
+pub fn session_reply(sequence: u64, index: u64, term: u64, outcome: Result<Vec<u8>, String>) -> SessionReply {
     let result = match outcome {
-        Ok(bytes) => session_reply::Result::Ok(bytes.clone()),
-        Err(message) => session_reply::Result::Error(message.clone()),
+        Ok(bytes) => session_reply::Result::Ok(bytes),
+        Err(message) => session_reply::Result::Error(message),
     };
     SessionReply { sequence, index, term, result: Some(result) }
 }
@@ -227,7 +227,7 @@ mod tests {
     fn a_retry_gets_the_first_answer() {
         let mut s = Sessions::load(SessionLimits::default(), Vec::new()).expect("empty");
         assert_eq!(s.admit(b"c", 1), Admission::Apply);
-        let reply = session_reply(1, 10, 2, &Ok(b"first".to_vec()));
+        let reply = session_reply(1, 10, 2, Ok(b"first".to_vec()));
         s.record(b"c", reply.clone(), 0, 1000);
         assert_eq!(s.admit(b"c", 1), Admission::Duplicate(reply));
         assert_eq!(s.admit(b"c", 2), Admission::Apply);
@@ -237,9 +237,9 @@ mod tests {
     #[test]
     fn writes_may_complete_out_of_order_within_the_window() {
         let mut s = Sessions::load(SessionLimits::default(), Vec::new()).expect("empty");
-        s.record(b"c", session_reply(5, 1, 1, &Ok(Vec::new())), 0, 0);
+        s.record(b"c", session_reply(5, 1, 1, Ok(Vec::new())), 0, 0);
         assert_eq!(s.admit(b"c", 3), Admission::Apply, "an earlier write still in flight applies");
-        s.record(b"c", session_reply(40, 2, 1, &Ok(Vec::new())), 0, 0);
+        s.record(b"c", session_reply(40, 2, 1, Ok(Vec::new())), 0, 0);
         assert_eq!(s.admit(b"c", 3), Admission::Expired { highest: 40 });
         assert!(matches!(s.admit(b"c", 5), Admission::Expired { .. }), "its answer fell out of the window");
     }
@@ -247,13 +247,13 @@ mod tests {
     #[test]
     fn sessions_expire_by_entry_time_and_by_count() {
         let mut s = Sessions::load(limits(1000, 2), Vec::new()).expect("empty");
-        s.record(b"a", session_reply(1, 1, 1, &Ok(Vec::new())), 0, 0);
-        s.record(b"b", session_reply(1, 2, 1, &Ok(Vec::new())), 0, 500);
+        s.record(b"a", session_reply(1, 1, 1, Ok(Vec::new())), 0, 0);
+        s.record(b"b", session_reply(1, 2, 1, Ok(Vec::new())), 0, 500);
         s.expire(1200);
         assert_eq!(s.len(), 1, "a idled past the lifetime");
         assert_eq!(s.admit(b"a", 1), Admission::Apply);
-        s.record(b"c", session_reply(1, 3, 1, &Ok(Vec::new())), 0, 1300);
-        s.record(b"d", session_reply(1, 4, 1, &Ok(Vec::new())), 0, 1400);
+        s.record(b"c", session_reply(1, 3, 1, Ok(Vec::new())), 0, 1300);
+        s.record(b"d", session_reply(1, 4, 1, Ok(Vec::new())), 0, 1400);
         assert_eq!(s.len(), 2, "the least recently used went at the limit");
         assert_eq!(s.admit(b"b", 1), Admission::Apply);
         let changes = s.take_changes().decoded();
@@ -265,21 +265,21 @@ mod tests {
     fn a_client_that_says_what_it_has_keeps_one_answer_and_old_retries_are_refused() {
         let mut s = Sessions::load(SessionLimits::default(), Vec::new()).expect("empty");
         for sequence in 1..=10 {
-            s.record(b"c", session_reply(sequence, sequence, 1, &Ok(vec![0; 100])), sequence, 0);
+            s.record(b"c", session_reply(sequence, sequence, 1, Ok(vec![0; 100])), sequence, 0);
         }
         assert_eq!(s.records[&b"c"[..]].replies.len(), 1, "only the answer still unconfirmed is kept");
         assert!(matches!(s.admit(b"c", 10), Admission::Duplicate(_)), "a retry of the last write is answered");
         assert_eq!(s.admit(b"c", 9), Admission::Expired { highest: 10 }, "an answered write is never re-applied");
         // A client that claims more than it has does not lose this answer.
-        s.record(b"c", session_reply(11, 11, 1, &Ok(Vec::new())), 50, 0);
+        s.record(b"c", session_reply(11, 11, 1, Ok(Vec::new())), 50, 0);
         assert!(matches!(s.admit(b"c", 11), Admission::Duplicate(_)));
     }
 
     #[test]
     fn a_checkpoint_holds_every_session_and_clears_the_changes() {
         let mut s = Sessions::load(SessionLimits::default(), Vec::new()).expect("empty");
-        s.record(b"b", session_reply(1, 1, 1, &Ok(Vec::new())), 0, 0);
-        s.record(b"a", session_reply(1, 2, 1, &Ok(Vec::new())), 0, 0);
+        s.record(b"b", session_reply(1, 1, 1, Ok(Vec::new())), 0, 0);
+        s.record(b"a", session_reply(1, 2, 1, Ok(Vec::new())), 0, 0);
         let all = s.take_checkpoint();
         assert_eq!(all.iter().map(|(c, _)| c.as_slice()).collect::<Vec<_>>(), [&b"a"[..], b"b"]);
         assert!(s.take_changes().is_empty(), "the checkpoint covered them");
@@ -312,7 +312,7 @@ mod tests {
                         let oldest = model.iter().min_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0))).cloned();
                         model.retain(|m| Some(m) != oldest.as_ref());
                     }
-                    s.record(&client, session_reply(sequence, sequence, 1, &Ok(Vec::new())), 0, now);
+                    s.record(&client, session_reply(sequence, sequence, 1, Ok(Vec::new())), 0, now);
                     match model.iter_mut().find(|(c, _)| *c == client) {
                         Some((_, used)) => *used = now,
                         None => model.push((client, now)),
@@ -331,7 +331,7 @@ mod tests {
     #[test]
     fn the_table_survives_a_reload() {
         let mut s = Sessions::load(SessionLimits::default(), Vec::new()).expect("empty");
-        let reply = session_reply(7, 3, 1, &Err("no".into()));
+        let reply = session_reply(7, 3, 1, Err("no".into()));
         s.record(b"c", reply.clone(), 0, 9);
         let stored: Vec<_> = s.take_changes().decoded().into_iter().map(|(c, r)| (c, r.expect("kept"))).collect();
         let reloaded = Sessions::load(SessionLimits::default(), stored).expect("decodes");
