@@ -4,8 +4,8 @@
 
 use bytes::Bytes;
 use raft_core::{
-    ConfChange, ConfChangeEntry, ConfChangeKind, ConfState, Config, Entry, EntryKind, LogStore, MemLogStore, Message,
-    MessageBody, NodeId, ProposeError, Raft, Role,
+    ConfChange, ConfChangeEntry, ConfChangeKind, ConfState, Config, Entry, EntryKind, Index, LogStore, MemLogStore,
+    Message, MessageBody, NodeId, ProposeError, Raft, Role,
 };
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -148,6 +148,28 @@ impl Cluster {
         Ok(proposed.last_index)
     }
 
+    /// A three-member cluster led by 1 whose member 3 missed `writes` while
+    /// cut off, and whose leader compacted them away: 3 can catch up only
+    /// by snapshot. Returns the leader's compacted (applied) index.
+    fn with_member_3_behind_a_compacted_log(writes: &[&str]) -> (Cluster, Index) {
+        let mut c = Cluster::new(3, 3);
+        c.elect(1);
+        c.isolated.insert(3);
+        for write in writes {
+            c.write(write).expect("written");
+        }
+        let applied = c.node(1).log().applied();
+        let conf = c.node(1).conf_state();
+        c.node(1).store_mut().compact(applied, conf);
+        c.isolated.clear();
+        (c, applied)
+    }
+
+    /// InstallSnapshot messages sent so far.
+    fn snapshots_sent(&self) -> usize {
+        self.sent.iter().filter(|m| matches!(m.body, MessageBody::InstallSnapshot { .. })).count()
+    }
+
     fn payloads(&self, id: NodeId) -> Vec<Bytes> {
         self.applied
             .get(&id)
@@ -160,17 +182,8 @@ impl Cluster {
 
 #[test]
 fn a_lagging_follower_behind_the_compacted_log_catches_up_by_snapshot() {
-    let mut c = Cluster::new(3, 3);
-    c.elect(1);
-    c.isolated.insert(3);
-    for i in 0..5 {
-        c.write(&format!("w{i}")).expect("written");
-    }
-    let applied = c.node(1).log().applied();
-    let conf = c.node(1).conf_state();
-    c.node(1).store_mut().compact(applied, conf);
+    let (mut c, applied) = Cluster::with_member_3_behind_a_compacted_log(&["w0", "w1", "w2", "w3", "w4"]);
     assert_eq!(c.node(1).log().first_index().expect("first"), applied + 1);
-    c.isolated.clear();
     c.write("after").expect("written");
     c.tick_all(2);
     assert_eq!(c.snapshots_installed.get(&3), Some(&1), "node 3 installed exactly one snapshot");
@@ -183,17 +196,10 @@ fn a_lagging_follower_behind_the_compacted_log_catches_up_by_snapshot() {
 
 #[test]
 fn a_failed_snapshot_is_sent_again() {
-    let mut c = Cluster::new(3, 3);
-    c.elect(1);
-    c.isolated.insert(3);
-    c.write("w").expect("written");
-    let applied = c.node(1).log().applied();
-    let conf = c.node(1).conf_state();
-    c.node(1).store_mut().compact(applied, conf);
-    c.isolated.clear();
+    let (mut c, _) = Cluster::with_member_3_behind_a_compacted_log(&["w"]);
     c.drop_snapshots = true;
     c.tick_all(3);
-    let attempts = c.sent.iter().filter(|m| matches!(m.body, MessageBody::InstallSnapshot { .. })).count();
+    let attempts = c.snapshots_sent();
     // One attempt per heartbeat reply at most: a failing stream is retried,
     // not hammered.
     assert!((1..=4).contains(&attempts), "{attempts} attempts in 3 ticks");
@@ -206,22 +212,13 @@ fn a_failed_snapshot_is_sent_again() {
 
 #[test]
 fn a_delivered_snapshot_is_not_followed_by_another_while_it_is_installed() {
-    let mut c = Cluster::new(3, 3);
-    c.elect(1);
-    c.isolated.insert(3);
-    c.write("w").expect("written");
-    let applied = c.node(1).log().applied();
-    let conf = c.node(1).conf_state();
-    c.node(1).store_mut().compact(applied, conf);
-    c.isolated.clear();
+    let (mut c, applied) = Cluster::with_member_3_behind_a_compacted_log(&["w"]);
     c.acks_lost_from.insert(3);
     c.tick_all(6);
-    let snapshots_sent =
-        |c: &Cluster| c.sent.iter().filter(|m| matches!(m.body, MessageBody::InstallSnapshot { .. })).count();
     // Heartbeat replies come and go meanwhile; each one lets the leader
     // probe again, from past the snapshot (not from where the follower was
     // before it, which is compacted and would mean another snapshot).
-    assert_eq!(snapshots_sent(&c), 1, "one snapshot while the first is being installed");
+    assert_eq!(c.snapshots_sent(), 1, "one snapshot while the first is being installed");
     let probe_after_snapshot = c.sent.iter().any(|m| {
         m.to == 3 && matches!(m.body, MessageBody::AppendEntries { prev_log_index, .. } if prev_log_index == applied)
     });
@@ -229,7 +226,7 @@ fn a_delivered_snapshot_is_not_followed_by_another_while_it_is_installed() {
     c.acks_lost_from.clear();
     c.write("after").expect("written");
     c.tick_all(2);
-    assert_eq!(snapshots_sent(&c), 1);
+    assert_eq!(c.snapshots_sent(), 1);
     assert_eq!(c.snapshots_installed.get(&3), Some(&1));
     assert_eq!(c.node(3).log().committed(), c.node(1).log().committed());
 }
