@@ -93,12 +93,19 @@ pub(super) fn push_sized(out: &mut Vec<u8>, bytes: &[u8]) {
 /// Appends `0` for none, or `1` and the bytes as [`push_sized`] does.
 pub(super) fn push_optional(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
     match bytes {
-        Some(bytes) => {
-            out.push(1);
-            push_sized(out, bytes);
-        }
+        Some(bytes) => push_present(out, bytes.len(), |out| out.extend_from_slice(bytes)),
         None => out.push(0),
     }
+}
+
+/// Appends a present value as [`push_optional`] does, `len` bytes long,
+/// that `write` appends in place (encoding it straight into `out`).
+pub(super) fn push_present(out: &mut Vec<u8>, len: usize, write: impl FnOnce(&mut Vec<u8>)) {
+    out.push(1);
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    let start = out.len();
+    write(out);
+    debug_assert_eq!(out.len() - start, len, "a value is as long as announced");
 }
 
 /// Reads the fields [`push_sized`] and [`push_optional`] write (and

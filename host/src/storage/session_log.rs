@@ -71,11 +71,7 @@ impl SessionChanges {
     /// appends to the buffer it is given.
     pub fn push_encoded(&mut self, client: &[u8], len: usize, encode: impl FnOnce(&mut Vec<u8>)) {
         codec::push_sized(&mut self.body, client);
-        self.body.push(1);
-        self.body.extend_from_slice(&(len as u32).to_be_bytes());
-        let start = self.body.len();
-        encode(&mut self.body);
-        debug_assert_eq!(self.body.len() - start, len, "a record's encoding is as long as announced");
+        codec::push_present(&mut self.body, len, encode);
         self.counted();
     }
 
