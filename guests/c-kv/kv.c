@@ -4,6 +4,7 @@
  * string functions only: the component imports nothing but raft:host).
  *
  * - {"op":"put","key":K,"value":V}               -> {"previous":V_or_null}
+ *   with "return_previous":false                 -> {}
  * - {"op":"delete","key":K}                      -> {"deleted":true_or_false}
  * - {"op":"cas","key":K,"expected":V_or_null,"value":V}
  *                                                -> {"ok":true} or {"ok":false,"current":V_or_null}
@@ -113,6 +114,25 @@ static bool text_field(const json_object *object, const char *name, bool optiona
     return true;
 }
 
+/* The boolean field `name`, or `absent` when it is not there. */
+static bool bool_field(const json_object *object, const char *name, bool absent, bool *out, outcome *error) {
+    const json_value *value = json_field_value(object, name);
+    if (value == NULL) {
+        *out = absent;
+        return true;
+    }
+    if (value->kind != JSON_BOOL) {
+        json_buf message = { 0 };
+        json_buf_text(&message, "invalid JSON: field `");
+        json_buf_text(&message, name);
+        json_buf_text(&message, "` is not a boolean");
+        *error = (outcome){ false, message };
+        return false;
+    }
+    *out = value->text[0] == 't';
+    return true;
+}
+
 /* Checks the op's fields; on false, `error` is set. */
 static bool fields_allowed(json_object *object, const char *const *allowed, outcome *error) {
     if (json_only_fields(object, allowed)) return true;
@@ -121,14 +141,22 @@ static bool fields_allowed(json_object *object, const char *const *allowed, outc
 }
 
 static outcome put(json_object *command) {
-    static const char *const allowed[] = { "op", "key", "value", NULL };
+    static const char *const allowed[] = { "op", "key", "value", "return_previous", NULL };
     json_buf key = { 0 }, value = { 0 };
-    bool present, found;
+    bool present, found, return_previous;
     state_machine_list_u8_t previous;
     outcome out;
-    if (fields_allowed(command, allowed, &out) && text_field(command, "key", false, false, &present, &key, &out) &&
-        text_field(command, "value", false, false, &present, &value, &out) &&
-        read_text(&key, &previous, &found, &out)) {
+    bool checked = fields_allowed(command, allowed, &out) &&
+                   text_field(command, "key", false, false, &present, &key, &out) &&
+                   text_field(command, "value", false, false, &present, &value, &out) &&
+                   bool_field(command, "return_previous", true, &return_previous, &out);
+    if (checked && !return_previous) {
+        if (store(&key, &value, &out)) {
+            json_buf text = { 0 };
+            json_buf_text(&text, "{}");
+            out = answer(text);
+        }
+    } else if (checked && read_text(&key, &previous, &found, &out)) {
         if (store(&key, &value, &out)) {
             json_buf text = { 0 };
             json_buf_text(&text, "{\"previous\":");

@@ -9,6 +9,7 @@
 // (HostBytes, Borrow, Lookup, Write, Scan) owns what the C functions hand over.
 //
 // - {"op":"put","key":K,"value":V}               -> {"previous":V_or_null}
+//   with "return_previous":false                 -> {}
 // - {"op":"delete","key":K}                      -> {"deleted":true_or_false}
 // - {"op":"cas","key":K,"expected":V_or_null,"value":V}
 //                                                -> {"ok":true} or {"ok":false,"current":V_or_null}
@@ -357,6 +358,14 @@ class Fields {
     return Invalid("field `" + std::string(name) + "` is not a string or null");
   }
 
+  // A boolean, or `absent` when the field is not there.
+  Result<bool> BoolOr(std::string_view name, bool absent) const {
+    const Value* value = Find(name);
+    if (value == nullptr) return absent;
+    if (const auto* flag = std::get_if<bool>(value)) return *flag;
+    return Invalid("field `" + std::string(name) + "` is not a boolean");
+  }
+
   Result<uint32_t> U32(std::string_view name) const {
     const Value* value = Find(name);
     if (value == nullptr) return Invalid("missing field `" + std::string(name) + "`");
@@ -459,11 +468,17 @@ std::vector<std::pair<std::string, std::string>> Scan(const std::string& start, 
 // ---- Commands and queries ----
 
 Result<std::string> Put(const Fields& fields) {
-  if (auto only = fields.Only({"op", "key", "value"}); !only) return std::unexpected(only.error());
+  if (auto only = fields.Only({"op", "key", "value", "return_previous"}); !only) return std::unexpected(only.error());
   auto key = fields.Text("key");
   if (!key) return std::unexpected(key.error());
   auto value = fields.Text("value");
   if (!value) return std::unexpected(value.error());
+  auto return_previous = fields.BoolOr("return_previous", true);
+  if (!return_previous) return std::unexpected(return_previous.error());
+  if (!*return_previous) {
+    if (auto written = Write(*key, *value); !written) return std::unexpected(written.error());
+    return "{}";
+  }
   auto previous = Read(*key);
   if (!previous) return std::unexpected(previous.error());
   if (auto written = Write(*key, *value); !written) return std::unexpected(written.error());

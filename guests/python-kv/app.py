@@ -2,6 +2,7 @@
 Rust kv guest (guests/kv), built into a component by componentize-py.
 
 - {"op":"put","key":K,"value":V}                    -> {"previous":V_or_null}
+  with "return_previous":false                      -> {}
 - {"op":"delete","key":K}                           -> {"deleted":true_or_false}
 - {"op":"cas","key":K,"expected":V_or_null,"value":V}
                                                     -> {"ok":true} or {"ok":false,"current":V_or_null}
@@ -72,6 +73,10 @@ def text(value) -> bool:
     return isinstance(value, str)
 
 
+def boolean(value) -> bool:
+    return isinstance(value, bool)
+
+
 def text_or_null(value) -> bool:
     return value is None or isinstance(value, str)
 
@@ -121,7 +126,10 @@ class WitWorld(wit_world.WitWorld):
         message = decode(command)
         op = message["op"]
         if op == "put":
-            key, value = fields(message, {"key": text, "value": text})
+            key, value, return_previous = fields(message, {"key": text, "value": text}, {"return_previous": boolean})
+            if return_previous is False:
+                write(key, value)
+                return encode({})
             previous = read(key)
             write(key, value)
             return encode({"previous": previous})

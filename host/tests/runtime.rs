@@ -73,6 +73,10 @@ fn kv_guest_puts_gets_deletes_and_compares_and_swaps() {
     assert_eq!(h.apply(r#"{"op":"put","key":"a","value":"1"}"#).unwrap(), r#"{"previous":null}"#);
     assert_eq!(h.apply(r#"{"op":"put","key":"a","value":"2"}"#).unwrap(), r#"{"previous":"1"}"#);
     assert_eq!(h.query(r#"{"op":"get","key":"a"}"#).unwrap(), r#"{"value":"2"}"#);
+    // Asked not to, a put answers without the value it replaced.
+    assert_eq!(h.apply(r#"{"op":"put","key":"q","value":"1","return_previous":false}"#).unwrap(), "{}");
+    assert_eq!(h.apply(r#"{"op":"put","key":"q","value":"2","return_previous":true}"#).unwrap(), r#"{"previous":"1"}"#);
+    assert!(h.apply(r#"{"op":"put","key":"q","value":"3","return_previous":"no"}"#).is_err());
     assert_eq!(h.query(r#"{"op":"get","key":"zz"}"#).unwrap(), r#"{"value":null}"#);
     assert_eq!(
         h.apply(r#"{"op":"cas","key":"a","expected":"1","value":"3"}"#).unwrap(),

@@ -50,6 +50,8 @@ fn a_python_kv_answers_like_the_rust_kv_and_sees_only_the_entry() {
             r#"{"op":"delete","key":"a"}"#,
             r#"{"op":"delete","key":"a"}"#,
             r#"{"op":"put","key":"b","value":""}"#,
+            r#"{"op":"put","key":"b","value":"quiet","return_previous":false}"#,
+            r#"{"op":"put","key":"b","value":"loud","return_previous":true}"#,
         ];
         for command in commands {
             let rust = write(&mut client, "kv", command).await;
@@ -57,8 +59,13 @@ fn a_python_kv_answers_like_the_rust_kv_and_sees_only_the_entry() {
             assert_eq!(python, rust, "{command}");
             assert!(rust.is_ok(), "{command}: {rust:?}");
         }
-        for bad in [r#"{"op":"put","key":"a"}"#, r#"{"op":"nope"}"#, "not json", r#"{"op":"put","key":"a","value":1}"#]
-        {
+        for bad in [
+            r#"{"op":"put","key":"a"}"#,
+            r#"{"op":"nope"}"#,
+            "not json",
+            r#"{"op":"put","key":"a","value":1}"#,
+            r#"{"op":"put","key":"a","value":"1","return_previous":0}"#,
+        ] {
             assert!(write(&mut client, "kv", bad).await.is_err(), "kv refuses {bad}");
             assert!(write(&mut client, "pykv", bad).await.is_err(), "pykv refuses {bad}");
         }
@@ -249,6 +256,8 @@ const KV_COMMANDS: &[&str] = &[
     r#"{"op":"delete","key":"a"}"#,
     r#"{"op":"put","key":"b","value":""}"#,
     r#"{"op":"put","key":"","value":"the empty key"}"#,
+    r#"{"op":"put","key":"b","value":"quiet","return_previous":false}"#,
+    r#"{"op":"put","key":"b","value":"loud","return_previous":true}"#,
 ];
 const KV_REFUSED: &[&str] = &[
     r#"{"op":"put","key":"a"}"#,
@@ -261,6 +270,8 @@ const KV_REFUSED: &[&str] = &[
     r#"{"op":"put","key":"a","value":"1"} trailing"#,
     "{\"op\":\"put\",\"key\":\"a\",\"value\":\"raw \u{1} control\"}",
     r#"{"op":"put","key":"a","value":"1",}"#,
+    r#"{"op":"put","key":"a","value":"1","return_previous":0}"#,
+    r#"{"op":"put","key":"a","value":"1","return_previous":"false"}"#,
     r#"[{"op":"put","key":"a","value":"1"}]"#,
     r#"{"op":1}"#,
     r#"{"key":"a","value":"1"}"#,

@@ -38,8 +38,12 @@ async fn write_concurrently(
                     let delete = n % 4 == 3;
                     let command = if delete {
                         format!(r#"{{"op":"delete","key":"{key}"}}"#)
-                    } else {
+                    } else if n % 2 == 0 {
                         format!(r#"{{"op":"put","key":"{key}","value":"{writer}.{n}"}}"#)
+                    } else {
+                        // The guest does not read the key: the history
+                        // still records the value it replaced.
+                        format!(r#"{{"op":"put","key":"{key}","value":"{writer}.{n}","return_previous":false}}"#)
                     };
                     let response = client.write(&state_machine, command.into_bytes()).await.expect("write");
                     let answer = outcome_of(response.outcome).expect("the guest's answer");

@@ -1,7 +1,9 @@
 //! The built-in key-value state machine. Commands and queries are JSON, so
 //! the CLI and any client can drive it by hand:
 //!
-//! - `{"op":"put","key":K,"value":V}` → `{"previous":V_or_null}`
+//! - `{"op":"put","key":K,"value":V}` → `{"previous":V_or_null}`; with
+//!   `"return_previous":false` → `{}` (as etcd's put without `prev_kv`:
+//!   the answer, and the client's session on every member, stay small)
 //! - `{"op":"delete","key":K}` → `{"deleted":true_or_false}`
 //! - `{"op":"cas","key":K,"expected":V_or_null,"value":V}` →
 //!   `{"ok":true}` or `{"ok":false,"current":V_or_null}`
@@ -17,7 +19,12 @@ use serde::{Deserialize, Serialize};
 #[derive(Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 enum Command {
-    Put { key: String, value: String },
+    Put {
+        key: String,
+        value: String,
+        #[serde(default = "answers_with_previous")]
+        return_previous: bool,
+    },
     Delete { key: String },
     Cas { key: String, expected: Option<String>, value: String },
 }
@@ -35,6 +42,11 @@ struct Item {
     value: String,
 }
 
+/// A put answers with the value it replaced unless asked not to.
+fn answers_with_previous() -> bool {
+    true
+}
+
 /// Most pairs one range query returns, whatever `limit` asks for.
 const RANGE_LIMIT_MAX: u32 = 10_000;
 
@@ -49,10 +61,14 @@ struct Kv;
 impl StateMachine for Kv {
     fn apply(command: &[u8]) -> Result<Vec<u8>, String> {
         match json::decode(command)? {
-            Command::Put { key, value } => {
+            Command::Put { key, value, return_previous: true } => {
                 let previous = read(&key)?;
                 kv::set(key.as_bytes(), value.as_bytes())?;
                 json::encode(&serde_json_value::object([("previous", previous)]))
+            }
+            Command::Put { key, value, return_previous: false } => {
+                kv::set(key.as_bytes(), value.as_bytes())?;
+                json::encode(&serde_json_value::object([]))
             }
             Command::Delete { key } => {
                 let existed = kv::get(key.as_bytes()).is_some();

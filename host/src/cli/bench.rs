@@ -548,7 +548,10 @@ impl Load {
         let value = &ctx.values[ctx.next_value.fetch_add(1, Ordering::Relaxed) % ctx.values.len()];
         match self {
             Load::Raft(client) => {
-                let command = format!(r#"{{"op":"put","key":"{key}","value":"{value}"}}"#).into_bytes();
+                // Like the etcd `Put` below (no `prev_kv`), the answer does
+                // not carry the value it replaced.
+                let command =
+                    format!(r#"{{"op":"put","key":"{key}","value":"{value}","return_previous":false}}"#).into_bytes();
                 answered(client.write(&ctx.state_machine, command).await.map(|r| outcome_of(r.outcome)))
             }
             Load::Etcd(client) => {
