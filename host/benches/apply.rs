@@ -7,7 +7,10 @@
 //!
 //! Run with `cargo bench -p raft-host --bench apply`; `RAFT_APPLY_BENCH_SECS`
 //! sets the seconds per row (default 4), `RAFT_APPLY_BENCH_CACHE` runs one
-//! row with that state cache size in bytes (for a profiler).
+//! row with that state cache size in bytes (for a profiler). The puts do
+//! not ask for the value they replace, as `raft-host bench`'s do (so the
+//! history looks it up); `RAFT_APPLY_BENCH_PREVIOUS=1` asks for it (the
+//! guest reads it, and the history takes it from that read).
 
 use raft_host::runtime::{EntryInfo, Limits, Machine, Runtime};
 use raft_host::storage::{ApplyBatch, Durability, Identity, Store, StoreMemory, StoreOptions};
@@ -23,8 +26,8 @@ const KEYS: u64 = 100_000;
 const VALUE_BYTES: usize = 256;
 const BATCH: usize = 32;
 
-fn command(key: u64, value: &str) -> Vec<u8> {
-    format!(r#"{{"op":"put","key":"key-{key:06}","value":"{value}"}}"#).into_bytes()
+fn command(key: u64, value: &str, return_previous: bool) -> Vec<u8> {
+    format!(r#"{{"op":"put","key":"key-{key:06}","value":"{value}","return_previous":{return_previous}}}"#).into_bytes()
 }
 
 /// Applies batches of random puts for `run_for`; returns ns per command of
@@ -32,13 +35,14 @@ fn command(key: u64, value: &str) -> Vec<u8> {
 /// compactions run on threads of their own) and of wall time.
 fn run(store: &Store, machine: &mut Machine, index: &mut u64, run_for: Duration, rng: &mut impl Rng) -> [f64; 3] {
     // Random letters and digits: real values do not compress away.
+    let return_previous = std::env::var("RAFT_APPLY_BENCH_PREVIOUS").is_ok_and(|v| v == "1");
     let values: Vec<String> =
         (0..1024).map(|_| (0..VALUE_BYTES).map(|_| rng.sample(rand::distr::Alphanumeric) as char).collect()).collect();
     let (mut count, started) = (0u64, Instant::now());
     let (thread_started, process_started) = (cpu("/proc/thread-self/stat"), cpu("/proc/self/stat"));
     while started.elapsed() < run_for {
         let commands: Vec<Vec<u8>> = (0..BATCH)
-            .map(|_| command(rng.random_range(0..KEYS), &values[rng.random_range(0..values.len())]))
+            .map(|_| command(rng.random_range(0..KEYS), &values[rng.random_range(0..values.len())], return_previous))
             .collect();
         let first = *index + 1;
         let entries: Vec<(EntryInfo, &[u8])> = commands
@@ -88,7 +92,13 @@ fn main() {
     let quick = !std::env::args().any(|a| a == "--bench");
     let seconds = std::env::var("RAFT_APPLY_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
     let run_for = if quick { Duration::from_millis(200) } else { Duration::from_secs(seconds) };
-    println!("apply stage: kv puts of {VALUE_BYTES} B over {KEYS} keys, {BATCH} per batch, history kept, no fsync");
+    let answers = match std::env::var("RAFT_APPLY_BENCH_PREVIOUS").is_ok_and(|v| v == "1") {
+        true => "answering the previous value",
+        false => "not answering the previous value",
+    };
+    println!(
+        "apply stage: kv puts of {VALUE_BYTES} B over {KEYS} keys ({answers}), {BATCH} per batch, history kept, no fsync"
+    );
     println!(
         "{:<14} {:>16} {:>18} {:>12} {:>12}",
         "state cache", "apply CPU ns/cmd", "process CPU ns/cmd", "wall ns/cmd", "cache bytes"
