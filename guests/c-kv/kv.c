@@ -86,6 +86,17 @@ static bool store(const json_buf *key, const json_buf *value, outcome *error) {
     return true;
 }
 
+/* Refuses the command over field `name`: `before` name `after`, as serde
+ * words it. Always false, for the caller to return. */
+static bool field_refused(const char *before, const char *name, const char *after, outcome *error) {
+    json_buf message = { 0 };
+    json_buf_text(&message, before);
+    json_buf_text(&message, name);
+    json_buf_text(&message, after);
+    *error = (outcome){ false, message };
+    return false;
+}
+
 /* The string field `name`, decoded; an absent field is an error unless
  * `optional`, and null is allowed only when `nullable`. */
 static bool text_field(const json_object *object, const char *name, bool optional, bool nullable, bool *present,
@@ -93,23 +104,9 @@ static bool text_field(const json_object *object, const char *name, bool optiona
     const json_value *value = json_field_value(object, name);
     *present = value != NULL && value->kind != JSON_NULL;
     if (value == NULL && optional) return true;
-    if (value == NULL) {
-        json_buf message = { 0 };
-        json_buf_text(&message, "invalid JSON: missing field `");
-        json_buf_text(&message, name);
-        json_buf_text(&message, "`");
-        *error = (outcome){ false, message };
-        return false;
-    }
+    if (value == NULL) return field_refused("invalid JSON: missing field `", name, "`", error);
     if (value->kind == JSON_NULL && nullable) return true;
-    if (value->kind != JSON_STRING) {
-        json_buf message = { 0 };
-        json_buf_text(&message, "invalid JSON: field `");
-        json_buf_text(&message, name);
-        json_buf_text(&message, "` is not a string");
-        *error = (outcome){ false, message };
-        return false;
-    }
+    if (value->kind != JSON_STRING) return field_refused("invalid JSON: field `", name, "` is not a string", error);
     *out = json_string_bytes(value);
     return true;
 }
@@ -121,14 +118,7 @@ static bool bool_field(const json_object *object, const char *name, bool absent,
         *out = absent;
         return true;
     }
-    if (value->kind != JSON_BOOL) {
-        json_buf message = { 0 };
-        json_buf_text(&message, "invalid JSON: field `");
-        json_buf_text(&message, name);
-        json_buf_text(&message, "` is not a boolean");
-        *error = (outcome){ false, message };
-        return false;
-    }
+    if (value->kind != JSON_BOOL) return field_refused("invalid JSON: field `", name, "` is not a boolean", error);
     *out = value->text[0] == 't';
     return true;
 }
