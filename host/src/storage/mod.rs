@@ -1415,13 +1415,9 @@ mod tests {
     fn sessions_are_changes_on_a_checkpoint_that_replaces_everything_before_it() {
         let dir = tempfile::tempdir().expect("tempdir");
         let identity = Identity::new("sessions", 1);
-        let one = |client, record| (client, record);
         let apply =
             |store: &Store, index: Index, changes: Vec<(&str, Option<&str>)>, checkpoint: Option<Vec<(&str, &str)>>| {
-                let mut sessions = SessionChanges::default();
-                for (client, record) in changes {
-                    sessions.push(client.as_bytes(), record.map(str::as_bytes));
-                }
+                let sessions = SessionChanges::of_text(&changes);
                 let sessions_checkpoint = checkpoint
                     .map(|all| all.into_iter().map(|(c, r)| (c.as_bytes().to_vec(), r.as_bytes().to_vec())).collect());
                 if store.last_index().expect("last") < index {
@@ -1450,17 +1446,17 @@ mod tests {
             for (client, record) in [("old-a", "a0"), ("old-b", "b0")] {
                 store.inner.sessions.insert(client, codec::encode_blob(record.as_bytes())).expect("insert");
             }
-            apply(&store, 1, vec![one("old-a", Some("a1")), one("new", Some("n1"))], None);
-            apply(&store, 2, vec![one("old-b", None)], None);
+            apply(&store, 1, vec![("old-a", Some("a1")), ("new", Some("n1"))], None);
+            apply(&store, 2, vec![("old-b", None)], None);
             // Two batches at one index, the second a checkpoint: the first's
             // changes must not outlive it.
-            apply(&store, 3, vec![one("new", Some("n3"))], None);
+            apply(&store, 3, vec![("new", Some("n3"))], None);
             assert_eq!(table(&store), [("new".into(), "n3".into()), ("old-a".into(), "a1".into())]);
         }
         let store = Store::open(dir.path(), &identity, &options()).expect("reopen");
         assert_eq!(table(&store), [("new".into(), "n3".into()), ("old-a".into(), "a1".into())]);
         apply(&store, 3, Vec::new(), Some(vec![("new", "n3x"), ("old-a", "a1")]));
-        apply(&store, 4, vec![one("late", Some("l4"))], None);
+        apply(&store, 4, vec![("late", Some("l4"))], None);
         assert_eq!(store.inner.sessions.iter().count(), 0, "format 1's records are gone");
         let records: Vec<Vec<u8>> = store.inner.session_log.iter().map(|g| g.key().expect("key").to_vec()).collect();
         assert_eq!(records.len(), 2, "the checkpoint's one part and the changes after it: {records:?}");

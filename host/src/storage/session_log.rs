@@ -89,6 +89,16 @@ impl SessionChanges {
         self.count as usize
     }
 
+    /// Changes of text client ids and records, in order.
+    #[cfg(test)]
+    pub fn of_text(changes: &[(&str, Option<&str>)]) -> SessionChanges {
+        let mut encoded = SessionChanges::default();
+        for (client, record) in changes {
+            encoded.push(client.as_bytes(), record.map(str::as_bytes));
+        }
+        encoded
+    }
+
     /// The changes, decoded back from their record.
     #[cfg(test)]
     pub fn decoded(&self) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
@@ -254,17 +264,10 @@ mod tests {
 
     #[test]
     fn changes_apply_in_index_order_and_a_checkpoint_starts_the_table_over() {
-        let encode_changes = |changes: &[(&str, Option<&str>)]| {
-            let mut encoded = SessionChanges::default();
-            for (client, record) in changes {
-                encoded.push(client.as_bytes(), record.map(str::as_bytes));
-            }
-            encode_changes(&encoded)
-        };
-        let one = |c, r| (c, r);
+        let encode_changes = |changes: &[(&str, Option<&str>)]| encode_changes(&SessionChanges::of_text(changes));
         let mut records = vec![
-            (changes_key(3, 0).to_vec(), encode_changes(&[one("a", Some("a3")), one("b", Some("b3"))])),
-            (changes_key(5, 0).to_vec(), encode_changes(&[one("a", None), one("c", Some("c5"))])),
+            (changes_key(3, 0).to_vec(), encode_changes(&[("a", Some("a3")), ("b", Some("b3"))])),
+            (changes_key(5, 0).to_vec(), encode_changes(&[("a", None), ("c", Some("c5"))])),
         ];
         let reader = read_all(&records).expect("reads");
         let table: Vec<_> = reader.table.into_iter().collect();
@@ -273,8 +276,8 @@ mod tests {
         // changes written after it at the same index apply on top (the
         // store deletes changes written at an index before a checkpoint).
         records.extend(encode_checkpoint(7, &[(b"z".to_vec(), b"z7".to_vec())]));
-        records.push((changes_key(7, 0).to_vec(), encode_changes(&[one("x", Some("x7"))])));
-        records.push((changes_key(8, 0).to_vec(), encode_changes(&[one("y", Some("y8"))])));
+        records.push((changes_key(7, 0).to_vec(), encode_changes(&[("x", Some("x7"))])));
+        records.push((changes_key(8, 0).to_vec(), encode_changes(&[("y", Some("y8"))])));
         let reader = read_all(&records).expect("reads");
         assert_eq!(reader.table.keys().cloned().collect::<Vec<_>>(), [b"x".to_vec(), b"y".to_vec(), b"z".to_vec()]);
         assert!(reader.mark.checkpoint_bytes > 0 && reader.mark.changes_bytes > 0);
