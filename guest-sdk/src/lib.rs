@@ -188,11 +188,12 @@ pub mod testing;
 
 /// JSON commands and replies (human-writable; what the CLI sends).
 pub mod json {
-    use serde::Serialize;
-    use serde::de::DeserializeOwned;
+    use serde::{Deserialize, Serialize};
 
     /// Decodes a JSON command, with an error message fit for a client.
-    pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    /// `T` may borrow from `bytes` (`&str`, or `Cow<str>` with
+    /// `#[serde(borrow)]`), which saves copying large fields.
+    pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, String> {
         serde_json::from_slice(bytes).map_err(|e| format!("invalid JSON: {e}"))
     }
 
@@ -243,6 +244,14 @@ mod tests {
         assert_eq!(super::json::decode::<Command>(&bytes).expect("decode"), put);
         let err = super::json::decode::<Command>(br#"{"op":"nope"}"#).expect_err("unknown op");
         assert!(err.starts_with("invalid JSON"), "{err}");
+        // A field may borrow the command's bytes instead of copying them.
+        #[derive(Deserialize)]
+        struct Borrowed<'a> {
+            key: &'a str,
+        }
+        let command = br#"{"key":"abc"}"#;
+        let borrowed: Borrowed = super::json::decode(command).expect("decode");
+        assert_eq!((borrowed.key, borrowed.key.as_ptr()), ("abc", command[8..].as_ptr()));
         // Binary commands use a plain (externally tagged) enum.
         #[derive(Serialize, Deserialize, Debug, PartialEq)]
         enum Binary {

@@ -102,6 +102,36 @@ fn kv_guest_puts_gets_deletes_and_compares_and_swaps() {
     assert_eq!(h.store.state_get("sm", b"b").unwrap(), Some(b"B".to_vec()), "state lives in the host's store");
 }
 
+/// The kv guest decodes a plain put in one pass and anything else as
+/// before: escapes, field order and every refusal must read the same.
+#[test]
+fn kv_puts_decode_alike_on_either_path() {
+    let mut h = harness(raft_guests::KV);
+    let escaped = r#"{"value":"say \"hi\"\n","return_previous":false,"key":"caf\u00e9","op":"put"}"#;
+    assert_eq!(h.apply(escaped).unwrap(), "{}");
+    assert_eq!(h.store.state_get("sm", "café".as_bytes()).unwrap(), Some(b"say \"hi\"\n".to_vec()));
+    assert_eq!(h.apply(r#"{"op":"p\u0075t","key":"café","value":"2"}"#).unwrap(), r#"{"previous":"say \"hi\"\n"}"#);
+    for (command, refusal) in [
+        (r#"{"op":"put","key":"a","key":"b","value":"1"}"#, "invalid JSON: duplicate field `key`"),
+        (r#"{"op":"put","key":"a","value":"1","op":"put"}"#, "invalid JSON: duplicate field `op` at line 1 column 38"),
+        (
+            r#"{"op":"put","key":"a","value":"1","extra":0}"#,
+            "invalid JSON: unknown field `extra`, expected one of `key`, `value`, `return_previous`",
+        ),
+        (
+            r#"{"op":"put","key":"a","value":"1","return_previous":null}"#,
+            "invalid JSON: invalid type: null, expected a boolean",
+        ),
+        (r#"{"op":"put","key":"a"}"#, "invalid JSON: missing field `value`"),
+    ] {
+        match h.apply(command) {
+            Err(CallError::Returned(message)) => assert_eq!(message, refusal, "{command}"),
+            other => panic!("{command}: {other:?}"),
+        }
+    }
+    assert_eq!(h.store.state_get("sm", b"a").unwrap(), None, "a refused put writes nothing");
+}
+
 #[test]
 fn later_entries_of_a_batch_see_earlier_writes_and_failed_ones_write_nothing() {
     let mut h = harness(raft_guests::KV);

@@ -15,6 +15,7 @@
 
 use raft_guest::{StateMachine, json, kv};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 
 #[derive(Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
@@ -27,6 +28,33 @@ enum Command {
     },
     Delete { key: String },
     Cas { key: String, expected: Option<String>, value: String },
+}
+
+/// A put, the command nearly every client sends, decoded in one pass with
+/// its strings borrowed from the command where they hold no escapes.
+/// `Command` is internally tagged, and serde decodes such an enum by first
+/// gathering every field into a tree of its own, then decoding the variant
+/// from that tree into owned strings: ~250 ns of a ~1.8 µs apply here
+/// (`cargo bench --bench runtime`). Whatever this does not take (another
+/// op, a bad field, malformed JSON) is decoded again as a `Command`, so
+/// every command means, and every refusal reads, exactly what it did.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FastPut<'a> {
+    #[serde(borrow)]
+    op: Cow<'a, str>,
+    #[serde(borrow)]
+    key: Cow<'a, str>,
+    #[serde(borrow)]
+    value: Cow<'a, str>,
+    #[serde(default = "answers_with_previous")]
+    return_previous: bool,
+}
+
+impl<'a> FastPut<'a> {
+    fn decode(command: &'a [u8]) -> Option<FastPut<'a>> {
+        json::decode::<FastPut>(command).ok().filter(|put| put.op == "put")
+    }
 }
 
 #[derive(Deserialize)]
@@ -58,18 +86,23 @@ fn read(key: &str) -> Result<Option<String>, String> {
 
 struct Kv;
 
+fn put(key: &str, value: &str, return_previous: bool) -> Result<Vec<u8>, String> {
+    if !return_previous {
+        kv::set(key.as_bytes(), value.as_bytes())?;
+        return json::encode(&serde_json_value::object([]));
+    }
+    let previous = read(key)?;
+    kv::set(key.as_bytes(), value.as_bytes())?;
+    json::encode(&serde_json_value::object([("previous", previous)]))
+}
+
 impl StateMachine for Kv {
     fn apply(command: &[u8]) -> Result<Vec<u8>, String> {
+        if let Some(FastPut { key, value, return_previous, .. }) = FastPut::decode(command) {
+            return put(&key, &value, return_previous);
+        }
         match json::decode(command)? {
-            Command::Put { key, value, return_previous: true } => {
-                let previous = read(&key)?;
-                kv::set(key.as_bytes(), value.as_bytes())?;
-                json::encode(&serde_json_value::object([("previous", previous)]))
-            }
-            Command::Put { key, value, return_previous: false } => {
-                kv::set(key.as_bytes(), value.as_bytes())?;
-                json::encode(&serde_json_value::object([]))
-            }
+            Command::Put { key, value, return_previous } => put(&key, &value, return_previous),
             Command::Delete { key } => {
                 let existed = kv::get(key.as_bytes()).is_some();
                 kv::delete(key.as_bytes())?;
