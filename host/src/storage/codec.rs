@@ -84,6 +84,12 @@ pub fn unseal(value: &[u8]) -> Result<&[u8], DecodeError> {
     Ok(body)
 }
 
+/// The body of a sealed value whose checksum was already checked (or made
+/// here), without checking it again.
+pub(super) fn sealed_body(value: &[u8]) -> &[u8] {
+    &value[..value.len().saturating_sub(4)]
+}
+
 /// Appends `bytes` with its length before it (u32 BE).
 pub(super) fn push_sized(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());

@@ -340,7 +340,7 @@ impl Inner {
     pub(super) fn record_history(
         &self,
         batch: &mut fjall::OwnedWriteBatch,
-        changes: &[super::StateChange],
+        changes: (&[super::StateChange], &super::CachedBefore),
         mark: HistoryMark,
         known: &KnownRecords,
         (applied_before, applied): (Index, Index),
@@ -367,11 +367,12 @@ impl Inner {
     fn write_record(
         &self,
         batch: &mut fjall::OwnedWriteBatch,
-        changes: &[super::StateChange],
+        (changes, cached_before): (&[super::StateChange], &super::CachedBefore),
         mark: &mut HistoryMark,
     ) -> Result<Option<RecordSpan>, StoreError> {
-        // The value each key held before the batch is in the store (the
-        // batch is not committed yet); within the batch, the last change.
+        // The value each key held before the batch is what the state cache
+        // gave up for it, or else in the store (the batch is not committed
+        // yet); within the batch, the last change.
         let mut latest: rustc_hash::FxHashMap<(&str, &[u8]), Option<&[u8]>> = Default::default();
         let mut body = Vec::with_capacity(4 + changes.iter().map(change_bytes_estimate).sum::<usize>());
         body.extend_from_slice(&[0; 4]);
@@ -380,10 +381,11 @@ impl Inner {
             let looked_up;
             let previous = match latest.get(&(&*write.state_machine, write.key.as_slice())) {
                 Some(value) => *value,
-                None => match previous {
-                    Some(known) => known.as_deref(),
-                    None => {
-                        looked_up = self.state_value(&write.state_machine, &write.key)?;
+                None => match (previous, cached_before.get(&(&*write.state_machine, write.key.as_slice()))) {
+                    (Some(known), _) => known.as_deref(),
+                    (None, Some(cached)) => cached.as_deref().map(codec::sealed_body),
+                    (None, None) => {
+                        looked_up = self.stored_state_value(&write.state_machine, &write.key)?;
                         looked_up.as_deref()
                     }
                 },
@@ -677,6 +679,43 @@ mod tests {
         let known = StateChange { previous: Some(Some(b"read by the guest".to_vec())), ..write(5, "b", Some("2")) };
         apply(&store, 5, vec![known]);
         assert_eq!(shown(&page(&store, 5, &everything, ALL).changes), ["5 b 2 was read by the guest"]);
+    }
+
+    #[test]
+    fn previous_values_read_alike_from_the_state_cache_or_the_store_and_a_failed_batch_leaves_none() {
+        for cache_bytes in [0, 1 << 20] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let memory = crate::storage::StoreMemory { state_cache_bytes: cache_bytes, ..Default::default() };
+            let options = StoreOptions { durability: Durability::UnsafeNoSync, memory, ..StoreOptions::default() };
+            let open = || Store::open(dir.path(), &Identity::new("history", 1), &options).expect("store opens");
+            let store = open();
+            apply(&store, 1, vec![write(1, "a", Some("1")), write(1, "b", Some("1"))]);
+            // The cache swaps a batch's values in before its commit; one
+            // that fails after that (a key over the limit, after "a") must
+            // leave neither its value nor a history record behind.
+            let too_long = "k".repeat(crate::storage::STATE_KEY_MAX_BYTES + 1);
+            let failing = vec![write(2, "a", Some("never")), write(2, &too_long, Some("x"))];
+            let writes = failing.iter().map(|change| change.write.clone()).collect();
+            let batch =
+                ApplyBatch { applied_index: 2, applied_term: 1, writes, changes: failing, ..Default::default() };
+            store
+                .persist(&[Entry { term: 1, index: 2, kind: EntryKind::Normal, data: bytes::Bytes::new() }], None)
+                .expect("persist");
+            assert!(store.apply(&batch).is_err(), "cache {cache_bytes}");
+            assert_eq!(store.state_get("kv", b"a").expect("read"), Some(b"1".to_vec()), "cache {cache_bytes}");
+            // "a" is cached now (that read filled it); "c" never was.
+            apply(&store, 2, vec![write(2, "a", Some("2")), write(2, "c", Some("1"))]);
+            drop(store);
+            // After a restart nothing is cached: previous values come from the store.
+            let store = open();
+            apply(&store, 3, vec![write(3, "b", Some("2")), write(3, "c", None)]);
+            let everything = page(&store, 1, &HistoryFilter::prefix("kv", b""), ALL);
+            assert_eq!(
+                shown(&everything.changes),
+                ["1 a 1 was -", "1 b 1 was -", "2 a 2 was 1", "2 c 1 was -", "3 b 2 was 1", "3 c - was 1"],
+                "cache {cache_bytes}"
+            );
+        }
     }
 
     #[test]

@@ -650,28 +650,31 @@ impl Store {
         if batch.applied_index < cached.applied.0 {
             return Err(StoreError::AppliedBackwards { from: cached.applied.0, to: batch.applied_index });
         }
+        if let Some(write) =
+            batch.writes.iter().find(|write| write.value.as_ref().is_some_and(|v| v.len() > STATE_VALUE_MAX_BYTES))
+        {
+            let bytes = write.value.as_ref().map_or(0, Vec::len);
+            return Err(StoreError::TooLarge { what: "a state value", bytes, limit: STATE_VALUE_MAX_BYTES });
+        }
+        // From the first swap into the state cache until the commit, a
+        // failure leaves values in it that the store does not hold.
+        let uncommitted = ClearOnFailure(&inner.state_cache);
+        inner.state_cache.begin_writes();
         let mut fjall_batch = inner.db.batch();
-        // The keys and values as stored, shared with the state cache.
-        let mut stored = Vec::with_capacity(batch.writes.len());
+        // What the state cache held for each written key before the batch,
+        // where it held anything: the history's previous values.
+        let keeps_history = inner.history_limits.keeps_history();
+        let mut replaced = CachedBefore::default();
         for write in &batch.writes {
             let key = fjall::Slice::from(state_key(&write.state_machine, &write.key)?);
-            match &write.value {
-                Some(value) => {
-                    if value.len() > STATE_VALUE_MAX_BYTES {
-                        return Err(StoreError::TooLarge {
-                            what: "a state value",
-                            bytes: value.len(),
-                            limit: STATE_VALUE_MAX_BYTES,
-                        });
-                    }
-                    let value = fjall::Slice::from(codec::encode_blob(value));
-                    fjall_batch.insert(&inner.state, key.clone(), value.clone());
-                    stored.push((key, Some(value)));
-                }
-                None => {
-                    fjall_batch.remove(&inner.state, key.clone());
-                    stored.push((key, None));
-                }
+            let value = write.value.as_ref().map(|value| fjall::Slice::from(codec::encode_blob(value)));
+            match &value {
+                Some(value) => fjall_batch.insert(&inner.state, key.clone(), value.clone()),
+                None => fjall_batch.remove(&inner.state, key.clone()),
+            }
+            let previous = inner.state_cache.swap(key, value);
+            if let Some(previous) = previous.filter(|_| keeps_history) {
+                replaced.insert((&*write.state_machine, &write.key[..]), previous);
             }
         }
         let (session_log, session_changes_at) =
@@ -689,7 +692,7 @@ impl Store {
         }
         let history = inner.record_history(
             &mut fjall_batch,
-            &batch.changes,
+            (&batch.changes, &replaced),
             cached.history,
             &cached.history_records,
             (cached.applied.0, batch.applied_index),
@@ -697,7 +700,8 @@ impl Store {
         fjall_batch.insert(&inner.meta, META_APPLIED, codec::encode_applied(batch.applied_index, batch.applied_term));
         fjall_batch.insert(&inner.meta, META_APPLY_CLOCK, codec::encode_blob(&batch.clock_ms.to_be_bytes()));
         fjall_batch.commit().map_err(|e| inner.db_error(e))?;
-        inner.state_cache.write_through(stored.into_iter());
+        uncommitted.disarm();
+        inner.state_cache.committed();
         cached.applied = (batch.applied_index, batch.applied_term);
         cached.history = history.mark;
         cached.history_records.drain(..history.dropped_known);
@@ -928,6 +932,13 @@ impl Inner {
         // state behind; they stay consistent because every update happens
         // after its batch committed.
         self.cached.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The value of a state key as the store holds it, past the state
+    /// cache (which may already hold the value of a batch about to commit).
+    fn stored_state_value(&self, state_machine: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let stored = self.state.get(state_key(state_machine, key)?).map_err(|e| self.db_error(e))?;
+        stored.map(|v| self.unseal(&v, || format!("state key {key:?} of {state_machine:?}"))).transpose()
     }
 
     fn state_value(&self, state_machine: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -1247,6 +1258,28 @@ impl Store {
             );
         }
         Ok(kept)
+    }
+}
+
+/// The values a batch's writes replaced in the state cache, by state
+/// machine and key, as stored (sealed); `None` for a key known to have had
+/// none.
+pub(super) type CachedBefore<'a> = rustc_hash::FxHashMap<(&'a str, &'a [u8]), Option<fjall::Slice>>;
+
+/// Clears the state cache when dropped: on every way out of
+/// [`Store::apply`] between its first swap and its commit.
+struct ClearOnFailure<'a>(&'a state_cache::StateCache);
+
+impl ClearOnFailure<'_> {
+    /// The batch committed: the cache holds what the store does.
+    fn disarm(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for ClearOnFailure<'_> {
+    fn drop(&mut self) {
+        self.0.clear();
     }
 }
 

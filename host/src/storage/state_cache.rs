@@ -11,11 +11,18 @@
 //! allocates nothing.
 //!
 //! Invariants: an entry is the committed value of its key (or that it has
-//! none). [`Store::apply`] writes through after its batch commits, and only
-//! then bumps the generation; a miss fills the cache only if no commit
-//! happened since it began reading, so a value read before a commit is never
-//! cached after it. A snapshot install or restore clears it. Bounded by the
-//! bytes of its keys and values plus a per-entry overhead; 0 turns it off.
+//! none), or the value the batch now being committed writes there.
+//! [`Store::apply`] swaps each write's value in before its batch commits
+//! ([`StateCache::swap`]): the value it takes out is what the change history
+//! records as replaced, found with the same search. Every reader is the
+//! apply thread (guest calls and queries both run there), which reads
+//! nothing between the swaps and the commit; a batch that fails to commit
+//! clears the cache (and stops the member). The generation moves before the
+//! swaps and after the commit, and a miss fills the cache only if it did not
+//! move since the miss began reading, so a value read before a commit is
+//! never cached after it. A snapshot install or restore clears it. Bounded
+//! by the bytes of its keys and values plus a per-entry overhead; 0 turns it
+//! off.
 //!
 //! [`Store::apply`]: super::Store::apply
 
@@ -25,9 +32,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// What an entry costs beyond its key and value (hash table slot, the
 /// slices' headers and counts), for the byte bound.
 const ENTRY_OVERHEAD_BYTES: u64 = 64;
-
-/// Bytes of the checksum that ends a stored value.
-const CHECKSUM_BYTES: usize = 4;
 
 /// A value as stored (sealed), or `None` if the key has none.
 type Value = Option<Slice>;
@@ -70,7 +74,7 @@ impl StateCache {
     pub fn get(&self, key: &[u8]) -> (Option<Option<Vec<u8>>>, MissStart) {
         let start = MissStart(self.generation.load(Ordering::Acquire));
         let found = self.entries.as_ref().and_then(|entries| entries.get(key));
-        let body = |sealed: Slice| sealed[..sealed.len().saturating_sub(CHECKSUM_BYTES)].to_vec();
+        let body = |sealed: Slice| super::codec::sealed_body(&sealed).to_vec();
         (found.map(|value| value.map(body)), start)
     }
 
@@ -90,15 +94,53 @@ impl StateCache {
         }
     }
 
-    /// After a batch committed: its writes, as `(state key, value as
-    /// stored)`.
-    pub fn write_through(&self, writes: impl Iterator<Item = (Slice, Option<Slice>)>) {
-        if let Some(entries) = &self.entries {
-            for (key, value) in writes {
-                entries.insert(key, value);
+    /// Before a batch's writes are swapped in: misses under way are no
+    /// longer cached.
+    pub fn begin_writes(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Puts a write of the batch about to commit (state key, value as
+    /// stored) in the cache, between [`StateCache::begin_writes`] and
+    /// [`StateCache::committed`], and returns the value it replaced if that
+    /// was cached: `Some(None)` if the key was known to have none, `None`
+    /// if it was not cached (or the cache is off).
+    pub fn swap(&self, key: Slice, value: Value) -> Option<Value> {
+        let entries = self.entries.as_ref()?;
+        let mut value = Some(value);
+        let swap = |_: &Slice, cached: &mut Value| {
+            quick_cache::sync::EntryAction::Retain(std::mem::replace(cached, value.take().unwrap_or_default()))
+        };
+        match entries.entry(&key, None, swap) {
+            quick_cache::sync::EntryResult::Retained(previous) => Some(previous),
+            quick_cache::sync::EntryResult::Vacant(place) => {
+                let _ = place.insert(value.take().unwrap_or_default());
+                None
+            }
+            // Neither is asked for (no placeholder waits, nothing is removed).
+            _ => {
+                if let Some(value) = value {
+                    entries.insert(key, value);
+                }
+                None
             }
         }
+    }
+
+    /// After the batch whose writes were swapped in committed.
+    pub fn committed(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// After a commit: its writes, as `(state key, value as stored)`; for
+    /// writes not swapped in before it.
+    #[cfg(test)]
+    pub fn write_through(&self, writes: impl Iterator<Item = (Slice, Option<Slice>)>) {
+        self.begin_writes();
+        for (key, value) in writes {
+            self.swap(key, value);
+        }
+        self.committed();
     }
 
     /// After the state was replaced wholesale.
@@ -142,6 +184,15 @@ mod tests {
         assert_eq!(cache.get(b"absent").0, Some(Some(b"now".to_vec())));
         cache.write_through([(key(b"k"), None)].into_iter());
         assert_eq!(cache.get(b"k").0, Some(None), "a delete is cached as absent");
+        // A swap hands back what it replaced, for the change history.
+        cache.begin_writes();
+        assert_eq!(cache.swap(key(b"k"), sealed(b"v3")), Some(None), "known to have had none");
+        assert_eq!(cache.swap(key(b"absent"), None), Some(sealed(b"now")));
+        assert_eq!(cache.swap(key(b"fresh"), sealed(b"n")), None, "not cached: not known");
+        cache.committed();
+        assert_eq!(cache.get(b"k").0, Some(Some(b"v3".to_vec())));
+        assert_eq!(cache.get(b"absent").0, Some(None));
+        assert_eq!(cache.get(b"fresh").0, Some(Some(b"n".to_vec())));
         cache.clear();
         assert_eq!(cache.get(b"k").0, None);
     }
@@ -197,6 +248,7 @@ mod tests {
         assert!(cache.bytes() <= 64 << 10, "{} bytes", cache.bytes());
         assert!(cache.bytes() > 32 << 10, "and it is used: {} bytes", cache.bytes());
         let off = StateCache::new(0);
+        assert_eq!(off.swap(key(b"k"), sealed(b"v")), None);
         off.fill(b"k".to_vec(), sealed(b"v"), off.get(b"k").1);
         assert_eq!(off.get(b"k").0, None);
         assert_eq!(off.bytes(), 0);
