@@ -25,6 +25,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // `Bytes` it borrows the entry's buffer instead of being copied.
         .bytes(".raft.v1.Command.command")
         .bytes(".raft.v1.Command.client_id")
+        // An entry's data goes into every AppendEntries the leader sends
+        // (shared, not copied per follower) and is taken out of the
+        // received message's buffer by the follower (not copied either).
+        .bytes(".raft.v1.Entry.data")
         .codec_path("crate::wire::bounded::BoundedCodec")
         .compile_fds(peer)?;
     tonic_prost_build::configure()

@@ -201,7 +201,7 @@ mod tests {
     }
 
     fn append(entries: usize) -> pb::Message {
-        let entry = pb::Entry { term: 1, index: 1, kind: 0, data: b"x".to_vec() };
+        let entry = pb::Entry { term: 1, index: 1, kind: 0, data: bytes::Bytes::from_static(b"x") };
         let body =
             pb::AppendEntries { prev_log_index: 0, prev_log_term: 0, entries: vec![entry; entries], leader_commit: 0 };
         pb::Message { term: 1, body: Some(pb::message::Body::AppendEntries(body)) }

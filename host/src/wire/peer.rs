@@ -7,7 +7,6 @@
 use super::bounded::MESSAGES_PER_ENVELOPE_MAX;
 use super::pb;
 use crate::raft::{ConfState, Entry, EntryKind, Message, MessageBody, NodeId, SnapshotMeta};
-use bytes::Bytes;
 use thiserror::Error;
 
 /// Why an incoming envelope was refused. Nothing in it reached the core.
@@ -93,7 +92,7 @@ fn entry_to_pb(entry: &Entry) -> pb::Entry {
             EntryKind::Normal => pb::EntryKind::Normal,
             EntryKind::ConfChange => pb::EntryKind::ConfChange,
         } as i32,
-        data: entry.data.to_vec(),
+        data: entry.data.clone(),
     }
 }
 
@@ -104,7 +103,7 @@ fn entry_from_pb(entry: pb::Entry) -> Entry {
         Ok(pb::EntryKind::ConfChange) => EntryKind::ConfChange,
         _ => EntryKind::Normal,
     };
-    Entry { term: entry.term, index: entry.index, kind, data: Bytes::from(entry.data) }
+    Entry { term: entry.term, index: entry.index, kind, data: entry.data }
 }
 
 /// A core message as a protobuf message (sender and receiver go on the envelope).
@@ -226,8 +225,27 @@ pub fn conf_state_from_pb(conf: pb::ConfState) -> ConfState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use prost::Message as _;
     use std::collections::BTreeSet;
+
+    #[test]
+    fn entries_share_their_data_with_the_wire_both_ways() {
+        let data = Bytes::from(vec![7u8; 300]);
+        let entry = Entry { term: 1, index: 1, kind: EntryKind::Normal, data: data.clone() };
+        let sent = entry_to_pb(&entry);
+        assert_eq!(sent.data.as_ptr(), data.as_ptr(), "each follower's message shares the leader's copy");
+        let body =
+            MessageBody::AppendEntries { prev_log_index: 0, prev_log_term: 0, entries: vec![entry], leader_commit: 0 };
+        let envelope = seal_envelope("c", 2, 1, &[Message { from: 2, to: 1, term: 1, body }]);
+        let received = Bytes::from(envelope.encode_to_vec());
+        let range = received.as_ptr_range();
+        let messages = open_envelope(pb::Envelope::decode(received.clone()).expect("decodes"), "c", 1, None, |_| true)
+            .expect("opens");
+        let MessageBody::AppendEntries { entries, .. } = &messages[0].body else { panic!("{messages:?}") };
+        assert_eq!(entries[0].data, data);
+        assert!(range.contains(&entries[0].data.as_ptr()), "the follower's entry is a slice of what it received");
+    }
 
     fn samples() -> Vec<Message> {
         let entry = |index, kind| Entry { term: 3, index, kind, data: Bytes::from_static(b"cmd") };
