@@ -381,13 +381,15 @@ impl Inner {
             let looked_up;
             let previous = match latest.get(&(&*write.state_machine, write.key.as_slice())) {
                 Some(value) => *value,
-                None => match (previous, cached_before.get(&(&*write.state_machine, write.key.as_slice()))) {
-                    (Some(known), _) => known.as_deref(),
-                    (None, Some(cached)) => cached.as_deref().map(codec::sealed_body),
-                    (None, None) => {
-                        looked_up = self.stored_state_value(&write.state_machine, &write.key)?;
-                        looked_up.as_deref()
-                    }
+                None => match previous {
+                    Some(known) => known.as_deref(),
+                    None => match cached_before.get(&(&*write.state_machine, write.key.as_slice())) {
+                        Some(cached) => cached.as_deref().map(codec::sealed_body),
+                        None => {
+                            looked_up = self.stored_state_value(&write.state_machine, &write.key)?;
+                            looked_up.as_deref()
+                        }
+                    },
                 },
             };
             if previous.is_none() && write.value.is_none() {

@@ -650,10 +650,8 @@ impl Store {
         if batch.applied_index < cached.applied.0 {
             return Err(StoreError::AppliedBackwards { from: cached.applied.0, to: batch.applied_index });
         }
-        if let Some(write) =
-            batch.writes.iter().find(|write| write.value.as_ref().is_some_and(|v| v.len() > STATE_VALUE_MAX_BYTES))
-        {
-            let bytes = write.value.as_ref().map_or(0, Vec::len);
+        let mut value_sizes = batch.writes.iter().filter_map(|write| write.value.as_ref().map(Vec::len));
+        if let Some(bytes) = value_sizes.find(|&bytes| bytes > STATE_VALUE_MAX_BYTES) {
             return Err(StoreError::TooLarge { what: "a state value", bytes, limit: STATE_VALUE_MAX_BYTES });
         }
         // From the first swap into the state cache until the commit, a
@@ -937,8 +935,7 @@ impl Inner {
     /// The value of a state key as the store holds it, past the state
     /// cache (which may already hold the value of a batch about to commit).
     fn stored_state_value(&self, state_machine: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let stored = self.state.get(state_key(state_machine, key)?).map_err(|e| self.db_error(e))?;
-        stored.map(|v| self.unseal(&v, || format!("state key {key:?} of {state_machine:?}"))).transpose()
+        Ok(self.read_state(state_machine, key, &state_key(state_machine, key)?)?.1)
     }
 
     fn state_value(&self, state_machine: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -947,13 +944,25 @@ impl Inner {
         if let Some(value) = cached {
             return Ok(value);
         }
-        let stored = self.state.get(&full_key).map_err(|e| self.db_error(e))?;
+        let (stored, value) = self.read_state(state_machine, key, &full_key)?;
+        self.state_cache.fill(full_key, stored, miss);
+        Ok(value)
+    }
+
+    /// The state key `full_key` (`key` of `state_machine`) as stored, and
+    /// its value with the checksum checked and stripped.
+    fn read_state(
+        &self,
+        state_machine: &str,
+        key: &[u8],
+        full_key: &[u8],
+    ) -> Result<(Option<fjall::Slice>, Option<Vec<u8>>), StoreError> {
+        let stored = self.state.get(full_key).map_err(|e| self.db_error(e))?;
         let value = stored
             .as_ref()
             .map(|v| self.unseal(v, || format!("state key {key:?} of {state_machine:?}")))
             .transpose()?;
-        self.state_cache.fill(full_key, stored, miss);
-        Ok(value)
+        Ok((stored, value))
     }
 
     /// Adds a batch's session changes (or checkpoint) to `batch`; returns
