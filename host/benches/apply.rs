@@ -33,9 +33,14 @@ fn command(key: u64, value: &str, return_previous: bool) -> Vec<u8> {
 /// Applies batches of random puts for `run_for`; returns ns per command of
 /// this thread's CPU, of the whole process's (fjall's flushes and
 /// compactions run on threads of their own) and of wall time.
-fn run(store: &Store, machine: &mut Machine, index: &mut u64, run_for: Duration, rng: &mut impl Rng) -> [f64; 3] {
+fn run(
+    store: &Store,
+    machine: &mut Machine,
+    (index, return_previous): (&mut u64, bool),
+    run_for: Duration,
+    rng: &mut impl Rng,
+) -> [f64; 3] {
     // Random letters and digits: real values do not compress away.
-    let return_previous = std::env::var("RAFT_APPLY_BENCH_PREVIOUS").is_ok_and(|v| v == "1");
     let values: Vec<String> =
         (0..1024).map(|_| (0..VALUE_BYTES).map(|_| rng.sample(rand::distr::Alphanumeric) as char).collect()).collect();
     let (mut count, started) = (0u64, Instant::now());
@@ -92,7 +97,8 @@ fn main() {
     let quick = !std::env::args().any(|a| a == "--bench");
     let seconds = std::env::var("RAFT_APPLY_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
     let run_for = if quick { Duration::from_millis(200) } else { Duration::from_secs(seconds) };
-    let answers = match std::env::var("RAFT_APPLY_BENCH_PREVIOUS").is_ok_and(|v| v == "1") {
+    let return_previous = std::env::var("RAFT_APPLY_BENCH_PREVIOUS").is_ok_and(|v| v == "1");
+    let answers = match return_previous {
         true => "answering the previous value",
         false => "not answering the previous value",
     };
@@ -121,8 +127,8 @@ fn main() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
         let mut index = 0;
         // Every key written once, then as long again to settle flushes.
-        run(&store, &mut machine, &mut index, run_for * 2, &mut rng);
-        let [apply, process, wall] = run(&store, &mut machine, &mut index, run_for, &mut rng);
+        run(&store, &mut machine, (&mut index, return_previous), run_for * 2, &mut rng);
+        let [apply, process, wall] = run(&store, &mut machine, (&mut index, return_previous), run_for, &mut rng);
         let label = if cache_bytes == 0 { "off".to_string() } else { format!("{} MiB", cache_bytes >> 20) };
         println!("{label:<14} {apply:>16.0} {process:>18.0} {wall:>12.0} {:>12}", store.state_cache_bytes());
     }
