@@ -19,7 +19,6 @@ use crate::wire::client_pb::{
     client_client::ClientClient,
 };
 use crate::wire::{FORWARDED_KEY, LEADER_ADDR_KEY, status_of_batch_error};
-use std::collections::HashMap;
 use std::sync::Mutex;
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
@@ -163,7 +162,7 @@ async fn run(client: ClientClient<Channel>, mut queue: mpsc::Receiver<Queued>, f
                 continue;
             }
         };
-        let mut stream = Stream { inflight: HashMap::new(), batch: Vec::new(), batch_bytes: 0 };
+        let mut stream = Stream { inflight: Default::default(), batch: Vec::new(), batch_bytes: 0 };
         stream.push(&mut next_id, first);
         let mut callers_left = true;
         let broke = loop {
@@ -220,8 +219,9 @@ async fn run(client: ClientClient<Channel>, mut queue: mpsc::Receiver<Queued>, f
 
 /// What one open stream carries.
 struct Stream {
-    /// Every item sent or about to be, by id.
-    inflight: HashMap<u64, Reply>,
+    /// Every item sent or about to be, by id (ids are this task's own
+    /// counter: no hostile keys, so no keyed hash).
+    inflight: rustc_hash::FxHashMap<u64, Reply>,
     /// Items gathered for the next message.
     batch: Vec<BatchItem>,
     batch_bytes: usize,

@@ -94,6 +94,10 @@ pub struct ClusterClient {
     /// Per member, once dialed: the gRPC client and the batcher on its
     /// connection (shared with clients made by `sharing_connections`).
     connections: Connections,
+    /// This client's own copy of the batchers it has used, by position in
+    /// `addresses`: a shared connection, once made, is never replaced, so
+    /// each write skips the shared map's lock and look-up.
+    batchers: Vec<Option<Arc<Batcher>>>,
     /// Plaintext, or TLS with this client's certificate.
     transport: Transport,
     /// The member tried first.
@@ -129,6 +133,7 @@ impl ClusterClient {
         Ok(ClusterClient {
             addresses,
             connections,
+            batchers: Vec::new(),
             transport,
             current: 0,
             client_id: random_client_id().into(),
@@ -150,6 +155,7 @@ impl ClusterClient {
         Ok(ClusterClient {
             addresses: self.addresses.clone(),
             connections: self.connections.clone(),
+            batchers: Vec::new(),
             transport: self.transport.clone(),
             current: self.current,
             client_id: random_client_id().into(),
@@ -394,7 +400,15 @@ impl ClusterClient {
     }
 
     fn batcher(&mut self, at: usize) -> Result<Arc<Batcher>, ClientError> {
-        Ok(self.connection(at)?.1)
+        if let Some(Some(batcher)) = self.batchers.get(at) {
+            return Ok(batcher.clone());
+        }
+        let batcher = self.connection(at)?.1;
+        if self.batchers.len() <= at {
+            self.batchers.resize(at + 1, None);
+        }
+        self.batchers[at] = Some(batcher.clone());
+        Ok(batcher)
     }
 
     fn connection(&mut self, at: usize) -> Result<(ClientClient<Channel>, Arc<Batcher>), ClientError> {
