@@ -571,4 +571,25 @@ mod tests {
             assert!(std::sync::Arc::ptr_eq(&first.connections, &second.connections));
         });
     }
+
+    #[test]
+    fn a_client_keeps_the_shared_batcher_of_each_member_including_one_it_learns_of() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        runtime.block_on(async {
+            let mut first = ClusterClient::new(vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()]).expect("client");
+            let mut second = first.sharing_connections().expect("shared");
+            let shared = |client: &mut ClusterClient, at| client.connection(at).expect("connection").1;
+            for at in 0..2 {
+                let kept = first.batcher(at).expect("batcher");
+                assert!(std::sync::Arc::ptr_eq(&kept, &first.batcher(at).expect("again")), "kept, not looked up anew");
+                assert!(std::sync::Arc::ptr_eq(&kept, &shared(&mut first, at)), "the connection's own batcher");
+                assert!(std::sync::Arc::ptr_eq(&kept, &second.batcher(at).expect("other client")), "shared");
+            }
+            // A leader named by an answer joins the list past the end.
+            second.prefer("127.0.0.1:3").expect("valid address");
+            let learned = second.batcher(2).expect("batcher of the new member");
+            assert!(std::sync::Arc::ptr_eq(&learned, &shared(&mut second, 2)));
+            assert!(!std::sync::Arc::ptr_eq(&learned, &second.batcher(0).expect("first member")));
+        });
+    }
 }
