@@ -65,6 +65,9 @@ pub fn decode_entry(index: Index, value: &[u8]) -> Result<Entry, DecodeError> {
     Ok(Entry { term, index, kind, data: Bytes::copy_from_slice(&value[LOG_HEADER_BYTES..]) })
 }
 
+/// Bytes [`seal`] appends.
+pub(super) const CHECKSUM_BYTES: usize = 4;
+
 /// Appends a CRC32 to a metadata value.
 pub(super) fn seal(mut body: Vec<u8>) -> Vec<u8> {
     let crc = crc32fast::hash(&body);
@@ -321,7 +324,11 @@ pub fn decode_members(value: &[u8]) -> Result<std::collections::BTreeMap<NodeId,
 
 /// Checksummed opaque value (guest state, sessions, artifacts).
 pub fn encode_blob(value: &[u8]) -> Vec<u8> {
-    seal(value.to_vec())
+    // Room for the checksum up front: growing the copy by four bytes would
+    // copy the value a second time.
+    let mut body = Vec::with_capacity(value.len() + CHECKSUM_BYTES);
+    body.extend_from_slice(value);
+    seal(body)
 }
 
 #[cfg(test)]
