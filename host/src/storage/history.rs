@@ -245,13 +245,11 @@ fn decode_span(key: &[u8], value_len: usize) -> Result<RecordSpan, DecodeError> 
     }
 }
 
-/// Bytes [`push_change`] writes for `change` with its index: exact when its
-/// previous value is known; one still to be looked up is guessed to be the
-/// size of the new one (an overwrite usually is), so that the record's
-/// buffer, ~100 changes long under load, is not grown and copied again.
+/// Bytes [`push_change`] writes for `change` with its index, when its
+/// previous value is known (a looked-up one may make the record grow).
 fn change_bytes_estimate(change: &super::StateChange) -> usize {
     let value = |v: Option<&[u8]>| v.map_or(1, |v| 5 + v.len());
-    let previous = change.previous.as_ref().map_or(value(change.write.value.as_deref()), |p| value(p.as_deref()));
+    let previous = change.previous.as_ref().map_or(1, |p| value(p.as_deref()));
     8 + 1
         + change.write.state_machine.len()
         + 4
