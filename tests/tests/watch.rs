@@ -290,10 +290,14 @@ fn a_watcher_that_stops_reading_costs_no_memory_and_is_then_served_from_the_stor
 
         // The watcher reads nothing from here on. A first 32 MiB brings both
         // followers' memtables, caches and allocator to their working size;
-        // then the next 64 MiB is what a server that kept a stalled
-        // watcher's changes would hold on to, on one follower only.
+        // then the next 128 MiB is what a server that kept a stalled
+        // watcher's changes would hold on to, on one follower only. Members
+        // that keep nothing still differ by up to ~30 MiB (what the
+        // allocator and the stream's buffers happen to hold at a reading),
+        // so the lag is four times that and half of it is allowed.
         const WARM_UP: usize = 2048;
-        const WRITES: usize = 4096;
+        const WRITES: usize = 8192;
+        const LAG_BYTES: i64 = (WRITES as i64) << 14;
         write_big_values(&cluster, "warm", WARM_UP).await;
         let (stalled_before, idle_before) =
             (settled_resident(&cluster, stalled).await, settled_resident(&cluster, idle).await);
@@ -301,12 +305,13 @@ fn a_watcher_that_stops_reading_costs_no_memory_and_is_then_served_from_the_stor
         let stalled_growth = settled_resident(&cluster, stalled).await - stalled_before;
         let idle_growth = settled_resident(&cluster, idle).await - idle_before;
         eprintln!(
-            "resident growth over 64 MiB of lag: stalled watcher's member {} MiB, idle member {} MiB",
+            "resident growth over {} MiB of lag: stalled watcher's member {} MiB, idle member {} MiB",
+            LAG_BYTES >> 20,
             stalled_growth >> 20,
             idle_growth >> 20
         );
         assert!(
-            stalled_growth < idle_growth + (32 << 20),
+            stalled_growth < idle_growth + LAG_BYTES / 2,
             "a stalled watcher's member grew {stalled_growth} bytes, one without {idle_growth}: changes piled up in memory"
         );
 
