@@ -239,10 +239,13 @@ fn a_watch_from_before_the_history_is_told_to_re_read_and_bad_watches_are_refuse
     });
 }
 
+/// The size of each value [`write_big_values`] writes.
+const BIG_VALUE_BYTES: usize = 16 << 10;
+
 /// `count` puts of 16 KiB values (keys `{prefix}-{writer}-{n}`) by 16
 /// concurrent clients; returns once every member has applied them.
 async fn write_big_values(cluster: &Cluster, prefix: &str, count: usize) {
-    let value = "v".repeat(16 << 10);
+    let value = "v".repeat(BIG_VALUE_BYTES);
     let mut writers = Vec::new();
     for writer in 0..16 {
         let mut client = cluster.client();
@@ -297,7 +300,7 @@ fn a_watcher_that_stops_reading_costs_no_memory_and_is_then_served_from_the_stor
         // so the lag is four times that and half of it is allowed.
         const WARM_UP: usize = 2048;
         const WRITES: usize = 8192;
-        const LAG_BYTES: i64 = (WRITES as i64) << 14;
+        const LAG_BYTES: i64 = (WRITES * BIG_VALUE_BYTES) as i64;
         write_big_values(&cluster, "warm", WARM_UP).await;
         let (stalled_before, idle_before) =
             (settled_resident(&cluster, stalled).await, settled_resident(&cluster, idle).await);
@@ -321,7 +324,7 @@ fn a_watcher_that_stops_reading_costs_no_memory_and_is_then_served_from_the_stor
         while seen < WARM_UP + WRITES {
             let message = stream.message().await.expect("message").expect("more changes");
             for change in &message.changes {
-                assert!(change.index >= start && change.value.len() == 16 << 10);
+                assert!(change.index >= start && change.value.len() == BIG_VALUE_BYTES);
                 assert!(change.key.starts_with(b"warm-") || change.key.starts_with(b"big-"));
                 assert_eq!(change.previous, None, "every key was new");
             }

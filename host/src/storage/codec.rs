@@ -77,10 +77,10 @@ pub(super) fn seal(mut body: Vec<u8>) -> Vec<u8> {
 
 /// Checks and strips the CRC32 of a metadata value.
 pub fn unseal(value: &[u8]) -> Result<&[u8], DecodeError> {
-    if value.len() < 4 {
+    if value.len() < CHECKSUM_BYTES {
         return Err(DecodeError("value shorter than its checksum"));
     }
-    let (body, crc) = value.split_at(value.len() - 4);
+    let (body, crc) = value.split_at(value.len() - CHECKSUM_BYTES);
     if crc32fast::hash(body) != u32::from_be_bytes(crc.try_into().expect("4 bytes")) {
         return Err(DecodeError("checksum mismatch"));
     }
@@ -90,7 +90,7 @@ pub fn unseal(value: &[u8]) -> Result<&[u8], DecodeError> {
 /// The body of a sealed value whose checksum was already checked (or made
 /// here), without checking it again.
 pub(super) fn sealed_body(value: &[u8]) -> &[u8] {
-    &value[..value.len().saturating_sub(4)]
+    &value[..value.len().saturating_sub(CHECKSUM_BYTES)]
 }
 
 /// Appends `bytes` with its length before it (u32 BE).
