@@ -488,6 +488,9 @@ fn versions_have_a_quota_and_modules_remove_goes_through_the_log() {
     });
 }
 
+/// What a member logs when it applies the entry that drops abandoned uploads.
+const DROPPED_UPLOADS: &str = "dropped abandoned module uploads";
+
 #[test]
 fn an_abandoned_upload_is_dropped_at_the_same_index_on_every_replica() {
     run(LIMIT, async {
@@ -520,13 +523,17 @@ fn an_abandoned_upload_is_dropped_at_the_same_index_on_every_replica() {
         cluster.kill(leader);
         let _ = deploy.await;
         eprintln!("killed the leader after {} MiB were committed", done / MIB);
+        // A survivor may not have applied the committed chunk yet (it learns
+        // of the commit from the next leader), so "no upload in progress"
+        // alone could be seen before the upload even started there.
         let deadline = Instant::now() + SETTLE;
         loop {
             let mut counts = Vec::new();
             for id in (1..=3).filter(|&id| id != leader) {
-                counts.push(cluster.status(id).await.map(|s| s.uploads_in_progress));
+                let dropped = cluster.log_of(id).contains(DROPPED_UPLOADS);
+                counts.push((dropped, cluster.status(id).await.map(|s| s.uploads_in_progress)));
             }
-            if counts.iter().all(|c| *c == Some(0)) {
+            if counts.iter().all(|c| *c == (true, Some(0))) {
                 break;
             }
             assert!(Instant::now() < deadline, "the abandoned upload stayed: {counts:?}\n{}", cluster.logs());
@@ -549,12 +556,12 @@ fn an_abandoned_upload_is_dropped_at_the_same_index_on_every_replica() {
             line.parse::<u64>().ok()
         };
         let survivors: Vec<Option<u64>> =
-            (1..=3).filter(|&id| id != leader).map(|id| index_of(id, "dropped abandoned module uploads")).collect();
+            (1..=3).filter(|&id| id != leader).map(|id| index_of(id, DROPPED_UPLOADS)).collect();
         let dropped_at = survivors[0];
         assert!(dropped_at.is_some() && survivors.iter().all(|i| *i == dropped_at), "the same index: {survivors:?}");
         // The restarted member applies the same entry, unless the leader had
         // compacted it away and sent a snapshot that already holds its effect.
-        let restarted = index_of(leader, "dropped abandoned module uploads");
+        let restarted = index_of(leader, DROPPED_UPLOADS);
         let snapshot = index_of(leader, "installing a snapshot from the leader");
         assert!(
             restarted == dropped_at || snapshot.is_some_and(|at| Some(at) >= dropped_at),
