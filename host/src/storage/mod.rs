@@ -664,8 +664,8 @@ impl Store {
         let keeps_history = inner.history_limits.keeps_history();
         let mut replaced = CachedBefore::default();
         for write in &batch.writes {
-            let key = fjall::Slice::from(state_key(&write.state_machine, &write.key)?);
-            let value = write.value.as_ref().map(|value| fjall::Slice::from(codec::encode_blob(value)));
+            let key = state_key_slice(&write.state_machine, &write.key)?;
+            let value = write.value.as_deref().map(codec::sealed_slice);
             match &value {
                 Some(value) => fjall_batch.insert(&inner.state, key.clone(), value.clone()),
                 None => fjall_batch.remove(&inner.state, key.clone()),
@@ -1293,17 +1293,33 @@ impl Drop for ClearOnFailure<'_> {
 }
 
 fn state_key(state_machine: &str, key: &[u8]) -> Result<Vec<u8>, StoreError> {
+    check_state_key(state_machine, key)?;
+    let mut out = Vec::with_capacity(1 + state_machine.len() + key.len());
+    out.push(state_machine.len() as u8);
+    out.extend_from_slice(state_machine.as_bytes());
+    out.extend_from_slice(key);
+    Ok(out)
+}
+
+/// [`state_key`] built straight into the buffer fjall keeps (see
+/// [`codec::sealed_slice`]); short keys fit inside it with no allocation.
+fn state_key_slice(state_machine: &str, key: &[u8]) -> Result<fjall::Slice, StoreError> {
+    check_state_key(state_machine, key)?;
+    let mut prefix = [0u8; 1 + STATE_MACHINE_NAME_MAX_BYTES];
+    let name = state_machine.as_bytes();
+    prefix[0] = name.len() as u8;
+    prefix[1..=name.len()].copy_from_slice(name);
+    Ok(fjall::Slice::from(byteview::ByteView::fused(&prefix[..=name.len()], key)))
+}
+
+fn check_state_key(state_machine: &str, key: &[u8]) -> Result<(), StoreError> {
     if state_machine.is_empty() || state_machine.len() > STATE_MACHINE_NAME_MAX_BYTES {
         return Err(StoreError::InvalidStateMachineName(state_machine.to_string()));
     }
     if key.len() > STATE_KEY_MAX_BYTES {
         return Err(StoreError::TooLarge { what: "a state key", bytes: key.len(), limit: STATE_KEY_MAX_BYTES });
     }
-    let mut out = Vec::with_capacity(1 + state_machine.len() + key.len());
-    out.push(state_machine.len() as u8);
-    out.extend_from_slice(state_machine.as_bytes());
-    out.extend_from_slice(key);
-    Ok(out)
+    Ok(())
 }
 
 /// The first key after every key that starts with `prefix`.
@@ -1321,6 +1337,22 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_state_key_built_in_place_is_the_same_key_and_checked_the_same() {
+        let longest_name = "n".repeat(STATE_MACHINE_NAME_MAX_BYTES);
+        for name in ["kv", longest_name.as_str()] {
+            for key in [&b""[..], b"k1", &[0xff; 40], &vec![7; STATE_KEY_MAX_BYTES]] {
+                let slice = state_key_slice(name, key).expect("a valid key");
+                assert_eq!(&*slice, state_key(name, key).expect("a valid key").as_slice());
+            }
+        }
+        let too_long = "n".repeat(STATE_MACHINE_NAME_MAX_BYTES + 1);
+        assert!(matches!(state_key_slice(&too_long, b"k"), Err(StoreError::InvalidStateMachineName(_))));
+        assert!(matches!(state_key_slice("", b"k"), Err(StoreError::InvalidStateMachineName(_))));
+        let oversized = vec![0; STATE_KEY_MAX_BYTES + 1];
+        assert!(matches!(state_key_slice("kv", &oversized), Err(StoreError::TooLarge { .. })));
+    }
     use crate::raft::EntryKind;
     use bytes::Bytes;
     use snapshot::StagingStart;
