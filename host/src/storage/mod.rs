@@ -1312,6 +1312,7 @@ fn state_key_slice(state_machine: &str, key: &[u8]) -> Result<fjall::Slice, Stor
     Ok(fjall::Slice::from(byteview::ByteView::fused(&prefix[..=name.len()], key)))
 }
 
+/// The limits every state key is held to, however it is built.
 fn check_state_key(state_machine: &str, key: &[u8]) -> Result<(), StoreError> {
     if state_machine.is_empty() || state_machine.len() > STATE_MACHINE_NAME_MAX_BYTES {
         return Err(StoreError::InvalidStateMachineName(state_machine.to_string()));
@@ -1337,6 +1338,9 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::raft::EntryKind;
+    use bytes::Bytes;
+    use snapshot::StagingStart;
 
     #[test]
     fn a_state_key_built_in_place_is_the_same_key_and_checked_the_same() {
@@ -1353,9 +1357,6 @@ mod tests {
         let oversized = vec![0; STATE_KEY_MAX_BYTES + 1];
         assert!(matches!(state_key_slice("kv", &oversized), Err(StoreError::TooLarge { .. })));
     }
-    use crate::raft::EntryKind;
-    use bytes::Bytes;
-    use snapshot::StagingStart;
 
     fn entry(index: Index, term: Term) -> Entry {
         Entry { term, index, kind: EntryKind::Normal, data: Bytes::from(vec![index as u8; 40]) }
