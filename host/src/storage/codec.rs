@@ -322,19 +322,11 @@ pub fn decode_members(value: &[u8]) -> Result<std::collections::BTreeMap<NodeId,
     Ok(members)
 }
 
-/// Checksummed opaque value (guest state, sessions, artifacts).
-pub fn encode_blob(value: &[u8]) -> Vec<u8> {
-    // Room for the checksum up front: growing the copy by four bytes would
-    // copy the value a second time.
-    let mut body = Vec::with_capacity(value.len() + CHECKSUM_BYTES);
-    body.extend_from_slice(value);
-    seal(body)
-}
-
-/// [`encode_blob`] built straight into the buffer fjall keeps: one
-/// allocation and one copy of the value, where a Vec handed to fjall costs
-/// two of each (fjall copies it into its own buffer).
-pub fn sealed_slice(value: &[u8]) -> fjall::Slice {
+/// Checksummed opaque value (guest state, sessions, artifacts), built
+/// straight into the buffer fjall keeps: one allocation and one copy of the
+/// value, where a Vec handed to fjall costs two of each (fjall copies it
+/// into its own buffer).
+pub fn encode_blob(value: &[u8]) -> fjall::Slice {
     let crc = crc32fast::hash(value).to_be_bytes();
     fjall::Slice::from(byteview::ByteView::fused(value, &crc))
 }
@@ -344,12 +336,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_sealed_slice_is_the_sealed_blob_and_unseals_to_the_value() {
+    fn a_blob_is_the_sealed_value_and_unseals_to_it() {
         for len in [0, 1, 15, 16, 17, 20, 21, 256, 70_000] {
             let value: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
-            let slice = sealed_slice(&value);
-            assert_eq!(&*slice, encode_blob(&value).as_slice(), "{len} bytes");
-            assert_eq!(unseal(&slice).expect("checksum"), value.as_slice(), "{len} bytes");
+            let blob = encode_blob(&value);
+            assert_eq!(&*blob, seal(value.clone()).as_slice(), "{len} bytes");
+            assert_eq!(unseal(&blob).expect("checksum"), value.as_slice(), "{len} bytes");
         }
     }
 

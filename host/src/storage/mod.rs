@@ -664,8 +664,8 @@ impl Store {
         let keeps_history = inner.history_limits.keeps_history();
         let mut replaced = CachedBefore::default();
         for write in &batch.writes {
-            let key = state_key_slice(&write.state_machine, &write.key)?;
-            let value = write.value.as_deref().map(codec::sealed_slice);
+            let key = state_key(&write.state_machine, &write.key)?;
+            let value = write.value.as_deref().map(codec::encode_blob);
             match &value {
                 Some(value) => fjall_batch.insert(&inner.state, key.clone(), value.clone()),
                 None => fjall_batch.remove(&inner.state, key.clone()),
@@ -853,9 +853,9 @@ impl Store {
         let low = Bound::Included(state_key(state_machine, start)?);
         let high = match end {
             Some(end) => Bound::Excluded(state_key(state_machine, end)?),
-            None => prefix_end(&prefix).map_or(Bound::Unbounded, Bound::Excluded),
+            None => prefix_end(&prefix).map_or(Bound::Unbounded, |end| Bound::Excluded(end.into())),
         };
-        for guard in self.inner.state.range::<Vec<u8>, _>((low, high)) {
+        for guard in self.inner.state.range::<fjall::Slice, _>((low, high)) {
             let (key, value) = guard.into_inner().map_err(|e| self.inner.db_error(e))?;
             let user_key = key[prefix.len()..].to_vec();
             let value = self.inner.unseal(&value, || format!("state key {user_key:?} of {state_machine:?}"))?;
@@ -1292,35 +1292,21 @@ impl Drop for ClearOnFailure<'_> {
     }
 }
 
-fn state_key(state_machine: &str, key: &[u8]) -> Result<Vec<u8>, StoreError> {
-    check_state_key(state_machine, key)?;
-    let mut out = Vec::with_capacity(1 + state_machine.len() + key.len());
-    out.push(state_machine.len() as u8);
-    out.extend_from_slice(state_machine.as_bytes());
-    out.extend_from_slice(key);
-    Ok(out)
-}
-
-/// [`state_key`] built straight into the buffer fjall keeps (see
-/// [`codec::sealed_slice`]); short keys fit inside it with no allocation.
-fn state_key_slice(state_machine: &str, key: &[u8]) -> Result<fjall::Slice, StoreError> {
-    check_state_key(state_machine, key)?;
-    let mut prefix = [0u8; 1 + STATE_MACHINE_NAME_MAX_BYTES];
-    let name = state_machine.as_bytes();
-    prefix[0] = name.len() as u8;
-    prefix[1..=name.len()].copy_from_slice(name);
-    Ok(fjall::Slice::from(byteview::ByteView::fused(&prefix[..=name.len()], key)))
-}
-
-/// The limits every state key is held to, however it is built.
-fn check_state_key(state_machine: &str, key: &[u8]) -> Result<(), StoreError> {
+/// A state machine's key as the store keys it: `[name len][name][key]`,
+/// built straight into the buffer fjall keeps (see [`codec::encode_blob`]);
+/// short keys fit inside it with no allocation.
+fn state_key(state_machine: &str, key: &[u8]) -> Result<fjall::Slice, StoreError> {
     if state_machine.is_empty() || state_machine.len() > STATE_MACHINE_NAME_MAX_BYTES {
         return Err(StoreError::InvalidStateMachineName(state_machine.to_string()));
     }
     if key.len() > STATE_KEY_MAX_BYTES {
         return Err(StoreError::TooLarge { what: "a state key", bytes: key.len(), limit: STATE_KEY_MAX_BYTES });
     }
-    Ok(())
+    let mut prefix = [0u8; 1 + STATE_MACHINE_NAME_MAX_BYTES];
+    let name = state_machine.as_bytes();
+    prefix[0] = name.len() as u8;
+    prefix[1..=name.len()].copy_from_slice(name);
+    Ok(fjall::Slice::from(byteview::ByteView::fused(&prefix[..=name.len()], key)))
 }
 
 /// The first key after every key that starts with `prefix`.
@@ -1343,19 +1329,19 @@ mod tests {
     use snapshot::StagingStart;
 
     #[test]
-    fn a_state_key_built_in_place_is_the_same_key_and_checked_the_same() {
+    fn a_state_key_is_its_name_length_name_and_key_and_checked() {
         let longest_name = "n".repeat(STATE_MACHINE_NAME_MAX_BYTES);
         for name in ["kv", longest_name.as_str()] {
             for key in [&b""[..], b"k1", &[0xff; 40], &vec![7; STATE_KEY_MAX_BYTES]] {
-                let slice = state_key_slice(name, key).expect("a valid key");
-                assert_eq!(&*slice, state_key(name, key).expect("a valid key").as_slice());
+                let laid_out = [&[name.len() as u8][..], name.as_bytes(), key].concat();
+                assert_eq!(&*state_key(name, key).expect("a valid key"), laid_out.as_slice());
             }
         }
         let too_long = "n".repeat(STATE_MACHINE_NAME_MAX_BYTES + 1);
-        assert!(matches!(state_key_slice(&too_long, b"k"), Err(StoreError::InvalidStateMachineName(_))));
-        assert!(matches!(state_key_slice("", b"k"), Err(StoreError::InvalidStateMachineName(_))));
+        assert!(matches!(state_key(&too_long, b"k"), Err(StoreError::InvalidStateMachineName(_))));
+        assert!(matches!(state_key("", b"k"), Err(StoreError::InvalidStateMachineName(_))));
         let oversized = vec![0; STATE_KEY_MAX_BYTES + 1];
-        assert!(matches!(state_key_slice("kv", &oversized), Err(StoreError::TooLarge { .. })));
+        assert!(matches!(state_key("kv", &oversized), Err(StoreError::TooLarge { .. })));
     }
 
     fn entry(index: Index, term: Term) -> Entry {

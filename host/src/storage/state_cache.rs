@@ -80,12 +80,12 @@ impl StateCache {
 
     /// Caches what a miss that began at `start` read from the store (the
     /// stored value, checksum verified), unless a commit happened since.
-    pub fn fill(&self, key: Vec<u8>, value: Option<Slice>, start: MissStart) {
+    pub fn fill(&self, key: impl Into<Slice>, value: Option<Slice>, start: MissStart) {
         let Some(entries) = &self.entries else { return };
         if self.generation.load(Ordering::Acquire) != start.0 {
             return;
         }
-        let key = Slice::from(key);
+        let key = key.into();
         entries.insert(key.clone(), value);
         // A commit slipped in while inserting: the value may be older than
         // its write-through, so neither stays.
