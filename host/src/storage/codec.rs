@@ -27,17 +27,28 @@ const LOG_HEADER_BYTES: usize = 4 + 8 + 1;
 
 /// `[crc32 of (index, rest)][term][kind][data]`.
 pub fn encode_entry(entry: &Entry) -> Vec<u8> {
-    let mut out = Vec::with_capacity(LOG_HEADER_BYTES + entry.data.len());
-    out.extend_from_slice(&[0; 4]);
-    out.extend_from_slice(&entry.term.to_be_bytes());
-    out.push(match entry.kind {
+    let mut out = vec![0; encoded_entry_len(entry)];
+    write_entry(entry, &mut out);
+    out
+}
+
+/// Bytes [`encode_entry`] makes of `entry`.
+pub fn encoded_entry_len(entry: &Entry) -> usize {
+    LOG_HEADER_BYTES + entry.data.len()
+}
+
+/// Writes [`encode_entry`]'s bytes into `out`, which is exactly
+/// [`encoded_entry_len`] long: a log record is built in place this way.
+pub fn write_entry(entry: &Entry, out: &mut [u8]) {
+    debug_assert_eq!(out.len(), encoded_entry_len(entry), "an entry fills its place exactly");
+    out[4..12].copy_from_slice(&entry.term.to_be_bytes());
+    out[12] = match entry.kind {
         EntryKind::Normal => 0,
         EntryKind::ConfChange => 1,
-    });
-    out.extend_from_slice(&entry.data);
+    };
+    out[LOG_HEADER_BYTES..].copy_from_slice(&entry.data);
     let crc = entry_crc(entry.index, &out[4..]);
     out[..4].copy_from_slice(&crc.to_be_bytes());
-    out
 }
 
 fn entry_crc(index: Index, rest: &[u8]) -> u32 {

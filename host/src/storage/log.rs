@@ -81,18 +81,24 @@ pub(super) fn chunk_runs(entries: &[Entry]) -> Vec<&[Entry]> {
     runs
 }
 
-/// The record of a run of contiguous entries: its key and value.
-pub(super) fn encode_chunk(entries: &[Entry]) -> ([u8; 9], Vec<u8>) {
+/// The record of a run of contiguous entries: its key and value, the value
+/// built in fjall's own buffer (the entries' bytes are copied once, there).
+pub(super) fn encode_chunk(entries: &[Entry]) -> ([u8; 9], fjall::Slice) {
     let first = entries.first().map_or(0, |e| e.index);
-    let size: usize = entries.iter().map(|e| 4 + 13 + e.data.len()).sum();
-    let mut out = Vec::with_capacity(4 + size);
-    out.extend_from_slice(&(entries.len() as u32).to_be_bytes());
-    for entry in entries {
-        let encoded = codec::encode_entry(entry);
-        out.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
-        out.extend_from_slice(&encoded);
+    let size = 4 + entries.iter().map(|e| 4 + codec::encoded_entry_len(e)).sum::<usize>();
+    let mut value = byteview::ByteView::with_size(size);
+    {
+        let mut out = value.get_mut().expect("a new buffer has no other owner");
+        out[..4].copy_from_slice(&(entries.len() as u32).to_be_bytes());
+        let mut at = 4;
+        for entry in entries {
+            let len = codec::encoded_entry_len(entry);
+            out[at..at + 4].copy_from_slice(&(len as u32).to_be_bytes());
+            codec::write_entry(entry, &mut out[at + 4..at + 4 + len]);
+            at += 4 + len;
+        }
     }
-    (chunk_key(first), out)
+    (chunk_key(first), fjall::Slice::from(value))
 }
 
 /// A record's entries, in order, each as its index and still-encoded bytes
@@ -188,9 +194,30 @@ mod tests {
     }
 
     #[test]
+    fn a_chunk_is_spelled_as_the_format_says() {
+        let entries = [
+            Entry { term: 3, index: 5, kind: EntryKind::Normal, data: Bytes::from_static(b"ab") },
+            Entry { term: 4, index: 6, kind: EntryKind::ConfChange, data: Bytes::new() },
+        ];
+        let mut expected = 2u32.to_be_bytes().to_vec();
+        for entry in &entries {
+            let mut rest = entry.term.to_be_bytes().to_vec();
+            rest.push(u8::from(entry.kind == EntryKind::ConfChange));
+            rest.extend_from_slice(&entry.data);
+            let crc = crc32fast::hash(&[&entry.index.to_be_bytes()[..], &rest].concat());
+            expected.extend_from_slice(&(4 + rest.len() as u32).to_be_bytes());
+            expected.extend_from_slice(&crc.to_be_bytes());
+            expected.extend_from_slice(&rest);
+        }
+        let (key, value) = encode_chunk(&entries);
+        assert_eq!((&key[..], &*value), (&[0, 0, 0, 0, 0, 0, 0, 5, CHUNK_KEY_TAG][..], &expected[..]));
+    }
+
+    #[test]
     fn damage_anywhere_in_a_chunk_is_caught() {
         let entries: Vec<Entry> = (1..4).map(|i| entry(i, 20)).collect();
         let (key, value) = encode_chunk(&entries);
+        let value = value.to_vec();
         for at in 0..value.len() {
             let mut broken = value.clone();
             broken[at] ^= 0x40;

@@ -592,7 +592,7 @@ impl Store {
             // Every item of a batch shares one sequence number, so no key
             // may appear twice: a record the new ones overwrite is not
             // removed first.
-            let written: Vec<([u8; 9], Vec<u8>)> = runs.iter().map(|run| log::encode_chunk(run)).collect();
+            let written: Vec<([u8; 9], fjall::Slice)> = runs.iter().map(|run| log::encode_chunk(run)).collect();
             for chunk in &replaced {
                 let key = chunk.key();
                 if !written.iter().any(|(new, _)| new[..] == key[..]) {
