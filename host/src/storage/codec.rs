@@ -25,20 +25,23 @@ pub fn decode_log_key(key: &[u8]) -> Result<Index, DecodeError> {
 
 const LOG_HEADER_BYTES: usize = 4 + 8 + 1;
 
-/// `[crc32 of (index, rest)][term][kind][data]`.
+/// An entry as the log stores it (see [`write_entry`]), on its own: format 1's
+/// record, and the reference the tests check chunks against.
+#[cfg(test)]
 pub fn encode_entry(entry: &Entry) -> Vec<u8> {
     let mut out = vec![0; encoded_entry_len(entry)];
     write_entry(entry, &mut out);
     out
 }
 
-/// Bytes [`encode_entry`] makes of `entry`.
+/// Bytes [`write_entry`] makes of `entry`.
 pub fn encoded_entry_len(entry: &Entry) -> usize {
     LOG_HEADER_BYTES + entry.data.len()
 }
 
-/// Writes [`encode_entry`]'s bytes into `out`, which is exactly
-/// [`encoded_entry_len`] long: a log record is built in place this way.
+/// Writes `entry` as `[crc32 of (index, rest)][term][kind][data]` into
+/// `out`, which is exactly [`encoded_entry_len`] long: log records are
+/// built in place this way.
 pub fn write_entry(entry: &Entry, out: &mut [u8]) {
     debug_assert_eq!(out.len(), encoded_entry_len(entry), "an entry fills its place exactly");
     out[4..12].copy_from_slice(&entry.term.to_be_bytes());
