@@ -127,9 +127,10 @@ pub struct ServeArgs {
     /// storage's search of memtables and tables.
     #[arg(long, env = "RAFT_HOST_STATE_CACHE_BYTES")]
     state_cache_bytes: Option<u64>,
-    /// Each keyspace's memtable (the log, the state, sessions, ...) is
-    /// flushed past this many bytes (default 8 MiB, at least 1 MiB). Fixed
-    /// when the data directory is created: an existing one keeps its size.
+    /// Each keyspace's memtable (the log, sessions, ...) is flushed past
+    /// this many bytes (default 8 MiB, at least 1 MiB), the guests' state's
+    /// past twice as many. Fixed when the data directory is created: an
+    /// existing one keeps its sizes.
     #[arg(long, env = "RAFT_HOST_MEMTABLE_BYTES")]
     memtable_bytes: Option<u64>,
     /// The storage's write-ahead journals in all, in bytes (default and
