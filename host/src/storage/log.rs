@@ -5,10 +5,11 @@
 //! ```text
 //! first index (u64 BE) 0x01 -> [count u32 BE] count x ([len u32 BE][entry])
 //! ```
-//! where each entry is as [`codec::write_entry`] writes it, with its own CRC32 over its
-//! index and contents, so a chunk under the wrong key or a flipped bit
-//! anywhere is caught. A chunk holds at most [`CHUNK_BYTES_MAX`] of entries
-//! (an entry larger than that has one of its own). One record per append
+//! where each entry is as [`codec::write_entry`] writes it, with its own
+//! CRC32 over its index and contents, so a chunk under the wrong key or a
+//! flipped bit anywhere is caught. A chunk holds at most
+//! [`CHUNK_BYTES_MAX`] of entries (an entry larger than that has one of its
+//! own). One record per append
 //! instead of one per entry is what makes the log cheap in an LSM tree:
 //! each record costs a memtable insert, a journal record, a place in a
 //! flushed table and later a tombstone, whatever its size.

@@ -1294,9 +1294,6 @@ impl Drop for ClearOnFailure<'_> {
     }
 }
 
-/// A state machine's key as the store keys it: `[name len][name][key]`,
-/// built straight into the buffer fjall keeps (see [`codec::encode_blob`]);
-/// short keys fit inside it with no allocation.
 /// How many times `--memtable-bytes` the state keyspace's memtable holds.
 const STATE_MEMTABLE_FACTOR: u64 = 2;
 
@@ -1309,15 +1306,19 @@ const STATE_L0_TABLES: u8 = 16;
 /// rewrites all of level 1, where the guests' state lives. Twice the
 /// memtable and four times the level-0 tables per merge make those merges
 /// about eight times rarer; that took a third to a half off fjall's
-/// background CPU at 256 clients (~1.3 µs per write per member, with 100,000
-/// and with 1,000,000 keys). The cost is up to 16 tables' filters searched
-/// on a read that misses the state cache, and one more memtable's bytes.
+/// background CPU at 256 clients (~1.3 µs per write per member with 100,000
+/// keys; alike with 1,000,000). The cost is up to 16 tables' filters
+/// searched on a read that misses the state cache (~0.5 µs per write on the
+/// apply thread), and one more memtable's bytes.
 fn state_keyspace_options(options: KeyspaceCreateOptions, memtable_bytes: u64) -> KeyspaceCreateOptions {
     options
         .max_memtable_size(memtable_bytes.saturating_mul(STATE_MEMTABLE_FACTOR))
         .compaction_strategy(Arc::new(fjall::compaction::Leveled::default().with_l0_threshold(STATE_L0_TABLES)))
 }
 
+/// A state machine's key as the store keys it: `[name len][name][key]`,
+/// built straight into the buffer fjall keeps (see [`codec::encode_blob`]);
+/// short keys fit inside it with no allocation.
 fn state_key(state_machine: &str, key: &[u8]) -> Result<fjall::Slice, StoreError> {
     if state_machine.is_empty() || state_machine.len() > STATE_MACHINE_NAME_MAX_BYTES {
         return Err(StoreError::InvalidStateMachineName(state_machine.to_string()));
