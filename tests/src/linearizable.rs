@@ -170,7 +170,7 @@ fn narrow_unknowns(operations: &[Operation]) -> Vec<Operation> {
             if op.completed.is_some() {
                 return Some(op.clone());
             }
-            let Some(value) = written(&op.op) else { return None };
+            let value = written(&op.op)?;
             if writers.get(value) != Some(&1) {
                 return Some(op.clone());
             }

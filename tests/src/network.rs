@@ -40,7 +40,7 @@ impl Network {
             .build()
             .expect("network runtime");
         let mut links = BTreeMap::new();
-        for (&from, _) in addresses {
+        for &from in addresses.keys() {
             for (&to, target) in addresses {
                 if from == to {
                     continue;

@@ -499,7 +499,10 @@ fn a_cluster_under_mixed_faults_stays_linearizable_and_loses_no_acknowledged_wri
                 break;
             }
             // Every kind comes up in a short run; a soak draws at random.
-            let fault = if soak.is_none() && n < FAULTS.len() { FAULTS[n] } else { rng.pick(&FAULTS) };
+            let fault = match FAULTS.get(n).filter(|_| soak.is_none()) {
+                Some(&fault) => fault,
+                None => rng.pick(&FAULTS),
+            };
             let hold = Duration::from_millis(800 + rng.below(1500));
             nemesis.inflict(fault, hold).await;
             tokio::time::sleep(Duration::from_millis(300 + rng.below(700))).await;

@@ -544,7 +544,7 @@ fn an_abandoned_upload_is_dropped_at_the_same_index_on_every_replica() {
         // The index of the last log line of member `id` that says `what`.
         let index_of = |id: u64, what: &str| {
             let log = cluster.log_of(id);
-            let line = log.lines().filter(|l| l.contains(what)).last()?;
+            let line = log.lines().rfind(|l| l.contains(what))?;
             let line = raft_host_e2e::without_colors(line);
             let line = line
                 .split("index=")

@@ -209,7 +209,7 @@ impl Progress {
 
     fn show(&self, done: u64) {
         if self.shown {
-            let percent = if self.total == 0 { 100 } else { done * 100 / self.total };
+            let percent = (done * 100).checked_div(self.total).unwrap_or(100);
             eprint!("\r{done} of {} bytes ({percent}%)", self.total);
         }
     }

@@ -61,8 +61,12 @@ pub struct Batcher {
     queue: mpsc::Sender<Queued>,
     /// The task's end of the queue, until the first request starts it
     /// (inside the caller's runtime).
-    idle: Mutex<Option<(mpsc::Receiver<Queued>, ClientClient<Channel>, bool)>>,
+    idle: Mutex<Option<Parked>>,
 }
+
+/// What the batching task starts with: its end of the queue, the
+/// connection, and whether the requests are forwarded by a member.
+type Parked = (mpsc::Receiver<Queued>, ClientClient<Channel>, bool);
 
 impl Batcher {
     /// A client's batcher over `client`'s connection; its task starts with

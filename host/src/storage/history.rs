@@ -759,7 +759,7 @@ mod tests {
             apply(&store, index, vec![write(index, &format!("k{}", index % 7), Some(&index.to_string()))]);
         }
         let floor = store.history_floor();
-        assert!(floor >= 1000 - 100 - COMPACT_SLACK_ENTRIES - 1 && floor <= 900, "floor {floor}");
+        assert!((1000 - 100 - COMPACT_SLACK_ENTRIES - 1..=900).contains(&floor), "floor {floor}");
         let everything = HistoryFilter::prefix("kv", b"");
         match store.history_page(HistoryPosition::at(floor), &everything, ALL).expect("read") {
             HistoryRead::Compacted { floor: said } => assert_eq!(said, floor),

@@ -480,14 +480,11 @@ impl Store {
         let recovered = inner.recover(installing.is_some())?;
         *inner.lock() = recovered;
         let store = Store { inner: Arc::new(inner) };
-        match installing {
-            Some(meta) => {
-                tracing::warn!(dir = %dir.display(), index = meta.index, "finishing a snapshot install interrupted by a crash");
-                store.finish_install(&meta)?;
-                let checked = store.inner.recover(false)?;
-                *store.inner.lock() = checked;
-            }
-            None => {}
+        if let Some(meta) = installing {
+            tracing::warn!(dir = %dir.display(), index = meta.index, "finishing a snapshot install interrupted by a crash");
+            store.finish_install(&meta)?;
+            let checked = store.inner.recover(false)?;
+            *store.inner.lock() = checked;
         }
         // What is left staged (a partly received snapshot, or one that waited
         // for its install) is useless after a restart: the leader sends a

@@ -10,6 +10,9 @@
 use super::{Store, StoreError, codec};
 use crate::wire::hex;
 
+/// A module's SHA-256, as its upload records are keyed.
+pub type ModuleHash = [u8; 32];
+
 const CHUNK_PREFIX: u8 = b'c';
 const UPLOAD_PREFIX: u8 = b'u';
 const VERSION_PREFIX: u8 = b'v';
@@ -93,7 +96,7 @@ impl Store {
     }
 
     /// Every upload record, by module hash.
-    pub fn module_uploads(&self) -> Result<Vec<([u8; 32], Vec<u8>)>, StoreError> {
+    pub fn module_uploads(&self) -> Result<Vec<(ModuleHash, Vec<u8>)>, StoreError> {
         let inner = &self.inner;
         let mut out = Vec::new();
         for guard in inner.modules.prefix([UPLOAD_PREFIX]) {
