@@ -9,10 +9,10 @@
 //! CRC32 over its index and contents, so a chunk under the wrong key or a
 //! flipped bit anywhere is caught. A chunk holds at most
 //! [`CHUNK_BYTES_MAX`] of entries (an entry larger than that has one of its
-//! own). One record per append
-//! instead of one per entry is what makes the log cheap in an LSM tree:
-//! each record costs a memtable insert, a journal record, a place in a
-//! flushed table and later a tombstone, whatever its size.
+//! own). One record per append instead of one per entry is what makes the
+//! log cheap in an LSM tree: each record costs a memtable insert, a journal
+//! record, a place in a flushed table and later a tombstone, whatever its
+//! size.
 //!
 //! Directories of format 1 hold one record per entry under its plain index
 //! (8-byte keys); they read as chunks of one, and stay until compacted.
