@@ -49,6 +49,85 @@ fn usage_at(dir: &str) -> Option<ProcessUsage> {
     Some(ProcessUsage { cpu_seconds: cpu_seconds_of(&stat)?, resident_bytes: resident_bytes_of(&status)? })
 }
 
+/// What a member's threads do, told apart by the names they are given:
+/// the kinds [`thread_cpu`] reports.
+pub const THREAD_KINDS: [&str; 4] = ["apply", "runtime", "storage", "other"];
+
+/// The kind (one of [`THREAD_KINDS`]) of a thread named `name`: `apply` runs
+/// a member's guests (`apply-N`, one per member), `runtime` the network,
+/// consensus and the log's writes and syncs (tokio's workers and blocking
+/// pool), `storage` the storage's flushes and compactions (fjall's pool),
+/// `other` the rest (the main thread, module compiles).
+pub fn thread_kind(name: &str) -> &'static str {
+    if name.starts_with("apply-") {
+        "apply"
+    } else if name.starts_with("tokio-") {
+        "runtime"
+    } else if name.starts_with("fjall") {
+        "storage"
+    } else {
+        "other"
+    }
+}
+
+/// CPU time of this process's threads by kind, kept so that each kind's
+/// figure only grows: a thread's time stays counted after it exits (as of
+/// the last read that saw it; tokio's blocking threads come and go).
+#[derive(Default)]
+struct ThreadLedger {
+    /// Live threads by (id, start time: ids are reused) -> (kind, clock
+    /// ticks; whole ticks, so sums do not depend on their order).
+    live: std::collections::HashMap<(u32, u64), (&'static str, u64)>,
+    /// Ticks of threads gone since, by kind.
+    retired: std::collections::BTreeMap<&'static str, u64>,
+}
+
+/// This process's CPU time by kind of thread ([`thread_kind`]), in seconds,
+/// every kind of [`THREAD_KINDS`] once, in that order; each figure only
+/// grows from one call to the next. `None` where `/proc/self/task` is not
+/// readable. A thread's time between the last call and its exit is not
+/// counted, so the kinds may add up to a little less than
+/// [`ProcessUsage::cpu_seconds`].
+pub fn thread_cpu() -> Option<Vec<(&'static str, f64)>> {
+    static LEDGER: std::sync::Mutex<Option<ThreadLedger>> = std::sync::Mutex::new(None);
+    let tasks = std::fs::read_dir("/proc/self/task").ok()?;
+    let mut seen = std::collections::HashMap::new();
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else { continue };
+        // A thread that exits between the listing and the read is skipped.
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+        let Some((name, ticks, started)) = thread_stat_of(&stat) else { continue };
+        seen.insert((tid, started), (thread_kind(name), ticks));
+    }
+    let mut ledger = LEDGER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let ledger = ledger.get_or_insert_with(ThreadLedger::default);
+    let gone: Vec<(u32, u64)> = ledger.live.keys().filter(|key| !seen.contains_key(key)).copied().collect();
+    for key in gone {
+        if let Some((kind, ticks)) = ledger.live.remove(&key) {
+            *ledger.retired.entry(kind).or_default() += ticks;
+        }
+    }
+    ledger.live.extend(seen);
+    Some(
+        THREAD_KINDS
+            .iter()
+            .map(|&kind| {
+                let live: u64 = ledger.live.values().filter(|(k, _)| *k == kind).map(|(_, ticks)| ticks).sum();
+                (kind, (live + ledger.retired.get(kind).copied().unwrap_or(0)) as f64 / USER_HZ)
+            })
+            .collect(),
+    )
+}
+
+/// A thread's name, CPU time (utime + stime) and start time (field 22,
+/// since boot), both in clock ticks, from its `/proc/self/task/<tid>/stat`.
+fn thread_stat_of(stat: &str) -> Option<(&str, u64, u64)> {
+    let name = stat.get(stat.find('(')? + 1..stat.rfind(')')?)?;
+    let ticks = cpu_ticks_of(stat)?;
+    let started = fields_after_name(stat)?.nth(19)?.parse().ok()?;
+    Some((name, ticks, started))
+}
+
 /// The ids of the processes on this machine whose command name is `name`.
 pub fn pids_named(name: &str) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
@@ -86,12 +165,17 @@ fn fields_after_name(stat: &str) -> Option<std::str::SplitWhitespace<'_>> {
     Some(stat[stat.rfind(')')? + 1..].split_whitespace())
 }
 
-/// utime + stime (fields 14 and 15) of a `/proc/<pid>/stat` line.
+/// utime + stime (fields 14 and 15) of a `/proc/<pid>/stat` line, in seconds.
 fn cpu_seconds_of(stat: &str) -> Option<f64> {
+    Some(cpu_ticks_of(stat)? as f64 / USER_HZ)
+}
+
+/// utime + stime of a `/proc/<pid>/stat` line, in clock ticks.
+fn cpu_ticks_of(stat: &str) -> Option<u64> {
     let mut fields = fields_after_name(stat)?.skip(11);
     let user: u64 = fields.next()?.parse().ok()?;
     let system: u64 = fields.next()?.parse().ok()?;
-    Some((user + system) as f64 / USER_HZ)
+    Some(user + system)
 }
 
 /// The nice value (field 19 of its `stat`) of each thread of process `pid`
@@ -341,6 +425,58 @@ mod tests {
         assert_eq!(cpu_seconds_of(stat), Some(3.25));
         assert_eq!(cpu_seconds_of("garbage"), None);
         assert_eq!(cpu_seconds_of("1 (x) S 1"), None);
+    }
+
+    #[test]
+    fn a_thread_stat_gives_its_name_cpu_time_and_start_even_with_parentheses_in_the_name() {
+        let stat = "4243 (apply-(1) x) S 1 4242 4242 0 -1 4194560 7000 0 0 0 250 75 0 0 20 0 9 0 8123 0 0";
+        assert_eq!(thread_stat_of(stat), Some(("apply-(1) x", 325, 8123)));
+        assert_eq!(thread_stat_of("4243 (x) S 1"), None);
+        assert_eq!(thread_stat_of("no name here"), None);
+    }
+
+    #[test]
+    fn threads_are_told_apart_by_the_names_members_give_them() {
+        assert_eq!(thread_kind("apply-3"), "apply");
+        assert_eq!(thread_kind("tokio-rt-worker"), "runtime");
+        assert_eq!(thread_kind("fjall:worker"), "storage");
+        assert_eq!(thread_kind("module-compile"), "other");
+        assert_eq!(thread_kind("raft-host"), "other");
+        assert!(
+            ["apply-1", "tokio-rt-worker", "fjall:worker", "main"]
+                .iter()
+                .all(|n| THREAD_KINDS.contains(&thread_kind(n)))
+        );
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_busy_thread_counts_under_its_kind_and_stays_counted_after_it_exits() {
+        let before = thread_cpu().expect("readable on Linux");
+        assert_eq!(before.iter().map(|(kind, _)| *kind).collect::<Vec<_>>(), THREAD_KINDS);
+        let apply = |figures: &[(&str, f64)]| figures.iter().find(|(kind, _)| *kind == "apply").map(|(_, s)| *s);
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let spinner = std::thread::Builder::new()
+            .name("apply-test".into())
+            .spawn(move || {
+                let started = std::time::Instant::now();
+                let mut spin = 0u64;
+                while started.elapsed() < std::time::Duration::from_millis(200) {
+                    spin = std::hint::black_box(spin.wrapping_add(1));
+                }
+                // Seen alive once it has used its time, then let go.
+                let _ = receiver.recv();
+            })
+            .expect("thread");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let busy = thread_cpu().expect("readable");
+        sender.send(()).expect("spinner waits");
+        spinner.join().expect("spinner ran");
+        let after = thread_cpu().expect("readable");
+        let (before, busy, after) = (apply(&before).unwrap(), apply(&busy).unwrap(), apply(&after).unwrap());
+        // 200 ms of spinning; the clock ticks at 10 ms and other tests share the cores.
+        assert!(busy - before >= 0.05, "apply threads: {before} -> {busy}");
+        assert!(after >= busy, "an exited thread's time is kept: {busy} -> {after}");
     }
 
     #[test]

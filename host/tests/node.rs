@@ -204,7 +204,19 @@ fn metrics_are_served_in_the_prometheus_text_format() {
         // writes: it has used CPU and holds more than a few MB.
         assert!(value("process_resident_memory_bytes ") > 4 << 20);
         let cpu = body.lines().find_map(|l| l.strip_prefix("process_cpu_seconds_total ")).expect("cpu line");
-        assert!(cpu.parse::<f64>().expect("seconds") > 0.0, "{cpu}");
+        let cpu: f64 = cpu.parse().expect("seconds");
+        assert!(cpu > 0.0, "{cpu}");
+        // Each kind of thread once; together about the process's figure or
+        // less (that one also holds threads that exited unseen; the kernel
+        // rounds each thread's time and the process's apart).
+        let kinds: Vec<(&str, f64)> = body
+            .lines()
+            .filter_map(|l| l.strip_prefix("raft_host_thread_cpu_seconds_total{kind=\""))
+            .filter_map(|l| l.split_once("\"} "))
+            .map(|(kind, seconds)| (kind, seconds.parse().expect("seconds")))
+            .collect();
+        assert_eq!(kinds.iter().map(|(kind, _)| *kind).collect::<Vec<_>>(), ["apply", "runtime", "storage", "other"]);
+        assert!(kinds.iter().map(|(_, s)| s).sum::<f64>() <= cpu * 1.05 + 0.05, "{kinds:?} vs {cpu}");
         for line in body.lines().filter(|l| !l.starts_with('#')) {
             let (name, value) = line.rsplit_once(' ').expect("name and value");
             assert!(name.starts_with("raft_host_") || name.starts_with("process_"), "{line}");

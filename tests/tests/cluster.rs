@@ -353,6 +353,19 @@ fn the_cli_writes_reads_reports_and_benchmarks_and_sigterm_stops_a_member_gracef
             let leader_process =
                 processes.iter().find(|p| p["members"][0]["role"] == "leader").expect("the leader's process");
             assert!(leader_process["cpu_us_per_op"].as_f64().is_some_and(|us| us > 0.0), "{figures}");
+            // ...split by kind of thread, each kind once, no more than the whole
+            // (within the kernel's rounding: 10 ms per thread).
+            for process in processes {
+                let kinds = process["threads_cpu_us_per_op"].as_object().expect("threads_cpu_us_per_op");
+                let mut names: Vec<&str> = kinds.keys().map(String::as_str).collect();
+                names.sort_unstable();
+                assert_eq!(names, ["apply", "other", "runtime", "storage"], "{figures}");
+                let sum: f64 = kinds.values().filter_map(serde_json::Value::as_f64).sum();
+                let whole = process["cpu_us_per_op"].as_f64().expect("cpu_us_per_op");
+                let count = |of: &str| figures[of]["count"].as_f64().unwrap_or(0.0);
+                let tick_per_op = 0.01 * 1e6 / (count("write_latency") + count("read_latency")).max(1.0);
+                assert!(sum <= whole + 16.0 * tick_per_op, "{sum} > {whole}: {figures}");
+            }
             assert!(processes.iter().all(|p| p["resident_bytes"].as_u64().is_some_and(|b| b > 1 << 20)), "{figures}");
             assert!(figures["bench_cpu_us_per_op"].as_f64().is_some_and(|us| us > 0.0), "{figures}");
         }

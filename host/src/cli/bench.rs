@@ -283,6 +283,7 @@ fn bench_etcd(args: &BenchArgs) -> anyhow::Result<()> {
                 members: Vec::new(),
                 cpu_seconds: after.cpu_seconds - before.cpu_seconds,
                 resident_bytes: after.resident_bytes,
+                threads: Vec::new(),
             })
         })
         .collect();
@@ -464,6 +465,9 @@ struct ProcessCpu {
     members: Vec<(u64, String)>,
     cpu_seconds: f64,
     resident_bytes: u64,
+    /// CPU seconds by kind of thread (`StatusResponse.thread_cpu`), in the
+    /// member's order; empty where it does not report them.
+    threads: Vec<(String, f64)>,
 }
 
 /// What a report calls a process running `members`.
@@ -500,6 +504,14 @@ fn processes_cpu(
                     members: vec![member],
                     cpu_seconds: after.process_cpu_seconds - before.process_cpu_seconds,
                     resident_bytes: after.process_resident_bytes,
+                    threads: after
+                        .thread_cpu
+                        .iter()
+                        .filter_map(|threads| {
+                            let start = before.thread_cpu.iter().find(|b| b.kind == threads.kind)?;
+                            Some((threads.kind.clone(), (threads.cpu_seconds - start.cpu_seconds).max(0.0)))
+                        })
+                        .collect(),
                 },
             )),
         }
@@ -692,6 +704,9 @@ fn report(
                 "members": p.members.iter().map(|(id, role)| json!({"id": id, "role": role})).collect::<Vec<_>>(),
                 "cpu_seconds": p.cpu_seconds,
                 "cpu_us_per_op": per_op_us(p.cpu_seconds),
+                "threads_cpu_us_per_op": p.threads.iter()
+                    .map(|(kind, seconds)| (kind.clone(), json!(per_op_us(*seconds))))
+                    .collect::<serde_json::Map<_, _>>(),
                 "resident_bytes": p.resident_bytes,
             })
         })
@@ -757,6 +772,12 @@ fn report(
         }
         let total = cpu.processes.iter().map(|p| p.cpu_seconds).sum::<f64>() + cpu.bench_cpu_seconds.unwrap_or(0.0);
         println!("   cpu: µs per operation: {}; total {:.0}", parts.join(", "), per_op_us(total));
+        let by_kind = threads_over_processes(&cpu.processes);
+        if !by_kind.is_empty() {
+            let parts: Vec<String> =
+                by_kind.iter().map(|(kind, seconds)| format!("{kind} {:.1}", per_op_us(*seconds))).collect();
+            println!("threads: µs per operation, members together: {}", parts.join(", "));
+        }
         let memory: Vec<String> =
             cpu.processes.iter().map(|p| format!("{} {} MiB", p.name, p.resident_bytes >> 20)).collect();
         if !memory.is_empty() {
@@ -765,6 +786,19 @@ fn report(
     }
     print_errors(errors, first_error.as_deref());
     Ok(())
+}
+
+/// Each kind of thread's CPU seconds summed over the member processes, in
+/// the order the members report the kinds.
+fn threads_over_processes(processes: &[ProcessCpu]) -> Vec<(String, f64)> {
+    let mut by_kind: Vec<(String, f64)> = Vec::new();
+    for (kind, seconds) in processes.iter().flat_map(|p| &p.threads) {
+        match by_kind.iter_mut().find(|(k, _)| k == kind) {
+            Some((_, total)) => *total += seconds,
+            None => by_kind.push((kind.clone(), *seconds)),
+        }
+    }
+    by_kind
 }
 
 /// Failures over every client: how many, and the first one seen.
@@ -783,8 +817,8 @@ pub(super) fn print_errors(errors: u64, first_error: Option<&str>) {
 
 #[cfg(test)]
 mod tests {
-    use super::{processes_cpu, put_command, random_values, retrying};
-    use raft_host::wire::client_pb::StatusResponse;
+    use super::{processes_cpu, put_command, random_values, retrying, threads_over_processes};
+    use raft_host::wire::client_pb::{StatusResponse, ThreadCpu};
 
     fn sample(id: u64, role: &str, instance: u64, cpu: f64) -> Option<StatusResponse> {
         Some(StatusResponse {
@@ -820,6 +854,25 @@ mod tests {
         assert_eq!(processes[0].members, vec![(1, "leader".to_string()), (2, "follower".to_string())]);
         assert!((processes[0].cpu_seconds - 2.5).abs() < 1e-9);
         assert_eq!(processes[0].name, "members 1 (leader) + 2 (follower) in one process");
+    }
+
+    #[test]
+    fn thread_cpu_is_the_change_of_each_kind_both_samples_report_summed_over_processes() {
+        let with_threads = |id, instance, apply, runtime: Option<f64>| {
+            let mut status = sample(id, "follower", instance, apply + runtime.unwrap_or(0.0))?;
+            status.thread_cpu.push(ThreadCpu { kind: "apply".into(), cpu_seconds: apply });
+            if let Some(runtime) = runtime {
+                status.thread_cpu.push(ThreadCpu { kind: "runtime".into(), cpu_seconds: runtime });
+            }
+            Some(status)
+        };
+        let before = [with_threads(1, 7, 1.0, Some(2.0)), with_threads(2, 8, 0.5, None)];
+        let after = [with_threads(1, 7, 1.25, Some(3.0)), with_threads(2, 8, 1.0, Some(4.0))];
+        let processes = processes_cpu(&before, &after);
+        assert_eq!(processes[0].threads, vec![("apply".to_string(), 0.25), ("runtime".to_string(), 1.0)]);
+        // A kind the first sample lacked has no change to report.
+        assert_eq!(processes[1].threads, vec![("apply".to_string(), 0.5)]);
+        assert_eq!(threads_over_processes(&processes), vec![("apply".to_string(), 0.75), ("runtime".to_string(), 1.0)]);
     }
 
     #[test]

@@ -29,7 +29,7 @@ use crate::wire::client_pb::{
     BatchResponse, ChangeMembershipRequest, DeployProgress, DeployRequest, LeadershipEvent, Member, MembersRequest,
     MembersResponse, MembershipChange, ModuleVersionInfo, ModulesRequest, ModulesResponse, ReadRequest, ReadResponse,
     RemoveModuleRequest, RemoveModuleResponse, SetOfflineRequest, SetOfflineResponse, StateMachineStatus,
-    StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse, WatchChangesRequest,
+    StatusRequest, StatusResponse, ThreadCpu, TransferLeaderRequest, TransferLeaderResponse, WatchChangesRequest,
     WatchChangesResponse, WatchRequest, WriteRequest, WriteResponse, backup_chunk, batch_answer, batch_item,
     client_client::ClientClient, outcome,
 };
@@ -923,6 +923,9 @@ impl ClientService {
             .map(|m| StateMachineStatus { name: m.name, module_hash: m.module_hash, state_digest: m.state_digest })
             .collect();
         let (modules_compiled, modules_loaded_from_cache) = self.node.modules.runtime().load_counts();
+        // Threads first, so the process's figure read after covers at least
+        // the time theirs do.
+        let thread_cpu = process::thread_cpu().unwrap_or_default();
         let usage = process::usage().unwrap_or_default();
         Ok(StatusResponse {
             cluster_id: self.config.node.cluster_id.clone(),
@@ -943,6 +946,10 @@ impl ClientService {
             process_cpu_seconds: usage.cpu_seconds,
             process_resident_bytes: usage.resident_bytes,
             process_instance: process::instance_id(),
+            thread_cpu: thread_cpu
+                .into_iter()
+                .map(|(kind, cpu_seconds)| ThreadCpu { kind: kind.to_string(), cpu_seconds })
+                .collect(),
             modules_in_memory: self.node.modules.runtime().loaded_count() as u64,
             snapshot_staged_bytes: self.node.store.staged_bytes().map_err(|e| Status::internal(e.to_string()))?,
             version: env!("CARGO_PKG_VERSION").to_string(),

@@ -148,6 +148,22 @@ pub fn render(
             status.process_resident_bytes
         );
     }
+    if !status.thread_cpu.is_empty() {
+        let _ = writeln!(
+            out,
+            "# HELP raft_host_thread_cpu_seconds_total CPU time of this process by kind of thread: apply \
+             (the guests' apply), runtime (network, consensus, log writes), storage (flushes, compactions), other.\n\
+             # TYPE raft_host_thread_cpu_seconds_total counter"
+        );
+        for threads in &status.thread_cpu {
+            let _ = writeln!(
+                out,
+                "raft_host_thread_cpu_seconds_total{{kind=\"{}\"}} {}",
+                escape(&threads.kind),
+                threads.cpu_seconds
+            );
+        }
+    }
     let _ = writeln!(out, "# HELP raft_host_state_machine_info Active module of each state machine.");
     let _ = writeln!(out, "# TYPE raft_host_state_machine_info gauge");
     for machine in &status.state_machines {
