@@ -90,6 +90,9 @@ struct ThreadLedger {
 /// [`ProcessUsage::cpu_seconds`].
 pub fn thread_cpu() -> Option<Vec<(&'static str, f64)>> {
     static LEDGER: std::sync::Mutex<Option<ThreadLedger>> = std::sync::Mutex::new(None);
+    // Held across the read: a caller with an older reading must not put it
+    // in after a newer one.
+    let mut ledger = LEDGER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let tasks = std::fs::read_dir("/proc/self/task").ok()?;
     let mut seen = std::collections::HashMap::new();
     for task in tasks.flatten() {
@@ -99,7 +102,6 @@ pub fn thread_cpu() -> Option<Vec<(&'static str, f64)>> {
         let Some((name, ticks, started)) = thread_stat_of(&stat) else { continue };
         seen.insert((tid, started), (thread_kind(name), ticks));
     }
-    let mut ledger = LEDGER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let ledger = ledger.get_or_insert_with(ThreadLedger::default);
     let gone: Vec<(u32, u64)> = ledger.live.keys().filter(|key| !seen.contains_key(key)).copied().collect();
     for key in gone {
