@@ -1416,8 +1416,21 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         fill(80, 256);
-        let journals = journals();
-        assert!(journals <= 2, "{journals} journals after 336 MiB of writes, with a 64 MiB budget");
+        // Over the budget, fjall flushes the keyspaces that hold the oldest
+        // journal in the background and drops it after: on a busy machine the
+        // count comes down a moment after the last write, not at it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let journals = journals();
+            if journals <= 2 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{journals} journals 10 s after 336 MiB of writes, with a 64 MiB budget"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     /// The state keyspace takes twice the memtable of the others and merges
