@@ -1373,6 +1373,17 @@ mod tests {
         StoreOptions { durability: Durability::UnsafeNoSync, ..StoreOptions::default() }
     }
 
+    /// Polls `check` until it passes (fjall flushes, merges and drops
+    /// journals on its own threads); fails with its last complaint after
+    /// `seconds`.
+    fn eventually(seconds: u64, mut check: impl FnMut() -> Result<(), String>) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+        while let Err(complaint) = check() {
+            assert!(std::time::Instant::now() < deadline, "after {seconds} s: {complaint}");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
     /// fjall keeps a journal until every keyspace with records in it has a
     /// table at least as new; a keyspace cleared with fjall's `clear` has
     /// none, and every journal after it stayed on disk (fjall issue #288).
@@ -1403,34 +1414,20 @@ mod tests {
         inner.empty_keyspace(&inner.staging).expect("empty");
         assert!(inner.staging.is_empty().expect("read"));
         // The marker is flushed in the background.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            let emptied = inner.staging.tree.get_highest_persisted_seqno();
-            if emptied.is_some_and(|seqno| seqno > before) {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
+        eventually(10, || match inner.staging.tree.get_highest_persisted_seqno() {
+            Some(seqno) if seqno > before => Ok(()),
+            emptied => Err(format!(
                 "the emptied keyspace has no table newer than what came before it ({emptied:?} vs {before})"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+            )),
+        });
         fill(80, 256);
         // Over the budget, fjall flushes the keyspaces that hold the oldest
         // journal in the background and drops it after: on a busy machine the
         // count comes down a moment after the last write, not at it.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            let journals = journals();
-            if journals <= 2 {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{journals} journals 10 s after 336 MiB of writes, with a 64 MiB budget"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        eventually(10, || match journals() {
+            ..=2 => Ok(()),
+            journals => Err(format!("{journals} journals after 336 MiB of writes, with a 64 MiB budget")),
+        });
     }
 
     /// The state keyspace takes twice the memtable of the others and merges
@@ -1445,11 +1442,7 @@ mod tests {
             .expect("open");
         let inner = &store.inner;
         let wait_until = |what: &str, done: &dyn Fn() -> bool| {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-            while !done() {
-                assert!(std::time::Instant::now() < deadline, "{what} did not happen within 20 s");
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
+            eventually(20, || if done() { Ok(()) } else { Err(format!("{what} did not happen")) });
         };
         // One and a half memtables of the others: one worker thread takes
         // the state's rotation request, had there been one, before the
