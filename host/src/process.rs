@@ -93,12 +93,8 @@ pub fn thread_cpu() -> Option<Vec<(&'static str, f64)>> {
     // Held across the read: a caller with an older reading must not put it
     // in after a newer one.
     let mut ledger = LEDGER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let tasks = std::fs::read_dir("/proc/self/task").ok()?;
     let mut seen = std::collections::HashMap::new();
-    for task in tasks.flatten() {
-        let Some(tid) = task.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else { continue };
-        // A thread that exits between the listing and the read is skipped.
-        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+    for (tid, stat) in thread_stats("/proc/self")? {
         let Some((name, ticks, started)) = thread_stat_of(&stat) else { continue };
         seen.insert((tid, started), (thread_kind(name), ticks));
     }
@@ -121,10 +117,32 @@ pub fn thread_cpu() -> Option<Vec<(&'static str, f64)>> {
     )
 }
 
+/// Each thread of the process at `dir` (`/proc/self`, `/proc/<pid>`) by id,
+/// with its `stat` line; `None` where the process's threads cannot be
+/// listed. A thread that exits between the listing and the read is left out.
+fn thread_stats(dir: &str) -> Option<Vec<(u32, String)>> {
+    let tasks = std::fs::read_dir(format!("{dir}/task")).ok()?;
+    Some(
+        tasks
+            .flatten()
+            .filter_map(|task| {
+                let tid = task.file_name().to_str()?.parse().ok()?;
+                Some((tid, std::fs::read_to_string(task.path().join("stat")).ok()?))
+            })
+            .collect(),
+    )
+}
+
+/// The command name (field 2) of a `/proc/<pid>/stat` line: what is
+/// between the first `(` and the last `)`, since it may hold either.
+fn name_of(stat: &str) -> Option<&str> {
+    stat.get(stat.find('(')? + 1..stat.rfind(')')?)
+}
+
 /// A thread's name, CPU time (utime + stime) and start time (field 22,
 /// since boot), both in clock ticks, from its `/proc/self/task/<tid>/stat`.
 fn thread_stat_of(stat: &str) -> Option<(&str, u64, u64)> {
-    let name = stat.get(stat.find('(')? + 1..stat.rfind(')')?)?;
+    let name = name_of(stat)?;
     let ticks = cpu_ticks_of(stat)?;
     let started = fields_after_name(stat)?.nth(19)?.parse().ok()?;
     Some((name, ticks, started))
@@ -184,14 +202,11 @@ fn cpu_ticks_of(stat: &str) -> Option<u64> {
 /// whose name starts with `prefix`; empty where `/proc` is not readable.
 /// For checking [`BackgroundPriority`] from outside the process.
 pub fn thread_nice_values(pid: u32, prefix: &str) -> Vec<i32> {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
-    tasks
-        .flatten()
-        .filter(|task| std::fs::read_to_string(task.path().join("comm")).is_ok_and(|name| name.starts_with(prefix)))
-        .filter_map(|task| {
-            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
-            fields_after_name(&stat)?.nth(16)?.parse().ok()
-        })
+    thread_stats(&format!("/proc/{pid}"))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(_, stat)| name_of(stat).is_some_and(|name| name.starts_with(prefix)))
+        .filter_map(|(_, stat)| fields_after_name(&stat)?.nth(16)?.parse().ok())
         .collect()
 }
 
