@@ -14,8 +14,9 @@
 //! runs a long soak instead of the short mix CI runs. A failure prints the
 //! seed, the schedule and where the history was written.
 
-use raft_host::client::{ClusterClient, Consistency, outcome_of};
-use raft_host::wire::client_pb::{MembershipChange, StatusResponse};
+use raft_host::client::{ClientError, ClusterClient, Consistency, outcome_of};
+use raft_host::wire::NO_RETRY_KEY;
+use raft_host::wire::client_pb::{MembershipChange, StatusResponse, WriteRequest, client_client::ClientClient};
 use raft_host_e2e::linearizable::{self, CasOutcome, Operation, RegisterOp};
 use raft_host_e2e::{Cluster, run};
 use serde_json::{Value, json};
@@ -63,6 +64,10 @@ impl Rng {
 struct History {
     started: Instant,
     ops: Mutex<Vec<Operation>>,
+    /// Why writes ended without an outcome, with how many did: the run's
+    /// summary shows whether they timed out inside a fault or were turned
+    /// away at once (which a client meets as often as it asks).
+    unknown_causes: Mutex<BTreeMap<String, u64>>,
 }
 
 impl History {
@@ -71,6 +76,21 @@ impl History {
     }
     fn record(&self, op: Operation) {
         self.ops.lock().unwrap_or_else(|p| p.into_inner()).push(op);
+    }
+    fn unknown_because(&self, cause: String) {
+        *self.unknown_causes.lock().unwrap_or_else(|p| p.into_inner()).entry(cause).or_default() += 1;
+    }
+}
+
+/// Why a write's outcome is unknown, in few enough words to count: a
+/// refusal by its gRPC code, a client that ran out of retries, or (no
+/// error) an answer that was not the kv's.
+fn unknown_cause(error: Option<&ClientError>) -> String {
+    match error {
+        Some(ClientError::Refused { code, .. }) => format!("refused {code:?}"),
+        Some(ClientError::GaveUp { .. }) => "gave up retrying".to_string(),
+        Some(other) => format!("client error: {other}"),
+        None => "no kv answer".to_string(),
     }
 }
 
@@ -105,11 +125,13 @@ async fn client_loop(
             written += 1;
             let value = format!("c{id}-{written}");
             let command = json!({"op": "put", "key": key, "value": value}).to_string().into_bytes();
-            let answer = client.write("kv", command).await;
-            let previous = match answer {
-                Ok(reply) => outcome_of(reply.outcome).ok().and_then(|bytes| kv_value(&bytes, "previous")),
-                Err(_) => None,
+            let (previous, error) = match client.write("kv", command).await {
+                Ok(reply) => (outcome_of(reply.outcome).ok().and_then(|bytes| kv_value(&bytes, "previous")), None),
+                Err(error) => (None, Some(error)),
             };
+            if previous.is_none() {
+                history.unknown_because(unknown_cause(error.as_ref()));
+            }
             let completed = previous.is_some().then(|| history.now());
             history.record(Operation {
                 key: key.into(),
@@ -123,14 +145,20 @@ async fn client_loop(
             let value = format!("c{id}-{written}");
             let expected = seen.get(key).cloned().unwrap_or(None);
             let command = json!({"op": "cas", "key": key, "expected": expected, "value": value}).to_string();
-            let answer = client.write("kv", command.into_bytes()).await;
-            let outcome = answer.ok().and_then(|reply| outcome_of(reply.outcome).ok()).and_then(|bytes| {
+            let (answer, error) = match client.write("kv", command.into_bytes()).await {
+                Ok(reply) => (outcome_of(reply.outcome).ok(), None),
+                Err(error) => (None, Some(error)),
+            };
+            let outcome = answer.and_then(|bytes| {
                 let parsed: Value = serde_json::from_slice(&bytes).ok()?;
                 match parsed.get("ok")?.as_bool()? {
                     true => Some(CasOutcome::Swapped),
                     false => Some(CasOutcome::Refused { current: kv_value(&bytes, "current")? }),
                 }
             });
+            if outcome.is_none() {
+                history.unknown_because(unknown_cause(error.as_ref()));
+            }
             let completed = outcome.is_some().then(|| history.now());
             history.record(Operation {
                 key: key.into(),
@@ -458,7 +486,11 @@ fn a_cluster_under_mixed_faults_stays_linearizable_and_loses_no_acknowledged_wri
         );
         cluster.leader(SETTLE).await;
 
-        let history = Arc::new(History { started: Instant::now(), ops: Mutex::new(Vec::new()) });
+        let history = Arc::new(History {
+            started: Instant::now(),
+            ops: Mutex::new(Vec::new()),
+            unknown_causes: Mutex::new(BTreeMap::new()),
+        });
         let stop = Arc::new(AtomicBool::new(false));
         let clients: Vec<_> = (0..CLIENTS)
             .map(|id| {
@@ -558,10 +590,13 @@ fn a_cluster_under_mixed_faults_stays_linearizable_and_loses_no_acknowledged_wri
         let checked = linearizable::check(&ops);
         let checked_in = checking.elapsed();
         let faults: Vec<String> = nemesis.counts.iter().map(|(fault, n)| format!("{fault:?}={n}")).collect();
+        let causes = history.unknown_causes.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let causes: String = causes.iter().map(|(cause, n)| format!(" {cause}={n}")).collect();
         println!(
-            "fault suite: seed {seed}, {} ops, {acknowledged} acknowledged writes, {unknown} unknown outcomes, \
+            "fault suite: seed {seed}, {} ops, {acknowledged} acknowledged writes, {unknown} unknown outcomes{}, \
              faults {}, members {:?} at index {}, anomalies {} (checked in {checked_in:.1?})",
             ops.len(),
+            if causes.is_empty() { String::new() } else { format!(" (by cause:{causes})") },
             faults.join(" "),
             statuses.iter().map(|s| s.id).collect::<Vec<_>>(),
             statuses[0].applied_index,
@@ -603,15 +638,29 @@ fn a_member_with_a_full_disk_refuses_writes_serves_reads_and_catches_up_when_spa
             wait_until(SETTLE, || async { cluster.status(1).await.is_some_and(|s| s.disk_low) }).await,
             "member 1 never saw its disk fill"
         );
-        // As leader it refuses writes, at once and saying why...
-        let refused = admin.write("kv", raft_host_e2e::put("during", "1")).await.expect_err("refused");
-        assert_eq!(refused.code(), Some(tonic::Code::ResourceExhausted), "{refused}");
-        assert!(refused.to_string().contains("disk"), "{refused}");
+        // As leader it refuses writes, at once and saying why, as something
+        // to retry (its own answer, before any client's retries)...
+        let mut raw = ClientClient::new(cluster.channel(1));
+        let write = WriteRequest {
+            state_machine: "kv".into(),
+            command: raft_host_e2e::put("during", "1").into(),
+            ..WriteRequest::default()
+        };
+        let refused = raw.write(write).await.expect_err("refused");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+        assert!(refused.message().contains("disk"), "{refused:?}");
+        assert!(!refused.metadata().contains_key(NO_RETRY_KEY), "a full disk is not the client's to fix: {refused:?}");
         // ... and still serves reads.
         let mut at_one = cluster.client_of(1);
         let read = at_one.read("kv", raft_host_e2e::get("before"), Consistency::Linearizable).await.expect("read");
         assert_eq!(outcome_of(read.outcome), Ok(br#"{"value":"1"}"#.to_vec()));
-        // Leadership moves on by itself (the others have room); they take
+        // A client's write meanwhile is retried until leadership has moved
+        // to a member with room, and goes through there: the application
+        // sees a slow write, not a failed one.
+        let during =
+            admin.write("kv", raft_host_e2e::put("during", "1")).await.expect("a write rides through the handover");
+        assert!(outcome_of(during.outcome).is_ok());
+        // Leadership moved on by itself (the others have room); they take
         // writes while member 1 waits.
         let leads = |id| {
             let cluster = &cluster;

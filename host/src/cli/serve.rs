@@ -113,8 +113,9 @@ pub struct ServeArgs {
     #[arg(long, env = "RAFT_HOST_UPLOAD_EXPIRY_SECS")]
     upload_expiry_secs: Option<u64>,
     /// Free bytes kept on the data disk (default 128 MiB): below it the
-    /// member takes no new entries (writes get RESOURCE_EXHAUSTED) but
-    /// still serves reads, until space is freed.
+    /// member takes no new entries (as leader it answers writes with
+    /// RESOURCE_EXHAUSTED, which clients retry, and hands leadership to a
+    /// member with room) but still serves reads, until space is freed.
     #[arg(long, env = "RAFT_HOST_MIN_FREE_DISK_BYTES")]
     min_free_disk_bytes: Option<u64>,
     /// The storage's block cache, in bytes (default 16 MiB): on-disk blocks

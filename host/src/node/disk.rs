@@ -4,7 +4,9 @@
 //! rightly: a write that failed half-way cannot be trusted), so waiting for
 //! ENOSPC would stop the member. Instead, once free space falls below the
 //! reserve (`--min-free-disk-bytes`), the member takes no new entries: as
-//! leader it refuses proposals (`RESOURCE_EXHAUSTED`, naming the disk), as
+//! leader it refuses proposals (`RESOURCE_EXHAUSTED`, naming the disk; a
+//! client retries it, as it would a busy member) and soon hands leadership
+//! to a voter with room, so the cluster goes on taking writes; as
 //! follower it lets the leader's appends with entries go unanswered (the
 //! leader retries, as for a lost message) and refuses snapshots too large
 //! for what is left (a snapshot replaces the state, so one that fits is the
@@ -73,7 +75,7 @@ impl DiskSpace {
     pub fn refusal(&self) -> String {
         format!(
             "this member's data disk is nearly full ({} bytes free, below the reserve of {} bytes): it takes no \
-             new entries until space is freed",
+             new entries until space is freed, and hands leadership to a member with room",
             self.free_bytes(),
             self.reserve_bytes
         )

@@ -43,8 +43,9 @@ pub enum RequestError {
     /// version, say); retrying as is will not help.
     #[error("{0}")]
     QuotaExceeded(String),
-    /// This member's disk is nearly full: it takes no new entries until an
-    /// operator frees space.
+    /// This member leads on a nearly full disk: it takes no new entries
+    /// until space returns, and hands leadership to a member with room
+    /// within seconds, so a client retrying gets through there.
     #[error("{0}")]
     DiskFull(String),
     #[error("internal error: {0}")]

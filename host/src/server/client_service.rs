@@ -588,7 +588,8 @@ fn new_request_id() -> String {
 }
 
 /// The gRPC status for a request error; retryable ones are UNAVAILABLE or
-/// RESOURCE_EXHAUSTED, and "not the leader" names the leader in metadata.
+/// RESOURCE_EXHAUSTED (unless marked not to be retried), and "not the
+/// leader" names the leader in metadata.
 pub(super) fn status_of(error: RequestError) -> Status {
     let message = error.to_string();
     match error {
@@ -608,12 +609,18 @@ pub(super) fn status_of(error: RequestError) -> Status {
         RequestError::NoLeader | RequestError::LeadershipChanged | RequestError::ShuttingDown => {
             Status::unavailable(message)
         }
-        RequestError::Busy(_) => Status::resource_exhausted(message),
+        // A leader's full disk is this member's condition, not the
+        // cluster's: it hands leadership to a member with room (see
+        // `hand_over_while_disk_low`), so clients retry as they would
+        // through an election, and one that runs out of time reports this
+        // refusal as its last error. Failing each write at once failed
+        // every write of the seconds before the handover.
+        RequestError::Busy(_) | RequestError::DiskFull(_) => Status::resource_exhausted(message),
         RequestError::Invalid(_) | RequestError::UnknownStateMachine(_) => Status::invalid_argument(message),
         RequestError::SessionExpired { .. } | RequestError::Rejected(_) => Status::failed_precondition(message),
         RequestError::OutcomeUnknown(_) => Status::aborted(message),
         RequestError::Timeout(_) => Status::deadline_exceeded(message),
-        RequestError::QuotaExceeded(_) | RequestError::DiskFull(_) => {
+        RequestError::QuotaExceeded(_) => {
             let mut status = Status::resource_exhausted(message);
             status.metadata_mut().insert(NO_RETRY_KEY, MetadataValue::from_static("1"));
             status
