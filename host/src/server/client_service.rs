@@ -587,6 +587,16 @@ fn new_request_id() -> String {
     format!("{:08x}-{n}", process::instance_id() as u32)
 }
 
+/// Whether a status answer carries the process's CPU (by kind of thread)
+/// and memory, read from `/proc`, one file per thread: `Status` and the
+/// metrics do; the health checks, which poll every member twice a second
+/// and look at none of them, do not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProcessFigures {
+    Read,
+    Skipped,
+}
+
 /// The gRPC status for a request error; retryable ones are UNAVAILABLE or
 /// RESOURCE_EXHAUSTED (unless marked not to be retried), and "not the
 /// leader" names the leader in metadata.
@@ -919,8 +929,9 @@ impl ClientService {
     }
 
     /// This member's status, as `Status` and the metrics report it; the
-    /// state digests (which read all the state) only when asked for.
-    pub async fn status_now(&self, digests: Digests) -> Result<StatusResponse, Status> {
+    /// state digests (which read all the state) and the process's figures
+    /// only when asked for.
+    pub async fn status_now(&self, digests: Digests, figures: ProcessFigures) -> Result<StatusResponse, Status> {
         let core = self.node.core.status().await.map_err(status_of)?;
         let applied = self.node.applied.status(digests).await.map_err(status_of)?;
         let members = members_pb(&self.node.members.current());
@@ -930,10 +941,12 @@ impl ClientService {
             .map(|m| StateMachineStatus { name: m.name, module_hash: m.module_hash, state_digest: m.state_digest })
             .collect();
         let (modules_compiled, modules_loaded_from_cache) = self.node.modules.runtime().load_counts();
-        // Threads first, so the process's figure read after covers at least
-        // the time theirs do.
-        let thread_cpu = process::thread_cpu().unwrap_or_default();
-        let usage = process::usage().unwrap_or_default();
+        let (thread_cpu, usage) = match figures {
+            // Threads first, so the process's figure read after covers at
+            // least the time theirs do.
+            ProcessFigures::Read => (process::thread_cpu().unwrap_or_default(), process::usage().unwrap_or_default()),
+            ProcessFigures::Skipped => Default::default(),
+        };
         Ok(StatusResponse {
             cluster_id: self.config.node.cluster_id.clone(),
             id: self.config.node.id,
@@ -974,7 +987,10 @@ impl ClientService {
 
 impl MetricsSource for ClientService {
     async fn probe(&self, probe: Probe) -> Result<String, String> {
-        let status = self.status_now(Digests::Skipped).await.map_err(|status| status.message().to_string())?;
+        let status = self
+            .status_now(Digests::Skipped, ProcessFigures::Skipped)
+            .await
+            .map_err(|status| status.message().to_string())?;
         match probe {
             Probe::Alive => Ok(format!("alive: member {} in term {}", status.id, status.term)),
             Probe::Ready => super::health::ready(&status).map(|()| {
@@ -987,7 +1003,10 @@ impl MetricsSource for ClientService {
     }
 
     async fn render(&self) -> Result<String, String> {
-        let status = self.status_now(Digests::Skipped).await.map_err(|status| status.message().to_string())?;
+        let status = self
+            .status_now(Digests::Skipped, ProcessFigures::Read)
+            .await
+            .map_err(|status| status.message().to_string())?;
         Ok(super::metrics::render(
             &status,
             &self.counters,
@@ -1019,7 +1038,7 @@ impl Client for ClientService {
 
     async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         require(&request, ClientRole::Reader, "status")?;
-        self.status_now(Digests::Taken).await.map(Response::new)
+        self.status_now(Digests::Taken, ProcessFigures::Read).await.map(Response::new)
     }
     type DeployStream = DeployEvents;
 

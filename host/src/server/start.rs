@@ -6,7 +6,7 @@
 //! cluster's CA on both sides; a plaintext client gets no further than the
 //! handshake. Plaintext is served only when the configuration says so.
 
-use super::client_service::{ClientGate, ClientService};
+use super::client_service::{ClientGate, ClientService, ProcessFigures};
 use super::config::ServerConfig;
 use super::health;
 use super::metrics::{self, PeerCounters};
@@ -102,7 +102,7 @@ impl Server {
         let source = clients.clone();
         let status = move || {
             let source = source.clone();
-            async move { source.status_now(Digests::Skipped).await.ok() }
+            async move { source.status_now(Digests::Skipped, ProcessFigures::Skipped).await.ok() }
         };
         tokio::spawn(health::report(reporter, status, node.shutdown_signal()));
         let reflection = tonic_reflection::server::Builder::configure()
