@@ -131,6 +131,50 @@ pub(super) fn push_present(out: &mut Vec<u8>, len: usize, write: impl FnOnce(&mu
     debug_assert_eq!(out.len() - start, len, "a value is as long as announced");
 }
 
+/// Writes the fields [`push_sized`] and [`push_optional`] append, in the
+/// same layout, into a buffer sized for them up front (one fjall keeps, so
+/// a record is not built in a Vec and copied), then seals it. Writing past
+/// the buffer, or sealing one not filled to its checksum, is a bug in the
+/// caller's size count and panics.
+pub(super) struct FieldWriter<'a> {
+    out: &'a mut [u8],
+    at: usize,
+}
+
+impl<'a> FieldWriter<'a> {
+    pub fn new(out: &'a mut [u8]) -> FieldWriter<'a> {
+        FieldWriter { out, at: 0 }
+    }
+
+    pub fn put(&mut self, bytes: &[u8]) {
+        self.out[self.at..self.at + bytes.len()].copy_from_slice(bytes);
+        self.at += bytes.len();
+    }
+
+    pub fn put_sized(&mut self, bytes: &[u8]) {
+        self.put(&(bytes.len() as u32).to_be_bytes());
+        self.put(bytes);
+    }
+
+    pub fn put_optional(&mut self, bytes: Option<&[u8]>) {
+        match bytes {
+            Some(bytes) => {
+                self.put(&[1]);
+                self.put_sized(bytes);
+            }
+            None => self.put(&[0]),
+        }
+    }
+
+    /// Writes the checksum [`seal`] appends over what was written, into
+    /// the buffer's last [`CHECKSUM_BYTES`].
+    pub fn seal(self) {
+        assert_eq!(self.at + CHECKSUM_BYTES, self.out.len(), "a sealed buffer is filled up to its checksum");
+        let crc = crc32fast::hash(&self.out[..self.at]);
+        self.out[self.at..].copy_from_slice(&crc.to_be_bytes());
+    }
+}
+
 /// Reads the fields [`push_sized`] and [`push_optional`] write (and
 /// big-endian integers) off the front of a record's body.
 pub(super) struct FieldReader<'a>(&'a [u8]);
@@ -357,6 +401,35 @@ mod tests {
             assert_eq!(&*blob, seal(value.clone()).as_slice(), "{len} bytes");
             assert_eq!(unseal(&blob).expect("checksum"), value.as_slice(), "{len} bytes");
         }
+    }
+
+    #[test]
+    fn a_field_writer_writes_what_the_appending_helpers_and_seal_make() {
+        let fields: [(&[u8], Option<&[u8]>); 3] = [(b"key", Some(b"value")), (b"", None), (&[7; 300], Some(&[]))];
+        let mut appended = Vec::new();
+        for (sized, optional) in fields {
+            push_sized(&mut appended, sized);
+            push_optional(&mut appended, optional);
+        }
+        let appended = seal(appended);
+        let mut written = vec![0xaa; appended.len()];
+        let mut out = FieldWriter::new(&mut written);
+        for (sized, optional) in fields {
+            out.put_sized(sized);
+            out.put_optional(optional);
+        }
+        out.seal();
+        assert_eq!(written, appended);
+        assert!(unseal(&written).is_ok());
+    }
+
+    #[test]
+    #[should_panic(expected = "filled up to its checksum")]
+    fn sealing_a_buffer_sized_wrong_is_caught() {
+        let mut written = vec![0; 16];
+        let mut out = FieldWriter::new(&mut written);
+        out.put(b"short");
+        out.seal();
     }
 
     #[test]
