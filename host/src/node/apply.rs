@@ -555,6 +555,20 @@ impl Applier {
         writes.append(&mut self.pending_writes);
         let modules = self.modules.take_changes();
         let membership = self.pending_membership.take();
+        // The guests' outcomes are fixed by the committed log: a crash
+        // before the store batch below re-applies these entries, with the
+        // same outcomes. So their writers are answered now, and the next
+        // round of requests overlaps this batch's store writes (at 256
+        // clients, 3-10% more writes/s in alternating runs). Nothing
+        // that could observe the batch is served before it is written:
+        // reads, barriers and status go through this thread, watchers and
+        // backups wait for the applied index published below. Membership
+        // and module changes, which other threads read from the store and
+        // the published book, are answered after it, as before.
+        let answered_early = membership.is_none() && modules.is_empty();
+        if answered_early {
+            self.answer_writes();
+        }
         if self.applied.0 > self.store.applied().0 || !writes.is_empty() || !modules.is_empty() {
             // Now and then the whole table, so the store's log of session
             // changes stays short.
@@ -579,7 +593,9 @@ impl Applier {
         }
         self.publish_applied();
         self.modules.prepare_completed();
-        self.answer_writes();
+        if !answered_early {
+            self.answer_writes();
+        }
         Ok(())
     }
 
