@@ -264,25 +264,17 @@ fn push_change(out: &mut Vec<u8>, state_machine: &str, key: &[u8], value: Option
 
 /// One change, with its index, written into a record's buffer: the
 /// layout [`record_changes`] reads.
-fn put_change(out: &mut codec::FieldWriter<'_>, change: &ResolvedChange<'_>) {
+fn put_change(out: &mut codec::FieldWriter<'_>, (change, previous): &(&super::StateChange, Previous<'_>)) {
+    let write = &change.write;
     out.put(&change.index.to_be_bytes());
-    out.put(&[change.state_machine.len() as u8]);
-    out.put(change.state_machine.as_bytes());
-    out.put_sized(change.key);
-    out.put_optional(change.value);
-    out.put_optional(change.previous.as_deref());
+    out.put(&[write.state_machine.len() as u8]);
+    out.put(write.state_machine.as_bytes());
+    out.put_sized(&write.key);
+    out.put_optional(write.value.as_deref());
+    out.put_optional(previous.as_deref());
 }
 
-/// A change bound for a history record, its previous value found.
-struct ResolvedChange<'a> {
-    index: Index,
-    state_machine: &'a str,
-    key: &'a [u8],
-    value: Option<&'a [u8]>,
-    previous: Previous<'a>,
-}
-
-/// A previous value: borrowed from the batch or the state cache, or read
+/// A change's previous value: borrowed from the batch or the state cache, or read
 /// from the store (owned).
 enum Previous<'a> {
     Borrowed(Option<&'a [u8]>),
@@ -410,7 +402,8 @@ impl Inner {
         let mut latest: rustc_hash::FxHashMap<(&str, &[u8]), Option<&[u8]>> = Default::default();
         let mut resolved = Vec::with_capacity(changes.len());
         let mut len = 4 + codec::CHECKSUM_BYTES;
-        for super::StateChange { index, write, previous } in changes {
+        for change in changes {
+            let super::StateChange { write, previous, .. } = change;
             let previous = match latest.get(&(&*write.state_machine, write.key.as_slice())) {
                 Some(value) => Previous::Borrowed(*value),
                 None => match previous {
@@ -428,15 +421,9 @@ impl Inner {
             }
             len += change_bytes(&write.state_machine, &write.key, value, previous.as_deref());
             latest.insert((&*write.state_machine, write.key.as_slice()), value);
-            resolved.push(ResolvedChange {
-                index: *index,
-                state_machine: &write.state_machine,
-                key: &write.key,
-                value,
-                previous,
-            });
+            resolved.push((change, previous));
         }
-        let (Some(first), Some(last)) = (resolved.first(), resolved.last()) else { return Ok(None) };
+        let (Some((first, _)), Some((last, _))) = (resolved.first(), resolved.last()) else { return Ok(None) };
         let key = record_key(first.index, last.index);
         let mut value = byteview::ByteView::with_size(len);
         {
