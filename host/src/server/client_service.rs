@@ -971,7 +971,7 @@ impl ClientService {
                 .map(|(kind, cpu_seconds)| ThreadCpu { kind: kind.to_string(), cpu_seconds })
                 .collect(),
             modules_in_memory: self.node.modules.runtime().loaded_count() as u64,
-            snapshot_staged_bytes: self.node.store.staged_bytes().map_err(|e| Status::internal(e.to_string()))?,
+            snapshot_staged_bytes: self.node.store.staged_bytes(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             disk_free_bytes: self.node.disk.free_bytes(),
             disk_low: self.node.disk.is_low(),

@@ -342,7 +342,7 @@ struct Inner {
     staging: Keyspace,
     /// Snapshots being received or waiting for their install, each in a
     /// keyspace of its own ([`snapshot`]).
-    streams: Mutex<BTreeMap<(Index, Term), Keyspace>>,
+    streams: Mutex<BTreeMap<(Index, Term), snapshot::Stream>>,
     /// The memtable size keyspaces are created with (a stream's too).
     memtable_bytes: u64,
     history: Keyspace,

@@ -34,6 +34,8 @@ use super::{
 };
 use crate::raft::{Index, SnapshotMeta, Term};
 use fjall::Readable;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Marker of an install in progress (the snapshot's meta).
 pub(super) const META_INSTALLING: &[u8] = b"installing";
@@ -161,7 +163,7 @@ pub enum StagingStart {
 /// A snapshot being received into the staging area.
 pub struct Staging {
     store: Store,
-    keyspace: fjall::Keyspace,
+    stream: Stream,
     meta: SnapshotMeta,
     applied_seen: Option<(Index, Term)>,
 }
@@ -172,6 +174,7 @@ impl Staging {
     pub fn write_chunk(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
         let inner = &self.store.inner;
         let mut batch = inner.db.batch();
+        let mut staged_bytes = 0u64;
         let mut rest = chunk;
         while !rest.is_empty() {
             let (Record { tag, key, value }, tail) = split_record(rest).ok_or_else(|| StoreError::InvalidSnapshot {
@@ -200,9 +203,13 @@ impl Staging {
                     });
                 }
             }
-            batch.insert(&self.keyspace, staged_key(tag, key), value);
+            let key = staged_key(tag, key);
+            staged_bytes += (key.len() + value.len()) as u64;
+            batch.insert(&self.stream.keyspace, key, value);
         }
-        batch.commit().map_err(|e| inner.db_error(e))
+        batch.commit().map_err(|e| inner.db_error(e))?;
+        self.stream.add(staged_bytes);
+        Ok(())
     }
 
     /// Marks the staged snapshot complete: it may now be installed. Its
@@ -216,8 +223,11 @@ impl Staging {
             });
         }
         let mut batch = inner.db.batch().durability(inner.persist_mode());
-        batch.insert(&self.keyspace, staged_key(TAG_COMPLETE, &[]), codec::encode_snapshot_meta(&self.meta));
+        let (key, value) = (staged_key(TAG_COMPLETE, &[]), codec::encode_snapshot_meta(&self.meta));
+        let staged_bytes = (key.len() + value.len()) as u64;
+        batch.insert(&self.stream.keyspace, key, value);
         batch.commit().map_err(|e| inner.db_error(e))?;
+        self.stream.add(staged_bytes);
         Ok(self.meta)
     }
 }
@@ -255,8 +265,8 @@ impl Store {
         let point = (meta.index, meta.term);
         let inner = &self.inner;
         inner.drop_streams(|staged| staged == point || staged.0 <= applied)?;
-        let keyspace = inner.open_stream(point)?;
-        Ok(StagingStart::Fresh(Staging { store: self.clone(), keyspace, meta, applied_seen: None }))
+        let stream = inner.open_stream(point)?;
+        Ok(StagingStart::Fresh(Staging { store: self.clone(), stream, meta, applied_seen: None }))
     }
 
     /// Drops what was staged of snapshot `meta` (a stream that broke off):
@@ -291,24 +301,19 @@ impl Store {
             .sum()
     }
 
-    /// Bytes of every snapshot staged now (for tests and metrics).
-    pub fn staged_bytes(&self) -> Result<u64, StoreError> {
-        let inner = &self.inner;
-        let mut total = 0u64;
-        let streams: Vec<fjall::Keyspace> = inner.streams().values().cloned().collect();
-        for keyspace in streams {
-            for guard in keyspace.iter() {
-                let (key, value) = guard.into_inner().map_err(|e| inner.db_error(e))?;
-                total += (key.len() + value.len()) as u64;
-            }
-        }
-        Ok(total)
+    /// Bytes of every snapshot staged now, keys and values (for tests,
+    /// `Status` and metrics). Counted as they are staged: health checks and
+    /// scrapes ask often, and a staged snapshot can be as large as the state.
+    pub fn staged_bytes(&self) -> u64 {
+        self.inner.streams().values().map(Stream::bytes).sum()
     }
 
     /// The staged snapshot at `(index, term)`, if it is complete.
     fn staged_snapshot(&self, index: Index, term: Term) -> Result<Option<SnapshotMeta>, StoreError> {
         let inner = &self.inner;
-        let Some(keyspace) = inner.streams().get(&(index, term)).cloned() else { return Ok(None) };
+        let Some(keyspace) = inner.streams().get(&(index, term)).map(|stream| stream.keyspace.clone()) else {
+            return Ok(None);
+        };
         let Some(value) = keyspace.get(staged_key(TAG_COMPLETE, &[])).map_err(|e| inner.db_error(e))? else {
             return Ok(None);
         };
@@ -344,13 +349,14 @@ impl Store {
         self.remove_replicated_modules()?;
         let mut batch = inner.db.batch();
         let mut bytes = 0;
-        let staged = inner.streams().get(&(meta.index, meta.term)).cloned().ok_or_else(|| {
-            inner.corrupt(format!(
-                "the install of snapshot ({}, {}) cannot be finished: its staged records are gone (an install \
+        let staged =
+            inner.streams().get(&(meta.index, meta.term)).map(|stream| stream.keyspace.clone()).ok_or_else(|| {
+                inner.corrupt(format!(
+                    "the install of snapshot ({}, {}) cannot be finished: its staged records are gone (an install \
                  interrupted under a release before 2026-12-06 is finished by that release)",
-                meta.index, meta.term
-            ))
-        })?;
+                    meta.index, meta.term
+                ))
+            })?;
         for guard in staged.iter() {
             let (key, value) = guard.into_inner().map_err(|e| inner.db_error(e))?;
             let Some((&tag, key)) = key.split_first() else { continue };
@@ -487,16 +493,34 @@ impl Store {
     }
 }
 
+/// A snapshot stream's staging keyspace, and the bytes staged in it.
+#[derive(Clone)]
+pub(super) struct Stream {
+    keyspace: fjall::Keyspace,
+    bytes: Arc<AtomicU64>,
+}
+
+impl Stream {
+    fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    fn add(&self, bytes: u64) {
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
 impl super::Inner {
     /// The streams staged now, by snapshot point.
-    fn streams(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<(Index, Term), fjall::Keyspace>> {
+    fn streams(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<(Index, Term), Stream>> {
         // The map is only ever left whole: a panic elsewhere cannot leave
         // it half changed.
         self.streams.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Creates the keyspace that stages the stream of snapshot `point`.
-    fn open_stream(&self, point: (Index, Term)) -> Result<fjall::Keyspace, StoreError> {
+    /// Creates (or opens, empty or not) the keyspace that stages the stream
+    /// of snapshot `point`.
+    fn open_stream(&self, point: (Index, Term)) -> Result<Stream, StoreError> {
         let memtable_bytes = self.memtable_bytes;
         let keyspace = self
             .db
@@ -504,8 +528,9 @@ impl super::Inner {
                 fjall::KeyspaceCreateOptions::default().max_memtable_size(memtable_bytes)
             })
             .map_err(|e| self.db_error(e))?;
-        self.streams().insert(point, keyspace.clone());
-        Ok(keyspace)
+        let stream = Stream { keyspace, bytes: Arc::new(AtomicU64::new(0)) };
+        self.streams().insert(point, stream.clone());
+        Ok(stream)
     }
 
     /// Drops the staged streams whose point `dropped` picks, their files
@@ -514,7 +539,7 @@ impl super::Inner {
         let gone: Vec<fjall::Keyspace> = {
             let mut streams = self.streams();
             let points: Vec<(Index, Term)> = streams.keys().copied().filter(|&point| dropped(point)).collect();
-            points.iter().filter_map(|point| streams.remove(point)).collect()
+            points.iter().filter_map(|point| streams.remove(point)).map(|stream| stream.keyspace).collect()
         };
         // The folder goes once the last handle does (a stream's writer, a
         // journal not yet evicted that holds its records).
@@ -529,6 +554,8 @@ impl super::Inner {
     pub(super) fn find_staged_streams(&self) -> Result<(), StoreError> {
         for name in self.db.list_keyspace_names() {
             if let Some(point) = stream_point(&name) {
+                // Its bytes are not counted: `Store::open` drops every
+                // stream before it returns the store.
                 self.open_stream(point)?;
             }
         }
@@ -742,7 +769,11 @@ mod tests {
                 sent < chunks
             })
             .expect("stream");
-        staging.keyspace.rotate_memtable_and_wait().expect("flush");
+        let scanned: u64 = (staging.stream.keyspace.iter())
+            .map(|guard| guard.into_inner().map(|(key, value)| (key.len() + value.len()) as u64).expect("read"))
+            .sum();
+        assert_eq!(staging.stream.bytes(), scanned, "the count of staged bytes is what the stream holds");
+        staging.stream.keyspace.rotate_memtable_and_wait().expect("flush");
         assert!(follower.staging_disk_bytes() > before, "the staged records are in tables");
         staging
     }
@@ -795,7 +826,7 @@ mod tests {
         drop(stage(&follower, &leader.snapshot_reader().expect("reader"), 10));
         drop(follower);
         let reopened = open(&follower_dir);
-        assert_eq!(reopened.staged_bytes().expect("staged"), 0);
+        assert_eq!(reopened.staged_bytes(), 0);
         let left = staging_settled_at_most(&reopened, 16 << 10);
         assert!(left < 16 << 10, "{left} bytes of the cut-off stream left on disk");
     }
@@ -839,10 +870,18 @@ mod tests {
         let follower = store_at(&root.path().join("follower"), 10, "follower", 5);
         let waiting =
             stage(&follower, &newer_leader.snapshot_reader().expect("reader"), usize::MAX).finish().expect("complete");
-        let broken = stage(&follower, &older_leader.snapshot_reader().expect("reader"), 1).meta;
+        let waiting_bytes = follower.staged_bytes();
+        let (broken, broken_bytes) = {
+            let staging = stage(&follower, &older_leader.snapshot_reader().expect("reader"), 1);
+            (staging.meta.clone(), staging.stream.bytes())
+        };
+        assert!(broken_bytes > 0);
+        assert_eq!(follower.staged_bytes(), waiting_bytes + broken_bytes, "both streams count");
         follower.discard_staging(&broken).expect("discard");
+        assert_eq!(follower.staged_bytes(), waiting_bytes, "the discarded stream no longer counts");
         assert!(follower.staging_disk_bytes() > 16 << 10, "the waiting snapshot's records are kept");
         follower.install_snapshot(&waiting).expect("the waiting snapshot installs");
+        assert_eq!(follower.staged_bytes(), 0, "an installed stream no longer counts");
         let installed = follower.state_scan("kv", b"newer-", Some(b"newer.".as_slice()), usize::MAX).expect("scan");
         assert_eq!(installed.len(), 1_000);
         assert!(staging_settled_at_most(&follower, 16 << 10) < 16 << 10);
