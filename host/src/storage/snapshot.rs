@@ -349,14 +349,14 @@ impl Store {
         self.remove_replicated_modules()?;
         let mut batch = inner.db.batch();
         let mut bytes = 0;
-        let staged =
-            inner.streams().get(&(meta.index, meta.term)).map(|stream| stream.keyspace.clone()).ok_or_else(|| {
-                inner.corrupt(format!(
-                    "the install of snapshot ({}, {}) cannot be finished: its staged records are gone (an install \
+        let staged = inner.streams().get(&(meta.index, meta.term)).map(|stream| stream.keyspace.clone());
+        let staged = staged.ok_or_else(|| {
+            inner.corrupt(format!(
+                "the install of snapshot ({}, {}) cannot be finished: its staged records are gone (an install \
                  interrupted under a release before 2026-12-06 is finished by that release)",
-                    meta.index, meta.term
-                ))
-            })?;
+                meta.index, meta.term
+            ))
+        })?;
         for guard in staged.iter() {
             let (key, value) = guard.into_inner().map_err(|e| inner.db_error(e))?;
             let Some((&tag, key)) = key.split_first() else { continue };
