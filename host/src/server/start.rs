@@ -104,7 +104,7 @@ impl Server {
             let source = source.clone();
             async move { source.status_now(Digests::Skipped, ProcessFigures::Skipped).await.ok() }
         };
-        tokio::spawn(health::report(reporter, status, node.shutdown_signal()));
+        tokio::spawn(health::report(reporter, status, health::STATUS_WAIT_MAX, node.shutdown_signal()));
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(client_pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
