@@ -227,10 +227,14 @@ pub trait MetricsSource: Send + Sync + 'static {
     fn probe(&self, probe: Probe) -> impl std::future::Future<Output = Result<String, String>> + Send;
 }
 
-/// Serves `GET /metrics` on `listener` until the member stops.
+/// Serves `GET /metrics`, `/healthz` and `/readyz` on `listener` until the
+/// member stops. An answer that needs the member's status and does not
+/// have it within `wait` is a 503 saying so (the member's threads are
+/// wedged or far behind), never a request left hanging.
 pub async fn serve<S: MetricsSource>(
     listener: tokio::net::TcpListener,
     source: std::sync::Arc<S>,
+    wait: std::time::Duration,
     mut shutdown: ShutdownSignal,
 ) {
     use http_body_util::Full;
@@ -261,15 +265,20 @@ pub async fn serve<S: MetricsSource>(
                         Ok(line) => text(StatusCode::OK, format!("{line}\n")),
                         Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
                     };
+                    let within = |answer: Result<Result<String, String>, tokio::time::error::Elapsed>| {
+                        answer.unwrap_or_else(|_| {
+                            Err(format!("the member's status did not come within {} ms", wait.as_millis()))
+                        })
+                    };
                     let response = match request.uri().path() {
-                        "/metrics" => match source.render().await {
+                        "/metrics" => match within(tokio::time::timeout(wait, source.render()).await) {
                             Ok(text) => Response::builder()
                                 .header(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
                                 .body(Full::new(bytes::Bytes::from(text))),
                             Err(error) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{error}\n")),
                         },
-                        "/healthz" => probe(source.probe(Probe::Alive).await),
-                        "/readyz" => probe(source.probe(Probe::Ready).await),
+                        "/healthz" => probe(within(tokio::time::timeout(wait, source.probe(Probe::Alive)).await)),
+                        "/readyz" => probe(within(tokio::time::timeout(wait, source.probe(Probe::Ready)).await)),
                         _ => text(StatusCode::NOT_FOUND, "this port serves /metrics, /healthz and /readyz\n".into()),
                     };
                     Ok::<_, Infallible>(response.unwrap_or_else(|_| Response::new(Full::new(bytes::Bytes::new()))))
@@ -280,5 +289,71 @@ pub async fn serve<S: MetricsSource>(
                 tracing::debug!(%peer, %error, "metrics connection ended with an error");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::Shutdown;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A member whose threads answer probes at once, or never.
+    struct Member {
+        wedged: bool,
+    }
+
+    impl MetricsSource for Member {
+        async fn render(&self) -> Result<String, String> {
+            self.answer("raft_up 1".into()).await
+        }
+        async fn probe(&self, _: Probe) -> Result<String, String> {
+            self.answer("alive".into()).await
+        }
+    }
+
+    impl Member {
+        async fn answer(&self, line: String) -> Result<String, String> {
+            if self.wedged {
+                std::future::pending::<()>().await;
+            }
+            Ok(line)
+        }
+    }
+
+    /// The whole HTTP/1.1 answer to `GET path` (the server closes after it).
+    async fn get(address: SocketAddr, path: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: member\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("send");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.expect("read");
+        answer
+    }
+
+    async fn serving(wedged: bool) -> (SocketAddr, Shutdown) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let shutdown = Shutdown::new();
+        let source = std::sync::Arc::new(Member { wedged });
+        tokio::spawn(serve(listener, source, std::time::Duration::from_millis(200), shutdown.signal()));
+        (address, shutdown)
+    }
+
+    #[tokio::test]
+    async fn a_wedged_member_answers_probes_and_scrapes_with_503_in_bounded_time() {
+        let (address, shutdown) = serving(true).await;
+        for path in ["/healthz", "/readyz", "/metrics"] {
+            let answer = tokio::time::timeout(std::time::Duration::from_secs(5), get(address, path))
+                .await
+                .unwrap_or_else(|_| panic!("{path} left hanging"));
+            assert!(answer.starts_with("HTTP/1.1 503"), "{path}: {answer}");
+            assert!(answer.contains("did not come within 200 ms"), "{path}: {answer}");
+        }
+        shutdown.begin();
+        let (address, shutdown) = serving(false).await;
+        assert!(get(address, "/healthz").await.starts_with("HTTP/1.1 200"));
+        assert!(get(address, "/metrics").await.contains("raft_up 1"));
+        shutdown.begin();
     }
 }

@@ -94,7 +94,7 @@ impl Server {
         let peers = InterceptedService::new(peer_server(peers), peer_gate);
         let client_api = InterceptedService::new(client_server(&config, clients.clone()), client_gate);
         let metrics_addr = metrics_listener.map(|(listener, bound)| {
-            tokio::spawn(metrics::serve(listener, clients.clone(), node.shutdown_signal()));
+            tokio::spawn(metrics::serve(listener, clients.clone(), health::STATUS_WAIT_MAX, node.shutdown_signal()));
             tracing::info!(address = %bound, "serving metrics at /metrics");
             bound
         });
