@@ -22,8 +22,9 @@ const HEALTH_POLL: Duration = Duration::from_millis(500);
 /// How long the member's own status may take before the health service
 /// says NOT_SERVING. The status is asked of the core and the apply thread,
 /// the two that every request goes through: a member whose threads cannot
-/// answer it in this time cannot serve requests either (it answers in
-/// milliseconds, a few hundred under full load).
+/// answer it in this time cannot serve requests either (a status waits
+/// behind the apply thread's backlog, which is bounded, and a member seconds
+/// behind is not ready for reads anyway).
 pub const STATUS_WAIT_MAX: Duration = Duration::from_secs(5);
 
 /// The client API's service name, as the health service reports it.
