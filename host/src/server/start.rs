@@ -104,7 +104,9 @@ impl Server {
             let source = source.clone();
             async move { source.status_now(Digests::Skipped, ProcessFigures::Skipped).await.ok() }
         };
-        tokio::spawn(health::report(reporter, status, health::STATUS_WAIT_MAX, node.shutdown_signal()));
+        let reports = health::report(reporter, status, health::STATUS_WAIT_MAX, node.shutdown_signal());
+        // Its log lines say whose health changed (`dev` runs three members).
+        tokio::spawn(tracing::Instrument::instrument(reports, tracing::info_span!("health", node = node.id())));
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(client_pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
