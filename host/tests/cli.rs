@@ -72,6 +72,21 @@ fn serve_on_a_taken_port_says_so_on_one_line_naming_the_cause_once() {
 }
 
 #[test]
+fn logs_written_to_a_pipe_are_plain_text_without_colour_codes() {
+    // A taken port makes `serve` log its plaintext warning, then stop.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = taken.local_addr().expect("address").to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("utf-8");
+    let output = raft_host(&["serve", "--id", "1", "--listen", &address, "--data-dir", data, "--plaintext", "true"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let warning = stderr.lines().find(|line| line.contains("serving plaintext")).expect("a log line");
+    assert!(warning.contains(" WARN raft_host::cli::serve: "), "level and target as plain words: {warning:?}");
+    assert!(!stderr.contains('\u{1b}'), "no terminal escape codes in a pipe: {stderr:?}");
+}
+
+#[test]
 fn serve_speaks_plaintext_only_when_told_and_needs_all_three_tls_files() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
