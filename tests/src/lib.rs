@@ -815,21 +815,3 @@ pub fn padded_module(component: &[u8], label: &str, pad_bytes: usize) -> Vec<u8>
     module.extend_from_slice(&content);
     module
 }
-
-/// A log line without its terminal color codes.
-pub fn without_colors(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for next in chars.by_ref() {
-                if next == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}

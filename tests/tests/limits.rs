@@ -545,7 +545,6 @@ fn an_abandoned_upload_is_dropped_at_the_same_index_on_every_replica() {
         let index_of = |id: u64, what: &str| {
             let log = cluster.log_of(id);
             let line = log.lines().rfind(|l| l.contains(what))?;
-            let line = raft_host_e2e::without_colors(line);
             let line = line
                 .split("index=")
                 .nth(1)?

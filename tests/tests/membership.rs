@@ -6,7 +6,7 @@
 
 use raft_host::client::Consistency;
 use raft_host::wire::client_pb::{MembershipChange, StatusResponse};
-use raft_host_e2e::{Cluster, Writers, binary, put, read_value, run, without_colors};
+use raft_host_e2e::{Cluster, Writers, binary, put, read_value, run};
 use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(300);
@@ -197,7 +197,6 @@ fn a_wiped_member_comes_back_by_snapshot_and_a_big_state_moves_too() {
         let log = cluster.log_of(4);
         assert!(log.contains("snapshot installed"), "caught up by snapshot\n{log}");
         let received = log.lines().find(|l| l.contains("snapshot received and staged")).expect("a snapshot arrived");
-        let received = without_colors(received);
         let bytes: u64 = received
             .split("bytes=")
             .nth(1)
