@@ -56,14 +56,21 @@ fn serve_refuses_zero_worker_threads_from_a_flag_or_a_config_file() {
     assert!(!dir.path().join("data").exists(), "refused before touching the data directory");
 }
 
-#[test]
-fn serve_on_a_taken_port_says_so_on_one_line_naming_the_cause_once() {
+/// A plaintext `serve` on a port already taken: it logs its plaintext
+/// warning, then stops. Returns the port's address and what it printed.
+fn serve_on_a_taken_port() -> (String, std::process::Output) {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let address = taken.local_addr().expect("address").to_string();
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let data = data.to_str().expect("utf-8");
     let output = raft_host(&["serve", "--id", "1", "--listen", &address, "--data-dir", data, "--plaintext", "true"]);
+    (address, output)
+}
+
+#[test]
+fn serve_on_a_taken_port_says_so_on_one_line_naming_the_cause_once() {
+    let (address, output) = serve_on_a_taken_port();
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     let last = stderr.lines().last().expect("an error line");
@@ -73,13 +80,7 @@ fn serve_on_a_taken_port_says_so_on_one_line_naming_the_cause_once() {
 
 #[test]
 fn logs_written_to_a_pipe_are_plain_text_without_colour_codes() {
-    // A taken port makes `serve` log its plaintext warning, then stop.
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let address = taken.local_addr().expect("address").to_string();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("data");
-    let data = data.to_str().expect("utf-8");
-    let output = raft_host(&["serve", "--id", "1", "--listen", &address, "--data-dir", data, "--plaintext", "true"]);
+    let (_, output) = serve_on_a_taken_port();
     let stderr = String::from_utf8_lossy(&output.stderr);
     let warning = stderr.lines().find(|line| line.contains("serving plaintext")).expect("a log line");
     assert!(warning.contains(" WARN raft_host::cli::serve: "), "level and target as plain words: {warning:?}");

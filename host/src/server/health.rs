@@ -27,6 +27,11 @@ const HEALTH_POLL: Duration = Duration::from_millis(500);
 /// behind is not ready for reads anyway).
 pub const STATUS_WAIT_MAX: Duration = Duration::from_secs(5);
 
+/// Why a probe fails when the member's status did not come within `wait`.
+pub fn status_late(wait: Duration) -> String {
+    format!("the member's status did not come within {} ms", wait.as_millis())
+}
+
 /// The client API's service name, as the health service reports it.
 const CLIENT_SERVICE: &str = "raft.client.v1.Client";
 
@@ -72,7 +77,7 @@ where
             answer = tokio::time::timeout(wait, status()) => match answer {
                 Ok(Some(status)) => serving(&status).err(),
                 Ok(None) => Some("the member cannot say its status".to_string()),
-                Err(_) => Some(format!("the member's status did not come within {} ms", wait.as_millis())),
+                Err(_) => Some(status_late(wait)),
             },
         };
         let now = if why_not.is_none() { ServingStatus::Serving } else { ServingStatus::NotServing };

@@ -265,20 +265,15 @@ pub async fn serve<S: MetricsSource>(
                         Ok(line) => text(StatusCode::OK, format!("{line}\n")),
                         Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
                     };
-                    let within = |answer: Result<Result<String, String>, tokio::time::error::Elapsed>| {
-                        answer.unwrap_or_else(|_| {
-                            Err(format!("the member's status did not come within {} ms", wait.as_millis()))
-                        })
-                    };
                     let response = match request.uri().path() {
-                        "/metrics" => match within(tokio::time::timeout(wait, source.render()).await) {
+                        "/metrics" => match within(wait, source.render()).await {
                             Ok(text) => Response::builder()
                                 .header(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
                                 .body(Full::new(bytes::Bytes::from(text))),
                             Err(error) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{error}\n")),
                         },
-                        "/healthz" => probe(within(tokio::time::timeout(wait, source.probe(Probe::Alive)).await)),
-                        "/readyz" => probe(within(tokio::time::timeout(wait, source.probe(Probe::Ready)).await)),
+                        "/healthz" => probe(within(wait, source.probe(Probe::Alive)).await),
+                        "/readyz" => probe(within(wait, source.probe(Probe::Ready)).await),
                         _ => text(StatusCode::NOT_FOUND, "this port serves /metrics, /healthz and /readyz\n".into()),
                     };
                     Ok::<_, Infallible>(response.unwrap_or_else(|_| Response::new(Full::new(bytes::Bytes::new()))))
@@ -290,6 +285,14 @@ pub async fn serve<S: MetricsSource>(
             }
         });
     }
+}
+
+/// `answer`, or why not once `wait` has passed without it.
+async fn within(
+    wait: std::time::Duration,
+    answer: impl std::future::Future<Output = Result<String, String>>,
+) -> Result<String, String> {
+    tokio::time::timeout(wait, answer).await.unwrap_or_else(|_| Err(super::health::status_late(wait)))
 }
 
 #[cfg(test)]

@@ -311,9 +311,7 @@ impl Store {
     /// The staged snapshot at `(index, term)`, if it is complete.
     fn staged_snapshot(&self, index: Index, term: Term) -> Result<Option<SnapshotMeta>, StoreError> {
         let inner = &self.inner;
-        let Some(keyspace) = inner.streams().get(&(index, term)).map(|stream| stream.keyspace.clone()) else {
-            return Ok(None);
-        };
+        let Some(keyspace) = inner.staged_keyspace((index, term)) else { return Ok(None) };
         let Some(value) = keyspace.get(staged_key(TAG_COMPLETE, &[])).map_err(|e| inner.db_error(e))? else {
             return Ok(None);
         };
@@ -349,8 +347,7 @@ impl Store {
         self.remove_replicated_modules()?;
         let mut batch = inner.db.batch();
         let mut bytes = 0;
-        let staged = inner.streams().get(&(meta.index, meta.term)).map(|stream| stream.keyspace.clone());
-        let staged = staged.ok_or_else(|| {
+        let staged = inner.staged_keyspace((meta.index, meta.term)).ok_or_else(|| {
             inner.corrupt(format!(
                 "the install of snapshot ({}, {}) cannot be finished: its staged records are gone (an install \
                  interrupted under a release before 2026-12-06 is finished by that release)",
@@ -516,6 +513,11 @@ impl super::Inner {
         // The map is only ever left whole: a panic elsewhere cannot leave
         // it half changed.
         self.streams.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The keyspace staging the stream of snapshot `point`, if there is one.
+    fn staged_keyspace(&self, point: (Index, Term)) -> Option<fjall::Keyspace> {
+        self.streams().get(&point).map(|stream| stream.keyspace.clone())
     }
 
     /// Creates (or opens, empty or not) the keyspace that stages the stream
