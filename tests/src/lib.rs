@@ -375,7 +375,9 @@ impl Cluster {
         assert!(member.process.is_none(), "member {id} is already running");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&member.log).expect("log file");
         let mut command = Command::new(binary());
-        command.arg("serve").env("RUST_LOG", "info").stdout(Stdio::null()).stderr(log);
+        // The store's INFO lines (one per file it opens) would crowd the
+        // members' own lines out of a failure message's log tails.
+        command.arg("serve").env("RUST_LOG", "info,fjall=warn,lsm_tree=warn").stdout(Stdio::null()).stderr(log);
         let tick = TICK_MS.to_string();
         match member.settings {
             Settings::Flags => {
@@ -593,6 +595,36 @@ impl Cluster {
             );
         }
         statuses
+    }
+
+    /// One line per running member with what its status says (or that it
+    /// did not answer), for failure messages: which member is behind, and
+    /// how far, before the logs' tails.
+    pub async fn describe(&self) -> String {
+        let mut out = String::new();
+        for member in self.members.iter().filter(|m| m.process.is_some()) {
+            let line = match self.status(member.id).await {
+                Some(s) => {
+                    let members: Vec<String> = s.members.iter().map(|m| format!("{}:{}", m.id, m.kind)).collect();
+                    format!(
+                        "member {}: {} term {} leader {} commit {} applied {} last {} snapshot {} members [{}]",
+                        s.id,
+                        s.role,
+                        s.term,
+                        s.leader_id,
+                        s.commit_index,
+                        s.applied_index,
+                        s.last_log_index,
+                        s.snapshot_index,
+                        members.join(" ")
+                    )
+                }
+                None => format!("member {}: no status", member.id),
+            };
+            out.push_str(&line);
+            out.push('\n');
+        }
+        out
     }
 
     /// Every member's log, for failure messages.

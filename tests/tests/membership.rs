@@ -32,7 +32,9 @@ async fn wait_for_voters(cluster: &Cluster, id: u64, voters: &[u64], within: Dur
         {
             return;
         }
-        assert!(Instant::now() < deadline, "member {id} never saw voters {voters:?}\n{}", cluster.logs());
+        if Instant::now() >= deadline {
+            panic!("member {id} never saw voters {voters:?}\n{}{}", cluster.describe().await, cluster.logs());
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
