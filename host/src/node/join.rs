@@ -19,6 +19,7 @@
 //! The leader has the last word (`promote` is refused while the learner's
 //! log is too far behind its own, as it sees it); that refusal is not
 //! final, and the member goes back to catching up and asks again.
+
 use super::config::NodeConfig;
 use super::members::Members;
 use super::shutdown::ShutdownSignal;
@@ -206,7 +207,13 @@ async fn wait_until_caught_up(calls: &mut impl CatchUpCalls, pacing: Pacing) {
         let target = loop {
             match calls.cluster_commit().await {
                 Ok(commit) => break commit,
-                Err(_) => tokio::time::sleep(pacing.poll).await,
+                Err(error) => {
+                    if reported.elapsed() >= pacing.report_every {
+                        tracing::warn!(%error, "catching up: no seed says how far the cluster has committed");
+                        reported = Instant::now();
+                    }
+                    tokio::time::sleep(pacing.poll).await;
+                }
             }
         };
         let mut applied = 0;
