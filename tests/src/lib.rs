@@ -375,9 +375,11 @@ impl Cluster {
         assert!(member.process.is_none(), "member {id} is already running");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&member.log).expect("log file");
         let mut command = Command::new(binary());
-        // The store's INFO lines (one per file it opens) would crowd the
-        // members' own lines out of a failure message's log tails.
-        command.arg("serve").env("RUST_LOG", "info,fjall=warn,lsm_tree=warn").stdout(Stdio::null()).stderr(log);
+        // Members log with the binary's own default filter (which keeps the
+        // store's per-file INFO lines out of failure messages' log tails),
+        // not with whatever RUST_LOG the test runner has; `set_env` may
+        // still set one.
+        command.arg("serve").env_remove("RUST_LOG").stdout(Stdio::null()).stderr(log);
         let tick = TICK_MS.to_string();
         match member.settings {
             Settings::Flags => {
