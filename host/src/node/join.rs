@@ -208,32 +208,37 @@ async fn wait_until_caught_up(calls: &mut impl CatchUpCalls, pacing: Pacing) {
             match calls.cluster_commit().await {
                 Ok(commit) => break commit,
                 Err(error) => {
-                    if reported.elapsed() >= pacing.report_every {
+                    if report_due(&mut reported, pacing) {
                         tracing::warn!(%error, "catching up: no seed says how far the cluster has committed");
-                        reported = Instant::now();
                     }
                     tokio::time::sleep(pacing.poll).await;
                 }
             }
         };
-        let mut applied = 0;
-        while applied < target {
-            match calls.own_applied().await {
-                Ok(now) => applied = now,
-                Err(_) => applied = 0,
+        loop {
+            let applied = calls.own_applied().await.unwrap_or(0);
+            if applied >= target {
+                break;
             }
-            if applied < target {
-                if reported.elapsed() >= pacing.report_every {
-                    tracing::info!(applied, target, "catching up");
-                    reported = Instant::now();
-                }
-                tokio::time::sleep(pacing.poll).await;
+            if report_due(&mut reported, pacing) {
+                tracing::info!(applied, target, "catching up");
             }
+            tokio::time::sleep(pacing.poll).await;
         }
         if round_began.elapsed() <= pacing.round {
             return;
         }
     }
+}
+
+/// Whether a "still catching up" line is due; if so, the next one is
+/// `pacing.report_every` from now.
+fn report_due(reported: &mut Instant, pacing: Pacing) -> bool {
+    let due = reported.elapsed() >= pacing.report_every;
+    if due {
+        *reported = Instant::now();
+    }
+    due
 }
 
 fn addresses(response: &MembersResponse) -> BTreeMap<u64, String> {
@@ -261,8 +266,10 @@ mod tests {
         lag: u64,
         /// Looks at the cluster that find no seed answering first.
         unanswered: u32,
-        /// This member's applied index stays here, whatever the cluster does.
+        /// This member's applied index stays here, whatever the cluster does,
+        /// until `frees_at` (if given).
         stuck_at: Option<u64>,
+        frees_at: Option<Instant>,
         promote_answers: VecDeque<Result<(), ClientError>>,
         promotes: u32,
         rounds: u32,
@@ -276,6 +283,7 @@ mod tests {
                 lag,
                 unanswered: 0,
                 stuck_at: None,
+                frees_at: None,
                 promote_answers: VecDeque::new(),
                 promotes: 0,
                 rounds: 0,
@@ -295,6 +303,9 @@ mod tests {
         }
 
         async fn own_applied(&mut self) -> Result<u64, ClientError> {
+            if self.frees_at.is_some_and(|at| Instant::now() >= at) {
+                self.stuck_at = None;
+            }
             self.commit += self.step;
             Ok(self.stuck_at.unwrap_or(self.commit - self.lag))
         }
@@ -335,37 +346,9 @@ mod tests {
         let slow = Pacing { round: Duration::from_millis(20), ..QUICK };
         let mut cluster = Cluster::steady(1, 0);
         cluster.stuck_at = Some(0);
-        let joined = async {
-            let mut calls =
-                StuckThenFree { inner: &mut cluster, free_after: Duration::from_millis(60), began: Instant::now() };
-            catch_up_and_promote(&mut calls, slow).await
-        };
-        joined.await.expect("promoted once it keeps pace");
+        cluster.frees_at = Some(Instant::now() + Duration::from_millis(60));
+        catch_up_and_promote(&mut cluster, slow).await.expect("promoted once it keeps pace");
         assert!(cluster.rounds >= 2, "the long first round was not taken as caught up ({} rounds)", cluster.rounds);
-    }
-
-    /// This member applies nothing for `free_after`, then keeps pace.
-    struct StuckThenFree<'a> {
-        inner: &'a mut Cluster,
-        free_after: Duration,
-        began: Instant,
-    }
-
-    impl CatchUpCalls for StuckThenFree<'_> {
-        async fn cluster_commit(&mut self) -> Result<u64, ClientError> {
-            self.inner.cluster_commit().await
-        }
-
-        async fn own_applied(&mut self) -> Result<u64, ClientError> {
-            if self.began.elapsed() >= self.free_after {
-                self.inner.stuck_at = None;
-            }
-            self.inner.own_applied().await
-        }
-
-        async fn promote(&mut self) -> Result<(), ClientError> {
-            self.inner.promote().await
-        }
     }
 
     #[tokio::test]
